@@ -1,0 +1,193 @@
+//! canonicalize: Constant nodes become initializers, constant-only subgraphs are folded
+//! into initializers, every value gets its type and shape, dead nodes and unused
+//! initializers go.
+//!
+//! Types, shapes and constant values come from tract's inference analysis (the engine the
+//! runtime uses), so what we fold is what the runtime would compute.
+
+use std::collections::HashMap;
+
+use crate::error::{Error, Result};
+use crate::exec::{dim_from_tract, dtype_from_tract, from_tract};
+use crate::ir::{Dim, Graph, Model, Node, Tensor, ValueInfo};
+use crate::pipeline::{Pass, PassContext};
+
+pub struct Canonicalize;
+
+/// A folded value may be at most this many times larger than the constants it came from
+/// (and over `GROWTH_FLOOR` bytes) — beyond that, e.g. an `Expand` of a scalar to a big
+/// tensor, computing at run time beats storing the result.
+const MAX_GROWTH: usize = 4;
+const GROWTH_FLOOR: usize = 64 * 1024;
+
+/// Ops never folded: they must stay visible to later passes.
+/// DequantizeLinear of an int8 weight would otherwise become an f32 weight.
+const NEVER_FOLD: &[&str] = &["DequantizeLinear", "QuantizeLinear"];
+
+impl Pass for Canonicalize {
+    fn name(&self) -> &'static str {
+        "canonicalize"
+    }
+    fn summary(&self) -> &'static str {
+        "Constant nodes to initializers, constant folding, shape inference, dead code removal"
+    }
+    fn run(&self, cx: &mut PassContext) -> Result<()> {
+        let stats = canonicalize(&mut cx.model)?;
+        cx.note(format!(
+            "{} Constant nodes to initializers, {} nodes folded, {} dead nodes and {} unused initializers removed, {} values typed",
+            stats.constants, stats.folded, stats.dead_nodes, stats.dead_initializers, stats.typed
+        ));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default, PartialEq)]
+pub struct CanonicalizeStats {
+    pub constants: usize,
+    pub folded: usize,
+    pub dead_nodes: usize,
+    pub dead_initializers: usize,
+    pub typed: usize,
+}
+
+pub fn canonicalize(model: &mut Model) -> Result<CanonicalizeStats> {
+    let mut stats = CanonicalizeStats { constants: constants_to_initializers(&mut model.graph)?, ..Default::default() };
+    let (dn, di) = model.graph.remove_dead();
+    stats.dead_nodes += dn;
+    stats.dead_initializers += di;
+    stats.folded = fold_constants(model)?;
+    let (dn, di) = model.graph.remove_dead();
+    stats.dead_nodes += dn;
+    stats.dead_initializers += di;
+    stats.typed = infer_types(model)?;
+    Ok(stats)
+}
+
+/// The tensor a `Constant` node holds, whatever attribute form it uses.
+fn constant_value(n: &Node) -> Result<Tensor> {
+    let err = |r: &str| Error::Node { node: n.name.clone(), op: n.op_type.clone(), reason: r.into() };
+    let a = n.attributes.first().ok_or_else(|| err("Constant without a value attribute"))?;
+    Ok(match a.name.as_str() {
+        "value" => {
+            let t = a.t.as_ref().ok_or_else(|| err("value attribute holds no tensor"))?;
+            crate::onnx::tensor_from_proto(t, None)?
+        }
+        "value_float" => Tensor::scalar(a.f),
+        "value_int" => Tensor::scalar(a.i),
+        "value_floats" => Tensor::from_vec(vec![a.floats.len()], &a.floats),
+        "value_ints" => Tensor::from_vec(vec![a.ints.len()], &a.ints),
+        other => return Err(err(&format!("Constant attribute '{other}' is not supported"))),
+    })
+}
+
+fn constants_to_initializers(g: &mut Graph) -> Result<usize> {
+    let consts: Vec<_> = g.node_indices().filter(|&ix| g.node(ix).is_onnx_op("Constant")).collect();
+    for &ix in &consts {
+        let value = constant_value(g.node(ix))?;
+        let node = g.remove_node(ix).expect("node exists");
+        g.initializers.insert(node.outputs[0].clone(), value);
+    }
+    Ok(consts.len())
+}
+
+/// Replaces every node whose outputs tract computed as constants by initializers.
+fn fold_constants(model: &mut Model) -> Result<usize> {
+    let proto = crate::onnx::to_proto(model)?;
+    let facts = tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
+    let g = &mut model.graph;
+    let mut folded = 0;
+    for ix in g.topo_order()? {
+        let n = g.node(ix);
+        if NEVER_FOLD.contains(&n.op_type.as_str()) || n.outputs.iter().any(|o| g.is_graph_output(o)) {
+            continue;
+        }
+        let konsts: Option<Vec<_>> =
+            n.outputs.iter().map(|o| facts.get(o).and_then(|f| f.konst.clone())).collect();
+        let Some(konsts) = konsts else { continue };
+        let input_bytes: usize = n
+            .inputs
+            .iter()
+            .filter_map(|i| g.initializers.get(i))
+            .map(Tensor::byte_len)
+            .sum();
+        let mut values = vec![];
+        for k in &konsts {
+            match from_tract(k) {
+                Ok(t) => values.push(t),
+                Err(_) => break,
+            }
+        }
+        if values.len() != konsts.len() {
+            continue;
+        }
+        let out_bytes: usize = values.iter().map(Tensor::byte_len).sum();
+        if out_bytes > GROWTH_FLOOR && out_bytes > MAX_GROWTH * input_bytes.max(1) {
+            continue;
+        }
+        let node = g.remove_node(ix).expect("node exists");
+        for (name, value) in node.outputs.into_iter().zip(values) {
+            g.initializers.insert(name, value);
+        }
+        folded += 1;
+    }
+    Ok(folded)
+}
+
+/// Records tract's type and shape of every intermediate value (and fills in graph
+/// inputs/outputs the file left untyped). Returns how many values are typed.
+pub fn infer_types(model: &mut Model) -> Result<usize> {
+    let proto = crate::onnx::to_proto(model)?;
+    let facts = tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
+    let g = &mut model.graph;
+    // tract invents its own symbol names (`<Sym0>`); map them back to the file's names
+    // through the graph inputs, whose dims are named in the file.
+    let mut rename: HashMap<String, String> = HashMap::new();
+    for input in &g.inputs {
+        let (Some(file), Some(f)) = (&input.shape, facts.get(&input.name).and_then(|f| f.shape.as_ref())) else { continue };
+        for (a, b) in file.iter().zip(f) {
+            if let (Dim::Symbol(name), Dim::Symbol(sym)) = (a, dim_from_tract(b)) {
+                rename.insert(sym, name.clone());
+            }
+        }
+    }
+    let dim = |d: &tract_onnx::prelude::TDim| match dim_from_tract(d) {
+        Dim::Symbol(s) => {
+            let mut s = s;
+            for (from, to) in &rename {
+                s = s.replace(from.as_str(), to);
+            }
+            Dim::Symbol(s)
+        }
+        other => other,
+    };
+    let mut infos: HashMap<String, ValueInfo> = HashMap::new();
+    for ix in g.node_indices() {
+        for o in &g.node(ix).outputs {
+            let Some(f) = facts.get(o) else { continue };
+            let info = ValueInfo {
+                name: o.clone(),
+                dtype: f.datum_type.and_then(dtype_from_tract),
+                shape: f.shape.as_ref().map(|s| s.iter().map(dim).collect()),
+                doc_string: String::new(),
+            };
+            if info.dtype.is_some() || info.shape.is_some() {
+                infos.insert(o.clone(), info);
+            }
+        }
+    }
+    for out in g.outputs.iter_mut() {
+        if let Some(i) = infos.get(&out.name) {
+            if out.dtype.is_none() {
+                out.dtype = i.dtype;
+            }
+            if out.shape.is_none() {
+                out.shape = i.shape.clone();
+            }
+        }
+    }
+    let typed = infos.len();
+    for (k, v) in infos {
+        g.value_info.insert(k, v);
+    }
+    Ok(typed)
+}

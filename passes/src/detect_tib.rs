@@ -1,0 +1,263 @@
+//! detect-tib: find the time-step input and the Temporal Information Block by structure.
+//!
+//! 1. Data dependence: a value depends on a graph input if it is computed from it by any
+//!    op but Shape/Size (a shape is not the data: `Expand(t, Shape(x))` depends on `t`
+//!    alone).
+//! 2. The time-step input is the graph input whose data reaches a Sin or Cos computed
+//!    from it alone (the sinusoidal embedding); `--timestep-input` overrides this.
+//! 3. The TIB is every value that depends on the time step and on no other input.
+//! 4. The index value is the time step after the casts, reshapes and broadcasts that keep
+//!    it a list of time steps (rank ≤ 1); everything computable from it and constants
+//!    folds into tables, and the values of that region read from outside are the
+//!    frontier: the temporal features emb_i(t).
+
+use std::collections::{HashMap, HashSet};
+
+use crate::error::{Error, Result};
+use crate::ir::{Graph, Model};
+use crate::pipeline::{Pass, PassContext};
+use crate::tib::{FrontierValue, TibAnalysis};
+
+pub struct DetectTib;
+
+impl Pass for DetectTib {
+    fn name(&self) -> &'static str {
+        "detect-tib"
+    }
+    fn summary(&self) -> &'static str {
+        "Find the time-step input and the Temporal Information Block (analysis only)"
+    }
+    fn run(&self, cx: &mut PassContext) -> Result<()> {
+        let tib = detect(&cx.model, cx.options.timestep_input.as_deref())?;
+        for line in tib.text().lines() {
+            cx.note(line.to_string());
+        }
+        cx.tib = Some(tib);
+        Ok(())
+    }
+}
+
+/// Ops whose output carries no data dependence on their input (only its shape).
+const SHAPE_ONLY: &[&str] = &["Shape", "Size"];
+/// Ops that keep a time-step list a time-step list (the chain to the index value).
+const CHAIN_OPS: &[&str] = &["Cast", "CastLike", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten"];
+/// Zero-input ops that are not constants.
+const NONDETERMINISTIC: &[&str] = &["RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"];
+
+/// Values data-dependent on `start` (which are included).
+fn data_dependents(g: &Graph, order: &[petgraph::stable_graph::NodeIndex], start: &str) -> HashSet<String> {
+    let mut set: HashSet<String> = HashSet::from([start.to_string()]);
+    for &ix in order {
+        let n = g.node(ix);
+        if SHAPE_ONLY.contains(&n.op_type.as_str()) {
+            continue;
+        }
+        let reads = n.inputs.iter().chain(n.implicit_inputs().iter()).any(|i| set.contains(i));
+        if reads {
+            set.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
+        }
+    }
+    set
+}
+
+/// Values computable from initializers and constant-producing nodes alone.
+fn static_values(g: &Graph, order: &[petgraph::stable_graph::NodeIndex]) -> HashSet<String> {
+    let mut set: HashSet<String> = g.initializers.keys().cloned().collect();
+    for &ix in order {
+        let n = g.node(ix);
+        if NONDETERMINISTIC.contains(&n.op_type.as_str()) || !n.implicit_inputs().is_empty() {
+            continue;
+        }
+        if n.inputs.iter().all(|i| i.is_empty() || set.contains(i)) {
+            set.extend(n.outputs.iter().cloned());
+        }
+    }
+    set
+}
+
+/// Rank of a value from the IR's type info, else from tract's inference.
+struct Ranks<'a> {
+    g: &'a Graph,
+    facts: Option<HashMap<String, tfmqc_runtime::ValueFact>>,
+    model: &'a Model,
+}
+
+impl Ranks<'_> {
+    fn rank(&mut self, v: &str) -> Option<usize> {
+        if let Some(shape) = self.g.info(v).and_then(|i| i.shape) {
+            return Some(shape.len());
+        }
+        if self.facts.is_none() {
+            let proto = crate::onnx::to_proto(self.model).ok()?;
+            self.facts = Some(tfmqc_runtime::engine::value_facts(&proto).unwrap_or_default());
+        }
+        self.facts.as_ref()?.get(v)?.shape.as_ref().map(|s| s.len())
+    }
+
+    fn type_string(&mut self, v: &str) -> String {
+        if let Some(i) = self.g.info(v) {
+            if i.shape.is_some() {
+                return i.type_string();
+            }
+        }
+        let _ = self.rank(v);
+        match self.facts.as_ref().and_then(|f| f.get(v)) {
+            Some(f) => {
+                let dt = f.datum_type.and_then(crate::exec::dtype_from_tract).map(|d| d.short()).unwrap_or("?");
+                match &f.shape {
+                    Some(s) => format!("{dt}[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
+                    None => dt.to_string(),
+                }
+            }
+            None => "?".into(),
+        }
+    }
+}
+
+pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis> {
+    let g = &model.graph;
+    let order = g.topo_order()?;
+    let inputs: Vec<String> = g.inputs.iter().map(|i| i.name.clone()).collect();
+    let deps: Vec<HashSet<String>> = inputs.iter().map(|i| data_dependents(g, &order, i)).collect();
+    let only_from = |k: usize| -> HashSet<String> {
+        deps[k]
+            .iter()
+            .filter(|v| deps.iter().enumerate().all(|(j, d)| j == k || !d.contains(*v)))
+            .cloned()
+            .collect()
+    };
+    let reaches_sinusoid = |tib: &HashSet<String>| {
+        order.iter().any(|&ix| {
+            let n = g.node(ix);
+            (n.is_onnx_op("Sin") || n.is_onnx_op("Cos")) && n.inputs.iter().all(|i| tib.contains(i) || !deps.iter().any(|d| d.contains(i)))
+                && n.inputs.iter().any(|i| tib.contains(i))
+        })
+    };
+
+    let (k, found_by) = match override_input {
+        Some(name) => {
+            let k = inputs.iter().position(|i| i == name).ok_or_else(|| {
+                Error::invalid(format!("--timestep-input '{name}' is not a graph input (inputs: {})", inputs.join(", ")))
+            })?;
+            (k, "given by --timestep-input".to_string())
+        }
+        None => {
+            let candidates: Vec<usize> = (0..inputs.len()).filter(|&k| reaches_sinusoid(&only_from(k))).collect();
+            match candidates.as_slice() {
+                [] => {
+                    let any_sin = order.iter().any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
+                    let why = if any_sin {
+                        "no graph input reaches Sin/Cos on its own (the sinusoidal embedding mixes several inputs or is constant)"
+                    } else {
+                        "the graph has no Sin/Cos: no sinusoidal time-step embedding"
+                    };
+                    return Err(Error::pass(
+                        "detect-tib",
+                        format!("no time-step input found: {why} (inputs: {}); name it with --timestep-input NAME", inputs.join(", ")),
+                    ));
+                }
+                [k] => (*k, format!("detected: its values alone reach Sin/Cos, dtype {}", g.inputs[*k].type_string())),
+                [k, ..] => {
+                    let names: Vec<&str> = candidates.iter().map(|&c| inputs[c].as_str()).collect();
+                    (*k, format!("detected: first of {} inputs reaching Sin/Cos alone ({})", names.len(), names.join(", ")))
+                }
+            }
+        }
+    };
+    let t = inputs[k].clone();
+    let tib = only_from(k);
+    let statics = static_values(g, &order);
+    let mut ranks = Ranks { g, facts: None, model };
+
+    // The index value: follow the chain of list-preserving ops while it stays rank ≤ 1.
+    let mut index = t.clone();
+    loop {
+        let readers: Vec<_> = g
+            .consumers(&index)
+            .into_iter()
+            .filter(|(ix, _)| !SHAPE_ONLY.contains(&g.node(*ix).op_type.as_str()))
+            .collect();
+        let [(ix, 0)] = readers.as_slice() else { break };
+        let n = g.node(*ix);
+        if !CHAIN_OPS.contains(&n.op_type.as_str()) || n.outputs.len() != 1 {
+            break;
+        }
+        let out = n.outputs[0].clone();
+        if !tib.contains(&out) || ranks.rank(&out).is_none_or(|r| r > 1) {
+            break;
+        }
+        index = out;
+    }
+
+    // The fold region: nodes computable from the index value and constants.
+    let index_producers: HashSet<String> = {
+        // The chain nodes up to the index value stay in the graph.
+        let mut s = HashSet::new();
+        let mut v = index.clone();
+        while let Some((ix, _)) = g.producer(&v) {
+            if v == t {
+                break;
+            }
+            s.insert(g.node(ix).name.clone());
+            match g.node(ix).inputs.first() {
+                Some(i) => v = i.clone(),
+                None => break,
+            }
+        }
+        s
+    };
+    let mut region: HashSet<String> = HashSet::from([index.clone()]);
+    let mut fold_nodes = vec![];
+    let mut fold_set = HashSet::new();
+    for &ix in &order {
+        let n = g.node(ix);
+        if index_producers.contains(&n.name) || !n.implicit_inputs().is_empty() || NONDETERMINISTIC.contains(&n.op_type.as_str()) {
+            continue;
+        }
+        let all_known = n.inputs.iter().all(|i| i.is_empty() || region.contains(i) || statics.contains(i));
+        let reads_region = n.inputs.iter().any(|i| region.contains(i));
+        if all_known && reads_region {
+            region.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
+            fold_nodes.push(n.name.clone());
+            fold_set.insert(ix);
+        }
+    }
+    let has_sinusoid = fold_set.iter().any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
+    if !has_sinusoid {
+        return Err(Error::pass(
+            "detect-tib",
+            format!("input '{t}' does not reach a Sin/Cos through constant-only ops from '{index}': no foldable time embedding"),
+        ));
+    }
+
+    // The frontier: region values read outside the region (or graph outputs).
+    let mut frontier = vec![];
+    for &ix in &order {
+        if !fold_set.contains(&ix) {
+            continue;
+        }
+        for o in &g.node(ix).outputs {
+            let mut joins: Vec<String> = g
+                .consumers(o)
+                .into_iter()
+                .filter(|(c, _)| !fold_set.contains(c))
+                .map(|(c, _)| format!("{} ({})", g.node(c).name, g.node(c).op_type))
+                .collect();
+            if g.is_graph_output(o) {
+                joins.push("graph output".into());
+            }
+            joins.dedup();
+            if !joins.is_empty() {
+                frontier.push(FrontierValue { name: o.clone(), ty: ranks.type_string(o), joins });
+            }
+        }
+    }
+    let tib_nodes = order
+        .iter()
+        .filter(|&&ix| {
+            let n = g.node(ix);
+            !n.outputs.is_empty() && n.outputs.iter().all(|o| tib.contains(o))
+        })
+        .count();
+    Ok(TibAnalysis { timestep_input: t, found_by, index_value: index, tib_nodes, fold_nodes, frontier })
+}

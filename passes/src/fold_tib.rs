@@ -1,0 +1,248 @@
+//! fold-tib: evaluate the TIB for every t in the finite set S and replace it by one
+//! constant table `[|S|, ...]` per frontier value, read by `Gather` at the index of t.
+//!
+//! The index of t is computed in standard ONNX ops, and a t outside S must fail in every
+//! runtime rather than read a wrong row:
+//!
+//!     pos   = ArgMax(Cast<f32>(Equal(Unsqueeze(t, -1), S)), axis=-1)   first match, or 0
+//!     miss  = Not(Equal(Gather(S, pos), t))                            t ∉ S
+//!     index = pos + Cast<i64>(miss) · |S|                              out of range if t ∉ S
+//!     emb_i = Gather(table_i, index, axis=0)
+
+use std::collections::HashMap;
+
+use tfmqc_runtime::engine::Optimize;
+
+use crate::error::{Error, Result};
+use crate::exec::Runner;
+use crate::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+use crate::options::{meta, timestep_set};
+use crate::pipeline::{Pass, PassContext};
+use crate::tib::TibAnalysis;
+
+pub struct FoldTib;
+
+impl Pass for FoldTib {
+    fn name(&self) -> &'static str {
+        "fold-tib"
+    }
+    fn summary(&self) -> &'static str {
+        "Replace the TIB by exact lookup tables over the time-step set S"
+    }
+    fn requires(&self) -> &'static [&'static str] {
+        &["detect-tib"]
+    }
+    fn run(&self, cx: &mut PassContext) -> Result<()> {
+        let tib = cx.tib.clone().expect("checked by requires");
+        let set = timestep_set(&cx.model, cx.options)?;
+        let report = fold(&mut cx.model, &tib, &set)?;
+        cx.note(format!(
+            "|S| = {} time steps; {} nodes replaced by {} tables, {} bytes",
+            set.len(),
+            report.removed_nodes,
+            report.tables,
+            report.table_bytes
+        ));
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FoldReport {
+    pub removed_nodes: usize,
+    pub tables: usize,
+    pub table_bytes: usize,
+}
+
+/// The index value's dtype and static shape.
+fn index_info(model: &Model, tib: &TibAnalysis) -> Result<ValueInfo> {
+    let mut info = model.graph.info(&tib.index_value).unwrap_or_default();
+    if info.dtype.is_none() || info.shape.is_none() {
+        let proto = crate::onnx::to_proto(model)?;
+        let facts = tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
+        if let Some(f) = facts.get(&tib.index_value) {
+            info.dtype = info.dtype.or(f.datum_type.and_then(crate::exec::dtype_from_tract));
+            info.shape = info
+                .shape
+                .or(f.shape.as_ref().map(|s| s.iter().map(crate::exec::dim_from_tract).collect()));
+        }
+    }
+    info.name = tib.index_value.clone();
+    if info.dtype.is_none() {
+        return Err(Error::pass("fold-tib", format!("type of the index value '{}' is unknown", tib.index_value)));
+    }
+    Ok(info)
+}
+
+/// A tensor of time steps in the index value's dtype.
+fn steps_tensor(dtype: DType, shape: Vec<usize>, steps: &[i64]) -> Result<Tensor> {
+    Ok(match dtype {
+        DType::I64 => Tensor::from_vec(shape, steps),
+        DType::I32 => Tensor::from_vec(shape, &steps.iter().map(|&s| s as i32).collect::<Vec<_>>()),
+        DType::F32 => Tensor::from_vec(shape, &steps.iter().map(|&s| s as f32).collect::<Vec<_>>()),
+        DType::F64 => Tensor::from_vec(shape, &steps.iter().map(|&s| s as f64).collect::<Vec<_>>()),
+        other => return Err(Error::pass("fold-tib", format!("time steps of type {other} are not supported"))),
+    })
+}
+
+/// Evaluates the frontier values for every t in `set`: one table `[|S|, ...]` each.
+pub fn evaluate_tables(model: &Model, tib: &TibAnalysis, set: &[i64]) -> Result<Vec<Tensor>> {
+    let info = index_info(model, tib)?;
+    let dtype = info.dtype.expect("checked");
+    let rank = info.shape.as_ref().map(|s| s.len()).unwrap_or(1);
+    if rank > 1 {
+        return Err(Error::pass("fold-tib", format!("index value '{}' has rank {rank}", tib.index_value)));
+    }
+    let fixed_len = match info.shape.as_deref() {
+        Some([Dim::Known(l)]) => Some(*l as usize),
+        _ => None,
+    };
+    // The TIB cut out as its own model: index value in, frontier out.
+    let mut sub = model.clone();
+    let g = &mut sub.graph;
+    if let Some((ix, _)) = g.producer(&tib.index_value) {
+        g.remove_node(ix);
+    }
+    let sub_shape = match (rank, fixed_len) {
+        (0, _) => vec![],
+        (_, Some(l)) => vec![Dim::Known(l as i64)],
+        _ => vec![Dim::Symbol("tib_steps".into())],
+    };
+    g.inputs = vec![ValueInfo::new(&tib.index_value, dtype, sub_shape)];
+    g.outputs = tib
+        .frontier
+        .iter()
+        .map(|f| ValueInfo { name: f.name.clone(), ..Default::default() })
+        .collect();
+    g.value_info.clear();
+    g.remove_dead();
+    g.validate().map_err(|e| Error::pass("fold-tib", format!("the TIB does not stand alone: {e}")))?;
+    let runner = Runner::new(&sub, None, Optimize::Declutter)?;
+    let run = |t: Tensor| -> Result<Vec<Tensor>> {
+        runner.run(&HashMap::from([(tib.index_value.clone(), t)]))
+    };
+
+    // All of S in one batch when the batch is free, else one step at a time.
+    if rank == 1 && fixed_len.is_none() {
+        let out = run(steps_tensor(dtype, vec![set.len()], set)?)?;
+        if out.iter().all(|o| o.shape.first() == Some(&set.len())) {
+            return Ok(out);
+        }
+    }
+    let mut rows: Vec<Vec<Tensor>> = vec![vec![]; tib.frontier.len()];
+    for &s in set {
+        let (shape, values) = match rank {
+            0 => (vec![], vec![s]),
+            _ => {
+                let l = fixed_len.unwrap_or(1);
+                (vec![l], vec![s; l])
+            }
+        };
+        let out = run(steps_tensor(dtype, shape, &values)?)?;
+        for (k, o) in out.into_iter().enumerate() {
+            let row = if rank == 0 {
+                o
+            } else {
+                first_row(&o).ok_or_else(|| {
+                    Error::pass(
+                        "fold-tib",
+                        format!("frontier value '{}' ({:?}) has no per-sample leading axis", tib.frontier[k].name, o.shape),
+                    )
+                })?
+            };
+            rows[k].push(row);
+        }
+    }
+    rows.into_iter().map(|r| stack(&r)).collect()
+}
+
+fn first_row(t: &Tensor) -> Option<Tensor> {
+    let (&n, rest) = t.shape.split_first()?;
+    if n == 0 {
+        return None;
+    }
+    let bytes = t.data.len() / n;
+    Tensor::from_raw(t.dtype, rest.to_vec(), t.data[..bytes].to_vec()).ok()
+}
+
+fn stack(rows: &[Tensor]) -> Result<Tensor> {
+    let first = &rows[0];
+    let mut data = Vec::with_capacity(first.data.len() * rows.len());
+    for r in rows {
+        if r.shape != first.shape || r.dtype != first.dtype {
+            return Err(Error::pass("fold-tib", "a temporal feature changes shape with t".to_string()));
+        }
+        data.extend_from_slice(&r.data);
+    }
+    let mut shape = vec![rows.len()];
+    shape.extend_from_slice(&first.shape);
+    Tensor::from_raw(first.dtype, shape, data)
+}
+
+/// Adds a node with a fresh name; returns its output value name.
+fn add(g: &mut Graph, op: &str, inputs: Vec<String>, out_base: &str, attrs: Vec<tract_onnx::pb::AttributeProto>) -> Result<String> {
+    let out = g.fresh_name(out_base);
+    let mut node = Node::new(g.fresh_node_name(out_base), op, inputs, vec![out.clone()]);
+    node.attributes = attrs;
+    g.add_node(node)?;
+    Ok(out)
+}
+
+fn add_const(g: &mut Graph, base: &str, t: Tensor) -> String {
+    let name = g.fresh_name(base);
+    g.initializers.insert(name.clone(), t);
+    name
+}
+
+/// Rewrites the graph: index computation, one Gather per frontier value, TIB removed.
+pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldReport> {
+    let tables = evaluate_tables(model, tib, set)?;
+    let info = index_info(model, tib)?;
+    let dtype = info.dtype.expect("checked");
+    let opset = model.onnx_opset();
+    let g = &mut model.graph;
+
+    let by_name: HashMap<String, _> = g.node_indices().map(|ix| (g.node(ix).name.clone(), ix)).collect();
+    for name in &tib.fold_nodes {
+        if let Some(&ix) = by_name.get(name) {
+            g.remove_node(ix);
+        }
+    }
+
+    let t = tib.index_value.clone();
+    let steps = add_const(g, "tib/timesteps", steps_tensor(dtype, vec![set.len()], set)?);
+    let unsq = if opset >= 13 {
+        let axes = add_const(g, "tib/axes_last", Tensor::from_vec(vec![1], &[-1i64]));
+        add(g, "Unsqueeze", vec![t.clone(), axes], "tib/t_column", vec![])?
+    } else {
+        add(g, "Unsqueeze", vec![t.clone()], "tib/t_column", vec![attr::ints("axes", &[-1])])?
+    };
+    let eq = add(g, "Equal", vec![unsq, steps.clone()], "tib/matches", vec![])?;
+    let eqf = add(g, "Cast", vec![eq], "tib/matches_f32", vec![attr::int("to", DType::F32.onnx_code() as i64)])?;
+    let pos = add(g, "ArgMax", vec![eqf], "tib/position", vec![attr::int("axis", -1), attr::int("keepdims", 0)])?;
+    let found = add(g, "Gather", vec![steps, pos.clone()], "tib/found_step", vec![attr::int("axis", 0)])?;
+    let hit = add(g, "Equal", vec![found, t], "tib/in_set", vec![])?;
+    let miss = add(g, "Not", vec![hit], "tib/not_in_set", vec![])?;
+    let missi = add(g, "Cast", vec![miss], "tib/not_in_set_i64", vec![attr::int("to", DType::I64.onnx_code() as i64)])?;
+    let len = add_const(g, "tib/set_size", Tensor::scalar(set.len() as i64));
+    let offset = add(g, "Mul", vec![missi, len], "tib/out_of_range_offset", vec![])?;
+    let index = add(g, "Add", vec![pos, offset], "tib/index", vec![])?;
+
+    let mut table_bytes = 0;
+    for (f, table) in tib.frontier.iter().zip(tables) {
+        table_bytes += table.byte_len();
+        let base = format!("tib/table/{}", f.name.trim_start_matches('/'));
+        let table_name = add_const(g, &base, table);
+        let node = Node::new(g.fresh_node_name(&format!("{base}/Gather")), "Gather", vec![table_name, index.clone()], vec![f.name.clone()])
+            .with_attr(attr::int("axis", 0));
+        g.add_node(node)?;
+    }
+    g.remove_dead();
+    g.validate()?;
+    let joined: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+    model.set_metadata(meta::TIMESTEPS, joined.join(","));
+    model.set_metadata(meta::TIMESTEP_INPUT, tib.timestep_input.clone());
+    let frontier: Vec<&str> = tib.frontier.iter().map(|f| f.name.as_str()).collect();
+    model.set_metadata(meta::TIB_FRONTIER, frontier.join(","));
+    Ok(FoldReport { removed_nodes: tib.fold_nodes.len(), tables: tib.frontier.len(), table_bytes })
+}

@@ -1,0 +1,17 @@
+//! tfmqc-passes: the IR, ONNX import/export, and the compiler passes (one file each).
+
+pub mod canonicalize;
+pub mod detect_tib;
+pub mod error;
+pub mod exec;
+pub mod fold_tib;
+pub mod ir;
+pub mod onnx;
+pub mod options;
+pub mod pipeline;
+pub mod tensor_file;
+pub mod tib;
+
+pub use error::{Error, Result};
+pub use ir::{Model, Tensor};
+pub use options::Options;

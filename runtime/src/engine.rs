@@ -1,0 +1,185 @@
+//! Running ONNX graphs with tract: the one execution path of tfmqc. The compiler uses it
+//! to evaluate the time-embedding block and to calibrate; applications use it (through
+//! `Denoiser`) to run the quantized model.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::pb;
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::infer::{Factoid, InferenceModelExt};
+
+use crate::error::{Error, Result};
+
+/// How much of tract's optimizer to run before executing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optimize {
+    /// Decluttered only: quick to build, for graphs run a few times.
+    Declutter,
+    /// Full codegen: slower to build, fastest to run.
+    Full,
+}
+
+/// A loaded, runnable graph.
+pub struct Engine {
+    plan: Arc<TypedSimplePlan>,
+    input_names: Vec<String>,
+    output_names: Vec<String>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Engine(inputs {:?}, outputs {:?})", self.input_names, self.output_names)
+    }
+}
+
+fn engine_err(context: &str, e: impl std::fmt::Display) -> Error {
+    Error::Engine(format!("{context}: {e:#}"))
+}
+
+/// Reads an ONNX file (external data resolved beside it).
+pub fn read_proto(path: &Path) -> Result<pb::ModelProto> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    decode_proto(&bytes)
+}
+
+pub fn decode_proto(bytes: &[u8]) -> Result<pb::ModelProto> {
+    use tract_onnx::tract_core::prelude::Framework;
+    tract_onnx::onnx()
+        .proto_model_for_read(&mut &bytes[..])
+        .map_err(|e| Error::InvalidModel(format!("not a valid ONNX model: {e:#}")))
+}
+
+impl Engine {
+    /// Loads a model file. `outputs`: value names to return instead of the graph outputs.
+    pub fn load(path: &Path, outputs: Option<&[String]>, optimize: Optimize) -> Result<Engine> {
+        let proto = read_proto(path)?;
+        let dir = path.parent().map(|d| d.to_string_lossy().to_string());
+        Engine::from_proto(&proto, dir.as_deref(), outputs, optimize)
+    }
+
+    /// Builds from a decoded model. `model_dir` is where external data is looked up.
+    pub fn from_proto(
+        proto: &pb::ModelProto,
+        model_dir: Option<&str>,
+        outputs: Option<&[String]>,
+        optimize: Optimize,
+    ) -> Result<Engine> {
+        let parsed = tract_onnx::onnx()
+            .parse(proto, model_dir)
+            .map_err(|e| Error::InvalidModel(format!("tract cannot load the model: {e:#}")))?;
+        if !parsed.unresolved_inputs.is_empty() {
+            return Err(Error::InvalidModel(format!(
+                "values used but never defined: {:?}",
+                parsed.unresolved_inputs
+            )));
+        }
+        let mut model = parsed.model;
+        let graph = proto.graph.as_ref().expect("parsed model has a graph");
+        let initializers: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let input_names: Vec<String> = graph
+            .input
+            .iter()
+            .filter(|i| !initializers.contains(i.name.as_str()))
+            .map(|i| i.name.clone())
+            .collect();
+        let output_names: Vec<String> = match outputs {
+            Some(names) => names.to_vec(),
+            None => graph.output.iter().map(|o| o.name.clone()).collect(),
+        };
+        if outputs.is_some() {
+            let mut outlets = vec![];
+            for name in &output_names {
+                let outlet = parsed.outlets_by_name.get(name).ok_or_else(|| {
+                    Error::InvalidModel(format!("no value named '{name}' in the model"))
+                })?;
+                outlets.push(*outlet);
+            }
+            model.select_output_outlets(&outlets).map_err(|e| engine_err("selecting outputs", e))?;
+        }
+        let typed = model.into_typed().map_err(|e| engine_err("typing the model", e))?;
+        let typed = match optimize {
+            Optimize::Declutter => typed.into_decluttered(),
+            Optimize::Full => typed.into_optimized(),
+        }
+        .map_err(|e| engine_err("optimizing the model", e))?;
+        let plan = typed.into_runnable().map_err(|e| engine_err("planning the model", e))?;
+        Ok(Engine { plan, input_names, output_names })
+    }
+
+    pub fn input_names(&self) -> &[String] {
+        &self.input_names
+    }
+
+    pub fn output_names(&self) -> &[String] {
+        &self.output_names
+    }
+
+    /// Runs with inputs in graph-input order.
+    pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.input_names.len() {
+            return Err(Error::BadInput(format!(
+                "{} inputs given, the model takes {} ({:?})",
+                inputs.len(),
+                self.input_names.len(),
+                self.input_names
+            )));
+        }
+        let out = self
+            .plan
+            .run(inputs.into_iter().map(|t| t.into_tvalue()).collect())
+            .map_err(|e| Error::Execution(format!("{e:#}")))?;
+        Ok(out.into_iter().map(|v| v.into_tensor()).collect())
+    }
+
+    /// Runs with inputs given by name.
+    pub fn run_named(&self, inputs: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
+        let ordered = self
+            .input_names
+            .iter()
+            .map(|n| {
+                inputs
+                    .get(n)
+                    .cloned()
+                    .ok_or_else(|| Error::BadInput(format!("input '{n}' was not given")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.run(ordered)
+    }
+}
+
+/// What tract's type inference knows about one value.
+#[derive(Clone, Debug)]
+pub struct ValueFact {
+    pub datum_type: Option<DatumType>,
+    /// Dims; symbolic ones as expressions (`N`, `2*N`).
+    pub shape: Option<Vec<TDim>>,
+    /// The value itself when it is a constant tensor tract could compute.
+    pub konst: Option<Arc<Tensor>>,
+}
+
+/// Runs tract's inference analysis on a model and returns the facts of every named
+/// value. Analysis errors are tolerated: what could be inferred is returned.
+pub fn value_facts(proto: &pb::ModelProto) -> Result<HashMap<String, ValueFact>> {
+    let parsed = tract_onnx::onnx()
+        .parse(proto, None)
+        .map_err(|e| Error::InvalidModel(format!("tract cannot load the model: {e:#}")))?;
+    let mut model = parsed.model;
+    // Partial facts are still useful: an op tract cannot type leaves its outputs unknown.
+    let _ = model.analyse(false);
+    let mut out = HashMap::new();
+    for (name, outlet) in parsed.outlets_by_name {
+        let Ok(fact) = model.outlet_fact(outlet) else { continue };
+        out.insert(
+            name,
+            ValueFact {
+                datum_type: fact.datum_type.concretize(),
+                shape: fact.shape.concretize().map(|s| s.to_vec()),
+                konst: fact.value.concretize(),
+            },
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,12 @@
+//! tfmqc runtime: runs (quantized) diffusion denoisers on a CPU with tract.
+//!
+//! This crate depends on no compiler crate: an edge application links only it.
+
+pub mod engine;
+pub mod error;
+
+pub use engine::{Engine, Optimize, ValueFact};
+pub use error::{Error, Result};
+/// tract's tensor type, the currency of the runtime API.
+pub use tract_onnx::prelude::Tensor;
+pub use tract_onnx::pb;

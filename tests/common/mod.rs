@@ -1,0 +1,172 @@
+//! Shared helpers of the integration tests: the models in models/, the tfmqc binary,
+//! tract through the runtime crate, and onnxruntime through tests/interop/ort.py.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use tfmqc_passes::ir::Tensor;
+use tfmqc_passes::tensor_file::{read_safetensors, write_safetensors};
+
+pub type Tensors = BTreeMap<String, Tensor>;
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The denoisers in models/: every `X.onnx` that has an `X.inputs.safetensors`, except
+/// the feature classifier (not a denoiser).
+pub fn denoisers() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(repo().join("models"))
+        .expect("models/ exists")
+        .filter_map(|e| {
+            let p = e.ok()?.path();
+            let stem = p.file_name()?.to_str()?.strip_suffix(".onnx")?.to_string();
+            p.with_file_name(format!("{stem}.inputs.safetensors")).exists().then_some(stem)
+        })
+        .filter(|n| n != "digits_features")
+        .collect();
+    names.sort();
+    assert!(names.len() >= 5, "expected the models of models/README.md, found {names:?}");
+    names
+}
+
+/// Every ONNX file in models/ (the feature classifier included).
+pub fn all_models() -> Vec<String> {
+    let mut v = denoisers();
+    v.push("digits_features".into());
+    v.sort();
+    v
+}
+
+pub fn model_path(name: &str) -> PathBuf {
+    repo().join("models").join(format!("{name}.onnx"))
+}
+
+pub fn example_inputs(name: &str) -> Tensors {
+    read_safetensors(&repo().join("models").join(format!("{name}.inputs.safetensors"))).expect("inputs")
+}
+
+pub fn tfmqc(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tfmqc")).args(args).output().expect("tfmqc runs")
+}
+
+/// Runs tfmqc and panics with its stderr unless it succeeds.
+pub fn tfmqc_ok(args: &[&str]) -> Output {
+    let out = tfmqc(args);
+    assert!(out.status.success(), "tfmqc {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    out
+}
+
+pub fn tmpdir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("tfmqc-test-").tempdir().expect("temp dir")
+}
+
+/// Runs a model in tract (the runtime crate's engine), inputs by name.
+pub fn tract_run(model: &Path, inputs: &Tensors) -> Tensors {
+    let engine = tfmqc_runtime::Engine::load(model, None, tfmqc_runtime::Optimize::Full)
+        .unwrap_or_else(|e| panic!("tract cannot load {}: {e}", model.display()));
+    tract_run_engine(&engine, inputs)
+}
+
+pub fn tract_run_engine(engine: &tfmqc_runtime::Engine, inputs: &Tensors) -> Tensors {
+    let ordered = engine
+        .input_names()
+        .iter()
+        .map(|n| tfmqc_passes::exec::to_tract(&inputs[n]).unwrap())
+        .collect();
+    let out = engine.run(ordered).unwrap_or_else(|e| panic!("tract run failed: {e}"));
+    engine
+        .output_names()
+        .iter()
+        .zip(out.iter())
+        .map(|(n, t)| (n.clone(), tfmqc_passes::exec::from_tract(t).unwrap()))
+        .collect()
+}
+
+/// The Python interpreter with onnx and onnxruntime (scripts/test.sh makes it). `None`
+/// skips interop checks, unless TFMQC_REQUIRE_INTEROP is set (as scripts/test.sh does).
+pub fn python() -> Option<PathBuf> {
+    let p = std::env::var_os("TFMQC_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/pyenv/bin/python"));
+    if p.exists() {
+        return Some(p);
+    }
+    if std::env::var_os("TFMQC_REQUIRE_INTEROP").is_some() {
+        panic!("onnxruntime is required but {} does not exist: run scripts/test.sh", p.display());
+    }
+    eprintln!("SKIPPING onnxruntime checks: run the tests through scripts/test.sh to include them");
+    None
+}
+
+/// Runs tests/interop/ort.py; panics with its output unless it succeeds.
+pub fn ort(py: &Path, args: &[&str]) -> String {
+    let out = Command::new(py)
+        .arg(repo().join("tests/interop/ort.py"))
+        .args(args)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "ort.py {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Whether ort.py exits non-zero (for runs that must fail).
+pub fn ort_fails(py: &Path, args: &[&str]) -> bool {
+    !Command::new(py)
+        .arg(repo().join("tests/interop/ort.py"))
+        .args(args)
+        .output()
+        .expect("python runs")
+        .status
+        .success()
+}
+
+/// onnxruntime outputs of `model` on `inputs`.
+pub fn ort_run(py: &Path, model: &Path, inputs: &Tensors, dir: &Path) -> Tensors {
+    let tag = model.file_stem().unwrap().to_string_lossy().to_string();
+    let inp = dir.join(format!("{tag}.in.safetensors"));
+    let out = dir.join(format!("{tag}.out.safetensors"));
+    write_safetensors(&inp, inputs).unwrap();
+    ort(py, &["run", model.to_str().unwrap(), inp.to_str().unwrap(), out.to_str().unwrap()]);
+    read_safetensors(&out).unwrap()
+}
+
+pub fn write_inputs(path: &Path, inputs: &Tensors) {
+    write_safetensors(path, inputs).unwrap()
+}
+
+pub fn read_tensors(path: &Path) -> Tensors {
+    read_safetensors(path).unwrap()
+}
+
+/// Largest |a − b| relative to max |a| over all outputs.
+pub fn relative_error(reference: &Tensors, other: &Tensors) -> f64 {
+    let mut worst: f64 = 0.0;
+    for (k, a) in reference {
+        let b = other.get(k).unwrap_or_else(|| panic!("output {k} missing"));
+        assert_eq!(a.shape, b.shape, "shape of {k}");
+        let a = a.to_f64_lossy().unwrap();
+        let b = b.to_f64_lossy().unwrap();
+        let scale = a.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
+        let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
+
+/// Asserts two output sets are identical bit for bit.
+pub fn assert_bit_exact(what: &str, a: &Tensors, b: &Tensors) {
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: output names");
+    for (k, x) in a {
+        let y = &b[k];
+        assert_eq!((x.dtype, &x.shape), (y.dtype, &y.shape), "{what}: {k} type/shape");
+        assert!(x.data == y.data, "{what}: output {k} differs (not bit-exact)");
+    }
+}
