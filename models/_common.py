@@ -93,6 +93,11 @@ def graph_io(path: Path):
     return ins, outs, opset
 
 
+def _c(a):
+    """C-contiguous copy that keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)."""
+    return np.array(a, order="C", copy=True)
+
+
 def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: float = 1e-4):
     """check_model(full_check), run onnxruntime on `inputs` (name -> np array),
     compare with the PyTorch outputs (name -> np array), and write
@@ -114,7 +119,7 @@ def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: floa
         for d_a, d_g in zip(a.shape, i.shape):
             assert not isinstance(d_g, int) or d_g == d_a, (i.name, a.shape, i.shape)
     out_names = [o.name for o in sess.get_outputs()]
-    res = sess.run(out_names, {k: np.ascontiguousarray(v) for k, v in inputs.items()})
+    res = sess.run(out_names, {k: _c(v) for k, v in inputs.items()})
     outs = dict(zip(out_names, res))
     diffs = {}
     for k, v in outs.items():
@@ -122,9 +127,9 @@ def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: floa
         assert ref.shape == v.shape, (k, ref.shape, v.shape)
         diffs[k] = float(np.max(np.abs(ref.astype(np.float64) - v.astype(np.float64))))
     base = path.name[: -len(".onnx")]
-    save_file({k: np.ascontiguousarray(v) for k, v in inputs.items()},
+    save_file({k: _c(v) for k, v in inputs.items()},
               str(path.parent / f"{base}.inputs.safetensors"))
-    save_file({k: np.ascontiguousarray(v) for k, v in outs.items()},
+    save_file({k: _c(v) for k, v in outs.items()},
               str(path.parent / f"{base}.outputs.safetensors"))
     ins, outs_desc, opset = graph_io(path)
     ops = op_histogram(path)
@@ -147,8 +152,8 @@ def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: floa
 
 
 def write_summary(name: str, info: dict) -> None:
-    """Append/replace an entry in models/_summary.json (used to write README)."""
-    p = HERE / "_summary.json"
+    """Append/replace an entry in models/manifest.json (machine-readable: io, opset, ops, params...)."""
+    p = HERE / "manifest.json"
     d = json.loads(p.read_text()) if p.exists() else {}
     d[name] = info
     p.write_text(json.dumps(d, indent=1, sort_keys=True))

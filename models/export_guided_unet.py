@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import onnx
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -202,6 +203,14 @@ def main():
                                  output_names=["out"], dynamic_shapes=({0: N}, {0: N}, {0: N}),
                                  optimize=True, verify=False)
         prog.save(str(path), external_data=False)
+        # drop per-node stack traces (they embed this machine's absolute paths)
+        m = onnx.load(str(path))
+        for n in m.graph.node:
+            keep = [(p.key, p.value) for p in n.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+            del n.metadata_props[:]
+            for k, v in keep:
+                n.metadata_props.add(key=k, value=v)
+        onnx.save(m, str(path))
     except Exception as e:  # documented fallback
         print(f"dynamo export failed: {e!r}; falling back to the legacy exporter")
         exporter = "legacy (dynamo=False) -- dynamo export failed"

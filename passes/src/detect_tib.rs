@@ -44,6 +44,30 @@ const CHAIN_OPS: &[&str] = &["Cast", "CastLike", "Expand", "Reshape", "Unsqueeze
 /// Zero-input ops that are not constants.
 const NONDETERMINISTIC: &[&str] = &["RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"];
 
+/// `x * ones` or `x + zeros` where the constant comes from ConstantOfShape: how
+/// diffusers broadcasts the time step to the batch (`t * torch.ones(batch)`).
+fn is_broadcast_identity(g: &Graph, n: &crate::ir::Node) -> bool {
+    let neutral = match n.op_type.as_str() {
+        "Mul" => 1.0,
+        "Add" => 0.0,
+        _ => return false,
+    };
+    n.inputs.len() == 2
+        && n.inputs.iter().any(|i| {
+            let Some((p, _)) = g.producer(i) else { return false };
+            let p = g.node(p);
+            if !p.is_onnx_op("ConstantOfShape") {
+                return false;
+            }
+            // No value attribute means a float 0.
+            let value = match p.attr("value").and_then(|a| a.t.as_ref()) {
+                Some(t) => crate::onnx::tensor_from_proto(t, None).ok().and_then(|t| t.to_f64_lossy().ok()),
+                None => Some(vec![0.0]),
+            };
+            value.is_some_and(|v| v.iter().all(|&x| x == neutral))
+        })
+}
+
 /// Values data-dependent on `start` (which are included).
 fn data_dependents(g: &Graph, order: &[petgraph::stable_graph::NodeIndex], start: &str) -> HashSet<String> {
     let mut set: HashSet<String> = HashSet::from([start.to_string()]);
@@ -177,9 +201,12 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
             .into_iter()
             .filter(|(ix, _)| !SHAPE_ONLY.contains(&g.node(*ix).op_type.as_str()))
             .collect();
-        let [(ix, 0)] = readers.as_slice() else { break };
+        let [(ix, slot)] = readers.as_slice() else { break };
+        if *slot != 0 && !is_broadcast_identity(g, g.node(*ix)) {
+            break;
+        }
         let n = g.node(*ix);
-        if !CHAIN_OPS.contains(&n.op_type.as_str()) || n.outputs.len() != 1 {
+        if !(CHAIN_OPS.contains(&n.op_type.as_str()) || is_broadcast_identity(g, n)) || n.outputs.len() != 1 {
             break;
         }
         let out = n.outputs[0].clone();
