@@ -15,7 +15,12 @@ use tfmqc_passes::{onnx, Error, Options};
 ///
 /// With no subcommand, runs the pipeline: `tfmqc model.onnx -o model.q.onnx`.
 #[derive(Parser, Debug)]
-#[command(name = "tfmqc", version, args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+#[command(
+    name = "tfmqc",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -38,7 +43,12 @@ struct RunArgs {
     #[arg(value_name = "MODEL", required_unless_present = "print_passes")]
     model: Option<PathBuf>,
     /// Where to write the result (written only on success).
-    #[arg(short, long, value_name = "OUT", required_unless_present = "print_passes")]
+    #[arg(
+        short,
+        long,
+        value_name = "OUT",
+        required_unless_present = "print_passes"
+    )]
     output: Option<PathBuf>,
     /// Run exactly these passes, in order, e.g. `canonicalize,detect-tib,fold-tib`;
     /// `none` = import and export only. Default: the whole pipeline.
@@ -87,16 +97,25 @@ struct Failure {
 
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
-        Failure { code: if e.is_user_error() { 1 } else { 2 }, message: e.to_string() }
+        Failure {
+            code: if e.is_user_error() { 1 } else { 2 },
+            message: e.to_string(),
+        }
     }
 }
 
 fn user_error(message: impl Into<String>) -> Failure {
-    Failure { code: 1, message: message.into() }
+    Failure {
+        code: 1,
+        message: message.into(),
+    }
 }
 
 fn options(tib: &TibArgs) -> Options {
-    Options { timesteps: tib.timesteps.clone(), timestep_input: tib.timestep_input.clone() }
+    Options {
+        timesteps: tib.timesteps.clone(),
+        timestep_input: tib.timestep_input.clone(),
+    }
 }
 
 fn load(path: &Path) -> Result<tfmqc_passes::Model, Failure> {
@@ -132,29 +151,41 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     let mut cx = PassContext::new(model, &opts);
     let total = passes.len();
     let mut step = 0;
-    let mut after = |name: &str, cx: &PassContext, took: std::time::Duration| -> tfmqc_passes::Result<()> {
-        step += 1;
-        eprintln!("[{step}/{total}] {name}: {:.2} s", took.as_secs_f64());
-        for n in &cx.notes {
-            eprintln!("    {n}");
-        }
-        if args.print_after_all {
-            eprintln!("--- IR after {name} ---\n{}", print::model_text(&cx.model));
-        }
-        if let Some(dir) = &args.dump_dir {
-            let path = dir.join(format!("{step:02}-{name}.txt"));
-            onnx::write_atomic(&path, print::model_text(&cx.model).as_bytes())?;
-        }
-        Ok(())
-    };
+    let mut after =
+        |name: &str, cx: &PassContext, took: std::time::Duration| -> tfmqc_passes::Result<()> {
+            step += 1;
+            eprintln!("[{step}/{total}] {name}: {:.2} s", took.as_secs_f64());
+            for n in &cx.notes {
+                eprintln!("    {n}");
+            }
+            if args.print_after_all {
+                eprintln!("--- IR after {name} ---\n{}", print::model_text(&cx.model));
+            }
+            if let Some(dir) = &args.dump_dir {
+                let path = dir.join(format!("{step:02}-{name}.txt"));
+                onnx::write_atomic(&path, print::model_text(&cx.model).as_bytes())?;
+            }
+            Ok(())
+        };
     pipeline::run_pipeline(&mut cx, &passes, &mut after)?;
     let mut model = cx.model;
     let names: Vec<&str> = passes.iter().map(|p| p.name()).collect();
     model.set_metadata(meta::VERSION, env!("CARGO_PKG_VERSION"));
-    model.set_metadata(meta::PASSES, if names.is_empty() { "none".to_string() } else { names.join(",") });
+    model.set_metadata(
+        meta::PASSES,
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(",")
+        },
+    );
     onnx::save(&model, out)?;
     let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    eprintln!("tfmqc: wrote {} ({bytes} bytes) in {:.2} s total", out.display(), start.elapsed().as_secs_f64());
+    eprintln!(
+        "tfmqc: wrote {} ({bytes} bytes) in {:.2} s total",
+        out.display(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -15,23 +15,52 @@ fn assert_user_error(model: &Path, expect: &str) {
     assert!(stderr.contains(expect), "expected '{expect}' in:\n{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.starts_with("tfmqc: error: "), "one-line error, got:\n{stderr}");
+    assert!(
+        last.starts_with("tfmqc: error: "),
+        "one-line error, got:\n{stderr}"
+    );
     assert!(!out.exists(), "no output file on error");
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no temporary file left");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "no temporary file left"
+    );
 }
 
 /// A tiny valid model: y = Relu(x).
 fn tiny() -> Model {
     let mut g = Graph::new("tiny");
-    g.inputs.push(ValueInfo::new("x", DType::F32, vec![tfmqc_passes::ir::Dim::Known(2)]));
-    g.outputs.push(ValueInfo::new("y", DType::F32, vec![tfmqc_passes::ir::Dim::Known(2)]));
-    g.add_node(Node::new("relu", "Relu", vec!["x".into()], vec!["y".into()])).unwrap();
-    Model { ir_version: 8, opsets: vec![(String::new(), 17)], graph: g, ..Default::default() }
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![tfmqc_passes::ir::Dim::Known(2)],
+    ));
+    g.outputs.push(ValueInfo::new(
+        "y",
+        DType::F32,
+        vec![tfmqc_passes::ir::Dim::Known(2)],
+    ));
+    g.add_node(Node::new(
+        "relu",
+        "Relu",
+        vec!["x".into()],
+        vec!["y".into()],
+    ))
+    .unwrap();
+    Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 17)],
+        graph: g,
+        ..Default::default()
+    }
 }
 
 #[test]
 fn missing_file_is_named() {
-    assert_user_error(Path::new("/nonexistent/model.onnx"), "/nonexistent/model.onnx");
+    assert_user_error(
+        Path::new("/nonexistent/model.onnx"),
+        "/nonexistent/model.onnx",
+    );
 }
 
 #[test]
@@ -64,7 +93,8 @@ fn unknown_data_type_names_the_tensor() {
     let dir = tmpdir();
     let mut proto = tfmqc_passes::onnx::to_proto(&tiny()).unwrap();
     let g = proto.graph.as_mut().unwrap();
-    let mut t = tfmqc_passes::onnx::tensor_to_onnx("weird_weight", &Tensor::from_vec(vec![1], &[1f32]));
+    let mut t =
+        tfmqc_passes::onnx::tensor_to_onnx("weird_weight", &Tensor::from_vec(vec![1], &[1f32]));
     t.data_type = 99;
     g.initializer.push(t);
     let p = dir.path().join("dtype.onnx");
@@ -118,7 +148,13 @@ fn undefined_input_names_the_node() {
 fn unknown_pass_is_a_user_error() {
     let dir = tmpdir();
     let out = dir.path().join("o.onnx");
-    let res = tfmqc(&[model_path("ddpm_digits").to_str().unwrap(), "-o", out.to_str().unwrap(), "--passes", "canonicalize,nonsense"]);
+    let res = tfmqc(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "canonicalize,nonsense",
+    ]);
     assert_eq!(res.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&res.stderr).contains("unknown pass 'nonsense'"));
     assert!(!out.exists());
@@ -128,16 +164,31 @@ fn unknown_pass_is_a_user_error() {
 fn pass_without_its_requirement_fails_clearly() {
     let dir = tmpdir();
     let out = dir.path().join("o.onnx");
-    let res = tfmqc(&[model_path("ddpm_digits").to_str().unwrap(), "-o", out.to_str().unwrap(), "--passes", "fold-tib"]);
+    let res = tfmqc(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "fold-tib",
+    ]);
     assert_eq!(res.status.code(), Some(1));
     let err = String::from_utf8_lossy(&res.stderr);
-    assert!(err.contains("pass 'fold-tib': needs 'detect-tib' to run before it"), "{err}");
+    assert!(
+        err.contains("pass 'fold-tib': needs 'detect-tib' to run before it"),
+        "{err}"
+    );
     assert!(!out.exists());
 }
 
 #[test]
 fn missing_output_folder_is_named() {
-    let res = tfmqc(&[model_path("ddpm_digits").to_str().unwrap(), "-o", "/nonexistent/dir/o.onnx", "--passes", "none"]);
+    let res = tfmqc(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        "/nonexistent/dir/o.onnx",
+        "--passes",
+        "none",
+    ]);
     assert_eq!(res.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&res.stderr).contains("/nonexistent/dir/o.onnx"));
 }

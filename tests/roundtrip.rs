@@ -12,9 +12,19 @@ fn round_trip_is_bit_exact_in_tract_and_onnxruntime() {
     for name in all_models() {
         let src = model_path(&name);
         let dst = dir.path().join(format!("{name}.rt.onnx"));
-        tfmqc_ok(&[src.to_str().unwrap(), "-o", dst.to_str().unwrap(), "--passes", "none"]);
+        tfmqc_ok(&[
+            src.to_str().unwrap(),
+            "-o",
+            dst.to_str().unwrap(),
+            "--passes",
+            "none",
+        ]);
         let inputs = example_inputs(&name);
-        assert_bit_exact(&format!("{name} in tract"), &tract_run(&src, &inputs), &tract_run(&dst, &inputs));
+        assert_bit_exact(
+            &format!("{name} in tract"),
+            &tract_run(&src, &inputs),
+            &tract_run(&dst, &inputs),
+        );
         if let Some(py) = &py {
             let a = ort_run(py, &src, &inputs, dir.path());
             let b = ort_run(py, &dst, &inputs, dir.path());
@@ -34,7 +44,13 @@ fn round_trip_keeps_metadata_opsets_and_records_the_tool() {
     let dir = tmpdir();
     let src = model_path("ddpm_digits");
     let dst = dir.path().join("rt.onnx");
-    tfmqc_ok(&[src.to_str().unwrap(), "-o", dst.to_str().unwrap(), "--passes", "none"]);
+    tfmqc_ok(&[
+        src.to_str().unwrap(),
+        "-o",
+        dst.to_str().unwrap(),
+        "--passes",
+        "none",
+    ]);
     let a = tfmqc_passes::onnx::load(&src).unwrap();
     let b = tfmqc_passes::onnx::load(&dst).unwrap();
     assert_eq!(a.opsets, b.opsets);
@@ -57,16 +73,36 @@ fn external_data_is_read_and_written_back_as_external_data() {
     tfmqc_passes::onnx::save(&m, &ext).unwrap();
     assert!(dir.path().join("ext.onnx.data").exists());
     let inline_size = std::fs::metadata(model_path("ddim_unet")).unwrap().len();
-    assert!(std::fs::metadata(&ext).unwrap().len() < inline_size / 10, "tensors left the .onnx file");
+    assert!(
+        std::fs::metadata(&ext).unwrap().len() < inline_size / 10,
+        "tensors left the .onnx file"
+    );
 
     let out = dir.path().join("out.onnx");
-    tfmqc_ok(&[ext.to_str().unwrap(), "-o", out.to_str().unwrap(), "--passes", "none"]);
-    assert!(dir.path().join("out.onnx.data").exists(), "written back as external data");
+    tfmqc_ok(&[
+        ext.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "none",
+    ]);
+    assert!(
+        dir.path().join("out.onnx.data").exists(),
+        "written back as external data"
+    );
     let inputs = example_inputs("ddim_unet");
     let reference = tract_run(&model_path("ddim_unet"), &inputs);
-    assert_bit_exact("external data in tract", &reference, &tract_run(&out, &inputs));
+    assert_bit_exact(
+        "external data in tract",
+        &reference,
+        &tract_run(&out, &inputs),
+    );
     if let Some(py) = python() {
-        assert_bit_exact("external data in onnxruntime", &ort_run(&py, &model_path("ddim_unet"), &inputs, dir.path()), &ort_run(&py, &out, &inputs, dir.path()));
+        assert_bit_exact(
+            "external data in onnxruntime",
+            &ort_run(&py, &model_path("ddim_unet"), &inputs, dir.path()),
+            &ort_run(&py, &out, &inputs, dir.path()),
+        );
         ort(&py, &["check", out.to_str().unwrap()]);
     }
 }

@@ -18,7 +18,10 @@ fn snapshot(name: &str, text: &str) {
 fn inspect_every_model() {
     for name in all_models() {
         let out = tfmqc_ok(&["inspect", model_path(&name).to_str().unwrap()]);
-        snapshot(&format!("inspect_{name}"), &String::from_utf8_lossy(&out.stdout));
+        snapshot(
+            &format!("inspect_{name}"),
+            &String::from_utf8_lossy(&out.stdout),
+        );
     }
 }
 
@@ -27,10 +30,19 @@ fn inspect_every_model() {
 /// unused initializer.
 pub fn synthetic() -> Model {
     let mut g = Graph::new("synthetic");
-    g.inputs.push(ValueInfo::new("x", DType::F32, vec![Dim::Known(1), Dim::Known(4)]));
-    g.outputs.push(ValueInfo { name: "y".into(), ..Default::default() });
-    g.initializers.insert("w".into(), Tensor::from_vec(vec![4], &[1f32, 2., 3., 4.]));
-    g.initializers.insert("unused".into(), Tensor::from_vec(vec![2], &[0f32, 0.]));
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![Dim::Known(1), Dim::Known(4)],
+    ));
+    g.outputs.push(ValueInfo {
+        name: "y".into(),
+        ..Default::default()
+    });
+    g.initializers
+        .insert("w".into(), Tensor::from_vec(vec![4], &[1f32, 2., 3., 4.]));
+    g.initializers
+        .insert("unused".into(), Tensor::from_vec(vec![2], &[0f32, 0.]));
     let c = Tensor::from_vec(vec![], &[0.5f32]);
     let value = tract_onnx::pb::AttributeProto {
         name: "value".into(),
@@ -38,15 +50,31 @@ pub fn synthetic() -> Model {
         t: Some(tfmqc_passes::onnx::tensor_to_onnx("", &c)),
         ..Default::default()
     };
-    let n = |name: &str, op: &str, i: &[&str], o: &str| Node::new(name, op, i.iter().map(|s| s.to_string()).collect(), vec![o.to_string()]);
-    g.add_node(n("half", "Constant", &[], "half").with_attr(value)).unwrap();
-    g.add_node(n("scale", "Mul", &["w", "half"], "w_half")).unwrap(); // constant-only
+    let n = |name: &str, op: &str, i: &[&str], o: &str| {
+        Node::new(
+            name,
+            op,
+            i.iter().map(|s| s.to_string()).collect(),
+            vec![o.to_string()],
+        )
+    };
+    g.add_node(n("half", "Constant", &[], "half").with_attr(value))
+        .unwrap();
+    g.add_node(n("scale", "Mul", &["w", "half"], "w_half"))
+        .unwrap(); // constant-only
     g.add_node(n("shape", "Shape", &["x"], "x_shape")).unwrap(); // fixed shape: folds
-    g.add_node(n("reshape", "Reshape", &["w_half", "x_shape"], "w_row")).unwrap();
+    g.add_node(n("reshape", "Reshape", &["w_half", "x_shape"], "w_row"))
+        .unwrap();
     g.add_node(n("mul", "Mul", &["x", "w_row"], "xw")).unwrap();
     g.add_node(n("dead", "Neg", &["xw"], "never_read")).unwrap();
-    g.add_node(n("sum", "ReduceSum", &["xw"], "y").with_attr(attr::int("keepdims", 0))).unwrap();
-    Model { ir_version: 8, opsets: vec![(String::new(), 17)], graph: g, ..Default::default() }
+    g.add_node(n("sum", "ReduceSum", &["xw"], "y").with_attr(attr::int("keepdims", 0)))
+        .unwrap();
+    Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 17)],
+        graph: g,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -54,7 +82,13 @@ fn canonicalize_synthetic_graph() {
     let mut m = synthetic();
     let before = print::model_text(&m);
     let stats = tfmqc_passes::canonicalize::canonicalize(&mut m).unwrap();
-    snapshot("canonicalize_synthetic", &format!("{before}\n--- after canonicalize: {stats:?}\n{}", print::model_text(&m)));
+    snapshot(
+        "canonicalize_synthetic",
+        &format!(
+            "{before}\n--- after canonicalize: {stats:?}\n{}",
+            print::model_text(&m)
+        ),
+    );
 }
 
 #[test]
@@ -68,10 +102,25 @@ fn canonicalize_trained_ddpm() {
 #[test]
 fn fold_tib_each_family() {
     let dir = tmpdir();
-    for name in ["ddpm_digits", "unet2d_attn_dynbatch", "unet2d_cond", "guided_unet", "ddim_unet"] {
+    for name in [
+        "ddpm_digits",
+        "unet2d_attn_dynbatch",
+        "unet2d_cond",
+        "guided_unet",
+        "ddim_unet",
+    ] {
         let out = dir.path().join(format!("{name}.folded.onnx"));
-        tfmqc_ok(&[model_path(name).to_str().unwrap(), "-o", out.to_str().unwrap(), "--passes", "detect-tib,fold-tib", "--timesteps", "ddim:50"]);
-        let m = tfmqc_passes::onnx::load(&out).unwrap();
+        tfmqc_ok(&[
+            model_path(name).to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--passes",
+            "detect-tib,fold-tib",
+            "--timesteps",
+            "ddim:50",
+        ]);
+        let mut m = tfmqc_passes::onnx::load(&out).unwrap();
+        tfmqc_passes::canonicalize::infer_types(&mut m).unwrap(); // types for the reader
         snapshot(&format!("fold_tib_{name}"), &print::model_text(&m));
     }
 }

@@ -26,16 +26,36 @@ fn fill_like(t: &Tensor, s: i64) -> Tensor {
 
 fn fold(name: &str, spec: &str, dir: &Path) -> (PathBuf, String) {
     let out = dir.join(format!("{name}.{}.onnx", spec.replace(':', "_")));
-    tfmqc_ok(&[model_path(name).to_str().unwrap(), "-o", out.to_str().unwrap(), "--passes", "detect-tib,fold-tib", "--timesteps", spec]);
+    tfmqc_ok(&[
+        model_path(name).to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "detect-tib,fold-tib",
+        "--timesteps",
+        spec,
+    ]);
     let m = tfmqc_passes::onnx::load(&out).unwrap();
-    let tinput = m.metadata_value("tfmqc.timestep_input").expect("time-step input recorded").to_string();
+    let tinput = m
+        .metadata_value("tfmqc.timestep_input")
+        .expect("time-step input recorded")
+        .to_string();
     (out, tinput)
 }
 
 fn rows(t: &Tensor) -> Vec<Tensor> {
     let n = t.shape[0];
     let size = t.data.len() / n;
-    (0..n).map(|i| Tensor::from_raw(t.dtype, t.shape[1..].to_vec(), t.data[i * size..(i + 1) * size].to_vec()).unwrap()).collect()
+    (0..n)
+        .map(|i| {
+            Tensor::from_raw(
+                t.dtype,
+                t.shape[1..].to_vec(),
+                t.data[i * size..(i + 1) * size].to_vec(),
+            )
+            .unwrap()
+        })
+        .collect()
 }
 
 fn check_every_step(name: &str, spec: &str) {
@@ -45,8 +65,11 @@ fn check_every_step(name: &str, spec: &str) {
     let base = example_inputs(name);
 
     // tract
-    let original = tfmqc_runtime::Engine::load(&model_path(name), None, tfmqc_runtime::Optimize::Full).unwrap();
-    let rewritten = tfmqc_runtime::Engine::load(&folded, None, tfmqc_runtime::Optimize::Full).unwrap();
+    let original =
+        tfmqc_runtime::Engine::load(&model_path(name), None, tfmqc_runtime::Optimize::Full)
+            .unwrap();
+    let rewritten =
+        tfmqc_runtime::Engine::load(&folded, None, tfmqc_runtime::Optimize::Full).unwrap();
     // tract computed the tables itself, so its check is exact and a stride suffices for
     // the 1000-step set; onnxruntime below checks every step.
     let stride = if set.len() > 100 { 7 } else { 1 };
@@ -54,11 +77,20 @@ fn check_every_step(name: &str, spec: &str) {
     for &s in set.iter().step_by(stride).chain(set.last()) {
         let mut x = base.clone();
         x.insert(tinput.clone(), fill_like(&base[&tinput], s));
-        let err = relative_error(&tract_run_engine(&original, &x), &tract_run_engine(&rewritten, &x));
-        assert!(err <= TOLERANCE, "{name} S={spec} t={s}: tract relative error {err:e}");
+        let err = relative_error(
+            &tract_run_engine(&original, &x),
+            &tract_run_engine(&rewritten, &x),
+        );
+        assert!(
+            err <= TOLERANCE,
+            "{name} S={spec} t={s}: tract relative error {err:e}"
+        );
         worst = worst.max(err);
     }
-    eprintln!("{name} S={spec}: tract worst relative error {worst:e} over every {stride}th of {} steps", set.len());
+    eprintln!(
+        "{name} S={spec}: tract worst relative error {worst:e} over every {stride}th of {} steps",
+        set.len()
+    );
 
     // onnxruntime
     let Some(py) = python() else { return };
@@ -68,7 +100,17 @@ fn check_every_step(name: &str, spec: &str) {
     write_inputs(&inp, &base);
     let sweep = |model: &Path, out: &str| {
         let out = dir.path().join(out);
-        ort(&py, &["sweep", model.to_str().unwrap(), inp.to_str().unwrap(), &tinput, &steps, out.to_str().unwrap()]);
+        ort(
+            &py,
+            &[
+                "sweep",
+                model.to_str().unwrap(),
+                inp.to_str().unwrap(),
+                &tinput,
+                &steps,
+                out.to_str().unwrap(),
+            ],
+        );
         read_tensors(&out)
     };
     let a = sweep(&model_path(name), "a.safetensors");
@@ -77,7 +119,11 @@ fn check_every_step(name: &str, spec: &str) {
     for (k, ta) in &a {
         for (i, (ra, rb)) in rows(ta).into_iter().zip(rows(&b[k])).enumerate() {
             let err = relative_error(&[(k.clone(), ra)].into(), &[(k.clone(), rb)].into());
-            assert!(err <= TOLERANCE, "{name} S={spec} t={}: onnxruntime relative error {err:e}", set[i]);
+            assert!(
+                err <= TOLERANCE,
+                "{name} S={spec} t={}: onnxruntime relative error {err:e}",
+                set[i]
+            );
             worst = worst.max(err);
         }
     }
@@ -103,14 +149,26 @@ fn folded_matches_original_on_mixed_batches() {
     // The example inputs of the dynamic-batch models hold two samples with different t;
     // unet2d_cond holds a classifier-free-guidance pair sharing one t.
     let dir = tmpdir();
-    for name in ["ddpm_digits", "unet2d_attn_dynbatch", "unet2d_cond", "unet2d_cond_dynbatch", "guided_unet"] {
+    for name in [
+        "ddpm_digits",
+        "unet2d_attn_dynbatch",
+        "unet2d_cond",
+        "unet2d_cond_dynbatch",
+        "guided_unet",
+    ] {
         let (folded, _) = fold(name, "1000", dir.path());
         let x = example_inputs(name);
         let err = relative_error(&tract_run(&model_path(name), &x), &tract_run(&folded, &x));
         assert!(err <= TOLERANCE, "{name}: tract relative error {err:e}");
         if let Some(py) = python() {
-            let err = relative_error(&ort_run(&py, &model_path(name), &x, dir.path()), &ort_run(&py, &folded, &x, dir.path()));
-            assert!(err <= TOLERANCE, "{name}: onnxruntime relative error {err:e}");
+            let err = relative_error(
+                &ort_run(&py, &model_path(name), &x, dir.path()),
+                &ort_run(&py, &folded, &x, dir.path()),
+            );
+            assert!(
+                err <= TOLERANCE,
+                "{name}: onnxruntime relative error {err:e}"
+            );
         }
     }
 }
@@ -122,13 +180,28 @@ fn a_step_outside_the_set_is_an_error_in_both_runtimes() {
         let (folded, tinput) = fold(name, "ddim:50", dir.path());
         let mut x = example_inputs(name);
         x.insert(tinput.clone(), fill_like(&x[&tinput], 5)); // 5 ∉ {0, 20, ..., 980}
-        let engine = tfmqc_runtime::Engine::load(&folded, None, tfmqc_runtime::Optimize::Full).unwrap();
-        let ordered = engine.input_names().iter().map(|n| tfmqc_passes::exec::to_tract(&x[n]).unwrap()).collect();
-        assert!(engine.run(ordered).is_err(), "{name}: tract ran with t = 5 ∉ S");
+        let engine =
+            tfmqc_runtime::Engine::load(&folded, None, tfmqc_runtime::Optimize::Full).unwrap();
+        let ordered = engine
+            .input_names()
+            .iter()
+            .map(|n| tfmqc_passes::exec::to_tract(&x[n]).unwrap())
+            .collect();
+        assert!(
+            engine.run(ordered).is_err(),
+            "{name}: tract ran with t = 5 ∉ S"
+        );
         if let Some(py) = python() {
             let inp = dir.path().join(format!("{name}.bad.safetensors"));
             write_inputs(&inp, &x);
-            ort(&py, &["expect-error", folded.to_str().unwrap(), inp.to_str().unwrap()]);
+            ort(
+                &py,
+                &[
+                    "expect-error",
+                    folded.to_str().unwrap(),
+                    inp.to_str().unwrap(),
+                ],
+            );
         }
     }
 }
@@ -149,8 +222,14 @@ fn detection_finds_the_time_step_input_of_every_export() {
         let tib = tfmqc_passes::detect_tib::detect(&m, None).unwrap();
         assert_eq!(tib.timestep_input, input, "{name}");
         assert!(!tib.frontier.is_empty(), "{name}: no frontier");
-        let out = String::from_utf8_lossy(&tfmqc_ok(&["inspect", model_path(name).to_str().unwrap()]).stdout).to_string();
-        assert!(out.contains(&format!("time-step input: {input} (detected")), "{name}: {out}");
+        let out = String::from_utf8_lossy(
+            &tfmqc_ok(&["inspect", model_path(name).to_str().unwrap()]).stdout,
+        )
+        .to_string();
+        assert!(
+            out.contains(&format!("time-step input: {input} (detected")),
+            "{name}: {out}"
+        );
     }
 }
 
@@ -159,7 +238,11 @@ fn class_conditioning_added_to_the_embedding_ends_the_block() {
     let m = tfmqc_passes::onnx::load(&model_path("guided_unet")).unwrap();
     let tib = tfmqc_passes::detect_tib::detect(&m, None).unwrap();
     assert_eq!(tib.frontier.len(), 1, "{:?}", tib.frontier);
-    assert!(tib.frontier[0].joins[0].ends_with("(Add)"), "{:?}", tib.frontier);
+    assert!(
+        tib.frontier[0].joins[0].ends_with("(Add)"),
+        "{:?}",
+        tib.frontier
+    );
 }
 
 #[test]
@@ -167,8 +250,13 @@ fn timestep_input_can_be_named() {
     let m = tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap();
     let tib = tfmqc_passes::detect_tib::detect(&m, Some("timestep")).unwrap();
     assert_eq!(tib.found_by, "given by --timestep-input");
-    let e = tfmqc_passes::detect_tib::detect(&m, Some("nope")).unwrap_err().to_string();
-    assert!(e.contains("'nope' is not a graph input (inputs: sample, timestep)"), "{e}");
+    let e = tfmqc_passes::detect_tib::detect(&m, Some("nope"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'nope' is not a graph input (inputs: sample, timestep)"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -178,8 +266,15 @@ fn metadata_records_the_set_and_the_input() {
     let m = tfmqc_passes::onnx::load(&folded).unwrap();
     assert_eq!(tinput, "timestep");
     let set = m.metadata_value("tfmqc.timesteps").unwrap();
-    assert!(set.starts_with("0,20,40,") && set.ends_with(",980"), "{set}");
-    assert_eq!(m.metadata_value("diffusion.train_timesteps"), Some("1000"), "source metadata kept");
+    assert!(
+        set.starts_with("0,20,40,") && set.ends_with(",980"),
+        "{set}"
+    );
+    assert_eq!(
+        m.metadata_value("diffusion.train_timesteps"),
+        Some("1000"),
+        "source metadata kept"
+    );
 }
 
 fn expect_user_error(args: &[&str], expect: &str) {
@@ -197,17 +292,38 @@ fn expect_user_error(args: &[&str], expect: &str) {
 #[test]
 fn model_without_a_time_step_is_a_clear_error() {
     let m = model_path("digits_features");
-    expect_user_error(&[m.to_str().unwrap(), "--passes", "detect-tib,fold-tib"], "no time-step input found: the graph has no Sin/Cos");
+    expect_user_error(
+        &[m.to_str().unwrap(), "--passes", "detect-tib,fold-tib"],
+        "no time-step input found: the graph has no Sin/Cos",
+    );
 }
 
 #[test]
 fn set_outside_the_schedule_is_a_clear_error() {
     let m = model_path("ddpm_digits");
-    expect_user_error(&[m.to_str().unwrap(), "--passes", "detect-tib,fold-tib", "--timesteps", "0,500,5000"], "time step 5000 is outside the model's range 0..999");
+    expect_user_error(
+        &[
+            m.to_str().unwrap(),
+            "--passes",
+            "detect-tib,fold-tib",
+            "--timesteps",
+            "0,500,5000",
+        ],
+        "time step 5000 is outside the model's range 0..999",
+    );
 }
 
 #[test]
 fn empty_set_is_a_clear_error() {
     let m = model_path("ddpm_digits");
-    expect_user_error(&[m.to_str().unwrap(), "--passes", "detect-tib,fold-tib", "--timesteps", ","], "the time-step set is empty");
+    expect_user_error(
+        &[
+            m.to_str().unwrap(),
+            "--passes",
+            "detect-tib,fold-tib",
+            "--timesteps",
+            ",",
+        ],
+        "the time-step set is empty",
+    );
 }

@@ -51,7 +51,10 @@ pub struct CanonicalizeStats {
 }
 
 pub fn canonicalize(model: &mut Model) -> Result<CanonicalizeStats> {
-    let mut stats = CanonicalizeStats { constants: constants_to_initializers(&mut model.graph)?, ..Default::default() };
+    let mut stats = CanonicalizeStats {
+        constants: constants_to_initializers(&mut model.graph)?,
+        ..Default::default()
+    };
     let (dn, di) = model.graph.remove_dead();
     stats.dead_nodes += dn;
     stats.dead_initializers += di;
@@ -65,23 +68,39 @@ pub fn canonicalize(model: &mut Model) -> Result<CanonicalizeStats> {
 
 /// The tensor a `Constant` node holds, whatever attribute form it uses.
 fn constant_value(n: &Node) -> Result<Tensor> {
-    let err = |r: &str| Error::Node { node: n.name.clone(), op: n.op_type.clone(), reason: r.into() };
-    let a = n.attributes.first().ok_or_else(|| err("Constant without a value attribute"))?;
+    let err = |r: &str| Error::Node {
+        node: n.name.clone(),
+        op: n.op_type.clone(),
+        reason: r.into(),
+    };
+    let a = n
+        .attributes
+        .first()
+        .ok_or_else(|| err("Constant without a value attribute"))?;
     Ok(match a.name.as_str() {
         "value" => {
-            let t = a.t.as_ref().ok_or_else(|| err("value attribute holds no tensor"))?;
+            let t =
+                a.t.as_ref()
+                    .ok_or_else(|| err("value attribute holds no tensor"))?;
             crate::onnx::tensor_from_proto(t, None)?
         }
         "value_float" => Tensor::scalar(a.f),
         "value_int" => Tensor::scalar(a.i),
         "value_floats" => Tensor::from_vec(vec![a.floats.len()], &a.floats),
         "value_ints" => Tensor::from_vec(vec![a.ints.len()], &a.ints),
-        other => return Err(err(&format!("Constant attribute '{other}' is not supported"))),
+        other => {
+            return Err(err(&format!(
+                "Constant attribute '{other}' is not supported"
+            )))
+        }
     })
 }
 
 fn constants_to_initializers(g: &mut Graph) -> Result<usize> {
-    let consts: Vec<_> = g.node_indices().filter(|&ix| g.node(ix).is_onnx_op("Constant")).collect();
+    let consts: Vec<_> = g
+        .node_indices()
+        .filter(|&ix| g.node(ix).is_onnx_op("Constant"))
+        .collect();
     for &ix in &consts {
         let value = constant_value(g.node(ix))?;
         let node = g.remove_node(ix).expect("node exists");
@@ -93,16 +112,22 @@ fn constants_to_initializers(g: &mut Graph) -> Result<usize> {
 /// Replaces every node whose outputs tract computed as constants by initializers.
 fn fold_constants(model: &mut Model) -> Result<usize> {
     let proto = crate::onnx::to_proto(model)?;
-    let facts = tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
+    let facts =
+        tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
     let g = &mut model.graph;
     let mut folded = 0;
     for ix in g.topo_order()? {
         let n = g.node(ix);
-        if NEVER_FOLD.contains(&n.op_type.as_str()) || n.outputs.iter().any(|o| g.is_graph_output(o)) {
+        if NEVER_FOLD.contains(&n.op_type.as_str())
+            || n.outputs.iter().any(|o| g.is_graph_output(o))
+        {
             continue;
         }
-        let konsts: Option<Vec<_>> =
-            n.outputs.iter().map(|o| facts.get(o).and_then(|f| f.konst.clone())).collect();
+        let konsts: Option<Vec<_>> = n
+            .outputs
+            .iter()
+            .map(|o| facts.get(o).and_then(|f| f.konst.clone()))
+            .collect();
         let Some(konsts) = konsts else { continue };
         let input_bytes: usize = n
             .inputs
@@ -137,13 +162,19 @@ fn fold_constants(model: &mut Model) -> Result<usize> {
 /// inputs/outputs the file left untyped). Returns how many values are typed.
 pub fn infer_types(model: &mut Model) -> Result<usize> {
     let proto = crate::onnx::to_proto(model)?;
-    let facts = tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
+    let facts =
+        tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
     let g = &mut model.graph;
     // tract invents its own symbol names (`<Sym0>`); map them back to the file's names
     // through the graph inputs, whose dims are named in the file.
     let mut rename: HashMap<String, String> = HashMap::new();
     for input in &g.inputs {
-        let (Some(file), Some(f)) = (&input.shape, facts.get(&input.name).and_then(|f| f.shape.as_ref())) else { continue };
+        let (Some(file), Some(f)) = (
+            &input.shape,
+            facts.get(&input.name).and_then(|f| f.shape.as_ref()),
+        ) else {
+            continue;
+        };
         for (a, b) in file.iter().zip(f) {
             if let (Dim::Symbol(name), Dim::Symbol(sym)) = (a, dim_from_tract(b)) {
                 rename.insert(sym, name.clone());

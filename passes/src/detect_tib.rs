@@ -40,9 +40,25 @@ impl Pass for DetectTib {
 /// Ops whose output carries no data dependence on their input (only its shape).
 const SHAPE_ONLY: &[&str] = &["Shape", "Size"];
 /// Ops that keep a time-step list a time-step list (the chain to the index value).
-const CHAIN_OPS: &[&str] = &["Cast", "CastLike", "Expand", "Reshape", "Unsqueeze", "Squeeze", "Identity", "Flatten"];
+const CHAIN_OPS: &[&str] = &[
+    "Cast",
+    "CastLike",
+    "Expand",
+    "Reshape",
+    "Unsqueeze",
+    "Squeeze",
+    "Identity",
+    "Flatten",
+];
 /// Zero-input ops that are not constants.
-const NONDETERMINISTIC: &[&str] = &["RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli"];
+const NONDETERMINISTIC: &[&str] = &[
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+];
 
 /// `x * ones` or `x + zeros` where the constant comes from ConstantOfShape: how
 /// diffusers broadcasts the time step to the batch (`t * torch.ones(batch)`).
@@ -54,14 +70,18 @@ fn is_broadcast_identity(g: &Graph, n: &crate::ir::Node) -> bool {
     };
     n.inputs.len() == 2
         && n.inputs.iter().any(|i| {
-            let Some((p, _)) = g.producer(i) else { return false };
+            let Some((p, _)) = g.producer(i) else {
+                return false;
+            };
             let p = g.node(p);
             if !p.is_onnx_op("ConstantOfShape") {
                 return false;
             }
             // No value attribute means a float 0.
             let value = match p.attr("value").and_then(|a| a.t.as_ref()) {
-                Some(t) => crate::onnx::tensor_from_proto(t, None).ok().and_then(|t| t.to_f64_lossy().ok()),
+                Some(t) => crate::onnx::tensor_from_proto(t, None)
+                    .ok()
+                    .and_then(|t| t.to_f64_lossy().ok()),
                 None => Some(vec![0.0]),
             };
             value.is_some_and(|v| v.iter().all(|&x| x == neutral))
@@ -69,14 +89,22 @@ fn is_broadcast_identity(g: &Graph, n: &crate::ir::Node) -> bool {
 }
 
 /// Values data-dependent on `start` (which are included).
-fn data_dependents(g: &Graph, order: &[petgraph::stable_graph::NodeIndex], start: &str) -> HashSet<String> {
+fn data_dependents(
+    g: &Graph,
+    order: &[petgraph::stable_graph::NodeIndex],
+    start: &str,
+) -> HashSet<String> {
     let mut set: HashSet<String> = HashSet::from([start.to_string()]);
     for &ix in order {
         let n = g.node(ix);
         if SHAPE_ONLY.contains(&n.op_type.as_str()) {
             continue;
         }
-        let reads = n.inputs.iter().chain(n.implicit_inputs().iter()).any(|i| set.contains(i));
+        let reads = n
+            .inputs
+            .iter()
+            .chain(n.implicit_inputs().iter())
+            .any(|i| set.contains(i));
         if reads {
             set.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
         }
@@ -127,9 +155,19 @@ impl Ranks<'_> {
         let _ = self.rank(v);
         match self.facts.as_ref().and_then(|f| f.get(v)) {
             Some(f) => {
-                let dt = f.datum_type.and_then(crate::exec::dtype_from_tract).map(|d| d.short()).unwrap_or("?");
+                let dt = f
+                    .datum_type
+                    .and_then(crate::exec::dtype_from_tract)
+                    .map(|d| d.short())
+                    .unwrap_or("?");
                 match &f.shape {
-                    Some(s) => format!("{dt}[{}]", s.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(",")),
+                    Some(s) => format!(
+                        "{dt}[{}]",
+                        s.iter()
+                            .map(|d| d.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
                     None => dt.to_string(),
                 }
             }
@@ -142,18 +180,28 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
     let g = &model.graph;
     let order = g.topo_order()?;
     let inputs: Vec<String> = g.inputs.iter().map(|i| i.name.clone()).collect();
-    let deps: Vec<HashSet<String>> = inputs.iter().map(|i| data_dependents(g, &order, i)).collect();
+    let deps: Vec<HashSet<String>> = inputs
+        .iter()
+        .map(|i| data_dependents(g, &order, i))
+        .collect();
     let only_from = |k: usize| -> HashSet<String> {
         deps[k]
             .iter()
-            .filter(|v| deps.iter().enumerate().all(|(j, d)| j == k || !d.contains(*v)))
+            .filter(|v| {
+                deps.iter()
+                    .enumerate()
+                    .all(|(j, d)| j == k || !d.contains(*v))
+            })
             .cloned()
             .collect()
     };
     let reaches_sinusoid = |tib: &HashSet<String>| {
         order.iter().any(|&ix| {
             let n = g.node(ix);
-            (n.is_onnx_op("Sin") || n.is_onnx_op("Cos")) && n.inputs.iter().all(|i| tib.contains(i) || !deps.iter().any(|d| d.contains(i)))
+            (n.is_onnx_op("Sin") || n.is_onnx_op("Cos"))
+                && n.inputs
+                    .iter()
+                    .all(|i| tib.contains(i) || !deps.iter().any(|d| d.contains(i)))
                 && n.inputs.iter().any(|i| tib.contains(i))
         })
     };
@@ -161,15 +209,22 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
     let (k, found_by) = match override_input {
         Some(name) => {
             let k = inputs.iter().position(|i| i == name).ok_or_else(|| {
-                Error::invalid(format!("--timestep-input '{name}' is not a graph input (inputs: {})", inputs.join(", ")))
+                Error::invalid(format!(
+                    "--timestep-input '{name}' is not a graph input (inputs: {})",
+                    inputs.join(", ")
+                ))
             })?;
             (k, "given by --timestep-input".to_string())
         }
         None => {
-            let candidates: Vec<usize> = (0..inputs.len()).filter(|&k| reaches_sinusoid(&only_from(k))).collect();
+            let candidates: Vec<usize> = (0..inputs.len())
+                .filter(|&k| reaches_sinusoid(&only_from(k)))
+                .collect();
             match candidates.as_slice() {
                 [] => {
-                    let any_sin = order.iter().any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
+                    let any_sin = order
+                        .iter()
+                        .any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
                     let why = if any_sin {
                         "no graph input reaches Sin/Cos on its own (the sinusoidal embedding mixes several inputs or is constant)"
                     } else {
@@ -180,10 +235,23 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
                         format!("no time-step input found: {why} (inputs: {}); name it with --timestep-input NAME", inputs.join(", ")),
                     ));
                 }
-                [k] => (*k, format!("detected: its values alone reach Sin/Cos, dtype {}", g.inputs[*k].type_string())),
+                [k] => (
+                    *k,
+                    format!(
+                        "detected: its values alone reach Sin/Cos, dtype {}",
+                        g.inputs[*k].type_string()
+                    ),
+                ),
                 [k, ..] => {
                     let names: Vec<&str> = candidates.iter().map(|&c| inputs[c].as_str()).collect();
-                    (*k, format!("detected: first of {} inputs reaching Sin/Cos alone ({})", names.len(), names.join(", ")))
+                    (
+                        *k,
+                        format!(
+                            "detected: first of {} inputs reaching Sin/Cos alone ({})",
+                            names.len(),
+                            names.join(", ")
+                        ),
+                    )
                 }
             }
         }
@@ -191,7 +259,11 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
     let t = inputs[k].clone();
     let tib = only_from(k);
     let statics = static_values(g, &order);
-    let mut ranks = Ranks { g, facts: None, model };
+    let mut ranks = Ranks {
+        g,
+        facts: None,
+        model,
+    };
 
     // The index value: follow the chain of list-preserving ops while it stays rank ≤ 1.
     let mut index = t.clone();
@@ -201,12 +273,16 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
             .into_iter()
             .filter(|(ix, _)| !SHAPE_ONLY.contains(&g.node(*ix).op_type.as_str()))
             .collect();
-        let [(ix, slot)] = readers.as_slice() else { break };
+        let [(ix, slot)] = readers.as_slice() else {
+            break;
+        };
         if *slot != 0 && !is_broadcast_identity(g, g.node(*ix)) {
             break;
         }
         let n = g.node(*ix);
-        if !(CHAIN_OPS.contains(&n.op_type.as_str()) || is_broadcast_identity(g, n)) || n.outputs.len() != 1 {
+        if !(CHAIN_OPS.contains(&n.op_type.as_str()) || is_broadcast_identity(g, n))
+            || n.outputs.len() != 1
+        {
             break;
         }
         let out = n.outputs[0].clone();
@@ -238,10 +314,16 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
     let mut fold_set = HashSet::new();
     for &ix in &order {
         let n = g.node(ix);
-        if index_producers.contains(&n.name) || !n.implicit_inputs().is_empty() || NONDETERMINISTIC.contains(&n.op_type.as_str()) {
+        if index_producers.contains(&n.name)
+            || !n.implicit_inputs().is_empty()
+            || NONDETERMINISTIC.contains(&n.op_type.as_str())
+        {
             continue;
         }
-        let all_known = n.inputs.iter().all(|i| i.is_empty() || region.contains(i) || statics.contains(i));
+        let all_known = n
+            .inputs
+            .iter()
+            .all(|i| i.is_empty() || region.contains(i) || statics.contains(i));
         let reads_region = n.inputs.iter().any(|i| region.contains(i));
         if all_known && reads_region {
             region.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
@@ -249,7 +331,9 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
             fold_set.insert(ix);
         }
     }
-    let has_sinusoid = fold_set.iter().any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
+    let has_sinusoid = fold_set
+        .iter()
+        .any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
     if !has_sinusoid {
         return Err(Error::pass(
             "detect-tib",
@@ -275,7 +359,11 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
             }
             joins.dedup();
             if !joins.is_empty() {
-                frontier.push(FrontierValue { name: o.clone(), ty: ranks.type_string(o), joins });
+                frontier.push(FrontierValue {
+                    name: o.clone(),
+                    ty: ranks.type_string(o),
+                    joins,
+                });
             }
         }
     }
@@ -286,5 +374,12 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
             !n.outputs.is_empty() && n.outputs.iter().all(|o| tib.contains(o))
         })
         .count();
-    Ok(TibAnalysis { timestep_input: t, found_by, index_value: index, tib_nodes, fold_nodes, frontier })
+    Ok(TibAnalysis {
+        timestep_input: t,
+        found_by,
+        index_value: index,
+        tib_nodes,
+        fold_nodes,
+        frontier,
+    })
 }

@@ -6,7 +6,10 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 
     #[error("{path}: not a valid ONNX model ({reason})")]
     NotOnnx { path: PathBuf, reason: String },
@@ -18,10 +21,18 @@ pub enum Error {
     Cycle { node: String, op: String },
 
     #[error("opset {domain} {version} is newer than tfmqc supports (at most {max})")]
-    OpsetTooNew { domain: String, version: i64, max: i64 },
+    OpsetTooNew {
+        domain: String,
+        version: i64,
+        max: i64,
+    },
 
     #[error("node '{node}' ({op}): {reason}")]
-    Node { node: String, op: String, reason: String },
+    Node {
+        node: String,
+        op: String,
+        reason: String,
+    },
 
     #[error("pass '{pass}': {reason}")]
     Pass { pass: String, reason: String },
@@ -41,11 +52,17 @@ impl Error {
     }
 
     pub fn pass(pass: &str, reason: impl Into<String>) -> Error {
-        Error::Pass { pass: pass.to_string(), reason: reason.into() }
+        Error::Pass {
+            pass: pass.to_string(),
+            reason: reason.into(),
+        }
     }
 
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Error {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Whether the cause is the input (exit 1) rather than tfmqc itself (exit 2).

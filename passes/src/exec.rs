@@ -67,7 +67,9 @@ pub fn to_tract(t: &Tensor) -> Result<TractTensor> {
 
 pub fn from_tract(t: &TractTensor) -> Result<Tensor> {
     if t.datum_type() == DatumType::TDim {
-        let cast = t.cast_to::<i64>().map_err(|e| Error::Engine(format!("symbolic value: {e}")))?;
+        let cast = t
+            .cast_to::<i64>()
+            .map_err(|e| Error::Engine(format!("symbolic value: {e}")))?;
         return from_tract(&cast);
     }
     let dtype = dtype_from_tract(t.datum_type())
@@ -109,7 +111,10 @@ impl Runner {
                     .and_then(to_tract)
             })
             .collect::<Result<Vec<_>>>()?;
-        let out = self.engine.run(ordered).map_err(|e| Error::Engine(e.to_string()))?;
+        let out = self
+            .engine
+            .run(ordered)
+            .map_err(|e| Error::Engine(e.to_string()))?;
         out.iter().map(from_tract).collect()
     }
 }

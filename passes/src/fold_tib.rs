@@ -59,17 +59,24 @@ fn index_info(model: &Model, tib: &TibAnalysis) -> Result<ValueInfo> {
     let mut info = model.graph.info(&tib.index_value).unwrap_or_default();
     if info.dtype.is_none() || info.shape.is_none() {
         let proto = crate::onnx::to_proto(model)?;
-        let facts = tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
+        let facts =
+            tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
         if let Some(f) = facts.get(&tib.index_value) {
-            info.dtype = info.dtype.or(f.datum_type.and_then(crate::exec::dtype_from_tract));
-            info.shape = info
+            info.dtype = info
+                .dtype
+                .or(f.datum_type.and_then(crate::exec::dtype_from_tract));
+            info.shape = info.shape.or(f
                 .shape
-                .or(f.shape.as_ref().map(|s| s.iter().map(crate::exec::dim_from_tract).collect()));
+                .as_ref()
+                .map(|s| s.iter().map(crate::exec::dim_from_tract).collect()));
         }
     }
     info.name = tib.index_value.clone();
     if info.dtype.is_none() {
-        return Err(Error::pass("fold-tib", format!("type of the index value '{}' is unknown", tib.index_value)));
+        return Err(Error::pass(
+            "fold-tib",
+            format!("type of the index value '{}' is unknown", tib.index_value),
+        ));
     }
     Ok(info)
 }
@@ -81,7 +88,12 @@ fn steps_tensor(dtype: DType, shape: Vec<usize>, steps: &[i64]) -> Result<Tensor
         DType::I32 => Tensor::from_vec(shape, &steps.iter().map(|&s| s as i32).collect::<Vec<_>>()),
         DType::F32 => Tensor::from_vec(shape, &steps.iter().map(|&s| s as f32).collect::<Vec<_>>()),
         DType::F64 => Tensor::from_vec(shape, &steps.iter().map(|&s| s as f64).collect::<Vec<_>>()),
-        other => return Err(Error::pass("fold-tib", format!("time steps of type {other} are not supported"))),
+        other => {
+            return Err(Error::pass(
+                "fold-tib",
+                format!("time steps of type {other} are not supported"),
+            ))
+        }
     })
 }
 
@@ -91,7 +103,10 @@ pub fn evaluate_tables(model: &Model, tib: &TibAnalysis, set: &[i64]) -> Result<
     let dtype = info.dtype.expect("checked");
     let rank = info.shape.as_ref().map(|s| s.len()).unwrap_or(1);
     if rank > 1 {
-        return Err(Error::pass("fold-tib", format!("index value '{}' has rank {rank}", tib.index_value)));
+        return Err(Error::pass(
+            "fold-tib",
+            format!("index value '{}' has rank {rank}", tib.index_value),
+        ));
     }
     let fixed_len = match info.shape.as_deref() {
         Some([Dim::Known(l)]) => Some(*l as usize),
@@ -112,11 +127,15 @@ pub fn evaluate_tables(model: &Model, tib: &TibAnalysis, set: &[i64]) -> Result<
     g.outputs = tib
         .frontier
         .iter()
-        .map(|f| ValueInfo { name: f.name.clone(), ..Default::default() })
+        .map(|f| ValueInfo {
+            name: f.name.clone(),
+            ..Default::default()
+        })
         .collect();
     g.value_info.clear();
     g.remove_dead();
-    g.validate().map_err(|e| Error::pass("fold-tib", format!("the TIB does not stand alone: {e}")))?;
+    g.validate()
+        .map_err(|e| Error::pass("fold-tib", format!("the TIB does not stand alone: {e}")))?;
     let runner = Runner::new(&sub, None, Optimize::Declutter)?;
     let run = |t: Tensor| -> Result<Vec<Tensor>> {
         runner.run(&HashMap::from([(tib.index_value.clone(), t)]))
@@ -146,7 +165,10 @@ pub fn evaluate_tables(model: &Model, tib: &TibAnalysis, set: &[i64]) -> Result<
                 first_row(&o).ok_or_else(|| {
                     Error::pass(
                         "fold-tib",
-                        format!("frontier value '{}' ({:?}) has no per-sample leading axis", tib.frontier[k].name, o.shape),
+                        format!(
+                            "frontier value '{}' ({:?}) has no per-sample leading axis",
+                            tib.frontier[k].name, o.shape
+                        ),
                     )
                 })?
             };
@@ -170,7 +192,10 @@ fn stack(rows: &[Tensor]) -> Result<Tensor> {
     let mut data = Vec::with_capacity(first.data.len() * rows.len());
     for r in rows {
         if r.shape != first.shape || r.dtype != first.dtype {
-            return Err(Error::pass("fold-tib", "a temporal feature changes shape with t".to_string()));
+            return Err(Error::pass(
+                "fold-tib",
+                "a temporal feature changes shape with t".to_string(),
+            ));
         }
         data.extend_from_slice(&r.data);
     }
@@ -180,7 +205,13 @@ fn stack(rows: &[Tensor]) -> Result<Tensor> {
 }
 
 /// Adds a node with a fresh name; returns its output value name.
-fn add(g: &mut Graph, op: &str, inputs: Vec<String>, out_base: &str, attrs: Vec<tract_onnx::pb::AttributeProto>) -> Result<String> {
+fn add(
+    g: &mut Graph,
+    op: &str,
+    inputs: Vec<String>,
+    out_base: &str,
+    attrs: Vec<tract_onnx::pb::AttributeProto>,
+) -> Result<String> {
     let out = g.fresh_name(out_base);
     let mut node = Node::new(g.fresh_node_name(out_base), op, inputs, vec![out.clone()]);
     node.attributes = attrs;
@@ -202,7 +233,10 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
     let opset = model.onnx_opset();
     let g = &mut model.graph;
 
-    let by_name: HashMap<String, _> = g.node_indices().map(|ix| (g.node(ix).name.clone(), ix)).collect();
+    let by_name: HashMap<String, _> = g
+        .node_indices()
+        .map(|ix| (g.node(ix).name.clone(), ix))
+        .collect();
     for name in &tib.fold_nodes {
         if let Some(&ix) = by_name.get(name) {
             g.remove_node(ix);
@@ -210,22 +244,68 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
     }
 
     let t = tib.index_value.clone();
-    let steps = add_const(g, "tib/timesteps", steps_tensor(dtype, vec![set.len()], set)?);
+    let steps = add_const(
+        g,
+        "tib/timesteps",
+        steps_tensor(dtype, vec![set.len()], set)?,
+    );
     let unsq = if opset >= 13 {
         let axes = add_const(g, "tib/axes_last", Tensor::from_vec(vec![1], &[-1i64]));
-        add(g, "Unsqueeze", vec![t.clone(), axes], "tib/t_column", vec![])?
+        add(
+            g,
+            "Unsqueeze",
+            vec![t.clone(), axes],
+            "tib/t_column",
+            vec![],
+        )?
     } else {
-        add(g, "Unsqueeze", vec![t.clone()], "tib/t_column", vec![attr::ints("axes", &[-1])])?
+        add(
+            g,
+            "Unsqueeze",
+            vec![t.clone()],
+            "tib/t_column",
+            vec![attr::ints("axes", &[-1])],
+        )?
     };
     let eq = add(g, "Equal", vec![unsq, steps.clone()], "tib/matches", vec![])?;
-    let eqf = add(g, "Cast", vec![eq], "tib/matches_f32", vec![attr::int("to", DType::F32.onnx_code() as i64)])?;
-    let pos = add(g, "ArgMax", vec![eqf], "tib/position", vec![attr::int("axis", -1), attr::int("keepdims", 0)])?;
-    let found = add(g, "Gather", vec![steps, pos.clone()], "tib/found_step", vec![attr::int("axis", 0)])?;
+    let eqf = add(
+        g,
+        "Cast",
+        vec![eq],
+        "tib/matches_f32",
+        vec![attr::int("to", DType::F32.onnx_code() as i64)],
+    )?;
+    let pos = add(
+        g,
+        "ArgMax",
+        vec![eqf],
+        "tib/position",
+        vec![attr::int("axis", -1), attr::int("keepdims", 0)],
+    )?;
+    let found = add(
+        g,
+        "Gather",
+        vec![steps, pos.clone()],
+        "tib/found_step",
+        vec![attr::int("axis", 0)],
+    )?;
     let hit = add(g, "Equal", vec![found, t], "tib/in_set", vec![])?;
     let miss = add(g, "Not", vec![hit], "tib/not_in_set", vec![])?;
-    let missi = add(g, "Cast", vec![miss], "tib/not_in_set_i64", vec![attr::int("to", DType::I64.onnx_code() as i64)])?;
+    let missi = add(
+        g,
+        "Cast",
+        vec![miss],
+        "tib/not_in_set_i64",
+        vec![attr::int("to", DType::I64.onnx_code() as i64)],
+    )?;
     let len = add_const(g, "tib/set_size", Tensor::scalar(set.len() as i64));
-    let offset = add(g, "Mul", vec![missi, len], "tib/out_of_range_offset", vec![])?;
+    let offset = add(
+        g,
+        "Mul",
+        vec![missi, len],
+        "tib/out_of_range_offset",
+        vec![],
+    )?;
     let index = add(g, "Add", vec![pos, offset], "tib/index", vec![])?;
 
     let mut table_bytes = 0;
@@ -233,8 +313,13 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
         table_bytes += table.byte_len();
         let base = format!("tib/table/{}", f.name.trim_start_matches('/'));
         let table_name = add_const(g, &base, table);
-        let node = Node::new(g.fresh_node_name(&format!("{base}/Gather")), "Gather", vec![table_name, index.clone()], vec![f.name.clone()])
-            .with_attr(attr::int("axis", 0));
+        let node = Node::new(
+            g.fresh_node_name(&format!("{base}/Gather")),
+            "Gather",
+            vec![table_name, index.clone()],
+            vec![f.name.clone()],
+        )
+        .with_attr(attr::int("axis", 0));
         g.add_node(node)?;
     }
     g.remove_dead();
@@ -244,5 +329,9 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
     model.set_metadata(meta::TIMESTEP_INPUT, tib.timestep_input.clone());
     let frontier: Vec<&str> = tib.frontier.iter().map(|f| f.name.as_str()).collect();
     model.set_metadata(meta::TIB_FRONTIER, frontier.join(","));
-    Ok(FoldReport { removed_nodes: tib.fold_nodes.len(), tables: tib.frontier.len(), table_bytes })
+    Ok(FoldReport {
+        removed_nodes: tib.fold_nodes.len(),
+        tables: tib.frontier.len(),
+        table_bytes,
+    })
 }

@@ -26,21 +26,32 @@ pub fn load(path: &Path) -> Result<Model> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     decode(&bytes, Some(&dir)).map_err(|e| match e {
-        Error::NotOnnx { reason, .. } => Error::NotOnnx { path: path.to_path_buf(), reason },
+        Error::NotOnnx { reason, .. } => Error::NotOnnx {
+            path: path.to_path_buf(),
+            reason,
+        },
         other => other,
     })
 }
 
 /// Decodes ONNX bytes. `dir` is where external data files are looked up.
 pub fn decode(bytes: &[u8], dir: Option<&Path>) -> Result<Model> {
-    let not_onnx = |reason: String| Error::NotOnnx { path: PathBuf::from("<memory>"), reason };
+    let not_onnx = |reason: String| Error::NotOnnx {
+        path: PathBuf::from("<memory>"),
+        reason,
+    };
     if bytes.is_empty() {
         return Err(not_onnx("the file is empty".into()));
     }
-    let proto = pb::ModelProto::decode(bytes)
-        .map_err(|e| not_onnx(format!("protobuf decoding failed: {e}; truncated or not ONNX?")))?;
+    let proto = pb::ModelProto::decode(bytes).map_err(|e| {
+        not_onnx(format!(
+            "protobuf decoding failed: {e}; truncated or not ONNX?"
+        ))
+    })?;
     if proto.ir_version <= 0 || proto.graph.is_none() {
-        return Err(not_onnx("no ir_version or no graph: not an ONNX model".into()));
+        return Err(not_onnx(
+            "no ir_version or no graph: not an ONNX model".into(),
+        ));
     }
     from_proto(proto, dir)
 }
@@ -68,7 +79,11 @@ pub fn from_proto(proto: pb::ModelProto, dir: Option<&Path>) -> Result<Model> {
         domain: proto.domain,
         model_version: proto.model_version,
         doc_string: proto.doc_string,
-        metadata: proto.metadata_props.into_iter().map(|e| (e.key, e.value)).collect(),
+        metadata: proto
+            .metadata_props
+            .into_iter()
+            .map(|e| (e.key, e.value))
+            .collect(),
         graph,
         functions: proto.functions,
         training_info: proto.training_info,
@@ -101,7 +116,11 @@ fn import_graph(g: pb::GraphProto, dir: Option<&Path>, external: &mut bool) -> R
     }
     let mut names = HashSet::new();
     for (i, n) in g.node.into_iter().enumerate() {
-        let mut name = if n.name.is_empty() { format!("{}_{i}", n.op_type) } else { n.name };
+        let mut name = if n.name.is_empty() {
+            format!("{}_{i}", n.op_type)
+        } else {
+            n.name
+        };
         // Node names should be unique; make them so, since the IR refers to nodes by name.
         if !names.insert(name.clone()) {
             name = format!("{name}__{i}");
@@ -125,13 +144,24 @@ fn import_graph(g: pb::GraphProto, dir: Option<&Path>, external: &mut bool) -> R
 }
 
 fn value_info_from_proto(v: &pb::ValueInfoProto) -> Result<ValueInfo> {
-    let mut info = ValueInfo { name: v.name.clone(), doc_string: v.doc_string.clone(), ..Default::default() };
-    if let Some(pb::TypeProto { value: Some(pb::type_proto::Value::TensorType(t)), .. }) = &v.r#type {
+    let mut info = ValueInfo {
+        name: v.name.clone(),
+        doc_string: v.doc_string.clone(),
+        ..Default::default()
+    };
+    if let Some(pb::TypeProto {
+        value: Some(pb::type_proto::Value::TensorType(t)),
+        ..
+    }) = &v.r#type
+    {
         if t.elem_type != 0 {
-            info.dtype = Some(DType::from_onnx(t.elem_type).ok_or_else(|| Error::UnsupportedDType {
-                tensor: v.name.clone(),
-                code: t.elem_type,
-            })?);
+            info.dtype =
+                Some(
+                    DType::from_onnx(t.elem_type).ok_or_else(|| Error::UnsupportedDType {
+                        tensor: v.name.clone(),
+                        code: t.elem_type,
+                    })?,
+                );
         }
         if let Some(shape) = &t.shape {
             info.shape = Some(
@@ -139,7 +169,9 @@ fn value_info_from_proto(v: &pb::ValueInfoProto) -> Result<ValueInfo> {
                     .dim
                     .iter()
                     .map(|d| match &d.value {
-                        Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => Dim::Known(*v),
+                        Some(pb::tensor_shape_proto::dimension::Value::DimValue(v)) => {
+                            Dim::Known(*v)
+                        }
                         Some(pb::tensor_shape_proto::dimension::Value::DimParam(p)) => {
                             Dim::Symbol(p.clone())
                         }
@@ -154,27 +186,38 @@ fn value_info_from_proto(v: &pb::ValueInfoProto) -> Result<ValueInfo> {
 
 /// Reads a `TensorProto`: raw_data, the typed fields, or external data.
 pub fn tensor_from_proto(t: &pb::TensorProto, dir: Option<&Path>) -> Result<Tensor> {
-    let dtype = DType::from_onnx(t.data_type)
-        .ok_or_else(|| Error::UnsupportedDType { tensor: t.name.clone(), code: t.data_type })?;
+    let dtype = DType::from_onnx(t.data_type).ok_or_else(|| Error::UnsupportedDType {
+        tensor: t.name.clone(),
+        code: t.data_type,
+    })?;
     let shape: Vec<usize> = t
         .dims
         .iter()
         .map(|&d| {
-            usize::try_from(d).map_err(|_| {
-                Error::invalid(format!("tensor '{}': negative dimension {d}", t.name))
-            })
+            usize::try_from(d)
+                .map_err(|_| Error::invalid(format!("tensor '{}': negative dimension {d}", t.name)))
         })
         .collect::<Result<_>>()?;
     let numel: usize = shape.iter().product();
-    let bad = |what: String| Error::invalid(format!("tensor '{}' ({dtype}{shape:?}): {what}", t.name));
+    let bad =
+        |what: String| Error::invalid(format!("tensor '{}' ({dtype}{shape:?}): {what}", t.name));
     if dtype == DType::String {
         if t.string_data.len() != numel {
-            return Err(bad(format!("{} strings for {numel} elements", t.string_data.len())));
+            return Err(bad(format!(
+                "{} strings for {numel} elements",
+                t.string_data.len()
+            )));
         }
-        return Ok(Tensor { dtype, shape, data: vec![], strings: t.string_data.clone() });
+        return Ok(Tensor {
+            dtype,
+            shape,
+            data: vec![],
+            strings: t.string_data.clone(),
+        });
     }
     let want = dtype.storage_bytes(numel);
-    let data: Vec<u8> = if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
+    let data: Vec<u8> = if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
+    {
         read_external(t, dir, want)?
     } else if !t.raw_data.is_empty() {
         t.raw_data.clone()
@@ -182,9 +225,17 @@ pub fn tensor_from_proto(t: &pb::TensorProto, dir: Option<&Path>) -> Result<Tens
         typed_field_bytes(t, dtype)
     };
     if data.len() != want {
-        return Err(bad(format!("holds {} bytes of data, {want} expected", data.len())));
+        return Err(bad(format!(
+            "holds {} bytes of data, {want} expected",
+            data.len()
+        )));
     }
-    Ok(Tensor { dtype, shape, data, strings: vec![] })
+    Ok(Tensor {
+        dtype,
+        shape,
+        data,
+        strings: vec![],
+    })
 }
 
 /// Converts the typed `*_data` fields to the raw little-endian layout.
@@ -192,16 +243,35 @@ fn typed_field_bytes(t: &pb::TensorProto, dtype: DType) -> Vec<u8> {
     use DType::*;
     let mut out = vec![];
     match dtype {
-        F32 => t.float_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        F64 => t.double_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        I64 => t.int64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        U32 => t.uint64_data.iter().for_each(|&v| out.extend_from_slice(&(v as u32).to_le_bytes())),
-        U64 => t.uint64_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-        I32 => t.int32_data.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        F32 => t
+            .float_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        F64 => t
+            .double_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        I64 => t
+            .int64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        U32 => t
+            .uint64_data
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&(v as u32).to_le_bytes())),
+        U64 => t
+            .uint64_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+        I32 => t
+            .int32_data
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
         // 16-bit types (f16/bf16 as bit patterns) sit in the low half of int32_data.
-        I16 | U16 | F16 | BF16 => {
-            t.int32_data.iter().for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes()))
-        }
+        I16 | U16 | F16 | BF16 => t
+            .int32_data
+            .iter()
+            .for_each(|&v| out.extend_from_slice(&(v as u16).to_le_bytes())),
         // 8-bit types and packed 4-bit pairs: one byte per int32 element.
         I8 | U8 | Bool | F8E4M3FN | F8E4M3FNUZ | F8E5M2 | F8E5M2FNUZ | I4 | U4 => {
             t.int32_data.iter().for_each(|&v| out.push(v as u8))
@@ -212,16 +282,26 @@ fn typed_field_bytes(t: &pb::TensorProto, dtype: DType) -> Vec<u8> {
 }
 
 fn external_entry<'a>(t: &'a pb::TensorProto, key: &str) -> Option<&'a str> {
-    t.external_data.iter().find(|e| e.key == key).map(|e| e.value.as_str())
+    t.external_data
+        .iter()
+        .find(|e| e.key == key)
+        .map(|e| e.value.as_str())
 }
 
 fn read_external(t: &pb::TensorProto, dir: Option<&Path>, want: usize) -> Result<Vec<u8>> {
     use std::io::{Read, Seek, SeekFrom};
     let location = external_entry(t, "location").ok_or_else(|| {
-        Error::invalid(format!("tensor '{}' is external but names no location", t.name))
+        Error::invalid(format!(
+            "tensor '{}' is external but names no location",
+            t.name
+        ))
     })?;
     let rel = Path::new(location);
-    if rel.is_absolute() || rel.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
         return Err(Error::invalid(format!(
             "tensor '{}': external data location '{location}' must stay beside the model",
             t.name
@@ -232,7 +312,10 @@ fn read_external(t: &pb::TensorProto, dir: Option<&Path>, want: usize) -> Result
         external_entry(t, k)
             .map(|v| {
                 v.parse::<u64>().map_err(|_| {
-                    Error::invalid(format!("tensor '{}': external data {k} '{v}' is not a number", t.name))
+                    Error::invalid(format!(
+                        "tensor '{}': external data {k} '{v}' is not a number",
+                        t.name
+                    ))
                 })
             })
             .transpose()
@@ -240,7 +323,8 @@ fn read_external(t: &pb::TensorProto, dir: Option<&Path>, want: usize) -> Result
     let offset = parse("offset")?.unwrap_or(0);
     let length = parse("length")?.map(|l| l as usize).unwrap_or(want);
     let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-    f.seek(SeekFrom::Start(offset)).map_err(|e| Error::io(&path, e))?;
+    f.seek(SeekFrom::Start(offset))
+        .map_err(|e| Error::io(&path, e))?;
     let mut buf = vec![0u8; length];
     f.read_exact(&mut buf).map_err(|e| {
         Error::invalid(format!(
@@ -258,7 +342,10 @@ fn read_external(t: &pb::TensorProto, dir: Option<&Path>, want: usize) -> Result
 enum TensorSink<'a> {
     Inline,
     /// Append to this buffer, referenced from the model as `location`.
-    External { location: &'a str, buf: &'a mut Vec<u8> },
+    External {
+        location: &'a str,
+        buf: &'a mut Vec<u8>,
+    },
 }
 
 fn tensor_to_proto(name: &str, t: &Tensor, sink: &mut TensorSink) -> pb::TensorProto {
@@ -281,7 +368,10 @@ fn tensor_to_proto(name: &str, t: &Tensor, sink: &mut TensorSink) -> pb::TensorP
             let offset = buf.len();
             buf.extend_from_slice(&t.data);
             p.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
-            let entry = |k: &str, v: String| pb::StringStringEntryProto { key: k.into(), value: v };
+            let entry = |k: &str, v: String| pb::StringStringEntryProto {
+                key: k.into(),
+                value: v,
+            };
             p.external_data = vec![
                 entry("location", location.to_string()),
                 entry("offset", offset.to_string()),
@@ -351,7 +441,11 @@ fn graph_to_proto(g: &Graph, sink: &mut TensorSink) -> Result<pb::GraphProto> {
     Ok(pb::GraphProto {
         node,
         name: g.name.clone(),
-        initializer: g.initializers.iter().map(|(k, t)| tensor_to_proto(k, t, sink)).collect(),
+        initializer: g
+            .initializers
+            .iter()
+            .map(|(k, t)| tensor_to_proto(k, t, sink))
+            .collect(),
         sparse_initializer: g.sparse_initializers.clone(),
         doc_string: g.doc_string.clone(),
         input: g.inputs.iter().map(value_info_to_proto).collect(),
@@ -367,7 +461,10 @@ fn model_to_proto(m: &Model, sink: &mut TensorSink) -> Result<pb::ModelProto> {
         opset_import: m
             .opsets
             .iter()
-            .map(|(d, v)| pb::OperatorSetIdProto { domain: d.clone(), version: *v })
+            .map(|(d, v)| pb::OperatorSetIdProto {
+                domain: d.clone(),
+                version: *v,
+            })
             .collect(),
         producer_name: m.producer_name.clone(),
         producer_version: m.producer_version.clone(),
@@ -378,7 +475,10 @@ fn model_to_proto(m: &Model, sink: &mut TensorSink) -> Result<pb::ModelProto> {
         metadata_props: m
             .metadata
             .iter()
-            .map(|(k, v)| pb::StringStringEntryProto { key: k.clone(), value: v.clone() })
+            .map(|(k, v)| pb::StringStringEntryProto {
+                key: k.clone(),
+                value: v.clone(),
+            })
             .collect(),
         training_info: m.training_info.clone(),
         functions: m.functions.clone(),
@@ -411,7 +511,13 @@ pub fn save(m: &Model, path: &Path) -> Result<()> {
     }
     let location = format!("{file_name}.data");
     let mut data = vec![];
-    let proto = model_to_proto(m, &mut TensorSink::External { location: &location, buf: &mut data })?;
+    let proto = model_to_proto(
+        m,
+        &mut TensorSink::External {
+            location: &location,
+            buf: &mut data,
+        },
+    )?;
     let data_path = path.with_file_name(&location);
     // Data first: the model file must never point at a data file that is not there yet.
     write_atomic(&data_path, &data)?;
@@ -427,12 +533,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if !dir.is_dir() {
         return Err(Error::io(
             path,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "the output folder does not exist"),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the output folder does not exist",
+            ),
         ));
     }
     let tmp = dir.join(format!(
         ".{}.tmp-{}",
-        path.file_name().map(|f| f.to_string_lossy()).unwrap_or_default(),
+        path.file_name()
+            .map(|f| f.to_string_lossy())
+            .unwrap_or_default(),
         std::process::id()
     ));
     let result = (|| {

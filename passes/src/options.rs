@@ -29,9 +29,17 @@ pub struct Options {
 /// The number of training time steps T: the model's metadata, else 1000.
 pub fn train_timesteps(model: &Model) -> Result<usize> {
     match model.metadata_value(meta::TRAIN_TIMESTEPS) {
-        Some(v) => v.trim().parse::<usize>().ok().filter(|&t| t > 0).ok_or_else(|| {
-            Error::invalid(format!("metadata {} = '{v}' is not a positive integer", meta::TRAIN_TIMESTEPS))
-        }),
+        Some(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|&t| t > 0)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "metadata {} = '{v}' is not a positive integer",
+                    meta::TRAIN_TIMESTEPS
+                ))
+            }),
         None => Ok(1000),
     }
 }
@@ -43,7 +51,10 @@ pub fn parse_timesteps(spec: &str, train_timesteps: usize) -> Result<Vec<i64>> {
     let spec = spec.trim();
     let bad = |why: String| Error::invalid(format!("--timesteps '{spec}': {why}"));
     let mut set: Vec<i64> = if let Some(n) = spec.strip_prefix("ddim:") {
-        let n: i64 = n.trim().parse().map_err(|_| bad("ddim:N needs a whole number N".into()))?;
+        let n: i64 = n
+            .trim()
+            .parse()
+            .map_err(|_| bad("ddim:N needs a whole number N".into()))?;
         if n <= 0 || n > t {
             return Err(bad(format!("ddim:N needs 1 ≤ N ≤ T = {t}")));
         }
@@ -51,14 +62,21 @@ pub fn parse_timesteps(spec: &str, train_timesteps: usize) -> Result<Vec<i64>> {
     } else if spec.contains(',') {
         spec.split(',')
             .filter(|s| !s.trim().is_empty())
-            .map(|s| s.trim().parse::<i64>().map_err(|_| bad(format!("'{}' is not a whole number", s.trim()))))
+            .map(|s| {
+                s.trim()
+                    .parse::<i64>()
+                    .map_err(|_| bad(format!("'{}' is not a whole number", s.trim())))
+            })
             .collect::<Result<_>>()?
     } else {
-        let n: i64 = spec.parse().map_err(|_| {
-            bad("expected N (0..N-1), ddim:N, or a comma-separated list".into())
-        })?;
+        let n: i64 = spec
+            .parse()
+            .map_err(|_| bad("expected N (0..N-1), ddim:N, or a comma-separated list".into()))?;
         if n > t {
-            return Err(bad(format!("0..{} goes past the model's T = {t} training steps", n - 1)));
+            return Err(bad(format!(
+                "0..{} goes past the model's T = {t} training steps",
+                n - 1
+            )));
         }
         (0..n).collect()
     };
@@ -66,7 +84,10 @@ pub fn parse_timesteps(spec: &str, train_timesteps: usize) -> Result<Vec<i64>> {
         return Err(bad("the time-step set is empty".into()));
     }
     if let Some(&v) = set.iter().find(|&&v| v < 0 || v >= t) {
-        return Err(bad(format!("time step {v} is outside the model's range 0..{}", t - 1)));
+        return Err(bad(format!(
+            "time step {v} is outside the model's range 0..{}",
+            t - 1
+        )));
     }
     set.sort_unstable();
     set.dedup();
@@ -105,7 +126,10 @@ mod tests {
 
     #[test]
     fn explicit_list_is_sorted_and_deduplicated() {
-        assert_eq!(parse_timesteps("40, 0,20,20", 1000).unwrap(), vec![0, 20, 40]);
+        assert_eq!(
+            parse_timesteps("40, 0,20,20", 1000).unwrap(),
+            vec![0, 20, 40]
+        );
     }
 
     #[test]
@@ -118,8 +142,14 @@ mod tests {
 
     #[test]
     fn empty_and_malformed_sets_are_rejected() {
-        assert!(parse_timesteps(",", 1000).unwrap_err().to_string().contains("empty"));
-        assert!(parse_timesteps("0", 1000).unwrap_err().to_string().contains("empty"));
+        assert!(parse_timesteps(",", 1000)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        assert!(parse_timesteps("0", 1000)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
         assert!(parse_timesteps("ddim:x", 1000).is_err());
         assert!(parse_timesteps("abc", 1000).is_err());
     }

@@ -24,7 +24,13 @@ pub struct PassContext<'a> {
 
 impl<'a> PassContext<'a> {
     pub fn new(model: Model, options: &'a Options) -> PassContext<'a> {
-        PassContext { model, options, tib: None, done: vec![], notes: vec![] }
+        PassContext {
+            model,
+            options,
+            tib: None,
+            done: vec![],
+            notes: vec![],
+        }
     }
 
     pub fn note(&mut self, line: impl Into<String>) {
@@ -66,12 +72,15 @@ pub fn parse_pipeline(spec: &str) -> Result<Vec<Box<dyn Pass>>> {
     }
     let mut out = vec![];
     for name in spec.split(',').map(str::trim) {
-        let pass = registry().into_iter().find(|p| p.name() == name).ok_or_else(|| {
-            Error::invalid(format!(
-                "unknown pass '{name}'; known passes: {} (see --print-passes)",
-                default_pipeline().join(", ")
-            ))
-        })?;
+        let pass = registry()
+            .into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "unknown pass '{name}'; known passes: {} (see --print-passes)",
+                    default_pipeline().join(", ")
+                ))
+            })?;
         out.push(pass);
     }
     Ok(out)

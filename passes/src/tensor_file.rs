@@ -55,9 +55,16 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let dtype = from_st(view.dtype()).ok_or_else(|| {
-            Error::invalid(format!("{}: tensor '{name}' has unsupported type {:?}", path.display(), view.dtype()))
+            Error::invalid(format!(
+                "{}: tensor '{name}' has unsupported type {:?}",
+                path.display(),
+                view.dtype()
+            ))
         })?;
-        out.insert(name.clone(), Tensor::from_raw(dtype, view.shape().to_vec(), view.data().to_vec())?);
+        out.insert(
+            name.clone(),
+            Tensor::from_raw(dtype, view.shape().to_vec(), view.data().to_vec())?,
+        );
     }
     Ok(out)
 }
@@ -66,8 +73,12 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Result<()> {
     let mut views = vec![];
     for (name, t) in tensors {
-        let dt = to_st(t.dtype)
-            .ok_or_else(|| Error::invalid(format!("tensor '{name}': {} cannot be written to safetensors", t.dtype)))?;
+        let dt = to_st(t.dtype).ok_or_else(|| {
+            Error::invalid(format!(
+                "tensor '{name}': {} cannot be written to safetensors",
+                t.dtype
+            ))
+        })?;
         let view = TensorView::new(dt, t.shape.clone(), &t.data)
             .map_err(|e| Error::invalid(format!("tensor '{name}': {e}")))?;
         views.push((name.clone(), view));

@@ -43,7 +43,12 @@ impl TibAnalysis {
             self.frontier.len()
         );
         for f in &self.frontier {
-            s.push_str(&format!("  {}: {} → {}\n", f.name, f.ty, f.joins.join(", ")));
+            s.push_str(&format!(
+                "  {}: {} → {}\n",
+                f.name,
+                f.ty,
+                f.joins.join(", ")
+            ));
         }
         s
     }

@@ -30,7 +30,11 @@ pub struct Engine {
 
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Engine(inputs {:?}, outputs {:?})", self.input_names, self.output_names)
+        write!(
+            f,
+            "Engine(inputs {:?}, outputs {:?})",
+            self.input_names, self.output_names
+        )
     }
 }
 
@@ -40,7 +44,10 @@ fn engine_err(context: &str, e: impl std::fmt::Display) -> Error {
 
 /// Reads an ONNX file (external data resolved beside it).
 pub fn read_proto(path: &Path) -> Result<pb::ModelProto> {
-    let bytes = std::fs::read(path).map_err(|e| Error::Io { path: path.to_path_buf(), source: e })?;
+    let bytes = std::fs::read(path).map_err(|e| Error::Io {
+        path: path.to_path_buf(),
+        source: e,
+    })?;
     decode_proto(&bytes)
 }
 
@@ -97,16 +104,26 @@ impl Engine {
                 })?;
                 outlets.push(*outlet);
             }
-            model.select_output_outlets(&outlets).map_err(|e| engine_err("selecting outputs", e))?;
+            model
+                .select_output_outlets(&outlets)
+                .map_err(|e| engine_err("selecting outputs", e))?;
         }
-        let typed = model.into_typed().map_err(|e| engine_err("typing the model", e))?;
+        let typed = model
+            .into_typed()
+            .map_err(|e| engine_err("typing the model", e))?;
         let typed = match optimize {
             Optimize::Declutter => typed.into_decluttered(),
             Optimize::Full => typed.into_optimized(),
         }
         .map_err(|e| engine_err("optimizing the model", e))?;
-        let plan = typed.into_runnable().map_err(|e| engine_err("planning the model", e))?;
-        Ok(Engine { plan, input_names, output_names })
+        let plan = typed
+            .into_runnable()
+            .map_err(|e| engine_err("planning the model", e))?;
+        Ok(Engine {
+            plan,
+            input_names,
+            output_names,
+        })
     }
 
     pub fn input_names(&self) -> &[String] {
@@ -171,7 +188,9 @@ pub fn value_facts(proto: &pb::ModelProto) -> Result<HashMap<String, ValueFact>>
     let _ = model.analyse(false);
     let mut out = HashMap::new();
     for (name, outlet) in parsed.outlets_by_name {
-        let Ok(fact) = model.outlet_fact(outlet) else { continue };
+        let Ok(fact) = model.outlet_fact(outlet) else {
+            continue;
+        };
         out.insert(
             name,
             ValueFact {

@@ -7,6 +7,6 @@ pub mod error;
 
 pub use engine::{Engine, Optimize, ValueFact};
 pub use error::{Error, Result};
+pub use tract_onnx::pb;
 /// tract's tensor type, the currency of the runtime API.
 pub use tract_onnx::prelude::Tensor;
-pub use tract_onnx::pb;

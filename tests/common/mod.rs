@@ -23,12 +23,17 @@ pub fn denoisers() -> Vec<String> {
         .filter_map(|e| {
             let p = e.ok()?.path();
             let stem = p.file_name()?.to_str()?.strip_suffix(".onnx")?.to_string();
-            p.with_file_name(format!("{stem}.inputs.safetensors")).exists().then_some(stem)
+            p.with_file_name(format!("{stem}.inputs.safetensors"))
+                .exists()
+                .then_some(stem)
         })
         .filter(|n| n != "digits_features")
         .collect();
     names.sort();
-    assert!(names.len() >= 5, "expected the models of models/README.md, found {names:?}");
+    assert!(
+        names.len() >= 5,
+        "expected the models of models/README.md, found {names:?}"
+    );
     names
 }
 
@@ -45,22 +50,37 @@ pub fn model_path(name: &str) -> PathBuf {
 }
 
 pub fn example_inputs(name: &str) -> Tensors {
-    read_safetensors(&repo().join("models").join(format!("{name}.inputs.safetensors"))).expect("inputs")
+    read_safetensors(
+        &repo()
+            .join("models")
+            .join(format!("{name}.inputs.safetensors")),
+    )
+    .expect("inputs")
 }
 
 pub fn tfmqc(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_tfmqc")).args(args).output().expect("tfmqc runs")
+    Command::new(env!("CARGO_BIN_EXE_tfmqc"))
+        .args(args)
+        .output()
+        .expect("tfmqc runs")
 }
 
 /// Runs tfmqc and panics with its stderr unless it succeeds.
 pub fn tfmqc_ok(args: &[&str]) -> Output {
     let out = tfmqc(args);
-    assert!(out.status.success(), "tfmqc {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "tfmqc {args:?} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out
 }
 
 pub fn tmpdir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("tfmqc-test-").tempdir().expect("temp dir")
+    tempfile::Builder::new()
+        .prefix("tfmqc-test-")
+        .tempdir()
+        .expect("temp dir")
 }
 
 /// Runs a model in tract (the runtime crate's engine), inputs by name.
@@ -76,7 +96,9 @@ pub fn tract_run_engine(engine: &tfmqc_runtime::Engine, inputs: &Tensors) -> Ten
         .iter()
         .map(|n| tfmqc_passes::exec::to_tract(&inputs[n]).unwrap())
         .collect();
-    let out = engine.run(ordered).unwrap_or_else(|e| panic!("tract run failed: {e}"));
+    let out = engine
+        .run(ordered)
+        .unwrap_or_else(|e| panic!("tract run failed: {e}"));
     engine
         .output_names()
         .iter()
@@ -95,7 +117,10 @@ pub fn python() -> Option<PathBuf> {
         return Some(p);
     }
     if std::env::var_os("TFMQC_REQUIRE_INTEROP").is_some() {
-        panic!("onnxruntime is required but {} does not exist: run scripts/test.sh", p.display());
+        panic!(
+            "onnxruntime is required but {} does not exist: run scripts/test.sh",
+            p.display()
+        );
     }
     eprintln!("SKIPPING onnxruntime checks: run the tests through scripts/test.sh to include them");
     None
@@ -134,7 +159,15 @@ pub fn ort_run(py: &Path, model: &Path, inputs: &Tensors, dir: &Path) -> Tensors
     let inp = dir.join(format!("{tag}.in.safetensors"));
     let out = dir.join(format!("{tag}.out.safetensors"));
     write_safetensors(&inp, inputs).unwrap();
-    ort(py, &["run", model.to_str().unwrap(), inp.to_str().unwrap(), out.to_str().unwrap()]);
+    ort(
+        py,
+        &[
+            "run",
+            model.to_str().unwrap(),
+            inp.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ],
+    );
     read_safetensors(&out).unwrap()
 }
 
@@ -155,7 +188,10 @@ pub fn relative_error(reference: &Tensors, other: &Tensors) -> f64 {
         let a = a.to_f64_lossy().unwrap();
         let b = b.to_f64_lossy().unwrap();
         let scale = a.iter().fold(0f64, |m, v| m.max(v.abs())).max(1e-12);
-        let diff = a.iter().zip(&b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
+        let diff = a
+            .iter()
+            .zip(&b)
+            .fold(0f64, |m, (x, y)| m.max((x - y).abs()));
         worst = worst.max(diff / scale);
     }
     worst
@@ -163,10 +199,21 @@ pub fn relative_error(reference: &Tensors, other: &Tensors) -> f64 {
 
 /// Asserts two output sets are identical bit for bit.
 pub fn assert_bit_exact(what: &str, a: &Tensors, b: &Tensors) {
-    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>(), "{what}: output names");
+    assert_eq!(
+        a.keys().collect::<Vec<_>>(),
+        b.keys().collect::<Vec<_>>(),
+        "{what}: output names"
+    );
     for (k, x) in a {
         let y = &b[k];
-        assert_eq!((x.dtype, &x.shape), (y.dtype, &y.shape), "{what}: {k} type/shape");
-        assert!(x.data == y.data, "{what}: output {k} differs (not bit-exact)");
+        assert_eq!(
+            (x.dtype, &x.shape),
+            (y.dtype, &y.shape),
+            "{what}: {k} type/shape"
+        );
+        assert!(
+            x.data == y.data,
+            "{what}: output {k} differs (not bit-exact)"
+        );
     }
 }

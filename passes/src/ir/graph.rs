@@ -46,7 +46,12 @@ pub struct ValueInfo {
 
 impl ValueInfo {
     pub fn new(name: impl Into<String>, dtype: DType, shape: Vec<Dim>) -> ValueInfo {
-        ValueInfo { name: name.into(), dtype: Some(dtype), shape: Some(shape), ..Default::default() }
+        ValueInfo {
+            name: name.into(),
+            dtype: Some(dtype),
+            shape: Some(shape),
+            ..Default::default()
+        }
     }
 
     /// `f32[N,4,16,16]`, `i64[]`, `?` when nothing is known.
@@ -63,10 +68,14 @@ impl ValueInfo {
 
     /// Concrete dims when every dim is known.
     pub fn concrete_shape(&self) -> Option<Vec<usize>> {
-        self.shape.as_ref()?.iter().map(|d| match d {
-            Dim::Known(v) if *v >= 0 => Some(*v as usize),
-            _ => None,
-        }).collect()
+        self.shape
+            .as_ref()?
+            .iter()
+            .map(|d| match d {
+                Dim::Known(v) if *v >= 0 => Some(*v as usize),
+                _ => None,
+            })
+            .collect()
     }
 }
 
@@ -189,11 +198,18 @@ pub struct Graph {
     /// Sparse initializers are carried through untouched.
     pub sparse_initializers: Vec<pb::SparseTensorProto>,
     pub quantization_annotation: Vec<pb::TensorAnnotation>,
+    /// Insertion sequence of each node: the tie-break of the topological order, so nodes
+    /// added later print later (petgraph reuses the indices of removed nodes).
+    seq: HashMap<NodeIndex, u64>,
+    next_seq: u64,
 }
 
 impl Graph {
     pub fn new(name: impl Into<String>) -> Graph {
-        Graph { name: name.into(), ..Default::default() }
+        Graph {
+            name: name.into(),
+            ..Default::default()
+        }
     }
 
     // ----- nodes -------------------------------------------------------------------
@@ -214,6 +230,8 @@ impl Graph {
         let outputs = node.outputs.clone();
         let inputs = node.inputs.clone();
         let ix = self.nodes.add_node(node);
+        self.seq.insert(ix, self.next_seq);
+        self.next_seq += 1;
         for (slot, o) in outputs.iter().enumerate().filter(|(_, o)| !o.is_empty()) {
             self.producers.insert(o.clone(), (ix, slot));
         }
@@ -242,7 +260,14 @@ impl Graph {
 
     fn connect(&mut self, value: &str, dst: NodeIndex, slot: Option<usize>) {
         if let Some(&(src, _)) = self.producers.get(value) {
-            self.nodes.add_edge(src, dst, Edge { value: value.to_string(), slot });
+            self.nodes.add_edge(
+                src,
+                dst,
+                Edge {
+                    value: value.to_string(),
+                    slot,
+                },
+            );
         }
     }
 
@@ -250,6 +275,7 @@ impl Graph {
     /// rewire uses first (see [`Graph::replace_uses`]).
     pub fn remove_node(&mut self, ix: NodeIndex) -> Option<Node> {
         let node = self.nodes.remove_node(ix)?;
+        self.seq.remove(&ix);
         for o in &node.outputs {
             if self.producers.get(o).map(|p| p.0) == Some(ix) {
                 self.producers.remove(o);
@@ -314,7 +340,10 @@ impl Graph {
 
     /// Nodes reading any output of `ix` (including implicit subgraph reads).
     pub fn successors(&self, ix: NodeIndex) -> Vec<NodeIndex> {
-        let mut v: Vec<NodeIndex> = self.nodes.neighbors_directed(ix, Direction::Outgoing).collect();
+        let mut v: Vec<NodeIndex> = self
+            .nodes
+            .neighbors_directed(ix, Direction::Outgoing)
+            .collect();
         v.sort();
         v.dedup();
         v
@@ -370,7 +399,10 @@ impl Graph {
         if !used.contains(base) {
             return base.to_string();
         }
-        (1..).map(|i| format!("{base}_{i}")).find(|n| !used.contains(n.as_str())).unwrap()
+        (1..)
+            .map(|i| format!("{base}_{i}"))
+            .find(|n| !used.contains(n.as_str()))
+            .unwrap()
     }
 
     /// Topological order, stable: among ready nodes the one added first comes first, so
@@ -378,23 +410,26 @@ impl Graph {
     pub fn topo_order(&self) -> Result<Vec<NodeIndex>> {
         let mut indeg: HashMap<NodeIndex, usize> = HashMap::new();
         for ix in self.nodes.node_indices() {
-            let preds: HashSet<NodeIndex> =
-                self.nodes.neighbors_directed(ix, Direction::Incoming).collect();
+            let preds: HashSet<NodeIndex> = self
+                .nodes
+                .neighbors_directed(ix, Direction::Incoming)
+                .collect();
             indeg.insert(ix, preds.len());
         }
-        let mut ready: BinaryHeap<std::cmp::Reverse<NodeIndex>> = indeg
+        let key = |ix: NodeIndex| std::cmp::Reverse((self.seq[&ix], ix));
+        let mut ready: BinaryHeap<_> = indeg
             .iter()
             .filter(|(_, &d)| d == 0)
-            .map(|(&ix, _)| std::cmp::Reverse(ix))
+            .map(|(&ix, _)| key(ix))
             .collect();
         let mut order = Vec::with_capacity(indeg.len());
-        while let Some(std::cmp::Reverse(ix)) = ready.pop() {
+        while let Some(std::cmp::Reverse((_, ix))) = ready.pop() {
             order.push(ix);
             for succ in self.successors(ix) {
                 let d = indeg.get_mut(&succ).expect("node");
                 *d -= 1;
                 if *d == 0 {
-                    ready.push(std::cmp::Reverse(succ));
+                    ready.push(key(succ));
                 }
             }
         }
@@ -406,7 +441,10 @@ impl Graph {
                 .find(|ix| !placed.contains(ix))
                 .expect("a node outside the order");
             let n = &self.nodes[stuck];
-            return Err(Error::Cycle { node: n.name.clone(), op: n.op_type.clone() });
+            return Err(Error::Cycle {
+                node: n.name.clone(),
+                op: n.op_type.clone(),
+            });
         }
         Ok(order)
     }
@@ -429,7 +467,10 @@ impl Graph {
         }
         for o in &self.outputs {
             if !self.is_defined(&o.name) {
-                return Err(Error::invalid(format!("graph output '{}' is never produced", o.name)));
+                return Err(Error::invalid(format!(
+                    "graph output '{}' is never produced",
+                    o.name
+                )));
             }
         }
         self.topo_order().map(|_| ())
@@ -438,7 +479,8 @@ impl Graph {
     /// Removes nodes whose outputs nobody reads and initializers nobody uses.
     /// Returns (nodes removed, initializers removed).
     pub fn remove_dead(&mut self) -> (usize, usize) {
-        let mut live_values: HashSet<String> = self.outputs.iter().map(|o| o.name.clone()).collect();
+        let mut live_values: HashSet<String> =
+            self.outputs.iter().map(|o| o.name.clone()).collect();
         let mut live_nodes: HashSet<NodeIndex> = HashSet::new();
         let mut stack: Vec<String> = live_values.iter().cloned().collect();
         while let Some(v) = stack.pop() {
@@ -453,8 +495,11 @@ impl Graph {
                 }
             }
         }
-        let dead: Vec<NodeIndex> =
-            self.nodes.node_indices().filter(|ix| !live_nodes.contains(ix)).collect();
+        let dead: Vec<NodeIndex> = self
+            .nodes
+            .node_indices()
+            .filter(|ix| !live_nodes.contains(ix))
+            .collect();
         for &ix in &dead {
             self.remove_node(ix);
         }
@@ -466,7 +511,9 @@ impl Graph {
 
     /// Total parameters and bytes held by initializers.
     pub fn parameter_stats(&self) -> (usize, usize) {
-        self.initializers.values().fold((0, 0), |(p, b), t| (p + t.numel(), b + t.byte_len()))
+        self.initializers
+            .values()
+            .fold((0, 0), |(p, b), t| (p + t.numel(), b + t.byte_len()))
     }
 
     /// Op type → count, sorted by op type.

@@ -36,7 +36,10 @@ impl Model {
     }
 
     pub fn metadata_value(&self, key: &str) -> Option<&str> {
-        self.metadata.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Sets (or replaces) a metadata entry, keeping the position of an existing key.

@@ -22,14 +22,18 @@ pub fn model_summary(m: &Model) -> String {
         .iter()
         .map(|(d, v)| format!("{}={v}", if d.is_empty() { "ai.onnx" } else { d }))
         .collect();
+    let producer = format!("{} {}", m.producer_name, m.producer_version);
+    let producer = if producer.trim().is_empty() {
+        "unknown"
+    } else {
+        producer.trim()
+    };
     let _ = writeln!(
         s,
-        "model {:?}: ir {}, opsets {}, producer {} {}",
+        "model {:?}: ir {}, opsets {}, producer {producer}",
         g.name,
         m.ir_version,
-        opsets.join(" "),
-        m.producer_name,
-        m.producer_version
+        opsets.join(" ")
     );
     let _ = writeln!(s, "inputs:");
     for i in &g.inputs {
@@ -47,7 +51,11 @@ pub fn model_summary(m: &Model) -> String {
         params,
         bytes
     );
-    let ops: Vec<String> = g.op_counts().iter().map(|(k, v)| format!("{k}×{v}")).collect();
+    let ops: Vec<String> = g
+        .op_counts()
+        .iter()
+        .map(|(k, v)| format!("{k}×{v}"))
+        .collect();
     let _ = writeln!(s, "nodes: {} ({})", g.node_count(), ops.join(" "));
     if !m.metadata.is_empty() {
         let _ = writeln!(s, "metadata:");
@@ -83,8 +91,15 @@ pub fn graph_text(g: &Graph) -> String {
         };
         let mut attrs: Vec<&pb::AttributeProto> = n.attributes.iter().collect();
         attrs.sort_by(|a, b| a.name.cmp(&b.name));
-        let attrs: Vec<String> = attrs.iter().map(|a| format!("{}={}", a.name, attr_text(a))).collect();
-        let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{}}}", attrs.join(", ")) };
+        let attrs: Vec<String> = attrs
+            .iter()
+            .map(|a| format!("{}={}", a.name, attr_text(a)))
+            .collect();
+        let attrs = if attrs.is_empty() {
+            String::new()
+        } else {
+            format!(" {{{}}}", attrs.join(", "))
+        };
         let _ = writeln!(s, "{} = {op}({}){attrs}", outs.join(", "), ins.join(", "));
     }
     s
@@ -92,7 +107,11 @@ pub fn graph_text(g: &Graph) -> String {
 
 /// Summary followed by the graph body.
 pub fn model_text(m: &Model) -> String {
-    format!("{}graph:\n{}", model_summary(m), indent(&graph_text(&m.graph)))
+    format!(
+        "{}graph:\n{}",
+        model_summary(m),
+        indent(&graph_text(&m.graph))
+    )
 }
 
 fn indent(s: &str) -> String {
@@ -145,14 +164,25 @@ fn attr_text(a: &pb::AttributeProto) -> String {
         T::Floats => format!("{:?}", a.floats),
         T::Ints => format!("{:?}", a.ints),
         T::Strings => {
-            let v: Vec<String> = a.strings.iter().map(|s| String::from_utf8_lossy(s).into()).collect();
+            let v: Vec<String> = a
+                .strings
+                .iter()
+                .map(|s| String::from_utf8_lossy(s).into())
+                .collect();
             format!("{v:?}")
         }
-        T::Tensor => match a.t.as_ref().map(|t| crate::onnx::tensor_from_proto(t, None)) {
+        T::Tensor => match a
+            .t
+            .as_ref()
+            .map(|t| crate::onnx::tensor_from_proto(t, None))
+        {
             Some(Ok(t)) => format!("tensor{}", tensor_text(&t)),
             _ => "tensor<?>".into(),
         },
-        T::Graph => format!("graph<{} nodes>", a.g.as_ref().map(|g| g.node.len()).unwrap_or(0)),
+        T::Graph => format!(
+            "graph<{} nodes>",
+            a.g.as_ref().map(|g| g.node.len()).unwrap_or(0)
+        ),
         T::Graphs => format!("graphs<{}>", a.graphs.len()),
         T::Tensors => format!("tensors<{}>", a.tensors.len()),
         T::SparseTensor | T::SparseTensors => "sparse<…>".into(),

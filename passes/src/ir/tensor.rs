@@ -106,7 +106,10 @@ impl DType {
 
     pub fn is_float(self) -> bool {
         use DType::*;
-        matches!(self, F32 | F16 | BF16 | F64 | F8E4M3FN | F8E4M3FNUZ | F8E5M2 | F8E5M2FNUZ)
+        matches!(
+            self,
+            F32 | F16 | BF16 | F64 | F8E4M3FN | F8E4M3FNUZ | F8E5M2 | F8E5M2FNUZ
+        )
     }
 
     /// Short name used by the IR printer (`f32`, `i64`, ...).
@@ -155,7 +158,13 @@ pub struct Tensor {
 
 impl fmt::Debug for Tensor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tensor({}{:?}, {} bytes)", self.dtype, self.shape, self.data.len())
+        write!(
+            f,
+            "Tensor({}{:?}, {} bytes)",
+            self.dtype,
+            self.shape,
+            self.data.len()
+        )
     }
 }
 
@@ -213,16 +222,30 @@ impl Tensor {
                 data.len()
             )));
         }
-        Ok(Tensor { dtype, shape, data, strings: vec![] })
+        Ok(Tensor {
+            dtype,
+            shape,
+            data,
+            strings: vec![],
+        })
     }
 
     pub fn from_vec<T: Element>(shape: Vec<usize>, values: &[T]) -> Tensor {
-        assert_eq!(shape.iter().product::<usize>(), values.len(), "shape/data mismatch");
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            values.len(),
+            "shape/data mismatch"
+        );
         let mut data = Vec::with_capacity(values.len() * T::DTYPE.bits() / 8);
         for v in values {
             v.write_le(&mut data);
         }
-        Tensor { dtype: T::DTYPE, shape, data, strings: vec![] }
+        Tensor {
+            dtype: T::DTYPE,
+            shape,
+            data,
+            strings: vec![],
+        }
     }
 
     pub fn scalar<T: Element>(v: T) -> Tensor {
@@ -249,33 +272,51 @@ impl Tensor {
         Ok(match self.dtype {
             F32 => self.to_vec::<f32>()?.into_iter().map(f64::from).collect(),
             F64 => self.to_vec::<f64>()?,
-            I64 => self.to_vec::<i64>()?.into_iter().map(|v| v as f64).collect(),
+            I64 => self
+                .to_vec::<i64>()?
+                .into_iter()
+                .map(|v| v as f64)
+                .collect(),
             I32 => self.to_vec::<i32>()?.into_iter().map(f64::from).collect(),
             I16 => self.to_vec::<i16>()?.into_iter().map(f64::from).collect(),
             I8 => self.to_vec::<i8>()?.into_iter().map(f64::from).collect(),
             U8 | Bool => d.iter().map(|&b| f64::from(b)).collect(),
             U16 => self.to_vec::<u16>()?.into_iter().map(f64::from).collect(),
             U32 => self.to_vec::<u32>()?.into_iter().map(f64::from).collect(),
-            U64 => self.to_vec::<u64>()?.into_iter().map(|v| v as f64).collect(),
+            U64 => self
+                .to_vec::<u64>()?
+                .into_iter()
+                .map(|v| v as f64)
+                .collect(),
             F16 => d
                 .chunks_exact(2)
                 .map(|c| f64::from(f16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
                 .collect(),
             BF16 => d
                 .chunks_exact(2)
-                .map(|c| f64::from(f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)))
+                .map(|c| {
+                    f64::from(f32::from_bits(
+                        (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
+                    ))
+                })
                 .collect(),
             I4 | U4 => {
                 let mut out = Vec::with_capacity(self.numel());
                 for i in 0..self.numel() {
                     let nib = (d[i / 2] >> ((i % 2) * 4)) & 0xf;
-                    let v = if self.dtype == I4 && nib >= 8 { nib as i32 - 16 } else { nib as i32 };
+                    let v = if self.dtype == I4 && nib >= 8 {
+                        nib as i32 - 16
+                    } else {
+                        nib as i32
+                    };
                     out.push(f64::from(v));
                 }
                 out
             }
             other => {
-                return Err(Error::invalid(format!("cannot read {other} tensors as numbers")))
+                return Err(Error::invalid(format!(
+                    "cannot read {other} tensors as numbers"
+                )))
             }
         })
     }
@@ -288,7 +329,9 @@ impl Tensor {
             d if !d.is_float() && d != DType::String => {
                 Ok(self.to_f64_lossy()?.into_iter().map(|v| v as i64).collect())
             }
-            d => Err(Error::invalid(format!("expected an integer tensor, found {d}"))),
+            d => Err(Error::invalid(format!(
+                "expected an integer tensor, found {d}"
+            ))),
         }
     }
 
