@@ -144,9 +144,19 @@ impl Engine {
                 self.input_names
             )));
         }
-        let out = self
-            .plan
-            .run(inputs.into_iter().map(|t| t.into_tvalue()).collect())
+        let inputs: TVec<TValue> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
+        // tract panics on some invalid data instead of failing (an out-of-range Gather
+        // index, which is how a folded model rejects a time step outside its set): the
+        // caller gets an error either way.
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.plan.run(inputs)))
+            .map_err(|panic| {
+                let what = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                Error::Execution(format!("tract stopped on invalid data: {what}"))
+            })?
             .map_err(|e| Error::Execution(format!("{e:#}")))?;
         Ok(out.into_iter().map(|v| v.into_tensor()).collect())
     }

@@ -1,0 +1,137 @@
+//! The command line's public behaviour: --print-passes, --dump-dir, --print-after-all,
+//! inspect --json, --help.
+
+mod common;
+use common::*;
+
+#[test]
+fn print_passes_lists_every_pass_with_a_summary() {
+    let out = tfmqc_ok(&["--print-passes"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    for name in ["canonicalize", "detect-tib", "fold-tib"] {
+        assert!(
+            err.lines()
+                .any(|l| l.starts_with(name) && l.len() > name.len() + 10),
+            "{name} in {err}"
+        );
+    }
+    assert!(err.contains("fold-tib") && err.contains("(after detect-tib)"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "canonicalize,detect-tib,fold-tib"
+    );
+}
+
+#[test]
+fn dump_dir_holds_the_ir_after_each_pass() {
+    let dir = tmpdir();
+    let dumps = dir.path().join("dumps");
+    let out = dir.path().join("o.onnx");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--dump-dir",
+        dumps.to_str().unwrap(),
+        "--timesteps",
+        "ddim:10",
+    ]);
+    let mut files: Vec<String> = std::fs::read_dir(&dumps)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "01-canonicalize.txt",
+            "02-detect-tib.txt",
+            "03-fold-tib.txt"
+        ]
+    );
+    let folded = std::fs::read_to_string(dumps.join("03-fold-tib.txt")).unwrap();
+    assert!(folded.contains("= Gather(@tib/table/"), "{folded}");
+    assert!(!std::fs::read_to_string(dumps.join("01-canonicalize.txt"))
+        .unwrap()
+        .contains("tib/table"));
+}
+
+#[test]
+fn print_after_all_shows_the_ir_on_stderr() {
+    let dir = tmpdir();
+    let out = dir.path().join("o.onnx");
+    let res = tfmqc_ok(&[
+        model_path("ddim_unet").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "canonicalize",
+        "--print-after-all",
+    ]);
+    let err = String::from_utf8_lossy(&res.stderr);
+    assert!(err.contains("--- IR after canonicalize ---"), "{err}");
+    assert!(err.contains("= Conv(x, @"), "{err}");
+}
+
+#[test]
+fn inspect_json_is_one_object_with_the_facts() {
+    let out = tfmqc_ok(&[
+        "inspect",
+        "--json",
+        model_path("guided_unet").to_str().unwrap(),
+    ]);
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    assert_eq!(v["inputs"][1]["name"], "timesteps");
+    assert_eq!(v["inputs"][1]["dtype"], "f32");
+    assert_eq!(v["tib"]["timestep_input"], "timesteps");
+    assert_eq!(v["tib"]["frontier"].as_array().unwrap().len(), 1);
+    assert!(v["parameters"].as_u64().unwrap() > 1_000_000);
+    assert_eq!(v["op_counts"]["Sin"], 1);
+    assert!(v["graph"].as_array().unwrap().len() == v["node_count"].as_u64().unwrap() as usize);
+}
+
+#[test]
+fn inspect_json_reports_why_no_block_was_found() {
+    let out = tfmqc_ok(&[
+        "inspect",
+        "--json",
+        model_path("digits_features").to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["tib"].is_null());
+    assert!(v["tib_error"].as_str().unwrap().contains("no Sin/Cos"));
+}
+
+#[test]
+fn help_names_the_commands_and_options() {
+    let out = tfmqc_ok(&["--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "inspect",
+        "--passes",
+        "--timesteps",
+        "--print-passes",
+        "--timestep-input",
+    ] {
+        assert!(text.contains(word), "{word} in --help:\n{text}");
+    }
+}
+
+#[test]
+fn same_input_gives_identical_bytes() {
+    let dir = tmpdir();
+    let a = dir.path().join("a.onnx");
+    let b = dir.path().join("b.onnx");
+    for out in [&a, &b] {
+        tfmqc_ok(&[
+            model_path("unet2d_cond").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+        ]);
+    }
+    assert!(
+        std::fs::read(&a).unwrap() == std::fs::read(&b).unwrap(),
+        "output is not deterministic"
+    );
+}
