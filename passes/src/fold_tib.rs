@@ -4,10 +4,12 @@
 //! The index of t is computed in standard ONNX ops, and a t outside S must fail in every
 //! runtime rather than read a wrong row:
 //!
-//!     pos   = ArgMax(Cast<f32>(Equal(Unsqueeze(t, -1), S)), axis=-1)   first match, or 0
-//!     miss  = Not(Equal(Gather(S, pos), t))                            t ∉ S
-//!     index = pos + Cast<i64>(miss) · |S|                              out of range if t ∉ S
-//!     emb_i = Gather(table_i, index, axis=0)
+//! ```text
+//! pos   = ArgMax(Cast<f32>(Equal(Unsqueeze(t, -1), S)), axis=-1)   first match, or 0
+//! miss  = Not(Equal(Gather(S, pos), t))                            t ∉ S
+//! index = pos + Cast<i64>(miss) · |S|                              out of range if t ∉ S
+//! emb_i = Gather(table_i, index, axis=0)
+//! ```
 
 use std::collections::HashMap;
 
