@@ -293,31 +293,13 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
     }
 
     // The fold region: nodes computable from the index value and constants.
-    let index_producers: HashSet<String> = {
-        // The chain nodes up to the index value stay in the graph.
-        let mut s = HashSet::new();
-        let mut v = index.clone();
-        while let Some((ix, _)) = g.producer(&v) {
-            if v == t {
-                break;
-            }
-            s.insert(g.node(ix).name.clone());
-            match g.node(ix).inputs.first() {
-                Some(i) => v = i.clone(),
-                None => break,
-            }
-        }
-        s
-    };
     let mut region: HashSet<String> = HashSet::from([index.clone()]);
     let mut fold_nodes = vec![];
     let mut fold_set = HashSet::new();
     for &ix in &order {
         let n = g.node(ix);
-        if index_producers.contains(&n.name)
-            || !n.implicit_inputs().is_empty()
-            || NONDETERMINISTIC.contains(&n.op_type.as_str())
-        {
+        // The chain up to the index value is upstream of it, so never in the region.
+        if !n.implicit_inputs().is_empty() || NONDETERMINISTIC.contains(&n.op_type.as_str()) {
             continue;
         }
         let all_known = n
