@@ -10,6 +10,8 @@ use tfmqc_passes::options::meta;
 use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
+mod report;
+
 /// tfmqc: quantize diffusion-model denoisers (ONNX) with TFMQ-DM, keeping the
 /// time-step path exact.
 ///
@@ -31,7 +33,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the pipeline on MODEL and write OUT (the default command).
-    Quantize(RunArgs),
+    Quantize(Box<RunArgs>),
     /// Print a summary of MODEL: inputs, outputs, ops, parameters, the time-step block
     /// that was found, and the graph one node per line.
     Inspect(InspectArgs),
@@ -65,6 +67,8 @@ struct RunArgs {
     dump_dir: Option<PathBuf>,
     #[command(flatten)]
     tib: TibArgs,
+    #[command(flatten)]
+    quant: QuantArgs,
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +80,59 @@ struct TibArgs {
     /// Use this graph input as the time step instead of detecting it.
     #[arg(long, value_name = "NAME")]
     timestep_input: Option<String>,
+}
+
+#[derive(Args, Debug)]
+struct QuantArgs {
+    /// Weight bits: 8, or 4 (4-bit values stored as int8: tract and onnxruntime's QDQ
+    /// paths refuse int4 tensors; the file is as large as at 8 bits).
+    #[arg(long, default_value_t = 8, value_name = "4|8")]
+    weight_bits: u32,
+    /// Activation bits: 8, or 32 for weight-only quantization.
+    #[arg(long, default_value_t = 8, value_name = "8|32")]
+    act_bits: u32,
+    /// Finite Set Calibration granularity: one set of activation scales per group of
+    /// consecutive time steps. 1 = constant scales (fused by onnxruntime's int8 kernels).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    step_groups: usize,
+    /// Recorded inputs (.safetensors): conditioning inputs keyed by input name, or whole
+    /// model calls keyed `NNNNN/<input>` (the --dump-calib format). Without it, tfmqc
+    /// generates trajectories and uses seeded stand-ins for conditioning (with a warning).
+    #[arg(long, value_name = "FILE")]
+    calib: Option<PathBuf>,
+    /// Trajectories to generate for calibration.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    calib_samples: usize,
+    /// DDIM steps per generated trajectory (taken evenly from S).
+    #[arg(long, default_value_t = 50, value_name = "N")]
+    calib_steps: usize,
+    /// Seed of the calibration noise (same seed, same output bytes).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Leave nodes whose name contains PATTERN in float (repeatable). The input and
+    /// output convs stay float by default.
+    #[arg(long, value_name = "PATTERN")]
+    keep_float: Vec<String>,
+    /// `minmax`: plain min-max PTQ of the same layers, for comparisons (no TIB folding,
+    /// one set of global min/max scales, round-to-nearest weights).
+    #[arg(long, value_name = "KIND", value_parser = ["minmax"])]
+    baseline: Option<String>,
+    /// Beta schedule (default: the model's metadata, else linear).
+    #[arg(long, value_name = "linear|scaled-linear|cosine")]
+    schedule: Option<String>,
+    /// Training time steps T (default: the model's metadata, else 1000).
+    #[arg(long, value_name = "T")]
+    train_timesteps: Option<usize>,
+    #[arg(long, value_name = "B0")]
+    beta_start: Option<f64>,
+    #[arg(long, value_name = "B1")]
+    beta_end: Option<f64>,
+    /// Write the quantization report (JSON) here.
+    #[arg(long, value_name = "FILE.json")]
+    report: Option<PathBuf>,
+    /// Write the calibration records (model inputs, one batch per step) here.
+    #[arg(long, value_name = "FILE.safetensors")]
+    dump_calib: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -111,11 +168,28 @@ fn user_error(message: impl Into<String>) -> Failure {
     }
 }
 
-fn options(tib: &TibArgs) -> Options {
-    Options {
+fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Options {
+    let mut o = Options {
         timesteps: tib.timesteps.clone(),
         timestep_input: tib.timestep_input.clone(),
+        ..Default::default()
+    };
+    if let Some(q) = q {
+        o.weight_bits = q.weight_bits;
+        o.act_bits = q.act_bits;
+        o.step_groups = q.step_groups;
+        o.calib = q.calib.clone();
+        o.calib_samples = q.calib_samples;
+        o.calib_steps = q.calib_steps;
+        o.seed = q.seed;
+        o.keep_float = q.keep_float.clone();
+        o.baseline_minmax = q.baseline.is_some();
+        o.schedule = q.schedule.clone();
+        o.train_timesteps = q.train_timesteps;
+        o.beta_start = q.beta_start;
+        o.beta_end = q.beta_end;
     }
+    o
 }
 
 fn load(path: &Path) -> Result<tfmqc_passes::Model, Failure> {
@@ -131,9 +205,11 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     let (Some(model_path), Some(out)) = (&args.model, &args.output) else {
         return Err(user_error("give a MODEL and -o OUT (see --help)"));
     };
-    let passes = match &args.passes {
-        Some(spec) => pipeline::parse_pipeline(spec)?,
-        None => pipeline::parse_pipeline(&pipeline::default_pipeline().join(","))?,
+    let passes = match (&args.passes, &args.quant.baseline) {
+        (Some(spec), _) => pipeline::parse_pipeline(spec)?,
+        // The baseline quantizes the same layers without the TIB treatment.
+        (None, Some(_)) => pipeline::parse_pipeline("canonicalize,detect-tib,calibrate,quantize")?,
+        (None, None) => pipeline::parse_pipeline(&pipeline::default_pipeline().join(","))?,
     };
     if let Some(dir) = &args.dump_dir {
         std::fs::create_dir_all(dir).map_err(|e| user_error(format!("{}: {e}", dir.display())))?;
@@ -147,13 +223,17 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
         model.graph.initializers.len(),
         start.elapsed().as_secs_f64()
     );
-    let opts = options(&args.tib);
+    let opts = options(&args.tib, Some(&args.quant));
+    opts.validate()?;
+    let original = model.clone();
     let mut cx = PassContext::new(model, &opts);
     let total = passes.len();
     let mut step = 0;
+    let mut phases: Vec<(String, f64)> = vec![("load".into(), start.elapsed().as_secs_f64())];
     let mut after =
         |name: &str, cx: &PassContext, took: std::time::Duration| -> tfmqc_passes::Result<()> {
             step += 1;
+            phases.push((name.to_string(), took.as_secs_f64()));
             eprintln!("[{step}/{total}] {name}: {:.2} s", took.as_secs_f64());
             for n in &cx.notes {
                 eprintln!("    {n}");
@@ -168,10 +248,10 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
             Ok(())
         };
     pipeline::run_pipeline(&mut cx, &passes, &mut after)?;
-    let mut model = cx.model;
     let names: Vec<&str> = passes.iter().map(|p| p.name()).collect();
-    model.set_metadata(meta::VERSION, env!("CARGO_PKG_VERSION"));
-    model.set_metadata(
+    cx.model
+        .set_metadata(meta::VERSION, env!("CARGO_PKG_VERSION"));
+    cx.model.set_metadata(
         meta::PASSES,
         if names.is_empty() {
             "none".to_string()
@@ -179,11 +259,50 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
             names.join(",")
         },
     );
-    onnx::save(&model, out)?;
-    let bytes = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    if cx.quant.is_some() {
+        cx.model
+            .set_metadata(meta::OPTIONS, report::options_json(&opts).to_string());
+        cx.model.set_metadata(meta::SEED, opts.seed.to_string());
+        let schedule = opts.schedule(&cx.model)?;
+        cx.model
+            .set_metadata(meta::SCHEDULE, report::schedule_json(&schedule).to_string());
+    }
+    if let (Some(path), Some(cal)) = (&args.quant.dump_calib, &cx.calibration) {
+        report::dump_calibration(path, cal)?;
+        eprintln!(
+            "tfmqc: wrote {} calibration records to {}",
+            cal.records.len(),
+            path.display()
+        );
+    }
+    let quality = match (&cx.quant, &cx.calibration) {
+        (Some(plan), Some(cal)) => {
+            let t = Instant::now();
+            let q = report::measure(&original, &cx.model, plan, cal)?;
+            phases.push(("evaluate".into(), t.elapsed().as_secs_f64()));
+            Some(q)
+        }
+        _ => None,
+    };
+    let t = Instant::now();
+    onnx::save(&cx.model, out)?;
+    phases.push(("write".into(), t.elapsed().as_secs_f64()));
+    let bytes_out = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
+    let bytes_in = std::fs::metadata(model_path).map(|m| m.len()).unwrap_or(0);
+    if let Some(q) = &quality {
+        let rep = report::Report::new(&opts, &cx, q, bytes_in, bytes_out, &phases);
+        eprint!("{}", rep.summary());
+        if let Some(path) = &args.quant.report {
+            onnx::write_atomic(
+                path,
+                serde_json::to_string_pretty(&rep).expect("json").as_bytes(),
+            )?;
+        }
+    }
     eprintln!(
-        "tfmqc: wrote {} ({bytes} bytes) in {:.2} s total",
+        "tfmqc: wrote {} ({bytes_out} bytes, {:.2}× the input) in {:.2} s total",
         out.display(),
+        bytes_out as f64 / bytes_in.max(1) as f64,
         start.elapsed().as_secs_f64()
     );
     Ok(())

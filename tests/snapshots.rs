@@ -124,3 +124,27 @@ fn fold_tib_each_family() {
         snapshot(&format!("fold_tib_{name}"), &print::model_text(&m));
     }
 }
+
+/// A quantized graph (W8A8, 4 step groups) of the trained model: weights behind
+/// DequantizeLinear, activations behind QuantizeLinear/DequantizeLinear, FSC tables.
+#[test]
+fn quantize_trained_ddpm() {
+    let dir = tmpdir();
+    let out = dir.path().join("q.onnx");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--timesteps",
+        "ddim:10",
+        "--calib-samples",
+        "2",
+        "--calib-steps",
+        "10",
+        "--step-groups",
+        "2",
+    ]);
+    let mut m = tfmqc_passes::onnx::load(&out).unwrap();
+    tfmqc_passes::canonicalize::infer_types(&mut m).unwrap();
+    snapshot("quantize_ddpm_digits", &print::model_text(&m));
+}

@@ -38,6 +38,7 @@ impl Pass for FoldTib {
         let tib = cx.tib.clone().expect("checked by requires");
         let set = timestep_set(&cx.model, cx.options)?;
         let report = fold(&mut cx.model, &tib, &set)?;
+        cx.step_index = Some(report.index_value.clone());
         cx.note(format!(
             "|S| = {} time steps; {} nodes replaced by {} tables, {} bytes",
             set.len(),
@@ -51,6 +52,8 @@ impl Pass for FoldTib {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FoldReport {
+    /// The value holding each sample's position in S (out of range if t ∉ S).
+    pub index_value: String,
     pub removed_nodes: usize,
     pub tables: usize,
     pub table_bytes: usize,
@@ -332,6 +335,7 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
     let frontier: Vec<&str> = tib.frontier.iter().map(|f| f.name.as_str()).collect();
     model.set_metadata(meta::TIB_FRONTIER, frontier.join(","));
     Ok(FoldReport {
+        index_value: index,
         removed_nodes: tib.fold_nodes.len(),
         tables: tib.frontier.len(),
         table_bytes,

@@ -1,14 +1,19 @@
 //! tfmqc-passes: the IR, ONNX import/export, and the compiler passes (one file each).
 
+pub mod calibrate;
 pub mod canonicalize;
 pub mod detect_tib;
 pub mod error;
+pub mod evaluate;
 pub mod exec;
 pub mod fold_tib;
 pub mod ir;
 pub mod onnx;
 pub mod options;
 pub mod pipeline;
+pub mod quant;
+pub mod quantize;
+pub mod targets;
 pub mod tensor_file;
 pub mod tib;
 

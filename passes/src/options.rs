@@ -15,15 +15,128 @@ pub mod meta {
     pub const TIB_FRONTIER: &str = "tfmqc.tib.frontier";
     pub const VERSION: &str = "tfmqc.version";
     pub const PASSES: &str = "tfmqc.passes";
+    pub const OPTIONS: &str = "tfmqc.options";
+    pub const SCHEDULE: &str = "tfmqc.schedule";
+    pub const SEED: &str = "tfmqc.calibration_seed";
 }
 
-/// Options every pass may read. The CLI fills them; defaults are the documented ones.
-#[derive(Clone, Debug, Default)]
+/// Options every pass may read. The CLI fills them; `Default` gives the documented
+/// defaults.
+#[derive(Clone, Debug)]
 pub struct Options {
     /// `--timesteps`: `1000`, `ddim:50` or an explicit list. `None`: metadata, else 1000.
     pub timesteps: Option<String>,
     /// `--timestep-input`: skip detection and use this graph input.
     pub timestep_input: Option<String>,
+    /// `--weight-bits`: 8 or 4.
+    pub weight_bits: u32,
+    /// `--act-bits`: 8, or 32 for weight-only quantization.
+    pub act_bits: u32,
+    /// `--step-groups`: FSC granularity; 1 = one set of activation scales.
+    pub step_groups: usize,
+    /// `--calib`: recorded inputs (safetensors) instead of generated ones.
+    pub calib: Option<std::path::PathBuf>,
+    /// `--calib-samples`: trajectories to generate.
+    pub calib_samples: usize,
+    /// Trajectories run together (dynamic-batch models only).
+    pub calib_batch: usize,
+    /// `--calib-steps`: DDIM steps of each generated trajectory (taken from S).
+    pub calib_steps: usize,
+    pub seed: u64,
+    /// `--keep-float`: node-name substrings left in float.
+    pub keep_float: Vec<String>,
+    /// `--baseline minmax`: plain min-max PTQ of the same layers, for comparisons.
+    pub baseline_minmax: bool,
+    /// Noise schedule overrides (else the model's metadata, else DDPM linear, T = 1000).
+    pub schedule: Option<String>,
+    pub train_timesteps: Option<usize>,
+    pub beta_start: Option<f64>,
+    pub beta_end: Option<f64>,
+}
+
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            timesteps: None,
+            timestep_input: None,
+            weight_bits: 8,
+            act_bits: 8,
+            step_groups: 1,
+            calib: None,
+            calib_samples: 32,
+            calib_batch: 8,
+            calib_steps: 50,
+            seed: 0,
+            keep_float: vec![],
+            baseline_minmax: false,
+            schedule: None,
+            train_timesteps: None,
+            beta_start: None,
+            beta_end: None,
+        }
+    }
+}
+
+impl Options {
+    /// Checks combinations no pass can run with.
+    pub fn validate(&self) -> Result<()> {
+        if !matches!(self.weight_bits, 4 | 8) {
+            return Err(Error::invalid(format!(
+                "--weight-bits {}: 4 or 8",
+                self.weight_bits
+            )));
+        }
+        if !matches!(self.act_bits, 8 | 32) {
+            return Err(Error::invalid(format!(
+                "--act-bits {}: 8, or 32 for weight-only (16-bit activations are not supported yet)",
+                self.act_bits
+            )));
+        }
+        if self.step_groups == 0 {
+            return Err(Error::invalid("--step-groups must be at least 1"));
+        }
+        if self.calib_samples == 0 || self.calib_steps == 0 {
+            return Err(Error::invalid(
+                "--calib-samples and --calib-steps must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The noise schedule: options, else the model's metadata, else DDPM linear.
+    pub fn schedule(&self, model: &Model) -> Result<tfmqc_runtime::Schedule> {
+        let meta_f = |k: &str| -> Result<Option<f64>> {
+            model
+                .metadata_value(k)
+                .map(|v| {
+                    v.trim().parse::<f64>().map_err(|_| {
+                        Error::invalid(format!("metadata {k} = '{v}' is not a number"))
+                    })
+                })
+                .transpose()
+        };
+        let kind = match (&self.schedule, model.metadata_value(meta::BETA_SCHEDULE)) {
+            (Some(k), _) => k.clone(),
+            (None, Some(k)) => k.to_string(),
+            (None, None) => "linear".into(),
+        };
+        let kind: tfmqc_runtime::BetaSchedule = kind.parse().map_err(Error::invalid)?;
+        let t = match self.train_timesteps {
+            Some(t) => t,
+            None => train_timesteps(model)?,
+        };
+        let b0 = self
+            .beta_start
+            .or(meta_f(meta::BETA_START)?)
+            .unwrap_or(1e-4);
+        let b1 = self.beta_end.or(meta_f(meta::BETA_END)?).unwrap_or(2e-2);
+        if !(b0 > 0.0 && b1 > b0 && b1 < 1.0) {
+            return Err(Error::invalid(format!(
+                "beta schedule {b0}..{b1} is not increasing inside (0, 1)"
+            )));
+        }
+        Ok(tfmqc_runtime::Schedule::new(kind, t, b0, b1))
+    }
 }
 
 /// The number of training time steps T: the model's metadata, else 1000.
@@ -97,7 +210,10 @@ pub fn parse_timesteps(spec: &str, train_timesteps: usize) -> Result<Vec<i64>> {
 /// S for a model: `--timesteps`, else the set recorded by an earlier tfmqc run, else
 /// all T training steps.
 pub fn timestep_set(model: &Model, options: &Options) -> Result<Vec<i64>> {
-    let t = train_timesteps(model)?;
+    let t = match options.train_timesteps {
+        Some(t) => t,
+        None => train_timesteps(model)?,
+    };
     if let Some(spec) = &options.timesteps {
         return parse_timesteps(spec, t);
     }

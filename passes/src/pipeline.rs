@@ -5,9 +5,11 @@
 
 use std::time::{Duration, Instant};
 
+use crate::calibrate::Calibration;
 use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::options::Options;
+use crate::quantize::QuantPlan;
 use crate::tib::TibAnalysis;
 
 /// What passes share: the model, the options, and the analyses computed so far.
@@ -16,6 +18,12 @@ pub struct PassContext<'a> {
     pub options: &'a Options,
     /// Set by `detect-tib`.
     pub tib: Option<TibAnalysis>,
+    /// Set by `fold-tib`: the value holding each sample's position in S.
+    pub step_index: Option<String>,
+    /// Set by `calibrate`.
+    pub calibration: Option<Calibration>,
+    /// Set by `quantize`.
+    pub quant: Option<QuantPlan>,
     /// Names of the passes that have run, in order.
     pub done: Vec<&'static str>,
     /// One line per notable finding, shown to the user after the pass.
@@ -28,6 +36,9 @@ impl<'a> PassContext<'a> {
             model,
             options,
             tib: None,
+            step_index: None,
+            calibration: None,
+            quant: None,
             done: vec![],
             notes: vec![],
         }
@@ -56,6 +67,8 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(crate::canonicalize::Canonicalize),
         Box::new(crate::detect_tib::DetectTib),
         Box::new(crate::fold_tib::FoldTib),
+        Box::new(crate::calibrate::Calibrate),
+        Box::new(crate::quantize::Quantize),
     ]
 }
 

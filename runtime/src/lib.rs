@@ -4,9 +4,11 @@
 
 pub mod engine;
 pub mod error;
+pub mod schedule;
 
 pub use engine::{Engine, Optimize, ValueFact};
 pub use error::{Error, Result};
+pub use schedule::{BetaSchedule, NoiseRng, Schedule};
 pub use tract_onnx::pb;
 /// tract's tensor type, the currency of the runtime API.
 pub use tract_onnx::prelude::Tensor;

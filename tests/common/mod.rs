@@ -217,3 +217,17 @@ pub fn assert_bit_exact(what: &str, a: &Tensors, b: &Tensors) {
         );
     }
 }
+
+/// SQNR in dB of `other` against `reference`, over all outputs.
+pub fn sqnr_db(reference: &Tensors, other: &Tensors) -> f64 {
+    let (mut signal, mut noise) = (0f64, 0f64);
+    for (k, a) in reference {
+        let a = a.to_f64_lossy().unwrap();
+        let b = other[k].to_f64_lossy().unwrap();
+        for (x, y) in a.iter().zip(&b) {
+            signal += x * x;
+            noise += (x - y) * (x - y);
+        }
+    }
+    10.0 * (signal / noise.max(1e-300)).log10()
+}

@@ -1,0 +1,456 @@
+//! quantize: per-output-channel int8 (or 4-bit values stored as int8) weights feeding
+//! DequantizeLinear, and QuantizeLinear/DequantizeLinear pairs on the activation inputs
+//! of Conv, Gemm, MatMul and Einsum (the attention products included), with the ranges
+//! `calibrate` found.
+//!
+//! With one step group the activation scales are plain constants (the QDQ form
+//! onnxruntime fuses into its int8 kernels). With several, each activation's scale and
+//! zero point are tables over the groups, picked by the folded TIB's step index; since
+//! tract only accepts constant Q/DQ scales, the per-step affine map is written around a
+//! unit-scale pair:
+//!
+//! ```text
+//! q  = QuantizeLinear(x / s[g] + z[g], 1, 0)      uint8, saturating, round half to even
+//! x̂  = (DequantizeLinear(q, 1, 0) − z[g]) · s[g]
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Serialize;
+
+use crate::calibrate::{Calibration, Range};
+use crate::error::{Error, Result};
+use crate::ir::{attr, DType, Graph, Model, Node, Tensor};
+use crate::options::{timestep_set, Options};
+use crate::pipeline::{Pass, PassContext};
+use crate::quant::{act_params_u8, quantize_weight, sqnr_db, RangeSearch};
+use crate::targets::{find_targets, Targets};
+
+pub struct Quantize;
+
+/// Activation quantization parameters of one value: one (scale, zero point) per group.
+#[derive(Clone, Debug, Serialize)]
+pub struct ActParams {
+    pub value: String,
+    pub groups: Vec<(f32, u8)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LayerReport {
+    pub node: String,
+    pub op: String,
+    pub weight: Option<String>,
+    pub weight_sqnr_db: Option<f64>,
+    pub activations: Vec<String>,
+}
+
+/// What quantize did, for reports and evaluation.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct QuantPlan {
+    pub weight_bits: u32,
+    pub act_bits: u32,
+    pub step_groups: usize,
+    /// Group of each time step of S (same order as S).
+    pub group_of_step: Vec<(i64, usize)>,
+    pub layers: Vec<LayerReport>,
+    pub activations: Vec<ActParams>,
+    pub kept_float: Vec<(String, String)>,
+}
+
+impl QuantPlan {
+    pub fn group(&self, t: i64) -> usize {
+        self.group_of_step
+            .iter()
+            .find(|(s, _)| *s == t)
+            .map(|(_, g)| *g)
+            .unwrap_or(0)
+    }
+}
+
+impl Pass for Quantize {
+    fn name(&self) -> &'static str {
+        "quantize"
+    }
+    fn summary(&self) -> &'static str {
+        "Per-channel weights with Lp range search; QDQ activations with FSC scales"
+    }
+    fn requires(&self) -> &'static [&'static str] {
+        &["calibrate"]
+    }
+    fn run(&self, cx: &mut PassContext) -> Result<()> {
+        let cal = cx.calibration.clone().expect("checked by requires");
+        let plan = quantize(&mut cx.model, cx.options, &cal, cx.step_index.as_deref())?;
+        let n_w = plan.layers.iter().filter(|l| l.weight.is_some()).count();
+        let mean_sqnr = plan
+            .layers
+            .iter()
+            .filter_map(|l| l.weight_sqnr_db)
+            .sum::<f64>()
+            / n_w.max(1) as f64;
+        cx.note(format!(
+            "{} layers quantized ({} weights at {} bits, mean weight SQNR {:.1} dB), {} activations at {} bits in {} step group(s); kept in float: {}",
+            plan.layers.len(),
+            n_w,
+            plan.weight_bits,
+            mean_sqnr,
+            plan.activations.len(),
+            plan.act_bits,
+            plan.step_groups,
+            plan.kept_float.iter().map(|(n, r)| format!("{n} ({r})")).collect::<Vec<_>>().join(", ")
+        ));
+        cx.quant = Some(plan);
+        Ok(())
+    }
+}
+
+fn add_node(
+    g: &mut Graph,
+    op: &str,
+    inputs: Vec<String>,
+    base: &str,
+    attrs: Vec<tract_onnx::pb::AttributeProto>,
+) -> Result<String> {
+    let out = g.fresh_name(base);
+    let mut node = Node::new(g.fresh_node_name(base), op, inputs, vec![out.clone()]);
+    node.attributes = attrs;
+    g.add_node(node)?;
+    Ok(out)
+}
+
+fn add_const(g: &mut Graph, base: &str, t: Tensor) -> String {
+    let name = g.fresh_name(base);
+    g.initializers.insert(name.clone(), t);
+    name
+}
+
+/// The activation range of one value for one group of steps.
+fn group_range(cal: &Calibration, value: &str, steps: &[i64], baseline: bool) -> Result<Range> {
+    if baseline {
+        return cal
+            .global
+            .get(value)
+            .copied()
+            .ok_or_else(|| Error::pass("quantize", format!("no calibration data for '{value}'")));
+    }
+    let per_step = cal
+        .per_step
+        .get(value)
+        .ok_or_else(|| Error::pass("quantize", format!("no calibration data for '{value}'")))?;
+    let in_group: Vec<Range> = steps
+        .iter()
+        .filter_map(|t| per_step.get(t).copied())
+        .collect();
+    // A group no trajectory visited takes the range over all visited steps.
+    let ranges: Vec<Range> = if in_group.is_empty() {
+        per_step.values().copied().collect()
+    } else {
+        in_group
+    };
+    Ok(ranges
+        .into_iter()
+        .reduce(|a, b| Range {
+            min: a.min.min(b.min),
+            max: a.max.max(b.max),
+        })
+        .expect("at least one step"))
+}
+
+pub fn quantize(
+    model: &mut Model,
+    options: &Options,
+    cal: &Calibration,
+    step_index: Option<&str>,
+) -> Result<QuantPlan> {
+    if model.onnx_opset() < 13 {
+        return Err(Error::pass(
+            "quantize",
+            format!(
+                "per-channel DequantizeLinear needs opset ≥ 13; the model has {}",
+                model.onnx_opset()
+            ),
+        ));
+    }
+    let set = timestep_set(model, options)?;
+    let groups = if options.baseline_minmax {
+        1
+    } else {
+        options.step_groups.min(set.len())
+    };
+    if groups > 1 && step_index.is_none() {
+        return Err(Error::pass(
+            "quantize",
+            "--step-groups > 1 needs the step index of fold-tib (run fold-tib before quantize)",
+        ));
+    }
+    // Consecutive steps of S in `groups` groups of (nearly) equal size.
+    let group_of_step: Vec<(i64, usize)> = set
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| (t, i * groups / set.len()))
+        .collect();
+    let members: Vec<Vec<i64>> = (0..groups)
+        .map(|k| {
+            group_of_step
+                .iter()
+                .filter(|(_, g)| *g == k)
+                .map(|(t, _)| *t)
+                .collect()
+        })
+        .collect();
+    let search = if options.baseline_minmax {
+        RangeSearch::MinMax
+    } else {
+        RangeSearch::Lp
+    };
+    let Targets {
+        quantized,
+        kept_float,
+    } = find_targets(&model.graph, &options.keep_float);
+    let g = &mut model.graph;
+    let by_name: HashMap<String, _> = g
+        .node_indices()
+        .map(|ix| (g.node(ix).name.clone(), ix))
+        .collect();
+    let mut plan = QuantPlan {
+        weight_bits: options.weight_bits,
+        act_bits: options.act_bits,
+        step_groups: groups,
+        group_of_step: group_of_step.clone(),
+        kept_float,
+        ..Default::default()
+    };
+
+    // The group index, once: the first sample's time step decides (a sampling batch
+    // shares its step).
+    let group_index = match (groups > 1, step_index) {
+        (true, Some(index)) => {
+            let table: Vec<i64> = group_of_step.iter().map(|(_, g)| *g as i64).collect();
+            let table = add_const(
+                g,
+                "fsc/group_of_step",
+                Tensor::from_vec(vec![table.len()], &table),
+            );
+            let flat_shape = add_const(g, "fsc/flat", Tensor::from_vec(vec![1], &[-1i64]));
+            let flat = add_node(
+                g,
+                "Reshape",
+                vec![index.to_string(), flat_shape],
+                "fsc/step_index_flat",
+                vec![],
+            )?;
+            let zero = add_const(g, "fsc/first", Tensor::scalar(0i64));
+            let first = add_node(
+                g,
+                "Gather",
+                vec![flat, zero],
+                "fsc/step_index",
+                vec![attr::int("axis", 0)],
+            )?;
+            Some(add_node(
+                g,
+                "Gather",
+                vec![table, first],
+                "fsc/group",
+                vec![attr::int("axis", 0)],
+            )?)
+        }
+        _ => None,
+    };
+
+    let mut dequantized_weights: HashMap<String, String> = HashMap::new();
+    let mut dequantized_acts: BTreeMap<String, String> = BTreeMap::new();
+    for target in &quantized {
+        let ix = by_name[&target.node];
+        let mut layer = LayerReport {
+            node: target.node.clone(),
+            op: target.op.clone(),
+            weight: None,
+            weight_sqnr_db: None,
+            activations: vec![],
+        };
+        if let Some(w) = &target.weight {
+            let t = &g.initializers[&w.name];
+            if t.dtype == DType::F32 {
+                let dq = match dequantized_weights.get(&w.name) {
+                    Some(dq) => dq.clone(),
+                    None => {
+                        let values = t.to_vec::<f32>()?;
+                        let shape = t.shape.clone();
+                        let q =
+                            quantize_weight(&values, &shape, w.axis, options.weight_bits, search);
+                        layer.weight_sqnr_db = Some(sqnr_db(&values, &q.dequantize(&shape)));
+                        let channels = q.scales.len();
+                        let qi = add_const(
+                            g,
+                            &format!("{}_quantized", w.name),
+                            Tensor::from_vec(shape, &q.values),
+                        );
+                        let sc = add_const(
+                            g,
+                            &format!("{}_scale", w.name),
+                            Tensor::from_vec(vec![channels], &q.scales),
+                        );
+                        let zp = add_const(
+                            g,
+                            &format!("{}_zero_point", w.name),
+                            Tensor::from_vec(vec![channels], &vec![0i8; channels]),
+                        );
+                        let dq = add_node(
+                            g,
+                            "DequantizeLinear",
+                            vec![qi, sc, zp],
+                            &format!("{}_dequantized", w.name),
+                            vec![attr::int("axis", w.axis as i64)],
+                        )?;
+                        dequantized_weights.insert(w.name.clone(), dq.clone());
+                        dq
+                    }
+                };
+                g.set_input(ix, w.slot, &dq);
+                layer.weight = Some(w.name.clone());
+            }
+        }
+        if options.act_bits == 8 {
+            for a in &target.activations {
+                let dq = match dequantized_acts.get(a) {
+                    Some(dq) => dq.clone(),
+                    None => {
+                        let params: Vec<(f32, u8)> = members
+                            .iter()
+                            .map(|steps| {
+                                group_range(cal, a, steps, options.baseline_minmax)
+                                    .map(|r| act_params_u8(r.min, r.max))
+                            })
+                            .collect::<Result<_>>()?;
+                        let dq = insert_qdq(g, a, &params, group_index.as_deref())?;
+                        plan.activations.push(ActParams {
+                            value: a.clone(),
+                            groups: params,
+                        });
+                        dequantized_acts.insert(a.clone(), dq.clone());
+                        dq
+                    }
+                };
+                let slots: Vec<usize> = g
+                    .node(ix)
+                    .inputs
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, i)| *i == a)
+                    .map(|(s, _)| s)
+                    .collect();
+                for s in slots {
+                    g.set_input(ix, s, &dq);
+                }
+                layer.activations.push(a.clone());
+            }
+        }
+        plan.layers.push(layer);
+    }
+    g.remove_dead();
+    Ok(plan)
+}
+
+/// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.
+fn insert_qdq(
+    g: &mut Graph,
+    value: &str,
+    params: &[(f32, u8)],
+    group: Option<&str>,
+) -> Result<String> {
+    let base = value.trim_start_matches('/');
+    if params.len() == 1 || group.is_none() {
+        let (scale, zp) = params[0];
+        let s = add_const(g, &format!("{base}_scale"), Tensor::scalar(scale));
+        let z = add_const(
+            g,
+            &format!("{base}_zero_point"),
+            Tensor::from_raw(DType::U8, vec![], vec![zp])?,
+        );
+        let q = add_node(
+            g,
+            "QuantizeLinear",
+            vec![value.to_string(), s.clone(), z.clone()],
+            &format!("{base}_quantized"),
+            vec![],
+        )?;
+        return add_node(
+            g,
+            "DequantizeLinear",
+            vec![q, s, z],
+            &format!("{base}_dequantized"),
+            vec![],
+        );
+    }
+    let group = group.expect("checked");
+    let scales: Vec<f32> = params.iter().map(|p| p.0).collect();
+    let zps: Vec<f32> = params.iter().map(|p| p.1 as f32).collect();
+    let st = add_const(
+        g,
+        &format!("{base}_scales"),
+        Tensor::from_vec(vec![scales.len()], &scales),
+    );
+    let zt = add_const(
+        g,
+        &format!("{base}_zero_points"),
+        Tensor::from_vec(vec![zps.len()], &zps),
+    );
+    let s = add_node(
+        g,
+        "Gather",
+        vec![st, group.to_string()],
+        &format!("{base}_scale"),
+        vec![attr::int("axis", 0)],
+    )?;
+    let z = add_node(
+        g,
+        "Gather",
+        vec![zt, group.to_string()],
+        &format!("{base}_zero_point"),
+        vec![attr::int("axis", 0)],
+    )?;
+    let unit = "fsc/unit_scale".to_string();
+    g.initializers
+        .entry(unit.clone())
+        .or_insert_with(|| Tensor::scalar(1f32));
+    let zero = "fsc/zero_u8".to_string();
+    g.initializers
+        .entry(zero.clone())
+        .or_insert_with(|| Tensor::from_vec(vec![], &[0u8]));
+    let scaled = add_node(
+        g,
+        "Div",
+        vec![value.to_string(), s.clone()],
+        &format!("{base}_scaled"),
+        vec![],
+    )?;
+    let shifted = add_node(
+        g,
+        "Add",
+        vec![scaled, z.clone()],
+        &format!("{base}_shifted"),
+        vec![],
+    )?;
+    let q = add_node(
+        g,
+        "QuantizeLinear",
+        vec![shifted, unit.clone(), zero.clone()],
+        &format!("{base}_quantized"),
+        vec![],
+    )?;
+    let dq = add_node(
+        g,
+        "DequantizeLinear",
+        vec![q, unit, zero],
+        &format!("{base}_levels"),
+        vec![],
+    )?;
+    let centered = add_node(g, "Sub", vec![dq, z], &format!("{base}_centered"), vec![])?;
+    add_node(
+        g,
+        "Mul",
+        vec![centered, s],
+        &format!("{base}_dequantized"),
+        vec![],
+    )
+}

@@ -1,0 +1,201 @@
+//! The quantization report: what was quantized, how well, what it cost (`--report` JSON
+//! and the terminal summary), and the calibration dump.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::Serialize;
+use tfmqc_passes::calibrate::Calibration;
+use tfmqc_passes::evaluate::{activation_sqnr, output_sqnr_per_step, StepSqnr};
+use tfmqc_passes::ir::{Model, Tensor};
+use tfmqc_passes::pipeline::PassContext;
+use tfmqc_passes::quantize::{LayerReport, QuantPlan};
+use tfmqc_passes::{Options, Result};
+
+pub fn options_json(o: &Options) -> serde_json::Value {
+    serde_json::json!({
+        "timesteps": o.timesteps,
+        "timestep_input": o.timestep_input,
+        "weight_bits": o.weight_bits,
+        "act_bits": o.act_bits,
+        "step_groups": o.step_groups,
+        "calib": o.calib.as_ref().map(|p| p.display().to_string()),
+        "calib_samples": o.calib_samples,
+        "calib_steps": o.calib_steps,
+        "seed": o.seed,
+        "keep_float": o.keep_float,
+        "baseline": if o.baseline_minmax { Some("minmax") } else { None },
+    })
+}
+
+pub fn schedule_json(s: &tfmqc_runtime::Schedule) -> serde_json::Value {
+    serde_json::json!({
+        "beta_schedule": format!("{:?}", s.kind).to_lowercase(),
+        "train_timesteps": s.train_timesteps(),
+        "beta_start": s.beta_start,
+        "beta_end": s.beta_end,
+    })
+}
+
+/// Writes the evaluation records as `NNNNN/<input>` tensors (what `--calib` reads back).
+pub fn dump_calibration(path: &Path, cal: &Calibration) -> Result<()> {
+    let mut all: BTreeMap<String, Tensor> = BTreeMap::new();
+    for (i, rec) in cal.records.iter().enumerate() {
+        for (k, v) in rec {
+            all.insert(format!("{i:05}/{k}"), v.clone());
+        }
+    }
+    tfmqc_passes::tensor_file::write_safetensors(path, &all)
+}
+
+/// Measured quality of the quantized model.
+pub struct Quality {
+    pub steps: Vec<StepSqnr>,
+    pub activations: Vec<(String, f64)>,
+}
+
+pub fn measure(
+    float: &Model,
+    quant: &Model,
+    plan: &QuantPlan,
+    cal: &Calibration,
+) -> Result<Quality> {
+    Ok(Quality {
+        steps: output_sqnr_per_step(float, quant, &cal.records, &cal.record_steps)?,
+        activations: activation_sqnr(float, plan, &cal.records, &cal.record_steps)?,
+    })
+}
+
+#[derive(Serialize)]
+pub struct ActivationReport {
+    pub value: String,
+    /// (scale, zero point) per step group.
+    pub groups: Vec<(f32, u8)>,
+    pub sqnr_db: f64,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub tool_version: &'static str,
+    pub options: serde_json::Value,
+    pub timestep_input: Option<String>,
+    pub timesteps: usize,
+    pub weight_bits: u32,
+    pub act_bits: u32,
+    pub step_groups: usize,
+    pub stand_in_inputs: Vec<String>,
+    /// Mean over the evaluated steps of the per-step output SQNR.
+    pub output_sqnr_mean_db: f64,
+    pub output_sqnr_min_db: f64,
+    pub output_sqnr_per_step: Vec<StepSqnr>,
+    pub layers: Vec<LayerReport>,
+    pub activations: Vec<ActivationReport>,
+    /// ONNX node names left in float (what a fair comparison excludes too).
+    pub kept_float: Vec<String>,
+    pub kept_float_reasons: Vec<(String, String)>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub seconds_per_phase: Vec<(String, f64)>,
+}
+
+impl Report {
+    pub fn new(
+        o: &Options,
+        cx: &PassContext,
+        q: &Quality,
+        bytes_in: u64,
+        bytes_out: u64,
+        phases: &[(String, f64)],
+    ) -> Report {
+        let plan = cx.quant.as_ref().expect("quantized");
+        let finite: Vec<f64> = q.steps.iter().map(|s| s.sqnr_db.min(200.0)).collect();
+        let mean = finite.iter().sum::<f64>() / finite.len().max(1) as f64;
+        let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
+        let acts = plan
+            .activations
+            .iter()
+            .zip(&q.activations)
+            .map(|(a, (_, s))| ActivationReport {
+                value: a.value.clone(),
+                groups: a.groups.clone(),
+                sqnr_db: *s,
+            })
+            .collect();
+        Report {
+            tool_version: env!("CARGO_PKG_VERSION"),
+            options: options_json(o),
+            timestep_input: cx.tib.as_ref().map(|t| t.timestep_input.clone()),
+            timesteps: tfmqc_passes::options::timestep_set(&cx.model, o)
+                .map(|s| s.len())
+                .unwrap_or(0),
+            weight_bits: plan.weight_bits,
+            act_bits: plan.act_bits,
+            step_groups: plan.step_groups,
+            stand_in_inputs: cx
+                .calibration
+                .as_ref()
+                .map(|c| c.stand_ins.clone())
+                .unwrap_or_default(),
+            output_sqnr_mean_db: mean,
+            output_sqnr_min_db: min,
+            output_sqnr_per_step: q.steps.clone(),
+            layers: plan.layers.clone(),
+            activations: acts,
+            kept_float: plan.kept_float.iter().map(|(n, _)| n.clone()).collect(),
+            kept_float_reasons: plan.kept_float.clone(),
+            bytes_in,
+            bytes_out,
+            seconds_per_phase: phases.to_vec(),
+        }
+    }
+
+    /// A few lines for the terminal.
+    pub fn summary(&self) -> String {
+        let w: Vec<f64> = self
+            .layers
+            .iter()
+            .filter_map(|l| l.weight_sqnr_db)
+            .collect();
+        let a: Vec<f64> = self
+            .activations
+            .iter()
+            .map(|a| a.sqnr_db.min(200.0))
+            .collect();
+        let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let worst_act = self
+            .activations
+            .iter()
+            .min_by(|x, y| x.sqnr_db.total_cmp(&y.sqnr_db));
+        let mut s = format!(
+            "quality (vs float, {} steps of the calibration trajectories):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} step group(s)\n",
+            self.output_sqnr_per_step.len(),
+            self.output_sqnr_mean_db,
+            self.output_sqnr_min_db,
+            w.len(),
+            mean(&w),
+            self.weight_bits,
+            a.len(),
+            mean(&a),
+            self.act_bits,
+            self.step_groups
+        );
+        if let Some(x) = worst_act {
+            s.push_str(&format!(
+                "  worst activation: {} ({:.1} dB)\n",
+                x.value, x.sqnr_db
+            ));
+        }
+        let phases: Vec<String> = self
+            .seconds_per_phase
+            .iter()
+            .map(|(n, t)| format!("{n} {t:.2}s"))
+            .collect();
+        s.push_str(&format!(
+            "  size: {} → {} bytes; time: {}\n",
+            self.bytes_in,
+            self.bytes_out,
+            phases.join(", ")
+        ));
+        s
+    }
+}
