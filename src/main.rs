@@ -226,7 +226,18 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     let opts = options(&args.tib, Some(&args.quant));
     opts.validate()?;
     let original = model.clone();
+    // Progress on a terminal only: logs get the one line per pass.
+    let tty = {
+        use std::io::IsTerminal;
+        std::io::stderr().is_terminal()
+    };
+    let show = |msg: &str| {
+        if tty {
+            eprint!("\r\x1b[2K{msg}");
+        }
+    };
     let mut cx = PassContext::new(model, &opts);
+    cx.progress = &show;
     let total = passes.len();
     let mut step = 0;
     let mut phases: Vec<(String, f64)> = vec![("load".into(), start.elapsed().as_secs_f64())];
@@ -234,7 +245,11 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
         |name: &str, cx: &PassContext, took: std::time::Duration| -> tfmqc_passes::Result<()> {
             step += 1;
             phases.push((name.to_string(), took.as_secs_f64()));
-            eprintln!("[{step}/{total}] {name}: {:.2} s", took.as_secs_f64());
+            let clear = if tty { "\r\x1b[2K" } else { "" };
+            eprintln!(
+                "{clear}[{step}/{total}] {name}: {:.2} s",
+                took.as_secs_f64()
+            );
             for n in &cx.notes {
                 eprintln!("    {n}");
             }

@@ -77,7 +77,13 @@ impl Pass for Calibrate {
         let tib = cx.tib.as_ref().expect("checked by requires");
         let targets = find_targets(&cx.model.graph, &cx.options.keep_float);
         let values = targets.activation_values();
-        let cal = calibrate(&cx.model, cx.options, &tib.timestep_input, &values)?;
+        let cal = calibrate(
+            &cx.model,
+            cx.options,
+            &tib.timestep_input,
+            &values,
+            cx.progress,
+        )?;
         cx.note(format!(
             "{} activations observed over {} batches, {} steps; {} evaluation records",
             values.len(),
@@ -353,6 +359,7 @@ pub fn calibrate(
                     "{file}: record {rec} has t = {step}, outside the time-step set"
                 )));
             }
+            progress(&format!("calibrate: record {rec}"));
             let outs = runner.run(&inputs.clone().into_iter().collect())?;
             observe(&mut cal, step, &outs)?;
             cal.records.push(inputs);
@@ -432,6 +439,12 @@ pub fn calibrate(
             fixed.insert(info.name.clone(), t);
         }
         for (k, &t) in traj.iter().enumerate() {
+            progress(&format!(
+                "calibrate: trajectory batch {}/{batches}, step {}/{} (t = {t})",
+                b + 1,
+                k + 1,
+                traj.len()
+            ));
             let mut inputs = fixed.clone();
             inputs.insert(
                 sample.name.clone(),

@@ -28,6 +28,8 @@ pub struct PassContext<'a> {
     pub done: Vec<&'static str>,
     /// One line per notable finding, shown to the user after the pass.
     pub notes: Vec<String>,
+    /// Progress of long work ("calibrate: batch 3/4"); the CLI shows it on a terminal.
+    pub progress: &'a dyn Fn(&str),
 }
 
 impl<'a> PassContext<'a> {
@@ -41,6 +43,7 @@ impl<'a> PassContext<'a> {
             quant: None,
             done: vec![],
             notes: vec![],
+            progress: &|_| {},
         }
     }
 
