@@ -278,6 +278,7 @@ pub fn calibrate(
     options: &Options,
     t_name: &str,
     values: &[String],
+    progress: &dyn Fn(&str),
 ) -> Result<Calibration> {
     let g = &model.graph;
     let set = timestep_set(model, options)?;
