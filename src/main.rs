@@ -117,6 +117,10 @@ struct QuantArgs {
     /// one set of global min/max scales, round-to-nearest weights).
     #[arg(long, value_name = "KIND", value_parser = ["minmax"])]
     baseline: Option<String>,
+    /// Activation ranges: `ema` (per-step EMA of min/max, as the reference) or `mse`
+    /// (then shrunk to the clip minimising the quantization MSE on calibration data).
+    #[arg(long, default_value = "ema", value_parser = ["ema", "mse"])]
+    act_range: String,
     /// Beta schedule (default: the model's metadata, else linear).
     #[arg(long, value_name = "linear|scaled-linear|cosine")]
     schedule: Option<String>,
@@ -184,6 +188,7 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Options {
         o.seed = q.seed;
         o.keep_float = q.keep_float.clone();
         o.baseline_minmax = q.baseline.is_some();
+        o.act_range_mse = q.act_range == "mse";
         o.schedule = q.schedule.clone();
         o.train_timesteps = q.train_timesteps;
         o.beta_start = q.beta_start;

@@ -25,6 +25,7 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "seed": o.seed,
         "keep_float": o.keep_float,
         "baseline": if o.baseline_minmax { Some("minmax") } else { None },
+        "act_range": if o.act_range_mse { "mse" } else { "ema" },
     })
 }
 

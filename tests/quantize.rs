@@ -377,3 +377,20 @@ fn unsupported_bit_widths_are_refused() {
         assert!(String::from_utf8_lossy(&res.stderr).contains(flag));
     }
 }
+
+#[test]
+fn mse_activation_ranges_are_an_option() {
+    let dir = tmpdir();
+    let (q, r) = quantize(
+        "ddpm_digits",
+        dir.path(),
+        &[QUICK, &["--act-range", "mse"]].concat(),
+    );
+    assert_eq!(r["options"]["act_range"], "mse");
+    assert!(sqnr(&r) > 30.0, "{}", sqnr(&r));
+    let m = tfmqc_passes::onnx::load(&q).unwrap();
+    assert!(m
+        .metadata_value("tfmqc.options")
+        .unwrap()
+        .contains("\"act_range\":\"mse\""));
+}

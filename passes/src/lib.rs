@@ -2,6 +2,7 @@
 
 pub mod calibrate;
 pub mod canonicalize;
+pub mod clip_search;
 pub mod detect_tib;
 pub mod error;
 pub mod evaluate;

@@ -47,6 +47,9 @@ pub struct Options {
     pub keep_float: Vec<String>,
     /// `--baseline minmax`: plain min-max PTQ of the same layers, for comparisons.
     pub baseline_minmax: bool,
+    /// `--act-range mse`: shrink each activation range to minimise the quantization MSE
+    /// on the calibration records (default: the EMA min/max as the reference does).
+    pub act_range_mse: bool,
     /// Noise schedule overrides (else the model's metadata, else DDPM linear, T = 1000).
     pub schedule: Option<String>,
     pub train_timesteps: Option<usize>,
@@ -69,6 +72,7 @@ impl Default for Options {
             seed: 0,
             keep_float: vec![],
             baseline_minmax: false,
+            act_range_mse: false,
             schedule: None,
             train_timesteps: None,
             beta_start: None,

@@ -206,6 +206,11 @@ pub fn quantize(
         quantized,
         kept_float,
     } = find_targets(&model.graph, &options.keep_float);
+    let acts: Vec<String> = quantized
+        .iter()
+        .flat_map(|t| t.activations.iter().cloned())
+        .collect();
+    let ranges = activation_ranges(model, cal, &acts, &members, options)?;
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
         .node_indices()
@@ -315,13 +320,10 @@ pub fn quantize(
                 let dq = match dequantized_acts.get(a) {
                     Some(dq) => dq.clone(),
                     None => {
-                        let params: Vec<(f32, u8)> = members
+                        let params: Vec<(f32, u8)> = ranges[a]
                             .iter()
-                            .map(|steps| {
-                                group_range(cal, a, steps, options.baseline_minmax)
-                                    .map(|r| act_params_u8(r.min, r.max))
-                            })
-                            .collect::<Result<_>>()?;
+                            .map(|r| act_params_u8(r.min, r.max))
+                            .collect();
                         let dq = insert_qdq(g, a, &params, group_index.as_deref())?;
                         plan.activations.push(ActParams {
                             value: a.clone(),
@@ -349,6 +351,29 @@ pub fn quantize(
     }
     g.remove_dead();
     Ok(plan)
+}
+
+/// The range of every activation in every group: EMA min/max (or global min/max for the
+/// baseline), shrunk to the MSE-optimal clip with `--act-range mse`.
+fn activation_ranges(
+    model: &Model,
+    cal: &Calibration,
+    acts: &[String],
+    members: &[Vec<i64>],
+    options: &Options,
+) -> Result<HashMap<String, Vec<Range>>> {
+    let mut out: HashMap<String, Vec<Range>> = HashMap::new();
+    for a in acts {
+        let r = members
+            .iter()
+            .map(|steps| group_range(cal, a, steps, options.baseline_minmax))
+            .collect::<Result<_>>()?;
+        out.insert(a.clone(), r);
+    }
+    if options.act_range_mse && !options.baseline_minmax {
+        crate::clip_search::shrink_to_mse(model, cal, &mut out, members)?;
+    }
+    Ok(out)
 }
 
 /// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.
