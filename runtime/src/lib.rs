@@ -4,6 +4,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod kernels;
 pub mod schedule;
 
 pub use engine::{Engine, Optimize, ValueFact};

@@ -1,0 +1,196 @@
+//! Exact int8 GEMM and Conv2d kernels (u8/i8 activations × i8/u8 weights → i32),
+//! with fused dequantization to f32 and requantization to u8/i8.
+//!
+//! # Design
+//!
+//! Everything runs through one micro-kernel that computes an `MR × NR` tile of i32
+//! accumulators from two operands holding **pairs of i16 values** (packed into one i32,
+//! low half = even reduction index): a *broadcast* side (one pair per tile row and step)
+//! and a *vector* side (`NR` pairs per step). On x86_64 with AVX2 the step is
+//! `vpbroadcastd` + `vpmaddwd` + `vpaddd`; `vpmaddwd` multiplies i16×i16 into exact i32
+//! and adds adjacent pairs, so there is no saturation anywhere (unlike `vpmaddubsw`,
+//! whose u8×s8 pair sums saturate at 16 bits for full-range weights).
+//!
+//! Zero points are subtracted while widening to i16 (`a − a_zp ∈ [−255, 255]`), so no
+//! zero-point correction with row sums is needed and padded positions are plain zeros.
+//! Results are exact (bit-identical to an i64 reference reduced to i32) as long as the
+//! sum of `|a − a_zp| · |w − w_zp|` over the reduction fits in i32, i.e. for any
+//! reduction length `K ≤ 65_793` with i8 weights (`K ≤ 33_025` with u8 weights).
+//! Beyond that the i32 accumulators wrap (both backends identically).
+//!
+//! * GEMM: the activation rows are the broadcast side (widened per chunk of rows), the
+//!   pre-packed weights ([`PackedWeights`]) the vector side, so a tile row is a run of
+//!   output channels and stores are contiguous. K > 2048 runs in blocks of 1024 with i32
+//!   partial sums in a scratch buffer.
+//! * Conv2d (NCHW): pre-packed weights ([`PackedConvWeights`]) are the broadcast side; the
+//!   input is widened once per (image, group) into zero-padded, channel-pair-interleaved
+//!   planes split into `stride_h × stride_w` phases (space-to-depth). In that layout every
+//!   kernel tap reads `NR` *consecutive* positions at a fixed offset, so the convolution is
+//!   an implicit GEMM with no im2col buffer at all (1×1 stride-1 convolutions are just the
+//!   widening pass + GEMM). Output positions are computed on the padded row pitch; the
+//!   few columns that fall into the padding are computed and dropped.
+//!
+//! Dequantized output is `(acc as f32) * (a_scale * w_scale[ch]) + bias[ch]` (scale
+//! product first, then one multiply, then the add; no FMA, identical on all backends).
+//! Requantized output is `clamp(round_half_even(dequant / out_scale) + out_zp)`, the ONNX
+//! `QuantizeLinear` rule.
+
+mod conv;
+mod gemm;
+mod micro;
+mod pack;
+mod sink;
+
+#[cfg(test)]
+mod tests;
+
+pub use conv::{conv2d, conv2d_u8i8};
+pub use gemm::{gemm, gemm_u8i8, gemm_u8i8_f32};
+pub use pack::{ConvGeometry, PackedConvWeights, PackedWeights, WeightLayout};
+
+/// Rows of the micro-kernel tile (broadcast side).
+pub(crate) const MR: usize = 6;
+/// 8-lane vectors per tile row.
+pub(crate) const NV: usize = 2;
+/// Columns of the micro-kernel tile (vector side).
+pub(crate) const NR: usize = 8 * NV;
+
+/// Which implementation of the micro-kernel to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Backend {
+    /// The fastest backend this CPU supports (detected at run time).
+    #[default]
+    Auto,
+    /// x86_64 AVX2 (`vpmaddwd`). Falls back to [`Backend::Portable`] when the CPU lacks
+    /// AVX2; check [`Backend::is_available`] to know.
+    Avx2,
+    /// Plain Rust, any CPU.
+    Portable,
+}
+
+impl Backend {
+    /// Whether this backend really runs on this CPU (`Auto` and `Portable` always do).
+    pub fn is_available(self) -> bool {
+        match self {
+            Backend::Auto | Backend::Portable => true,
+            Backend::Avx2 => avx2_available(),
+        }
+    }
+
+    /// The concrete backend `Auto` resolves to on this CPU.
+    pub fn detect() -> Backend {
+        if avx2_available() {
+            Backend::Avx2
+        } else {
+            Backend::Portable
+        }
+    }
+
+    /// The instruction set to run: `Avx2` only when the CPU really has it.
+    pub(crate) fn isa(self) -> Isa {
+        match self {
+            Backend::Auto | Backend::Avx2 if avx2_available() => Isa::Avx2,
+            _ => Isa::Portable,
+        }
+    }
+}
+
+/// A resolved [`Backend`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx2,
+    Portable,
+}
+
+fn avx2_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// An 8-bit quantized integer element (activation or weight).
+pub trait QuantInt: Copy + Send + Sync + 'static + private::Sealed {
+    /// The value as i32 (no zero point applied).
+    fn to_i32(self) -> i32;
+}
+
+impl QuantInt for u8 {
+    #[inline(always)]
+    fn to_i32(self) -> i32 {
+        self as i32
+    }
+}
+
+impl QuantInt for i8 {
+    #[inline(always)]
+    fn to_i32(self) -> i32 {
+        self as i32
+    }
+}
+
+mod private {
+    pub trait Sealed {}
+    impl Sealed for u8 {}
+    impl Sealed for i8 {}
+}
+
+/// Scales turning i32 accumulators into real values:
+/// `(acc as f32) * (a_scale * w_scale[ch]) + bias[ch]`.
+#[derive(Clone, Copy, Debug)]
+pub struct Dequant<'a> {
+    /// Scale of the activation (per tensor).
+    pub a_scale: f32,
+    /// Scale of the weights: one value (per tensor) or one per output channel.
+    pub w_scale: &'a [f32],
+    /// Optional float bias, one per output channel.
+    pub bias: Option<&'a [f32]>,
+}
+
+/// Where and how a kernel writes its result.
+#[derive(Debug)]
+pub enum Output<'a> {
+    /// Raw i32 accumulators.
+    I32(&'a mut [i32]),
+    /// Dequantized f32 values.
+    F32 {
+        out: &'a mut [f32],
+        dequant: Dequant<'a>,
+    },
+    /// Dequantized, then requantized to u8 with `scale` / `zero_point`.
+    U8 {
+        out: &'a mut [u8],
+        dequant: Dequant<'a>,
+        scale: f32,
+        zero_point: u8,
+    },
+    /// Dequantized, then requantized to i8 with `scale` / `zero_point`.
+    I8 {
+        out: &'a mut [i8],
+        dequant: Dequant<'a>,
+        scale: f32,
+        zero_point: i8,
+    },
+}
+
+impl Output<'_> {
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Output::I32(o) => o.len(),
+            Output::F32 { out, .. } => out.len(),
+            Output::U8 { out, .. } => out.len(),
+            Output::I8 { out, .. } => out.len(),
+        }
+    }
+}
+
+/// Encodes two i16 values as the i32 lane `vpmaddwd` expects (low half first).
+#[inline(always)]
+pub(crate) fn pair(lo: i32, hi: i32) -> i32 {
+    debug_assert!((-32768..=32767).contains(&lo) && (-32768..=32767).contains(&hi));
+    ((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32
+}

@@ -1,0 +1,127 @@
+//! The `MR × NR` micro-kernels (portable and AVX2).
+
+use super::{MR, NR};
+
+/// Operands of one micro-kernel call. All values are i16 pairs (see [`super::pair`]).
+///
+/// Step `s` enumerates `(tap, cp)` with taps outer: broadcast value of tile row `r` is
+/// `a[r * a_row + s * a_step]`, the vector side is
+/// `b[taps[t] + cp * b_cp .. + NR]`.
+pub(crate) struct KernelArgs<'a> {
+    pub a: &'a [i32],
+    pub a_row: usize,
+    pub a_step: usize,
+    pub b: &'a [i32],
+    pub b_cp: usize,
+    pub taps: &'a [usize],
+    pub cpairs: usize,
+}
+
+impl KernelArgs<'_> {
+    /// Panics unless every index the kernel touches is in bounds (keeps the SIMD kernel
+    /// sound; costs a few integer operations per tile).
+    #[inline]
+    pub fn check(&self) {
+        let steps = self.taps.len() * self.cpairs;
+        if steps == 0 {
+            return;
+        }
+        let a_max = (MR - 1) * self.a_row + (steps - 1) * self.a_step;
+        assert!(
+            a_max < self.a.len(),
+            "int8 kernel: broadcast operand out of bounds"
+        );
+        let tap_max = self.taps.iter().copied().max().unwrap_or(0);
+        let b_max = tap_max + (self.cpairs - 1) * self.b_cp + NR - 1;
+        assert!(
+            b_max < self.b.len(),
+            "int8 kernel: vector operand out of bounds"
+        );
+    }
+}
+
+/// A micro-kernel: writes the `MR × NR` tile (row-major) of accumulators.
+pub(crate) type KernelFn = fn(&KernelArgs, &mut [i32; MR * NR]);
+
+#[inline(always)]
+fn lo(x: i32) -> i32 {
+    x as i16 as i32
+}
+
+#[inline(always)]
+fn hi(x: i32) -> i32 {
+    x >> 16
+}
+
+/// Portable micro-kernel (plain Rust, wrapping i32 accumulation like the SIMD one).
+pub(crate) fn kernel_portable(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
+    args.check();
+    let mut acc = [[0i32; NR]; MR];
+    let mut s = 0;
+    for &t in args.taps {
+        for cp in 0..args.cpairs {
+            let bb: &[i32; NR] = args.b[t + cp * args.b_cp..][..NR].try_into().unwrap();
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av = args.a[r * args.a_row + s * args.a_step];
+                let (a0, a1) = (lo(av), hi(av));
+                for (o, &bv) in acc_r.iter_mut().zip(bb) {
+                    *o = o.wrapping_add(a0 * lo(bv) + a1 * hi(bv));
+                }
+            }
+            s += 1;
+        }
+    }
+    for (dst, src) in tile.chunks_exact_mut(NR).zip(&acc) {
+        dst.copy_from_slice(src);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn avx2_kernel() -> KernelFn {
+    fn run(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
+        args.check();
+        // SAFETY: only handed out by `Backend::kernel` after AVX2 was detected; indices
+        // were bounds-checked by `check`.
+        unsafe { avx2::kernel(args, tile) }
+    }
+    run
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::{MR, NR, NV};
+    use super::KernelArgs;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// The CPU must support AVX2 and `args.check()` must hold.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn kernel(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
+        let mut acc = [[_mm256_setzero_si256(); NV]; MR];
+        let a = args.a.as_ptr();
+        let b = args.b.as_ptr();
+        let a_row = args.a_row;
+        let mut pa = a;
+        for &t in args.taps {
+            let mut pb = b.add(t);
+            for _ in 0..args.cpairs {
+                let bv: [__m256i; NV] =
+                    std::array::from_fn(|v| _mm256_loadu_si256(pb.add(8 * v) as *const __m256i));
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = _mm256_set1_epi32(*pa.add(r * a_row));
+                    for (o, &bvv) in acc_r.iter_mut().zip(&bv) {
+                        *o = _mm256_add_epi32(*o, _mm256_madd_epi16(av, bvv));
+                    }
+                }
+                pa = pa.wrapping_add(args.a_step);
+                pb = pb.wrapping_add(args.b_cp);
+            }
+        }
+        let out = tile.as_mut_ptr();
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (v, &x) in acc_r.iter().enumerate() {
+                _mm256_storeu_si256(out.add(r * NR + 8 * v) as *mut __m256i, x);
+            }
+        }
+    }
+}

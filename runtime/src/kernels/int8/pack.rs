@@ -1,0 +1,257 @@
+//! Weight packing (done once, at model load).
+
+use super::{pair, QuantInt, MR, NR};
+
+/// Memory layout of a weight matrix handed to [`PackedWeights::pack_general`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `W[N, K]`, row-major (output channel outer), e.g. a Gemm `transB=1` or a 1×1 conv.
+    NK,
+    /// `W[K, N]`, row-major (reduction outer), e.g. the `B` input of ONNX `MatMul`.
+    KN,
+}
+
+/// Weights of a GEMM `out[M, N] = A[M, K] · W[N, K]ᵀ`, zero point removed, widened to
+/// i16 pairs and packed in panels of `NR` output channels: `[N/NR][K/2][NR]`.
+#[derive(Clone, Debug)]
+pub struct PackedWeights {
+    n: usize,
+    k: usize,
+    kpairs: usize,
+    data: Vec<i32>,
+}
+
+fn zp_at<T: QuantInt>(zero_points: &[T], ch: usize, channels: usize) -> i32 {
+    match zero_points.len() {
+        0 => 0,
+        1 => zero_points[0].to_i32(),
+        l if l == channels => zero_points[ch].to_i32(),
+        l => panic!("int8: {l} weight zero points for {channels} output channels"),
+    }
+}
+
+impl PackedWeights {
+    /// Packs symmetric i8 weights `W[N, K]` (row-major, zero point 0).
+    pub fn pack(w: &[i8], n: usize, k: usize) -> Self {
+        Self::pack_general(w, WeightLayout::NK, n, k, &[])
+    }
+
+    /// Packs symmetric i8 weights stored as `W[K, N]` (ONNX `MatMul` B operand).
+    pub fn pack_kn(w: &[i8], k: usize, n: usize) -> Self {
+        Self::pack_general(w, WeightLayout::KN, n, k, &[])
+    }
+
+    /// Packs i8 or u8 weights with a zero point per tensor (`zero_points.len() == 1`), per
+    /// output channel (`== n`) or none (empty slice: 0).
+    pub fn pack_general<T: QuantInt>(
+        w: &[T],
+        layout: WeightLayout,
+        n: usize,
+        k: usize,
+        zero_points: &[T],
+    ) -> Self {
+        assert_eq!(w.len(), n * k, "int8: weight length is not n * k");
+        let kpairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let mut data = vec![0i32; panels * kpairs * NR];
+        let at = |j: usize, kk: usize| -> i32 {
+            if kk >= k {
+                return 0;
+            }
+            let v = match layout {
+                WeightLayout::NK => w[j * k + kk],
+                WeightLayout::KN => w[kk * n + j],
+            };
+            v.to_i32() - zp_at(zero_points, j, n)
+        };
+        for j in 0..n {
+            let (np, c) = (j / NR, j % NR);
+            let panel = &mut data[np * kpairs * NR..][..kpairs * NR];
+            for kp in 0..kpairs {
+                panel[kp * NR + c] = pair(at(j, 2 * kp), at(j, 2 * kp + 1));
+            }
+        }
+        PackedWeights { n, k, kpairs, data }
+    }
+
+    /// Output channels.
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    /// Reduction length.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub(crate) fn kpairs(&self) -> usize {
+        self.kpairs
+    }
+
+    /// Panel `np`: `kpairs * NR` values (a few extra values follow unless last).
+    pub(crate) fn panel(&self, np: usize) -> &[i32] {
+        &self.data[np * self.kpairs * NR..]
+    }
+}
+
+/// Static parameters of a 2-D convolution (ONNX `Conv` attributes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    /// `[kh, kw]`.
+    pub kernel: [usize; 2],
+    /// `[stride_h, stride_w]`, each ≥ 1.
+    pub strides: [usize; 2],
+    /// `[top, left, bottom, right]` (ONNX order `[h_begin, w_begin, h_end, w_end]`).
+    pub pads: [usize; 4],
+    /// `[dilation_h, dilation_w]`, each ≥ 1.
+    pub dilations: [usize; 2],
+    /// Groups (`in_channels` and `out_channels` are multiples of it).
+    pub groups: usize,
+}
+
+impl ConvGeometry {
+    /// A `kh × kw` kernel with stride 1, no padding, no dilation, one group.
+    pub fn new(kh: usize, kw: usize) -> Self {
+        ConvGeometry {
+            kernel: [kh, kw],
+            strides: [1, 1],
+            pads: [0; 4],
+            dilations: [1, 1],
+            groups: 1,
+        }
+    }
+
+    /// Output `(height, width)` for an input of `h × w`, `None` if the kernel does not fit.
+    pub fn output_hw(&self, h: usize, w: usize) -> Option<(usize, usize)> {
+        let dim = |size: usize, pad: usize, k: usize, d: usize, s: usize| {
+            let span = d * (k - 1) + 1;
+            (size + pad).checked_sub(span).map(|x| x / s + 1)
+        };
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.strides;
+        let [dh, dw] = self.dilations;
+        let ho = dim(h, self.pads[0] + self.pads[2], kh, dh, sh)?;
+        let wo = dim(w, self.pads[1] + self.pads[3], kw, dw, sw)?;
+        Some((ho, wo))
+    }
+
+    fn validate(&self) {
+        assert!(
+            self.kernel[0] >= 1 && self.kernel[1] >= 1,
+            "int8 conv: empty kernel"
+        );
+        assert!(
+            self.strides[0] >= 1 && self.strides[1] >= 1,
+            "int8 conv: stride 0"
+        );
+        assert!(
+            self.dilations[0] >= 1 && self.dilations[1] >= 1,
+            "int8 conv: dilation 0"
+        );
+        assert!(self.groups >= 1, "int8 conv: 0 groups");
+    }
+}
+
+/// Conv weights `W[O, C/groups, kh, kw]`, zero point removed, widened to i16 pairs of
+/// input channels and packed per group in panels of `MR` output channels:
+/// `[groups][O/groups/MR][kh*kw][C/groups/2][MR]` (taps outer, channel pairs inner).
+#[derive(Clone, Debug)]
+pub struct PackedConvWeights {
+    geom: ConvGeometry,
+    out_channels: usize,
+    in_per_group: usize,
+    cpairs: usize,
+    opanels: usize,
+    data: Vec<i32>,
+}
+
+impl PackedConvWeights {
+    /// Packs symmetric i8 weights `W[O, C/groups, kh, kw]` (zero point 0).
+    pub fn pack(w: &[i8], out_channels: usize, in_per_group: usize, geom: ConvGeometry) -> Self {
+        Self::pack_general(w, out_channels, in_per_group, geom, &[])
+    }
+
+    /// Packs i8 or u8 weights with a zero point per tensor, per output channel or none.
+    pub fn pack_general<T: QuantInt>(
+        w: &[T],
+        out_channels: usize,
+        in_per_group: usize,
+        geom: ConvGeometry,
+        zero_points: &[T],
+    ) -> Self {
+        geom.validate();
+        let g = geom.groups;
+        assert!(
+            out_channels.is_multiple_of(g),
+            "int8 conv: out channels not a multiple of groups"
+        );
+        let [kh, kw] = geom.kernel;
+        let taps = kh * kw;
+        assert_eq!(
+            w.len(),
+            out_channels * in_per_group * taps,
+            "int8 conv: weight length"
+        );
+        let og = out_channels / g;
+        let cpairs = in_per_group.div_ceil(2);
+        let opanels = og.div_ceil(MR);
+        let steps = taps * cpairs;
+        let mut data = vec![0i32; g * opanels * steps * MR];
+        let at = |o: usize, c: usize, t: usize| -> i32 {
+            if c >= in_per_group {
+                return 0;
+            }
+            w[(o * in_per_group + c) * taps + t].to_i32() - zp_at(zero_points, o, out_channels)
+        };
+        for gi in 0..g {
+            for ol in 0..og {
+                let o = gi * og + ol;
+                let (op, r) = (ol / MR, ol % MR);
+                let panel = &mut data[(gi * opanels + op) * steps * MR..][..steps * MR];
+                for t in 0..taps {
+                    for cp in 0..cpairs {
+                        let s = t * cpairs + cp;
+                        panel[s * MR + r] = pair(at(o, 2 * cp, t), at(o, 2 * cp + 1, t));
+                    }
+                }
+            }
+        }
+        PackedConvWeights {
+            geom,
+            out_channels,
+            in_per_group,
+            cpairs,
+            opanels,
+            data,
+        }
+    }
+
+    /// The convolution parameters.
+    pub fn geometry(&self) -> &ConvGeometry {
+        &self.geom
+    }
+
+    /// Output channels `O`.
+    pub fn out_channels(&self) -> usize {
+        self.out_channels
+    }
+
+    /// Input channels per group `C/groups`.
+    pub fn in_channels_per_group(&self) -> usize {
+        self.in_per_group
+    }
+
+    pub(crate) fn cpairs(&self) -> usize {
+        self.cpairs
+    }
+
+    pub(crate) fn opanels(&self) -> usize {
+        self.opanels
+    }
+
+    /// Panel `op` of group `g`: `kh*kw*cpairs*MR` values.
+    pub(crate) fn panel(&self, g: usize, op: usize) -> &[i32] {
+        let steps = self.geom.kernel[0] * self.geom.kernel[1] * self.cpairs;
+        &self.data[(g * self.opanels + op) * steps * MR..][..steps * MR]
+    }
+}

@@ -1,0 +1,645 @@
+//! Bit-exactness tests against plain i64 references, on every backend this CPU runs.
+
+use super::sink::quantize;
+use super::*;
+
+/// splitmix64.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+    fn range(&mut self, lo: usize, hi: usize) -> usize {
+        lo + self.below(hi - lo + 1)
+    }
+    fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+        xs[self.below(xs.len())]
+    }
+    /// A byte, with extremes (0, 1, 127, 128, 255) over-represented.
+    fn byte(&mut self) -> u8 {
+        match self.below(4) {
+            0 => self.pick(&[0, 1, 127, 128, 255]),
+            _ => self.next() as u8,
+        }
+    }
+    fn bytes_u8(&mut self, n: usize) -> Vec<u8> {
+        (0..n).map(|_| self.byte()).collect()
+    }
+    fn bytes_i8(&mut self, n: usize) -> Vec<i8> {
+        (0..n).map(|_| self.byte() as i8).collect()
+    }
+}
+
+fn backends() -> Vec<Backend> {
+    let mut v = vec![Backend::Portable];
+    if Backend::Avx2.is_available() {
+        v.push(Backend::Avx2);
+    } else {
+        eprintln!("AVX2 not available: only the portable backend is tested");
+    }
+    v
+}
+
+fn zp_of<T: QuantInt>(zps: &[T], ch: usize) -> i64 {
+    match zps.len() {
+        0 => 0,
+        1 => zps[0].to_i32() as i64,
+        _ => zps[ch].to_i32() as i64,
+    }
+}
+
+/// out[i, j] = Σ (a[i, kk] − azp)(w[j, kk] − wzp[j]) with W as `[n, k]`.
+fn gemm_ref<A: QuantInt, W: QuantInt>(
+    a: &[A],
+    m: usize,
+    k: usize,
+    azp: A,
+    w: &[W],
+    n: usize,
+    wzp: &[W],
+) -> Vec<i64> {
+    let mut out = vec![0i64; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0i64;
+            for kk in 0..k {
+                s += (a[i * k + kk].to_i32() as i64 - azp.to_i32() as i64)
+                    * (w[j * k + kk].to_i32() as i64 - zp_of(wzp, j));
+            }
+            out[i * n + j] = s;
+        }
+    }
+    out
+}
+
+fn as_i32(v: &[i64]) -> Vec<i32> {
+    v.iter()
+        .map(|&x| i32::try_from(x).expect("reference overflows i32"))
+        .collect()
+}
+
+#[test]
+fn gemm_random_shapes_exact() {
+    let mut rng = Rng(1);
+    let ms = [1, 2, 5, 6, 7, 12, 13, 31, 64, 97];
+    let ks = [1, 2, 3, 7, 16, 31, 32, 33, 100, 255, 513];
+    let ns = [1, 3, 8, 15, 16, 17, 24, 40, 65];
+    for case in 0..160 {
+        let (m, k, n) = (rng.pick(&ms), rng.pick(&ks), rng.pick(&ns));
+        let zp: u8 = [0, 128, 255, rng.byte()][case % 4];
+        let a = rng.bytes_u8(m * k);
+        let w = rng.bytes_i8(n * k);
+        let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
+        let pw = PackedWeights::pack(&w, n, k);
+        for be in backends() {
+            let mut out = vec![7i32; m * n];
+            gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
+            assert_eq!(out, want, "{be:?} m={m} k={k} n={n} zp={zp}");
+        }
+        if case % 8 == 0 {
+            let mut out = vec![0i32; m * n];
+            gemm_u8i8(&a, m, k, zp, &pw, &mut out);
+            assert_eq!(out, want);
+        }
+    }
+}
+
+#[test]
+fn gemm_blocked_reduction_exact() {
+    // K long enough for reduction blocking (several blocks, odd K, partial last block)
+    // and M spanning several row chunks.
+    let mut rng = Rng(11);
+    for (m, k, n) in [(300, 2201, 21), (7, 2050, 16), (131, 4097, 5)] {
+        let a = rng.bytes_u8(m * k);
+        let w = rng.bytes_i8(n * k);
+        let zp = rng.byte();
+        let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
+        let pw = PackedWeights::pack(&w, n, k);
+        for be in backends() {
+            let mut out = vec![0i32; m * n];
+            gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
+            assert_eq!(out, want, "{be:?} m={m} k={k} n={n}");
+            let ws = [0.5f32];
+            let mut of = vec![0f32; m * n];
+            let d = Dequant {
+                a_scale: 0.25,
+                w_scale: &ws,
+                bias: None,
+            };
+            gemm(
+                be,
+                &a,
+                m,
+                k,
+                zp,
+                &pw,
+                Output::F32 {
+                    out: &mut of,
+                    dequant: d,
+                },
+            );
+            assert!(
+                of.iter().zip(&want).all(|(&f, &i)| f == i as f32 * 0.125),
+                "{be:?} f32"
+            );
+        }
+    }
+}
+
+#[test]
+fn gemm_saturation_extremes() {
+    // Every pair of products at its maximum magnitude: (±255)·(−128) and (±255)·127.
+    for (av, zp) in [(255u8, 0u8), (0, 255), (255, 128), (0, 128)] {
+        for wv in [-128i8, 127] {
+            for (m, k, n) in [(7, 64, 17), (1, 1, 1), (13, 301, 33)] {
+                let a = vec![av; m * k];
+                let w = vec![wv; n * k];
+                let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
+                let pw = PackedWeights::pack(&w, n, k);
+                for be in backends() {
+                    let mut out = vec![0i32; m * n];
+                    gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
+                    assert_eq!(out, want, "{be:?} a={av} zp={zp} w={wv}");
+                }
+            }
+        }
+    }
+    // Alternating signs and magnitudes inside each pair.
+    let (m, k, n) = (9, 130, 19);
+    let a: Vec<u8> = (0..m * k)
+        .map(|i| if i % 3 == 0 { 0 } else { 255 })
+        .collect();
+    let w: Vec<i8> = (0..n * k)
+        .map(|i| if i % 5 < 2 { -128 } else { 127 })
+        .collect();
+    for zp in [0u8, 128, 255] {
+        let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
+        let pw = PackedWeights::pack(&w, n, k);
+        for be in backends() {
+            let mut out = vec![0i32; m * n];
+            gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
+            assert_eq!(out, want, "{be:?} zp={zp}");
+        }
+    }
+}
+
+#[test]
+fn gemm_long_reduction_exact() {
+    // K large enough for |acc| ≫ 2^24, still within the documented i32 bound.
+    let (m, k, n) = (3, 40_000, 9);
+    let a = vec![0u8; m * k];
+    let w = vec![-128i8; n * k];
+    let want = as_i32(&gemm_ref(&a, m, k, 255u8, &w, n, &[] as &[i8]));
+    assert_eq!(want[0], 255 * 128 * 40_000);
+    let pw = PackedWeights::pack(&w, n, k);
+    for be in backends() {
+        let mut out = vec![0i32; m * n];
+        gemm(be, &a, m, k, 255, &pw, Output::I32(&mut out));
+        assert_eq!(out, want, "{be:?}");
+    }
+}
+
+#[test]
+fn gemm_kn_layout_and_general_types() {
+    let mut rng = Rng(2);
+    for _ in 0..30 {
+        let (m, k, n) = (rng.range(1, 20), rng.range(1, 70), rng.range(1, 40));
+        // KN layout == NK of the transpose.
+        let w = rng.bytes_i8(n * k);
+        let mut wt = vec![0i8; k * n];
+        for j in 0..n {
+            for kk in 0..k {
+                wt[kk * n + j] = w[j * k + kk];
+            }
+        }
+        let a = rng.bytes_u8(m * k);
+        let zp = rng.byte();
+        let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
+        let pw = PackedWeights::pack_kn(&wt, k, n);
+        // i8 activations, u8 weights with per-channel zero points.
+        let ai = rng.bytes_i8(m * k);
+        let aizp = rng.byte() as i8;
+        let wu = rng.bytes_u8(n * k);
+        let wzp = rng.bytes_u8(n);
+        let want2 = as_i32(&gemm_ref(&ai, m, k, aizp, &wu, n, &wzp));
+        let pw2 = PackedWeights::pack_general(&wu, WeightLayout::NK, n, k, &wzp);
+        // Per-tensor i8 weight zero point.
+        let wzp3 = [rng.byte() as i8];
+        let want3 = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &wzp3));
+        let pw3 = PackedWeights::pack_general(&w, WeightLayout::NK, n, k, &wzp3);
+        for be in backends() {
+            let mut out = vec![0i32; m * n];
+            gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
+            assert_eq!(out, want, "{be:?} kn");
+            gemm(be, &ai, m, k, aizp, &pw2, Output::I32(&mut out));
+            assert_eq!(out, want2, "{be:?} i8 x u8");
+            gemm(be, &a, m, k, zp, &pw3, Output::I32(&mut out));
+            assert_eq!(out, want3, "{be:?} wzp");
+        }
+    }
+}
+
+#[test]
+fn gemm_empty_dims() {
+    let pw = PackedWeights::pack(&[], 5, 0);
+    for be in backends() {
+        let mut out = vec![9i32; 3 * 5];
+        gemm(be, &[0u8; 0], 3, 0, 3, &pw, Output::I32(&mut out));
+        assert!(out.iter().all(|&x| x == 0));
+        gemm(be, &[0u8; 0], 0, 0, 3, &pw, Output::I32(&mut []));
+    }
+}
+
+fn deq_ref(acc: i64, ch: usize, d: &Dequant) -> f32 {
+    let ws = if d.w_scale.len() == 1 {
+        d.w_scale[0]
+    } else {
+        d.w_scale[ch]
+    };
+    let v = acc as i32 as f32 * (d.a_scale * ws);
+    match d.bias {
+        Some(b) => v + b[ch],
+        None => v,
+    }
+}
+
+fn q_ref(v: f32, scale: f32, zp: i32, lo: i32, hi: i32) -> i32 {
+    ((v / scale).round_ties_even() as i64)
+        .saturating_add(zp as i64)
+        .clamp(lo as i64, hi as i64) as i32
+}
+
+#[test]
+fn gemm_dequant_and_requant_outputs() {
+    let mut rng = Rng(3);
+    for case in 0..40 {
+        let (m, k, n) = (rng.range(1, 19), rng.range(1, 90), rng.range(1, 37));
+        let a = rng.bytes_u8(m * k);
+        let w = rng.bytes_i8(n * k);
+        let zp = rng.byte();
+        let acc = gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]);
+        let pw = PackedWeights::pack(&w, n, k);
+        let ws: Vec<f32> = (0..if case % 2 == 0 { n } else { 1 })
+            .map(|_| (rng.below(1000) as f32 + 1.0) * 1.7e-5)
+            .collect();
+        let bias: Vec<f32> = (0..n)
+            .map(|_| (rng.below(2001) as f32 - 1000.0) * 0.013)
+            .collect();
+        let d = Dequant {
+            a_scale: 0.0213,
+            w_scale: &ws,
+            bias: if case % 3 == 0 { None } else { Some(&bias) },
+        };
+        let want_f: Vec<f32> = (0..m * n).map(|i| deq_ref(acc[i], i % n, &d)).collect();
+        let (os, ozp) = (0.05f32 + rng.below(100) as f32 * 0.01, rng.byte());
+        let want_u: Vec<u8> = want_f
+            .iter()
+            .map(|&v| q_ref(v, os, ozp as i32, 0, 255) as u8)
+            .collect();
+        let want_i: Vec<i8> = want_f
+            .iter()
+            .map(|&v| q_ref(v, os, ozp as i8 as i32, -128, 127) as i8)
+            .collect();
+        for be in backends() {
+            let mut of = vec![0f32; m * n];
+            gemm(
+                be,
+                &a,
+                m,
+                k,
+                zp,
+                &pw,
+                Output::F32 {
+                    out: &mut of,
+                    dequant: d,
+                },
+            );
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&of), bits(&want_f), "{be:?} f32");
+            let mut ou = vec![0u8; m * n];
+            gemm(
+                be,
+                &a,
+                m,
+                k,
+                zp,
+                &pw,
+                Output::U8 {
+                    out: &mut ou,
+                    dequant: d,
+                    scale: os,
+                    zero_point: ozp,
+                },
+            );
+            assert_eq!(ou, want_u, "{be:?} u8");
+            let mut oi = vec![0i8; m * n];
+            let out = Output::I8 {
+                out: &mut oi,
+                dequant: d,
+                scale: os,
+                zero_point: ozp as i8,
+            };
+            gemm(be, &a, m, k, zp, &pw, out);
+            assert_eq!(oi, want_i, "{be:?} i8");
+        }
+    }
+}
+
+#[test]
+fn quantize_matches_round_half_even() {
+    let mut rng = Rng(4);
+    let mut vals: Vec<f32> = (-2000..=2000).map(|i| i as f32 * 0.25).collect();
+    vals.extend(
+        (0..20000)
+            .map(|_| f32::from_bits(rng.next() as u32))
+            .filter(|v| v.is_finite()),
+    );
+    vals.extend([
+        0.5,
+        1.5,
+        2.5,
+        -0.5,
+        -1.5,
+        254.5,
+        255.5,
+        -128.5,
+        1e30,
+        -1e30,
+        f32::INFINITY,
+    ]);
+    for &v in &vals {
+        for (scale, zp) in [(1.0f32, 0), (1.0, 128), (0.5, 3), (3.0, 255)] {
+            assert_eq!(
+                quantize(v, scale, zp, 0, 255),
+                q_ref(v, scale, zp, 0, 255),
+                "{v} {scale} {zp}"
+            );
+            let zi = zp - 128;
+            assert_eq!(
+                quantize(v, scale, zi, -128, 127),
+                q_ref(v, scale, zi, -128, 127),
+                "{v}"
+            );
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn conv_ref<A: QuantInt, W: QuantInt>(
+    x: &[A],
+    [nb, c, h, wd]: [usize; 4],
+    xzp: A,
+    w: &[W],
+    oc: usize,
+    wzp: &[W],
+    geom: &ConvGeometry,
+) -> (Vec<i64>, usize, usize) {
+    let (ho, wo) = geom.output_hw(h, wd).unwrap();
+    let g = geom.groups;
+    let (cg, og) = (c / g, oc / g);
+    let [kh, kw] = geom.kernel;
+    let mut out = vec![0i64; nb * oc * ho * wo];
+    for b in 0..nb {
+        for o in 0..oc {
+            let gi = o / og;
+            for y in 0..ho {
+                for xo in 0..wo {
+                    let mut s = 0i64;
+                    for ci in 0..cg {
+                        for ki in 0..kh {
+                            for kj in 0..kw {
+                                let iy = (y * geom.strides[0] + ki * geom.dilations[0]) as isize
+                                    - geom.pads[0] as isize;
+                                let ix = (xo * geom.strides[1] + kj * geom.dilations[1]) as isize
+                                    - geom.pads[1] as isize;
+                                let xv =
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= wd as isize {
+                                        xzp.to_i32() as i64
+                                    } else {
+                                        x[((b * c + gi * cg + ci) * h + iy as usize) * wd
+                                            + ix as usize]
+                                            .to_i32() as i64
+                                    };
+                                let wv = w[((o * cg + ci) * kh + ki) * kw + kj].to_i32() as i64;
+                                s += (xv - xzp.to_i32() as i64) * (wv - zp_of(wzp, o));
+                            }
+                        }
+                    }
+                    out[((b * oc + o) * ho + y) * wo + xo] = s;
+                }
+            }
+        }
+    }
+    (out, ho, wo)
+}
+
+#[test]
+fn conv_random_geometries_exact() {
+    let mut rng = Rng(5);
+    let mut done = 0;
+    while done < 250 {
+        let g = rng.pick(&[1, 1, 2, 3]);
+        let geom = ConvGeometry {
+            kernel: [rng.range(1, 3), rng.range(1, 3)],
+            strides: [rng.range(1, 3), rng.range(1, 3)],
+            pads: [
+                rng.range(0, 2),
+                rng.range(0, 2),
+                rng.range(0, 2),
+                rng.range(0, 2),
+            ],
+            dilations: [rng.range(1, 2), rng.range(1, 2)],
+            groups: g,
+        };
+        let (nb, cg, og) = (rng.range(1, 2), rng.range(1, 5), rng.range(1, 8));
+        let (h, wd) = (rng.range(1, 11), rng.range(1, 11));
+        if geom.output_hw(h, wd).is_none() {
+            continue;
+        }
+        done += 1;
+        let (c, oc) = (cg * g, og * g);
+        let shape = [nb, c, h, wd];
+        let x = rng.bytes_u8(nb * c * h * wd);
+        let w = rng.bytes_i8(oc * cg * geom.kernel[0] * geom.kernel[1]);
+        let zp: u8 = [0, 128, 255, rng.byte()][done % 4];
+        let (want, ho, wo) = conv_ref(&x, shape, zp, &w, oc, &[] as &[i8], &geom);
+        let want = as_i32(&want);
+        let pw = PackedConvWeights::pack(&w, oc, cg, geom);
+        for be in backends() {
+            let mut out = vec![-1i32; nb * oc * ho * wo];
+            conv2d(be, &x, shape, zp, &pw, Output::I32(&mut out));
+            assert_eq!(out, want, "{be:?} {geom:?} shape={shape:?} oc={oc} zp={zp}");
+        }
+    }
+}
+
+#[test]
+fn conv_typical_layers_exact() {
+    let mut rng = Rng(6);
+    let p1 = |k: usize, s: usize| ConvGeometry {
+        kernel: [k, k],
+        strides: [s, s],
+        pads: [k / 2; 4],
+        dilations: [1, 1],
+        groups: 1,
+    };
+    // (C, O, H, W, geometry): 3×3 same, 3×3 stride 2 downsample, 1×1, wide odd image,
+    // dilated, depthwise.
+    let cases = [
+        (64, 64, 12, 12, p1(3, 1)),
+        (32, 48, 13, 9, p1(3, 2)),
+        (40, 24, 7, 11, p1(1, 1)),
+        (7, 13, 5, 37, p1(3, 1)),
+        (
+            8,
+            16,
+            15,
+            15,
+            ConvGeometry {
+                dilations: [2, 3],
+                pads: [2, 3, 2, 3],
+                ..p1(3, 1)
+            },
+        ),
+        (
+            12,
+            12,
+            9,
+            9,
+            ConvGeometry {
+                groups: 12,
+                ..p1(3, 1)
+            },
+        ),
+    ];
+    for (c, oc, h, wd, geom) in cases {
+        let cg = c / geom.groups;
+        let shape = [1, c, h, wd];
+        let x = rng.bytes_u8(c * h * wd);
+        let w = rng.bytes_i8(oc * cg * geom.kernel[0] * geom.kernel[1]);
+        for zp in [0u8, 128, 255] {
+            let (want, ho, wo) = conv_ref(&x, shape, zp, &w, oc, &[] as &[i8], &geom);
+            let want = as_i32(&want);
+            let pw = PackedConvWeights::pack(&w, oc, cg, geom);
+            for be in backends() {
+                let mut out = vec![0i32; oc * ho * wo];
+                conv2d(be, &x, shape, zp, &pw, Output::I32(&mut out));
+                assert_eq!(out, want, "{be:?} {geom:?} c={c} oc={oc} zp={zp}");
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_saturation_and_outputs() {
+    let geom = ConvGeometry {
+        pads: [1; 4],
+        ..ConvGeometry::new(3, 3)
+    };
+    let (c, oc, h, wd) = (9, 11, 6, 7);
+    let shape = [2, c, h, wd];
+    for (xv, zp) in [(255u8, 0u8), (0, 255)] {
+        for wv in [-128i8, 127] {
+            let x = vec![xv; 2 * c * h * wd];
+            let w = vec![wv; oc * c * 9];
+            let (want, ho, wo) = conv_ref(&x, shape, zp, &w, oc, &[] as &[i8], &geom);
+            let want = as_i32(&want);
+            let pw = PackedConvWeights::pack(&w, oc, c, geom);
+            for be in backends() {
+                let mut out = vec![0i32; 2 * oc * ho * wo];
+                conv2d(be, &x, shape, zp, &pw, Output::I32(&mut out));
+                assert_eq!(out, want, "{be:?} x={xv} zp={zp} w={wv}");
+            }
+        }
+    }
+    // i8 input, u8 weights with per-channel zero points, dequantized + requantized.
+    let mut rng = Rng(7);
+    let x = rng.bytes_i8(2 * c * h * wd);
+    let w = rng.bytes_u8(oc * c * 9);
+    let wzp = rng.bytes_u8(oc);
+    let xzp = -3i8;
+    let (acc, ho, wo) = conv_ref(&x, shape, xzp, &w, oc, &wzp, &geom);
+    let pw = PackedConvWeights::pack_general(&w, oc, c, geom, &wzp);
+    let ws: Vec<f32> = (0..oc).map(|i| 1e-4 * (i + 1) as f32).collect();
+    let bias: Vec<f32> = (0..oc).map(|i| i as f32 * 0.37 - 2.0).collect();
+    let d = Dequant {
+        a_scale: 0.031,
+        w_scale: &ws,
+        bias: Some(&bias),
+    };
+    let plane = ho * wo;
+    let want_f: Vec<f32> = (0..acc.len())
+        .map(|i| deq_ref(acc[i], (i / plane) % oc, &d))
+        .collect();
+    let want_u: Vec<u8> = want_f
+        .iter()
+        .map(|&v| q_ref(v, 0.02, 17, 0, 255) as u8)
+        .collect();
+    for be in backends() {
+        let mut out = vec![0i32; acc.len()];
+        conv2d(be, &x, shape, xzp, &pw, Output::I32(&mut out));
+        assert_eq!(out, as_i32(&acc), "{be:?}");
+        let mut of = vec![0f32; acc.len()];
+        conv2d(
+            be,
+            &x,
+            shape,
+            xzp,
+            &pw,
+            Output::F32 {
+                out: &mut of,
+                dequant: d,
+            },
+        );
+        assert!(
+            of.iter()
+                .zip(&want_f)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{be:?} f32"
+        );
+        let mut ou = vec![0u8; acc.len()];
+        conv2d(
+            be,
+            &x,
+            shape,
+            xzp,
+            &pw,
+            Output::U8 {
+                out: &mut ou,
+                dequant: d,
+                scale: 0.02,
+                zero_point: 17,
+            },
+        );
+        assert_eq!(ou, want_u, "{be:?} u8");
+    }
+}
+
+#[test]
+fn conv_u8i8_entry_point() {
+    let mut rng = Rng(8);
+    let geom = ConvGeometry {
+        pads: [1; 4],
+        ..ConvGeometry::new(3, 3)
+    };
+    let x = rng.bytes_u8(5 * 8 * 8);
+    let w = rng.bytes_i8(6 * 5 * 9);
+    let (want, ..) = conv_ref(&x, [1, 5, 8, 8], 100u8, &w, 6, &[] as &[i8], &geom);
+    let mut out = vec![0i32; want.len()];
+    conv2d_u8i8(
+        &x,
+        [1, 5, 8, 8],
+        100,
+        &PackedConvWeights::pack(&w, 6, 5, geom),
+        &mut out,
+    );
+    assert_eq!(out, as_i32(&want));
+}

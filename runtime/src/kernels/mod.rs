@@ -1,0 +1,2 @@
+//! Numeric kernels of the runtime (plain Rust on slices, no tract types).
+pub mod int8;
