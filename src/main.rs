@@ -121,6 +121,14 @@ struct QuantArgs {
     /// (then shrunk to the clip minimising the quantization MSE on calibration data).
     #[arg(long, default_value = "ema", value_parser = ["ema", "mse"])]
     act_range: String,
+    /// Weight rounding: `gptq` (Hessian-based, against each layer's calibration inputs;
+    /// never worse than round-to-nearest on them), `adaround` (layer-wise AdaRound,
+    /// slower), or `none` (round to nearest).
+    #[arg(long, default_value = "gptq", value_parser = ["none", "gptq", "adaround"])]
+    reconstruct: String,
+    /// AdaRound steps per layer.
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    adaround_iters: usize,
     /// Beta schedule (default: the model's metadata, else linear).
     #[arg(long, value_name = "linear|scaled-linear|cosine")]
     schedule: Option<String>,
@@ -189,6 +197,12 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Options {
         o.keep_float = q.keep_float.clone();
         o.baseline_minmax = q.baseline.is_some();
         o.act_range_mse = q.act_range == "mse";
+        o.reconstruct = match q.reconstruct.as_str() {
+            "none" => tfmqc_passes::options::Reconstruct::None,
+            "adaround" => tfmqc_passes::options::Reconstruct::AdaRound,
+            _ => tfmqc_passes::options::Reconstruct::Gptq,
+        };
+        o.adaround_iters = q.adaround_iters;
         o.schedule = q.schedule.clone();
         o.train_timesteps = q.train_timesteps;
         o.beta_start = q.beta_start;

@@ -26,6 +26,7 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "keep_float": o.keep_float,
         "baseline": if o.baseline_minmax { Some("minmax") } else { None },
         "act_range": if o.act_range_mse { "mse" } else { "ema" },
+        "reconstruct": format!("{:?}", o.reconstruct).to_lowercase(),
     })
 }
 

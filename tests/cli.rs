@@ -8,7 +8,13 @@ use common::*;
 fn print_passes_lists_every_pass_with_a_summary() {
     let out = tfmqc_ok(&["--print-passes"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    for name in ["canonicalize", "detect-tib", "fold-tib"] {
+    for name in [
+        "canonicalize",
+        "detect-tib",
+        "fold-tib",
+        "calibrate",
+        "quantize",
+    ] {
         assert!(
             err.lines()
                 .any(|l| l.starts_with(name) && l.len() > name.len() + 10),
@@ -18,7 +24,7 @@ fn print_passes_lists_every_pass_with_a_summary() {
     assert!(err.contains("fold-tib") && err.contains("(after detect-tib)"));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "canonicalize,detect-tib,fold-tib"
+        "canonicalize,detect-tib,fold-tib,calibrate,quantize"
     );
 }
 
@@ -35,6 +41,10 @@ fn dump_dir_holds_the_ir_after_each_pass() {
         dumps.to_str().unwrap(),
         "--timesteps",
         "ddim:10",
+        "--calib-samples",
+        "2",
+        "--calib-steps",
+        "4",
     ]);
     let mut files: Vec<String> = std::fs::read_dir(&dumps)
         .unwrap()
@@ -46,9 +56,13 @@ fn dump_dir_holds_the_ir_after_each_pass() {
         [
             "01-canonicalize.txt",
             "02-detect-tib.txt",
-            "03-fold-tib.txt"
+            "03-fold-tib.txt",
+            "04-calibrate.txt",
+            "05-quantize.txt"
         ]
     );
+    let quantized = std::fs::read_to_string(dumps.join("05-quantize.txt")).unwrap();
+    assert!(quantized.contains("= QuantizeLinear("), "{quantized}");
     let folded = std::fs::read_to_string(dumps.join("03-fold-tib.txt")).unwrap();
     assert!(folded.contains("= Gather(@tib/table/"), "{folded}");
     assert!(!std::fs::read_to_string(dumps.join("01-canonicalize.txt"))
@@ -128,6 +142,10 @@ fn same_input_gives_identical_bytes() {
             model_path("unet2d_cond").to_str().unwrap(),
             "-o",
             out.to_str().unwrap(),
+            "--calib-samples",
+            "2",
+            "--calib-steps",
+            "5",
         ]);
     }
     assert!(

@@ -394,3 +394,76 @@ fn mse_activation_ranges_are_an_option() {
         .unwrap()
         .contains("\"act_range\":\"mse\""));
 }
+
+#[test]
+fn gptq_gains_at_four_bits_and_never_leaves_a_layer_worse() {
+    let dir = tmpdir();
+    let (_, rtn) = quantize(
+        "ddpm_digits",
+        dir.path(),
+        &[QUICK, &["--weight-bits", "4", "--reconstruct", "none"]].concat(),
+    );
+    let (_, gptq) = quantize(
+        "ddpm_digits",
+        dir.path(),
+        &[QUICK, &["--weight-bits", "4", "--reconstruct", "gptq"]].concat(),
+    );
+    eprintln!(
+        "W4A8: round-to-nearest {:.1} dB, GPTQ {:.1} dB",
+        sqnr(&rtn),
+        sqnr(&gptq)
+    );
+    assert!(
+        sqnr(&gptq) >= sqnr(&rtn) + 3.0,
+        "GPTQ {:.1} dB vs RTN {:.1} dB",
+        sqnr(&gptq),
+        sqnr(&rtn)
+    );
+    let mut reconstructed = 0;
+    for l in gptq["layers"].as_array().unwrap() {
+        if let (Some(a), Some(b)) = (
+            l["output_error_rtn"].as_f64(),
+            l["output_error_reconstructed"].as_f64(),
+        ) {
+            assert!(b <= a, "{}: {b} > {a}", l["node"]);
+            reconstructed += 1;
+        }
+    }
+    assert!(reconstructed >= 20, "{reconstructed} layers reconstructed");
+}
+
+#[test]
+fn adaround_is_available_and_never_worse_than_rounding() {
+    let dir = tmpdir();
+    let (_, r) = quantize(
+        "ddim_unet",
+        dir.path(),
+        &[
+            QUICK,
+            &[
+                "--timesteps",
+                "ddim:50",
+                "--weight-bits",
+                "4",
+                "--reconstruct",
+                "adaround",
+                "--adaround-iters",
+                "50",
+                "--keep-float",
+                "down",
+                "--keep-float",
+                "up",
+            ],
+        ]
+        .concat(),
+    );
+    assert_eq!(r["options"]["reconstruct"], "adaround");
+    for l in r["layers"].as_array().unwrap() {
+        if let (Some(a), Some(b)) = (
+            l["output_error_rtn"].as_f64(),
+            l["output_error_reconstructed"].as_f64(),
+        ) {
+            assert!(b <= a, "{}: {b} > {a}", l["node"]);
+        }
+    }
+}

@@ -20,6 +20,17 @@ pub mod meta {
     pub const SEED: &str = "tfmqc.calibration_seed";
 }
 
+/// Weight-rounding reconstruction of the quantized layers (`--reconstruct`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reconstruct {
+    /// Round to nearest.
+    None,
+    /// GPTQ: Hessian-based rounding, one Cholesky per layer.
+    Gptq,
+    /// Layer-wise AdaRound with closed-form gradients.
+    AdaRound,
+}
+
 /// Options every pass may read. The CLI fills them; `Default` gives the documented
 /// defaults.
 #[derive(Clone, Debug)]
@@ -50,6 +61,10 @@ pub struct Options {
     /// `--act-range mse`: shrink each activation range to minimise the quantization MSE
     /// on the calibration records (default: the EMA min/max as the reference does).
     pub act_range_mse: bool,
+    /// `--reconstruct`: weight rounding against each layer's calibration inputs.
+    pub reconstruct: Reconstruct,
+    /// AdaRound steps per layer.
+    pub adaround_iters: usize,
     /// Noise schedule overrides (else the model's metadata, else DDPM linear, T = 1000).
     pub schedule: Option<String>,
     pub train_timesteps: Option<usize>,
@@ -73,6 +88,8 @@ impl Default for Options {
             keep_float: vec![],
             baseline_minmax: false,
             act_range_mse: false,
+            reconstruct: Reconstruct::Gptq,
+            adaround_iters: 2000,
             schedule: None,
             train_timesteps: None,
             beta_start: None,

@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::calibrate::{Calibration, Range};
 use crate::error::{Error, Result};
 use crate::ir::{attr, DType, Graph, Model, Node, Tensor};
+use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
 use crate::pipeline::{Pass, PassContext};
 use crate::quant::{act_params_u8, quantize_weight, sqnr_db, RangeSearch};
@@ -41,6 +42,11 @@ pub struct LayerReport {
     pub op: String,
     pub weight: Option<String>,
     pub weight_sqnr_db: Option<f64>,
+    /// Output error ||ŴX − WX||² on the calibration inputs, round-to-nearest and after
+    /// reconstruction (when it ran), and the seconds it took.
+    pub output_error_rtn: Option<f64>,
+    pub output_error_reconstructed: Option<f64>,
+    pub reconstruct_seconds: Option<f64>,
     pub activations: Vec<String>,
 }
 
@@ -211,6 +217,11 @@ pub fn quantize(
         .flat_map(|t| t.activations.iter().cloned())
         .collect();
     let ranges = activation_ranges(model, cal, &acts, &members, options)?;
+    let grams = if options.baseline_minmax || options.reconstruct == Reconstruct::None {
+        HashMap::new()
+    } else {
+        layer_grams(model, cal, &quantized)?
+    };
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
         .node_indices()
@@ -271,6 +282,9 @@ pub fn quantize(
             op: target.op.clone(),
             weight: None,
             weight_sqnr_db: None,
+            output_error_rtn: None,
+            output_error_reconstructed: None,
+            reconstruct_seconds: None,
             activations: vec![],
         };
         if let Some(w) = &target.weight {
@@ -281,8 +295,17 @@ pub fn quantize(
                     None => {
                         let values = t.to_vec::<f32>()?;
                         let shape = t.shape.clone();
-                        let q =
+                        let mut q =
                             quantize_weight(&values, &shape, w.axis, options.weight_bits, search);
+                        if let Some((h, _)) = grams.get(&target.node) {
+                            let start = std::time::Instant::now();
+                            let r =
+                                reconstruct_weight(&values, &shape, w.axis, &q.scales, options, h);
+                            layer.output_error_rtn = Some(r.rtn_error);
+                            layer.output_error_reconstructed = Some(r.error);
+                            layer.reconstruct_seconds = Some(start.elapsed().as_secs_f64());
+                            q.values = from_rows(&r.q, &shape, w.axis);
+                        }
                         layer.weight_sqnr_db = Some(sqnr_db(&values, &q.dequantize(&shape)));
                         let channels = q.scales.len();
                         let qi = add_const(
@@ -374,6 +397,123 @@ fn activation_ranges(
         crate::clip_search::shrink_to_mse(model, cal, &mut out, members)?;
     }
     Ok(out)
+}
+
+/// The weight as rows [N out, K in] (the layout reconstruction works on).
+fn to_rows(w: &[f32], shape: &[usize], axis: usize) -> (Vec<f32>, usize, usize) {
+    let n = shape[axis];
+    let k = w.len() / n.max(1);
+    if axis == 0 {
+        return (w.to_vec(), n, k);
+    }
+    // [K, N] (Gemm without transB, MatMul): transpose.
+    let mut out = vec![0f32; w.len()];
+    for i in 0..k {
+        for j in 0..n {
+            out[j * k + i] = w[i * n + j];
+        }
+    }
+    (out, n, k)
+}
+
+/// Back from rows [N, K] to the weight's own layout.
+fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
+    if axis == 0 {
+        return q.to_vec();
+    }
+    let n = shape[axis];
+    let k = q.len() / n.max(1);
+    let mut out = vec![0i8; q.len()];
+    for j in 0..n {
+        for i in 0..k {
+            out[i * n + j] = q[j * k + i];
+        }
+    }
+    out
+}
+
+fn reconstruct_weight(
+    w: &[f32],
+    shape: &[usize],
+    axis: usize,
+    scales: &[f32],
+    options: &Options,
+    h: &[f64],
+) -> crate::reconstruct::Reconstructed {
+    use crate::reconstruct::{adaround_gram, gptq, never_worse_than_rtn, AdaRoundOpts};
+    let (rows, n, k) = to_rows(w, shape, axis);
+    let qmax = crate::quant::weight_qmax(options.weight_bits) as i32;
+    let candidate = match options.reconstruct {
+        Reconstruct::None => None,
+        Reconstruct::Gptq => Some(gptq(&rows, n, k, h, scales, qmax, 0.01, 128)),
+        Reconstruct::AdaRound => {
+            // lr 1e-2 reaches in ~2k steps what the reference's 1e-3 needs 20k for.
+            let opts = AdaRoundOpts {
+                iters: options.adaround_iters,
+                lr: 1e-2,
+                ..Default::default()
+            };
+            Some(adaround_gram(&rows, n, k, h, 1024, scales, qmax, &opts))
+        }
+    };
+    never_worse_than_rtn(candidate, &rows, n, k, h, scales, qmax)
+}
+
+/// Gram matrices of the inputs of every weight layer reconstruction can handle (Conv
+/// with one group, Gemm without transA, 2-D MatMul weights), keyed by node name.
+fn layer_grams(
+    model: &Model,
+    cal: &Calibration,
+    targets: &[crate::targets::Target],
+) -> Result<HashMap<String, (Vec<f64>, usize)>> {
+    use crate::layer_inputs::{collect_grams, LayerInput, Unfold};
+    let g = &model.graph;
+    let by_name: HashMap<&str, _> = g
+        .node_indices()
+        .map(|ix| (g.node(ix).name.as_str(), ix))
+        .collect();
+    let mut names = vec![];
+    let mut layers = vec![];
+    for t in targets {
+        let (Some(w), Some(a)) = (&t.weight, t.activations.first()) else {
+            continue;
+        };
+        let n = g.node(by_name[t.node.as_str()]);
+        let shape = &g.initializers[&w.name].shape;
+        let ints = |name: &str, d: Vec<usize>| -> Vec<usize> {
+            n.attr_ints(name)
+                .map(|v| v.iter().map(|&x| x as usize).collect())
+                .unwrap_or(d)
+        };
+        let unfold = match t.op.as_str() {
+            "Conv"
+                if shape.len() == 4
+                    && n.attr_int("group").unwrap_or(1) == 1
+                    && n.attr("auto_pad").is_none_or(|a| a.s == b"NOTSET") =>
+            {
+                let p = ints("pads", vec![0; 4]);
+                let (s, d) = (ints("strides", vec![1, 1]), ints("dilations", vec![1, 1]));
+                Unfold::Conv {
+                    kernel: [shape[2], shape[3]],
+                    strides: [s[0], s[1]],
+                    pads: [p[0], p[1], p[2], p[3]],
+                    dilations: [d[0], d[1]],
+                }
+            }
+            "Gemm" if n.attr_int("transA").unwrap_or(0) == 0 => Unfold::Rows,
+            "MatMul" if shape.len() == 2 => Unfold::Rows,
+            _ => continue,
+        };
+        let k = shape.iter().product::<usize>() / shape[w.axis];
+        names.push(t.node.clone());
+        layers.push(LayerInput {
+            value: a.clone(),
+            k,
+            unfold,
+        });
+    }
+    let grams = collect_grams(model, cal, &layers)?;
+    Ok(names.into_iter().zip(grams).collect())
 }
 
 /// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.
