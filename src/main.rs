@@ -11,6 +11,7 @@ use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
 mod report;
+mod sample;
 
 /// tfmqc: quantize diffusion-model denoisers (ONNX) with TFMQ-DM, keeping the
 /// time-step path exact.
@@ -37,6 +38,9 @@ enum Command {
     /// Print a summary of MODEL: inputs, outputs, ops, parameters, the time-step block
     /// that was found, and the graph one node per line.
     Inspect(InspectArgs),
+    /// Sample with the runtime's DDIM/DDPM sampler (time steps taken from the model's set
+    /// S) and save the samples as a PNG grid.
+    Sample(sample::SampleArgs),
 }
 
 #[derive(Args, Debug)]
@@ -408,6 +412,7 @@ fn main() -> ExitCode {
     let result = std::panic::catch_unwind(|| match &cli.command {
         Some(Command::Quantize(a)) => run_pipeline(a),
         Some(Command::Inspect(a)) => inspect(a),
+        Some(Command::Sample(a)) => sample::run(a),
         None => run_pipeline(&cli.run),
     });
     match result {

@@ -32,7 +32,7 @@ pub fn options_json(o: &Options) -> serde_json::Value {
 
 pub fn schedule_json(s: &tfmqc_runtime::Schedule) -> serde_json::Value {
     serde_json::json!({
-        "beta_schedule": format!("{:?}", s.kind).to_lowercase(),
+        "beta_schedule": s.kind.name(),
         "train_timesteps": s.train_timesteps(),
         "beta_start": s.beta_start,
         "beta_end": s.beta_end,

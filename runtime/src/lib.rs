@@ -2,11 +2,13 @@
 //!
 //! This crate depends on no compiler crate: an edge application links only it.
 
+pub mod denoiser;
 pub mod engine;
 pub mod error;
 pub mod kernels;
 pub mod schedule;
 
+pub use denoiser::{Denoiser, Sampler};
 pub use engine::{Engine, Optimize, ValueFact};
 pub use error::{Error, Result};
 pub use schedule::{BetaSchedule, NoiseRng, Schedule};

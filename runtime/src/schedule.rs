@@ -25,6 +25,17 @@ impl std::str::FromStr for BetaSchedule {
     }
 }
 
+impl BetaSchedule {
+    /// The name `from_str` reads back (`linear`, `scaled-linear`, `cosine`).
+    pub fn name(self) -> &'static str {
+        match self {
+            BetaSchedule::Linear => "linear",
+            BetaSchedule::ScaledLinear => "scaled-linear",
+            BetaSchedule::Cosine => "cosine",
+        }
+    }
+}
+
 /// ᾱ_t for every training step t.
 #[derive(Clone, Debug)]
 pub struct Schedule {

@@ -1,0 +1,845 @@
+//! The embedding API: load a (quantized, folded) denoiser, call it, sample with it.
+//!
+//! ```no_run
+//! use tfmqc_runtime::{Denoiser, Sampler};
+//! let model = Denoiser::load("model.q.onnx".as_ref())?;
+//! let images = model.sample(0, 50, &[], 4, Sampler::Ddim)?; // [4, C, H, W] in about [-1, 1]
+//! # Ok::<(), tfmqc_runtime::Error>(())
+//! ```
+//!
+//! The time step of every call must belong to the model's time-step set S (metadata
+//! `tfmqc.timesteps`, written by `fold-tib`; without it, every training step 0..T): a
+//! folded model holds tables for those steps only, so any other `t` is refused before
+//! anything runs. The samplers take their steps from S.
+
+use std::path::Path;
+
+use tract_onnx::pb;
+use tract_onnx::prelude::{DatumType, Tensor};
+
+use crate::engine::{read_proto, Engine, Optimize};
+use crate::error::{Error, Result};
+use crate::schedule::{BetaSchedule, NoiseRng, Schedule};
+
+/// Metadata keys read here (written by model exporters or by tfmqc).
+mod meta {
+    pub const TIMESTEPS: &str = "tfmqc.timesteps";
+    pub const TIMESTEP_INPUT: &str = "tfmqc.timestep_input";
+    pub const SCHEDULE: &str = "tfmqc.schedule";
+    pub const TRAIN_TIMESTEPS: &str = "diffusion.train_timesteps";
+    pub const BETA_SCHEDULE: &str = "diffusion.beta_schedule";
+    pub const BETA_START: &str = "diffusion.beta_start";
+    pub const BETA_END: &str = "diffusion.beta_end";
+    pub const SAMPLE_SHAPE: &str = "diffusion.sample_shape";
+}
+
+/// The sampling algorithm of [`Denoiser::sample`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sampler {
+    /// DDIM, η = 0 (deterministic given the initial noise).
+    Ddim,
+    /// DDPM ancestral sampling, with the posterior variance β̃.
+    Ddpm,
+}
+
+impl std::str::FromStr for Sampler {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "ddim" => Ok(Sampler::Ddim),
+            "ddpm" => Ok(Sampler::Ddpm),
+            other => Err(format!("unknown sampler '{other}' (ddim, ddpm)")),
+        }
+    }
+}
+
+/// One graph input: its name, element type and dims (`None`: symbolic or unknown).
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub name: String,
+    pub dtype: Option<DatumType>,
+    pub shape: Option<Vec<Option<usize>>>,
+}
+
+impl InputSpec {
+    fn rank(&self) -> Option<usize> {
+        self.shape.as_ref().map(|s| s.len())
+    }
+}
+
+/// A diffusion denoiser ready to run: ε̂ = model(x_t, t, conditioning).
+pub struct Denoiser {
+    engine: Engine,
+    /// Per engine input, in order: which role it plays.
+    inputs: Vec<InputSpec>,
+    sample: usize,
+    timestep: usize,
+    timesteps: Option<Vec<i64>>,
+    schedule: Schedule,
+    sample_shape: Option<[usize; 3]>,
+}
+
+impl std::fmt::Debug for Denoiser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Denoiser(sample '{}', time step '{}', conditioning {:?}, |S| = {}, T = {})",
+            self.inputs[self.sample].name,
+            self.inputs[self.timestep].name,
+            self.conditioning_inputs(),
+            self.timestep_count(),
+            self.schedule.train_timesteps()
+        )
+    }
+}
+
+fn invalid(path: &str, msg: impl std::fmt::Display) -> Error {
+    if path.is_empty() {
+        Error::InvalidModel(msg.to_string())
+    } else {
+        Error::InvalidModel(format!("{path}: {msg}"))
+    }
+}
+
+fn dtype_of(elem: i32) -> Option<DatumType> {
+    use pb::tensor_proto::DataType as D;
+    Some(match D::try_from(elem).ok()? {
+        D::Float => DatumType::F32,
+        D::Double => DatumType::F64,
+        D::Float16 => DatumType::F16,
+        D::Int8 => DatumType::I8,
+        D::Int16 => DatumType::I16,
+        D::Int32 => DatumType::I32,
+        D::Int64 => DatumType::I64,
+        D::Uint8 => DatumType::U8,
+        D::Uint16 => DatumType::U16,
+        D::Uint32 => DatumType::U32,
+        D::Uint64 => DatumType::U64,
+        D::Bool => DatumType::Bool,
+        _ => return None,
+    })
+}
+
+fn input_spec(v: &pb::ValueInfoProto) -> InputSpec {
+    use pb::tensor_shape_proto::dimension::Value;
+    let tensor = match v.r#type.as_ref().and_then(|t| t.value.as_ref()) {
+        Some(pb::type_proto::Value::TensorType(t)) => Some(t),
+        _ => None,
+    };
+    InputSpec {
+        name: v.name.clone(),
+        dtype: tensor.and_then(|t| dtype_of(t.elem_type)),
+        shape: tensor.and_then(|t| t.shape.as_ref()).map(|s| {
+            s.dim
+                .iter()
+                .map(|d| match d.value {
+                    Some(Value::DimValue(n)) if n > 0 => Some(n as usize),
+                    _ => None,
+                })
+                .collect()
+        }),
+    }
+}
+
+/// The value of `key` in a flat JSON object (numbers and strings only): enough for
+/// `tfmqc.schedule` without a JSON dependency in the runtime.
+fn json_field(json: &str, key: &str) -> Option<String> {
+    let at = json.find(&format!("\"{key}\""))? + key.len() + 2;
+    let rest = json[at..].trim_start().strip_prefix(':')?.trim_start();
+    if let Some(s) = rest.strip_prefix('"') {
+        return Some(s[..s.find('"')?].to_string());
+    }
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    Some(rest[..end].trim().to_string())
+}
+
+fn parse_kind(s: &str) -> Option<BetaSchedule> {
+    // `{:?}` of the enum, lowercased, gives `scaledlinear`: accept every spelling.
+    match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
+        "linear" => Some(BetaSchedule::Linear),
+        "scaledlinear" => Some(BetaSchedule::ScaledLinear),
+        "cosine" | "squaredcoscapv2" => Some(BetaSchedule::Cosine),
+        _ => None,
+    }
+}
+
+fn schedule_from(meta: &dyn Fn(&str) -> Option<String>, path: &str) -> Result<Schedule> {
+    let json = meta(meta::SCHEDULE);
+    let get = |json_key: &str, meta_key: &str| -> Option<String> {
+        json.as_deref()
+            .and_then(|j| json_field(j, json_key))
+            .or_else(|| meta(meta_key))
+    };
+    let num = |json_key: &str, meta_key: &str, default: f64| -> Result<f64> {
+        match get(json_key, meta_key) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse::<f64>()
+                .map_err(|_| invalid(path, format!("metadata {json_key} = '{v}' is not a number"))),
+        }
+    };
+    let kind = match get("beta_schedule", meta::BETA_SCHEDULE) {
+        None => BetaSchedule::Linear,
+        Some(k) => parse_kind(&k).ok_or_else(|| {
+            invalid(
+                path,
+                format!("unknown beta schedule '{k}' (linear, scaled-linear, cosine)"),
+            )
+        })?,
+    };
+    let t = num("train_timesteps", meta::TRAIN_TIMESTEPS, 1000.0)?;
+    let (b0, b1) = (
+        num("beta_start", meta::BETA_START, 1e-4)?,
+        num("beta_end", meta::BETA_END, 2e-2)?,
+    );
+    if !(t >= 1.0 && t.fract() == 0.0 && t <= 1e7) {
+        return Err(invalid(
+            path,
+            format!("train_timesteps = {t} is not a positive integer"),
+        ));
+    }
+    if kind != BetaSchedule::Cosine && !(b0 > 0.0 && b1 >= b0 && b1 < 1.0) {
+        return Err(invalid(
+            path,
+            format!("beta schedule {b0}..{b1} is not increasing inside (0, 1)"),
+        ));
+    }
+    Ok(Schedule::new(kind, t as usize, b0, b1))
+}
+
+/// The graph-input index of the time step.
+fn find_timestep(inputs: &[InputSpec], named: Option<&str>, path: &str) -> Result<usize> {
+    if let Some(name) = named {
+        return inputs.iter().position(|i| i.name == name).ok_or_else(|| {
+            invalid(
+                path,
+                format!(
+                    "metadata names '{name}' as the time-step input, the model has no such input"
+                ),
+            )
+        });
+    }
+    let by_name = |i: &InputSpec| {
+        matches!(
+            i.name.to_ascii_lowercase().as_str(),
+            "t" | "timestep" | "timesteps" | "time_step" | "time_steps" | "time"
+        )
+    };
+    if let Some(k) = inputs.iter().position(by_name) {
+        return Ok(k);
+    }
+    let by_shape =
+        |i: &InputSpec| i.dtype.is_some_and(|d| !d.is_float()) || i.rank().is_some_and(|r| r <= 1);
+    let found: Vec<usize> = (0..inputs.len())
+        .filter(|&k| by_shape(&inputs[k]))
+        .collect();
+    match found.as_slice() {
+        [k] => Ok(*k),
+        _ => Err(invalid(
+            path,
+            format!(
+                "cannot tell which input is the time step among {:?} (compile the model with tfmqc, which records it)",
+                inputs.iter().map(|i| &i.name).collect::<Vec<_>>()
+            ),
+        )),
+    }
+}
+
+/// Rows `start..end` of `t` (axis 0), the last row repeated up to `len` rows.
+fn rows(t: &Tensor, start: usize, end: usize, len: usize) -> Result<Tensor> {
+    let err = |e: tract_onnx::prelude::TractError| Error::BadInput(format!("{e:#}"));
+    let part = t.slice(0, start, end).map_err(err)?;
+    if end - start == len {
+        return Ok(part);
+    }
+    let last = t.slice(0, end - 1, end).map_err(err)?;
+    let mut all = vec![part];
+    all.extend(std::iter::repeat_n(last, len - (end - start)));
+    Tensor::stack_tensors(0, &all).map_err(err)
+}
+
+fn to_f32(t: &Tensor, what: &str) -> Result<Vec<f32>> {
+    let cast = t
+        .cast_to::<f32>()
+        .map_err(|e| Error::BadInput(format!("{what}: {e:#}")))?;
+    let view = cast
+        .to_plain_array_view::<f32>()
+        .map_err(|e| Error::BadInput(format!("{what}: {e:#}")))?;
+    Ok(view.iter().copied().collect())
+}
+
+impl Denoiser {
+    /// Loads a denoiser (an original or tfmqc-compiled ONNX file) and plans it for speed.
+    pub fn load(path: &Path) -> Result<Denoiser> {
+        let proto = read_proto(path)?;
+        let dir = path.parent().map(|d| d.to_string_lossy().to_string());
+        Denoiser::from_proto(&proto, dir.as_deref(), &path.display().to_string())
+    }
+
+    /// Builds from a decoded model; `model_dir` is where external data is looked up,
+    /// `name` prefixes error messages (a file name, or "").
+    pub fn from_proto(
+        proto: &pb::ModelProto,
+        model_dir: Option<&str>,
+        name: &str,
+    ) -> Result<Denoiser> {
+        let meta = |key: &str| -> Option<String> {
+            proto
+                .metadata_props
+                .iter()
+                .find(|p| p.key == key)
+                .map(|p| p.value.clone())
+        };
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| invalid(name, "the model has no graph"))?;
+        let init: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs: Vec<InputSpec> = graph
+            .input
+            .iter()
+            .filter(|i| !init.contains(i.name.as_str()))
+            .map(input_spec)
+            .collect();
+        let timestep = find_timestep(&inputs, meta(meta::TIMESTEP_INPUT).as_deref(), name)?;
+        let samples: Vec<usize> = (0..inputs.len())
+            .filter(|&k| {
+                k != timestep
+                    && inputs[k].dtype.is_none_or(|d| d.is_float())
+                    && inputs[k].rank() == Some(4)
+            })
+            .collect();
+        let sample = match samples.as_slice() {
+            [k] => *k,
+            [] => {
+                return Err(invalid(
+                    name,
+                    "no float input of rank 4 to take the noisy sample",
+                ))
+            }
+            many => {
+                // Several images in: the one with the conventional name, else the first.
+                let conventional = ["sample", "x", "x_t", "latent", "latents", "noisy_sample"];
+                many.iter()
+                    .copied()
+                    .find(|&k| conventional.contains(&inputs[k].name.to_ascii_lowercase().as_str()))
+                    .unwrap_or(many[0])
+            }
+        };
+        let schedule = schedule_from(&meta, name)?;
+        let t_count = schedule.train_timesteps() as i64;
+        let timesteps = match meta(meta::TIMESTEPS) {
+            None => None,
+            Some(v) => {
+                let mut set = v
+                    .split(',')
+                    .map(|s| s.trim())
+                    .filter(|s| !s.is_empty())
+                    .map(|s| {
+                        s.parse::<i64>().map_err(|_| {
+                            invalid(
+                                name,
+                                format!("metadata {} has '{s}', not a time step", meta::TIMESTEPS),
+                            )
+                        })
+                    })
+                    .collect::<Result<Vec<i64>>>()?;
+                set.sort_unstable();
+                set.dedup();
+                if set.is_empty() {
+                    return Err(invalid(
+                        name,
+                        format!("metadata {} is empty", meta::TIMESTEPS),
+                    ));
+                }
+                if set[0] < 0 || set[set.len() - 1] >= t_count {
+                    return Err(invalid(
+                        name,
+                        format!(
+                            "the time-step set {}..{} does not fit the {t_count} training steps",
+                            set[0],
+                            set[set.len() - 1]
+                        ),
+                    ));
+                }
+                Some(set)
+            }
+        };
+        let chw = inputs[sample].shape.as_ref().and_then(|s| match s[1..] {
+            [Some(c), Some(h), Some(w)] => Some([c, h, w]),
+            _ => None,
+        });
+        let sample_shape = chw.or_else(|| {
+            let v: Vec<usize> = meta(meta::SAMPLE_SHAPE)?
+                .split(',')
+                .map(|s| s.trim().parse().ok())
+                .collect::<Option<_>>()?;
+            <[usize; 3]>::try_from(v).ok()
+        });
+        let engine = Engine::from_proto(proto, model_dir, None, Optimize::Full).map_err(|e| {
+            if name.is_empty() {
+                e
+            } else {
+                Error::InvalidModel(format!("{name}: {e}"))
+            }
+        })?;
+        Ok(Denoiser {
+            engine,
+            inputs,
+            sample,
+            timestep,
+            timesteps,
+            schedule,
+            sample_shape,
+        })
+    }
+
+    /// The time-step set S, ascending; `None`: every training step 0..T.
+    pub fn timesteps(&self) -> Option<&[i64]> {
+        self.timesteps.as_deref()
+    }
+
+    /// |S|.
+    pub fn timestep_count(&self) -> usize {
+        self.timesteps
+            .as_ref()
+            .map(|s| s.len())
+            .unwrap_or(self.schedule.train_timesteps())
+    }
+
+    /// Whether the model accepts the time step `t`.
+    pub fn accepts(&self, t: i64) -> bool {
+        match &self.timesteps {
+            Some(s) => s.binary_search(&t).is_ok(),
+            None => t >= 0 && t < self.schedule.train_timesteps() as i64,
+        }
+    }
+
+    /// The noise schedule (metadata, else DDPM linear 1e-4..0.02, T = 1000).
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// (C, H, W) of one sample, when the model or its metadata tells.
+    pub fn sample_shape(&self) -> Option<[usize; 3]> {
+        self.sample_shape
+    }
+
+    pub fn sample_input(&self) -> &InputSpec {
+        &self.inputs[self.sample]
+    }
+
+    pub fn timestep_input(&self) -> &InputSpec {
+        &self.inputs[self.timestep]
+    }
+
+    /// The names of the other inputs, which `cond` must give.
+    pub fn conditioning_inputs(&self) -> Vec<&str> {
+        (0..self.inputs.len())
+            .filter(|&k| k != self.sample && k != self.timestep)
+            .map(|k| self.inputs[k].name.as_str())
+            .collect()
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    fn check_timestep(&self, t: i64) -> Result<()> {
+        if self.accepts(t) {
+            return Ok(());
+        }
+        Err(Error::BadInput(match &self.timesteps {
+            Some(s) => {
+                let regular = s.len() > 2 && s.windows(2).all(|w| w[1] - w[0] == s[1] - s[0]);
+                format!(
+                    "time step {t} is not in the model's time-step set S ({} steps, {}..{}{}): the model was compiled for those steps only",
+                    s.len(),
+                    s[0],
+                    s[s.len() - 1],
+                    if regular { format!(" every {}", s[1] - s[0]) } else { String::new() }
+                )
+            }
+            None => format!(
+                "time step {t} is outside the model's {} training steps 0..{}",
+                self.schedule.train_timesteps(),
+                self.schedule.train_timesteps() - 1
+            ),
+        }))
+    }
+
+    /// The model's batch size when its sample input fixes one.
+    fn fixed_batch(&self) -> Option<usize> {
+        self.inputs[self.sample]
+            .shape
+            .as_ref()
+            .and_then(|s| s.first().copied().flatten())
+    }
+
+    fn timestep_tensor(&self, t: i64, batch: usize) -> Result<Tensor> {
+        let spec = &self.inputs[self.timestep];
+        let shape: Vec<usize> = match spec.shape.as_deref() {
+            Some([]) => vec![],
+            Some([Some(1)]) => vec![1],
+            Some([_]) | None => vec![batch],
+            Some(other) => {
+                return Err(Error::InvalidModel(format!(
+                    "the time-step input '{}' has rank {}: expected a scalar or [batch]",
+                    spec.name,
+                    other.len()
+                )))
+            }
+        };
+        let n = shape.iter().product::<usize>();
+        let tensor = Tensor::from_shape(&shape, &vec![t; n])
+            .map_err(|e| Error::BadInput(format!("{e:#}")))?;
+        let dt = spec.dtype.unwrap_or(DatumType::I64);
+        Ok(tensor
+            .cast_to_dt(dt)
+            .map_err(|e| Error::BadInput(format!("time step as {dt:?}: {e:#}")))?
+            .into_owned())
+    }
+
+    /// The noise prediction ε̂(x, t, cond) for a batch `x` of shape [B, C, H, W].
+    ///
+    /// `t` must be in S (checked before anything runs). `cond` gives every other input by
+    /// name; a conditioning tensor with B rows is split with `x` when the model's batch
+    /// is fixed to another size. Learned-variance outputs (2·C channels) are cut to ε̂.
+    pub fn denoise(&self, x: &Tensor, t: i64, cond: &[(&str, Tensor)]) -> Result<Tensor> {
+        self.check_timestep(t)?;
+        let names = self.conditioning_inputs();
+        for (name, _) in cond {
+            if !names.contains(name) {
+                return Err(Error::BadInput(format!(
+                    "'{name}' is not a conditioning input of the model (those are {names:?})"
+                )));
+            }
+        }
+        for name in &names {
+            if !cond.iter().any(|(n, _)| n == name) {
+                return Err(Error::BadInput(format!(
+                    "conditioning input '{name}' was not given"
+                )));
+            }
+        }
+        let spec = &self.inputs[self.sample];
+        let shape = x.shape().to_vec();
+        if shape.len() != 4 {
+            return Err(Error::BadInput(format!(
+                "the sample must be [batch, C, H, W], got {shape:?}"
+            )));
+        }
+        if let Some(dims) = &spec.shape {
+            for (k, (&given, want)) in shape.iter().zip(dims).enumerate().skip(1) {
+                if want.is_some_and(|w| w != given) {
+                    return Err(Error::BadInput(format!(
+                        "sample dim {k} is {given}, the model's input '{}' wants {}",
+                        spec.name,
+                        want.unwrap()
+                    )));
+                }
+            }
+        }
+        let dt = spec.dtype.unwrap_or(DatumType::F32);
+        let batch = shape[0];
+        if batch == 0 {
+            return Err(Error::BadInput("the sample batch is empty".into()));
+        }
+        let chunk = self.fixed_batch().unwrap_or(batch);
+        let channels = shape[1];
+        let per_sample: usize = shape[1..].iter().product();
+        let mut eps: Vec<f32> = Vec::with_capacity(batch * per_sample);
+        let mut start = 0;
+        while start < batch {
+            let end = (start + chunk).min(batch);
+            let mut args: Vec<Tensor> = Vec::with_capacity(self.inputs.len());
+            for (k, input) in self.inputs.iter().enumerate() {
+                let value = if k == self.sample {
+                    let part = if chunk == batch {
+                        x.clone()
+                    } else {
+                        rows(x, start, end, chunk)?
+                    };
+                    part.cast_to_dt(dt)
+                        .map_err(|e| Error::BadInput(format!("sample as {dt:?}: {e:#}")))?
+                        .into_owned()
+                } else if k == self.timestep {
+                    self.timestep_tensor(t, chunk)?
+                } else {
+                    let given = &cond.iter().find(|(n, _)| *n == input.name).unwrap().1;
+                    if chunk != batch && given.rank() > 0 && given.shape()[0] == batch {
+                        rows(given, start, end, chunk)?
+                    } else {
+                        given.clone()
+                    }
+                };
+                args.push(value);
+            }
+            let out = self.engine.run(args)?;
+            let first = out
+                .first()
+                .ok_or_else(|| Error::InvalidModel("the model has no output".into()))?;
+            let oshape = first.shape();
+            let out_per_sample = oshape.iter().skip(1).product::<usize>();
+            let learned_variance =
+                oshape.len() == 4 && oshape[1] == 2 * channels && oshape[2..] == shape[2..];
+            if oshape.first() != Some(&chunk) || !(out_per_sample == per_sample || learned_variance)
+            {
+                return Err(Error::InvalidModel(format!(
+                    "output '{}' has shape {oshape:?}: not a noise prediction for a sample of {:?}",
+                    self.engine.output_names()[0],
+                    &shape[1..]
+                )));
+            }
+            let values = to_f32(first, "the model's output")?;
+            for r in 0..end - start {
+                let row = &values[r * out_per_sample..(r + 1) * out_per_sample];
+                // Learned variance: ε̂ is the first C channels.
+                eps.extend_from_slice(&row[..per_sample]);
+            }
+            start = end;
+        }
+        Tensor::from_shape(&shape, &eps).map_err(|e| Error::BadInput(format!("{e:#}")))
+    }
+
+    /// The time steps a sampler with `steps` steps visits: taken evenly from S (or
+    /// 0..T), from the largest down to the smallest (0 in the usual sets).
+    pub fn trajectory(&self, steps: usize) -> Vec<i64> {
+        let set: Vec<i64> = match &self.timesteps {
+            Some(s) => s.clone(),
+            None => (0..self.schedule.train_timesteps() as i64).collect(),
+        };
+        let n = steps.min(set.len()).max(1);
+        let mut traj: Vec<i64> = (0..n)
+            .map(|k| {
+                set[if n == 1 {
+                    set.len() - 1
+                } else {
+                    k * (set.len() - 1) / (n - 1)
+                }]
+            })
+            .collect();
+        traj.dedup();
+        traj.reverse();
+        traj
+    }
+
+    /// Generates `batch` samples: seeded N(0, 1) noise, then `steps` denoising steps from
+    /// S (see [`Denoiser::trajectory`]). The predicted x̂₀ is clipped to [-1, 1] at every
+    /// step (as diffusers' schedulers by default); the returned x is not.
+    pub fn sample(
+        &self,
+        seed: u64,
+        steps: usize,
+        cond: &[(&str, Tensor)],
+        batch: usize,
+        sampler: Sampler,
+    ) -> Result<Tensor> {
+        if steps == 0 || batch == 0 {
+            return Err(Error::BadInput(format!(
+                "steps ({steps}) and batch ({batch}) must be at least 1"
+            )));
+        }
+        let [c, h, w] = self.sample_shape.ok_or_else(|| {
+            Error::InvalidModel(format!(
+                "the sample input '{}' has no fixed [C, H, W] and the metadata has no {}",
+                self.inputs[self.sample].name,
+                meta::SAMPLE_SHAPE
+            ))
+        })?;
+        let shape = [batch, c, h, w];
+        let mut rng = NoiseRng::new(seed);
+        let mut x = rng.normal_vec(shape.iter().product());
+        let traj = self.trajectory(steps);
+        let ac = &self.schedule.alphas_cumprod;
+        for (k, &t) in traj.iter().enumerate() {
+            let xt =
+                Tensor::from_shape(&shape, &x).map_err(|e| Error::BadInput(format!("{e:#}")))?;
+            let eps = to_f32(&self.denoise(&xt, t, cond)?, "ε̂")?;
+            let a_t = ac[t as usize];
+            let a_prev = traj.get(k + 1).map(|&p| ac[p as usize]).unwrap_or(1.0);
+            let (sa, s1a) = (a_t.sqrt(), (1.0 - a_t).sqrt());
+            let x0 = |xi: f32, e: f32| ((xi as f64 - s1a * e as f64) / sa).clamp(-1.0, 1.0);
+            match sampler {
+                Sampler::Ddim => {
+                    let (sp, s1p) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
+                    for (xi, &e) in x.iter_mut().zip(&eps) {
+                        *xi = (sp * x0(*xi, e) + s1p * e as f64) as f32;
+                    }
+                }
+                Sampler::Ddpm => {
+                    // The posterior q(x_prev | x_t, x̂₀) over the strided step t → prev.
+                    let alpha = a_t / a_prev;
+                    let beta = 1.0 - alpha;
+                    let c0 = a_prev.sqrt() * beta / (1.0 - a_t);
+                    let ct = alpha.sqrt() * (1.0 - a_prev) / (1.0 - a_t);
+                    let var = ((1.0 - a_prev) / (1.0 - a_t) * beta).max(1e-20);
+                    let noisy = t > 0 && k + 1 < traj.len();
+                    let z = if noisy {
+                        rng.normal_vec(x.len())
+                    } else {
+                        vec![0.0; x.len()]
+                    };
+                    for ((xi, &e), &zi) in x.iter_mut().zip(&eps).zip(&z) {
+                        let mean = c0 * x0(*xi, e) + ct * *xi as f64;
+                        *xi = (mean + var.sqrt() * zi as f64) as f32;
+                    }
+                }
+            }
+        }
+        Tensor::from_shape(&shape, &x).map_err(|e| Error::BadInput(format!("{e:#}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::OnceLock;
+
+    fn digits_path() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/ddpm_digits.onnx")
+    }
+
+    /// The trained digits model, loaded once for all the tests.
+    fn digits() -> &'static Denoiser {
+        static D: OnceLock<Denoiser> = OnceLock::new();
+        D.get_or_init(|| Denoiser::load(&digits_path()).expect("loads"))
+    }
+
+    #[test]
+    fn finds_the_roles_and_the_schedule() {
+        let d = digits();
+        assert_eq!(d.sample_input().name, "sample");
+        assert_eq!(d.timestep_input().name, "timestep");
+        assert!(d.conditioning_inputs().is_empty());
+        assert_eq!(d.sample_shape(), Some([1, 16, 16]));
+        assert_eq!(d.schedule().train_timesteps(), 1000);
+        assert_eq!(d.timesteps(), None);
+        assert_eq!(d.trajectory(10)[0], 999);
+        assert_eq!(*d.trajectory(10).last().unwrap(), 0);
+    }
+
+    #[test]
+    fn a_time_step_outside_s_is_refused_before_running() {
+        let mut proto = read_proto(&digits_path()).unwrap();
+        let set: Vec<String> = (0..50).map(|k| (k * 20).to_string()).collect();
+        proto.metadata_props.push(pb::StringStringEntryProto {
+            key: meta::TIMESTEPS.into(),
+            value: set.join(","),
+        });
+        let d = Denoiser::from_proto(&proto, None, "").unwrap();
+        assert_eq!(d.trajectory(7).len(), 7);
+        assert!(d.trajectory(7).iter().all(|&t| t % 20 == 0));
+        let x = Tensor::zero::<f32>(&[1, 1, 16, 16]).unwrap();
+        assert!(d.denoise(&x, 20, &[]).is_ok());
+        let err = d.denoise(&x, 7, &[]).unwrap_err();
+        assert!(matches!(err, Error::BadInput(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("time step 7") && msg.contains("50 steps") && msg.contains("0..980"),
+            "{msg}"
+        );
+        // Before running: a sample of the wrong shape gives the same time-step error.
+        let bad = Tensor::zero::<f32>(&[3]).unwrap();
+        assert!(d
+            .denoise(&bad, 7, &[])
+            .unwrap_err()
+            .to_string()
+            .contains("time step 7"));
+        // Without a set: 0..T.
+        let e = digits().denoise(&bad, 1000, &[]).unwrap_err().to_string();
+        assert!(e.contains("time step 1000") && e.contains("0..999"), "{e}");
+        assert!(digits().denoise(&bad, -1, &[]).is_err());
+    }
+
+    #[test]
+    fn ddim_samples_are_finite_bounded_and_seeded() {
+        let d = digits();
+        let a = d.sample(0, 10, &[], 2, Sampler::Ddim).unwrap();
+        assert_eq!(a.shape(), &[2, 1, 16, 16]);
+        let v = to_f32(&a, "a").unwrap();
+        assert!(v.iter().all(|x| x.is_finite() && x.abs() <= 1.5), "{v:?}");
+        let b = d.sample(0, 10, &[], 2, Sampler::Ddim).unwrap();
+        assert_eq!(v, to_f32(&b, "b").unwrap());
+        let c = d.sample(1, 10, &[], 2, Sampler::Ddim).unwrap();
+        assert_ne!(v, to_f32(&c, "c").unwrap());
+    }
+
+    #[test]
+    fn ddpm_samples_are_finite_and_seeded() {
+        let d = digits();
+        let a = to_f32(&d.sample(3, 10, &[], 2, Sampler::Ddpm).unwrap(), "a").unwrap();
+        assert!(a.iter().all(|x| x.is_finite() && x.abs() <= 1.5), "{a:?}");
+        let b = to_f32(&d.sample(3, 10, &[], 2, Sampler::Ddpm).unwrap(), "b").unwrap();
+        assert_eq!(a, b);
+    }
+
+    fn model(name: &str) -> Denoiser {
+        let p = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../models/{name}.onnx"));
+        Denoiser::load(&p).unwrap()
+    }
+
+    #[test]
+    fn learned_variance_is_cut_and_conditioning_passed() {
+        // guided-diffusion style: f32 time steps, a class label, 2·C output channels.
+        let d = model("guided_unet");
+        assert_eq!(d.timestep_input().name, "timesteps");
+        assert_eq!(d.conditioning_inputs(), ["y"]);
+        let x = Tensor::zero::<f32>(&[3, 3, 16, 16]).unwrap();
+        let y = Tensor::from_shape(&[3], &[0i64, 1, 2]).unwrap();
+        assert!(d.denoise(&x, 10, &[]).is_err(), "y is required");
+        let eps = d.denoise(&x, 10, &[("y", y.clone())]).unwrap();
+        assert_eq!(eps.shape(), &[3, 3, 16, 16]);
+        let s = d.sample(0, 3, &[("y", y)], 3, Sampler::Ddpm).unwrap();
+        assert!(to_f32(&s, "s").unwrap().iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn a_fixed_batch_model_runs_in_chunks() {
+        // Batch fixed to 2, a scalar f32 time step, text conditioning split with x.
+        let d = model("unet2d_cond");
+        let x = NoiseRng::new(1).normal_vec(3 * 4 * 16 * 16);
+        let x = Tensor::from_shape(&[3, 4, 16, 16], &x).unwrap();
+        let c = NoiseRng::new(2).normal_vec(3 * 8 * 32);
+        let c = Tensor::from_shape(&[3, 8, 32], &c).unwrap();
+        let all = to_f32(
+            &d.denoise(&x, 500, &[("encoder_hidden_states", c.clone())])
+                .unwrap(),
+            "all",
+        )
+        .unwrap();
+        assert_eq!(all.len(), 3 * 4 * 16 * 16);
+        // The first two rows alone give the same prediction.
+        let x2 = x.slice(0, 0, 2).unwrap();
+        let c2 = c.slice(0, 0, 2).unwrap();
+        let two = to_f32(
+            &d.denoise(&x2, 500, &[("encoder_hidden_states", c2)])
+                .unwrap(),
+            "two",
+        )
+        .unwrap();
+        assert_eq!(&all[..two.len()], &two[..]);
+    }
+
+    #[test]
+    fn schedule_json_is_read() {
+        let json = r#"{"beta_end":0.012,"beta_schedule":"scaledlinear","beta_start":0.00085,"train_timesteps":1000}"#;
+        assert_eq!(
+            json_field(json, "beta_schedule").as_deref(),
+            Some("scaledlinear")
+        );
+        assert_eq!(json_field(json, "train_timesteps").as_deref(), Some("1000"));
+        let m = |k: &str| (k == meta::SCHEDULE).then(|| json.to_string());
+        let s = schedule_from(&m, "").unwrap();
+        assert_eq!(s.kind, BetaSchedule::ScaledLinear);
+        assert_eq!(s.beta_end, 0.012);
+        let none = |_: &str| None;
+        let s = schedule_from(&none, "").unwrap();
+        assert_eq!(
+            (s.kind, s.train_timesteps(), s.beta_start),
+            (BetaSchedule::Linear, 1000, 1e-4)
+        );
+    }
+}

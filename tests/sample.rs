@@ -1,0 +1,161 @@
+//! `tfmqc sample` and the runtime's embedding API (`Denoiser`): sampling works on the
+//! original and on compiled files, steps come from the time-step set S, and a time step
+//! outside S is refused.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+use tfmqc_runtime::{Denoiser, Error, Sampler, Tensor};
+
+/// Decodes a PNG: (width, height, color type, pixels).
+fn decode(path: &Path) -> (u32, u32, png::ColorType, Vec<u8>) {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut reader = png::Decoder::new(std::io::BufReader::new(file))
+        .read_info()
+        .expect("a valid PNG header");
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).expect("valid PNG data");
+    buf.truncate(info.buffer_size());
+    (info.width, info.height, info.color_type, buf)
+}
+
+/// `count` 16×16 gray samples, ×4, 2 px apart, ⌈√count⌉ columns.
+fn assert_digits_grid(path: &Path, count: usize) {
+    let cols = (1..=count).find(|k| k * k >= count).unwrap();
+    let rows = count.div_ceil(cols);
+    let (w, h, color, pixels) = decode(path);
+    assert_eq!(
+        (w as usize, h as usize),
+        (cols * 64 + (cols - 1) * 2, rows * 64 + (rows - 1) * 2)
+    );
+    assert_eq!(color, png::ColorType::Grayscale);
+    // Digits: dark background, bright strokes.
+    let dark = pixels.iter().filter(|&&p| p < 64).count();
+    let bright = pixels.iter().filter(|&&p| p > 192).count();
+    assert!(
+        dark > pixels.len() / 4 && bright > pixels.len() / 50,
+        "{dark} dark, {bright} bright of {}",
+        pixels.len()
+    );
+}
+
+fn sample_ok(model: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec![
+        "sample",
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    tfmqc_ok(&args);
+}
+
+#[test]
+fn samples_the_original_model_into_a_png_grid() {
+    let dir = tmpdir();
+    let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let model = model_path("ddpm_digits");
+    sample_ok(&model, &a, &["--steps", "10", "--count", "4"]);
+    assert_digits_grid(&a, 4);
+    // Same seed, same bytes; another count gives another grid shape.
+    sample_ok(&model, &b, &["--steps", "10", "--count", "4"]);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+    sample_ok(
+        &model,
+        &b,
+        &[
+            "--steps",
+            "10",
+            "--count",
+            "3",
+            "--sampler",
+            "ddpm",
+            "--seed",
+            "5",
+        ],
+    );
+    assert_digits_grid(&b, 3);
+}
+
+#[test]
+fn samples_a_quantized_model_with_steps_from_its_set() {
+    let dir = tmpdir();
+    let q = dir.path().join("q.onnx");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--timesteps",
+        "ddim:50",
+        "--calib-samples",
+        "2",
+        "--calib-steps",
+        "5",
+    ]);
+    let png = dir.path().join("q.png");
+    sample_ok(&q, &png, &["--steps", "10", "--count", "4"]);
+    assert_digits_grid(&png, 4);
+    // 7 steps do not divide the set: they are picked from S, never outside it.
+    sample_ok(&q, &png, &["--steps", "7", "--count", "4"]);
+    assert_digits_grid(&png, 4);
+
+    let d = Denoiser::load(&q).unwrap();
+    assert_eq!(d.timestep_count(), 50);
+    let traj = d.trajectory(7);
+    assert_eq!((traj.len(), traj[0], traj[6]), (7, 980, 0));
+    assert!(traj.iter().all(|&t| t % 20 == 0), "{traj:?}");
+    let x = d.sample(0, 7, &[], 2, Sampler::Ddim).unwrap();
+    assert_eq!(x.shape(), &[2, 1, 16, 16]);
+}
+
+#[test]
+fn a_time_step_outside_the_set_is_an_api_error() {
+    let dir = tmpdir();
+    let folded = dir.path().join("f.onnx");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        folded.to_str().unwrap(),
+        "--passes",
+        "detect-tib,fold-tib",
+        "--timesteps",
+        "ddim:50",
+    ]);
+    let d = Denoiser::load(&folded).unwrap();
+    let x = Tensor::zero::<f32>(&[2, 1, 16, 16]).unwrap();
+    let eps = d.denoise(&x, 40, &[]).unwrap();
+    assert_eq!(eps.shape(), &[2, 1, 16, 16]);
+    for t in [7, 999, 1000, -20] {
+        let err = d.denoise(&x, t, &[]).unwrap_err();
+        assert!(matches!(err, Error::BadInput(_)), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("time step {t} ")) && msg.contains("50 steps"),
+            "{msg}"
+        );
+    }
+    // Conditioning the model does not take is refused too.
+    let extra = [("y", Tensor::zero::<i64>(&[2]).unwrap())];
+    assert!(d.denoise(&x, 40, &extra).is_err());
+}
+
+#[test]
+fn bad_sample_requests_exit_1_and_write_nothing() {
+    let dir = tmpdir();
+    let out = dir.path().join("x.png");
+    let o = out.to_str().unwrap();
+    let model = model_path("ddpm_digits");
+    let m = model.to_str().unwrap();
+    for args in [
+        vec!["sample", "no/such/model.onnx", "-o", o],
+        vec!["sample", m, "-o", o, "--steps", "0"],
+        vec!["sample", m, "-o", o, "--sampler", "euler"],
+    ] {
+        let r = tfmqc(&args);
+        assert_eq!(r.status.code(), Some(1), "{args:?}");
+        assert!(!String::from_utf8_lossy(&r.stderr).is_empty());
+        assert!(!out.exists(), "{args:?}");
+    }
+}
