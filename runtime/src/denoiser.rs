@@ -70,6 +70,8 @@ impl InputSpec {
 /// A diffusion denoiser ready to run: ε̂ = model(x_t, t, conditioning).
 pub struct Denoiser {
     engine: Engine,
+    /// Convolutions running on the int8 kernels.
+    int8_convs: usize,
     /// Per engine input, in order: which role it plays.
     inputs: Vec<InputSpec>,
     sample: usize,
@@ -83,12 +85,13 @@ impl std::fmt::Debug for Denoiser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Denoiser(sample '{}', time step '{}', conditioning {:?}, |S| = {}, T = {})",
+            "Denoiser(sample '{}', time step '{}', conditioning {:?}, |S| = {}, T = {}, {} int8 convs)",
             self.inputs[self.sample].name,
             self.inputs[self.timestep].name,
             self.conditioning_inputs(),
             self.timestep_count(),
-            self.schedule.train_timesteps()
+            self.schedule.train_timesteps(),
+            self.int8_convs
         )
     }
 }
@@ -378,15 +381,18 @@ impl Denoiser {
                 .collect::<Option<_>>()?;
             <[usize; 3]>::try_from(v).ok()
         });
-        let engine = Engine::from_proto(proto, model_dir, None, Optimize::Full).map_err(|e| {
-            if name.is_empty() {
-                e
-            } else {
-                Error::InvalidModel(format!("{name}: {e}"))
-            }
-        })?;
+        // Quantized convolutions run on the int8 kernels (a float model has none to lower).
+        let (engine, int8_convs) = Engine::from_proto_int8(proto, model_dir, None, Optimize::Full)
+            .map_err(|e| {
+                if name.is_empty() {
+                    e
+                } else {
+                    Error::InvalidModel(format!("{name}: {e}"))
+                }
+            })?;
         Ok(Denoiser {
             engine,
+            int8_convs,
             inputs,
             sample,
             timestep,
@@ -394,6 +400,11 @@ impl Denoiser {
             schedule,
             sample_shape,
         })
+    }
+
+    /// How many convolutions run on the int8 kernels.
+    pub fn int8_convs(&self) -> usize {
+        self.int8_convs
     }
 
     /// The time-step set S, ascending; `None`: every training step 0..T.

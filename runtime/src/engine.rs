@@ -73,7 +73,47 @@ impl Engine {
         outputs: Option<&[String]>,
         optimize: Optimize,
     ) -> Result<Engine> {
-        let parsed = tract_onnx::onnx()
+        Engine::build(proto, model_dir, outputs, optimize, false)
+    }
+
+    /// Like [`Engine::from_proto`], with quantized convolutions (QDQ around Conv with
+    /// int8 weights) lowered to the project's int8 kernels. Returns the engine and how
+    /// many convolutions run in int8.
+    pub fn from_proto_int8(
+        proto: &pb::ModelProto,
+        model_dir: Option<&str>,
+        outputs: Option<&[String]>,
+        optimize: Optimize,
+    ) -> Result<(Engine, usize)> {
+        let mut lowered = proto.clone();
+        let count = crate::int8_ops::lower_int8_convs(&mut lowered);
+        Ok((
+            Engine::build(&lowered, model_dir, outputs, optimize, true)?,
+            count,
+        ))
+    }
+
+    /// Loads a model file with its quantized convolutions on the int8 kernels.
+    pub fn load_int8(path: &Path, optimize: Optimize) -> Result<(Engine, usize)> {
+        let proto = read_proto(path)?;
+        let dir = path.parent().map(|d| d.to_string_lossy().to_string());
+        Engine::from_proto_int8(&proto, dir.as_deref(), None, optimize)
+    }
+
+    fn build(
+        proto: &pb::ModelProto,
+        model_dir: Option<&str>,
+        outputs: Option<&[String]>,
+        optimize: Optimize,
+        int8: bool,
+    ) -> Result<Engine> {
+        let mut framework = tract_onnx::onnx();
+        if int8 {
+            framework
+                .op_register
+                .insert(crate::int8_ops::QCONV, crate::int8_ops::build_qconv);
+        }
+        let parsed = framework
             .parse(proto, model_dir)
             .map_err(|e| Error::InvalidModel(format!("tract cannot load the model: {e:#}")))?;
         if !parsed.unresolved_inputs.is_empty() {

@@ -5,6 +5,7 @@
 pub mod denoiser;
 pub mod engine;
 pub mod error;
+pub mod int8_ops;
 pub mod kernels;
 pub mod schedule;
 

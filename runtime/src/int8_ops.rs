@@ -1,0 +1,357 @@
+//! Quantized convolutions on the project's int8 kernels, inside tract.
+//!
+//! tract runs a QDQ graph in float (it folds the weight DequantizeLinear into f32 weights
+//! and keeps the activation Q/DQ as element-wise work, DESIGN.md §8), and its own int8
+//! path is far slower than float on AVX2. So, before tract sees the model, each
+//!
+//! ```text
+//! Conv(DequantizeLinear(QuantizeLinear(x, s, z), s, z), DequantizeLinear(Wq, sw, 0), b)
+//! ```
+//!
+//! with constant scales becomes one `TfmqcQConv` node holding the int8 weights: it
+//! quantizes `x` (as QuantizeLinear: round half to even, saturate), runs the exact int8
+//! kernel and writes `acc · s · sw[o] + b[o]` in f32. The weights stay resident as int8.
+
+use std::sync::Arc;
+
+use tract_onnx::pb;
+use tract_onnx::tract_hir::internal::*;
+
+use crate::kernels::int8::{conv2d, Backend, ConvGeometry, Dequant, Output, PackedConvWeights};
+
+/// The op name our rewritten nodes carry (domain `ai.tfmqc`).
+pub const QCONV: &str = "TfmqcQConv";
+
+#[derive(Debug, Clone)]
+pub struct QConv {
+    pub a_scale: f32,
+    pub a_zero_point: u8,
+    pub weights: Arc<PackedConvWeights>,
+    pub w_scale: Arc<Vec<f32>>,
+    pub bias: Option<Arc<Vec<f32>>>,
+    pub out_channels: usize,
+    pub geometry: ConvGeometry,
+}
+
+impl PartialEq for QConv {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && self.a_scale == other.a_scale
+            && self.a_zero_point == other.a_zero_point
+    }
+}
+impl Eq for QConv {}
+
+impl QConv {
+    fn output_shape<D: DimLike>(&self, input: &[D]) -> TractResult<TVec<D>> {
+        ensure!(input.len() == 4, "TfmqcQConv takes NCHW input");
+        let (h, w) = (input[2].to_usize()?, input[3].to_usize()?);
+        let (oh, ow) = self
+            .geometry
+            .output_hw(h, w)
+            .ok_or_else(|| format_err!("kernel larger than the padded input"))?;
+        Ok(tvec!(
+            input[0].clone(),
+            D::from(self.out_channels),
+            D::from(oh),
+            D::from(ow)
+        ))
+    }
+}
+
+impl Op for QConv {
+    fn name(&self) -> StaticName {
+        "TfmqcQConv".into()
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for QConv {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let input = args_1!(inputs);
+        let plain = input.try_as_plain_ram()?;
+        let x = plain.as_slice::<f32>()?;
+        let shape = input.shape();
+        ensure!(shape.len() == 4, "TfmqcQConv takes NCHW input");
+        // QuantizeLinear: round half to even, add the zero point, saturate to u8.
+        let inv = 1.0 / self.a_scale;
+        let zp = self.a_zero_point as f32;
+        let q: Vec<u8> = x
+            .iter()
+            .map(|&v| ((v * inv).round_ties_even() + zp).clamp(0.0, 255.0) as u8)
+            .collect();
+        let out_shape = self.output_shape(shape)?;
+        let mut out = Tensor::zero::<f32>(&out_shape)?;
+        conv2d(
+            Backend::Auto,
+            &q,
+            [shape[0], shape[1], shape[2], shape[3]],
+            self.a_zero_point,
+            &self.weights,
+            Output::F32 {
+                out: out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+                dequant: Dequant {
+                    a_scale: self.a_scale,
+                    w_scale: &self.w_scale,
+                    bias: self.bias.as_deref().map(|b| b.as_slice()),
+                },
+            },
+        );
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for QConv {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec!(f32::fact(self.output_shape(&inputs[0].shape)?)))
+    }
+}
+
+fn qconv_rules<'p>(
+    op: &dyn Op,
+    s: &mut Solver,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+) -> InferenceResult {
+    let op = op.downcast_ref::<QConv>().expect("QConv");
+    check_input_arity(inputs, 1)?;
+    check_output_arity(outputs, 1)?;
+    s.equals(&inputs[0].datum_type, f32::datum_type())?;
+    s.equals(&outputs[0].datum_type, f32::datum_type())?;
+    s.equals(&inputs[0].rank, 4)?;
+    s.equals(&outputs[0].rank, 4)?;
+    s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
+    s.equals(&outputs[0].shape[1], op.out_channels.to_dim())?;
+    // Height and width follow from the typed op's output_facts when tract types the model.
+    Ok(())
+}
+
+fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> TractResult<&'a pb::AttributeProto> {
+    node.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .ok_or_else(|| format_err!("{QCONV} lacks '{name}'"))
+}
+
+/// tract op builder for `TfmqcQConv` nodes.
+pub fn build_qconv(
+    _ctx: &tract_onnx::model::ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let ints = |n: &str| -> TractResult<Vec<usize>> {
+        Ok(attr(node, n)?.ints.iter().map(|&v| v as usize).collect())
+    };
+    let w = attr(node, "weight")?
+        .t
+        .as_ref()
+        .ok_or_else(|| format_err!("weight is not a tensor"))?;
+    let dims: Vec<usize> = w.dims.iter().map(|&d| d as usize).collect();
+    ensure!(
+        dims.len() == 4 && w.data_type == 3,
+        "{QCONV} weight must be int8 [O, C/g, kh, kw]"
+    );
+    let values: Vec<i8> = w.raw_data.iter().map(|&b| b as i8).collect();
+    ensure!(
+        values.len() == dims.iter().product::<usize>(),
+        "{QCONV} weight data size"
+    );
+    let (p, s, d) = (ints("pads")?, ints("strides")?, ints("dilations")?);
+    let geometry = ConvGeometry {
+        kernel: [dims[2], dims[3]],
+        strides: [s[0], s[1]],
+        pads: [p[0], p[1], p[2], p[3]],
+        dilations: [d[0], d[1]],
+        groups: attr(node, "group")?.i as usize,
+    };
+    let bias = attr(node, "bias").ok().map(|a| Arc::new(a.floats.clone()));
+    let op = QConv {
+        a_scale: attr(node, "a_scale")?.f,
+        a_zero_point: attr(node, "a_zero_point")?.i as u8,
+        weights: Arc::new(PackedConvWeights::pack(&values, dims[0], dims[1], geometry)),
+        w_scale: Arc::new(attr(node, "w_scale")?.floats.clone()),
+        bias,
+        out_channels: dims[0],
+        geometry,
+    };
+    Ok((
+        tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qconv_rules),
+        vec![],
+    ))
+}
+
+// ----- the rewrite -------------------------------------------------------------------
+
+fn initializer<'a>(g: &'a pb::GraphProto, name: &str) -> Option<&'a pb::TensorProto> {
+    g.initializer.iter().find(|t| t.name == name)
+}
+
+fn raw_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
+    if t.data_type != 1 {
+        return None;
+    }
+    if !t.raw_data.is_empty() {
+        Some(
+            t.raw_data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    } else {
+        Some(t.float_data.clone())
+    }
+}
+
+fn raw_bytes(t: &pb::TensorProto) -> Vec<u8> {
+    if !t.raw_data.is_empty() {
+        t.raw_data.clone()
+    } else {
+        t.int32_data.iter().map(|&v| v as u8).collect()
+    }
+}
+
+fn producer<'a>(g: &'a pb::GraphProto, value: &str) -> Option<&'a pb::NodeProto> {
+    g.node.iter().find(|n| n.output.iter().any(|o| o == value))
+}
+
+fn mk_attr(name: &str) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        ..Default::default()
+    }
+}
+
+/// Rewrites every Conv fed by activation Q/DQ and int8 weight DQ (constant scales) into a
+/// `TfmqcQConv` node. Returns how many were rewritten.
+pub fn lower_int8_convs(proto: &mut pb::ModelProto) -> usize {
+    use pb::attribute_proto::AttributeType as T;
+    let Some(g) = proto.graph.as_mut() else {
+        return 0;
+    };
+    let mut rewrites = vec![];
+    for (i, n) in g.node.iter().enumerate() {
+        if n.op_type != "Conv"
+            || !(n.domain.is_empty() || n.domain == "ai.onnx")
+            || n.input.len() < 2
+        {
+            continue;
+        }
+        let Some(act) = (|| {
+            let dq = producer(g, &n.input[0]).filter(|p| p.op_type == "DequantizeLinear")?;
+            let q = producer(g, &dq.input[0]).filter(|p| p.op_type == "QuantizeLinear")?;
+            let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
+            let zp = raw_bytes(initializer(g, dq.input.get(2)?)?);
+            let (qs, qz) = (
+                raw_f32(initializer(g, q.input.get(1)?)?)?,
+                raw_bytes(initializer(g, q.input.get(2)?)?),
+            );
+            let u8_zp = initializer(g, dq.input.get(2)?)?.data_type == 2;
+            (scale.len() == 1 && zp.len() == 1 && qs == scale && qz == zp && u8_zp)
+                .then(|| (q.input[0].clone(), scale[0], zp[0]))
+        })() else {
+            continue;
+        };
+        let Some(weight) = (|| {
+            let dq = producer(g, &n.input[1]).filter(|p| p.op_type == "DequantizeLinear")?;
+            let w =
+                initializer(g, &dq.input[0]).filter(|t| t.data_type == 3 && t.dims.len() == 4)?;
+            let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
+            let zero = dq
+                .input
+                .get(2)
+                .and_then(|z| initializer(g, z))
+                .map(raw_bytes)
+                .unwrap_or_default();
+            let axis = dq
+                .attribute
+                .iter()
+                .find(|a| a.name == "axis")
+                .map(|a| a.i)
+                .unwrap_or(1);
+            (zero.iter().all(|&z| z == 0)
+                && (axis == 0 || scale.len() == 1)
+                && (scale.len() == 1 || scale.len() == w.dims[0] as usize))
+                .then(|| (w.clone(), scale))
+        })() else {
+            continue;
+        };
+        let bias = n
+            .input
+            .get(2)
+            .filter(|b| !b.is_empty())
+            .map(|b| initializer(g, b).and_then(raw_f32));
+        if matches!(bias, Some(None)) {
+            continue;
+        }
+        let get = |name: &str| n.attribute.iter().find(|a| a.name == name);
+        if get("auto_pad").is_some_and(|a| a.s != b"NOTSET") {
+            continue;
+        }
+        let ints = |name: &str, d: Vec<i64>| get(name).map(|a| a.ints.clone()).unwrap_or(d);
+        let (x, a_scale, a_zp) = act;
+        let (w, w_scale) = weight;
+        let out_ch = w.dims[0] as usize;
+        let w_scale = if w_scale.len() == 1 {
+            vec![w_scale[0]; out_ch]
+        } else {
+            w_scale
+        };
+        let mut node = pb::NodeProto {
+            name: format!("{}/int8", n.name),
+            op_type: QCONV.into(),
+            domain: "ai.tfmqc".into(),
+            input: vec![x],
+            output: vec![n.output[0].clone()],
+            ..Default::default()
+        };
+        let mut weight_attr = mk_attr("weight");
+        weight_attr.r#type = T::Tensor as i32;
+        let mut wt = w;
+        wt.raw_data = raw_bytes(&wt);
+        wt.int32_data.clear();
+        weight_attr.t = Some(wt);
+        let mut a = vec![weight_attr];
+        let mut f = mk_attr("a_scale");
+        f.r#type = T::Float as i32;
+        f.f = a_scale;
+        a.push(f);
+        let mut z = mk_attr("a_zero_point");
+        z.r#type = T::Int as i32;
+        z.i = a_zp as i64;
+        a.push(z);
+        let mut ws = mk_attr("w_scale");
+        ws.r#type = T::Floats as i32;
+        ws.floats = w_scale;
+        a.push(ws);
+        if let Some(Some(b)) = bias {
+            let mut bb = mk_attr("bias");
+            bb.r#type = T::Floats as i32;
+            bb.floats = b;
+            a.push(bb);
+        }
+        for (name, default) in [
+            ("pads", vec![0i64; 4]),
+            ("strides", vec![1, 1]),
+            ("dilations", vec![1, 1]),
+        ] {
+            let mut at = mk_attr(name);
+            at.r#type = T::Ints as i32;
+            at.ints = ints(name, default);
+            a.push(at);
+        }
+        let mut gr = mk_attr("group");
+        gr.r#type = T::Int as i32;
+        gr.i = get("group").map(|a| a.i).unwrap_or(1);
+        a.push(gr);
+        node.attribute = a;
+        rewrites.push((i, node));
+    }
+    let count = rewrites.len();
+    for (i, node) in rewrites {
+        g.node[i] = node;
+    }
+    count
+}

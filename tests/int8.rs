@@ -1,0 +1,46 @@
+//! The runtime's int8 lowering: quantized convolutions of a tfmqc output run on the
+//! project's int8 kernels inside tract and compute what the QDQ graph computes.
+
+mod common;
+use common::*;
+
+#[test]
+fn int8_lowering_matches_the_qdq_graph() {
+    let dir = tmpdir();
+    let q = dir.path().join("q.onnx");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--calib-samples",
+        "4",
+        "--calib-steps",
+        "10",
+    ]);
+    let x = example_inputs("ddpm_digits");
+    let float_path = tfmqc_runtime::Engine::load(&q, None, tfmqc_runtime::Optimize::Full).unwrap();
+    let (int8, lowered) =
+        tfmqc_runtime::Engine::load_int8(&q, tfmqc_runtime::Optimize::Full).unwrap();
+    assert!(lowered >= 20, "only {lowered} convolutions lowered");
+    let a = tract_run_engine(&float_path, &x);
+    let b = tract_run_engine(&int8, &x);
+    let db = sqnr_db(&a, &b);
+    eprintln!("{lowered} convs on int8 kernels; int8 vs QDQ-in-float: {db:.1} dB");
+    // Exact integer products vs float products of the same dequantized values: only
+    // float summation order differs (and the rare activation that lands on a rounding
+    // tie after it).
+    assert!(db > 60.0, "{db:.1} dB");
+    let time = |e: &tfmqc_runtime::Engine| {
+        let _ = tract_run_engine(e, &x);
+        let t = std::time::Instant::now();
+        for _ in 0..20 {
+            let _ = tract_run_engine(e, &x);
+        }
+        t.elapsed().as_secs_f64() / 20.0 * 1e3
+    };
+    eprintln!(
+        "step: QDQ in float {:.2} ms, int8 kernels {:.2} ms",
+        time(&float_path),
+        time(&int8)
+    );
+}
