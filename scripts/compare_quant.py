@@ -5,7 +5,7 @@
         [--out results/quant_compare.md] [--json results/quant_compare.json]
 
 For every denoiser in models/ (each models/X.onnx with a models/X.inputs.safetensors,
-except digits_features) and for W8A8 and W4A8 it makes four quantized models:
+except digits_features) and for W8A8 and W4A8 it makes five quantized models:
 
   tfmqc        tfmqc X.onnx --timesteps ddim:50 --weight-bits B --seed 0
                (the W8 run also writes the calibration dump with --dump-calib)
@@ -244,6 +244,8 @@ class Tfmqc:
             die(f"{src} does not know {', '.join(missing)} yet (`tfmqc --help` does not list them)", 1)
         self.version = self.run_plain(["--version"]).strip()
         self.source = src
+        self.sha256 = hashlib.sha256(self.bin.read_bytes()).hexdigest()[:16]
+        self.mtime = _dt.datetime.fromtimestamp(src.stat().st_mtime).astimezone().isoformat(timespec="seconds")
 
     def run_plain(self, argv) -> str:
         r = subprocess.run([str(self.bin), *argv], cwd=ROOT, capture_output=True, text=True)
@@ -985,6 +987,8 @@ def main() -> int:
         "machine": machine_name(),
         "tfmqc_version": tf.version if tf else "tfmqc not run",
         "tfmqc_binary": str(tf.source) if tf else None,
+        "tfmqc_binary_sha256_16": tf.sha256 if tf else None,
+        "tfmqc_binary_mtime": tf.mtime if tf else None,
         "onnxruntime": ort.__version__,
         "python": sys.executable,
         "timesteps": args.timesteps,
