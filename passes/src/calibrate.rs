@@ -389,18 +389,7 @@ pub fn calibrate(
     }
 
     // Generated trajectories: DDIM over `calib_steps` steps taken evenly from S.
-    let n = options.calib_steps.min(set.len());
-    let mut traj: Vec<i64> = (0..n)
-        .map(|k| {
-            set[if n == 1 {
-                set.len() - 1
-            } else {
-                k * (set.len() - 1) / (n - 1)
-            }]
-        })
-        .collect();
-    traj.dedup();
-    traj.reverse();
+    let traj = tfmqc_runtime::schedule::trajectory(&set, options.calib_steps);
     let batch = batch_of(&sample, options.calib_batch.min(options.calib_samples));
     let free_batch = !matches!(sample.shape.as_deref(), Some([Dim::Known(_), ..]));
     let batches = options.calib_samples.div_ceil(batch);

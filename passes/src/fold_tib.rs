@@ -17,7 +17,7 @@ use tfmqc_runtime::engine::Optimize;
 
 use crate::error::{Error, Result};
 use crate::exec::Runner;
-use crate::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+use crate::ir::{attr, DType, Dim, Model, Node, Tensor, ValueInfo};
 use crate::options::{meta, timestep_set};
 use crate::pipeline::{Pass, PassContext};
 use crate::tib::TibAnalysis;
@@ -209,27 +209,6 @@ fn stack(rows: &[Tensor]) -> Result<Tensor> {
     Tensor::from_raw(first.dtype, shape, data)
 }
 
-/// Adds a node with a fresh name; returns its output value name.
-fn add(
-    g: &mut Graph,
-    op: &str,
-    inputs: Vec<String>,
-    out_base: &str,
-    attrs: Vec<tract_onnx::pb::AttributeProto>,
-) -> Result<String> {
-    let out = g.fresh_name(out_base);
-    let mut node = Node::new(g.fresh_node_name(out_base), op, inputs, vec![out.clone()]);
-    node.attributes = attrs;
-    g.add_node(node)?;
-    Ok(out)
-}
-
-fn add_const(g: &mut Graph, base: &str, t: Tensor) -> String {
-    let name = g.fresh_name(base);
-    g.initializers.insert(name.clone(), t);
-    name
-}
-
 /// Rewrites the graph: index computation, one Gather per frontier value, TIB removed.
 pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldReport> {
     let tables = evaluate_tables(model, tib, set)?;
@@ -249,75 +228,54 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
     }
 
     let t = tib.index_value.clone();
-    let steps = add_const(
-        g,
-        "tib/timesteps",
-        steps_tensor(dtype, vec![set.len()], set)?,
-    );
+    let steps = g.add_initializer("tib/timesteps", steps_tensor(dtype, vec![set.len()], set)?);
     let unsq = if opset >= 13 {
-        let axes = add_const(g, "tib/axes_last", Tensor::from_vec(vec![1], &[-1i64]));
-        add(
-            g,
-            "Unsqueeze",
-            vec![t.clone(), axes],
-            "tib/t_column",
-            vec![],
-        )?
+        let axes = g.add_initializer("tib/axes_last", Tensor::from_vec(vec![1], &[-1i64]));
+        g.add_op("Unsqueeze", vec![t.clone(), axes], "tib/t_column", vec![])?
     } else {
-        add(
-            g,
+        g.add_op(
             "Unsqueeze",
             vec![t.clone()],
             "tib/t_column",
             vec![attr::ints("axes", &[-1])],
         )?
     };
-    let eq = add(g, "Equal", vec![unsq, steps.clone()], "tib/matches", vec![])?;
-    let eqf = add(
-        g,
+    let eq = g.add_op("Equal", vec![unsq, steps.clone()], "tib/matches", vec![])?;
+    let eqf = g.add_op(
         "Cast",
         vec![eq],
         "tib/matches_f32",
         vec![attr::int("to", DType::F32.onnx_code() as i64)],
     )?;
-    let pos = add(
-        g,
+    let pos = g.add_op(
         "ArgMax",
         vec![eqf],
         "tib/position",
         vec![attr::int("axis", -1), attr::int("keepdims", 0)],
     )?;
-    let found = add(
-        g,
+    let found = g.add_op(
         "Gather",
         vec![steps, pos.clone()],
         "tib/found_step",
         vec![attr::int("axis", 0)],
     )?;
-    let hit = add(g, "Equal", vec![found, t], "tib/in_set", vec![])?;
-    let miss = add(g, "Not", vec![hit], "tib/not_in_set", vec![])?;
-    let missi = add(
-        g,
+    let hit = g.add_op("Equal", vec![found, t], "tib/in_set", vec![])?;
+    let miss = g.add_op("Not", vec![hit], "tib/not_in_set", vec![])?;
+    let missi = g.add_op(
         "Cast",
         vec![miss],
         "tib/not_in_set_i64",
         vec![attr::int("to", DType::I64.onnx_code() as i64)],
     )?;
-    let len = add_const(g, "tib/set_size", Tensor::scalar(set.len() as i64));
-    let offset = add(
-        g,
-        "Mul",
-        vec![missi, len],
-        "tib/out_of_range_offset",
-        vec![],
-    )?;
-    let index = add(g, "Add", vec![pos, offset], "tib/index", vec![])?;
+    let len = g.add_initializer("tib/set_size", Tensor::scalar(set.len() as i64));
+    let offset = g.add_op("Mul", vec![missi, len], "tib/out_of_range_offset", vec![])?;
+    let index = g.add_op("Add", vec![pos, offset], "tib/index", vec![])?;
 
     let mut table_bytes = 0;
     for (f, table) in tib.frontier.iter().zip(tables) {
         table_bytes += table.byte_len();
         let base = format!("tib/table/{}", f.name.trim_start_matches('/'));
-        let table_name = add_const(g, &base, table);
+        let table_name = g.add_initializer(&base, table);
         let node = Node::new(
             g.fresh_node_name(&format!("{base}/Gather")),
             "Gather",

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::calibrate::{Calibration, Range};
 use crate::error::{Error, Result};
-use crate::ir::{attr, DType, Graph, Model, Node, Tensor};
+use crate::ir::{attr, DType, Graph, Model, Tensor};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
 use crate::pipeline::{Pass, PassContext};
@@ -107,26 +107,6 @@ impl Pass for Quantize {
         cx.quant = Some(plan);
         Ok(())
     }
-}
-
-fn add_node(
-    g: &mut Graph,
-    op: &str,
-    inputs: Vec<String>,
-    base: &str,
-    attrs: Vec<tract_onnx::pb::AttributeProto>,
-) -> Result<String> {
-    let out = g.fresh_name(base);
-    let mut node = Node::new(g.fresh_node_name(base), op, inputs, vec![out.clone()]);
-    node.attributes = attrs;
-    g.add_node(node)?;
-    Ok(out)
-}
-
-fn add_const(g: &mut Graph, base: &str, t: Tensor) -> String {
-    let name = g.fresh_name(base);
-    g.initializers.insert(name.clone(), t);
-    name
 }
 
 /// The activation range of one value for one group of steps.
@@ -241,29 +221,25 @@ pub fn quantize(
     let group_index = match (groups > 1, step_index) {
         (true, Some(index)) => {
             let table: Vec<i64> = group_of_step.iter().map(|(_, g)| *g as i64).collect();
-            let table = add_const(
-                g,
+            let table = g.add_initializer(
                 "fsc/group_of_step",
                 Tensor::from_vec(vec![table.len()], &table),
             );
-            let flat_shape = add_const(g, "fsc/flat", Tensor::from_vec(vec![1], &[-1i64]));
-            let flat = add_node(
-                g,
+            let flat_shape = g.add_initializer("fsc/flat", Tensor::from_vec(vec![1], &[-1i64]));
+            let flat = g.add_op(
                 "Reshape",
                 vec![index.to_string(), flat_shape],
                 "fsc/step_index_flat",
                 vec![],
             )?;
-            let zero = add_const(g, "fsc/first", Tensor::scalar(0i64));
-            let first = add_node(
-                g,
+            let zero = g.add_initializer("fsc/first", Tensor::scalar(0i64));
+            let first = g.add_op(
                 "Gather",
                 vec![flat, zero],
                 "fsc/step_index",
                 vec![attr::int("axis", 0)],
             )?;
-            Some(add_node(
-                g,
+            Some(g.add_op(
                 "Gather",
                 vec![table, first],
                 "fsc/group",
@@ -308,23 +284,19 @@ pub fn quantize(
                         }
                         layer.weight_sqnr_db = Some(sqnr_db(&values, &q.dequantize(&shape)));
                         let channels = q.scales.len();
-                        let qi = add_const(
-                            g,
+                        let qi = g.add_initializer(
                             &format!("{}_quantized", w.name),
                             Tensor::from_vec(shape, &q.values),
                         );
-                        let sc = add_const(
-                            g,
+                        let sc = g.add_initializer(
                             &format!("{}_scale", w.name),
                             Tensor::from_vec(vec![channels], &q.scales),
                         );
-                        let zp = add_const(
-                            g,
+                        let zp = g.add_initializer(
                             &format!("{}_zero_point", w.name),
                             Tensor::from_vec(vec![channels], &vec![0i8; channels]),
                         );
-                        let dq = add_node(
-                            g,
+                        let dq = g.add_op(
                             "DequantizeLinear",
                             vec![qi, sc, zp],
                             &format!("{}_dequantized", w.name),
@@ -526,21 +498,18 @@ fn insert_qdq(
     let base = value.trim_start_matches('/');
     if params.len() == 1 || group.is_none() {
         let (scale, zp) = params[0];
-        let s = add_const(g, &format!("{base}_scale"), Tensor::scalar(scale));
-        let z = add_const(
-            g,
+        let s = g.add_initializer(&format!("{base}_scale"), Tensor::scalar(scale));
+        let z = g.add_initializer(
             &format!("{base}_zero_point"),
             Tensor::from_raw(DType::U8, vec![], vec![zp])?,
         );
-        let q = add_node(
-            g,
+        let q = g.add_op(
             "QuantizeLinear",
             vec![value.to_string(), s.clone(), z.clone()],
             &format!("{base}_quantized"),
             vec![],
         )?;
-        return add_node(
-            g,
+        return g.add_op(
             "DequantizeLinear",
             vec![q, s, z],
             &format!("{base}_dequantized"),
@@ -550,25 +519,21 @@ fn insert_qdq(
     let group = group.expect("checked");
     let scales: Vec<f32> = params.iter().map(|p| p.0).collect();
     let zps: Vec<f32> = params.iter().map(|p| p.1 as f32).collect();
-    let st = add_const(
-        g,
+    let st = g.add_initializer(
         &format!("{base}_scales"),
         Tensor::from_vec(vec![scales.len()], &scales),
     );
-    let zt = add_const(
-        g,
+    let zt = g.add_initializer(
         &format!("{base}_zero_points"),
         Tensor::from_vec(vec![zps.len()], &zps),
     );
-    let s = add_node(
-        g,
+    let s = g.add_op(
         "Gather",
         vec![st, group.to_string()],
         &format!("{base}_scale"),
         vec![attr::int("axis", 0)],
     )?;
-    let z = add_node(
-        g,
+    let z = g.add_op(
         "Gather",
         vec![zt, group.to_string()],
         &format!("{base}_zero_point"),
@@ -582,37 +547,32 @@ fn insert_qdq(
     g.initializers
         .entry(zero.clone())
         .or_insert_with(|| Tensor::from_vec(vec![], &[0u8]));
-    let scaled = add_node(
-        g,
+    let scaled = g.add_op(
         "Div",
         vec![value.to_string(), s.clone()],
         &format!("{base}_scaled"),
         vec![],
     )?;
-    let shifted = add_node(
-        g,
+    let shifted = g.add_op(
         "Add",
         vec![scaled, z.clone()],
         &format!("{base}_shifted"),
         vec![],
     )?;
-    let q = add_node(
-        g,
+    let q = g.add_op(
         "QuantizeLinear",
         vec![shifted, unit.clone(), zero.clone()],
         &format!("{base}_quantized"),
         vec![],
     )?;
-    let dq = add_node(
-        g,
+    let dq = g.add_op(
         "DequantizeLinear",
         vec![q, unit, zero],
         &format!("{base}_levels"),
         vec![],
     )?;
-    let centered = add_node(g, "Sub", vec![dq, z], &format!("{base}_centered"), vec![])?;
-    add_node(
-        g,
+    let centered = g.add_op("Sub", vec![dq, z], &format!("{base}_centered"), vec![])?;
+    g.add_op(
         "Mul",
         vec![centered, s],
         &format!("{base}_dequantized"),

@@ -622,19 +622,7 @@ impl Denoiser {
             Some(s) => s.clone(),
             None => (0..self.schedule.train_timesteps() as i64).collect(),
         };
-        let n = steps.min(set.len()).max(1);
-        let mut traj: Vec<i64> = (0..n)
-            .map(|k| {
-                set[if n == 1 {
-                    set.len() - 1
-                } else {
-                    k * (set.len() - 1) / (n - 1)
-                }]
-            })
-            .collect();
-        traj.dedup();
-        traj.reverse();
-        traj
+        crate::schedule::trajectory(&set, steps)
     }
 
     /// Generates `batch` samples: seeded N(0, 1) noise, then `steps` denoising steps from

@@ -109,6 +109,28 @@ impl Schedule {
     }
 }
 
+/// The time steps a sampler with `steps` steps visits in `set` (ascending): taken evenly,
+/// from the largest down to the smallest. Calibration and sampling share it, so the
+/// compiler calibrates exactly the steps the runtime will run.
+pub fn trajectory(set: &[i64], steps: usize) -> Vec<i64> {
+    if set.is_empty() {
+        return vec![];
+    }
+    let n = steps.min(set.len()).max(1);
+    let mut traj: Vec<i64> = (0..n)
+        .map(|k| {
+            set[if n == 1 {
+                set.len() - 1
+            } else {
+                k * (set.len() - 1) / (n - 1)
+            }]
+        })
+        .collect();
+    traj.dedup();
+    traj.reverse();
+    traj
+}
+
 /// Deterministic Gaussian noise (SplitMix64 + Box–Muller): the same seed gives the same
 /// numbers on every platform and version, which a dependency would not promise.
 pub struct NoiseRng {

@@ -393,6 +393,29 @@ impl Graph {
             .expect("infinite names")
     }
 
+    /// Adds a one-output node named after `base` (fresh node and value names); returns
+    /// the output value's name.
+    pub fn add_op(
+        &mut self,
+        op: &str,
+        inputs: Vec<String>,
+        base: &str,
+        attributes: Vec<pb::AttributeProto>,
+    ) -> Result<String> {
+        let out = self.fresh_name(base);
+        let mut node = Node::new(self.fresh_node_name(base), op, inputs, vec![out.clone()]);
+        node.attributes = attributes;
+        self.add_node(node)?;
+        Ok(out)
+    }
+
+    /// Adds an initializer under a fresh name derived from `base`; returns the name.
+    pub fn add_initializer(&mut self, base: &str, t: Tensor) -> String {
+        let name = self.fresh_name(base);
+        self.initializers.insert(name.clone(), t);
+        name
+    }
+
     /// A node name not used yet, derived from `base`.
     pub fn fresh_node_name(&self, base: &str) -> String {
         let used: HashSet<&str> = self.nodes.node_weights().map(|n| n.name.as_str()).collect();
