@@ -969,6 +969,14 @@ def main() -> int:
             log("no tfmqc binary for `inspect`: guessing the time-step input, no TIB exclusion")
     log(f"models: {', '.join(names)}; tfmqc: {tf.version if tf else 'not run'}; onnxruntime {ort.__version__}")
 
+    # onnxruntime's quantization tools leave temporary files in the working directory:
+    # keep them in the work folder, not in the repository.
+    for attr in ("out", "json"):
+        setattr(args, attr, str(Path(getattr(args, attr)).resolve()))
+    if args.no_tfmqc:
+        args.no_tfmqc = str(Path(args.no_tfmqc).resolve())
+    os.chdir(workdir.resolve())
+
     failures: list[str] = []
     results: dict = OrderedDict()
     for i, name in enumerate(names):
