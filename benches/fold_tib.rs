@@ -6,28 +6,14 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
 use tfmqc_passes::pipeline::{parse_pipeline, run_pipeline, PassContext};
 use tfmqc_passes::tensor_file::read_safetensors;
 use tfmqc_passes::{onnx, Options};
 use tfmqc_runtime::{Engine, Optimize};
 
-fn median_step(engine: &Engine, inputs: &HashMap<String, tfmqc_runtime::Tensor>) -> Duration {
-    // Warm up, then time enough runs for a stable median.
-    for _ in 0..5 {
-        engine.run_named(inputs).unwrap();
-    }
-    let mut times: Vec<Duration> = (0..41)
-        .map(|_| {
-            let t = Instant::now();
-            engine.run_named(inputs).unwrap();
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[times.len() / 2]
-}
+mod common;
+use common::median_step;
 
 fn main() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -74,7 +60,14 @@ fn main() {
         .into_iter()
         .map(|(k, v)| (k, tfmqc_passes::exec::to_tract(&v).unwrap()))
         .collect();
-        let time = |p: &Path| median_step(&Engine::load(p, None, Optimize::Full).unwrap(), &inputs);
+        let time = |p: &Path| {
+            median_step(
+                &Engine::load(p, None, Optimize::Full).unwrap(),
+                &inputs,
+                5,
+                41,
+            )
+        };
         let (a, b) = (time(&src), time(&folded));
         println!(
             "{name:<22} {:>12.3} {:>12.3} {:>8.3}",

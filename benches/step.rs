@@ -8,27 +8,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tfmqc_passes::pipeline::{default_pipeline, parse_pipeline, run_pipeline, PassContext};
 use tfmqc_passes::tensor_file::read_safetensors;
 use tfmqc_passes::{onnx, Options};
 use tfmqc_runtime::{Engine, Optimize, Tensor};
 
-fn median(engine: &Engine, inputs: &HashMap<String, Tensor>) -> Duration {
-    for _ in 0..3 {
-        engine.run_named(inputs).unwrap();
-    }
-    let mut times: Vec<Duration> = (0..21)
-        .map(|_| {
-            let t = Instant::now();
-            engine.run_named(inputs).unwrap();
-            t.elapsed()
-        })
-        .collect();
-    times.sort();
-    times[times.len() / 2]
-}
+mod common;
+use common::median_step;
 
 fn main() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -77,10 +65,10 @@ fn main() {
                 .into_owned(),
         );
         let load = |p: &Path| Engine::load(p, None, Optimize::Full).unwrap();
-        let float = median(&load(&src), &inputs);
-        let qdq = median(&load(&q), &inputs);
+        let float = median_step(&load(&src), &inputs, 3, 21);
+        let qdq = median_step(&load(&q), &inputs, 3, 21);
         let (int8, convs) = Engine::load_int8(&q, Optimize::Full).unwrap();
-        let int8 = median(&int8, &inputs);
+        let int8 = median_step(&int8, &inputs, 3, 21);
         let ms = |d: Duration| d.as_secs_f64() * 1e3;
         println!(
             "{name:<22} {:>10.2} {:>10.2} {:>10.2} {convs:>7} {:>10.2}",
