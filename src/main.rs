@@ -133,6 +133,18 @@ struct QuantArgs {
     /// AdaRound steps per layer.
     #[arg(long, default_value_t = 2000, value_name = "N")]
     adaround_iters: usize,
+    /// The time-step block: `lut` (exact tables over S), `quant` (quantized, rounding
+    /// reconstructed by TIAR against the temporal features over all of S), or `auto`
+    /// (per temporal feature: the table, unless the tables pass --lut-budget).
+    #[arg(long, default_value = "lut", value_parser = ["lut", "quant", "auto"])]
+    tib: String,
+    /// Bytes the TIB tables may take with `--tib auto` (default: 10 % of the quantized
+    /// model's bytes).
+    #[arg(long, value_name = "BYTES")]
+    lut_budget: Option<u64>,
+    /// TIAR's Adam steps (`--tib quant|auto`).
+    #[arg(long, default_value_t = 2000, value_name = "N")]
+    tiar_iters: usize,
     /// Beta schedule (default: the model's metadata, else linear).
     #[arg(long, value_name = "linear|scaled-linear|cosine")]
     schedule: Option<String>,
@@ -207,6 +219,13 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Options {
             _ => tfmqc_passes::options::Reconstruct::Gptq,
         };
         o.adaround_iters = q.adaround_iters;
+        o.tib = match q.tib.as_str() {
+            "quant" => tfmqc_passes::options::TibMode::Quant,
+            "auto" => tfmqc_passes::options::TibMode::Auto,
+            _ => tfmqc_passes::options::TibMode::Lut,
+        };
+        o.lut_budget = q.lut_budget;
+        o.tiar_iters = q.tiar_iters;
         o.schedule = q.schedule.clone();
         o.train_timesteps = q.train_timesteps;
         o.beta_start = q.beta_start;

@@ -27,6 +27,8 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "baseline": if o.baseline_minmax { Some("minmax") } else { None },
         "act_range": if o.act_range_mse { "mse" } else { "ema" },
         "reconstruct": format!("{:?}", o.reconstruct).to_lowercase(),
+        "tib": format!("{:?}", o.tib).to_lowercase(),
+        "lut_budget": o.lut_budget,
     })
 }
 
@@ -98,6 +100,9 @@ pub struct Report {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub seconds_per_phase: Vec<(String, f64)>,
+    /// `--tib quant|auto`: TIAR, the temporal-feature error per t (RTN and TIAR), and
+    /// each frontier value's choice with its bytes.
+    pub tib: Option<tfmqc_passes::tiar::TiarReport>,
 }
 
 impl Report {
@@ -148,6 +153,7 @@ impl Report {
             bytes_in,
             bytes_out,
             seconds_per_phase: phases.to_vec(),
+            tib: cx.tiar.clone(),
         }
     }
 

@@ -18,7 +18,7 @@ use tfmqc_runtime::engine::Optimize;
 use crate::error::{Error, Result};
 use crate::exec::Runner;
 use crate::ir::{attr, DType, Dim, Model, Node, Tensor, ValueInfo};
-use crate::options::{meta, timestep_set};
+use crate::options::{meta, timestep_set, TibMode};
 use crate::pipeline::{Pass, PassContext};
 use crate::tib::TibAnalysis;
 
@@ -29,7 +29,7 @@ impl Pass for FoldTib {
         "fold-tib"
     }
     fn summary(&self) -> &'static str {
-        "Replace the TIB by exact lookup tables over the time-step set S"
+        "Replace the TIB by exact lookup tables over the time-step set S (--tib lut), or quantize it with TIAR (--tib quant|auto)"
     }
     fn requires(&self) -> &'static [&'static str] {
         &["detect-tib"]
@@ -37,8 +37,12 @@ impl Pass for FoldTib {
     fn run(&self, cx: &mut PassContext) -> Result<()> {
         let tib = cx.tib.clone().expect("checked by requires");
         let set = timestep_set(&cx.model, cx.options)?;
+        if cx.options.tib != TibMode::Lut {
+            // --tib quant|auto: TIAR, then tables only where chosen (tiar.rs).
+            return crate::tiar::run(cx, &tib, &set);
+        }
         let report = fold(&mut cx.model, &tib, &set)?;
-        cx.step_index = Some(report.index_value.clone());
+        cx.step_index = report.index_value.clone();
         cx.note(format!(
             "|S| = {} time steps; {} nodes replaced by {} tables, {} bytes",
             set.len(),
@@ -52,8 +56,9 @@ impl Pass for FoldTib {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct FoldReport {
-    /// The value holding each sample's position in S (out of range if t ∉ S).
-    pub index_value: String,
+    /// The value holding each sample's position in S (out of range if t ∉ S); `None`
+    /// when nothing reads it (no tables, one step group).
+    pub index_value: Option<String>,
     pub removed_nodes: usize,
     pub tables: usize,
     pub table_bytes: usize,
@@ -212,6 +217,23 @@ fn stack(rows: &[Tensor]) -> Result<Tensor> {
 /// Rewrites the graph: index computation, one Gather per frontier value, TIB removed.
 pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldReport> {
     let tables = evaluate_tables(model, tib, set)?;
+    let all = vec![true; tib.frontier.len()];
+    fold_tables(model, tib, set, tables, &all, false)
+}
+
+/// [`fold`] of the frontier values with `tabled[i]` set, from `tables` (one per frontier
+/// value, as [`evaluate_tables`] gives them; the others' are not read). The TIB nodes the
+/// other frontier values still need stay in the graph. The index computation is built
+/// when a table reads it or `keep_index` is set (step-group tables read it later).
+pub fn fold_tables(
+    model: &mut Model,
+    tib: &TibAnalysis,
+    set: &[i64],
+    tables: Vec<Tensor>,
+    tabled: &[bool],
+    keep_index: bool,
+) -> Result<FoldReport> {
+    assert_eq!(tabled.len(), tib.frontier.len());
     let info = index_info(model, tib)?;
     let dtype = info.dtype.expect("checked");
     let opset = model.onnx_opset();
@@ -221,10 +243,44 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
         .node_indices()
         .map(|ix| (g.node(ix).name.clone(), ix))
         .collect();
+    // Fold nodes the computed (untabled) frontier values still read stay.
+    let fold_set: std::collections::HashSet<&str> =
+        tib.fold_nodes.iter().map(String::as_str).collect();
+    let mut keep: std::collections::HashSet<String> = Default::default();
+    let mut stack: Vec<String> = tib
+        .frontier
+        .iter()
+        .zip(tabled)
+        .filter(|(_, &t)| !t)
+        .map(|(f, _)| f.name.clone())
+        .collect();
+    while let Some(v) = stack.pop() {
+        if let Some((ix, _)) = g.producer(&v) {
+            let n = g.node(ix);
+            if fold_set.contains(n.name.as_str()) && keep.insert(n.name.clone()) {
+                stack.extend(n.inputs.iter().filter(|i| !i.is_empty()).cloned());
+            }
+        }
+    }
     for name in &tib.fold_nodes {
+        if keep.contains(name) {
+            continue;
+        }
         if let Some(&ix) = by_name.get(name) {
             g.remove_node(ix);
         }
+    }
+    let any_table = tabled.iter().any(|&t| t);
+    if !any_table && !keep_index {
+        g.remove_dead();
+        g.validate()?;
+        set_metadata(model, tib, set);
+        return Ok(FoldReport {
+            index_value: None,
+            removed_nodes: tib.fold_nodes.len() - keep.len(),
+            tables: 0,
+            table_bytes: 0,
+        });
     }
 
     let t = tib.index_value.clone();
@@ -272,8 +328,16 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
     let index = g.add_op("Add", vec![pos, offset], "tib/index", vec![])?;
 
     let mut table_bytes = 0;
-    for (f, table) in tib.frontier.iter().zip(tables) {
+    let mut n_tables = 0;
+    for ((f, table), _) in tib
+        .frontier
+        .iter()
+        .zip(tables)
+        .zip(tabled)
+        .filter(|(_, &t)| t)
+    {
         table_bytes += table.byte_len();
+        n_tables += 1;
         let base = format!("tib/table/{}", f.name.trim_start_matches('/'));
         let table_name = g.add_initializer(&base, table);
         let node = Node::new(
@@ -285,17 +349,33 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
         .with_attr(attr::int("axis", 0));
         g.add_node(node)?;
     }
+    // Nothing reads the index yet when no table does: keep it alive for the step-group
+    // tables quantize adds later.
+    let protect = !any_table && keep_index;
+    if protect {
+        g.outputs.push(ValueInfo {
+            name: index.clone(),
+            ..Default::default()
+        });
+    }
     g.remove_dead();
+    if protect {
+        g.outputs.pop();
+    }
     g.validate()?;
+    set_metadata(model, tib, set);
+    Ok(FoldReport {
+        index_value: Some(index),
+        removed_nodes: tib.fold_nodes.len() - keep.len(),
+        tables: n_tables,
+        table_bytes,
+    })
+}
+
+fn set_metadata(model: &mut Model, tib: &TibAnalysis, set: &[i64]) {
     let joined: Vec<String> = set.iter().map(|s| s.to_string()).collect();
     model.set_metadata(meta::TIMESTEPS, joined.join(","));
     model.set_metadata(meta::TIMESTEP_INPUT, tib.timestep_input.clone());
     let frontier: Vec<&str> = tib.frontier.iter().map(|f| f.name.as_str()).collect();
     model.set_metadata(meta::TIB_FRONTIER, frontier.join(","));
-    Ok(FoldReport {
-        index_value: index,
-        removed_nodes: tib.fold_nodes.len(),
-        tables: tib.frontier.len(),
-        table_bytes,
-    })
 }

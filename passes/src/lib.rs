@@ -18,7 +18,9 @@ pub mod quantize;
 pub mod reconstruct;
 pub mod targets;
 pub mod tensor_file;
+pub mod tiar;
 pub mod tib;
+pub mod tib_net;
 
 pub use error::{Error, Result};
 pub use ir::{Model, Tensor};

@@ -31,6 +31,19 @@ pub enum Reconstruct {
     AdaRound,
 }
 
+/// What becomes of the Temporal Information Block (`--tib`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TibMode {
+    /// Exact tables `[|S|, ...]` for every frontier value (fold-tib).
+    Lut,
+    /// The TIB stays computed; its linear layers are quantized and their rounding
+    /// reconstructed by TIAR.
+    Quant,
+    /// Per frontier value: the table, or the quantized TIB after TIAR, by error and bytes
+    /// under `--lut-budget`.
+    Auto,
+}
+
 /// Options every pass may read. The CLI fills them; `Default` gives the documented
 /// defaults.
 #[derive(Clone, Debug)]
@@ -65,6 +78,13 @@ pub struct Options {
     pub reconstruct: Reconstruct,
     /// AdaRound steps per layer.
     pub adaround_iters: usize,
+    /// `--tib`: tables, quantized TIB (TIAR), or a choice per frontier value.
+    pub tib: TibMode,
+    /// `--lut-budget`: bytes the TIB tables may take with `--tib auto`; `None`: 10 % of
+    /// the quantized model's bytes.
+    pub lut_budget: Option<u64>,
+    /// `--tiar-iters`: Adam steps of TIAR.
+    pub tiar_iters: usize,
     /// Noise schedule overrides (else the model's metadata, else DDPM linear, T = 1000).
     pub schedule: Option<String>,
     pub train_timesteps: Option<usize>,
@@ -90,6 +110,9 @@ impl Default for Options {
             act_range_mse: false,
             reconstruct: Reconstruct::Gptq,
             adaround_iters: 2000,
+            tib: TibMode::Lut,
+            lut_budget: None,
+            tiar_iters: 2000,
             schedule: None,
             train_timesteps: None,
             beta_start: None,

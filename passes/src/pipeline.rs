@@ -20,6 +20,8 @@ pub struct PassContext<'a> {
     pub tib: Option<TibAnalysis>,
     /// Set by `fold-tib`: the value holding each sample's position in S.
     pub step_index: Option<String>,
+    /// Set by `fold-tib` under `--tib quant|auto` (TIAR and the table choices).
+    pub tiar: Option<crate::tiar::TiarReport>,
     /// Set by `calibrate`.
     pub calibration: Option<Calibration>,
     /// Set by `quantize`.
@@ -39,6 +41,7 @@ impl<'a> PassContext<'a> {
             options,
             tib: None,
             step_index: None,
+            tiar: None,
             calibration: None,
             quant: None,
             done: vec![],

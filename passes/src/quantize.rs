@@ -372,7 +372,7 @@ fn activation_ranges(
 }
 
 /// The weight as rows [N out, K in] (the layout reconstruction works on).
-fn to_rows(w: &[f32], shape: &[usize], axis: usize) -> (Vec<f32>, usize, usize) {
+pub(crate) fn to_rows(w: &[f32], shape: &[usize], axis: usize) -> (Vec<f32>, usize, usize) {
     let n = shape[axis];
     let k = w.len() / n.max(1);
     if axis == 0 {
@@ -389,7 +389,7 @@ fn to_rows(w: &[f32], shape: &[usize], axis: usize) -> (Vec<f32>, usize, usize) 
 }
 
 /// Back from rows [N, K] to the weight's own layout.
-fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
+pub(crate) fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
     if axis == 0 {
         return q.to_vec();
     }
@@ -489,7 +489,7 @@ fn layer_grams(
 }
 
 /// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.
-fn insert_qdq(
+pub(crate) fn insert_qdq(
     g: &mut Graph,
     value: &str,
     params: &[(f32, u8)],

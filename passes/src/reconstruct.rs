@@ -758,6 +758,96 @@ impl<'a> AdaState<'a> {
     }
 }
 
+/// AdaRound's rounding variables of one layer, driven by a gradient computed outside
+/// (TIAR back-propagates the temporal-feature loss through several layers to each `Ŵ`).
+/// Same parameterisation, regulariser, β schedule and Adam as [`adaround_with`].
+pub struct SoftRounding<'a> {
+    st: AdaState<'a>,
+    step: usize,
+}
+
+impl<'a> SoftRounding<'a> {
+    /// `w` [N, K] row-major, one scale per row; `V` starts at the fractional part of `W/s`.
+    pub fn new(w: &'a [f32], n: usize, k: usize, scales: &'a [f32], qmax: i32) -> Self {
+        check_qmax(qmax);
+        assert_eq!(w.len(), n * k);
+        assert_eq!(scales.len(), n);
+        let mut st = AdaState::new(w, n, k, scales, qmax);
+        // Tiny layers: threads would cost more than they save.
+        st.threads = 1;
+        SoftRounding { st, step: 0 }
+    }
+
+    /// The soft-rounded weight `Ŵ(V)` [N, K] (recomputes h(V)).
+    pub fn weight(&mut self, out: &mut [f32]) {
+        self.st.forward();
+        for ((o, &d), &w) in out.iter_mut().zip(&self.st.d).zip(self.st.w) {
+            *o = w + d;
+        }
+    }
+
+    /// One Adam step on V from `grad` = ∂L_rec/∂Ŵ at the last [`SoftRounding::weight`],
+    /// with the regulariser of step `self.step` of `opts.iters`. Returns the regulariser's
+    /// value.
+    pub fn step(&mut self, grad: &[f32], opts: &AdaRoundOpts) -> f64 {
+        assert_eq!(grad.len(), self.st.g.len());
+        let iters = opts.iters.max(1);
+        let warm = (opts.warmup.clamp(0.0, 1.0) as f64 * iters as f64) as usize;
+        let it = self.step;
+        let reg = Reg {
+            on: it >= warm,
+            lambda: opts.lambda,
+            beta: anneal_beta(it, warm, iters, opts.beta),
+        };
+        self.st.g.copy_from_slice(grad);
+        let value: f64 = self
+            .st
+            .el
+            .iter()
+            .map(|e| reg.value_grad(e.h).0 as f64)
+            .sum();
+        self.step += 1;
+        self.st
+            .adam_step(reg, opts.lr, self.step.min(i32::MAX as usize) as i32);
+        value
+    }
+
+    /// ∂L/∂V of every weight for `grad` = ∂L_rec/∂Ŵ with the regulariser of the current
+    /// step (what [`SoftRounding::step`] feeds Adam); for gradient checks.
+    pub fn grad_v(&self, grad: &[f32], opts: &AdaRoundOpts) -> Vec<f32> {
+        let iters = opts.iters.max(1);
+        let warm = (opts.warmup.clamp(0.0, 1.0) as f64 * iters as f64) as usize;
+        let reg = Reg {
+            on: self.step >= warm,
+            lambda: opts.lambda,
+            beta: anneal_beta(self.step, warm, iters, opts.beta),
+        };
+        self.st
+            .el
+            .iter()
+            .zip(grad)
+            .map(|(e, &g)| dl_dv(e, g, reg))
+            .collect()
+    }
+
+    /// The rounding variables V (for gradient checks).
+    pub fn v(&self) -> Vec<f32> {
+        self.st.el.iter().map(|e| e.v).collect()
+    }
+
+    /// Sets the rounding variables V (for gradient checks).
+    pub fn set_v(&mut self, v: &[f32]) {
+        for (e, &x) in self.st.el.iter_mut().zip(v) {
+            e.v = x;
+        }
+    }
+
+    /// The hard rounding: up where h(V) ≥ ½.
+    pub fn hard_round(&self) -> Vec<i8> {
+        self.st.hard_round()
+    }
+}
+
 /// BRECQ's linear temperature decay: `b0` at the end of the warm-up down to `b1` at the end.
 fn anneal_beta(it: usize, warm: usize, iters: usize, (b0, b1): (f32, f32)) -> f32 {
     if it < warm || iters <= warm {

@@ -84,6 +84,15 @@ pub fn find_targets(g: &Graph, keep_float: &[String]) -> Targets {
         {
             continue;
         }
+        // Already in QDQ form (an earlier pass quantized it: TIAR's TIB layers): left
+        // as it is.
+        let from_dq = |v: &String| {
+            g.producer(v)
+                .is_some_and(|(p, _)| g.node(p).is_onnx_op("DequantizeLinear"))
+        };
+        if n.inputs.iter().any(from_dq) {
+            continue;
+        }
         if let Some(p) = keep_float.iter().find(|p| n.name.contains(p.as_str())) {
             out.kept_float
                 .push((n.name.clone(), format!("--keep-float {p}")));

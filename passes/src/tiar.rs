@@ -1,0 +1,880 @@
+//! `--tib quant|auto`: the TIB stays computed, its linear layers quantized, their rounding
+//! reconstructed by TIAR; with `auto`, each frontier value is a table or computed by the
+//! quantized TIB, whichever the error and the `--lut-budget` favour. Run by `fold-tib`.
+//!
+//! TIAR (TFMQ-DM): AdaRound of every TIB linear at once, the loss being the error of all
+//! TIB frontier values over every t in S, `(1/|S|) Σ_t Σ_i ||emb_i(t) − êmb_i(t)||²`, the
+//! gradient back-propagated by hand through the TIB's later layers ([`crate::tib_net`]).
+//!
+//! 1. The TIB is cut out and run once by tract for all of S (fold-tib's
+//!    [`evaluate_tables`]): the float values before the first linear layer (the
+//!    sinusoidal embedding) are inputs of the small network, every later value is a
+//!    reference the network's own float pass must match (else: tables, with a warning).
+//! 2. Weights per output channel with the Lp range search (as `quantize`); the input of
+//!    each linear layer fake-quantized at `--act-bits` with one static scale: the TIB
+//!    is t-only, so its exact range over all of S is known. A scale per step would be a
+//!    table per activation (what `--tib lut` avoids paying) and tract accepts only
+//!    constant Q/DQ scales.
+//! 3. TIAR's rounding replaces round-to-nearest unless it is worse on the loss.
+//! 4. Tables for the frontier values chosen (all with `lut`, none with `quant`, by budget
+//!    with `auto`); the layers the computed ones still need get DequantizeLinear weights
+//!    and a QuantizeLinear/DequantizeLinear pair on their input. `quantize` leaves nodes
+//!    already in that form alone.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::fold_tib::{evaluate_tables, fold_tables};
+use crate::ir::{attr, DType, Model, Tensor};
+use crate::options::{Options, TibMode};
+use crate::pipeline::PassContext;
+use crate::quant::{act_params_u8, quantize_weight, weight_qmax, RangeSearch};
+use crate::reconstruct::{AdaRoundOpts, Rng, SoftRounding};
+use crate::tib::TibAnalysis;
+use crate::tib_net::{cosine, Layer, Mat, Op, TibNet};
+
+/// Time steps per TIAR step when S is larger (sampled without replacement each step).
+const TIAR_BATCH: usize = 256;
+
+/// One TIB linear layer after TIAR.
+#[derive(Clone, Debug, Serialize)]
+pub struct TiarLayer {
+    pub node: String,
+    pub weight: String,
+    pub out_features: usize,
+    pub in_features: usize,
+    /// uint8 (scale, zero point) of its input; `None` with `--act-bits 32`.
+    pub act: Option<(f32, u8)>,
+    /// Roundings TIAR changed from round-to-nearest.
+    pub flipped: usize,
+    /// Quantized in the output (false: only tables read it).
+    pub in_output: bool,
+}
+
+/// One frontier value: the table or the quantized TIB, and what each costs.
+#[derive(Clone, Debug, Serialize)]
+pub struct FrontierChoice {
+    pub value: String,
+    /// `table` or `quantized`.
+    pub choice: String,
+    /// Bytes of its table `[|S|, ...]` (f32).
+    pub table_bytes: u64,
+    /// Temporal-feature error of the quantized TIB, round-to-nearest and after TIAR:
+    /// cosine similarity per t in S (order of `TiarReport::timesteps`), its minimum, and
+    /// the relative MSE Σ||ê − e||² / Σ||e||² over S.
+    pub cosine_rtn: Vec<f64>,
+    pub cosine_tiar: Vec<f64>,
+    pub cosine_min_rtn: f64,
+    pub cosine_min_tiar: f64,
+    pub rel_mse_rtn: f64,
+    pub rel_mse_tiar: f64,
+}
+
+/// What `--tib quant|auto` did (report JSON `tib`).
+#[derive(Clone, Debug, Serialize)]
+pub struct TiarReport {
+    pub mode: String,
+    pub timesteps: Vec<i64>,
+    pub weight_bits: u32,
+    pub act_bits: u32,
+    pub iters: usize,
+    /// TIAR's loss (mean over t of the summed squared frontier error) with
+    /// round-to-nearest weights and with TIAR's rounding (the one kept is the lower).
+    pub loss_rtn: f64,
+    pub loss_tiar: f64,
+    /// True when TIAR did not beat round-to-nearest and RTN was kept.
+    pub kept_rtn: bool,
+    pub seconds: f64,
+    /// The table budget (`--lut-budget`, else 10 % of `quantized_model_bytes`).
+    pub lut_budget_bytes: u64,
+    /// Estimated bytes of the quantized model without TIB tables: quantized weights at
+    /// one byte a value (as stored), every other initializer as it is.
+    pub quantized_model_bytes: u64,
+    pub table_bytes: u64,
+    pub layers: Vec<TiarLayer>,
+    pub frontier: Vec<FrontierChoice>,
+    /// Set when the TIB could not be quantized and was tabled instead.
+    pub fallback: Option<String>,
+}
+
+/// A TIB op TIAR cannot differentiate (or a structure it cannot follow).
+#[derive(Debug)]
+pub struct Unsupported(pub String);
+
+/// The TIB as a [`TibNet`], with the float references.
+pub struct Built {
+    pub net: TibNet,
+    /// Float value of each frontier value over S, as [`evaluate_tables`] gives it.
+    pub tables: Vec<Tensor>,
+    /// Float frontier values as matrices (the TIAR targets).
+    pub targets: Vec<Mat>,
+    /// Per layer: weight initializer, its shape and output-channel axis.
+    pub weights: Vec<(String, Vec<usize>, usize)>,
+}
+
+fn unsupported(msg: String) -> std::result::Result<Built, Unsupported> {
+    Err(Unsupported(msg))
+}
+
+/// Whether a TIB node is a linear layer TIAR quantizes: Gemm (no transA) or MatMul with a
+/// constant f32 rank-2 weight, not named by `--keep-float`.
+fn linear_weight(
+    model: &Model,
+    n: &crate::ir::Node,
+    keep_float: &[String],
+) -> Option<(String, usize)> {
+    let g = &model.graph;
+    if !(n.is_onnx_op("Gemm") || n.is_onnx_op("MatMul")) || n.inputs.len() < 2 {
+        return None;
+    }
+    if keep_float.iter().any(|p| n.name.contains(p.as_str())) {
+        return None;
+    }
+    let w = g.initializers.get(&n.inputs[1])?;
+    if w.dtype != DType::F32 || w.shape.len() != 2 || g.initializers.contains_key(&n.inputs[0]) {
+        return None;
+    }
+    if n.is_onnx_op("Gemm") {
+        if n.attr_int("transA").unwrap_or(0) != 0 {
+            return None;
+        }
+        let axis = if n.attr_int("transB").unwrap_or(0) == 1 {
+            0
+        } else {
+            1
+        };
+        Some((n.inputs[1].clone(), axis))
+    } else {
+        Some((n.inputs[1].clone(), 1))
+    }
+}
+
+/// Builds the network of the TIB from the linear layers on: ops, given values, layers
+/// (float weights, scales, activation ranges), and checks its float pass against tract.
+pub fn build(
+    model: &Model,
+    tib: &TibAnalysis,
+    set: &[i64],
+    options: &Options,
+) -> Result<std::result::Result<Built, Unsupported>> {
+    let g = &model.graph;
+    let by_name: HashMap<&str, _> = g
+        .node_indices()
+        .map(|ix| (g.node(ix).name.as_str(), ix))
+        .collect();
+    let steps = set.len();
+    let mut slots: HashMap<String, usize> = HashMap::new();
+    let slot_of = |v: &str, slots: &mut HashMap<String, usize>| -> usize {
+        let n = slots.len();
+        *slots.entry(v.to_string()).or_insert(n)
+    };
+    let mut dynamic: HashSet<String> = HashSet::new();
+    let mut ops = vec![];
+    let mut layers_meta = vec![]; // (node name, weight name, shape, axis, bias, alpha)
+                                  // Values the network reads but does not compute: computed by tract, or constants.
+    let mut read_static: Vec<String> = vec![];
+    let mut constants: Vec<(String, Mat)> = vec![];
+    let constant_mat = |name: &str| -> Option<Mat> {
+        let t = g.initializers.get(name)?;
+        if t.dtype != DType::F32 {
+            return None;
+        }
+        let v = t.to_f32_vec().ok()?;
+        let lead_ones = t.shape.len() <= 1 || t.shape[..t.shape.len() - 1].iter().all(|&d| d == 1);
+        lead_ones.then(|| Mat::new(1, v.len(), v))
+    };
+    for name in &tib.fold_nodes {
+        let Some(&ix) = by_name.get(name.as_str()) else {
+            continue;
+        };
+        let n = g.node(ix);
+        let linear = linear_weight(model, n, &options.keep_float);
+        let reads_dynamic = n.inputs.iter().any(|i| dynamic.contains(i));
+        if linear.is_none() && !reads_dynamic {
+            continue;
+        }
+        let out = n.outputs[0].clone();
+        // An input: a dynamic value, a constant, or a value tract computes.
+        let mut operand = |v: &str,
+                           slots: &mut HashMap<String, usize>|
+         -> std::result::Result<usize, Unsupported> {
+            if !dynamic.contains(v) {
+                if g.initializers.contains_key(v) {
+                    let m = constant_mat(v).ok_or_else(|| {
+                        Unsupported(format!(
+                            "node '{}' ({}) reads constant '{v}' whose shape does not broadcast per time step",
+                            n.name, n.op_type
+                        ))
+                    })?;
+                    if !constants.iter().any(|(c, _)| c == v) {
+                        constants.push((v.to_string(), m));
+                    }
+                } else if !read_static.iter().any(|s| s == v) {
+                    read_static.push(v.to_string());
+                }
+            }
+            Ok(slot_of(v, slots))
+        };
+        macro_rules! try_op {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => return Ok(Err(e)),
+                }
+            };
+        }
+        let op = n.op_type.as_str();
+        let y = slot_of(&out, &mut slots);
+        if let Some((w, axis)) = linear {
+            let x = try_op!(operand(&n.inputs[0], &mut slots));
+            let shape = g.initializers[&w].shape.clone();
+            let nout = shape[axis];
+            let mut bias = None;
+            let alpha = n.attr_float("alpha").unwrap_or(1.0);
+            let mut extra_add = None;
+            if let Some(c) = n.inputs.get(2).filter(|c| !c.is_empty()) {
+                let beta = n.attr_float("beta").unwrap_or(1.0);
+                match g.initializers.get(c).and_then(|t| t.to_f32_vec().ok()) {
+                    Some(b) if b.len() == nout || b.len() == 1 => {
+                        let b: Vec<f32> = (0..nout)
+                            .map(|j| beta * b[if b.len() == 1 { 0 } else { j }])
+                            .collect();
+                        bias = Some(b);
+                    }
+                    _ if beta == 1.0 && !g.initializers.contains_key(c) => {
+                        extra_add = Some(try_op!(operand(c, &mut slots)));
+                    }
+                    _ => {
+                        return Ok(unsupported(format!(
+                            "Gemm '{}': bias '{c}' is neither a per-output constant nor a value",
+                            n.name
+                        )))
+                    }
+                }
+            }
+            let layer = layers_meta.len();
+            layers_meta.push((n.name.clone(), w, shape, axis, bias, alpha));
+            match extra_add {
+                None => ops.push(Op::Linear { x, y, layer }),
+                Some(c) => {
+                    let tmp = slot_of(&format!("{out}#matmul"), &mut slots);
+                    ops.push(Op::Linear { x, y: tmp, layer });
+                    ops.push(Op::Add { a: tmp, b: c, y });
+                }
+            }
+        } else {
+            let data: Vec<&String> = n.inputs.iter().filter(|i| !i.is_empty()).collect();
+            let new_op = match op {
+                "Sigmoid" => Op::Sigmoid {
+                    x: try_op!(operand(data[0], &mut slots)),
+                    y,
+                },
+                "Mul" | "Add" | "Sub" if data.len() == 2 => {
+                    let a = try_op!(operand(data[0], &mut slots));
+                    let b = try_op!(operand(data[1], &mut slots));
+                    match op {
+                        "Mul" => Op::Mul { a, b, y },
+                        "Add" => Op::Add { a, b, y },
+                        _ => Op::Sub { a, b, y },
+                    }
+                }
+                "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity" => Op::Copy {
+                    x: try_op!(operand(data[0], &mut slots)),
+                    y,
+                },
+                "Cast" if n.attr_int("to") == Some(DType::F32.onnx_code() as i64) => Op::Copy {
+                    x: try_op!(operand(data[0], &mut slots)),
+                    y,
+                },
+                "Concat" => {
+                    // Per-row concatenation is the op only when the axis is the last
+                    // non-unit one; the float check against tract below catches the rest,
+                    // but refuse the batch axis outright.
+                    let axis = n.attr_int("axis").unwrap_or(0);
+                    if axis == 0 {
+                        return Ok(unsupported(format!(
+                            "Concat '{}' along the batch axis",
+                            n.name
+                        )));
+                    }
+                    let mut xs = vec![];
+                    for d in &data {
+                        xs.push(try_op!(operand(d, &mut slots)));
+                    }
+                    Op::Concat { xs, y }
+                }
+                _ => {
+                    return Ok(unsupported(format!(
+                        "node '{}' ({}) after a TIB linear layer: TIAR has no gradient for {}",
+                        n.name, n.op_type, n.op_type
+                    )))
+                }
+            };
+            ops.push(new_op);
+        }
+        if n.outputs.iter().filter(|o| !o.is_empty()).count() != 1 {
+            return Ok(unsupported(format!(
+                "node '{}' ({}) has several outputs",
+                n.name, n.op_type
+            )));
+        }
+        dynamic.insert(out);
+    }
+    if layers_meta.is_empty() {
+        return Ok(unsupported(
+            "the TIB has no Gemm/MatMul with a constant weight to quantize".into(),
+        ));
+    }
+    // Frontier values not downstream of any layer are given (exact either way).
+    for f in &tib.frontier {
+        if !dynamic.contains(&f.name) && !read_static.contains(&f.name) {
+            read_static.push(f.name.clone());
+        }
+    }
+    let dyn_values: Vec<String> = {
+        let mut v: Vec<String> = dynamic.iter().cloned().collect();
+        v.sort();
+        v
+    };
+    // One tract run over S for everything: given values, every dynamic value (reference
+    // for the check), the frontier (targets and tables).
+    let mut wanted: Vec<String> = read_static.clone();
+    wanted.extend(dyn_values.iter().cloned());
+    for f in &tib.frontier {
+        if !wanted.contains(&f.name) {
+            wanted.push(f.name.clone());
+        }
+    }
+    let mut probe = tib.clone();
+    probe.frontier = wanted
+        .iter()
+        .map(|w| crate::tib::FrontierValue {
+            name: w.clone(),
+            ty: String::new(),
+            joins: vec![],
+        })
+        .collect();
+    let evaluated = evaluate_tables(model, &probe, set)?;
+    let mut float: HashMap<String, Mat> = HashMap::new();
+    for (name, t) in wanted.iter().zip(&evaluated) {
+        let Ok(v) = t.to_f32_vec() else {
+            return Ok(unsupported(format!(
+                "TIB value '{name}' is not f32 ({})",
+                t.dtype
+            )));
+        };
+        if t.shape.first() != Some(&steps) || v.len() % steps != 0 {
+            return Ok(unsupported(format!(
+                "TIB value '{name}' has no per-step leading axis ({:?})",
+                t.shape
+            )));
+        }
+        let width = v.len() / steps;
+        float.insert(name.clone(), Mat::new(steps, width, v));
+    }
+    let tables: Vec<Tensor> = tib
+        .frontier
+        .iter()
+        .map(|f| evaluated[wanted.iter().position(|w| *w == f.name).expect("wanted")].clone())
+        .collect();
+
+    let mut given: Vec<(usize, Mat)> = vec![];
+    for v in &read_static {
+        given.push((slots[v], float[v].clone()));
+    }
+    for (c, m) in constants {
+        given.push((slots[&c], m));
+    }
+    let mut layers = vec![];
+    let mut weights = vec![];
+    for (node, w, shape, axis, bias, alpha) in layers_meta {
+        let values = g.initializers[&w].to_f32_vec()?;
+        let q = quantize_weight(&values, &shape, axis, options.weight_bits, RangeSearch::Lp);
+        let (rows, n, k) = crate::quantize::to_rows(&values, &shape, axis);
+        layers.push(Layer {
+            node,
+            n,
+            k,
+            w: rows,
+            scales: q.scales,
+            bias,
+            alpha,
+            act: None,
+        });
+        weights.push((w, shape, axis));
+    }
+    let outputs = tib.frontier.iter().map(|f| slots[&f.name]).collect();
+    let mut net = TibNet {
+        slots: slots.len(),
+        given,
+        ops,
+        layers,
+        outputs,
+        steps,
+    };
+    if let Err(e) = net.check() {
+        return Ok(unsupported(format!(
+            "the TIB's shapes do not follow per time step: {e}"
+        )));
+    }
+    // The network's float pass must reproduce tract's values.
+    let all: Vec<usize> = (0..steps).collect();
+    let wf: Vec<Vec<f32>> = net.layers.iter().map(|l| l.w.clone()).collect();
+    let values = net.forward(&wf, &all);
+    for name in &dyn_values {
+        let (Some(ours), Some(theirs)) = (values[slots[name]].as_ref(), float.get(name)) else {
+            continue;
+        };
+        let scale = theirs.data.iter().fold(1f32, |m, v| m.max(v.abs()));
+        let bad = ours.data.len() != theirs.data.len()
+            || ours
+                .data
+                .iter()
+                .zip(&theirs.data)
+                .any(|(a, b)| (a - b).abs() > 1e-4 * scale);
+        if bad {
+            return Ok(unsupported(format!(
+                "TIAR's float pass does not reproduce TIB value '{name}' (a reshape or concat that moves data across time steps?)"
+            )));
+        }
+    }
+    // Activation ranges: each layer's float input over all of S.
+    if options.act_bits == 8 {
+        for op in &net.ops {
+            if let Op::Linear { x, layer, .. } = op {
+                let m = values[*x].as_ref().expect("forward");
+                let (lo, hi) = m
+                    .data
+                    .iter()
+                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                        (a.min(v), b.max(v))
+                    });
+                net.layers[*layer].act = Some(act_params_u8(lo, hi));
+            }
+        }
+    }
+    let targets = tib
+        .frontier
+        .iter()
+        .map(|f| float[&f.name].clone())
+        .collect();
+    Ok(Ok(Built {
+        net,
+        tables,
+        targets,
+        weights,
+    }))
+}
+
+/// Round-to-nearest integers of every layer ([N, K] rows).
+fn rtn_ints(net: &TibNet, qmax: i32) -> Vec<Vec<i8>> {
+    net.layers
+        .iter()
+        .map(|l| crate::reconstruct::rtn(&l.w, l.n, l.k, &l.scales, qmax))
+        .collect()
+}
+
+fn dequant(net: &TibNet, q: &[Vec<i8>]) -> Vec<Vec<f32>> {
+    net.layers
+        .iter()
+        .zip(q)
+        .map(|(l, q)| crate::reconstruct::dequantize(q, l.n, l.k, &l.scales))
+        .collect()
+}
+
+/// TIAR: AdaRound of all layers at once against the frontier error over S. Returns the
+/// integers ([N, K] rows per layer).
+pub fn tiar(net: &TibNet, targets: &[Mat], qmax: i32, opts: &AdaRoundOpts) -> Vec<Vec<i8>> {
+    let mut soft: Vec<SoftRounding> = net
+        .layers
+        .iter()
+        .map(|l| SoftRounding::new(&l.w, l.n, l.k, &l.scales, qmax))
+        .collect();
+    let mut ws: Vec<Vec<f32>> = net.layers.iter().map(|l| vec![0.0; l.n * l.k]).collect();
+    let mut rng = Rng::new(opts.seed);
+    let mut idx: Vec<usize> = (0..net.steps).collect();
+    let batch = net.steps.min(TIAR_BATCH);
+    let all_targets = batch == net.steps;
+    for _ in 0..opts.iters {
+        if !all_targets {
+            for i in 0..batch {
+                let j = i + rng.below(net.steps - i);
+                idx.swap(i, j);
+            }
+        }
+        let rows = &idx[..batch];
+        for (s, w) in soft.iter_mut().zip(ws.iter_mut()) {
+            s.weight(w);
+        }
+        let values = net.forward(&ws, rows);
+        let sel: Vec<Mat>;
+        let tg = if all_targets {
+            targets
+        } else {
+            sel = targets.iter().map(|t| t.select(rows)).collect();
+            &sel
+        };
+        let (_, og) = net.loss(&values, tg);
+        let gw = net.backward(&ws, &values, &og);
+        for (s, g) in soft.iter_mut().zip(&gw) {
+            s.step(g, opts);
+        }
+    }
+    soft.iter().map(|s| s.hard_round()).collect()
+}
+
+/// Per frontier value: cosine per t, relative MSE, and the total loss, for weights `w`.
+fn errors(net: &TibNet, targets: &[Mat], w: &[Vec<f32>]) -> (Vec<(Vec<f64>, f64)>, f64) {
+    let all: Vec<usize> = (0..net.steps).collect();
+    let values = net.forward(w, &all);
+    let (loss, _) = net.loss(&values, targets);
+    let per = net
+        .outputs
+        .iter()
+        .zip(targets)
+        .map(|(&o, t)| {
+            let y = values[o].as_ref().expect("forward");
+            let cos = (0..net.steps).map(|r| cosine(t.row(r), y.row(r))).collect();
+            let (mut e, mut s) = (0f64, 0f64);
+            for (&a, &b) in t.data.iter().zip(&y.data) {
+                e += ((a - b) as f64).powi(2);
+                s += (a as f64).powi(2);
+            }
+            (cos, if s > 0.0 { e / s } else { e })
+        })
+        .collect();
+    (per, loss)
+}
+
+/// Estimated bytes of the quantized model without the TIB tables (see [`TiarReport`]).
+pub fn quantized_model_bytes(model: &Model, options: &Options) -> u64 {
+    let g = &model.graph;
+    let targets = crate::targets::find_targets(g, &options.keep_float);
+    let quantized: HashSet<&str> = targets
+        .quantized
+        .iter()
+        .filter_map(|t| t.weight.as_ref().map(|w| w.name.as_str()))
+        .collect();
+    g.initializers
+        .iter()
+        .map(|(name, t)| {
+            if quantized.contains(name.as_str()) {
+                t.numel() as u64
+            } else {
+                t.byte_len() as u64
+            }
+        })
+        .sum()
+}
+
+/// Which frontier values become tables: all (`lut`), none (`quant`), or (`auto`) all
+/// when they fit the budget, else the largest relative error per byte first while they
+/// fit.
+pub fn choose_tables(mode: TibMode, bytes: &[u64], rel_err: &[f64], budget: u64) -> Vec<bool> {
+    match mode {
+        TibMode::Lut => vec![true; bytes.len()],
+        TibMode::Quant => vec![false; bytes.len()],
+        TibMode::Auto => {
+            if bytes.iter().sum::<u64>() <= budget {
+                return vec![true; bytes.len()];
+            }
+            let mut order: Vec<usize> = (0..bytes.len()).filter(|&i| rel_err[i] > 0.0).collect();
+            order.sort_by(|&a, &b| {
+                let ka = rel_err[a] / bytes[a].max(1) as f64;
+                let kb = rel_err[b] / bytes[b].max(1) as f64;
+                kb.total_cmp(&ka).then(a.cmp(&b))
+            });
+            let mut used = 0u64;
+            let mut out = vec![false; bytes.len()];
+            for i in order {
+                if used + bytes[i] <= budget {
+                    used += bytes[i];
+                    out[i] = true;
+                }
+            }
+            out
+        }
+    }
+}
+
+/// The `fold-tib` pass under `--tib quant|auto`.
+pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
+    let options = cx.options;
+    let start = Instant::now();
+    let mode = options.tib;
+    let mode_name = if mode == TibMode::Auto {
+        "auto"
+    } else {
+        "quant"
+    };
+    let model_bytes = quantized_model_bytes(&cx.model, options);
+    let budget = options.lut_budget.unwrap_or(model_bytes / 10);
+    let keep_index = options.step_groups > 1;
+    let built = match build(&cx.model, tib, set, options)? {
+        Ok(b) => b,
+        Err(Unsupported(why)) => {
+            let warning = format!("WARNING: --tib {mode_name}: {why}; the TIB is folded into tables instead (--tib lut)");
+            eprintln!("tfmqc: {warning}");
+            cx.note(warning.clone());
+            let report = crate::fold_tib::fold(&mut cx.model, tib, set)?;
+            cx.step_index = report.index_value.clone();
+            cx.tiar = Some(TiarReport {
+                mode: mode_name.into(),
+                timesteps: set.to_vec(),
+                weight_bits: options.weight_bits,
+                act_bits: options.act_bits,
+                iters: 0,
+                loss_rtn: 0.0,
+                loss_tiar: 0.0,
+                kept_rtn: false,
+                seconds: start.elapsed().as_secs_f64(),
+                lut_budget_bytes: budget,
+                quantized_model_bytes: model_bytes,
+                table_bytes: report.table_bytes as u64,
+                layers: vec![],
+                frontier: vec![],
+                fallback: Some(why),
+            });
+            return Ok(());
+        }
+    };
+    let Built {
+        net,
+        tables,
+        targets,
+        weights,
+    } = built;
+    let qmax = weight_qmax(options.weight_bits) as i32;
+    let q_rtn = rtn_ints(&net, qmax);
+    let ada = AdaRoundOpts {
+        iters: options.tiar_iters,
+        // The reference's lr 1e-3 is meant for 20k steps; in 2000 (ddpm_digits, W4A8,
+        // ddim:50) it left the worst temporal-feature cosine at 0.9971 (loss 0.38),
+        // lr 1e-2 reached 0.9994 (loss 0.07), 3e-2 no better (0.9994, 0.05).
+        lr: 1e-2,
+        seed: options.seed ^ 0x71a2,
+        ..Default::default()
+    };
+    (cx.progress)(&format!(
+        "fold-tib: TIAR over {} layers, {} time steps, {} steps",
+        net.layers.len(),
+        net.steps,
+        ada.iters
+    ));
+    let q_tiar = tiar(&net, &targets, qmax, &ada);
+    let (err_rtn, loss_rtn) = errors(&net, &targets, &dequant(&net, &q_rtn));
+    let (err_tiar, loss_tiar) = errors(&net, &targets, &dequant(&net, &q_tiar));
+    // Never worse than round-to-nearest on TIAR's own loss.
+    let kept_rtn = !loss_tiar.is_finite() || loss_tiar > loss_rtn;
+    let (q_final, err_final) = if kept_rtn {
+        (q_rtn.clone(), err_rtn.clone())
+    } else {
+        (q_tiar.clone(), err_tiar.clone())
+    };
+
+    let bytes: Vec<u64> = tables.iter().map(|t| t.byte_len() as u64).collect();
+    let rel: Vec<f64> = err_final.iter().map(|e| e.1).collect();
+    let tabled = choose_tables(mode, &bytes, &rel, budget);
+    let fold = fold_tables(&mut cx.model, tib, set, tables, &tabled, keep_index)?;
+    cx.step_index = fold.index_value.clone();
+
+    // Quantize the layers the computed frontier values still read.
+    let g = &mut cx.model.graph;
+    let by_name: HashMap<String, _> = g
+        .node_indices()
+        .map(|ix| (g.node(ix).name.clone(), ix))
+        .collect();
+    let mut act_dq: HashMap<String, String> = HashMap::new();
+    let mut layer_reports = vec![];
+    for (li, (l, (wname, shape, axis))) in net.layers.iter().zip(&weights).enumerate() {
+        let flipped = q_final[li]
+            .iter()
+            .zip(&q_rtn[li])
+            .filter(|(a, b)| a != b)
+            .count();
+        let present = by_name.get(&l.node).copied();
+        layer_reports.push(TiarLayer {
+            node: l.node.clone(),
+            weight: wname.clone(),
+            out_features: l.n,
+            in_features: l.k,
+            act: l.act,
+            flipped,
+            in_output: present.is_some(),
+        });
+        let Some(ix) = present else { continue };
+        let ints = crate::quantize::from_rows(&q_final[li], shape, *axis);
+        let qi = g.add_initializer(
+            &format!("{wname}_quantized"),
+            Tensor::from_vec(shape.clone(), &ints),
+        );
+        let sc = g.add_initializer(
+            &format!("{wname}_scale"),
+            Tensor::from_vec(vec![l.n], &l.scales),
+        );
+        let zp = g.add_initializer(
+            &format!("{wname}_zero_point"),
+            Tensor::from_vec(vec![l.n], &vec![0i8; l.n]),
+        );
+        let dq = g.add_op(
+            "DequantizeLinear",
+            vec![qi, sc, zp],
+            &format!("{wname}_dequantized"),
+            vec![attr::int("axis", *axis as i64)],
+        )?;
+        g.set_input(ix, 1, &dq);
+        if let Some(params) = l.act {
+            let x = g.node(ix).inputs[0].clone();
+            let xdq = match act_dq.get(&x) {
+                Some(d) => d.clone(),
+                None => {
+                    let d = crate::quantize::insert_qdq(g, &x, &[params], None)?;
+                    act_dq.insert(x.clone(), d.clone());
+                    d
+                }
+            };
+            g.set_input(ix, 0, &xdq);
+        }
+    }
+    g.remove_dead();
+    g.validate()?;
+
+    let frontier: Vec<FrontierChoice> = tib
+        .frontier
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let min = |v: &[f64]| v.iter().copied().fold(f64::INFINITY, f64::min);
+            FrontierChoice {
+                value: f.name.clone(),
+                choice: if tabled[i] { "table" } else { "quantized" }.into(),
+                table_bytes: bytes[i],
+                cosine_min_rtn: min(&err_rtn[i].0),
+                cosine_min_tiar: min(&err_final[i].0),
+                rel_mse_rtn: err_rtn[i].1,
+                rel_mse_tiar: err_final[i].1,
+                cosine_rtn: err_rtn[i].0.clone(),
+                cosine_tiar: err_final[i].0.clone(),
+            }
+        })
+        .collect();
+    let table_bytes: u64 = frontier
+        .iter()
+        .filter(|f| f.choice == "table")
+        .map(|f| f.table_bytes)
+        .sum();
+    let report = TiarReport {
+        mode: mode_name.into(),
+        timesteps: set.to_vec(),
+        weight_bits: options.weight_bits,
+        act_bits: options.act_bits,
+        iters: ada.iters,
+        loss_rtn,
+        loss_tiar,
+        kept_rtn,
+        seconds: start.elapsed().as_secs_f64(),
+        lut_budget_bytes: budget,
+        quantized_model_bytes: model_bytes,
+        table_bytes,
+        layers: layer_reports,
+        frontier,
+        fallback: None,
+    };
+    for line in report.lines() {
+        cx.note(line);
+    }
+    cx.tiar = Some(report);
+    Ok(())
+}
+
+impl TiarReport {
+    /// The terminal summary: TIAR against round-to-nearest, and each frontier value's
+    /// choice with its bytes and error.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = vec![];
+        if let Some(f) = &self.fallback {
+            out.push(format!("--tib {}: fell back to tables ({f})", self.mode));
+            return out;
+        }
+        let min_of = |f: fn(&FrontierChoice) -> f64| {
+            self.frontier.iter().map(f).fold(f64::INFINITY, f64::min)
+        };
+        out.push(format!(
+            "--tib {}: TIAR over {} TIB layers, |S| = {}, {} steps, {:.1} s: loss {:.3e} (round-to-nearest {:.3e}){}; temporal-feature cosine, worst over frontier and S: {:.5} (round-to-nearest {:.5})",
+            self.mode,
+            self.layers.len(),
+            self.timesteps.len(),
+            self.iters,
+            self.seconds,
+            self.loss_tiar.min(self.loss_rtn),
+            self.loss_rtn,
+            if self.kept_rtn { " — TIAR did not beat round-to-nearest, kept it" } else { "" },
+            min_of(|f| f.cosine_min_tiar),
+            min_of(|f| f.cosine_min_rtn),
+        ));
+        out.push(format!(
+            "tables {} bytes of a {} byte budget (quantized model ≈ {} bytes); per frontier value:",
+            self.table_bytes, self.lut_budget_bytes, self.quantized_model_bytes
+        ));
+        for f in &self.frontier {
+            out.push(format!(
+                "  {}: {} — table {} bytes; quantized: min cosine {:.5} (RTN {:.5}), rel. MSE {:.2e} (RTN {:.2e})",
+                f.value, f.choice, f.table_bytes, f.cosine_min_tiar, f.cosine_min_rtn, f.rel_mse_tiar, f.rel_mse_rtn
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_keeps_all_tables_within_budget() {
+        assert_eq!(
+            choose_tables(TibMode::Auto, &[10, 20], &[0.1, 0.2], 30),
+            vec![true, true]
+        );
+    }
+
+    #[test]
+    fn auto_spends_the_budget_on_the_largest_error_per_byte() {
+        let bytes = [100, 100, 50, 400];
+        let err = [0.01, 0.05, 0.04, 0.5];
+        let t = choose_tables(TibMode::Auto, &bytes, &err, 160);
+        // Per byte: 2 (8e-4), 1 (5e-4), 3 (1.25e-3 but 400 bytes: over budget), 0 (1e-4).
+        assert_eq!(t, vec![false, true, true, false]);
+        let used: u64 = bytes
+            .iter()
+            .zip(&t)
+            .filter(|(_, &k)| k)
+            .map(|(b, _)| b)
+            .sum();
+        assert!(used <= 160);
+    }
+
+    #[test]
+    fn auto_with_zero_budget_tables_nothing_and_quant_never_tables() {
+        assert_eq!(
+            choose_tables(TibMode::Auto, &[8, 8], &[0.1, 0.1], 0),
+            vec![false, false]
+        );
+        assert_eq!(
+            choose_tables(TibMode::Quant, &[8], &[0.1], 1000),
+            vec![false]
+        );
+        assert_eq!(choose_tables(TibMode::Lut, &[8], &[0.1], 0), vec![true]);
+    }
+
+    #[test]
+    fn exact_values_are_never_tabled_by_auto() {
+        assert_eq!(
+            choose_tables(TibMode::Auto, &[8, 8], &[0.0, 0.1], 10),
+            vec![false, true]
+        );
+    }
+}
