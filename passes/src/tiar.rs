@@ -739,7 +739,19 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             g.set_input(ix, 0, &xdq);
         }
     }
+    // The replaced float weights go; the step index stays for step-group tables even
+    // when nothing reads it yet.
+    let protect = cx.step_index.clone().filter(|_| keep_index);
+    if let Some(ix) = &protect {
+        g.outputs.push(crate::ir::ValueInfo {
+            name: ix.clone(),
+            ..Default::default()
+        });
+    }
     g.remove_dead();
+    if protect.is_some() {
+        g.outputs.pop();
+    }
     g.validate()?;
 
     let frontier: Vec<FrontierChoice> = tib

@@ -1,0 +1,233 @@
+//! `--tib quant|auto`: TIAR on the trained model (the paper's Fig. 4 bar), the quantized
+//! TIB running in tract and onnxruntime, and `--tib auto` keeping to its table budget.
+
+mod common;
+use common::*;
+
+use std::path::{Path, PathBuf};
+
+use tfmqc_passes::options::TibMode;
+use tfmqc_passes::pipeline::{parse_pipeline, run_pipeline, PassContext};
+use tfmqc_passes::tiar::TiarReport;
+use tfmqc_passes::Options;
+
+const TIB_ONLY: &str = "canonicalize,detect-tib,fold-tib";
+
+/// The TIB passes in-process; returns TIAR's report.
+fn tiar_report(name: &str, options: &Options) -> TiarReport {
+    let model = tfmqc_passes::onnx::load(&model_path(name)).unwrap();
+    let mut cx = PassContext::new(model, options);
+    let passes = parse_pipeline(TIB_ONLY).unwrap();
+    run_pipeline(&mut cx, &passes, &mut |_, _, _| Ok(())).unwrap();
+    cx.tiar.expect("--tib quant reports")
+}
+
+/// `tfmqc NAME --passes canonicalize,detect-tib,fold-tib --timesteps ddim:50 ...`.
+fn compile_tib(name: &str, dir: &Path, tag: &str, extra: &[&str]) -> (PathBuf, String) {
+    let out = dir.join(format!("{name}.{tag}.onnx"));
+    let model = model_path(name);
+    let mut args = vec![
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        TIB_ONLY,
+        "--timesteps",
+        "ddim:50",
+    ];
+    args.extend_from_slice(extra);
+    let o = tfmqc_ok(&args);
+    (out, String::from_utf8_lossy(&o.stderr).to_string())
+}
+
+/// Bytes of the TIB tables in a compiled model.
+fn table_bytes(path: &Path) -> usize {
+    let m = tfmqc_passes::onnx::load(path).unwrap();
+    m.graph
+        .initializers
+        .iter()
+        .filter(|(k, _)| k.starts_with("tib/table/"))
+        .map(|(_, t)| t.byte_len())
+        .sum()
+}
+
+#[test]
+fn tiar_keeps_every_temporal_feature_above_0_999_cosine_on_the_trained_model_at_w4a8() {
+    let options = Options {
+        tib: TibMode::Quant,
+        weight_bits: 4,
+        act_bits: 8,
+        timesteps: Some("ddim:50".into()),
+        ..Default::default()
+    };
+    let r = tiar_report("ddpm_digits", &options);
+    assert!(r.fallback.is_none(), "{:?}", r.fallback);
+    assert_eq!(r.timesteps.len(), 50);
+    assert_eq!(r.layers.len(), 10, "time MLP (2) and 8 block projections");
+    assert!(!r.kept_rtn && r.loss_tiar < r.loss_rtn / 5.0, "TIAR {} vs RTN {}", r.loss_tiar, r.loss_rtn);
+    let worst = |f: fn(&tfmqc_passes::tiar::FrontierChoice) -> &Vec<f64>| {
+        r.frontier
+            .iter()
+            .flat_map(|c| f(c).iter().copied())
+            .fold(f64::INFINITY, f64::min)
+    };
+    let (tiar, rtn) = (worst(|c| &c.cosine_tiar), worst(|c| &c.cosine_rtn));
+    eprintln!("worst temporal-feature cosine over the frontier and S: TIAR {tiar:.5}, round-to-nearest {rtn:.5}");
+    for c in &r.frontier {
+        assert_eq!(c.cosine_tiar.len(), 50);
+        assert_eq!(c.choice, "quantized");
+    }
+    assert!(tiar >= 0.999, "TIAR worst cosine {tiar}");
+    assert!(rtn < tiar, "round-to-nearest {rtn} vs TIAR {tiar}");
+}
+
+#[test]
+fn quantized_tib_runs_in_tract_and_onnxruntime_near_float() {
+    // Only the TIB is quantized here (W4A8 on its linears): the denoiser's output on the
+    // example inputs must stay within 30 dB SQNR of float, the same in both runtimes.
+    let dir = tmpdir();
+    let py = python();
+    for name in ["ddpm_digits", "guided_unet", "unet2d_cond"] {
+        let (q, _) = compile_tib(
+            name,
+            dir.path(),
+            "tibq",
+            &["--tib", "quant", "--weight-bits", "4", "--tiar-iters", "300"],
+        );
+        let m = tfmqc_passes::onnx::load(&q).unwrap();
+        let ops = m.graph.op_counts();
+        assert!(ops.get("DequantizeLinear").copied().unwrap_or(0) >= 2, "{name}: {ops:?}");
+        assert_eq!(table_bytes(&q), 0, "{name}: --tib quant writes no tables");
+        let x = example_inputs(name);
+        let float = tract_run(&model_path(name), &x);
+        let ours = tract_run(&q, &x);
+        let db = sqnr_db(&float, &ours);
+        eprintln!("{name}: quantized TIB, tract output {db:.1} dB from float");
+        assert!(db >= 30.0, "{name}: tract output {db:.1} dB from float");
+        if let Some(py) = &py {
+            ort(py, &["check", q.to_str().unwrap()]);
+            let theirs = ort_run(py, &q, &x, dir.path());
+            let db_ort = sqnr_db(&ort_run(py, &model_path(name), &x, dir.path()), &theirs);
+            assert!(db_ort >= 30.0, "{name}: onnxruntime output {db_ort:.1} dB from float");
+            let agree = sqnr_db(&ours, &theirs);
+            assert!(agree >= 40.0, "{name}: tract and onnxruntime {agree:.1} dB apart");
+        }
+    }
+}
+
+#[test]
+fn tib_auto_keeps_to_its_budget() {
+    let dir = tmpdir();
+    // ddpm_digits at ddim:50: tables of 6400 (2 of them) and 12800 bytes (6).
+    let (all, _) = compile_tib("ddpm_digits", dir.path(), "all", &["--tib", "auto", "--lut-budget", "1000000", "--tiar-iters", "50"]);
+    assert_eq!(table_bytes(&all), 2 * 6400 + 6 * 12800, "within budget: every table");
+    for budget in [0usize, 6400, 30000] {
+        let b = budget.to_string();
+        let (q, stderr) = compile_tib(
+            "ddpm_digits",
+            dir.path(),
+            &format!("b{budget}"),
+            &["--tib", "auto", "--lut-budget", &b, "--tiar-iters", "50"],
+        );
+        let used = table_bytes(&q);
+        assert!(used <= budget, "budget {budget}: {used} bytes of tables");
+        // The budget is spent while something fits.
+        assert!(budget < 6400 || used > 0, "budget {budget}: no table chosen");
+        assert!(stderr.contains("per frontier value"), "{stderr}");
+        assert!(stderr.contains(": table") || budget < 6400, "{stderr}");
+        assert!(stderr.contains(": quantized"), "{stderr}");
+        // Computed and tabled features together still run (t in S: a table refuses others).
+        let mut x = example_inputs("ddpm_digits");
+        let t = x.get_mut("timestep").expect("time-step input");
+        let n = t.numel();
+        *t = tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![380i64; n]);
+        let db = sqnr_db(&tract_run(&model_path("ddpm_digits"), &x), &tract_run(&q, &x));
+        assert!(db >= 30.0, "budget {budget}: {db:.1} dB from float");
+    }
+}
+
+#[test]
+fn default_auto_budget_is_a_tenth_of_the_quantized_model() {
+    let options = Options {
+        tib: TibMode::Auto,
+        weight_bits: 4,
+        timesteps: Some("ddim:50".into()),
+        tiar_iters: 20,
+        ..Default::default()
+    };
+    let r = tiar_report("ddpm_digits", &options);
+    assert_eq!(r.lut_budget_bytes, r.quantized_model_bytes / 10);
+    assert!(r.table_bytes <= r.lut_budget_bytes);
+    let chosen: u64 = r
+        .frontier
+        .iter()
+        .filter(|f| f.choice == "table")
+        .map(|f| f.table_bytes)
+        .sum();
+    assert_eq!(chosen, r.table_bytes);
+}
+
+#[test]
+fn quantized_tib_with_step_groups_keeps_the_step_index() {
+    // --step-groups > 1 reads the index of t in S even when no table does.
+    let dir = tmpdir();
+    let out = dir.path().join("q.onnx");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--timesteps",
+        "ddim:10",
+        "--calib-samples",
+        "2",
+        "--calib-steps",
+        "10",
+        "--step-groups",
+        "2",
+        "--tib",
+        "quant",
+        "--tiar-iters",
+        "20",
+        "--reconstruct",
+        "none",
+    ]);
+    let m = tfmqc_passes::onnx::load(&out).unwrap();
+    assert!(m.graph.initializers.contains_key("fsc/group_of_step"));
+    assert_eq!(table_bytes(&out), 0);
+    // t in S (ddim:10): the step-group index refuses others.
+    let mut x = example_inputs("ddpm_digits");
+    let t = x.get_mut("timestep").expect("time-step input");
+    let n = t.numel();
+    *t = tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![300i64; n]);
+    let y = tract_run(&out, &x);
+    assert!(y.values().all(|t| t.to_f32_vec().unwrap().iter().all(|v| v.is_finite())));
+}
+
+/// The `--tib quant` graph of the small guided UNet (ddim:10): the TIB stays computed,
+/// its two linears read DequantizeLinear weights and a QuantizeLinear/DequantizeLinear
+/// input, and no table or index computation is left.
+#[test]
+fn tib_quant_graph_snapshot() {
+    let dir = tmpdir();
+    let out = dir.path().join("guided_unet.tibq.onnx");
+    tfmqc_ok(&[
+        model_path("guided_unet").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "detect-tib,fold-tib",
+        "--timesteps",
+        "ddim:10",
+        "--tib",
+        "quant",
+        "--weight-bits",
+        "4",
+        "--tiar-iters",
+        "20",
+    ]);
+    let mut m = tfmqc_passes::onnx::load(&out).unwrap();
+    tfmqc_passes::canonicalize::infer_types(&mut m).unwrap();
+    insta::with_settings!({snapshot_path => "../snapshots", prepend_module_to_snapshot => false}, {
+        insta::assert_snapshot!("tib_quant_guided_unet", tfmqc_passes::ir::print::model_text(&m));
+    });
+}
