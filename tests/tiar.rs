@@ -64,7 +64,12 @@ fn tiar_keeps_every_temporal_feature_above_0_999_cosine_on_the_trained_model_at_
     assert!(r.fallback.is_none(), "{:?}", r.fallback);
     assert_eq!(r.timesteps.len(), 50);
     assert_eq!(r.layers.len(), 10, "time MLP (2) and 8 block projections");
-    assert!(!r.kept_rtn && r.loss_tiar < r.loss_rtn / 5.0, "TIAR {} vs RTN {}", r.loss_tiar, r.loss_rtn);
+    assert!(
+        !r.kept_rtn && r.loss_tiar < r.loss_rtn / 5.0,
+        "TIAR {} vs RTN {}",
+        r.loss_tiar,
+        r.loss_rtn
+    );
     let worst = |f: fn(&tfmqc_passes::tiar::FrontierChoice) -> &Vec<f64>| {
         r.frontier
             .iter()
@@ -92,11 +97,21 @@ fn quantized_tib_runs_in_tract_and_onnxruntime_near_float() {
             name,
             dir.path(),
             "tibq",
-            &["--tib", "quant", "--weight-bits", "4", "--tiar-iters", "300"],
+            &[
+                "--tib",
+                "quant",
+                "--weight-bits",
+                "4",
+                "--tiar-iters",
+                "300",
+            ],
         );
         let m = tfmqc_passes::onnx::load(&q).unwrap();
         let ops = m.graph.op_counts();
-        assert!(ops.get("DequantizeLinear").copied().unwrap_or(0) >= 2, "{name}: {ops:?}");
+        assert!(
+            ops.get("DequantizeLinear").copied().unwrap_or(0) >= 2,
+            "{name}: {ops:?}"
+        );
         assert_eq!(table_bytes(&q), 0, "{name}: --tib quant writes no tables");
         let x = example_inputs(name);
         let float = tract_run(&model_path(name), &x);
@@ -108,9 +123,15 @@ fn quantized_tib_runs_in_tract_and_onnxruntime_near_float() {
             ort(py, &["check", q.to_str().unwrap()]);
             let theirs = ort_run(py, &q, &x, dir.path());
             let db_ort = sqnr_db(&ort_run(py, &model_path(name), &x, dir.path()), &theirs);
-            assert!(db_ort >= 30.0, "{name}: onnxruntime output {db_ort:.1} dB from float");
+            assert!(
+                db_ort >= 30.0,
+                "{name}: onnxruntime output {db_ort:.1} dB from float"
+            );
             let agree = sqnr_db(&ours, &theirs);
-            assert!(agree >= 40.0, "{name}: tract and onnxruntime {agree:.1} dB apart");
+            assert!(
+                agree >= 40.0,
+                "{name}: tract and onnxruntime {agree:.1} dB apart"
+            );
         }
     }
 }
@@ -119,8 +140,24 @@ fn quantized_tib_runs_in_tract_and_onnxruntime_near_float() {
 fn tib_auto_keeps_to_its_budget() {
     let dir = tmpdir();
     // ddpm_digits at ddim:50: tables of 6400 (2 of them) and 12800 bytes (6).
-    let (all, _) = compile_tib("ddpm_digits", dir.path(), "all", &["--tib", "auto", "--lut-budget", "1000000", "--tiar-iters", "50"]);
-    assert_eq!(table_bytes(&all), 2 * 6400 + 6 * 12800, "within budget: every table");
+    let (all, _) = compile_tib(
+        "ddpm_digits",
+        dir.path(),
+        "all",
+        &[
+            "--tib",
+            "auto",
+            "--lut-budget",
+            "1000000",
+            "--tiar-iters",
+            "50",
+        ],
+    );
+    assert_eq!(
+        table_bytes(&all),
+        2 * 6400 + 6 * 12800,
+        "within budget: every table"
+    );
     for budget in [0usize, 6400, 30000] {
         let b = budget.to_string();
         let (q, stderr) = compile_tib(
@@ -132,7 +169,10 @@ fn tib_auto_keeps_to_its_budget() {
         let used = table_bytes(&q);
         assert!(used <= budget, "budget {budget}: {used} bytes of tables");
         // The budget is spent while something fits.
-        assert!(budget < 6400 || used > 0, "budget {budget}: no table chosen");
+        assert!(
+            budget < 6400 || used > 0,
+            "budget {budget}: no table chosen"
+        );
         assert!(stderr.contains("per frontier value"), "{stderr}");
         assert!(stderr.contains(": table") || budget < 6400, "{stderr}");
         assert!(stderr.contains(": quantized"), "{stderr}");
@@ -141,7 +181,10 @@ fn tib_auto_keeps_to_its_budget() {
         let t = x.get_mut("timestep").expect("time-step input");
         let n = t.numel();
         *t = tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![380i64; n]);
-        let db = sqnr_db(&tract_run(&model_path("ddpm_digits"), &x), &tract_run(&q, &x));
+        let db = sqnr_db(
+            &tract_run(&model_path("ddpm_digits"), &x),
+            &tract_run(&q, &x),
+        );
         assert!(db >= 30.0, "budget {budget}: {db:.1} dB from float");
     }
 }
@@ -200,7 +243,9 @@ fn quantized_tib_with_step_groups_keeps_the_step_index() {
     let n = t.numel();
     *t = tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![300i64; n]);
     let y = tract_run(&out, &x);
-    assert!(y.values().all(|t| t.to_f32_vec().unwrap().iter().all(|v| v.is_finite())));
+    assert!(y
+        .values()
+        .all(|t| t.to_f32_vec().unwrap().iter().all(|v| v.is_finite())));
 }
 
 /// The `--tib quant` graph of the small guided UNet (ddim:10): the TIB stays computed,
@@ -230,4 +275,79 @@ fn tib_quant_graph_snapshot() {
     insta::with_settings!({snapshot_path => "../snapshots", prepend_module_to_snapshot => false}, {
         insta::assert_snapshot!("tib_quant_guided_unet", tfmqc_passes::ir::print::model_text(&m));
     });
+}
+
+/// A TIB with an op TIAR has no gradient for (Tanh after the linear): `--tib quant`
+/// warns, naming the node and op, and folds the TIB into tables instead.
+#[test]
+fn unsupported_tib_op_falls_back_to_tables_with_a_warning() {
+    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+    let mut g = Graph::new("tanh_tib");
+    g.inputs
+        .push(ValueInfo::new("t", DType::F32, vec![Dim::Known(1)]));
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![Dim::Known(1), Dim::Known(4)],
+    ));
+    g.outputs.push(ValueInfo {
+        name: "y".into(),
+        ..Default::default()
+    });
+    let axes = Tensor::from_vec(vec![1], &[1i64]);
+    g.initializers.insert("axes".into(), axes);
+    g.initializers.insert(
+        "freq".into(),
+        Tensor::from_vec(vec![1, 4], &[1f32, 0.1, 0.01, 0.001]),
+    );
+    let w: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+    g.initializers
+        .insert("w".into(), Tensor::from_vec(vec![4, 4], &w));
+    let n = |name: &str, op: &str, i: &[&str], o: &str| {
+        Node::new(
+            name,
+            op,
+            i.iter().map(|s| s.to_string()).collect(),
+            vec![o.to_string()],
+        )
+    };
+    for node in [
+        n("col", "Unsqueeze", &["t", "axes"], "t_col"),
+        n("phase", "Mul", &["t_col", "freq"], "phase"),
+        n("sin", "Sin", &["phase"], "emb"),
+        n("linear", "Gemm", &["emb", "w"], "h").with_attr(attr::int("transB", 1)),
+        n("squash", "Tanh", &["h"], "temb"),
+        n("join", "Add", &["x", "temb"], "y"),
+    ] {
+        g.add_node(node).unwrap();
+    }
+    let model = Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 17)],
+        graph: g,
+        ..Default::default()
+    };
+    let dir = tmpdir();
+    let path = dir.path().join("tanh_tib.onnx");
+    tfmqc_passes::onnx::save(&model, &path).unwrap();
+    let out = dir.path().join("q.onnx");
+    let o = tfmqc_ok(&[
+        path.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--passes",
+        "detect-tib,fold-tib",
+        "--timesteps",
+        "0,1,2",
+        "--tib",
+        "quant",
+    ]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        stderr.contains("WARNING") && stderr.contains("'squash' (Tanh)"),
+        "{stderr}"
+    );
+    assert!(table_bytes(&out) > 0, "folded into tables instead");
+    let m = tfmqc_passes::onnx::load(&out).unwrap();
+    assert_eq!(m.graph.op_counts().get("DequantizeLinear"), None);
 }
