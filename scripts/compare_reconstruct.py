@@ -52,11 +52,23 @@ def run_one(binary: Path, model: str, bits: int, method: str, args, work: Path) 
            "--weight-bits", str(bits), "--reconstruct", method, "--seed", "0", "--report", str(rep),
            *args.extra]
     shown = shlex.join(["tfmqc", *cmd[1:]])
-    log(shown)
-    t0 = time.time()
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    wall = time.time() - t0
-    (work / f"{model}.w{bits}.{method}.log").write_text(f"$ {shown}\n{r.stderr}")
+    logfile = work / f"{model}.w{bits}.{method}.log"
+    if args.reuse and rep.exists():
+        # A finished run of an earlier invocation (same command line, see the log); its
+        # wall time from the log, else the sum of its phases.
+        head = logfile.read_text() if logfile.exists() else ""
+        if head.startswith("# wall"):
+            wall = float(head.split()[2])
+        else:
+            wall = sum(t for _, t in json.loads(rep.read_text())["seconds_per_phase"])
+        log(f"reusing {rep}")
+        r = subprocess.CompletedProcess(cmd, 0, "", "")
+    else:
+        log(shown)
+        t0 = time.time()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        wall = time.time() - t0
+        logfile.write_text(f"# wall {wall:.1f} s\n$ {shown}\n{r.stderr}")
     if r.returncode != 0:
         tail = "\n".join(r.stderr.strip().splitlines()[-5:])
         log(f"  FAILED (exit {r.returncode}): {tail}")
@@ -133,6 +145,8 @@ def main() -> int:
     ap.add_argument("--out", default="results/reconstruct_compare.md")
     ap.add_argument("--json", default="results/reconstruct_compare.json")
     ap.add_argument("--extra", nargs="*", default=[], help="more tfmqc arguments")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read the reports of finished runs in --workdir instead of running them again")
     args = ap.parse_args()
     work = Path(args.workdir)
     work.mkdir(parents=True, exist_ok=True)

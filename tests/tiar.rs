@@ -351,3 +351,85 @@ fn unsupported_tib_op_falls_back_to_tables_with_a_warning() {
     let m = tfmqc_passes::onnx::load(&out).unwrap();
     assert_eq!(m.graph.op_counts().get("DequantizeLinear"), None);
 }
+
+/// A frontier value that another, computed frontier value is made from (here the time
+/// embedding, read by the network and by a projection) stays computed even when asked to
+/// be a table: the graph computes it anyway, and one value has one producer.
+#[test]
+fn a_frontier_value_feeding_a_computed_one_is_not_tabled() {
+    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+    let mut g = Graph::new("shared_temb");
+    g.inputs
+        .push(ValueInfo::new("t", DType::F32, vec![Dim::Known(1)]));
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![Dim::Known(1), Dim::Known(4)],
+    ));
+    g.outputs.push(ValueInfo {
+        name: "y".into(),
+        ..Default::default()
+    });
+    g.initializers
+        .insert("axes".into(), Tensor::from_vec(vec![1], &[1i64]));
+    g.initializers.insert(
+        "freq".into(),
+        Tensor::from_vec(vec![1, 4], &[1f32, 0.1, 0.01, 0.001]),
+    );
+    let w: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
+    g.initializers
+        .insert("w".into(), Tensor::from_vec(vec![4, 4], &w));
+    g.initializers
+        .insert("w2".into(), Tensor::from_vec(vec![4, 4], &w));
+    let n = |name: &str, op: &str, i: &[&str], o: &str| {
+        Node::new(
+            name,
+            op,
+            i.iter().map(|s| s.to_string()).collect(),
+            vec![o.to_string()],
+        )
+    };
+    for node in [
+        n("col", "Unsqueeze", &["t", "axes"], "t_col"),
+        n("phase", "Mul", &["t_col", "freq"], "phase"),
+        n("sin", "Sin", &["phase"], "emb"),
+        n("linear", "Gemm", &["emb", "w"], "temb").with_attr(attr::int("transB", 1)),
+        n("proj", "Gemm", &["temb", "w2"], "p").with_attr(attr::int("transB", 1)),
+        n("join", "Add", &["x", "temb"], "xa"),
+        n("join2", "Add", &["xa", "p"], "y"),
+    ] {
+        g.add_node(node).unwrap();
+    }
+    let mut model = Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 17)],
+        graph: g,
+        ..Default::default()
+    };
+    let reference = model.clone();
+    let tib = tfmqc_passes::detect_tib::detect(&model, None).unwrap();
+    let names: Vec<&str> = tib.frontier.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(names, ["temb", "p"]);
+    let set = [0i64, 1, 2];
+    let tables = tfmqc_passes::fold_tib::evaluate_tables(&model, &tib, &set).unwrap();
+    let r =
+        tfmqc_passes::fold_tib::fold_tables(&mut model, &tib, &set, tables, &[true, false], false)
+            .unwrap();
+    assert_eq!(r.tabled, vec![false, false]);
+    assert_eq!(r.tables, 0);
+    model.graph.validate().unwrap();
+    let dir = tmpdir();
+    let (a, b) = (dir.path().join("a.onnx"), dir.path().join("b.onnx"));
+    tfmqc_passes::onnx::save(&reference, &a).unwrap();
+    tfmqc_passes::onnx::save(&model, &b).unwrap();
+    let x: Tensors = [
+        ("t".to_string(), Tensor::from_vec(vec![1], &[2f32])),
+        (
+            "x".to_string(),
+            Tensor::from_vec(vec![1, 4], &[0.5f32, -1.0, 2.0, 0.0]),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(tract_run(&a, &x), tract_run(&b, &x));
+}

@@ -62,6 +62,8 @@ pub struct FoldReport {
     pub removed_nodes: usize,
     pub tables: usize,
     pub table_bytes: usize,
+    /// Which frontier values became tables.
+    pub tabled: Vec<bool>,
 }
 
 /// The index value's dtype and static shape.
@@ -262,6 +264,18 @@ pub fn fold_tables(
             }
         }
     }
+    // A frontier value that a computed one is made from stays computed: a table would
+    // cost bytes for a value the graph computes anyway.
+    let tabled: Vec<bool> = tib
+        .frontier
+        .iter()
+        .zip(tabled)
+        .map(|(f, &t)| {
+            t && !g
+                .producer(&f.name)
+                .is_some_and(|(ix, _)| keep.contains(&g.node(ix).name))
+        })
+        .collect();
     for name in &tib.fold_nodes {
         if keep.contains(name) {
             continue;
@@ -280,6 +294,7 @@ pub fn fold_tables(
             removed_nodes: tib.fold_nodes.len() - keep.len(),
             tables: 0,
             table_bytes: 0,
+            tabled,
         });
     }
 
@@ -333,7 +348,7 @@ pub fn fold_tables(
         .frontier
         .iter()
         .zip(tables)
-        .zip(tabled)
+        .zip(&tabled)
         .filter(|(_, &t)| t)
     {
         table_bytes += table.byte_len();
@@ -369,6 +384,7 @@ pub fn fold_tables(
         removed_nodes: tib.fold_nodes.len() - keep.len(),
         tables: n_tables,
         table_bytes,
+        tabled,
     })
 }
 

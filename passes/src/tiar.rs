@@ -680,6 +680,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
     let tabled = choose_tables(mode, &bytes, &rel, budget);
     let fold = fold_tables(&mut cx.model, tib, set, tables, &tabled, keep_index)?;
     cx.step_index = fold.index_value.clone();
+    let tabled = fold.tabled;
 
     // Quantize the layers the computed frontier values still read.
     let g = &mut cx.model.graph;
