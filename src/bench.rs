@@ -306,16 +306,19 @@ fn ort_python() -> Result<PathBuf, String> {
     let python = match std::env::var_os("TFMQC_PYTHON") {
         Some(p) => PathBuf::from(p),
         None => {
-            // target/release/tfmqc → target/pyenv (made by scripts/test.sh).
+            // target/pyenv (made by scripts/test.sh): beside this binary's profile folder
+            // (target/release/tfmqc), else under the current folder; else python3.
             let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-            let venv = exe
+            let beside = exe
                 .parent()
                 .and_then(Path::parent)
                 .map(|d| d.join("pyenv/bin/python"));
-            match venv {
-                Some(p) if p.exists() => p,
-                _ => PathBuf::from("python3"),
-            }
+            let here = PathBuf::from("target/pyenv/bin/python");
+            beside
+                .into_iter()
+                .chain([here])
+                .find(|p| p.exists())
+                .unwrap_or_else(|| PathBuf::from("python3"))
         }
     };
     let out = Command::new(&python)
