@@ -10,6 +10,7 @@ use tfmqc_passes::options::meta;
 use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
+mod bench;
 mod report;
 mod sample;
 
@@ -41,6 +42,10 @@ enum Command {
     /// Sample with the runtime's DDIM/DDPM sampler (time steps taken from the model's set
     /// S) and save the samples as a PNG grid.
     Sample(sample::SampleArgs),
+    Bench(bench::BenchArgs),
+    /// One engine of `tfmqc bench`, in a process of its own (internal).
+    #[command(hide = true)]
+    BenchWorker(bench::WorkerArgs),
 }
 
 #[derive(Args, Debug)]
@@ -432,6 +437,8 @@ fn main() -> ExitCode {
         Some(Command::Quantize(a)) => run_pipeline(a),
         Some(Command::Inspect(a)) => inspect(a),
         Some(Command::Sample(a)) => sample::run(a),
+        Some(Command::Bench(a)) => bench::run(a),
+        Some(Command::BenchWorker(a)) => bench::worker(a),
         None => run_pipeline(&cli.run),
     });
     match result {

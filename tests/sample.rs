@@ -159,3 +159,89 @@ fn bad_sample_requests_exit_1_and_write_nothing() {
         assert!(!out.exists(), "{args:?}");
     }
 }
+
+/// PSNR in dB of `other` against `reference`, both in [-1, 1] after clipping (peak-to-peak
+/// 2, as the images the grid shows).
+fn psnr_db(reference: &[f32], other: &[f32]) -> f64 {
+    assert_eq!(reference.len(), other.len());
+    let clip = |v: f32| v.clamp(-1.0, 1.0) as f64;
+    let mse = reference
+        .iter()
+        .zip(other)
+        .map(|(&a, &b)| (clip(a) - clip(b)).powi(2))
+        .sum::<f64>()
+        / reference.len() as f64;
+    10.0 * (4.0 / mse.max(1e-20)).log10()
+}
+
+fn values(t: &Tensor) -> Vec<f32> {
+    t.to_plain_array_view::<f32>()
+        .unwrap()
+        .iter()
+        .copied()
+        .collect()
+}
+
+/// The sampling-fidelity bar: the trained digits model quantized W8A8 by the
+/// default pipeline, sampled by the runtime (quantized layers on the int8 kernels) with
+/// DDIM from the same seeds as the float model, gives samples within 30 dB PSNR of the
+/// float samples; `tfmqc sample` draws the same grid.
+#[test]
+fn int8_samples_are_within_30_db_of_float_samples_at_w8a8() {
+    const COUNT: usize = 8;
+    const STEPS: usize = 50;
+    const MIN_PSNR_DB: f64 = 30.0;
+    let dir = tmpdir();
+    let q = dir.path().join("q.onnx");
+    let float_path = model_path("ddpm_digits");
+    tfmqc_ok(&[float_path.to_str().unwrap(), "-o", q.to_str().unwrap()]);
+
+    let float = Denoiser::load(&float_path).unwrap();
+    let int8 = Denoiser::load(&q).unwrap();
+    assert_eq!(float.int8_convs(), 0);
+    assert!(int8.int8_convs() > 0, "no convolution runs in int8");
+    let mut worst = f64::INFINITY;
+    for seed in [0, 1] {
+        let a = float
+            .sample(seed, STEPS, &[], COUNT, Sampler::Ddim)
+            .unwrap();
+        let b = int8.sample(seed, STEPS, &[], COUNT, Sampler::Ddim).unwrap();
+        let psnr = psnr_db(&values(&a), &values(&b));
+        eprintln!(
+            "seed {seed}: {COUNT} samples × {STEPS} DDIM steps, int8 vs float PSNR {psnr:.2} dB"
+        );
+        worst = worst.min(psnr);
+    }
+    assert!(
+        worst >= MIN_PSNR_DB,
+        "PSNR {worst:.2} dB < {MIN_PSNR_DB} dB"
+    );
+
+    // The CLI's grids: the int8 one is a grid of digits, close to the float one pixel
+    // for pixel (8-bit levels, gaps excluded).
+    let (fa, qa) = (dir.path().join("float.png"), dir.path().join("int8.png"));
+    let count = COUNT.to_string();
+    let steps = STEPS.to_string();
+    let extra = ["--steps", steps.as_str(), "--count", count.as_str()];
+    sample_ok(&float_path, &fa, &extra);
+    sample_ok(&q, &qa, &extra);
+    assert_digits_grid(&qa, COUNT);
+    let (w, _, _, fp) = decode(&fa);
+    let (_, _, _, qp) = decode(&qa);
+    // Cells are 64 px with 2 px gaps, ⌈√COUNT⌉ columns: a pixel belongs to a sample
+    // unless it falls in a gap or in an empty cell of the last row.
+    let cols = (1..=COUNT).find(|k| k * k >= COUNT).unwrap();
+    let in_sample =
+        |x: usize, y: usize| x % 66 < 64 && y % 66 < 64 && (y / 66) * cols + x / 66 < COUNT;
+    let (mut se, mut n) = (0f64, 0usize);
+    for (k, (&a, &b)) in fp.iter().zip(&qp).enumerate() {
+        let (x, y) = (k % w as usize, k / w as usize);
+        if in_sample(x, y) {
+            se += (a as f64 - b as f64).powi(2);
+            n += 1;
+        }
+    }
+    let png_psnr = 10.0 * (255f64.powi(2) / (se / n as f64).max(1e-20)).log10();
+    eprintln!("PNG grids: int8 vs float PSNR {png_psnr:.2} dB over {n} sample pixels");
+    assert!(png_psnr >= MIN_PSNR_DB, "grid PSNR {png_psnr:.2} dB");
+}
