@@ -11,4 +11,5 @@ rm -f models/manifest.json
 "$PY" models/export_diffusers_unets.py    # unet2d_attn*.onnx, unet2d_cond*.onnx
 "$PY" models/export_guided_unet.py        # guided_unet.onnx (dynamo exporter)
 "$PY" models/export_ddim_unet.py          # ddim_unet.onnx (opset 13)
+"$PY" models/make_conv3x3.py            # conv3x3_64.onnx + .q.onnx (one layer, for int8 kernel timing)
 "$PY" models/check_all.py                 # re-verify all models from the shipped safetensors

@@ -44,3 +44,43 @@ fn int8_lowering_matches_the_qdq_graph() {
         time(&int8)
     );
 }
+
+/// MatMul with int8 weights (unet2d_attn's projections) and the convolutions (guided_unet)
+/// run on the int8 kernels and compute what the QDQ graph does,
+/// on 1 and 2 threads alike.
+#[test]
+fn int8_gemm_lowering_matches_the_qdq_graph() {
+    let dir = tmpdir();
+    for (model, min_lowered) in [("unet2d_attn", 23 + 16), ("guided_unet", 33)] {
+        let q = dir.path().join(format!("{model}.q.onnx"));
+        tfmqc_ok(&[
+            model_path(model).to_str().unwrap(),
+            "-o",
+            q.to_str().unwrap(),
+            "--calib-samples",
+            "2",
+            "--calib-steps",
+            "10",
+        ]);
+        // S = all training steps: the example inputs' time steps are in it.
+        let x = example_inputs(model);
+        let qdq = tfmqc_runtime::Engine::load(&q, None, tfmqc_runtime::Optimize::Full).unwrap();
+        let (int8, lowered) =
+            tfmqc_runtime::Engine::load_int8(&q, tfmqc_runtime::Optimize::Full).unwrap();
+        assert!(
+            lowered >= min_lowered,
+            "{model}: only {lowered} nodes lowered"
+        );
+        let (resident, as_f32) = int8.int8_weight_bytes();
+        assert!(resident > 0 && resident < as_f32, "{resident} vs {as_f32}");
+        let a = tract_run_engine(&qdq, &x);
+        let b = tract_run_engine(&int8, &x);
+        let b2 = tfmqc_runtime::with_threads(2, || tract_run_engine(&int8, &x));
+        assert_bit_exact("int8 on 1 vs 2 threads", &b, &b2);
+        let db = sqnr_db(&a, &b);
+        eprintln!("{model}: {lowered} nodes on int8 kernels; vs QDQ-in-float {db:.1} dB");
+        // As for convolutions: exact integer products, only float summation order and
+        // rare rounding ties differ from the QDQ graph.
+        assert!(db > 40.0, "{model}: {db:.1} dB");
+    }
+}

@@ -24,6 +24,7 @@ pub enum Optimize {
 /// A loaded, runnable graph.
 pub struct Engine {
     plan: Arc<TypedSimplePlan>,
+    int8_weights: (usize, usize),
     input_names: Vec<String>,
     output_names: Vec<String>,
 }
@@ -76,9 +77,9 @@ impl Engine {
         Engine::build(proto, model_dir, outputs, optimize, false)
     }
 
-    /// Like [`Engine::from_proto`], with quantized convolutions (QDQ around Conv with
-    /// int8 weights) lowered to the project's int8 kernels. Returns the engine and how
-    /// many convolutions run in int8.
+    /// Like [`Engine::from_proto`], with quantized convolutions, Gemms and MatMuls (QDQ
+    /// activation, int8 weights behind DequantizeLinear) lowered to the project's int8
+    /// kernels. Returns the engine and how many nodes run in int8.
     pub fn from_proto_int8(
         proto: &pb::ModelProto,
         model_dir: Option<&str>,
@@ -86,14 +87,15 @@ impl Engine {
         optimize: Optimize,
     ) -> Result<(Engine, usize)> {
         let mut lowered = proto.clone();
-        let count = crate::int8_ops::lower_int8_convs(&mut lowered);
+        let count = crate::int8_ops::lower_int8(&mut lowered);
         Ok((
             Engine::build(&lowered, model_dir, outputs, optimize, true)?,
             count,
         ))
     }
 
-    /// Loads a model file with its quantized convolutions on the int8 kernels.
+    /// Loads a model file with its quantized convolutions, Gemms and MatMuls on the int8
+    /// kernels.
     pub fn load_int8(path: &Path, optimize: Optimize) -> Result<(Engine, usize)> {
         let proto = read_proto(path)?;
         let dir = path.parent().map(|d| d.to_string_lossy().to_string());
@@ -112,6 +114,9 @@ impl Engine {
             framework
                 .op_register
                 .insert(crate::int8_ops::QCONV, crate::int8_ops::build_qconv);
+            framework
+                .op_register
+                .insert(crate::int8_gemm::QGEMM, crate::int8_gemm::build_qgemm);
         }
         let parsed = framework
             .parse(proto, model_dir)
@@ -156,14 +161,33 @@ impl Engine {
             Optimize::Full => typed.into_optimized(),
         }
         .map_err(|e| engine_err("optimizing the model", e))?;
+        let mut int8_weights = (0, 0);
+        for node in typed.nodes() {
+            let bytes = if let Some(op) = node.op_as::<crate::int8_ops::QConv>() {
+                op.weight_bytes()
+            } else if let Some(op) = node.op_as::<crate::int8_gemm::QGemm>() {
+                op.weight_bytes()
+            } else {
+                continue;
+            };
+            int8_weights.0 += bytes.0;
+            int8_weights.1 += bytes.1;
+        }
         let plan = typed
             .into_runnable()
             .map_err(|e| engine_err("planning the model", e))?;
         Ok(Engine {
             plan,
+            int8_weights,
             input_names,
             output_names,
         })
+    }
+
+    /// Weights of the nodes running on the int8 kernels: `(bytes resident in memory,
+    /// bytes of the same weights in f32)`, both including scales / bias.
+    pub fn int8_weight_bytes(&self) -> (usize, usize) {
+        self.int8_weights
     }
 
     pub fn input_names(&self) -> &[String] {

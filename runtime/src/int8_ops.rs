@@ -17,7 +17,9 @@ use std::sync::Arc;
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::kernels::int8::{conv2d, Backend, ConvGeometry, Dequant, Output, PackedConvWeights};
+use crate::kernels::int8::{
+    conv2d_quantize, Backend, ConvGeometry, Dequant, Output, PackedConvWeights,
+};
 
 /// The op name our rewritten nodes carry (domain `ai.tfmqc`).
 pub const QCONV: &str = "TfmqcQConv";
@@ -31,6 +33,8 @@ pub struct QConv {
     pub bias: Option<Arc<Vec<f32>>>,
     pub out_channels: usize,
     pub geometry: ConvGeometry,
+    /// A 1-D convolution (`[N, C, L]` input), run as a 2-D one of height 1.
+    pub conv1d: bool,
 }
 
 impl PartialEq for QConv {
@@ -43,19 +47,63 @@ impl PartialEq for QConv {
 impl Eq for QConv {}
 
 impl QConv {
+    /// Bytes of this op's weights, scales and bias in memory, and of the same weights
+    /// and bias in f32.
+    pub fn weight_bytes(&self) -> (usize, usize) {
+        let g = self.geometry;
+        let elems =
+            self.out_channels * self.weights.in_channels_per_group() * g.kernel[0] * g.kernel[1];
+        let bias = self.bias.as_ref().map_or(0, |b| b.len()) * 4;
+        (
+            self.weights.resident_bytes() + self.w_scale.len() * 4 + bias,
+            elems * 4 + bias,
+        )
+    }
+
+    fn rank(&self) -> usize {
+        if self.conv1d {
+            3
+        } else {
+            4
+        }
+    }
+
+    /// The input shape as `[N, C, H, W]` (a 1-D input has `H = 1`).
+    fn nchw<D: DimLike>(&self, input: &[D]) -> TractResult<[usize; 4]> {
+        ensure!(
+            input.len() == self.rank(),
+            "TfmqcQConv takes a rank-{} input, got {:?}",
+            self.rank(),
+            input
+        );
+        let d = |i: usize| input[i].to_usize();
+        Ok(if self.conv1d {
+            [d(0)?, d(1)?, 1, d(2)?]
+        } else {
+            [d(0)?, d(1)?, d(2)?, d(3)?]
+        })
+    }
+
     fn output_shape<D: DimLike>(&self, input: &[D]) -> TractResult<TVec<D>> {
-        ensure!(input.len() == 4, "TfmqcQConv takes NCHW input");
-        let (h, w) = (input[2].to_usize()?, input[3].to_usize()?);
+        ensure!(
+            input.len() == self.rank(),
+            "TfmqcQConv takes a rank-{} input, got {:?}",
+            self.rank(),
+            input
+        );
+        // The batch may be symbolic; the spatial dims are known.
+        let w = input[input.len() - 1].to_usize()?;
+        let h = if self.conv1d { 1 } else { input[2].to_usize()? };
         let (oh, ow) = self
             .geometry
             .output_hw(h, w)
             .ok_or_else(|| format_err!("kernel larger than the padded input"))?;
-        Ok(tvec!(
-            input[0].clone(),
-            D::from(self.out_channels),
-            D::from(oh),
-            D::from(ow)
-        ))
+        let mut out = tvec!(input[0].clone(), D::from(self.out_channels));
+        if !self.conv1d {
+            out.push(D::from(oh));
+        }
+        out.push(D::from(ow));
+        Ok(out)
     }
 }
 
@@ -74,20 +122,16 @@ impl EvalOp for QConv {
         let plain = input.try_as_plain_ram()?;
         let x = plain.as_slice::<f32>()?;
         let shape = input.shape();
-        ensure!(shape.len() == 4, "TfmqcQConv takes NCHW input");
-        // QuantizeLinear: round half to even, add the zero point, saturate to u8.
-        let inv = 1.0 / self.a_scale;
-        let zp = self.a_zero_point as f32;
-        let q: Vec<u8> = x
-            .iter()
-            .map(|&v| ((v * inv).round_ties_even() + zp).clamp(0.0, 255.0) as u8)
-            .collect();
+        let nchw = self.nchw(shape)?;
         let out_shape = self.output_shape(shape)?;
         let mut out = Tensor::zero::<f32>(&out_shape)?;
-        conv2d(
+        // QuantizeLinear (round half to even, saturate) fused into the kernel's widening
+        // pass: no u8 copy of the input.
+        conv2d_quantize(
             Backend::Auto,
-            &q,
-            [shape[0], shape[1], shape[2], shape[3]],
+            x,
+            nchw,
+            self.a_scale,
             self.a_zero_point,
             &self.weights,
             Output::F32 {
@@ -122,8 +166,8 @@ fn qconv_rules<'p>(
     check_output_arity(outputs, 1)?;
     s.equals(&inputs[0].datum_type, f32::datum_type())?;
     s.equals(&outputs[0].datum_type, f32::datum_type())?;
-    s.equals(&inputs[0].rank, 4)?;
-    s.equals(&outputs[0].rank, 4)?;
+    s.equals(&inputs[0].rank, op.rank() as i64)?;
+    s.equals(&outputs[0].rank, op.rank() as i64)?;
     s.equals(&outputs[0].shape[0], &inputs[0].shape[0])?;
     s.equals(&outputs[0].shape[1], op.out_channels.to_dim())?;
     // Height and width follow from the typed op's output_facts when tract types the model.
@@ -151,17 +195,28 @@ pub fn build_qconv(
         .ok_or_else(|| format_err!("weight is not a tensor"))?;
     let dims: Vec<usize> = w.dims.iter().map(|&d| d as usize).collect();
     ensure!(
-        dims.len() == 4 && w.data_type == 3,
-        "{QCONV} weight must be int8 [O, C/g, kh, kw]"
+        (dims.len() == 3 || dims.len() == 4) && w.data_type == 3,
+        "{QCONV} '{}': weight must be int8 [O, C/g, kh, kw] or [O, C/g, k]",
+        node.name
     );
+    let conv1d = dims.len() == 3;
     let values: Vec<i8> = w.raw_data.iter().map(|&b| b as i8).collect();
     ensure!(
         values.len() == dims.iter().product::<usize>(),
         "{QCONV} weight data size"
     );
     let (p, s, d) = (ints("pads")?, ints("strides")?, ints("dilations")?);
+    ensure!(
+        p.len() == 4 && s.len() == 2 && d.len() == 2,
+        "{QCONV} '{}': pads/strides/dilations must be 2-D",
+        node.name
+    );
     let geometry = ConvGeometry {
-        kernel: [dims[2], dims[3]],
+        kernel: if conv1d {
+            [1, dims[2]]
+        } else {
+            [dims[2], dims[3]]
+        },
         strides: [s[0], s[1]],
         pads: [p[0], p[1], p[2], p[3]],
         dilations: [d[0], d[1]],
@@ -176,6 +231,7 @@ pub fn build_qconv(
         bias,
         out_channels: dims[0],
         geometry,
+        conv1d,
     };
     Ok((
         tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qconv_rules),
@@ -185,11 +241,11 @@ pub fn build_qconv(
 
 // ----- the rewrite -------------------------------------------------------------------
 
-fn initializer<'a>(g: &'a pb::GraphProto, name: &str) -> Option<&'a pb::TensorProto> {
+pub(crate) fn initializer<'a>(g: &'a pb::GraphProto, name: &str) -> Option<&'a pb::TensorProto> {
     g.initializer.iter().find(|t| t.name == name)
 }
 
-fn raw_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
+pub(crate) fn raw_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
     if t.data_type != 1 {
         return None;
     }
@@ -205,7 +261,7 @@ fn raw_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
     }
 }
 
-fn raw_bytes(t: &pb::TensorProto) -> Vec<u8> {
+pub(crate) fn raw_bytes(t: &pb::TensorProto) -> Vec<u8> {
     if !t.raw_data.is_empty() {
         t.raw_data.clone()
     } else {
@@ -213,15 +269,52 @@ fn raw_bytes(t: &pb::TensorProto) -> Vec<u8> {
     }
 }
 
-fn producer<'a>(g: &'a pb::GraphProto, value: &str) -> Option<&'a pb::NodeProto> {
+pub(crate) fn producer<'a>(g: &'a pb::GraphProto, value: &str) -> Option<&'a pb::NodeProto> {
     g.node.iter().find(|n| n.output.iter().any(|o| o == value))
 }
 
-fn mk_attr(name: &str) -> pb::AttributeProto {
+pub(crate) fn mk_attr(name: &str) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
         ..Default::default()
     }
+}
+
+/// `value = DequantizeLinear(QuantizeLinear(x, s, z), s, z)` with the same constant,
+/// per-tensor scale and u8 zero point on both: returns `(x, s, z)`.
+pub(crate) fn activation_qdq(g: &pb::GraphProto, value: &str) -> Option<(String, f32, u8)> {
+    let dq = producer(g, value).filter(|p| p.op_type == "DequantizeLinear")?;
+    let q = producer(g, &dq.input[0]).filter(|p| p.op_type == "QuantizeLinear")?;
+    let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
+    let zp = raw_bytes(initializer(g, dq.input.get(2)?)?);
+    let (qs, qz) = (
+        raw_f32(initializer(g, q.input.get(1)?)?)?,
+        raw_bytes(initializer(g, q.input.get(2)?)?),
+    );
+    let u8_zp = initializer(g, dq.input.get(2)?)?.data_type == 2;
+    (scale.len() == 1 && zp.len() == 1 && qs == scale && qz == zp && u8_zp && scale[0] > 0.0)
+        .then(|| (q.input[0].clone(), scale[0], zp[0]))
+}
+
+pub(crate) fn attr_int(n: &pb::NodeProto, name: &str, default: i64) -> i64 {
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map_or(default, |a| a.i)
+}
+
+pub(crate) fn attr_float(n: &pb::NodeProto, name: &str, default: f32) -> f32 {
+    n.attribute
+        .iter()
+        .find(|a| a.name == name)
+        .map_or(default, |a| a.f)
+}
+
+/// Lowers every quantized Conv, Gemm and MatMul with constant int8 weights to the
+/// project's int8 ops ([`lower_int8_convs`], [`crate::int8_gemm::lower_int8_gemms`]).
+/// Returns how many nodes were rewritten.
+pub fn lower_int8(proto: &mut pb::ModelProto) -> usize {
+    lower_int8_convs(proto) + crate::int8_gemm::lower_int8_gemms(proto)
 }
 
 /// Rewrites every Conv fed by activation Q/DQ and int8 weight DQ (constant scales) into a
@@ -239,23 +332,13 @@ pub fn lower_int8_convs(proto: &mut pb::ModelProto) -> usize {
         {
             continue;
         }
-        let Some(act) = (|| {
-            let dq = producer(g, &n.input[0]).filter(|p| p.op_type == "DequantizeLinear")?;
-            let q = producer(g, &dq.input[0]).filter(|p| p.op_type == "QuantizeLinear")?;
-            let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
-            let zp = raw_bytes(initializer(g, dq.input.get(2)?)?);
-            let (qs, qz) = (
-                raw_f32(initializer(g, q.input.get(1)?)?)?,
-                raw_bytes(initializer(g, q.input.get(2)?)?),
-            );
-            let u8_zp = initializer(g, dq.input.get(2)?)?.data_type == 2;
-            (scale.len() == 1 && zp.len() == 1 && qs == scale && qz == zp && u8_zp)
-                .then(|| (q.input[0].clone(), scale[0], zp[0]))
-        })() else {
+        let Some(act) = activation_qdq(g, &n.input[0]) else {
             continue;
         };
         let Some(weight) = (|| {
             let dq = producer(g, &n.input[1]).filter(|p| p.op_type == "DequantizeLinear")?;
+            // 2-D convolutions only: 1-D ones (attention's QKV projections) stay on tract
+            // until their lowering matches the QDQ graph (it did not, see the tests).
             let w =
                 initializer(g, &dq.input[0]).filter(|t| t.data_type == 3 && t.dims.len() == 4)?;
             let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
@@ -290,9 +373,20 @@ pub fn lower_int8_convs(proto: &mut pb::ModelProto) -> usize {
         if get("auto_pad").is_some_and(|a| a.s != b"NOTSET") {
             continue;
         }
-        let ints = |name: &str, d: Vec<i64>| get(name).map(|a| a.ints.clone()).unwrap_or(d);
         let (x, a_scale, a_zp) = act;
         let (w, w_scale) = weight;
+        // 1-D convolutions (e.g. attention's QKV projections) run as 2-D ones of height 1:
+        // their attributes are written in 2-D form.
+        let conv1d = w.dims.len() == 3;
+        let ints = |name: &str, d: Vec<i64>| {
+            let v = get(name).map(|a| a.ints.clone()).unwrap_or(d);
+            match (conv1d, name) {
+                (true, "pads") if v.len() == 2 => vec![0, v[0], 0, v[1]],
+                (true, _) if v.len() == 1 => vec![1, v[0]],
+                _ => v,
+            }
+        };
+        let spatial = if conv1d { 1 } else { 2 };
         let out_ch = w.dims[0] as usize;
         let w_scale = if w_scale.len() == 1 {
             vec![w_scale[0]; out_ch]
@@ -333,9 +427,9 @@ pub fn lower_int8_convs(proto: &mut pb::ModelProto) -> usize {
             a.push(bb);
         }
         for (name, default) in [
-            ("pads", vec![0i64; 4]),
-            ("strides", vec![1, 1]),
-            ("dilations", vec![1, 1]),
+            ("pads", vec![0i64; 2 * spatial]),
+            ("strides", vec![1; spatial]),
+            ("dilations", vec![1; spatial]),
         ] {
             let mut at = mk_attr(name);
             at.r#type = T::Ints as i32;

@@ -5,14 +5,17 @@
 pub mod denoiser;
 pub mod engine;
 pub mod error;
+pub mod int8_gemm;
 pub mod int8_ops;
 pub mod kernels;
 pub mod schedule;
+pub mod threads;
 
 pub use denoiser::{Denoiser, Sampler};
 pub use engine::{Engine, Optimize, ValueFact};
 pub use error::{Error, Result};
 pub use schedule::{BetaSchedule, NoiseRng, Schedule};
+pub use threads::with_threads;
 pub use tract_onnx::pb;
 /// tract's tensor type, the currency of the runtime API.
 pub use tract_onnx::prelude::Tensor;

@@ -39,13 +39,14 @@ mod conv;
 mod gemm;
 mod micro;
 mod pack;
+mod par;
 mod sink;
 
 #[cfg(test)]
 mod tests;
 
-pub use conv::{conv2d, conv2d_u8i8};
-pub use gemm::{gemm, gemm_u8i8, gemm_u8i8_f32};
+pub use conv::{conv2d, conv2d_quantize, conv2d_u8i8};
+pub use gemm::{gemm, gemm_quantize, gemm_u8i8, gemm_u8i8_f32};
 pub use pack::{ConvGeometry, PackedConvWeights, PackedWeights, WeightLayout};
 
 /// Rows of the micro-kernel tile (broadcast side).
@@ -185,6 +186,29 @@ impl Output<'_> {
             Output::U8 { out, .. } => out.len(),
             Output::I8 { out, .. } => out.len(),
         }
+    }
+}
+
+/// ONNX `QuantizeLinear` to u8: `out[i] = clamp(round_half_even(x[i] / scale) + zp)`
+/// (the rule of every requantizing store), vectorized on AVX2.
+pub fn quantize_u8(backend: Backend, x: &[f32], scale: f32, zero_point: u8, out: &mut [u8]) {
+    assert_eq!(x.len(), out.len(), "int8: quantize_u8 lengths differ");
+    #[inline(always)]
+    fn run(x: &[f32], scale: f32, zp: i32, out: &mut [u8]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = sink::quantize(v, scale, zp, 0, 255) as u8;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(x: &[f32], scale: f32, zp: i32, out: &mut [u8]) {
+        run(x, scale, zp, out)
+    }
+    match backend.isa() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `isa()` returns Avx2 only when the CPU supports AVX2.
+        Isa::Avx2 => unsafe { run_avx2(x, scale, zero_point as i32, out) },
+        _ => run(x, scale, zero_point as i32, out),
     }
 }
 

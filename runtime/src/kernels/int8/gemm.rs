@@ -1,7 +1,8 @@
 //! GEMM driver: `out[M, N] = (A[M, K] − a_zp) · W[N, K]ᵀ`.
 
 use super::micro::{self, KernelArgs, KernelFn};
-use super::sink::{Channel, Sink};
+use super::par;
+use super::sink::{quantize, Channel, Sink};
 use super::{pair, Backend, Dequant, Isa, Output, PackedWeights, QuantInt, MR, NR};
 
 /// Bytes of widened activation rows kept hot per chunk (L2-sized).
@@ -44,13 +45,64 @@ pub fn gemm_u8i8_f32(
 }
 
 /// General GEMM: u8 or i8 activations `a[m, k]` (row-major) with a zero point, any
-/// [`Output`] (`[m, w.n()]`, row-major; channel = column), on the chosen backend.
+/// [`Output`] (`[m, w.n()]`, row-major; channel = column), on the chosen backend. Splits
+/// its rows over tract's current executor.
 pub fn gemm<A: QuantInt>(
     backend: Backend,
     a: &[A],
     m: usize,
     k: usize,
     a_zero_point: A,
+    w: &PackedWeights,
+    out: Output,
+) {
+    let zp = a_zero_point.to_i32();
+    gemm_run(backend, a, m, k, move |v: A| v.to_i32() - zp, w, out)
+}
+
+/// GEMM of f32 activations `a[m, k]` quantized on the fly to u8 with `scale` and
+/// `zero_point` (ONNX `QuantizeLinear`): bit-identical to [`super::quantize_u8`]
+/// followed by [`gemm`], without the u8 copy.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_quantize(
+    backend: Backend,
+    a: &[f32],
+    m: usize,
+    k: usize,
+    scale: f32,
+    zero_point: u8,
+    w: &PackedWeights,
+    out: Output,
+) {
+    let zp = zero_point as i32;
+    gemm_run(
+        backend,
+        a,
+        m,
+        k,
+        move |v: f32| quantize(v, scale, zp, 0, 255) - zp,
+        w,
+        out,
+    )
+}
+
+/// Row blocking of one GEMM call.
+struct Blocking {
+    kpairs: usize,
+    /// Reduction pairs per block.
+    kcp: usize,
+    /// Reduction blocks.
+    nkb: usize,
+    /// Rows per chunk (a multiple of MR).
+    mc: usize,
+}
+
+fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
+    backend: Backend,
+    a: &[A],
+    m: usize,
+    k: usize,
+    center: C,
     w: &PackedWeights,
     out: Output,
 ) {
@@ -62,54 +114,90 @@ pub fn gemm<A: QuantInt>(
     );
     assert_eq!(a.len(), m * k, "int8 gemm: activation length is not m * k");
     assert_eq!(out.len(), m * n, "int8 gemm: output length is not m * n");
-    let mut sink = Sink::new(out, n);
+    let sink = Sink::new(out, n);
     if m == 0 || n == 0 {
         return;
     }
-    match backend.isa() {
+    let isa = backend.isa();
+    let kernel: KernelFn = match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx2 only when the CPU supports AVX2.
-        Isa::Avx2 => unsafe { gemm_avx2(a, m, k, a_zero_point, w, &mut sink) },
-        _ => gemm_impl(micro::kernel_portable, a, m, k, a_zero_point, w, &mut sink),
-    }
-}
-
-/// The driver compiled for AVX2 (the epilogue and widening loops vectorize with it).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn gemm_avx2<A: QuantInt>(
-    a: &[A],
-    m: usize,
-    k: usize,
-    a_zero_point: A,
-    w: &PackedWeights,
-    sink: &mut Sink,
-) {
-    gemm_impl(micro::avx2_kernel(), a, m, k, a_zero_point, w, sink)
-}
-
-#[inline(always)]
-fn gemm_impl<A: QuantInt>(
-    kernel: KernelFn,
-    a: &[A],
-    m: usize,
-    k: usize,
-    a_zero_point: A,
-    w: &PackedWeights,
-    sink: &mut Sink,
-) {
-    let n = w.n();
+        Isa::Avx2 => micro::avx2_kernel(),
+        _ => micro::kernel_portable,
+    };
     let kpairs = w.kpairs();
-    let zp = a_zero_point.to_i32();
     // Reduction blocking: long K runs in blocks of KC_PAIRS pairs, partial sums kept in
     // an i32 scratch of one row chunk (so weight panels stay in L1, activations in L2).
+    // It depends on K only, so every row is computed the same way whatever the chunks.
     let kcp = if kpairs <= 2 * KC_PAIRS {
         kpairs.max(1)
     } else {
         KC_PAIRS
     };
     let nkb = kpairs.div_ceil(kcp).max(1);
-    let mc = (CHUNK_BYTES / 4 / kcp).clamp(MR, 64 * MR) / MR * MR;
+    let mc_cache = (CHUNK_BYTES / 4 / kcp).clamp(MR, 64 * MR) / MR * MR;
+    // Enough chunks to keep every thread busy.
+    let mc = mc_cache.min(m.div_ceil(par::threads()).div_ceil(MR) * MR);
+    let bl = Blocking {
+        kpairs,
+        kcp,
+        nkb,
+        mc,
+    };
+    par::for_each(m.div_ceil(mc), |ci| match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2 only when detected; chunks store disjoint rows.
+        Isa::Avx2 => unsafe { chunk_avx2(kernel, &bl, a, m, k, center, w, ci, &sink) },
+        // SAFETY: chunks store disjoint rows.
+        _ => unsafe { chunk(kernel, &bl, a, m, k, center, w, ci, &sink) },
+    });
+}
+
+/// [`chunk`] compiled for AVX2 (the epilogue and widening loops vectorize with it).
+///
+/// # Safety
+/// The CPU must support AVX2; as [`chunk`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk_avx2<A: Copy, C: Fn(A) -> i32 + Copy>(
+    kernel: KernelFn,
+    bl: &Blocking,
+    a: &[A],
+    m: usize,
+    k: usize,
+    center: C,
+    w: &PackedWeights,
+    ci: usize,
+    sink: &Sink,
+) {
+    chunk(kernel, bl, a, m, k, center, w, ci, sink)
+}
+
+/// Rows `ci * mc ..` of the output.
+///
+/// # Safety
+/// No other thread may store the same rows at the same time.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
+    kernel: KernelFn,
+    bl: &Blocking,
+    a: &[A],
+    m: usize,
+    k: usize,
+    center: C,
+    w: &PackedWeights,
+    ci: usize,
+    sink: &Sink,
+) {
+    let n = w.n();
+    let Blocking {
+        kpairs,
+        kcp,
+        nkb,
+        mc,
+    } = *bl;
+    let m0 = ci * mc;
     let mut abuf = vec![0i32; mc * kcp];
     let mut scratch = if nkb > 1 {
         vec![0i32; mc * n]
@@ -117,68 +205,66 @@ fn gemm_impl<A: QuantInt>(
         Vec::new()
     };
     let mut tile = [0i32; MR * NR];
-    for m0 in (0..m).step_by(mc) {
-        let rows = (m - m0).min(mc);
-        let panels = rows.div_ceil(MR);
-        for kb in 0..nkb {
-            let kp0 = kb * kcp;
-            let kl = (kpairs - kp0).min(kcp);
-            let used = panels * MR * kl;
-            let (k0, k1) = (2 * kp0, (2 * (kp0 + kl)).min(k));
-            for (r, dst) in abuf[..used].chunks_exact_mut(kl.max(1)).enumerate() {
-                if r < rows {
-                    widen_row(&a[(m0 + r) * k..][k0..k1], zp, dst);
-                } else {
-                    dst.fill(0);
-                }
+    let rows = (m - m0).min(mc);
+    let panels = rows.div_ceil(MR);
+    for kb in 0..nkb {
+        let kp0 = kb * kcp;
+        let kl = (kpairs - kp0).min(kcp);
+        let used = panels * MR * kl;
+        let (k0, k1) = (2 * kp0, (2 * (kp0 + kl)).min(k));
+        for (r, dst) in abuf[..used].chunks_exact_mut(kl.max(1)).enumerate() {
+            if r < rows {
+                widen_row(&a[(m0 + r) * k..][k0..k1], center, dst);
+            } else {
+                dst.fill(0);
             }
-            let last = kb + 1 == nkb;
-            for np in 0..n.div_ceil(NR) {
-                let cols = (n - np * NR).min(NR);
-                let b = &w.panel(np)[kp0 * NR..];
-                for mp in 0..panels {
-                    let args = KernelArgs {
-                        a: &abuf[mp * MR * kl..used],
-                        a_row: kl,
-                        a_step: 1,
-                        b,
-                        b_cp: NR,
-                        taps: &[0],
-                        cpairs: kl,
-                    };
-                    kernel(&args, &mut tile);
-                    for r in 0..(rows - mp * MR).min(MR) {
-                        let acc = &mut tile[r * NR..r * NR + cols];
-                        if nkb > 1 {
-                            let part = &mut scratch[(mp * MR + r) * n + np * NR..][..cols];
-                            if kb > 0 {
-                                for (x, &p) in acc.iter_mut().zip(part.iter()) {
-                                    *x = x.wrapping_add(p);
-                                }
-                            }
-                            if !last {
-                                part.copy_from_slice(acc);
-                                continue;
+        }
+        let last = kb + 1 == nkb;
+        for np in 0..n.div_ceil(NR) {
+            let cols = (n - np * NR).min(NR);
+            let b = &w.panel(np)[kp0 * NR..];
+            for mp in 0..panels {
+                let args = KernelArgs {
+                    a: &abuf[mp * MR * kl..used],
+                    a_row: kl,
+                    a_step: 1,
+                    b,
+                    b_cp: NR,
+                    taps: &[0],
+                    cpairs: kl,
+                };
+                kernel(&args, &mut tile);
+                for r in 0..(rows - mp * MR).min(MR) {
+                    let acc = &mut tile[r * NR..r * NR + cols];
+                    if nkb > 1 {
+                        let part = &mut scratch[(mp * MR + r) * n + np * NR..][..cols];
+                        if kb > 0 {
+                            for (x, &p) in acc.iter_mut().zip(part.iter()) {
+                                *x = x.wrapping_add(p);
                             }
                         }
-                        let row = m0 + mp * MR + r;
-                        sink.store(row * n + np * NR, acc, Channel::Run(np * NR));
+                        if !last {
+                            part.copy_from_slice(acc);
+                            continue;
+                        }
                     }
+                    let row = m0 + mp * MR + r;
+                    sink.store(row * n + np * NR, acc, Channel::Run(np * NR));
                 }
             }
         }
     }
 }
 
-/// Widens one activation row to i16 pairs with the zero point removed (odd K: last pair
-/// padded with 0).
+/// Widens one activation row to i16 pairs of centered values (odd K: last pair padded
+/// with 0).
 #[inline(always)]
-pub(crate) fn widen_row<A: QuantInt>(src: &[A], zp: i32, dst: &mut [i32]) {
+pub(crate) fn widen_row<A: Copy>(src: &[A], center: impl Fn(A) -> i32, dst: &mut [i32]) {
     let mut it = src.chunks_exact(2);
     for (d, p) in dst.iter_mut().zip(&mut it) {
-        *d = pair(p[0].to_i32() - zp, p[1].to_i32() - zp);
+        *d = pair(center(p[0]), center(p[1]));
     }
     if let [last] = it.remainder() {
-        dst[src.len() / 2] = pair(last.to_i32() - zp, 0);
+        dst[src.len() / 2] = pair(center(*last), 0);
     }
 }

@@ -88,6 +88,11 @@ impl PackedWeights {
         self.kpairs
     }
 
+    /// Bytes the packed weights occupy in memory (i16 values, panels padded to `NR`).
+    pub fn resident_bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<i32>()
+    }
+
     /// Panel `np`: `kpairs * NR` values (a few extra values follow unless last).
     pub(crate) fn panel(&self, np: usize) -> &[i32] {
         &self.data[np * self.kpairs * NR..]
@@ -243,6 +248,11 @@ impl PackedConvWeights {
 
     pub(crate) fn cpairs(&self) -> usize {
         self.cpairs
+    }
+
+    /// Bytes the packed weights occupy in memory (i16 values, panels padded to `MR`).
+    pub fn resident_bytes(&self) -> usize {
+        self.data.len() * std::mem::size_of::<i32>()
     }
 
     pub(crate) fn opanels(&self) -> usize {

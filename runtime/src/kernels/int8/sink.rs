@@ -1,5 +1,6 @@
 //! Storing accumulator tiles: raw i32, dequantized f32, requantized u8 / i8.
 
+use super::par::Shared;
 use super::{Dequant, Output};
 
 /// Which output channel each value of a stored run belongs to.
@@ -12,14 +13,16 @@ pub(crate) enum Channel {
 }
 
 pub(crate) enum QOut<'a> {
-    U8(&'a mut [u8]),
-    I8(&'a mut [i8]),
+    U8(Shared<'a, u8>),
+    I8(Shared<'a, i8>),
 }
 
+/// The output of a driver. Several threads store through one `Sink`, each to its own
+/// disjoint range of the output (see [`Sink::store`]).
 pub(crate) enum Sink<'a> {
-    I32(&'a mut [i32]),
+    I32(Shared<'a, i32>),
     F32 {
-        out: &'a mut [f32],
+        out: Shared<'a, f32>,
         scale: Vec<f32>,
         bias: Option<&'a [f32]>,
     },
@@ -67,9 +70,9 @@ pub(crate) fn quantize(v: f32, out_scale: f32, zp: i32, lo: i32, hi: i32) -> i32
 impl<'a> Sink<'a> {
     pub fn new(out: Output<'a>, channels: usize) -> Self {
         match out {
-            Output::I32(o) => Sink::I32(o),
+            Output::I32(o) => Sink::I32(Shared::new(o)),
             Output::F32 { out, dequant } => Sink::F32 {
-                out,
+                out: Shared::new(out),
                 scale: combined_scales(&dequant, channels),
                 bias: dequant.bias,
             },
@@ -79,7 +82,7 @@ impl<'a> Sink<'a> {
                 scale,
                 zero_point,
             } => Sink::Quant {
-                out: QOut::U8(out),
+                out: QOut::U8(Shared::new(out)),
                 scale: combined_scales(&dequant, channels),
                 bias: dequant.bias,
                 out_scale: scale,
@@ -91,7 +94,7 @@ impl<'a> Sink<'a> {
                 scale,
                 zero_point,
             } => Sink::Quant {
-                out: QOut::I8(out),
+                out: QOut::I8(Shared::new(out)),
                 scale: combined_scales(&dequant, channels),
                 bias: dequant.bias,
                 out_scale: scale,
@@ -101,13 +104,16 @@ impl<'a> Sink<'a> {
     }
 
     /// Stores `acc` at `dst..dst + acc.len()`.
+    ///
+    /// # Safety
+    /// No other thread may store to an overlapping range at the same time.
     #[inline(always)]
-    pub fn store(&mut self, dst: usize, acc: &[i32], ch: Channel) {
+    pub unsafe fn store(&self, dst: usize, acc: &[i32], ch: Channel) {
         let n = acc.len();
         match self {
-            Sink::I32(o) => o[dst..dst + n].copy_from_slice(acc),
+            Sink::I32(o) => o.range(dst, n).copy_from_slice(acc),
             Sink::F32 { out, scale, bias } => {
-                let o = &mut out[dst..dst + n];
+                let o = out.range(dst, n);
                 dequant_run(o, acc, scale, *bias, ch, |v| v);
             }
             Sink::Quant {
@@ -119,16 +125,12 @@ impl<'a> Sink<'a> {
             } => {
                 let (os, zp) = (*out_scale, *zp);
                 match out {
-                    QOut::U8(out) => {
-                        dequant_run(&mut out[dst..dst + n], acc, scale, *bias, ch, |v| {
-                            quantize(v, os, zp, 0, 255) as u8
-                        })
-                    }
-                    QOut::I8(out) => {
-                        dequant_run(&mut out[dst..dst + n], acc, scale, *bias, ch, |v| {
-                            quantize(v, os, zp, -128, 127) as i8
-                        })
-                    }
+                    QOut::U8(out) => dequant_run(out.range(dst, n), acc, scale, *bias, ch, |v| {
+                        quantize(v, os, zp, 0, 255) as u8
+                    }),
+                    QOut::I8(out) => dequant_run(out.range(dst, n), acc, scale, *bias, ch, |v| {
+                        quantize(v, os, zp, -128, 127) as i8
+                    }),
                 }
             }
         }

@@ -643,3 +643,170 @@ fn conv_u8i8_entry_point() {
     );
     assert_eq!(out, as_i32(&want));
 }
+
+/// f32 activations around a zero point, with exact halves and saturating values.
+fn floats(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| match rng.below(16) {
+            0 => (rng.below(600) as f32 - 300.0 + 0.5) * scale,
+            1 => rng.pick(&[1e9, -1e9, 0.0]),
+            _ => (rng.next() as u32 as f32 / u32::MAX as f32 - 0.5) * 300.0 * scale,
+        })
+        .collect()
+}
+
+#[test]
+fn quantize_u8_matches_quantize_linear() {
+    let mut rng = Rng(11);
+    for len in [0, 1, 7, 8, 31, 1000] {
+        let x = floats(&mut rng, len, 0.05);
+        for be in backends() {
+            let mut out = vec![0u8; len];
+            quantize_u8(be, &x, 0.05, 131, &mut out);
+            for (&o, &v) in out.iter().zip(&x) {
+                assert_eq!(o as i32, q_ref(v, 0.05, 131, 0, 255), "{be:?} {v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_quantize_equals_quantize_then_conv() {
+    let mut rng = Rng(12);
+    let mut done = 0;
+    while done < 60 {
+        let g = rng.pick(&[1, 2]);
+        let geom = ConvGeometry {
+            kernel: [rng.range(1, 3), rng.range(1, 3)],
+            strides: [rng.range(1, 2), rng.range(1, 2)],
+            pads: [
+                rng.range(0, 1),
+                rng.range(0, 1),
+                rng.range(0, 1),
+                rng.range(0, 1),
+            ],
+            dilations: [1, rng.range(1, 2)],
+            groups: g,
+        };
+        let (nb, cg, og) = (rng.range(1, 2), rng.range(1, 5), rng.range(1, 13));
+        let (h, wd) = (rng.range(1, 9), rng.range(1, 9));
+        let Some((ho, wo)) = geom.output_hw(h, wd) else {
+            continue;
+        };
+        done += 1;
+        let (c, oc) = (cg * g, og * g);
+        let shape = [nb, c, h, wd];
+        let (scale, zp) = (0.02f32, rng.byte());
+        let x = floats(&mut rng, nb * c * h * wd, scale);
+        let w = rng.bytes_i8(oc * cg * geom.kernel[0] * geom.kernel[1]);
+        let ws: Vec<f32> = (0..oc).map(|i| 0.001 * (i + 1) as f32).collect();
+        let bias: Vec<f32> = (0..oc).map(|i| i as f32 * 0.1 - 0.3).collect();
+        let pw = PackedConvWeights::pack(&w, oc, cg, geom);
+        let deq = Dequant {
+            a_scale: scale,
+            w_scale: &ws,
+            bias: Some(&bias),
+        };
+        for be in backends() {
+            let mut q = vec![0u8; x.len()];
+            quantize_u8(be, &x, scale, zp, &mut q);
+            let mut want = vec![0f32; nb * oc * ho * wo];
+            conv2d(
+                be,
+                &q,
+                shape,
+                zp,
+                &pw,
+                Output::F32 {
+                    out: &mut want,
+                    dequant: deq,
+                },
+            );
+            let mut got = vec![0f32; want.len()];
+            conv2d_quantize(
+                be,
+                &x,
+                shape,
+                scale,
+                zp,
+                &pw,
+                Output::F32 {
+                    out: &mut got,
+                    dequant: deq,
+                },
+            );
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{be:?} {geom:?} {shape:?}");
+        }
+    }
+}
+
+#[test]
+fn gemm_quantize_equals_quantize_then_gemm() {
+    let mut rng = Rng(13);
+    for _ in 0..60 {
+        let (m, k, n) = (rng.range(1, 40), rng.range(1, 70), rng.range(1, 40));
+        let (scale, zp) = (0.03f32, rng.byte());
+        let x = floats(&mut rng, m * k, scale);
+        let w = rng.bytes_i8(n * k);
+        let pw = PackedWeights::pack(&w, n, k);
+        for be in backends() {
+            let mut q = vec![0u8; x.len()];
+            quantize_u8(be, &x, scale, zp, &mut q);
+            let mut want = vec![0i32; m * n];
+            gemm(be, &q, m, k, zp, &pw, Output::I32(&mut want));
+            let mut got = vec![0i32; m * n];
+            gemm_quantize(be, &x, m, k, scale, zp, &pw, Output::I32(&mut got));
+            assert_eq!(got, want, "{be:?} m={m} k={k} n={n}");
+        }
+    }
+}
+
+/// Results are bit-identical whatever the number of threads of tract's executor.
+#[test]
+fn thread_count_does_not_change_results() {
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+    let mut rng = Rng(14);
+    let geom = ConvGeometry {
+        pads: [1; 4],
+        ..ConvGeometry::new(3, 3)
+    };
+    let (c, oc, h, wd) = (20, 30, 13, 17);
+    let x = floats(&mut rng, 2 * c * h * wd, 0.02);
+    let w = rng.bytes_i8(oc * c * 9);
+    let pw = PackedConvWeights::pack(&w, oc, c, geom);
+    let ws: Vec<f32> = (0..oc).map(|i| 0.001 * (i + 1) as f32).collect();
+    let deq = Dequant {
+        a_scale: 0.02,
+        w_scale: &ws,
+        bias: None,
+    };
+    // K = 3000 runs in reduction blocks; M = 100 rows in several chunks.
+    let (m, k, n) = (100, 3000, 37);
+    let a = floats(&mut rng, m * k, 0.03);
+    let wg = rng.bytes_i8(n * k);
+    let pg = PackedWeights::pack(&wg, n, k);
+    let run = || {
+        let mut conv = vec![0f32; 2 * oc * h * wd];
+        conv2d_quantize(
+            Backend::Auto,
+            &x,
+            [2, c, h, wd],
+            0.02,
+            100,
+            &pw,
+            Output::F32 {
+                out: &mut conv,
+                dequant: deq,
+            },
+        );
+        let mut mm = vec![0i32; m * n];
+        gemm_quantize(Backend::Auto, &a, m, k, 0.03, 7, &pg, Output::I32(&mut mm));
+        (conv.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), mm)
+    };
+    let single = multithread_tract_scope(Executor::SingleThread, run);
+    for threads in [2, 3] {
+        let multi = multithread_tract_scope(Executor::multithread(threads), run);
+        assert!(multi == single, "{threads} threads differ from 1");
+    }
+}

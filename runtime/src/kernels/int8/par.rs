@@ -1,0 +1,68 @@
+//! Work splitting over tract's executor, so that one thread setting
+//! (`tract_linalg::multithread::multithread_tract_scope`, or the default executor) drives
+//! tract's float kernels and ours alike.
+//!
+//! Every driver splits its output into units whose values do not depend on how units are
+//! assigned to threads (the micro-kernel tiles and reduction blocks stay the same), so
+//! results are bit-identical for any thread count.
+
+use rayon::prelude::*;
+use tract_linalg::multithread::{current_tract_executor, Executor};
+
+/// Runs `f(i)` for every `i` in `0..n`, on the threads of tract's current executor.
+pub(crate) fn for_each(n: usize, f: impl Fn(usize) + Sync + Send) {
+    if n <= 1 {
+        (0..n).for_each(f);
+        return;
+    }
+    match current_tract_executor() {
+        Executor::SingleThread => (0..n).for_each(f),
+        Executor::MultiThread(pool) => pool.install(|| (0..n).into_par_iter().for_each(f)),
+        Executor::RayonGlobal => (0..n).into_par_iter().for_each(f),
+    }
+}
+
+/// Threads of tract's current executor (1 when single-threaded).
+pub(crate) fn threads() -> usize {
+    match current_tract_executor() {
+        Executor::SingleThread => 1,
+        Executor::MultiThread(pool) => pool.current_num_threads(),
+        Executor::RayonGlobal => rayon::current_num_threads(),
+    }
+}
+
+/// A mutable slice that several threads write through, each to its own disjoint range.
+pub(crate) struct Shared<'a, T> {
+    ptr: *mut T,
+    len: usize,
+    _borrow: std::marker::PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: a `Shared` only hands out ranges through the unsafe `range`, whose callers
+// guarantee that concurrent ranges never overlap; T is plain data.
+unsafe impl<T: Send> Sync for Shared<'_, T> {}
+unsafe impl<T: Send> Send for Shared<'_, T> {}
+
+impl<'a, T> Shared<'a, T> {
+    pub fn new(s: &'a mut [T]) -> Self {
+        Shared {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+            _borrow: std::marker::PhantomData,
+        }
+    }
+
+    /// `start..start + n` as a mutable slice (bounds-checked).
+    ///
+    /// # Safety
+    /// No other live slice from this `Shared` may overlap the range.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn range(&self, start: usize, n: usize) -> &mut [T] {
+        assert!(
+            start <= self.len && n <= self.len - start,
+            "int8: output range out of bounds"
+        );
+        std::slice::from_raw_parts_mut(self.ptr.add(start), n)
+    }
+}
