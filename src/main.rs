@@ -10,6 +10,7 @@ use tfmqc_passes::options::meta;
 use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
+mod eval;
 mod report;
 mod sample;
 
@@ -41,6 +42,10 @@ enum Command {
     /// Sample with the runtime's DDIM/DDPM sampler (time steps taken from the model's set
     /// S) and save the samples as a PNG grid.
     Sample(sample::SampleArgs),
+    /// Quality of quantized models against FLOAT, side by side: temporal-feature error
+    /// per time step, per-step output SQNR, sample PSNR through the runtime's sampler, a
+    /// Fréchet distance, plots, JSON (docs/eval-json.md).
+    Eval(Box<eval::EvalArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -413,6 +418,7 @@ fn main() -> ExitCode {
         Some(Command::Quantize(a)) => run_pipeline(a),
         Some(Command::Inspect(a)) => inspect(a),
         Some(Command::Sample(a)) => sample::run(a),
+        Some(Command::Eval(a)) => eval::run(a),
         None => run_pipeline(&cli.run),
     });
     match result {
