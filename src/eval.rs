@@ -243,7 +243,12 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             }
         },
     };
-    let progress = |msg: &str| eprintln!("tfmqc eval: {msg}");
+    let progress = |msg: &str| {
+        eprintln!(
+            "tfmqc eval: [{:6.1} s] {msg}",
+            start.elapsed().as_secs_f64()
+        )
+    };
     progress(&format!(
         "{} vs {} model(s); |S| = {} ({s_source}); {} steps, {} samples, seed {}",
         args.float.display(),
@@ -448,7 +453,9 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
                 "file": q.path.display().to_string(),
                 "label": q.label,
                 "tfmqc": q.tfmqc,
-                "tib_mode": q.model.metadata_value(meta::TIB_FRONTIER).map(|_| "lut"),
+                // How a tfmqc file was made (its `tfmqc.options` metadata), else null.
+                "tfmqc_options": q.model.metadata_value(meta::OPTIONS)
+                    .and_then(|o| serde_json::from_str::<Value>(o).ok()),
                 "weight_check": q.weights,
                 "temporal_features": {
                     "summary": feature_summary(&feature_errors[k]),
@@ -917,11 +924,11 @@ fn table(r: &Value) -> String {
         cur.as_f64()
     };
     let mut s = format!(
-        "{:<28} {:>17} {:>15} {:>17} {:>8}\n",
+        "{:<34} {:>18} {:>15} {:>17} {:>8}\n",
         "model", "TF cosine mean/min", "step SQNR dB", "sample PSNR dB", "FD"
     );
     s.push_str(&format!(
-        "{:<28} {:>17} {:>15} {:>17} {:>8}\n",
+        "{:<34} {:>18} {:>15} {:>17} {:>8}\n",
         "float",
         "-",
         "-",
@@ -942,7 +949,7 @@ fn table(r: &Value) -> String {
         let sq = &q["step_sqnr_db"]["summary"];
         let ps = &q["sample_psnr_db"]["summary"];
         s.push_str(&format!(
-            "{:<28} {:>17} {:>15} {:>17} {:>8}\n",
+            "{:<34} {:>18} {:>15} {:>17} {:>8}\n",
             q["label"].as_str().unwrap_or(""),
             tf,
             format!(
