@@ -27,7 +27,25 @@ use crate::{user_error, Failure};
 use metrics::DB_CAP;
 use plot::{Figure, Panel, Series, PALETTE};
 
+/// The choices `--help` states (docs/eval-json.md has the details).
+const NOTES: &str = "\
+How: S and the schedule come from --timesteps/--schedule/..., else the set a tfmqc QUANT
+records, else FLOAT's metadata, as in the pipeline; every model samples the same
+trajectory. Temporal features: the TIB frontier detected on FLOAT, read by name from each
+QUANT (extra outputs); a QUANT without a value of that name is skipped for it, with a
+note. Conditioning inputs get seeded stand-ins (WARNING). The Fréchet distance needs
+--fd-features and --fd-ref and is skipped (with a note) without them or when the samples
+do not fit the feature model. A QUANT must have FLOAT's inputs and outputs, and every
+weight it feeds to Conv/Gemm/MatMul (dequantized) within relative error 0.5 of a
+same-shaped FLOAT weight; otherwise eval stops with exit code 1.
+
+Example:
+  tfmqc eval models/ddpm_digits.onnx q8.onnx q4.onnx --steps 50 --samples 64 \\
+      --fd-features models/digits_features.onnx --fd-ref models/digits_features_ref.json \\
+      --plots results/ --json > eval.json";
+
 #[derive(Args, Debug)]
+#[command(after_help = NOTES)]
 pub struct EvalArgs {
     /// The float model (the reference).
     #[arg(value_name = "FLOAT")]
