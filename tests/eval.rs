@@ -239,3 +239,65 @@ fn zero_samples_and_missing_files_are_user_errors() {
     let err = eval_fails(&["eval", f]);
     assert!(err.contains("QUANT"), "{err}");
 }
+
+#[test]
+fn a_qdq_file_without_tfmqc_metadata_is_compared_on_the_given_set() {
+    // A plain QDQ file as another tool writes it: the min-max baseline (TIB quantized,
+    // not folded) with tfmqc's metadata removed.
+    let dir = tmpdir();
+    let q = dir.path().join("minmax.onnx");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--baseline",
+        "minmax",
+        "--timesteps",
+        "ddim:10",
+        "--calib-samples",
+        "2",
+        "--calib-steps",
+        "4",
+    ]);
+    let mut m = tfmqc_passes::onnx::load(&q).unwrap();
+    m.metadata.retain(|(k, _)| !k.starts_with("tfmqc."));
+    let plain = dir.path().join("plain_qdq.onnx");
+    tfmqc_passes::onnx::save(&m, &plain).unwrap();
+    let out = tfmqc_ok(&[
+        "eval",
+        model_path("ddpm_digits").to_str().unwrap(),
+        plain.to_str().unwrap(),
+        "--timesteps",
+        "ddim:5",
+        "--steps",
+        "2",
+        "--samples",
+        "1",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["timesteps"]["source"], "--timesteps");
+    assert_eq!(
+        v["timesteps"]["values"],
+        serde_json::json!([0, 200, 400, 600, 800])
+    );
+    let q0 = &v["quant"][0];
+    assert_eq!(q0["tfmqc"], false);
+    assert!(q0["tfmqc_options"].is_null());
+    // The quantized time-step block: temporal features close to float, not exact.
+    let cos = &q0["temporal_features"]["summary"]["cosine"];
+    let (min, max) = (cos["min"].as_f64().unwrap(), cos["max"].as_f64().unwrap());
+    assert!(min > 0.99 && min < 1.0 - 1e-9, "{cos}");
+    assert!(max <= 1.0 + 1e-12, "{cos}");
+    let mse = q0["temporal_features"]["summary"]["rel_mse"]["max"]
+        .as_f64()
+        .unwrap();
+    assert!(mse > 0.0 && mse < 0.01, "{mse}");
+    // FD not asked for: skipped with a note.
+    assert!(v["float"]["fd"].is_null() && q0["fd"].is_null());
+    assert!(v["notes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n.as_str().unwrap().contains("Fréchet distance skipped")));
+}
