@@ -160,7 +160,7 @@ impl Figure {
         }];
         out.push(Prim::Text {
             x: LEFT + PLOT_W / 2.0,
-            y: 14.0,
+            y: 20.0,
             text: self.title.clone(),
             scale: 2,
             anchor: 1,
@@ -352,7 +352,8 @@ impl Figure {
         }
         if let Some(note) = &self.note {
             // Wrapped to the legend's width.
-            let per_line = ((W - lx - 10.0) / font::CELL_W as f64) as usize;
+            // A few characters of slack: an SVG viewer's monospace font may be wider.
+            let per_line = ((W - lx - 10.0) / font::CELL_W as f64) as usize - 4;
             let mut line = String::new();
             let mut lines = vec![];
             for word in note.split_whitespace() {
@@ -434,8 +435,11 @@ impl Figure {
                     } else {
                         String::new()
                     };
+                    // Baseline below the centre line by about a third of the size
+                    // (viewers differ in dominant-baseline support).
+                    let base = y + 0.35 * size as f64;
                     s.push_str(&format!(
-                        "<text x=\"{x:.1}\" y=\"{y:.1}\" font-size=\"{size}\" text-anchor=\"{a}\" dominant-baseline=\"central\" fill=\"{}\"{rot}>{}</text>\n",
+                        "<text x=\"{x:.1}\" y=\"{base:.1}\" font-size=\"{size}\" text-anchor=\"{a}\" fill=\"{}\"{rot}>{}</text>\n",
                         hex(color),
                         esc(&text)
                     ));
