@@ -173,7 +173,7 @@ def write_markdown(names: list[str], results: dict, command: str, seconds: float
              "docs/eval-json.md) and plots are in `results/eval/`.\n")
     L.append("Columns: **TF cos** = cosine similarity of the temporal features (every TIB frontier "
              "value, every t in S = ddim:50), mean / min; **step SQNR** = denoiser output SQNR per "
-             "time step on float DDIM-50 trajectories (2 trajectories), mean / min over the steps, "
+             "time step on float DDIM-50 trajectories (2, or the model's fixed batch), mean / min over the steps, "
              "dB; **sample PSNR** = PSNR of M samples (DDIM 50 steps from the same noise, the "
              "runtime's sampler, int8 kernels for tfmqc files) against the float model's samples, "
              "mean / min, dB; **FD** = Fréchet distance to the training data in the feature space "
@@ -262,13 +262,11 @@ def main() -> int:
     for name in names:
         log(f"== {name}")
         build_quant_files(name, tfmqc, work, args.reuse)
-        plots = ROOT / "results" / "eval" / name
         out = ROOT / "results" / "eval" / f"{name}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         cmd = eval_command(name)
         run([tfmqc, *cmd[1:]], stdout=out, log_to=work / f"{name}.eval.log")
         results[name] = json.loads(out.read_text())
-        del plots
     command = shlex.join(["target/pyenv/bin/python", "scripts/benchmarks.py", *sys.argv[1:]])
     if args.models:
         # A partial run updates only its models' JSON; the page needs all of them.

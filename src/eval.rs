@@ -107,7 +107,7 @@ pub struct EvalArgs {
 
 /// Samples shown per model in samples.png.
 const GRID_ROWS: usize = 8;
-/// Trajectories for the per-step SQNR (one calibration batch; each record keeps ≤ 2).
+/// Trajectories for the per-step SQNR when the batch is free (a fixed batch: that many).
 const SQNR_TRAJECTORIES: usize = 2;
 
 fn fail(e: tfmqc_passes::Error) -> Failure {
@@ -342,16 +342,29 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
 
     // 2. Per-step output SQNR along float trajectories (the calibration pass's own
     //    trajectory generator, stand-ins included).
-    progress(&format!(
-        "per-step output SQNR: {SQNR_TRAJECTORIES} float trajectories of {} steps",
-        args.steps
-    ));
+
+    // One batch: calibration keeps the records of its first batch only, so a model with
+    // a fixed batch runs just that batch.
+    let fixed_batch = float
+        .graph
+        .inputs
+        .iter()
+        .filter(|i| i.shape.as_ref().is_some_and(|s| s.len() >= 3))
+        .find_map(|i| match i.shape.as_deref() {
+            Some([Dim::Known(b), ..]) => Some(*b as usize),
+            _ => None,
+        });
     let cal_opts = Options {
-        calib_samples: SQNR_TRAJECTORIES,
+        calib_samples: fixed_batch.unwrap_or(SQNR_TRAJECTORIES),
         calib_batch: SQNR_TRAJECTORIES,
         calib_steps: args.steps,
         ..opts.clone()
     };
+    progress(&format!(
+        "per-step output SQNR: {} float trajectories of {} steps",
+        fixed_batch.unwrap_or(SQNR_TRAJECTORIES),
+        args.steps
+    ));
     let cal = calibrate(&float, &cal_opts, &t_name, &[], &|_| {}).map_err(fail)?;
     if !cal.stand_ins.is_empty() {
         notes.push(format!(
