@@ -301,3 +301,26 @@ fn a_qdq_file_without_tfmqc_metadata_is_compared_on_the_given_set() {
         .iter()
         .any(|n| n.as_str().unwrap().contains("Fréchet distance skipped")));
 }
+
+#[test]
+fn help_lists_eval_and_states_its_choices() {
+    let top = String::from_utf8_lossy(&tfmqc_ok(&["--help"]).stdout).to_string();
+    assert!(top.contains("eval"), "{top}");
+    let out = tfmqc_ok(&["eval", "--help"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--samples",
+        "--steps",
+        "--plots",
+        "--json",
+        "--fd-features",
+        "--fd-ref",
+        "--timesteps",
+        "--schedule",
+        "stand-ins",
+        "relative error 0.5",
+        "docs/eval-json.md",
+    ] {
+        assert!(text.contains(word), "{word} in eval --help:\n{text}");
+    }
+}
