@@ -7,8 +7,8 @@ use std::collections::HashMap;
 use tfmqc_passes::ir::{DType, Dim, Model, Tensor, ValueInfo};
 
 /// Relative RMS error (‖w_q − w‖ / ‖w‖) above which a weight of QUANT is not a
-/// quantization of any weight of FLOAT. 4-bit per-channel weights come out near 0.1;
-/// an unrelated weight of the same distribution near √2.
+/// quantization of any weight of FLOAT. On models/, 8-bit weights come out at 0.004–0.02,
+/// 4-bit ones at 0.1–0.25; an unrelated weight of the same distribution near √2.
 pub const WEIGHT_TOLERANCE: f64 = 0.5;
 
 /// Ops whose weight operand (slot 1) is what quantizers change.
