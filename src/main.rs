@@ -11,6 +11,7 @@ use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
 mod bench;
+mod eval;
 mod report;
 mod sample;
 
@@ -46,6 +47,10 @@ enum Command {
     /// One engine of `tfmqc bench`, in a process of its own (internal).
     #[command(hide = true)]
     BenchWorker(bench::WorkerArgs),
+    /// Quality of quantized models against FLOAT, side by side: temporal-feature error
+    /// per time step, per-step output SQNR, sample PSNR through the runtime's sampler, a
+    /// Fréchet distance, plots, JSON (docs/eval-json.md).
+    Eval(Box<eval::EvalArgs>),
 }
 
 #[derive(Args, Debug)]
@@ -439,6 +444,7 @@ fn main() -> ExitCode {
         Some(Command::Sample(a)) => sample::run(a),
         Some(Command::Bench(a)) => bench::run(a),
         Some(Command::BenchWorker(a)) => bench::worker(a),
+        Some(Command::Eval(a)) => eval::run(a),
         None => run_pipeline(&cli.run),
     });
     match result {

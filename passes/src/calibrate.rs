@@ -186,8 +186,14 @@ pub fn timestep_tensor(info: &ValueInfo, batch: usize, t: i64) -> Result<Tensor>
 }
 
 /// A seeded stand-in for a conditioning input: N(0,1) floats, or integers in the range
-/// of the table they index (class labels), else zeros.
-fn stand_in(model: &Model, info: &ValueInfo, batch: usize, rng: &mut NoiseRng) -> Result<Tensor> {
+/// of the table they index (class labels), else zeros. Public for `tfmqc eval`, which
+/// needs the same stand-ins to sample conditional models.
+pub fn stand_in(
+    model: &Model,
+    info: &ValueInfo,
+    batch: usize,
+    rng: &mut NoiseRng,
+) -> Result<Tensor> {
     let shape = concrete(info, batch)?;
     let n: usize = shape.iter().product();
     Ok(match info.dtype {
