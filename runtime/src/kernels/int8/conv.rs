@@ -314,7 +314,9 @@ unsafe fn unit_avx2(p: &Plan, buf: &[i32], b: usize, gi: usize, tc: usize, op: u
 #[inline(always)]
 unsafe fn unit(p: &Plan, buf: &[i32], b: usize, gi: usize, tc: usize, op: usize, sink: &Sink) {
     let mut tile = [0i32; MR * NR];
-    let a = p.w.panel(gi, op);
+    // Widened once per unit, reused by its TILE_CHUNK tiles.
+    let mut wide = Vec::new();
+    let a = p.w.panel(gi, op, &mut wide);
     let rows = (p.og - op * MR).min(MR);
     let t0 = tc * TILE_CHUNK;
     for t in t0..(t0 + TILE_CHUNK).min(p.ntiles) {
