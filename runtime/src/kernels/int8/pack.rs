@@ -60,7 +60,7 @@ impl PairStore {
 
     /// Pairs `start .. start + len` as the kernel's i16 pairs: borrowed when stored
     /// widened, else widened into `scratch` (resized as needed).
-    #[inline]
+    #[inline(always)]
     fn block<'s>(&'s self, start: usize, len: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
         match self {
             PairStore::I16(v) => &v[start..start + len],
@@ -326,11 +326,10 @@ impl PackedConvWeights {
         self.opanels
     }
 
-    /// Panel `op` of group `g` as i16 pairs: `kh*kw*cpairs*MR` values, widened into
-    /// `scratch` when stored as i8.
-    pub(crate) fn panel<'s>(&'s self, g: usize, op: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
-        let steps = self.geom.kernel[0] * self.geom.kernel[1] * self.cpairs;
-        self.data
-            .block((g * self.opanels + op) * steps * MR, steps * MR, scratch)
+    /// The panels of group `g` as i16 pairs, panel `op` at `op * kh*kw*cpairs*MR`,
+    /// widened into `scratch` when stored as i8.
+    pub(crate) fn group_panels<'s>(&'s self, g: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
+        let len = self.opanels * self.geom.kernel[0] * self.geom.kernel[1] * self.cpairs * MR;
+        self.data.block(g * len, len, scratch)
     }
 }
