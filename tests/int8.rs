@@ -72,7 +72,12 @@ fn int8_gemm_lowering_matches_the_qdq_graph() {
             "{model}: only {lowered} nodes lowered"
         );
         let (resident, as_f32) = int8.int8_weight_bytes();
-        assert!(resident > 0 && resident < as_f32, "{resident} vs {as_f32}");
+        // Issue #6's memory bar: weights resident as i8 (panel padding and f32 scales
+        // included) take at most 0.3x of the float weights.
+        assert!(
+            resident > 0 && resident * 10 <= as_f32 * 3,
+            "{model}: int8 weights resident {resident} B vs {as_f32} B as f32"
+        );
         let a = tract_run_engine(&qdq, &x);
         let b = tract_run_engine(&int8, &x);
         let b2 = tfmqc_runtime::with_threads(2, || tract_run_engine(&int8, &x));

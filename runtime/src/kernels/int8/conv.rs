@@ -105,8 +105,12 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     };
     let plan = Plan::new(w, shape, kernel);
     let mut buf = vec![0i32; plan.phases * plan.cpairs * plan.plane];
+    let mut wide = Vec::new();
     for b in 0..nb {
         for gi in 0..g {
+            // Weights resident as i8 are widened once per call and group (a small fraction
+            // of the work: each weight pair is used at every output position).
+            let panels = w.group_panels(gi, &mut wide);
             // Widen this (image, group) into the phase planes, channel pairs in parallel.
             {
                 let planes = Shared::new(&mut buf);
@@ -124,16 +128,26 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
             let units = plan.ntiles.div_ceil(TILE_CHUNK) * opanels;
             par::for_each(units, |u| {
                 let (tc, op) = (u / opanels, u % opanels);
+                let ops = Operands {
+                    planes: &buf,
+                    weights: &panels[op * plan.panel_len..][..plan.panel_len],
+                };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: Avx2 only when detected; units store to disjoint outputs.
-                    Isa::Avx2 => unsafe { unit_avx2(&plan, &buf, b, gi, tc, op, &sink) },
+                    Isa::Avx2 => unsafe { unit_avx2(&plan, &ops, b, gi, tc, op, &sink) },
                     // SAFETY: units store to disjoint outputs.
-                    _ => unsafe { unit(&plan, &buf, b, gi, tc, op, &sink) },
+                    _ => unsafe { unit(&plan, &ops, b, gi, tc, op, &sink) },
                 }
             });
         }
     }
+}
+
+/// What one unit reads: the widened input planes and its weight panel (i16 pairs).
+struct Operands<'a> {
+    planes: &'a [i32],
+    weights: &'a [i32],
 }
 
 /// Shapes and offsets of one convolution call.
@@ -158,6 +172,8 @@ struct Plan<'w> {
     ntiles: usize,
     /// Offset of each kernel tap in the phase planes.
     taps: Vec<usize>,
+    /// i16 pairs in one weight panel (`kh*kw*cpairs*MR`).
+    panel_len: usize,
 }
 
 impl<'w> Plan<'w> {
@@ -207,6 +223,7 @@ impl<'w> Plan<'w> {
             cpairs,
             npos,
             ntiles,
+            panel_len: inner.len() * cpairs * MR,
             taps,
         }
     }
@@ -303,8 +320,16 @@ unsafe fn widen<A: Copy, C: Fn(A) -> i32 + Copy>(
 /// The CPU must support AVX2; as [`unit`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn unit_avx2(p: &Plan, buf: &[i32], b: usize, gi: usize, tc: usize, op: usize, sink: &Sink) {
-    unit(p, buf, b, gi, tc, op, sink)
+unsafe fn unit_avx2(
+    p: &Plan,
+    ops: &Operands,
+    b: usize,
+    gi: usize,
+    tc: usize,
+    op: usize,
+    sink: &Sink,
+) {
+    unit(p, ops, b, gi, tc, op, sink)
 }
 
 /// Output channels of panel `op` of group `gi` at the positions of tile chunk `tc`.
@@ -312,9 +337,9 @@ unsafe fn unit_avx2(p: &Plan, buf: &[i32], b: usize, gi: usize, tc: usize, op: u
 /// # Safety
 /// No other thread may store the same (image, channels, positions) at the same time.
 #[inline(always)]
-unsafe fn unit(p: &Plan, buf: &[i32], b: usize, gi: usize, tc: usize, op: usize, sink: &Sink) {
+unsafe fn unit(p: &Plan, ops: &Operands, b: usize, gi: usize, tc: usize, op: usize, sink: &Sink) {
     let mut tile = [0i32; MR * NR];
-    let a = p.w.panel(gi, op);
+    let (a, buf) = (ops.weights, ops.planes);
     let rows = (p.og - op * MR).min(MR);
     let t0 = tc * TILE_CHUNK;
     for t in t0..(t0 + TILE_CHUNK).min(p.ntiles) {

@@ -205,6 +205,7 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
         Vec::new()
     };
     let mut tile = [0i32; MR * NR];
+    let mut wide = Vec::new();
     let rows = (m - m0).min(mc);
     let panels = rows.div_ceil(MR);
     for kb in 0..nkb {
@@ -222,7 +223,8 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
         let last = kb + 1 == nkb;
         for np in 0..n.div_ceil(NR) {
             let cols = (n - np * NR).min(NR);
-            let b = &w.panel(np)[kp0 * NR..];
+            // Widened once per (chunk, block, panel), reused by the chunk's row tiles.
+            let b = w.panel_block(np, kp0, kl, &mut wide);
             for mp in 0..panels {
                 let args = KernelArgs {
                     a: &abuf[mp * MR * kl..used],

@@ -11,14 +11,69 @@ pub enum WeightLayout {
     KN,
 }
 
-/// Weights of a GEMM `out[M, N] = A[M, K] · W[N, K]ᵀ`, zero point removed, widened to
-/// i16 pairs and packed in panels of `NR` output channels: `[N/NR][K/2][NR]`.
+/// Weights of a GEMM `out[M, N] = A[M, K] · W[N, K]ᵀ`, zero point removed and packed in
+/// panels of `NR` output channels as pairs of reduction neighbours: `[N/NR][K/2][NR]`.
 #[derive(Clone, Debug)]
 pub struct PackedWeights {
     n: usize,
     k: usize,
     kpairs: usize,
-    data: Vec<i32>,
+    data: PairStore,
+}
+
+/// Packed weight pairs as kept in memory. Centered weights of symmetric i8 tensors (zero
+/// point 0, every model this runtime quantizes) fit in i8 and stay i8 — a quarter of
+/// f32, which is the memory half of the point of int8 — and are widened to the kernel's
+/// i16 pairs one panel at a time by [`PairStore::block`]. Centering u8 weights or
+/// non-zero zero points gives values in `[-255, 255]`, which need i16; those keep the
+/// widened layout so results stay exact.
+#[derive(Clone, Debug)]
+enum PairStore {
+    /// Pair `i` is bytes `2i` (low) and `2i + 1` (high).
+    I8(Vec<i8>),
+    /// Pairs already widened (see [`pair`]).
+    I16(Vec<i32>),
+}
+
+impl PairStore {
+    /// Stores centered pair values `(lo, hi)`, as i8 when all of them fit.
+    fn new(pairs: Vec<(i32, i32)>) -> Self {
+        let fits = |v: i32| i8::try_from(v).is_ok();
+        if pairs.iter().all(|&(l, h)| fits(l) && fits(h)) {
+            PairStore::I8(
+                pairs
+                    .iter()
+                    .flat_map(|&(l, h)| [l as i8, h as i8])
+                    .collect(),
+            )
+        } else {
+            PairStore::I16(pairs.iter().map(|&(l, h)| pair(l, h)).collect())
+        }
+    }
+
+    fn resident_bytes(&self) -> usize {
+        match self {
+            PairStore::I8(v) => v.len(),
+            PairStore::I16(v) => v.len() * std::mem::size_of::<i32>(),
+        }
+    }
+
+    /// Pairs `start .. start + len` as the kernel's i16 pairs: borrowed when stored
+    /// widened, else widened into `scratch` (resized as needed).
+    #[inline(always)]
+    fn block<'s>(&'s self, start: usize, len: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
+        match self {
+            PairStore::I16(v) => &v[start..start + len],
+            PairStore::I8(v) => {
+                scratch.resize(len, 0);
+                let src = &v[2 * start..2 * (start + len)];
+                for (d, p) in scratch.iter_mut().zip(src.chunks_exact(2)) {
+                    *d = pair(p[0] as i32, p[1] as i32);
+                }
+                scratch
+            }
+        }
+    }
 }
 
 fn zp_at<T: QuantInt>(zero_points: &[T], ch: usize, channels: usize) -> i32 {
@@ -53,7 +108,7 @@ impl PackedWeights {
         assert_eq!(w.len(), n * k, "int8: weight length is not n * k");
         let kpairs = k.div_ceil(2);
         let panels = n.div_ceil(NR);
-        let mut data = vec![0i32; panels * kpairs * NR];
+        let mut data = vec![(0, 0); panels * kpairs * NR];
         let at = |j: usize, kk: usize| -> i32 {
             if kk >= k {
                 return 0;
@@ -68,9 +123,10 @@ impl PackedWeights {
             let (np, c) = (j / NR, j % NR);
             let panel = &mut data[np * kpairs * NR..][..kpairs * NR];
             for kp in 0..kpairs {
-                panel[kp * NR + c] = pair(at(j, 2 * kp), at(j, 2 * kp + 1));
+                panel[kp * NR + c] = (at(j, 2 * kp), at(j, 2 * kp + 1));
             }
         }
+        let data = PairStore::new(data);
         PackedWeights { n, k, kpairs, data }
     }
 
@@ -88,14 +144,23 @@ impl PackedWeights {
         self.kpairs
     }
 
-    /// Bytes the packed weights occupy in memory (i16 values, panels padded to `NR`).
+    /// Bytes the packed weights occupy in memory (i8 values, or i16 when centering needs
+    /// them; panels padded to `NR`).
     pub fn resident_bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<i32>()
+        self.data.resident_bytes()
     }
 
-    /// Panel `np`: `kpairs * NR` values (a few extra values follow unless last).
-    pub(crate) fn panel(&self, np: usize) -> &[i32] {
-        &self.data[np * self.kpairs * NR..]
+    /// Reduction pairs `kp0 .. kp0 + kl` of panel `np` as i16 pairs: `kl * NR` values,
+    /// widened into `scratch` when stored as i8.
+    pub(crate) fn panel_block<'s>(
+        &'s self,
+        np: usize,
+        kp0: usize,
+        kl: usize,
+        scratch: &'s mut Vec<i32>,
+    ) -> &'s [i32] {
+        self.data
+            .block((np * self.kpairs + kp0) * NR, kl * NR, scratch)
     }
 }
 
@@ -157,8 +222,8 @@ impl ConvGeometry {
     }
 }
 
-/// Conv weights `W[O, C/groups, kh, kw]`, zero point removed, widened to i16 pairs of
-/// input channels and packed per group in panels of `MR` output channels:
+/// Conv weights `W[O, C/groups, kh, kw]`, zero point removed, as pairs of input channels
+/// (stored as in [`PackedWeights`]), packed per group in panels of `MR` output channels:
 /// `[groups][O/groups/MR][kh*kw][C/groups/2][MR]` (taps outer, channel pairs inner).
 #[derive(Clone, Debug)]
 pub struct PackedConvWeights {
@@ -167,7 +232,7 @@ pub struct PackedConvWeights {
     in_per_group: usize,
     cpairs: usize,
     opanels: usize,
-    data: Vec<i32>,
+    data: PairStore,
 }
 
 impl PackedConvWeights {
@@ -201,7 +266,7 @@ impl PackedConvWeights {
         let cpairs = in_per_group.div_ceil(2);
         let opanels = og.div_ceil(MR);
         let steps = taps * cpairs;
-        let mut data = vec![0i32; g * opanels * steps * MR];
+        let mut data = vec![(0, 0); g * opanels * steps * MR];
         let at = |o: usize, c: usize, t: usize| -> i32 {
             if c >= in_per_group {
                 return 0;
@@ -216,11 +281,12 @@ impl PackedConvWeights {
                 for t in 0..taps {
                     for cp in 0..cpairs {
                         let s = t * cpairs + cp;
-                        panel[s * MR + r] = pair(at(o, 2 * cp, t), at(o, 2 * cp + 1, t));
+                        panel[s * MR + r] = (at(o, 2 * cp, t), at(o, 2 * cp + 1, t));
                     }
                 }
             }
         }
+        let data = PairStore::new(data);
         PackedConvWeights {
             geom,
             out_channels,
@@ -250,18 +316,20 @@ impl PackedConvWeights {
         self.cpairs
     }
 
-    /// Bytes the packed weights occupy in memory (i16 values, panels padded to `MR`).
+    /// Bytes the packed weights occupy in memory (i8 values, or i16 when centering needs
+    /// them; panels padded to `MR`).
     pub fn resident_bytes(&self) -> usize {
-        self.data.len() * std::mem::size_of::<i32>()
+        self.data.resident_bytes()
     }
 
     pub(crate) fn opanels(&self) -> usize {
         self.opanels
     }
 
-    /// Panel `op` of group `g`: `kh*kw*cpairs*MR` values.
-    pub(crate) fn panel(&self, g: usize, op: usize) -> &[i32] {
-        let steps = self.geom.kernel[0] * self.geom.kernel[1] * self.cpairs;
-        &self.data[(g * self.opanels + op) * steps * MR..][..steps * MR]
+    /// The panels of group `g` as i16 pairs, panel `op` at `op * kh*kw*cpairs*MR`,
+    /// widened into `scratch` when stored as i8.
+    pub(crate) fn group_panels<'s>(&'s self, g: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
+        let len = self.opanels * self.geom.kernel[0] * self.geom.kernel[1] * self.cpairs * MR;
+        self.data.block(g * len, len, scratch)
     }
 }

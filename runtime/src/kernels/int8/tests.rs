@@ -810,3 +810,46 @@ fn thread_count_does_not_change_results() {
         assert!(multi == single, "{threads} threads differ from 1");
     }
 }
+
+/// Symmetric i8 weights stay resident as i8 (one byte a value, panels padded); weights
+/// whose centered values leave i8 (u8 with zero point 0, or i8 with a zero point) keep
+/// i16 pairs, and both storages give exact results.
+#[test]
+fn weights_resident_as_i8_when_centered_values_fit() {
+    let mut rng = Rng(21);
+    let (n, k): (usize, usize) = (19, 37);
+    let w = rng.bytes_i8(n * k);
+    let padded = n.div_ceil(NR) * NR * k.div_ceil(2) * 2;
+    assert_eq!(PackedWeights::pack(&w, n, k).resident_bytes(), padded);
+    let wu = rng.bytes_u8(n * k);
+    // u8 centered on 128 spans i8; on 0 it does not.
+    let pu = PackedWeights::pack_general(&wu, WeightLayout::NK, n, k, &[128u8]);
+    assert_eq!(pu.resident_bytes(), padded);
+    let pu = PackedWeights::pack_general(&wu, WeightLayout::NK, n, k, &[0u8]);
+    assert_eq!(pu.resident_bytes(), 2 * padded);
+
+    // Conv: 3x3, 7 -> 10 channels, zero points that push centered values to ±255.
+    let geom = ConvGeometry {
+        pads: [1; 4],
+        ..ConvGeometry::new(3, 3)
+    };
+    let (c, oc): (usize, usize) = (7, 10);
+    let steps_padded = 9 * c.div_ceil(2) * 2 * oc.div_ceil(MR) * MR;
+    let w = rng.bytes_i8(oc * c * 9);
+    assert_eq!(
+        PackedConvWeights::pack(&w, oc, c, geom).resident_bytes(),
+        steps_padded
+    );
+    let wzp: Vec<i8> = (0..oc)
+        .map(|o| if o % 2 == 0 { 127 } else { -128 })
+        .collect();
+    let pw = PackedConvWeights::pack_general(&w, oc, c, geom, &wzp);
+    assert_eq!(pw.resident_bytes(), 2 * steps_padded);
+    let x = rng.bytes_u8(c * 6 * 6);
+    let (want, ..) = conv_ref(&x, [1, c, 6, 6], 3u8, &w, oc, &wzp, &geom);
+    for be in backends() {
+        let mut out = vec![0i32; want.len()];
+        conv2d(be, &x, [1, c, 6, 6], 3u8, &pw, Output::I32(&mut out));
+        assert_eq!(out, as_i32(&want), "{be:?}");
+    }
+}
