@@ -33,19 +33,12 @@ fn dump_dir_holds_the_ir_after_each_pass() {
     let dir = tmpdir();
     let dumps = dir.path().join("dumps");
     let out = dir.path().join("o.onnx");
-    tfmqc_ok(&[
-        model_path("ddpm_digits").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--dump-dir",
-        dumps.to_str().unwrap(),
-        "--timesteps",
-        "ddim:10",
-        "--calib-samples",
-        "2",
-        "--calib-steps",
+    quantize_small(
+        "ddpm_digits",
+        &out,
         "4",
-    ]);
+        &["--dump-dir", dumps.to_str().unwrap()],
+    );
     let mut files: Vec<String> = std::fs::read_dir(&dumps)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())

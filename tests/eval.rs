@@ -10,19 +10,7 @@ use std::path::Path;
 /// A small tfmqc W8A8 file of the trained model (TIB as exact tables), made once.
 fn quantized_digits(dir: &Path) -> std::path::PathBuf {
     let out = dir.join("digits.q.onnx");
-    tfmqc_ok(&[
-        model_path("ddpm_digits").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--timesteps",
-        "ddim:10",
-        "--calib-samples",
-        "2",
-        "--calib-steps",
-        "4",
-        "--reconstruct",
-        "none",
-    ]);
+    quantize_small("ddpm_digits", &out, "4", &["--reconstruct", "none"]);
     out
 }
 
@@ -246,19 +234,7 @@ fn a_qdq_file_without_tfmqc_metadata_is_compared_on_the_given_set() {
     // not folded) with tfmqc's metadata removed.
     let dir = tmpdir();
     let q = dir.path().join("minmax.onnx");
-    tfmqc_ok(&[
-        model_path("ddpm_digits").to_str().unwrap(),
-        "-o",
-        q.to_str().unwrap(),
-        "--baseline",
-        "minmax",
-        "--timesteps",
-        "ddim:10",
-        "--calib-samples",
-        "2",
-        "--calib-steps",
-        "4",
-    ]);
+    quantize_small("ddpm_digits", &q, "4", &["--baseline", "minmax"]);
     let mut m = tfmqc_passes::onnx::load(&q).unwrap();
     m.metadata.retain(|(k, _)| !k.starts_with("tfmqc."));
     let plain = dir.path().join("plain_qdq.onnx");

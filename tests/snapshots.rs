@@ -131,19 +131,7 @@ fn fold_tib_each_family() {
 fn quantize_trained_ddpm() {
     let dir = tmpdir();
     let out = dir.path().join("q.onnx");
-    tfmqc_ok(&[
-        model_path("ddpm_digits").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--timesteps",
-        "ddim:10",
-        "--calib-samples",
-        "2",
-        "--calib-steps",
-        "10",
-        "--step-groups",
-        "2",
-    ]);
+    quantize_small("ddpm_digits", &out, "10", &["--step-groups", "2"]);
     let mut m = tfmqc_passes::onnx::load(&out).unwrap();
     tfmqc_passes::canonicalize::infer_types(&mut m).unwrap();
     snapshot("quantize_ddpm_digits", &print::model_text(&m));

@@ -215,25 +215,21 @@ fn quantized_tib_with_step_groups_keeps_the_step_index() {
     // --step-groups > 1 reads the index of t in S even when no table does.
     let dir = tmpdir();
     let out = dir.path().join("q.onnx");
-    tfmqc_ok(&[
-        model_path("ddpm_digits").to_str().unwrap(),
-        "-o",
-        out.to_str().unwrap(),
-        "--timesteps",
-        "ddim:10",
-        "--calib-samples",
-        "2",
-        "--calib-steps",
+    quantize_small(
+        "ddpm_digits",
+        &out,
         "10",
-        "--step-groups",
-        "2",
-        "--tib",
-        "quant",
-        "--tiar-iters",
-        "20",
-        "--reconstruct",
-        "none",
-    ]);
+        &[
+            "--step-groups",
+            "2",
+            "--tib",
+            "quant",
+            "--tiar-iters",
+            "20",
+            "--reconstruct",
+            "none",
+        ],
+    );
     let m = tfmqc_passes::onnx::load(&out).unwrap();
     assert!(m.graph.initializers.contains_key("fsc/group_of_step"));
     assert_eq!(table_bytes(&out), 0);

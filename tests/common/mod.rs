@@ -76,6 +76,25 @@ pub fn tfmqc_ok(args: &[&str]) -> Output {
     out
 }
 
+/// Runs the pipeline on `model` into `out`, kept small for tests: S = ddim:10 and two
+/// calibration trajectories of `calib_steps` steps, plus the `extra` options.
+pub fn quantize_small(model: &str, out: &Path, calib_steps: &str, extra: &[&str]) -> Output {
+    let model = model_path(model);
+    let mut args = vec![
+        model.to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--timesteps",
+        "ddim:10",
+        "--calib-samples",
+        "2",
+        "--calib-steps",
+        calib_steps,
+    ];
+    args.extend_from_slice(extra);
+    tfmqc_ok(&args)
+}
+
 pub fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("tfmqc-test-")
