@@ -187,3 +187,102 @@ fn int8_conv1d_and_gemm_lowering_matches_the_qdq_graph() {
         assert!(db > 40.0, "guided_unet {name}: {db:.1} dB");
     }
 }
+
+/// Gemm's forms on the int8 GEMM: transB = 0 with per-column weight scales (axis 1) and a
+/// [1, N] C, transB = 1 with a per-tensor scale, beta = 0.5 and a scalar C. A per-row C
+/// ([M, 1]) is no bias of the output channels: that Gemm stays on tract.
+#[test]
+fn int8_gemm_forms_match_the_qdq_graph() {
+    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+    // M = N: a per-row C has as many values as output channels.
+    let (m, k, n) = (4usize, 8usize, 4usize);
+    let mut g = Graph::new("gemm_forms");
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![Dim::Known(m as i64), Dim::Known(k as i64)],
+    ));
+    let mut init = |name: &str, t: Tensor| {
+        g.initializers.insert(name.into(), t);
+    };
+    init("xs", Tensor::scalar(0.02f32));
+    init("xz", Tensor::scalar(128u8));
+    let w: Vec<i8> = (0..k * n).map(|i| ((i * 37) % 255) as i8).collect();
+    init("w_kn", Tensor::from_vec(vec![k, n], &w));
+    init("w_nk", Tensor::from_vec(vec![n, k], &w));
+    init(
+        "ws_col",
+        Tensor::from_vec(vec![n], &[0.01f32, 0.02, 0.005, 0.03]),
+    );
+    init("ws", Tensor::scalar(0.015f32));
+    init("wz_col", Tensor::from_vec(vec![n], &[0i8; 4]));
+    init("wz", Tensor::scalar(0i8));
+    init(
+        "c_row",
+        Tensor::from_vec(vec![1, n], &[0.5f32, -1.0, 2.0, 0.25]),
+    );
+    init("c_scalar", Tensor::scalar(0.75f32));
+    init(
+        "c_per_row",
+        Tensor::from_vec(vec![m, 1], &[1.0f32, -2.0, 0.5, 3.0]),
+    );
+    for out in ["y0", "y1", "y2"] {
+        g.outputs.push(ValueInfo {
+            name: out.into(),
+            ..Default::default()
+        });
+    }
+    let node = |name: &str, op: &str, i: &[&str], o: &str| {
+        Node::new(
+            name,
+            op,
+            i.iter().map(|s| s.to_string()).collect(),
+            vec![o.to_string()],
+        )
+    };
+    for nd in [
+        node("q", "QuantizeLinear", &["x", "xs", "xz"], "xq"),
+        node("dq", "DequantizeLinear", &["xq", "xs", "xz"], "xd"),
+        node(
+            "dq_kn",
+            "DequantizeLinear",
+            &["w_kn", "ws_col", "wz_col"],
+            "wkn",
+        )
+        .with_attr(attr::int("axis", 1)),
+        node("dq_nk", "DequantizeLinear", &["w_nk", "ws", "wz"], "wnk"),
+        node("gemm_kn", "Gemm", &["xd", "wkn", "c_row"], "y0"),
+        node("gemm_nk", "Gemm", &["xd", "wnk", "c_scalar"], "y1")
+            .with_attr(attr::int("transB", 1))
+            .with_attr(attr::float("beta", 0.5)),
+        node("gemm_per_row", "Gemm", &["xd", "wkn", "c_per_row"], "y2"),
+    ] {
+        g.add_node(nd).unwrap();
+    }
+    let model = Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 17)],
+        graph: g,
+        ..Default::default()
+    };
+    let dir = tmpdir();
+    let path = dir.path().join("gemm_forms.onnx");
+    tfmqc_passes::onnx::save(&model, &path).unwrap();
+    let xv: Vec<f32> = (0..m * k)
+        .map(|i| ((i as f32) * 0.71).sin() * 2.0)
+        .collect();
+    let x = Tensors::from([("x".to_string(), Tensor::from_vec(vec![m, k], &xv))]);
+    let full = tfmqc_runtime::Optimize::Full;
+    let qdq = tfmqc_runtime::Engine::load(&path, None, full).unwrap();
+    let (int8, lowered) = tfmqc_runtime::Engine::load_int8(&path, full).unwrap();
+    assert_eq!(lowered, 2, "gemm_kn and gemm_nk, not gemm_per_row");
+    let a = tract_run_engine(&qdq, &x);
+    let b = tract_run_engine(&int8, &x);
+    for y in ["y0", "y1", "y2"] {
+        let one = |t: &Tensors| Tensors::from([(y.to_string(), t[y].clone())]);
+        let db = sqnr_db(&one(&a), &one(&b));
+        eprintln!("{y}: int8 vs QDQ-in-float {db:.1} dB");
+        // Exact integer products: only float rounding differs.
+        assert!(db > 100.0, "{y}: {db:.1} dB");
+    }
+}
