@@ -45,47 +45,255 @@ fn int8_lowering_matches_the_qdq_graph() {
     );
 }
 
-/// MatMul with int8 weights (unet2d_attn's projections) and the convolutions (guided_unet)
-/// run on the int8 kernels and compute what the QDQ graph does,
-/// on 1 and 2 threads alike.
+/// MatMul with int8 weights (unet2d_attn's projections) and the convolutions run on the
+/// int8 kernels and compute what the QDQ graph does, on 1 and 2 threads alike.
+/// (guided_unet, with its 1-D convolutions and Gemms: `int8_conv1d_and_gemm_lowering_*`.)
 #[test]
 fn int8_gemm_lowering_matches_the_qdq_graph() {
     let dir = tmpdir();
-    for (model, min_lowered) in [("unet2d_attn", 23 + 16), ("guided_unet", 33)] {
-        let q = dir.path().join(format!("{model}.q.onnx"));
-        tfmqc_ok(&[
-            model_path(model).to_str().unwrap(),
-            "-o",
-            q.to_str().unwrap(),
-            "--calib-samples",
-            "2",
-            "--calib-steps",
-            "10",
-        ]);
-        // S = all training steps: the example inputs' time steps are in it.
-        let x = example_inputs(model);
-        let qdq = tfmqc_runtime::Engine::load(&q, None, tfmqc_runtime::Optimize::Full).unwrap();
-        let (int8, lowered) =
-            tfmqc_runtime::Engine::load_int8(&q, tfmqc_runtime::Optimize::Full).unwrap();
-        assert!(
-            lowered >= min_lowered,
-            "{model}: only {lowered} nodes lowered"
-        );
-        let (resident, as_f32) = int8.int8_weight_bytes();
-        // Issue #6's memory bar: weights resident as i8 (panel padding and f32 scales
-        // included) take at most 0.3x of the float weights.
-        assert!(
-            resident > 0 && resident * 10 <= as_f32 * 3,
-            "{model}: int8 weights resident {resident} B vs {as_f32} B as f32"
-        );
-        let a = tract_run_engine(&qdq, &x);
-        let b = tract_run_engine(&int8, &x);
-        let b2 = tfmqc_runtime::with_threads(2, || tract_run_engine(&int8, &x));
-        assert_bit_exact("int8 on 1 vs 2 threads", &b, &b2);
-        let db = sqnr_db(&a, &b);
-        eprintln!("{model}: {lowered} nodes on int8 kernels; vs QDQ-in-float {db:.1} dB");
-        // As for convolutions: exact integer products, only float summation order and
-        // rare rounding ties differ from the QDQ graph.
-        assert!(db > 40.0, "{model}: {db:.1} dB");
+    let (model, min_lowered) = ("unet2d_attn", 23 + 16);
+    let q = dir.path().join(format!("{model}.q.onnx"));
+    tfmqc_ok(&[
+        model_path(model).to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--calib-samples",
+        "2",
+        "--calib-steps",
+        "10",
+    ]);
+    // S = all training steps: the example inputs' time steps are in it.
+    let x = example_inputs(model);
+    let qdq = tfmqc_runtime::Engine::load(&q, None, tfmqc_runtime::Optimize::Full).unwrap();
+    let (int8, lowered) =
+        tfmqc_runtime::Engine::load_int8(&q, tfmqc_runtime::Optimize::Full).unwrap();
+    assert!(
+        lowered >= min_lowered,
+        "{model}: only {lowered} nodes lowered"
+    );
+    let (resident, as_f32) = int8.int8_weight_bytes();
+    // Issue #6's memory bar: weights resident as i8 (panel padding and f32 scales
+    // included) take at most 0.3x of the float weights.
+    assert!(
+        resident > 0 && resident * 10 <= as_f32 * 3,
+        "{model}: int8 weights resident {resident} B vs {as_f32} B as f32"
+    );
+    let a = tract_run_engine(&qdq, &x);
+    let b = tract_run_engine(&int8, &x);
+    let b2 = tfmqc_runtime::with_threads(2, || tract_run_engine(&int8, &x));
+    assert_bit_exact("int8 on 1 vs 2 threads", &b, &b2);
+    let db = sqnr_db(&a, &b);
+    eprintln!("{model}: {lowered} nodes on int8 kernels; vs QDQ-in-float {db:.1} dB");
+    // As for convolutions: exact integer products, only float summation order and
+    // rare rounding ties differ from the QDQ graph.
+    assert!(db > 40.0, "{model}: {db:.1} dB");
+}
+
+/// guided_unet's 1-D convolutions (attention's qkv / proj_out, kernel_shape [1]) and its
+/// Gemms (time embedding MLP and the ResBlocks' emb_layers, kept quantized by `--tib
+/// quant`) run on the int8 kernels: each such node's output, and the model's output,
+/// match the QDQ graph in tract.
+///
+/// The model is quantized as for sampling (`ddim:50`, 8 calibration samples) and run at
+/// time steps of that schedule. The per-node numbers check the lowering; the output's is
+/// sensitive to single-step flips (with `--tiar-iters 200` one flip takes it to 31 dB
+/// while every lowered node stays > 130 dB). With a coarser calibration (2 samples, 10 steps) the QDQ
+/// graph is far from the float model (< 1 dB) and ill-conditioned: a float-rounding
+/// difference of 1e-7 at a conv output flips one activation by one quantization step
+/// (1 of 8192 values of the attention's k), and the ~30 quantizers after it grow that to
+/// ~10 dB at the output — the same happens to the QDQ graph alone when its input is
+/// scaled by (1 + 1e-6) (42 dB). That, not the lowering, is why these ops once seemed
+/// not to match (issue #6): every lowered node matches at > 130 dB.
+#[test]
+fn int8_conv1d_and_gemm_lowering_matches_the_qdq_graph() {
+    let dir = tmpdir();
+    let q = dir.path().join("guided_unet.q.onnx");
+    tfmqc_ok(&[
+        model_path("guided_unet").to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--timesteps",
+        "ddim:50",
+        "--calib-samples",
+        "8",
+        "--tib",
+        "quant",
+    ]);
+    let mut x = example_inputs("guided_unet");
+    // Time steps of the ddim:50 schedule (t = 20·k).
+    x.insert(
+        "timesteps".into(),
+        tfmqc_passes::ir::Tensor::from_vec(vec![2], &[20f32, 500.0]),
+    );
+    let proto = tfmqc_runtime::engine::read_proto(&q).unwrap();
+    let graph = proto.graph.as_ref().unwrap();
+    let (mut conv1d, mut gemm) = (vec![], vec![]);
+    for n in &graph.node {
+        let dq = graph
+            .node
+            .iter()
+            .find(|p| n.input.len() > 1 && p.output[0] == n.input[1]);
+        let weight_rank = dq
+            .and_then(|dq| graph.initializer.iter().find(|t| t.name == dq.input[0]))
+            .map_or(0, |t| t.dims.len());
+        match n.op_type.as_str() {
+            "Conv" if weight_rank == 3 => conv1d.push(n.output[0].clone()),
+            "Gemm" => gemm.push(n.output[0].clone()),
+            _ => {}
+        }
+    }
+    assert_eq!((conv1d.len(), gemm.len()), (12, 14), "{conv1d:?} {gemm:?}");
+
+    // Every 1-D conv and Gemm is lowered, besides the 33 2-D convolutions.
+    let mut lowered = proto.clone();
+    let count = tfmqc_runtime::int8_ops::lower_int8(&mut lowered);
+    let kinds = |op: &str, rank: usize| {
+        lowered
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .filter(|n| {
+                n.op_type == op
+                    && n.attribute.iter().any(|a| {
+                        a.name == "weight" && a.t.as_ref().is_some_and(|t| t.dims.len() == rank)
+                    })
+            })
+            .count()
+    };
+    let qconv = tfmqc_runtime::int8_ops::QCONV;
+    let qgemm = tfmqc_runtime::int8_gemm::QGEMM;
+    assert_eq!(
+        (kinds(qconv, 4), kinds(qconv, 3), kinds(qgemm, 2)),
+        (33, 12, 14),
+        "2-D convs, 1-D convs, Gemms lowered"
+    );
+    assert_eq!(count, 33 + 12 + 14);
+
+    let mut names: Vec<String> = conv1d.iter().chain(&gemm).cloned().collect();
+    names.push("out".into());
+    let dir_str = q.parent().map(|d| d.to_string_lossy().to_string());
+    let full = tfmqc_runtime::Optimize::Full;
+    let qdq =
+        tfmqc_runtime::Engine::from_proto(&proto, dir_str.as_deref(), Some(&names), full).unwrap();
+    let (int8, _) =
+        tfmqc_runtime::Engine::from_proto_int8(&proto, dir_str.as_deref(), Some(&names), full)
+            .unwrap();
+    // The memory bar on the largest model, with its Gemms and 1-D convs lowered too.
+    let (resident, as_f32) = int8.int8_weight_bytes();
+    assert!(
+        resident > 0 && resident * 10 <= as_f32 * 3,
+        "guided_unet: int8 weights resident {resident} B vs {as_f32} B as f32"
+    );
+    let a = tract_run_engine(&qdq, &x);
+    let b = tract_run_engine(&int8, &x);
+    let b2 = tfmqc_runtime::with_threads(2, || tract_run_engine(&int8, &x));
+    assert_bit_exact("int8 on 1 vs 2 threads", &b, &b2);
+    for name in &names {
+        let one = |t: &Tensors| Tensors::from([(name.clone(), t[name].clone())]);
+        let db = sqnr_db(&one(&a), &one(&b));
+        eprintln!("guided_unet {name}: int8 vs QDQ-in-float {db:.1} dB");
+        // Exact integer products vs float products of the same dequantized values.
+        assert!(db > 40.0, "guided_unet {name}: {db:.1} dB");
+    }
+}
+
+/// Gemm's forms on the int8 GEMM: transB = 0 with per-column weight scales (axis 1) and a
+/// [1, N] C, transB = 1 with a per-tensor scale, beta = 0.5 and a scalar C. A per-row C
+/// ([M, 1]) is no bias of the output channels: that Gemm stays on tract.
+#[test]
+fn int8_gemm_forms_match_the_qdq_graph() {
+    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+    // M = N: a per-row C has as many values as output channels.
+    let (m, k, n) = (4usize, 8usize, 4usize);
+    let mut g = Graph::new("gemm_forms");
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![Dim::Known(m as i64), Dim::Known(k as i64)],
+    ));
+    let mut init = |name: &str, t: Tensor| {
+        g.initializers.insert(name.into(), t);
+    };
+    init("xs", Tensor::scalar(0.02f32));
+    init("xz", Tensor::scalar(128u8));
+    let w: Vec<i8> = (0..k * n).map(|i| ((i * 37) % 255) as i8).collect();
+    init("w_kn", Tensor::from_vec(vec![k, n], &w));
+    init("w_nk", Tensor::from_vec(vec![n, k], &w));
+    init(
+        "ws_col",
+        Tensor::from_vec(vec![n], &[0.01f32, 0.02, 0.005, 0.03]),
+    );
+    init("ws", Tensor::scalar(0.015f32));
+    init("wz_col", Tensor::from_vec(vec![n], &[0i8; 4]));
+    init("wz", Tensor::scalar(0i8));
+    init(
+        "c_row",
+        Tensor::from_vec(vec![1, n], &[0.5f32, -1.0, 2.0, 0.25]),
+    );
+    init("c_scalar", Tensor::scalar(0.75f32));
+    init(
+        "c_per_row",
+        Tensor::from_vec(vec![m, 1], &[1.0f32, -2.0, 0.5, 3.0]),
+    );
+    for out in ["y0", "y1", "y2"] {
+        g.outputs.push(ValueInfo {
+            name: out.into(),
+            ..Default::default()
+        });
+    }
+    let node = |name: &str, op: &str, i: &[&str], o: &str| {
+        Node::new(
+            name,
+            op,
+            i.iter().map(|s| s.to_string()).collect(),
+            vec![o.to_string()],
+        )
+    };
+    for nd in [
+        node("q", "QuantizeLinear", &["x", "xs", "xz"], "xq"),
+        node("dq", "DequantizeLinear", &["xq", "xs", "xz"], "xd"),
+        node(
+            "dq_kn",
+            "DequantizeLinear",
+            &["w_kn", "ws_col", "wz_col"],
+            "wkn",
+        )
+        .with_attr(attr::int("axis", 1)),
+        node("dq_nk", "DequantizeLinear", &["w_nk", "ws", "wz"], "wnk"),
+        node("gemm_kn", "Gemm", &["xd", "wkn", "c_row"], "y0"),
+        node("gemm_nk", "Gemm", &["xd", "wnk", "c_scalar"], "y1")
+            .with_attr(attr::int("transB", 1))
+            .with_attr(attr::float("beta", 0.5)),
+        node("gemm_per_row", "Gemm", &["xd", "wkn", "c_per_row"], "y2"),
+    ] {
+        g.add_node(nd).unwrap();
+    }
+    let model = Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 17)],
+        graph: g,
+        ..Default::default()
+    };
+    let dir = tmpdir();
+    let path = dir.path().join("gemm_forms.onnx");
+    tfmqc_passes::onnx::save(&model, &path).unwrap();
+    let xv: Vec<f32> = (0..m * k)
+        .map(|i| ((i as f32) * 0.71).sin() * 2.0)
+        .collect();
+    let x = Tensors::from([("x".to_string(), Tensor::from_vec(vec![m, k], &xv))]);
+    let full = tfmqc_runtime::Optimize::Full;
+    let qdq = tfmqc_runtime::Engine::load(&path, None, full).unwrap();
+    let (int8, lowered) = tfmqc_runtime::Engine::load_int8(&path, full).unwrap();
+    assert_eq!(lowered, 2, "gemm_kn and gemm_nk, not gemm_per_row");
+    let a = tract_run_engine(&qdq, &x);
+    let b = tract_run_engine(&int8, &x);
+    for y in ["y0", "y1", "y2"] {
+        let one = |t: &Tensors| Tensors::from([(y.to_string(), t[y].clone())]);
+        let db = sqnr_db(&one(&a), &one(&b));
+        eprintln!("{y}: int8 vs QDQ-in-float {db:.1} dB");
+        // Exact integer products: only float rounding differs.
+        assert!(db > 100.0, "{y}: {db:.1} dB");
     }
 }

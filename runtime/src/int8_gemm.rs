@@ -200,11 +200,8 @@ pub fn lower_int8_gemms(proto: &mut pb::ModelProto) -> usize {
     };
     let mut rewrites = vec![];
     for (i, n) in g.node.iter().enumerate() {
-        // Gemm is recognised but not lowered yet: on guided_unet its lowering together
-        // with the convolutions' did not match the QDQ graph (tests/int8.rs), cause not
-        // found; MatMul does match.
-        let gemm = false;
-        if n.op_type != "MatMul"
+        let gemm = n.op_type == "Gemm";
+        if !(gemm || n.op_type == "MatMul")
             || !(n.domain.is_empty() || n.domain == "ai.onnx")
             || n.input.len() < 2
         {
@@ -251,13 +248,20 @@ pub fn lower_int8_gemms(proto: &mut pb::ModelProto) -> usize {
         let bias = match n.input.get(2).filter(|c| gemm && !c.is_empty()) {
             None => None,
             Some(c) => {
-                let Some(c) = initializer(g, c).and_then(raw_f32) else {
+                let Some(t) = initializer(g, c) else {
+                    continue;
+                };
+                let Some(c) = raw_f32(t) else {
                     continue;
                 };
                 let beta = attr_float(n, "beta", 1.0);
+                // C broadcasts over the rows only as a scalar, [N] or [1, N]: a per-row
+                // C ([M, 1], [M, N]) is not a bias of the output channels.
+                let row = t.dims.last().map_or(1, |&d| d as usize) == c.len()
+                    && t.dims.iter().rev().skip(1).all(|&d| d == 1);
                 match c.len() {
                     1 => Some(vec![beta * c[0]; n_out]),
-                    l if l == n_out => Some(c.iter().map(|v| beta * v).collect()),
+                    l if l == n_out && row => Some(c.iter().map(|v| beta * v).collect()),
                     _ => continue,
                 }
             }

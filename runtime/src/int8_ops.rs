@@ -337,10 +337,9 @@ pub fn lower_int8_convs(proto: &mut pb::ModelProto) -> usize {
         };
         let Some(weight) = (|| {
             let dq = producer(g, &n.input[1]).filter(|p| p.op_type == "DequantizeLinear")?;
-            // 2-D convolutions only: 1-D ones (attention's QKV projections) stay on tract
-            // until their lowering matches the QDQ graph (it did not, see the tests).
-            let w =
-                initializer(g, &dq.input[0]).filter(|t| t.data_type == 3 && t.dims.len() == 4)?;
+            // [O, C/g, kh, kw] or, for a 1-D convolution, [O, C/g, k].
+            let w = initializer(g, &dq.input[0])
+                .filter(|t| t.data_type == 3 && (t.dims.len() == 3 || t.dims.len() == 4))?;
             let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
             let zero = dq
                 .input
