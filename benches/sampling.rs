@@ -15,13 +15,15 @@ use std::process::{Command, Stdio};
 fn main() {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let models = repo.join("models");
-    // The denoisers: every X.onnx with example inputs, except the feature classifier.
+    // The denoisers: every X.onnx with example inputs, except the feature classifier and
+    // the single-conv layer (no time step; `cargo bench --bench step` measures it).
     let mut files: Vec<PathBuf> = std::fs::read_dir(&models)
         .unwrap()
         .filter_map(|e| {
             let p = e.ok()?.path();
             let stem = p.file_name()?.to_str()?.strip_suffix(".onnx")?.to_string();
             (stem != "digits_features"
+                && stem != "conv3x3_64"
                 && models.join(format!("{stem}.inputs.safetensors")).exists())
             .then_some(p)
         })

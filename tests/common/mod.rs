@@ -16,7 +16,8 @@ pub fn repo() -> PathBuf {
 }
 
 /// The denoisers in models/: every `X.onnx` that has an `X.inputs.safetensors`, except
-/// the feature classifier (not a denoiser).
+/// the feature classifier and the single-conv benchmark layer (no time step: not
+/// denoisers).
 pub fn denoisers() -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(repo().join("models"))
         .expect("models/ exists")
@@ -27,7 +28,7 @@ pub fn denoisers() -> Vec<String> {
                 .exists()
                 .then_some(stem)
         })
-        .filter(|n| n != "digits_features")
+        .filter(|n| n != "digits_features" && n != "conv3x3_64")
         .collect();
     names.sort();
     assert!(
