@@ -78,8 +78,8 @@ impl Engine {
     }
 
     /// Like [`Engine::from_proto`], with quantized convolutions, Gemms and MatMuls (QDQ
-    /// activation, int8 weights behind DequantizeLinear) lowered to the project's int8
-    /// kernels. Returns the engine and how many nodes run in int8.
+    /// activation, int8 weights behind DequantizeLinear) and products of two quantized
+    /// activations (attention's MatMul / Einsum) lowered to the project's int8 kernels. Returns the engine and how many nodes run in int8.
     pub fn from_proto_int8(
         proto: &pb::ModelProto,
         model_dir: Option<&str>,
@@ -117,6 +117,10 @@ impl Engine {
             framework
                 .op_register
                 .insert(crate::int8_gemm::QGEMM, crate::int8_gemm::build_qgemm);
+            framework.op_register.insert(
+                crate::int8_matmul::QMATMUL,
+                crate::int8_matmul::build_qmatmul,
+            );
         }
         let parsed = framework
             .parse(proto, model_dir)
@@ -225,6 +229,31 @@ impl Engine {
         Ok(out.into_iter().map(|v| v.into_tensor()).collect())
     }
 
+    /// Runs once with inputs in graph-input order and times every node of the plan:
+    /// `(node name, op name, time)` in execution order. Where time goes inside one step,
+    /// for `tfmqc bench --profile`.
+    pub fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<NodeTime>> {
+        let inputs: TVec<TValue> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
+        let mut times = vec![];
+        let mut state = self
+            .plan
+            .spawn()
+            .map_err(|e| Error::Execution(format!("{e:#}")))?;
+        state
+            .run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+                let start = std::time::Instant::now();
+                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
+                times.push(NodeTime {
+                    node: node.name.clone(),
+                    op: node.op().name().to_string(),
+                    time: start.elapsed(),
+                });
+                out
+            })
+            .map_err(|e| Error::Execution(format!("{e:#}")))?;
+        Ok(times)
+    }
+
     /// Runs with inputs given by name.
     pub fn run_named(&self, inputs: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
         let ordered = self
@@ -239,6 +268,16 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         self.run(ordered)
     }
+}
+
+/// The time one node of a plan took in [`Engine::profile`].
+#[derive(Clone, Debug)]
+pub struct NodeTime {
+    /// The node's name in tract's plan (ONNX node name, or one tract derived from it).
+    pub node: String,
+    /// tract's name of the op (`Conv`, `TfmqcQConv`, `EinSum`, ...).
+    pub op: String,
+    pub time: std::time::Duration,
 }
 
 /// What tract's type inference knows about one value.

@@ -310,11 +310,15 @@ pub(crate) fn attr_float(n: &pb::NodeProto, name: &str, default: f32) -> f32 {
         .map_or(default, |a| a.f)
 }
 
-/// Lowers every quantized Conv, Gemm and MatMul with constant int8 weights to the
-/// project's int8 ops ([`lower_int8_convs`], [`crate::int8_gemm::lower_int8_gemms`]).
-/// Returns how many nodes were rewritten.
+/// Lowers every quantized Conv, Gemm and MatMul with constant int8 weights, and every
+/// MatMul / Einsum of two quantized activations, to the project's int8 ops
+/// ([`lower_int8_convs`], [`crate::int8_gemm::lower_int8_gemms`],
+/// [`crate::int8_matmul::lower_int8_matmuls`], in that order). Returns how many nodes were
+/// rewritten.
 pub fn lower_int8(proto: &mut pb::ModelProto) -> usize {
-    lower_int8_convs(proto) + crate::int8_gemm::lower_int8_gemms(proto)
+    lower_int8_convs(proto)
+        + crate::int8_gemm::lower_int8_gemms(proto)
+        + crate::int8_matmul::lower_int8_matmuls(proto)
 }
 
 /// Rewrites every Conv fed by activation Q/DQ and int8 weight DQ (constant scales) into a

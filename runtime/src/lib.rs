@@ -6,13 +6,14 @@ pub mod denoiser;
 pub mod engine;
 pub mod error;
 pub mod int8_gemm;
+pub mod int8_matmul;
 pub mod int8_ops;
 pub mod kernels;
 pub mod schedule;
 pub mod threads;
 
 pub use denoiser::{Denoiser, Sampler};
-pub use engine::{Engine, Optimize, ValueFact};
+pub use engine::{Engine, NodeTime, Optimize, ValueFact};
 pub use error::{Error, Result};
 pub use schedule::{BetaSchedule, NoiseRng, Schedule};
 pub use threads::with_threads;

@@ -251,3 +251,121 @@ pub fn sqnr_db(reference: &Tensors, other: &Tensors) -> f64 {
     }
     10.0 * (signal / noise.max(1e-300)).log10()
 }
+
+/// Every node the runtime lowers to its int8 ops, checked on its own: the node with its
+/// Q/DQ inputs is cut out of `q` into a one-node model, fed the values it reads when the
+/// whole model runs on `inputs` (captured from the QDQ graph in tract), and run both as
+/// the QDQ graph (tract, in float) and lowered (the int8 kernels). Returns
+/// `(node output, SQNR of int8 vs QDQ in dB)` per lowered node.
+///
+/// Node by node, because whole-model outputs of a coarsely calibrated model amplify
+/// float-rounding differences: one activation one ulp from a rounding tie flips by one
+/// quantization step, and the quantizers after it grow that (a known property of the
+/// QDQ graph itself, see int8.rs).
+pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, f64)> {
+    use tfmqc_runtime::pb;
+    let proto = tfmqc_runtime::engine::read_proto(q).unwrap();
+    let g = proto.graph.as_ref().unwrap();
+    let mut lowered = proto.clone();
+    tfmqc_runtime::int8_ops::lower_int8(&mut lowered);
+    let lowered_outputs: Vec<String> = lowered
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.domain == "ai.tfmqc")
+        .map(|n| n.output[0].clone())
+        .collect();
+    let producer = |v: &str| g.node.iter().find(|p| p.output.iter().any(|o| o == v));
+    let is_init = |v: &str| g.initializer.iter().any(|t| t.name == v);
+    // Per lowered node: the nodes of its one-node model and the activations it reads
+    // (the values before their QuantizeLinear).
+    let mut cuts = vec![];
+    for out in &lowered_outputs {
+        let node = producer(out).unwrap();
+        let (mut nodes, mut reads) = (vec![], vec![]);
+        for input in node.input.iter().filter(|i| !i.is_empty() && !is_init(i)) {
+            let dq = producer(input).unwrap();
+            assert_eq!(dq.op_type, "DequantizeLinear", "{out} reads {input}");
+            match producer(&dq.input[0]) {
+                Some(qn) => {
+                    assert_eq!(qn.op_type, "QuantizeLinear");
+                    reads.push(qn.input[0].clone());
+                    nodes.push(qn.clone());
+                }
+                None => assert!(is_init(&dq.input[0]), "{input}"),
+            }
+            nodes.push(dq.clone());
+        }
+        nodes.push(node.clone());
+        cuts.push((out.clone(), nodes, reads));
+    }
+    let mut wanted: Vec<String> = cuts.iter().flat_map(|c| c.2.clone()).collect();
+    wanted.sort();
+    wanted.dedup();
+    let full = tfmqc_runtime::Optimize::Full;
+    let dir = q.parent().map(|d| d.to_string_lossy().to_string());
+    let capture =
+        tfmqc_runtime::Engine::from_proto(&proto, dir.as_deref(), Some(&wanted), full).unwrap();
+    let values = tract_run_engine(&capture, inputs);
+    let mut results = vec![];
+    for (out, nodes, reads) in cuts {
+        let used: std::collections::HashSet<String> =
+            nodes.iter().flat_map(|n| n.input.iter().cloned()).collect();
+        let value_info = |name: &str, shape: Option<&[usize]>| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: 1,
+                    shape: shape.map(|s| pb::TensorShapeProto {
+                        dim: s
+                            .iter()
+                            .map(|&d| pb::tensor_shape_proto::Dimension {
+                                value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(
+                                    d as i64,
+                                )),
+                                ..Default::default()
+                            })
+                            .collect(),
+                    }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let graph = pb::GraphProto {
+            name: "cut".into(),
+            node: nodes,
+            initializer: g
+                .initializer
+                .iter()
+                .filter(|t| used.contains(&t.name))
+                .cloned()
+                .collect(),
+            input: reads
+                .iter()
+                .map(|r| value_info(r, Some(&values[r].shape)))
+                .collect(),
+            output: vec![value_info(&out, None)],
+            ..Default::default()
+        };
+        let cut = pb::ModelProto {
+            graph: Some(graph),
+            ..proto.clone()
+        };
+        let feed: Tensors = reads
+            .iter()
+            .map(|r| (r.clone(), values[r].clone()))
+            .collect();
+        let qdq = tfmqc_runtime::Engine::from_proto(&cut, None, None, full).unwrap();
+        let (int8, n) = tfmqc_runtime::Engine::from_proto_int8(&cut, None, None, full).unwrap();
+        assert_eq!(n, 1, "{out}: the cut-out node is lowered");
+        let db = sqnr_db(
+            &tract_run_engine(&qdq, &feed),
+            &tract_run_engine(&int8, &feed),
+        );
+        results.push((out, db));
+    }
+    results
+}

@@ -29,3 +29,12 @@ pub fn float(name: &str, v: f32) -> pb::AttributeProto {
         ..Default::default()
     }
 }
+
+pub fn string(name: &str, v: &str) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: name.into(),
+        r#type: T::String as i32,
+        s: v.as_bytes().to_vec(),
+        ..Default::default()
+    }
+}

@@ -46,7 +46,7 @@ mod sink;
 mod tests;
 
 pub use conv::{conv2d, conv2d_quantize, conv2d_u8i8};
-pub use gemm::{gemm, gemm_quantize, gemm_u8i8, gemm_u8i8_f32};
+pub use gemm::{gemm, gemm_quantize, gemm_u8i8, gemm_u8i8_f32, matmul_quantize, QuantOperand};
 pub use pack::{ConvGeometry, PackedConvWeights, PackedWeights, WeightLayout};
 
 /// Rows of the micro-kernel tile (broadcast side).
@@ -59,11 +59,16 @@ pub(crate) const NR: usize = 8 * NV;
 /// Which implementation of the micro-kernel to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Backend {
-    /// The fastest backend this CPU supports (detected at run time).
+    /// The fastest backend this CPU supports (detected at run time), unless the
+    /// environment variable `TFMQC_INT8_BACKEND` (`avx512vnni`, `avx2` or `portable`)
+    /// names a slower one, e.g. to measure the AVX2 path on a CPU that has more.
     #[default]
     Auto,
-    /// x86_64 AVX2 (`vpmaddwd`). Falls back to [`Backend::Portable`] when the CPU lacks
-    /// AVX2; check [`Backend::is_available`] to know.
+    /// x86_64 AVX-512 VNNI (`vpdpwssd`: the i16 pair product and the accumulation in one
+    /// instruction, 16 lanes). Falls back like [`Backend::Avx2`] when the CPU lacks it.
+    Avx512Vnni,
+    /// x86_64 AVX2 (`vpmaddwd` + `vpaddd`). Falls back to [`Backend::Portable`] when the
+    /// CPU lacks AVX2; check [`Backend::is_available`] to know.
     Avx2,
     /// Plain Rust, any CPU.
     Portable,
@@ -75,38 +80,82 @@ impl Backend {
         match self {
             Backend::Auto | Backend::Portable => true,
             Backend::Avx2 => avx2_available(),
+            Backend::Avx512Vnni => avx512vnni_available(),
         }
     }
 
-    /// The concrete backend `Auto` resolves to on this CPU.
+    /// The concrete backend `Auto` resolves to on this CPU (and environment).
     pub fn detect() -> Backend {
-        if avx2_available() {
-            Backend::Avx2
-        } else {
-            Backend::Portable
+        match Backend::Auto.isa() {
+            Isa::Avx512Vnni => Backend::Avx512Vnni,
+            Isa::Avx2 => Backend::Avx2,
+            Isa::Portable => Backend::Portable,
         }
     }
 
-    /// The instruction set to run: `Avx2` only when the CPU really has it.
+    /// The instruction set to run: never one the CPU lacks.
     pub(crate) fn isa(self) -> Isa {
-        match self {
-            Backend::Auto | Backend::Avx2 if avx2_available() => Isa::Avx2,
-            _ => Isa::Portable,
-        }
+        let wanted = match self {
+            Backend::Auto => return auto_isa(),
+            Backend::Avx512Vnni => Isa::Avx512Vnni,
+            Backend::Avx2 => Isa::Avx2,
+            Backend::Portable => Isa::Portable,
+        };
+        wanted.min(best_isa())
     }
 }
 
-/// A resolved [`Backend`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A resolved [`Backend`], slowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub(crate) enum Isa {
-    Avx2,
     Portable,
+    Avx2,
+    Avx512Vnni,
+}
+
+/// The best instruction set of this CPU.
+fn best_isa() -> Isa {
+    if avx512vnni_available() {
+        Isa::Avx512Vnni
+    } else if avx2_available() {
+        Isa::Avx2
+    } else {
+        Isa::Portable
+    }
+}
+
+/// What `Backend::Auto` runs: the best of this CPU, capped by `TFMQC_INT8_BACKEND` (read
+/// once per process).
+fn auto_isa() -> Isa {
+    static AUTO: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
+    *AUTO.get_or_init(|| {
+        let cap = match std::env::var("TFMQC_INT8_BACKEND").as_deref() {
+            Ok("portable") => Isa::Portable,
+            Ok("avx2") => Isa::Avx2,
+            _ => Isa::Avx512Vnni,
+        };
+        cap.min(best_isa())
+    })
 }
 
 fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn avx512vnni_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // The drivers around the kernel are compiled for AVX2.
+        avx2_available()
+            && std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vnni")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -206,8 +255,8 @@ pub fn quantize_u8(backend: Backend, x: &[f32], scale: f32, zero_point: u8, out:
     }
     match backend.isa() {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `isa()` returns Avx2 only when the CPU supports AVX2.
-        Isa::Avx2 => unsafe { run_avx2(x, scale, zero_point as i32, out) },
+        // SAFETY: `isa()` returns Avx2 or better only when the CPU supports AVX2.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { run_avx2(x, scale, zero_point as i32, out) },
         _ => run(x, scale, zero_point as i32, out),
     }
 }

@@ -98,11 +98,7 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         return;
     }
     let isa = backend.isa();
-    let kernel: KernelFn = match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => micro::avx2_kernel(),
-        _ => micro::kernel_portable,
-    };
+    let kernel: KernelFn = micro::kernel_for(isa);
     let plan = Plan::new(w, shape, kernel);
     let mut buf = vec![0i32; plan.phases * plan.cpairs * plan.plane];
     let mut wide = Vec::new();
@@ -116,8 +112,10 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
                 let planes = Shared::new(&mut buf);
                 par::for_each(plan.cpairs, |cp| match isa {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: Avx2 only when detected; each cp writes its own planes.
-                    Isa::Avx2 => unsafe { widen_avx2(&plan, input, center, b, gi, cp, &planes) },
+                    // SAFETY: Avx2 (or better) only when detected; each cp writes its own planes.
+                    Isa::Avx2 | Isa::Avx512Vnni => unsafe {
+                        widen_avx2(&plan, input, center, b, gi, cp, &planes)
+                    },
                     // SAFETY: each cp writes its own planes.
                     _ => unsafe { widen(&plan, input, center, b, gi, cp, &planes) },
                 });
@@ -134,8 +132,10 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
                 };
                 match isa {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: Avx2 only when detected; units store to disjoint outputs.
-                    Isa::Avx2 => unsafe { unit_avx2(&plan, &ops, b, gi, tc, op, &sink) },
+                    // SAFETY: Avx2 (or better) only when detected; units store to disjoint outputs.
+                    Isa::Avx2 | Isa::Avx512Vnni => unsafe {
+                        unit_avx2(&plan, &ops, b, gi, tc, op, &sink)
+                    },
                     // SAFETY: units store to disjoint outputs.
                     _ => unsafe { unit(&plan, &ops, b, gi, tc, op, &sink) },
                 }

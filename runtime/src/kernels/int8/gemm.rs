@@ -119,11 +119,7 @@ fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         return;
     }
     let isa = backend.isa();
-    let kernel: KernelFn = match isa {
-        #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => micro::avx2_kernel(),
-        _ => micro::kernel_portable,
-    };
+    let kernel: KernelFn = micro::kernel_for(isa);
     let kpairs = w.kpairs();
     // Reduction blocking: long K runs in blocks of KC_PAIRS pairs, partial sums kept in
     // an i32 scratch of one row chunk (so weight panels stay in L1, activations in L2).
@@ -145,8 +141,10 @@ fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     };
     par::for_each(m.div_ceil(mc), |ci| match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: Avx2 only when detected; chunks store disjoint rows.
-        Isa::Avx2 => unsafe { chunk_avx2(kernel, &bl, a, m, k, center, w, ci, &sink) },
+        // SAFETY: Avx2 (or better) only when detected; chunks store disjoint rows.
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe {
+            chunk_avx2(kernel, &bl, a, m, k, center, w, ci, &sink)
+        },
         // SAFETY: chunks store disjoint rows.
         _ => unsafe { chunk(kernel, &bl, a, m, k, center, w, ci, &sink) },
     });
@@ -269,4 +267,79 @@ pub(crate) fn widen_row<A: Copy>(src: &[A], center: impl Fn(A) -> i32, dst: &mut
     if let [last] = it.remainder() {
         dst[src.len() / 2] = pair(center(*last), 0);
     }
+}
+
+/// One f32 activation operand of [`matmul_quantize`], quantized on the fly to u8 with
+/// `scale` and `zero_point` (ONNX `QuantizeLinear`).
+#[derive(Clone, Copy, Debug)]
+pub struct QuantOperand<'a> {
+    pub values: &'a [f32],
+    /// The matrix is stored transposed: `[K, M]` for the left operand, `[N, K]` for the
+    /// right one.
+    pub transposed: bool,
+    pub scale: f32,
+    pub zero_point: u8,
+}
+
+/// The product of two activations (attention's `Q·Kᵀ` and `P·V`), both quantized on the
+/// fly: `out[i, j] = (x_scale · y_scale) · Σ_k (q(x[i, k]) − x_zp) · (q(y[k, j]) − y_zp)`,
+/// `out` row-major `[m, n]`. The integer sum is exact; it equals `MatMul` of the two
+/// `DequantizeLinear(QuantizeLinear(·))` values up to f32 rounding. The right operand is
+/// quantized and packed on every call (it changes every call), the left one is quantized
+/// inside the GEMM's widening pass.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_quantize(
+    backend: Backend,
+    x: QuantOperand,
+    y: QuantOperand,
+    m: usize,
+    k: usize,
+    n: usize,
+    out: &mut [f32],
+) {
+    assert_eq!(
+        x.values.len(),
+        m * k,
+        "int8 matmul: left operand is not m * k"
+    );
+    assert_eq!(
+        y.values.len(),
+        k * n,
+        "int8 matmul: right operand is not k * n"
+    );
+    let (k_stride, n_stride) = if y.transposed { (1, k) } else { (n, 1) };
+    let packed =
+        PackedWeights::quantize_f32(y.values, k, n, k_stride, n_stride, y.scale, y.zero_point);
+    // The GEMM widens rows of x; a transposed x is made row-major first (one pass over a
+    // small operand).
+    let rows;
+    let x_rows = if x.transposed {
+        let mut t = vec![0f32; m * k];
+        for (kk, col) in x.values.chunks_exact(m.max(1)).enumerate() {
+            for (i, &v) in col.iter().enumerate() {
+                t[i * k + kk] = v;
+            }
+        }
+        rows = t;
+        &rows[..]
+    } else {
+        x.values
+    };
+    gemm_quantize(
+        backend,
+        x_rows,
+        m,
+        k,
+        x.scale,
+        x.zero_point,
+        &packed,
+        Output::F32 {
+            out,
+            dequant: Dequant {
+                a_scale: x.scale,
+                w_scale: &[y.scale],
+                bias: None,
+            },
+        },
+    );
 }

@@ -76,11 +76,34 @@ pub(crate) fn kernel_portable(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
     }
 }
 
+/// The micro-kernel of an instruction set.
+pub(crate) fn kernel_for(isa: super::Isa) -> KernelFn {
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        super::Isa::Avx512Vnni => avx512vnni_kernel(),
+        #[cfg(target_arch = "x86_64")]
+        super::Isa::Avx2 => avx2_kernel(),
+        _ => kernel_portable,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
-pub(crate) fn avx2_kernel() -> KernelFn {
+fn avx512vnni_kernel() -> KernelFn {
     fn run(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
         args.check();
-        // SAFETY: only handed out by `Backend::kernel` after AVX2 was detected; indices
+        // SAFETY: only handed out by `kernel_for` for `Isa::Avx512Vnni`, which `isa()`
+        // returns after AVX-512 F and VNNI were detected; indices were bounds-checked by
+        // `check`.
+        unsafe { avx512vnni::kernel(args, tile) }
+    }
+    run
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx2_kernel() -> KernelFn {
+    fn run(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
+        args.check();
+        // SAFETY: only handed out by `kernel_for` after AVX2 was detected; indices
         // were bounds-checked by `check`.
         unsafe { avx2::kernel(args, tile) }
     }
@@ -122,6 +145,44 @@ mod avx2 {
             for (v, &x) in acc_r.iter().enumerate() {
                 _mm256_storeu_si256(out.add(r * NR + 8 * v) as *mut __m256i, x);
             }
+        }
+    }
+}
+
+/// One 16-lane vector per tile row: `NR` columns in a single zmm, and `vpdpwssd` does
+/// `vpmaddwd` + `vpaddd` in one instruction (same i16 pairs, same exact i32 sums).
+#[cfg(target_arch = "x86_64")]
+mod avx512vnni {
+    use super::super::{MR, NR};
+    use super::KernelArgs;
+    use std::arch::x86_64::*;
+
+    const _: () = assert!(NR == 16, "one zmm of i32 lanes per tile row");
+
+    /// # Safety
+    /// The CPU must support AVX-512 F and VNNI and `args.check()` must hold.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn kernel(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
+        let mut acc = [_mm512_setzero_si512(); MR];
+        let a = args.a.as_ptr();
+        let b = args.b.as_ptr();
+        let a_row = args.a_row;
+        let mut pa = a;
+        for &t in args.taps {
+            let mut pb = b.add(t);
+            for _ in 0..args.cpairs {
+                let bv = _mm512_loadu_si512(pb as *const _);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(*pa.add(r * a_row));
+                    *acc_r = _mm512_dpwssd_epi32(*acc_r, av, bv);
+                }
+                pa = pa.wrapping_add(args.a_step);
+                pb = pb.wrapping_add(args.b_cp);
+            }
+        }
+        let out = tile.as_mut_ptr();
+        for (r, &x) in acc.iter().enumerate() {
+            _mm512_storeu_si512(out.add(r * NR) as *mut _, x);
         }
     }
 }

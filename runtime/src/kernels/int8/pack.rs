@@ -130,6 +130,53 @@ impl PackedWeights {
         PackedWeights { n, k, kpairs, data }
     }
 
+    /// Quantizes an f32 matrix `Y[K, N]` to u8 with `scale` and `zero_point` (ONNX
+    /// `QuantizeLinear`) and packs it centered, as the vector side of a GEMM: the second
+    /// operand of a product of two activations (attention's `Q·Kᵀ`, `P·V`), packed on
+    /// every call. `Y[kk, j]` is `y[kk * k_stride + j * n_stride]`, so a transposed
+    /// operand needs no copy. Centered values span `[-255, 255]`: kept as i16 pairs.
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize_f32(
+        y: &[f32],
+        k: usize,
+        n: usize,
+        k_stride: usize,
+        n_stride: usize,
+        scale: f32,
+        zero_point: u8,
+    ) -> Self {
+        if k > 0 && n > 0 {
+            assert!(
+                (k - 1) * k_stride + (n - 1) * n_stride < y.len(),
+                "int8: operand too short for its shape"
+            );
+        }
+        let kpairs = k.div_ceil(2);
+        let panels = n.div_ceil(NR);
+        let zp = zero_point as i32;
+        let q = |kk: usize, j: usize| -> i32 {
+            if kk >= k || j >= n {
+                return 0;
+            }
+            super::sink::quantize(y[kk * k_stride + j * n_stride], scale, zp, 0, 255) - zp
+        };
+        let mut data = vec![0i32; panels * kpairs * NR];
+        for (np, panel) in data.chunks_exact_mut(kpairs * NR).enumerate() {
+            for (kp, row) in panel.chunks_exact_mut(NR).enumerate() {
+                for (c, d) in row.iter_mut().enumerate() {
+                    let j = np * NR + c;
+                    *d = pair(q(2 * kp, j), q(2 * kp + 1, j));
+                }
+            }
+        }
+        PackedWeights {
+            n,
+            k,
+            kpairs,
+            data: PairStore::I16(data),
+        }
+    }
+
     /// Output channels.
     pub fn n(&self) -> usize {
         self.n

@@ -40,10 +40,12 @@ impl Rng {
 
 fn backends() -> Vec<Backend> {
     let mut v = vec![Backend::Portable];
-    if Backend::Avx2.is_available() {
-        v.push(Backend::Avx2);
-    } else {
-        eprintln!("AVX2 not available: only the portable backend is tested");
+    for b in [Backend::Avx2, Backend::Avx512Vnni] {
+        if b.is_available() {
+            v.push(b);
+        } else {
+            eprintln!("{b:?} not available on this CPU: not tested here");
+        }
     }
     v
 }
@@ -851,5 +853,64 @@ fn weights_resident_as_i8_when_centered_values_fit() {
         let mut out = vec![0i32; want.len()];
         conv2d(be, &x, [1, c, 6, 6], 3u8, &pw, Output::I32(&mut out));
         assert_eq!(out, as_i32(&want), "{be:?}");
+    }
+}
+
+/// The product of two activations, each quantized on the fly, in every storage order:
+/// bit-identical to quantizing both (ONNX `QuantizeLinear`), an i64 matrix product of the
+/// centered values and one multiply by the product of the scales.
+#[test]
+fn matmul_of_two_quantized_activations_is_exact() {
+    let mut rng = Rng(31);
+    for case in 0..80 {
+        let (m, k, n) = (rng.range(1, 30), rng.range(1, 70), rng.range(1, 40));
+        let (xs, ys) = (0.021f32, 0.0037f32);
+        let (xz, yz) = (rng.byte(), rng.byte());
+        let (x_t, y_t) = (case % 2 == 1, case % 4 >= 2);
+        let x = floats(&mut rng, m * k, xs);
+        let y = floats(&mut rng, k * n, ys);
+        // Reference, from row-major views.
+        let xv = |i: usize, kk: usize| x[if x_t { kk * m + i } else { i * k + kk }];
+        let yv = |kk: usize, j: usize| y[if y_t { j * k + kk } else { kk * n + j }];
+        let mut want = vec![0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0i64;
+                for kk in 0..k {
+                    let a = q_ref(xv(i, kk), xs, xz as i32, 0, 255) - xz as i32;
+                    let b = q_ref(yv(kk, j), ys, yz as i32, 0, 255) - yz as i32;
+                    s += a as i64 * b as i64;
+                }
+                want[i * n + j] = s as i32 as f32 * (xs * ys);
+            }
+        }
+        for be in backends() {
+            let mut got = vec![0f32; m * n];
+            matmul_quantize(
+                be,
+                QuantOperand {
+                    values: &x,
+                    transposed: x_t,
+                    scale: xs,
+                    zero_point: xz,
+                },
+                QuantOperand {
+                    values: &y,
+                    transposed: y_t,
+                    scale: ys,
+                    zero_point: yz,
+                },
+                m,
+                k,
+                n,
+                &mut got,
+            );
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{be:?} m={m} k={k} n={n} x_t={x_t} y_t={y_t}"
+            );
+        }
     }
 }

@@ -1,0 +1,396 @@
+//! Products of two quantized activations (attention's `Q·Kᵀ` and `softmax·V`) on the
+//! project's int8 GEMM, inside tract: the counterpart of [`crate::int8_gemm`] when neither
+//! operand is a constant weight.
+//!
+//! ```text
+//! MatMul(DequantizeLinear(QuantizeLinear(x, sx, zx)), DequantizeLinear(QuantizeLinear(y, sy, zy)))
+//! Einsum("bct,bcs->bts", same)     (guided-diffusion's QKV attention)
+//! ```
+//!
+//! with constant per-tensor scales becomes one `TfmqcQMatMul` node: both operands are
+//! quantized inside the kernel (the right one while it is packed, the left one in the
+//! GEMM's widening pass), multiplied exactly in integers and written as
+//! `acc · sx · sy` in f32. tract would otherwise run the four Q/DQ nodes as separate
+//! element-wise passes (its QuantizeLinear is scalar code: on a `2×8×256×256` softmax it
+//! costs more than the matmul) and the matmul in float.
+
+use tract_onnx::pb;
+use tract_onnx::tract_hir::internal::*;
+
+use crate::int8_ops::{activation_qdq, mk_attr};
+use crate::kernels::int8::{matmul_quantize, Backend, QuantOperand};
+
+/// The op name of rewritten activation × activation products (domain `ai.tfmqc`).
+pub const QMATMUL: &str = "TfmqcQMatMul";
+
+/// `out[.., i, j] = Σ_k x[.., i, k] · y[.., k, j]` of two quantized activations, batch
+/// dims broadcast as in ONNX `MatMul`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QMatMul {
+    pub x_scale: f32,
+    pub x_zero_point: u8,
+    pub y_scale: f32,
+    pub y_zero_point: u8,
+    /// The left operand is stored `[.., K, M]`.
+    pub x_transposed: bool,
+    /// The right operand is stored `[.., N, K]`.
+    pub y_transposed: bool,
+}
+
+impl Eq for QMatMul {}
+
+/// Matrix dims `(rows, cols)` of an operand as stored, and its batch dims.
+fn split<D: DimLike>(shape: &[D]) -> TractResult<(&[D], &D, &D)> {
+    ensure!(
+        shape.len() >= 2,
+        "{QMATMUL} takes operands of rank ≥ 2, got {shape:?}"
+    );
+    let r = shape.len();
+    Ok((&shape[..r - 2], &shape[r - 2], &shape[r - 1]))
+}
+
+/// ONNX (numpy) broadcasting of two batch shapes.
+fn broadcast<D: DimLike>(a: &[D], b: &[D]) -> TractResult<TVec<D>> {
+    let r = a.len().max(b.len());
+    let at = |s: &[D], i: usize| -> D {
+        let pad = r - s.len();
+        if i < pad {
+            D::one()
+        } else {
+            s[i - pad].clone()
+        }
+    };
+    (0..r)
+        .map(|i| {
+            let (x, y) = (at(a, i), at(b, i));
+            if x == y || y.is_one() {
+                Ok(x)
+            } else if x.is_one() {
+                Ok(y)
+            } else {
+                bail!("{QMATMUL}: batch dims {a:?} and {b:?} do not broadcast")
+            }
+        })
+        .collect()
+}
+
+impl QMatMul {
+    /// `(batch, m, k, n)` of the product; checks that the reduction lengths agree.
+    fn dims<D: DimLike>(&self, x: &[D], y: &[D]) -> TractResult<(TVec<D>, D, D, D)> {
+        let (xb, x0, x1) = split(x)?;
+        let (yb, y0, y1) = split(y)?;
+        let (m, k) = if self.x_transposed {
+            (x1, x0)
+        } else {
+            (x0, x1)
+        };
+        let (k2, n) = if self.y_transposed {
+            (y1, y0)
+        } else {
+            (y0, y1)
+        };
+        ensure!(
+            k == k2,
+            "{QMATMUL}: reduction lengths differ ({k:?} and {k2:?})"
+        );
+        Ok((broadcast(xb, yb)?, m.clone(), k.clone(), n.clone()))
+    }
+}
+
+impl Op for QMatMul {
+    fn name(&self) -> StaticName {
+        QMATMUL.into()
+    }
+    op_as_typed_op!();
+}
+
+/// Offset of batch index `flat` (in the broadcast batch shape `out`) into an operand with
+/// batch dims `dims` (broadcast dims of size 1 stay at 0) and matrix size `mat`.
+fn batch_offset(flat: usize, out: &[usize], dims: &[usize], mat: usize) -> usize {
+    let pad = out.len() - dims.len();
+    let (mut rest, mut offset, mut stride) = (flat, 0, mat);
+    for i in (0..out.len()).rev() {
+        let idx = rest % out[i];
+        rest /= out[i];
+        if i >= pad {
+            let d = dims[i - pad];
+            if d != 1 {
+                offset += idx * stride;
+            }
+            stride *= d;
+        }
+    }
+    offset
+}
+
+impl EvalOp for QMatMul {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let (x, y) = args_2!(inputs);
+        let (xp, yp) = (x.try_as_plain_ram()?, y.try_as_plain_ram()?);
+        let (xv, yv) = (xp.as_slice::<f32>()?, yp.as_slice::<f32>()?);
+        let (batch, m, k, n) = self.dims(x.shape(), y.shape())?;
+        let mut out_shape = batch.clone();
+        out_shape.push(m);
+        out_shape.push(n);
+        let mut out = Tensor::zero::<f32>(&out_shape)?;
+        let mut plain_out = out.try_as_plain_ram_mut()?;
+        let o = plain_out.as_slice_mut::<f32>()?;
+        let (xb, yb) = (split(x.shape())?.0, split(y.shape())?.0);
+        for b in 0..batch.iter().product::<usize>() {
+            let xo = batch_offset(b, &batch, xb, m * k);
+            let yo = batch_offset(b, &batch, yb, k * n);
+            matmul_quantize(
+                Backend::Auto,
+                QuantOperand {
+                    values: &xv[xo..xo + m * k],
+                    transposed: self.x_transposed,
+                    scale: self.x_scale,
+                    zero_point: self.x_zero_point,
+                },
+                QuantOperand {
+                    values: &yv[yo..yo + k * n],
+                    transposed: self.y_transposed,
+                    scale: self.y_scale,
+                    zero_point: self.y_zero_point,
+                },
+                m,
+                k,
+                n,
+                &mut o[b * m * n..(b + 1) * m * n],
+            );
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for QMatMul {
+    as_op!();
+
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let (mut shape, m, _, n) = self.dims(&inputs[0].shape, &inputs[1].shape)?;
+        shape.push(m);
+        shape.push(n);
+        Ok(tvec!(f32::fact(shape)))
+    }
+}
+
+fn qmatmul_rules<'p>(
+    _op: &dyn Op,
+    s: &mut Solver,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+) -> InferenceResult {
+    check_input_arity(inputs, 2)?;
+    check_output_arity(outputs, 1)?;
+    s.equals(&inputs[0].datum_type, f32::datum_type())?;
+    s.equals(&inputs[1].datum_type, f32::datum_type())?;
+    s.equals(&outputs[0].datum_type, f32::datum_type())?;
+    // The shape follows from the typed op's output_facts when tract types the model.
+    Ok(())
+}
+
+/// tract op builder for `TfmqcQMatMul` nodes.
+pub fn build_qmatmul(
+    _ctx: &tract_onnx::model::ParsingContext,
+    node: &pb::NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    let find = |name: &str| {
+        node.attribute
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| format_err!("{QMATMUL} '{}' lacks '{name}'", node.name))
+    };
+    let op = QMatMul {
+        x_scale: find("x_scale")?.f,
+        x_zero_point: find("x_zero_point")?.i as u8,
+        y_scale: find("y_scale")?.f,
+        y_zero_point: find("y_zero_point")?.i as u8,
+        x_transposed: find("x_transposed")?.i != 0,
+        y_transposed: find("y_transposed")?.i != 0,
+    };
+    Ok((
+        tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qmatmul_rules),
+        vec![],
+    ))
+}
+
+/// How an Einsum of two operands maps onto a (batched) matrix product.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct EinsumForm {
+    x_transposed: bool,
+    y_transposed: bool,
+    /// The output is `[.., N, M]`: the product of the swapped operands.
+    out_transposed: bool,
+}
+
+/// Reads `"<batch>mk,<batch>kn-><batch>mn"` in any of its transposed forms: both inputs
+/// and the output of the same rank, the same batch letters first and in order, one summed
+/// letter among the last two of each input. Anything else is left to tract.
+fn einsum_form(equation: &str) -> Option<EinsumForm> {
+    let eq: String = equation.chars().filter(|c| !c.is_whitespace()).collect();
+    let (lhs, out) = eq.split_once("->")?;
+    let (a, b) = lhs.split_once(',')?;
+    let (a, b, o): (Vec<char>, Vec<char>, Vec<char>) = (
+        a.chars().collect(),
+        b.chars().collect(),
+        out.chars().collect(),
+    );
+    let r = a.len();
+    let distinct = |t: &[char]| {
+        t.iter().all(|c| c.is_ascii_alphabetic()) && (1..t.len()).all(|i| !t[..i].contains(&t[i]))
+    };
+    if r < 2 || b.len() != r || o.len() != r || !distinct(&a) || !distinct(&b) || !distinct(&o) {
+        return None;
+    }
+    if a[..r - 2] != b[..r - 2] || a[..r - 2] != o[..r - 2] {
+        return None;
+    }
+    let (a2, b2, o2) = (&a[r - 2..], &b[r - 2..], &o[r - 2..]);
+    let k = *a2.iter().find(|c| b2.contains(c) && !o2.contains(c))?;
+    let m = *a2.iter().find(|&&c| c != k)?;
+    let n = *b2.iter().find(|&&c| c != k)?;
+    if m == n || !o2.contains(&m) || !o2.contains(&n) {
+        return None;
+    }
+    Some(EinsumForm {
+        x_transposed: a2[1] == m,
+        y_transposed: b2[1] == k,
+        out_transposed: o2[1] == m,
+    })
+}
+
+/// Rewrites every `MatMul` (and two-operand `Einsum` of matrix-product form) whose two
+/// inputs both come through activation Q/DQ with constant per-tensor scales into a
+/// `TfmqcQMatMul` node. Run after the weight lowerings: a constant weight is not an
+/// activation Q/DQ, so those never match here. Returns how many were rewritten.
+pub fn lower_int8_matmuls(proto: &mut pb::ModelProto) -> usize {
+    use pb::attribute_proto::AttributeType as T;
+    let Some(g) = proto.graph.as_mut() else {
+        return 0;
+    };
+    let mut rewrites = vec![];
+    for (i, n) in g.node.iter().enumerate() {
+        if !(n.domain.is_empty() || n.domain == "ai.onnx") || n.input.len() != 2 {
+            continue;
+        }
+        let form = match n.op_type.as_str() {
+            "MatMul" => EinsumForm {
+                x_transposed: false,
+                y_transposed: false,
+                out_transposed: false,
+            },
+            "Einsum" => {
+                let eq = n.attribute.iter().find(|a| a.name == "equation");
+                let Some(form) = eq.and_then(|a| einsum_form(&String::from_utf8_lossy(&a.s)))
+                else {
+                    continue;
+                };
+                form
+            }
+            _ => continue,
+        };
+        let (Some(x), Some(y)) = (
+            activation_qdq(g, &n.input[0]),
+            activation_qdq(g, &n.input[1]),
+        ) else {
+            continue;
+        };
+        // outᵀ = yᵀ·xᵀ: a transposed output is the product of the swapped operands, each
+        // read the other way round.
+        let (x, y, x_t, y_t) = if form.out_transposed {
+            (y, x, !form.y_transposed, !form.x_transposed)
+        } else {
+            (x, y, form.x_transposed, form.y_transposed)
+        };
+        let mut node = pb::NodeProto {
+            name: format!("{}/int8", n.name),
+            op_type: QMATMUL.into(),
+            domain: "ai.tfmqc".into(),
+            input: vec![x.0, y.0],
+            output: vec![n.output[0].clone()],
+            ..Default::default()
+        };
+        let float = |name: &str, v: f32| {
+            let mut a = mk_attr(name);
+            a.r#type = T::Float as i32;
+            a.f = v;
+            a
+        };
+        let int = |name: &str, v: i64| {
+            let mut a = mk_attr(name);
+            a.r#type = T::Int as i32;
+            a.i = v;
+            a
+        };
+        node.attribute = vec![
+            float("x_scale", x.1),
+            int("x_zero_point", x.2 as i64),
+            float("y_scale", y.1),
+            int("y_zero_point", y.2 as i64),
+            int("x_transposed", x_t as i64),
+            int("y_transposed", y_t as i64),
+        ];
+        rewrites.push((i, node));
+    }
+    let count = rewrites.len();
+    for (i, node) in rewrites {
+        g.node[i] = node;
+    }
+    count
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn form(x_transposed: bool, y_transposed: bool, out_transposed: bool) -> Option<EinsumForm> {
+        Some(EinsumForm {
+            x_transposed,
+            y_transposed,
+            out_transposed,
+        })
+    }
+
+    #[test]
+    fn einsum_equations_map_to_matrix_products() {
+        assert_eq!(einsum_form("bij,bjk->bik"), form(false, false, false));
+        // guided-diffusion's attention: weights = qᵀk, then a = v·weightsᵀ.
+        assert_eq!(einsum_form("bct,bcs->bts"), form(true, false, false));
+        assert_eq!(einsum_form("bts,bcs->bct"), form(false, true, true));
+        assert_eq!(einsum_form("mk,nk->mn"), form(false, true, false));
+        assert_eq!(
+            einsum_form(" b h i d , b h j d -> b h i j "),
+            form(false, true, false)
+        );
+    }
+
+    #[test]
+    fn other_einsums_are_left_to_tract() {
+        for eq in [
+            "bij,bjk->bki2",
+            "bij,bjk",
+            "bij,bjk->bjk",
+            "...ij,...jk->...ik",
+            "bii,bij->bij",
+            "bij,cjk->bik",
+            "ij,jk->k",
+            "i,i->",
+        ] {
+            assert_eq!(einsum_form(eq), None, "{eq}");
+        }
+    }
+
+    #[test]
+    fn batch_offsets_follow_broadcasting() {
+        // out batch [2, 3]; an operand with batch [3] repeats over the first dim.
+        let out = [2, 3];
+        let offs: Vec<usize> = (0..6).map(|b| batch_offset(b, &out, &[3], 10)).collect();
+        assert_eq!(offs, vec![0, 10, 20, 0, 10, 20]);
+        let offs: Vec<usize> = (0..6).map(|b| batch_offset(b, &out, &[2, 1], 10)).collect();
+        assert_eq!(offs, vec![0, 0, 0, 10, 10, 10]);
+        let offs: Vec<usize> = (0..6).map(|b| batch_offset(b, &out, &[2, 3], 10)).collect();
+        assert_eq!(offs, vec![0, 10, 20, 30, 40, 50]);
+    }
+}
