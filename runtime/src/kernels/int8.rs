@@ -47,7 +47,7 @@ mod tests;
 
 pub use conv::{conv2d, conv2d_quantize, conv2d_u8i8};
 pub use gemm::{gemm, gemm_quantize, gemm_u8i8, gemm_u8i8_f32, matmul_quantize, QuantOperand};
-pub use pack::{ConvGeometry, PackedConvWeights, PackedWeights, WeightLayout};
+pub use pack::{ConvGeometry, PackedConvWeights, PackedWeights, Packing, WeightLayout};
 
 /// Rows of the micro-kernel tile (broadcast side).
 pub(crate) const MR: usize = 6;
@@ -165,11 +165,15 @@ fn avx512vnni_available() -> bool {
 
 /// An 8-bit quantized integer element (activation or weight).
 pub trait QuantInt: Copy + Send + Sync + 'static + private::Sealed {
+    /// What maps the type's range onto u8's `0..=255` (0 for u8, 128 for i8): quads
+    /// take activations as u8.
+    const TO_U8: i32;
     /// The value as i32 (no zero point applied).
     fn to_i32(self) -> i32;
 }
 
 impl QuantInt for u8 {
+    const TO_U8: i32 = 0;
     #[inline(always)]
     fn to_i32(self) -> i32 {
         self as i32
@@ -177,6 +181,7 @@ impl QuantInt for u8 {
 }
 
 impl QuantInt for i8 {
+    const TO_U8: i32 = 128;
     #[inline(always)]
     fn to_i32(self) -> i32 {
         self as i32

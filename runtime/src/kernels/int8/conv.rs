@@ -1,6 +1,7 @@
 //! Conv2d (NCHW) as an implicit GEMM over phase-split, zero-padded, widened input planes.
 
 use super::micro::{self, KernelArgs, KernelFn};
+use super::pack::{quad_u8, Packing};
 use super::par::{self, Shared};
 use super::sink::{quantize, Channel, Sink};
 use super::{pair, Backend, Isa, Output, PackedConvWeights, QuantInt, MR, NR};
@@ -40,7 +41,8 @@ pub fn conv2d<A: QuantInt>(
     out: Output,
 ) {
     let zp = input_zero_point.to_i32();
-    conv_run(backend, input, shape, move |v: A| v.to_i32() - zp, w, out)
+    let center = move |v: A| v.to_i32() - zp;
+    conv_run(backend, input, shape, center, zp + A::TO_U8, w, out)
 }
 
 /// Conv2d of an f32 input `[N, C, H, W]` quantized on the fly to u8 with `scale` and
@@ -61,16 +63,20 @@ pub fn conv2d_quantize(
         input,
         shape,
         move |v: f32| quantize(v, scale, zp, 0, 255) - zp,
+        zp,
         w,
         out,
     )
 }
 
+/// `center(v)` is the input value minus its zero point (what pairs hold); `center(v) +
+/// zero_u8` is the value as u8, `0..=255` (what quads hold).
 fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     backend: Backend,
     input: &[A],
     shape: [usize; 4],
     center: C,
+    zero_u8: i32,
     w: &PackedConvWeights,
     out: Output,
 ) {
@@ -98,26 +104,31 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         return;
     }
     let isa = backend.isa();
-    let kernel: KernelFn = micro::kernel_for(isa);
-    let plan = Plan::new(w, shape, kernel);
-    let mut buf = vec![0i32; plan.phases * plan.cpairs * plan.plane];
+    let kernel: KernelFn = match w.packing() {
+        Packing::Pairs => micro::kernel_for(isa),
+        // Weights (s8) are the broadcast side, the input planes (u8) the vector side.
+        Packing::Quads => micro::quad_kernel_for(isa, false),
+    };
+    let plan = Plan::new(w, shape, kernel, zero_u8);
+    let mut buf = vec![plan.pad; plan.phases * plan.csteps * plan.plane];
     let mut wide = Vec::new();
     for b in 0..nb {
         for gi in 0..g {
-            // Weights resident as i8 are widened once per call and group (a small fraction
-            // of the work: each weight pair is used at every output position).
+            // Weights resident as i8 pairs are widened once per call and group (each
+            // weight is used at every output position); quads are read as they are.
             let panels = w.group_panels(gi, &mut wide);
-            // Widen this (image, group) into the phase planes, channel pairs in parallel.
+            // Widen this (image, group) into the phase planes, channel steps in parallel.
             {
                 let planes = Shared::new(&mut buf);
-                par::for_each(plan.cpairs, |cp| match isa {
+                par::for_each(plan.csteps, |cs| match isa {
                     #[cfg(target_arch = "x86_64")]
-                    // SAFETY: Avx2 (or better) only when detected; each cp writes its own planes.
+                    // SAFETY: Avx2 (or better) only when detected; each cs writes its own
+                    // planes.
                     Isa::Avx2 | Isa::Avx512Vnni => unsafe {
-                        widen_avx2(&plan, input, center, b, gi, cp, &planes)
+                        widen_avx2(&plan, input, center, b, gi, cs, &planes)
                     },
-                    // SAFETY: each cp writes its own planes.
-                    _ => unsafe { widen(&plan, input, center, b, gi, cp, &planes) },
+                    // SAFETY: each cs writes its own planes.
+                    _ => unsafe { widen(&plan, input, center, b, gi, cs, &planes) },
                 });
             }
             // Implicit GEMM: tile rows = output channels, columns = positions on pitch wq;
@@ -144,7 +155,8 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     }
 }
 
-/// What one unit reads: the widened input planes and its weight panel (i16 pairs).
+/// What one unit reads: the widened input planes and its weight panel (as the kernel
+/// reads them).
 struct Operands<'a> {
     planes: &'a [i32],
     weights: &'a [i32],
@@ -167,17 +179,23 @@ struct Plan<'w> {
     hq: usize,
     wq: usize,
     plane: usize,
-    cpairs: usize,
+    /// Channels per kernel step (2: pairs, 4: quads) and steps per tap.
+    width: usize,
+    csteps: usize,
+    /// The input's zero point as u8 (quads' padding and correction).
+    zero_u8: i32,
+    /// What padded positions hold: 0 (centered pairs) or the zero point (raw quads).
+    pad: i32,
     npos: usize,
     ntiles: usize,
     /// Offset of each kernel tap in the phase planes.
     taps: Vec<usize>,
-    /// i16 pairs in one weight panel (`kh*kw*cpairs*MR`).
+    /// Lanes in one weight panel (`kh*kw*csteps*MR`).
     panel_len: usize,
 }
 
 impl<'w> Plan<'w> {
-    fn new(w: &'w PackedConvWeights, shape: [usize; 4], kernel: KernelFn) -> Self {
+    fn new(w: &'w PackedConvWeights, shape: [usize; 4], kernel: KernelFn, zero_u8: i32) -> Self {
         let [_, c, h, wd] = shape;
         let geom = *w.geometry();
         let (ho, wo) = geom.output_hw(h, wd).expect("checked by conv_run");
@@ -190,7 +208,7 @@ impl<'w> Plan<'w> {
         let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
         let npos = (ho - 1) * wq + wo;
         let ntiles = npos.div_ceil(NR);
-        let cpairs = w.cpairs();
+        let csteps = w.csteps();
         let mut inner = Vec::with_capacity(kh * kw);
         for ki in 0..kh {
             for kj in 0..kw {
@@ -202,7 +220,7 @@ impl<'w> Plan<'w> {
         let plane = (hq * wq).max(ntiles * NR + max_inner);
         let taps = inner
             .iter()
-            .map(|&(ph, o)| ph * cpairs * plane + o)
+            .map(|&(ph, o)| ph * csteps * plane + o)
             .collect();
         let oc = w.out_channels();
         Plan {
@@ -220,10 +238,16 @@ impl<'w> Plan<'w> {
             hq,
             wq,
             plane,
-            cpairs,
+            width: w.packing().width(),
+            csteps,
+            zero_u8,
+            pad: match w.packing() {
+                Packing::Pairs => 0,
+                Packing::Quads => quad_u8([zero_u8; 4]),
+            },
             npos,
             ntiles,
-            panel_len: inner.len() * cpairs * MR,
+            panel_len: inner.len() * csteps * MR,
             taps,
         }
     }
@@ -242,17 +266,19 @@ unsafe fn widen_avx2<A: Copy, C: Fn(A) -> i32 + Copy>(
     center: C,
     b: usize,
     gi: usize,
-    cp: usize,
+    cs: usize,
     planes: &Shared<i32>,
 ) {
-    widen(p, input, center, b, gi, cp, planes)
+    widen(p, input, center, b, gi, cs, planes)
 }
 
-/// Writes channel pair `cp` of group `gi` of image `b` into its phase planes: i16 pairs
-/// (see [`pair`]) of centered values, zeros in the padding.
+/// Writes channel step `cs` of group `gi` of image `b` into its phase planes: i16 pairs
+/// (see [`pair`]) of centered values with zeros in the padding, or u8 quads (see
+/// [`quad_u8`]) of raw values with the zero point in the padding and in channels past
+/// the last (their weights are 0).
 ///
 /// # Safety
-/// No other thread may write the planes of the same `cp` at the same time.
+/// No other thread may write the planes of the same `cs` at the same time.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn widen<A: Copy, C: Fn(A) -> i32 + Copy>(
@@ -261,51 +287,62 @@ unsafe fn widen<A: Copy, C: Fn(A) -> i32 + Copy>(
     center: C,
     b: usize,
     gi: usize,
-    cp: usize,
+    cs: usize,
     planes: &Shared<i32>,
 ) {
     let geom = p.w.geometry();
     let [sh, sw] = geom.strides;
     let [pt, pl, _, _] = geom.pads;
     let (h, wd, wq) = (p.h, p.wd, p.wq);
-    let ch0 = gi * p.cg + 2 * cp;
-    let src0 = &input[(b * p.c + ch0) * h * wd..][..h * wd];
-    let src1 = (2 * cp + 1 < p.cg).then(|| &input[(b * p.c + ch0 + 1) * h * wd..][..h * wd]);
+    let ch0 = gi * p.cg + p.width * cs;
+    let channel = |j: usize| -> Option<&[A]> {
+        (j < p.width && p.width * cs + j < p.cg)
+            .then(|| &input[(b * p.c + ch0 + j) * h * wd..][..h * wd])
+    };
+    let src: [Option<&[A]>; 4] = std::array::from_fn(channel);
+    let zu = p.zero_u8;
+    let raw = |v: A| center(v) + zu;
     for py in 0..sh {
         for px in 0..sw {
-            let base = ((py * sw + px) * p.cpairs + cp) * p.plane;
+            let base = ((py * sw + px) * p.csteps + cs) * p.plane;
             let dst = planes.range(base, p.hq * wq);
             let xs = pl.saturating_sub(px).div_ceil(sw).min(wq);
             let xe = (pl + wd).saturating_sub(px).div_ceil(sw).min(wq);
             for (yy, row) in dst.chunks_exact_mut(wq).enumerate() {
                 let ypad = yy * sh + py;
                 if ypad < pt || ypad - pt >= h || xs >= xe {
-                    row.fill(0);
+                    row.fill(p.pad);
                     continue;
                 }
                 let y = ypad - pt;
-                row[..xs].fill(0);
-                row[xe..].fill(0);
+                row[..xs].fill(p.pad);
+                row[xe..].fill(p.pad);
                 let x0 = xs * sw + px - pl;
-                let r0 = &src0[y * wd..][..wd];
+                let r = src.map(|c| c.map(|c| &c[y * wd..][..wd]));
                 let mid = &mut row[xs..xe];
-                match (src1, sw) {
-                    (Some(s1), 1) => {
-                        let r1 = &s1[y * wd..][..wd];
+                match (p.width, r, sw) {
+                    // The common cases as plain zips (they vectorize).
+                    (2, [Some(r0), Some(r1), ..], 1) => {
                         for ((d, &v0), &v1) in mid.iter_mut().zip(&r0[x0..]).zip(&r1[x0..]) {
                             *d = pair(center(v0), center(v1));
                         }
                     }
-                    (None, 1) => {
-                        for (d, &v0) in mid.iter_mut().zip(&r0[x0..]) {
-                            *d = pair(center(v0), 0);
+                    (4, [Some(r0), Some(r1), Some(r2), Some(r3)], 1) => {
+                        let it = r0[x0..].iter().zip(&r1[x0..]).zip(&r2[x0..]).zip(&r3[x0..]);
+                        for (d, (((&v0, &v1), &v2), &v3)) in mid.iter_mut().zip(it) {
+                            *d = quad_u8([raw(v0), raw(v1), raw(v2), raw(v3)]);
                         }
                     }
-                    (s1, _) => {
+                    (width, r, _) => {
                         for (i, d) in mid.iter_mut().enumerate() {
                             let x = x0 + i * sw;
-                            let v1 = s1.map_or(0, |s| center(s[y * wd + x]));
-                            *d = pair(center(r0[x]), v1);
+                            *d = if width == 2 {
+                                let v = |j: usize| r[j].map_or(0, |s| center(s[x]));
+                                pair(v(0), v(1))
+                            } else {
+                                let v = |j: usize| r[j].map_or(zu, |s| raw(s[x]));
+                                quad_u8([v(0), v(1), v(2), v(3)])
+                            };
                         }
                     }
                 }
@@ -351,14 +388,23 @@ unsafe fn unit(p: &Plan, ops: &Operands, b: usize, gi: usize, tc: usize, op: usi
             b: &buf[p0.min(buf.len())..],
             b_cp: p.plane,
             taps: &p.taps,
-            cpairs: p.cpairs,
+            csteps: p.csteps,
         };
         (p.kernel)(&args, &mut tile);
         let cols = (p.npos - p0).min(NR);
         for r in 0..rows {
             let o = gi * p.og + op * MR + r;
             let obase = (b * p.oc + o) * p.ho * p.wo;
-            let acc = &tile[r * NR..r * NR + cols];
+            let acc = &mut tile[r * NR..r * NR + cols];
+            if p.width == 4 {
+                // Quads summed raw u8 inputs: Σ (x − z)·w = Σ x·w − z·Σ w (exact in
+                // wrapping i32, as the result fits).
+                let correction = p.zero_u8.wrapping_mul(p.w.sums()[o]);
+                for v in acc.iter_mut() {
+                    *v = v.wrapping_sub(correction);
+                }
+            }
+            let acc = &*acc;
             let mut ci = 0;
             while ci < cols {
                 let pos = p0 + ci;

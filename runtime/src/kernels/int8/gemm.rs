@@ -1,14 +1,15 @@
 //! GEMM driver: `out[M, N] = (A[M, K] − a_zp) · W[N, K]ᵀ`.
 
 use super::micro::{self, KernelArgs, KernelFn};
+use super::pack::{quad_u8, Packing};
 use super::par;
 use super::sink::{quantize, Channel, Sink};
 use super::{pair, Backend, Dequant, Isa, Output, PackedWeights, QuantInt, MR, NR};
 
 /// Bytes of widened activation rows kept hot per chunk (L2-sized).
 const CHUNK_BYTES: usize = 128 * 1024;
-/// Reduction pairs per block when K is long.
-const KC_PAIRS: usize = 512;
+/// Reduction steps (pairs or quads) per block when K is long.
+const KC_STEPS: usize = 512;
 
 /// `out[i, j] = Σ_k (a[i, k] − a_zero_point) · w[j, k]` in i32, `a` row-major `[m, k]`,
 /// `out` row-major `[m, w.n()]`, on the fastest backend of this CPU.
@@ -57,7 +58,8 @@ pub fn gemm<A: QuantInt>(
     out: Output,
 ) {
     let zp = a_zero_point.to_i32();
-    gemm_run(backend, a, m, k, move |v: A| v.to_i32() - zp, w, out)
+    let center = move |v: A| v.to_i32() - zp;
+    gemm_run(backend, a, m, k, center, zp + A::TO_U8, w, out)
 }
 
 /// GEMM of f32 activations `a[m, k]` quantized on the fly to u8 with `scale` and
@@ -81,6 +83,7 @@ pub fn gemm_quantize(
         m,
         k,
         move |v: f32| quantize(v, scale, zp, 0, 255) - zp,
+        zp,
         w,
         out,
     )
@@ -88,21 +91,26 @@ pub fn gemm_quantize(
 
 /// Row blocking of one GEMM call.
 struct Blocking {
-    kpairs: usize,
-    /// Reduction pairs per block.
-    kcp: usize,
+    /// Reduction steps (pairs or quads).
+    ksteps: usize,
+    /// Reduction steps per block.
+    kcs: usize,
     /// Reduction blocks.
     nkb: usize,
     /// Rows per chunk (a multiple of MR).
     mc: usize,
 }
 
+/// `center(v)` is the activation minus its zero point (what pairs hold); `center(v) +
+/// zero_u8` is the activation as u8, `0..=255` (what quads hold).
+#[allow(clippy::too_many_arguments)]
 fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     backend: Backend,
     a: &[A],
     m: usize,
     k: usize,
     center: C,
+    zero_u8: i32,
     w: &PackedWeights,
     out: Output,
 ) {
@@ -119,35 +127,55 @@ fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         return;
     }
     let isa = backend.isa();
-    let kernel: KernelFn = micro::kernel_for(isa);
-    let kpairs = w.kpairs();
-    // Reduction blocking: long K runs in blocks of KC_PAIRS pairs, partial sums kept in
+    let kernel: KernelFn = match w.packing() {
+        Packing::Pairs => micro::kernel_for(isa),
+        // Activations (u8) are the broadcast side, the weights (s8) the vector side.
+        Packing::Quads => micro::quad_kernel_for(isa, true),
+    };
+    let ksteps = w.steps();
+    // Reduction blocking: long K runs in blocks of KC_STEPS steps, partial sums kept in
     // an i32 scratch of one row chunk (so weight panels stay in L1, activations in L2).
     // It depends on K only, so every row is computed the same way whatever the chunks.
-    let kcp = if kpairs <= 2 * KC_PAIRS {
-        kpairs.max(1)
+    let kcs = if ksteps <= 2 * KC_STEPS {
+        ksteps.max(1)
     } else {
-        KC_PAIRS
+        KC_STEPS
     };
-    let nkb = kpairs.div_ceil(kcp).max(1);
-    let mc_cache = (CHUNK_BYTES / 4 / kcp).clamp(MR, 64 * MR) / MR * MR;
+    let nkb = ksteps.div_ceil(kcs).max(1);
+    let mc_cache = (CHUNK_BYTES / 4 / kcs).clamp(MR, 64 * MR) / MR * MR;
     // Enough chunks to keep every thread busy.
     let mc = mc_cache.min(m.div_ceil(par::threads()).div_ceil(MR) * MR);
     let bl = Blocking {
-        kpairs,
-        kcp,
+        ksteps,
+        kcs,
         nkb,
         mc,
+    };
+    let rows = Rows {
+        a,
+        m,
+        k,
+        center,
+        zero_u8,
     };
     par::for_each(m.div_ceil(mc), |ci| match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 (or better) only when detected; chunks store disjoint rows.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe {
-            chunk_avx2(kernel, &bl, a, m, k, center, w, ci, &sink)
-        },
+        Isa::Avx2 | Isa::Avx512Vnni => unsafe { chunk_avx2(kernel, &bl, &rows, w, ci, &sink) },
         // SAFETY: chunks store disjoint rows.
-        _ => unsafe { chunk(kernel, &bl, a, m, k, center, w, ci, &sink) },
+        _ => unsafe { chunk(kernel, &bl, &rows, w, ci, &sink) },
     });
+}
+
+/// The activation rows of one GEMM call and how to read them.
+struct Rows<'a, A, C> {
+    a: &'a [A],
+    m: usize,
+    k: usize,
+    /// Value minus zero point (pairs).
+    center: C,
+    /// The zero point as u8 (quads hold `center + zero_u8`).
+    zero_u8: i32,
 }
 
 /// [`chunk`] compiled for AVX2 (the epilogue and widening loops vectorize with it).
@@ -156,19 +184,15 @@ fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
 /// The CPU must support AVX2; as [`chunk`].
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn chunk_avx2<A: Copy, C: Fn(A) -> i32 + Copy>(
     kernel: KernelFn,
     bl: &Blocking,
-    a: &[A],
-    m: usize,
-    k: usize,
-    center: C,
+    rows: &Rows<A, C>,
     w: &PackedWeights,
     ci: usize,
     sink: &Sink,
 ) {
-    chunk(kernel, bl, a, m, k, center, w, ci, sink)
+    chunk(kernel, bl, rows, w, ci, sink)
 }
 
 /// Rows `ci * mc ..` of the output.
@@ -176,27 +200,32 @@ unsafe fn chunk_avx2<A: Copy, C: Fn(A) -> i32 + Copy>(
 /// # Safety
 /// No other thread may store the same rows at the same time.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
     kernel: KernelFn,
     bl: &Blocking,
-    a: &[A],
-    m: usize,
-    k: usize,
-    center: C,
+    rows: &Rows<A, C>,
     w: &PackedWeights,
     ci: usize,
     sink: &Sink,
 ) {
     let n = w.n();
     let Blocking {
-        kpairs,
-        kcp,
+        ksteps,
+        kcs,
         nkb,
         mc,
     } = *bl;
+    let Rows {
+        a,
+        m,
+        k,
+        center,
+        zero_u8,
+    } = *rows;
+    let quads = w.packing() == Packing::Quads;
+    let width = w.packing().width();
     let m0 = ci * mc;
-    let mut abuf = vec![0i32; mc * kcp];
+    let mut abuf = vec![0i32; mc * kcs];
     let mut scratch = if nkb > 1 {
         vec![0i32; mc * n]
     } else {
@@ -204,25 +233,27 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
     };
     let mut tile = [0i32; MR * NR];
     let mut wide = Vec::new();
-    let rows = (m - m0).min(mc);
-    let panels = rows.div_ceil(MR);
+    let nrows = (m - m0).min(mc);
+    let panels = nrows.div_ceil(MR);
     for kb in 0..nkb {
-        let kp0 = kb * kcp;
-        let kl = (kpairs - kp0).min(kcp);
+        let ks0 = kb * kcs;
+        let kl = (ksteps - ks0).min(kcs);
         let used = panels * MR * kl;
-        let (k0, k1) = (2 * kp0, (2 * (kp0 + kl)).min(k));
+        let (k0, k1) = (width * ks0, (width * (ks0 + kl)).min(k));
         for (r, dst) in abuf[..used].chunks_exact_mut(kl.max(1)).enumerate() {
-            if r < rows {
-                widen_row(&a[(m0 + r) * k..][k0..k1], center, dst);
-            } else {
+            if r >= nrows {
                 dst.fill(0);
+            } else if quads {
+                widen_row_quads(&a[(m0 + r) * k..][k0..k1], |v| center(v) + zero_u8, dst);
+            } else {
+                widen_row(&a[(m0 + r) * k..][k0..k1], center, dst);
             }
         }
         let last = kb + 1 == nkb;
         for np in 0..n.div_ceil(NR) {
             let cols = (n - np * NR).min(NR);
             // Widened once per (chunk, block, panel), reused by the chunk's row tiles.
-            let b = w.panel_block(np, kp0, kl, &mut wide);
+            let b = w.panel_block(np, ks0, kl, &mut wide);
             for mp in 0..panels {
                 let args = KernelArgs {
                     a: &abuf[mp * MR * kl..used],
@@ -231,10 +262,10 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
                     b,
                     b_cp: NR,
                     taps: &[0],
-                    cpairs: kl,
+                    csteps: kl,
                 };
                 kernel(&args, &mut tile);
-                for r in 0..(rows - mp * MR).min(MR) {
+                for r in 0..(nrows - mp * MR).min(MR) {
                     let acc = &mut tile[r * NR..r * NR + cols];
                     if nkb > 1 {
                         let part = &mut scratch[(mp * MR + r) * n + np * NR..][..cols];
@@ -248,11 +279,33 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
                             continue;
                         }
                     }
+                    if quads {
+                        // Σ (a − z)·w = Σ a·w − z·Σ w, per output channel (column).
+                        let sums = &w.sums()[np * NR..][..cols];
+                        for (x, &s) in acc.iter_mut().zip(sums) {
+                            *x = x.wrapping_sub(zero_u8.wrapping_mul(s));
+                        }
+                    }
                     let row = m0 + mp * MR + r;
                     sink.store(row * n + np * NR, acc, Channel::Run(np * NR));
                 }
             }
         }
+    }
+}
+
+/// Widens one activation row to u8 quads (a last partial quad padded with 0: its weights
+/// are 0).
+#[inline(always)]
+fn widen_row_quads<A: Copy>(src: &[A], to_u8: impl Fn(A) -> i32, dst: &mut [i32]) {
+    let mut it = src.chunks_exact(4);
+    for (d, q) in dst.iter_mut().zip(&mut it) {
+        *d = quad_u8([to_u8(q[0]), to_u8(q[1]), to_u8(q[2]), to_u8(q[3])]);
+    }
+    let rest = it.remainder();
+    if !rest.is_empty() {
+        let v = |i: usize| rest.get(i).map_or(0, |&x| to_u8(x));
+        dst[src.len() / 4] = quad_u8([v(0), v(1), v(2), v(3)]);
     }
 }
 

@@ -2,11 +2,12 @@
 
 use super::{MR, NR};
 
-/// Operands of one micro-kernel call. All values are i16 pairs (see [`super::pair`]).
+/// Operands of one micro-kernel call: i32 lanes holding i16 pairs (see [`super::pair`])
+/// or 8-bit quads (see [`super::pack::Packing`]), as the kernel expects.
 ///
-/// Step `s` enumerates `(tap, cp)` with taps outer: broadcast value of tile row `r` is
+/// Step `s` enumerates `(tap, cs)` with taps outer: broadcast value of tile row `r` is
 /// `a[r * a_row + s * a_step]`, the vector side is
-/// `b[taps[t] + cp * b_cp .. + NR]`.
+/// `b[taps[t] + cs * b_cp .. + NR]`.
 pub(crate) struct KernelArgs<'a> {
     pub a: &'a [i32],
     pub a_row: usize,
@@ -14,7 +15,7 @@ pub(crate) struct KernelArgs<'a> {
     pub b: &'a [i32],
     pub b_cp: usize,
     pub taps: &'a [usize],
-    pub cpairs: usize,
+    pub csteps: usize,
 }
 
 impl KernelArgs<'_> {
@@ -22,7 +23,7 @@ impl KernelArgs<'_> {
     /// sound; costs a few integer operations per tile).
     #[inline]
     pub fn check(&self) {
-        let steps = self.taps.len() * self.cpairs;
+        let steps = self.taps.len() * self.csteps;
         if steps == 0 {
             return;
         }
@@ -32,7 +33,7 @@ impl KernelArgs<'_> {
             "int8 kernel: broadcast operand out of bounds"
         );
         let tap_max = self.taps.iter().copied().max().unwrap_or(0);
-        let b_max = tap_max + (self.cpairs - 1) * self.b_cp + NR - 1;
+        let b_max = tap_max + (self.csteps - 1) * self.b_cp + NR - 1;
         assert!(
             b_max < self.b.len(),
             "int8 kernel: vector operand out of bounds"
@@ -59,7 +60,7 @@ pub(crate) fn kernel_portable(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
     let mut acc = [[0i32; NR]; MR];
     let mut s = 0;
     for &t in args.taps {
-        for cp in 0..args.cpairs {
+        for cp in 0..args.csteps {
             let bb: &[i32; NR] = args.b[t + cp * args.b_cp..][..NR].try_into().unwrap();
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let av = args.a[r * args.a_row + s * args.a_step];
@@ -76,7 +77,7 @@ pub(crate) fn kernel_portable(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
     }
 }
 
-/// The micro-kernel of an instruction set.
+/// The micro-kernel of an instruction set, for i16 pairs.
 pub(crate) fn kernel_for(isa: super::Isa) -> KernelFn {
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -85,6 +86,70 @@ pub(crate) fn kernel_for(isa: super::Isa) -> KernelFn {
         super::Isa::Avx2 => avx2_kernel(),
         _ => kernel_portable,
     }
+}
+
+/// The micro-kernel for 8-bit quads (u8 × s8 products, four a lane, summed into i32).
+/// `unsigned_broadcast`: the broadcast side holds the u8 activations and the vector side
+/// the s8 weights (GEMM); else the other way round (conv). `vpdpbusd` needs AVX-512
+/// VNNI; without it the portable kernel runs (quads are only packed for that ISA).
+pub(crate) fn quad_kernel_for(isa: super::Isa, unsigned_broadcast: bool) -> KernelFn {
+    match (isa, unsigned_broadcast) {
+        #[cfg(target_arch = "x86_64")]
+        (super::Isa::Avx512Vnni, true) => avx512vnni_quad_kernel::<true>(),
+        #[cfg(target_arch = "x86_64")]
+        (super::Isa::Avx512Vnni, false) => avx512vnni_quad_kernel::<false>(),
+        (_, true) => kernel_quads_portable::<true>,
+        (_, false) => kernel_quads_portable::<false>,
+    }
+}
+
+/// Σ of the four products of a u8 quad and an s8 quad (what `vpdpbusd` adds to a lane).
+#[inline(always)]
+fn dot_quad(unsigned: i32, signed: i32) -> i32 {
+    let (u, s) = (unsigned.to_le_bytes(), signed.to_le_bytes());
+    (0..4).map(|i| u[i] as i32 * s[i] as i8 as i32).sum()
+}
+
+/// Portable quad micro-kernel (plain Rust, wrapping i32 accumulation like `vpdpbusd`).
+pub(crate) fn kernel_quads_portable<const UNSIGNED_BROADCAST: bool>(
+    args: &KernelArgs,
+    tile: &mut [i32; MR * NR],
+) {
+    args.check();
+    let mut acc = [[0i32; NR]; MR];
+    let mut s = 0;
+    for &t in args.taps {
+        for cs in 0..args.csteps {
+            let bb: &[i32; NR] = args.b[t + cs * args.b_cp..][..NR].try_into().unwrap();
+            for (r, acc_r) in acc.iter_mut().enumerate() {
+                let av = args.a[r * args.a_row + s * args.a_step];
+                for (o, &bv) in acc_r.iter_mut().zip(bb) {
+                    let d = if UNSIGNED_BROADCAST {
+                        dot_quad(av, bv)
+                    } else {
+                        dot_quad(bv, av)
+                    };
+                    *o = o.wrapping_add(d);
+                }
+            }
+            s += 1;
+        }
+    }
+    for (dst, src) in tile.chunks_exact_mut(NR).zip(&acc) {
+        dst.copy_from_slice(src);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512vnni_quad_kernel<const UNSIGNED_BROADCAST: bool>() -> KernelFn {
+    fn run<const U: bool>(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
+        args.check();
+        // SAFETY: only handed out by `quad_kernel_for` for `Isa::Avx512Vnni`, which
+        // `isa()` returns after AVX-512 F and VNNI were detected; indices were
+        // bounds-checked by `check`.
+        unsafe { avx512vnni::quad_kernel::<U>(args, tile) }
+    }
+    run::<UNSIGNED_BROADCAST>
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -127,7 +192,7 @@ mod avx2 {
         let mut pa = a;
         for &t in args.taps {
             let mut pb = b.add(t);
-            for _ in 0..args.cpairs {
+            for _ in 0..args.csteps {
                 let bv: [__m256i; NV] =
                     std::array::from_fn(|v| _mm256_loadu_si256(pb.add(8 * v) as *const __m256i));
                 for (r, acc_r) in acc.iter_mut().enumerate() {
@@ -159,6 +224,43 @@ mod avx512vnni {
 
     const _: () = assert!(NR == 16, "one zmm of i32 lanes per tile row");
 
+    /// `vpdpbusd` (u8 × s8, four products a lane): the unsigned operand must be the
+    /// first source, so the broadcast goes there when it holds the activations.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and VNNI and `args.check()` must hold.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn quad_kernel<const UNSIGNED_BROADCAST: bool>(
+        args: &KernelArgs,
+        tile: &mut [i32; MR * NR],
+    ) {
+        let mut acc = [_mm512_setzero_si512(); MR];
+        let a = args.a.as_ptr();
+        let b = args.b.as_ptr();
+        let a_row = args.a_row;
+        let mut pa = a;
+        for &t in args.taps {
+            let mut pb = b.add(t);
+            for _ in 0..args.csteps {
+                let bv = _mm512_loadu_si512(pb as *const _);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(*pa.add(r * a_row));
+                    *acc_r = if UNSIGNED_BROADCAST {
+                        _mm512_dpbusd_epi32(*acc_r, av, bv)
+                    } else {
+                        _mm512_dpbusd_epi32(*acc_r, bv, av)
+                    };
+                }
+                pa = pa.wrapping_add(args.a_step);
+                pb = pb.wrapping_add(args.b_cp);
+            }
+        }
+        let out = tile.as_mut_ptr();
+        for (r, &x) in acc.iter().enumerate() {
+            _mm512_storeu_si512(out.add(r * NR) as *mut _, x);
+        }
+    }
+
     /// # Safety
     /// The CPU must support AVX-512 F and VNNI and `args.check()` must hold.
     #[target_feature(enable = "avx512f,avx512vnni")]
@@ -170,7 +272,7 @@ mod avx512vnni {
         let mut pa = a;
         for &t in args.taps {
             let mut pb = b.add(t);
-            for _ in 0..args.cpairs {
+            for _ in 0..args.csteps {
                 let bv = _mm512_loadu_si512(pb as *const _);
                 for (r, acc_r) in acc.iter_mut().enumerate() {
                     let av = _mm512_set1_epi32(*pa.add(r * a_row));

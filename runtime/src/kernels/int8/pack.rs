@@ -1,6 +1,6 @@
 //! Weight packing (done once, at model load).
 
-use super::{pair, QuantInt, MR, NR};
+use super::{pair, Backend, Isa, QuantInt, MR, NR};
 
 /// Memory layout of a weight matrix handed to [`PackedWeights::pack_general`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -11,60 +11,125 @@ pub enum WeightLayout {
     KN,
 }
 
-/// Weights of a GEMM `out[M, N] = A[M, K] · W[N, K]ᵀ`, zero point removed and packed in
-/// panels of `NR` output channels as pairs of reduction neighbours: `[N/NR][K/2][NR]`.
-#[derive(Clone, Debug)]
-pub struct PackedWeights {
-    n: usize,
-    k: usize,
-    kpairs: usize,
-    data: PairStore,
+/// How packed weights group reduction neighbours, which decides the kernels that read
+/// them (one step of a micro-kernel consumes one group per lane).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packing {
+    /// Pairs as i16 (`vpmaddwd`, `vpdpwssd`): activations are centered (value − zero
+    /// point) while they are widened to i16 pairs too. Any weights.
+    Pairs,
+    /// Quads as s8 (`vpdpbusd`: u8 × s8, four products a lane, twice the work of a pair
+    /// instruction): activations stay raw u8, and `zero point × Σ weights` of the
+    /// output channel is subtracted from the sum afterwards. Needs weights whose
+    /// centered values fit in i8; others fall back to pairs.
+    Quads,
 }
 
-/// Packed weight pairs as kept in memory. Centered weights of symmetric i8 tensors (zero
-/// point 0, every model this runtime quantizes) fit in i8 and stay i8 — a quarter of
-/// f32, which is the memory half of the point of int8 — and are widened to the kernel's
-/// i16 pairs one panel at a time by [`PairStore::block`]. Centering u8 weights or
-/// non-zero zero points gives values in `[-255, 255]`, which need i16; those keep the
-/// widened layout so results stay exact.
-#[derive(Clone, Debug)]
-enum PairStore {
-    /// Pair `i` is bytes `2i` (low) and `2i + 1` (high).
-    I8(Vec<i8>),
-    /// Pairs already widened (see [`pair`]).
-    I16(Vec<i32>),
-}
-
-impl PairStore {
-    /// Stores centered pair values `(lo, hi)`, as i8 when all of them fit.
-    fn new(pairs: Vec<(i32, i32)>) -> Self {
-        let fits = |v: i32| i8::try_from(v).is_ok();
-        if pairs.iter().all(|&(l, h)| fits(l) && fits(h)) {
-            PairStore::I8(
-                pairs
-                    .iter()
-                    .flat_map(|&(l, h)| [l as i8, h as i8])
-                    .collect(),
-            )
+impl Packing {
+    /// The packing `backend` runs fastest on this CPU: quads where AVX-512 VNNI runs.
+    pub fn for_backend(backend: Backend) -> Packing {
+        if backend.isa() == Isa::Avx512Vnni {
+            Packing::Quads
         } else {
-            PairStore::I16(pairs.iter().map(|&(l, h)| pair(l, h)).collect())
+            Packing::Pairs
+        }
+    }
+
+    /// Reduction values per step.
+    pub(crate) fn width(self) -> usize {
+        match self {
+            Packing::Pairs => 2,
+            Packing::Quads => 4,
+        }
+    }
+}
+
+/// Packed weights as kept in memory, one i32 per (step, lane) as the kernels read it.
+/// Centered weights of symmetric i8 tensors (zero point 0, every model this runtime
+/// quantizes) fit in i8 and stay one byte a weight — a quarter of f32, which is the memory
+/// half of the point of int8: as s8 quads, read by the kernel as they are, or as i8 pairs,
+/// widened to the kernel's i16 pairs one block at a time by [`Store::block`]. Centering
+/// u8 weights or non-zero zero points gives values in `[-255, 255]`, which need i16
+/// pairs; those keep the widened layout so results stay exact.
+#[derive(Clone, Debug)]
+enum Store {
+    /// Pair `i` is bytes `2i` (low) and `2i + 1` (high).
+    I8Pairs(Vec<i8>),
+    /// Pairs already widened (see [`pair`]).
+    I16Pairs(Vec<i32>),
+    /// Four s8 values a lane, reduction order in little-endian byte order.
+    Quads(Vec<i32>),
+}
+
+/// Whether every value fits in i8.
+fn fits_i8(values: &[i32]) -> bool {
+    values.iter().all(|&v| i8::try_from(v).is_ok())
+}
+
+/// Four s8 values as one i32 lane (`vpdpbusd`'s signed operand).
+#[inline(always)]
+pub(crate) fn quad_s8(v: [i32; 4]) -> i32 {
+    i32::from_le_bytes(v.map(|x| x as i8 as u8))
+}
+
+/// Four u8 values (0..=255) as one i32 lane (`vpdpbusd`'s unsigned operand).
+#[inline(always)]
+pub(crate) fn quad_u8(v: [i32; 4]) -> i32 {
+    i32::from_le_bytes(v.map(|x| x as u8))
+}
+
+impl Store {
+    /// Lays out centered weights: `at(unit, step, lane, j)` is value `j` (of `width`) of
+    /// the group at `(step, lane)` of panel `unit`, `units × steps × lanes` groups.
+    fn new(
+        packing: Packing,
+        units: usize,
+        steps: usize,
+        lanes: usize,
+        at: impl Fn(usize, usize, usize, usize) -> i32,
+    ) -> Store {
+        let width = packing.width();
+        let mut values = Vec::with_capacity(units * steps * lanes * width);
+        for u in 0..units {
+            for s in 0..steps {
+                for l in 0..lanes {
+                    values.extend((0..width).map(|j| at(u, s, l, j)));
+                }
+            }
+        }
+        match packing {
+            Packing::Quads => {
+                debug_assert!(fits_i8(&values), "quads need centered weights in i8");
+                Store::Quads(
+                    values
+                        .chunks_exact(4)
+                        .map(|q| quad_s8([q[0], q[1], q[2], q[3]]))
+                        .collect(),
+                )
+            }
+            Packing::Pairs if fits_i8(&values) => {
+                Store::I8Pairs(values.iter().map(|&v| v as i8).collect())
+            }
+            Packing::Pairs => {
+                Store::I16Pairs(values.chunks_exact(2).map(|p| pair(p[0], p[1])).collect())
+            }
         }
     }
 
     fn resident_bytes(&self) -> usize {
         match self {
-            PairStore::I8(v) => v.len(),
-            PairStore::I16(v) => v.len() * std::mem::size_of::<i32>(),
+            Store::I8Pairs(v) => v.len(),
+            Store::I16Pairs(v) | Store::Quads(v) => v.len() * std::mem::size_of::<i32>(),
         }
     }
 
-    /// Pairs `start .. start + len` as the kernel's i16 pairs: borrowed when stored
-    /// widened, else widened into `scratch` (resized as needed).
+    /// Groups `start .. start + len` as the kernel reads them: borrowed when stored so,
+    /// else (i8 pairs) widened into `scratch` (resized as needed).
     #[inline(always)]
     fn block<'s>(&'s self, start: usize, len: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
         match self {
-            PairStore::I16(v) => &v[start..start + len],
-            PairStore::I8(v) => {
+            Store::I16Pairs(v) | Store::Quads(v) => &v[start..start + len],
+            Store::I8Pairs(v) => {
                 scratch.resize(len, 0);
                 let src = &v[2 * start..2 * (start + len)];
                 for (d, p) in scratch.iter_mut().zip(src.chunks_exact(2)) {
@@ -85,6 +150,29 @@ fn zp_at<T: QuantInt>(zero_points: &[T], ch: usize, channels: usize) -> i32 {
     }
 }
 
+/// `packing`, unless it is quads and some centered weight leaves i8 (then pairs).
+fn usable(packing: Packing, centered: impl Iterator<Item = i32>) -> Packing {
+    let mut centered = centered;
+    match packing {
+        Packing::Quads if centered.all(|v| i8::try_from(v).is_ok()) => Packing::Quads,
+        _ => Packing::Pairs,
+    }
+}
+
+/// Weights of a GEMM `out[M, N] = A[M, K] · W[N, K]ᵀ`, zero point removed and packed in
+/// panels of `NR` output channels as groups of reduction neighbours (see [`Packing`]):
+/// `[N/NR][K/width][NR]`.
+#[derive(Clone, Debug)]
+pub struct PackedWeights {
+    n: usize,
+    k: usize,
+    packing: Packing,
+    steps: usize,
+    data: Store,
+    /// Σ_k of the centered weights of each output channel (quads' zero-point correction).
+    sums: Vec<i32>,
+}
+
 impl PackedWeights {
     /// Packs symmetric i8 weights `W[N, K]` (row-major, zero point 0).
     pub fn pack(w: &[i8], n: usize, k: usize) -> Self {
@@ -97,7 +185,8 @@ impl PackedWeights {
     }
 
     /// Packs i8 or u8 weights with a zero point per tensor (`zero_points.len() == 1`), per
-    /// output channel (`== n`) or none (empty slice: 0).
+    /// output channel (`== n`) or none (empty slice: 0), for the kernels of
+    /// `Backend::Auto` ([`Packing::for_backend`]).
     pub fn pack_general<T: QuantInt>(
         w: &[T],
         layout: WeightLayout,
@@ -105,12 +194,29 @@ impl PackedWeights {
         k: usize,
         zero_points: &[T],
     ) -> Self {
+        Self::pack_with(
+            Packing::for_backend(Backend::Auto),
+            w,
+            layout,
+            n,
+            k,
+            zero_points,
+        )
+    }
+
+    /// Like [`PackedWeights::pack_general`] with the packing chosen (quads fall back to
+    /// pairs when the centered weights leave i8).
+    pub fn pack_with<T: QuantInt>(
+        packing: Packing,
+        w: &[T],
+        layout: WeightLayout,
+        n: usize,
+        k: usize,
+        zero_points: &[T],
+    ) -> Self {
         assert_eq!(w.len(), n * k, "int8: weight length is not n * k");
-        let kpairs = k.div_ceil(2);
-        let panels = n.div_ceil(NR);
-        let mut data = vec![(0, 0); panels * kpairs * NR];
         let at = |j: usize, kk: usize| -> i32 {
-            if kk >= k {
+            if j >= n || kk >= k {
                 return 0;
             }
             let v = match layout {
@@ -119,22 +225,33 @@ impl PackedWeights {
             };
             v.to_i32() - zp_at(zero_points, j, n)
         };
-        for j in 0..n {
-            let (np, c) = (j / NR, j % NR);
-            let panel = &mut data[np * kpairs * NR..][..kpairs * NR];
-            for kp in 0..kpairs {
-                panel[kp * NR + c] = (at(j, 2 * kp), at(j, 2 * kp + 1));
-            }
+        let packing = usable(
+            packing,
+            (0..n)
+                .flat_map(|j| (0..k).map(move |kk| (j, kk)))
+                .map(|(j, kk)| at(j, kk)),
+        );
+        let width = packing.width();
+        let steps = k.div_ceil(width);
+        let data = Store::new(packing, n.div_ceil(NR), steps, NR, |np, s, c, i| {
+            at(np * NR + c, s * width + i)
+        });
+        let sums = (0..n).map(|j| (0..k).map(|kk| at(j, kk)).sum()).collect();
+        PackedWeights {
+            n,
+            k,
+            packing,
+            steps,
+            data,
+            sums,
         }
-        let data = PairStore::new(data);
-        PackedWeights { n, k, kpairs, data }
     }
 
     /// Quantizes an f32 matrix `Y[K, N]` to u8 with `scale` and `zero_point` (ONNX
     /// `QuantizeLinear`) and packs it centered, as the vector side of a GEMM: the second
     /// operand of a product of two activations (attention's `Q·Kᵀ`, `P·V`), packed on
     /// every call. `Y[kk, j]` is `y[kk * k_stride + j * n_stride]`, so a transposed
-    /// operand needs no copy. Centered values span `[-255, 255]`: kept as i16 pairs.
+    /// operand needs no copy. Centered values span `[-255, 255]`: i16 pairs.
     #[allow(clippy::too_many_arguments)]
     pub fn quantize_f32(
         y: &[f32],
@@ -151,7 +268,7 @@ impl PackedWeights {
                 "int8: operand too short for its shape"
             );
         }
-        let kpairs = k.div_ceil(2);
+        let steps = k.div_ceil(2);
         let panels = n.div_ceil(NR);
         let zp = zero_point as i32;
         let q = |kk: usize, j: usize| -> i32 {
@@ -160,8 +277,8 @@ impl PackedWeights {
             }
             super::sink::quantize(y[kk * k_stride + j * n_stride], scale, zp, 0, 255) - zp
         };
-        let mut data = vec![0i32; panels * kpairs * NR];
-        for (np, panel) in data.chunks_exact_mut(kpairs * NR).enumerate() {
+        let mut data = vec![0i32; panels * steps * NR];
+        for (np, panel) in data.chunks_exact_mut(steps * NR).enumerate() {
             for (kp, row) in panel.chunks_exact_mut(NR).enumerate() {
                 for (c, d) in row.iter_mut().enumerate() {
                     let j = np * NR + c;
@@ -172,8 +289,10 @@ impl PackedWeights {
         PackedWeights {
             n,
             k,
-            kpairs,
-            data: PairStore::I16(data),
+            packing: Packing::Pairs,
+            steps,
+            data: Store::I16Pairs(data),
+            sums: vec![],
         }
     }
 
@@ -187,27 +306,38 @@ impl PackedWeights {
         self.k
     }
 
-    pub(crate) fn kpairs(&self) -> usize {
-        self.kpairs
+    /// How the weights are packed (which kernels read them).
+    pub fn packing(&self) -> Packing {
+        self.packing
+    }
+
+    /// Kernel steps along the reduction (`K / width`, rounded up).
+    pub(crate) fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Σ_k of the centered weights of each output channel.
+    pub(crate) fn sums(&self) -> &[i32] {
+        &self.sums
     }
 
     /// Bytes the packed weights occupy in memory (i8 values, or i16 when centering needs
-    /// them; panels padded to `NR`).
+    /// them; panels padded to `NR`, the reduction to the packing's width).
     pub fn resident_bytes(&self) -> usize {
         self.data.resident_bytes()
     }
 
-    /// Reduction pairs `kp0 .. kp0 + kl` of panel `np` as i16 pairs: `kl * NR` values,
-    /// widened into `scratch` when stored as i8.
+    /// Steps `s0 .. s0 + sl` of panel `np` as the kernel reads them: `sl * NR` lanes,
+    /// widened into `scratch` when stored as i8 pairs.
     pub(crate) fn panel_block<'s>(
         &'s self,
         np: usize,
-        kp0: usize,
-        kl: usize,
+        s0: usize,
+        sl: usize,
         scratch: &'s mut Vec<i32>,
     ) -> &'s [i32] {
         self.data
-            .block((np * self.kpairs + kp0) * NR, kl * NR, scratch)
+            .block((np * self.steps + s0) * NR, sl * NR, scratch)
     }
 }
 
@@ -269,17 +399,21 @@ impl ConvGeometry {
     }
 }
 
-/// Conv weights `W[O, C/groups, kh, kw]`, zero point removed, as pairs of input channels
-/// (stored as in [`PackedWeights`]), packed per group in panels of `MR` output channels:
-/// `[groups][O/groups/MR][kh*kw][C/groups/2][MR]` (taps outer, channel pairs inner).
+/// Conv weights `W[O, C/groups, kh, kw]`, zero point removed, as groups of input channels
+/// (see [`Packing`], stored as in [`PackedWeights`]), packed per group in panels of `MR`
+/// output channels: `[groups][O/groups/MR][kh*kw][C/groups/width][MR]` (taps outer,
+/// channel groups inner).
 #[derive(Clone, Debug)]
 pub struct PackedConvWeights {
     geom: ConvGeometry,
     out_channels: usize,
     in_per_group: usize,
-    cpairs: usize,
+    packing: Packing,
+    csteps: usize,
     opanels: usize,
-    data: PairStore,
+    data: Store,
+    /// Σ of the centered weights of each output channel (quads' zero-point correction).
+    sums: Vec<i32>,
 }
 
 impl PackedConvWeights {
@@ -288,8 +422,23 @@ impl PackedConvWeights {
         Self::pack_general(w, out_channels, in_per_group, geom, &[])
     }
 
-    /// Packs i8 or u8 weights with a zero point per tensor, per output channel or none.
+    /// Packs i8 or u8 weights with a zero point per tensor, per output channel or none,
+    /// for the kernels of `Backend::Auto` ([`Packing::for_backend`]).
     pub fn pack_general<T: QuantInt>(
+        w: &[T],
+        out_channels: usize,
+        in_per_group: usize,
+        geom: ConvGeometry,
+        zero_points: &[T],
+    ) -> Self {
+        let packing = Packing::for_backend(Backend::Auto);
+        Self::pack_with(packing, w, out_channels, in_per_group, geom, zero_points)
+    }
+
+    /// Like [`PackedConvWeights::pack_general`] with the packing chosen (quads fall back
+    /// to pairs when the centered weights leave i8).
+    pub fn pack_with<T: QuantInt>(
+        packing: Packing,
         w: &[T],
         out_channels: usize,
         in_per_group: usize,
@@ -310,37 +459,45 @@ impl PackedConvWeights {
             "int8 conv: weight length"
         );
         let og = out_channels / g;
-        let cpairs = in_per_group.div_ceil(2);
-        let opanels = og.div_ceil(MR);
-        let steps = taps * cpairs;
-        let mut data = vec![(0, 0); g * opanels * steps * MR];
         let at = |o: usize, c: usize, t: usize| -> i32 {
             if c >= in_per_group {
                 return 0;
             }
             w[(o * in_per_group + c) * taps + t].to_i32() - zp_at(zero_points, o, out_channels)
         };
-        for gi in 0..g {
-            for ol in 0..og {
-                let o = gi * og + ol;
-                let (op, r) = (ol / MR, ol % MR);
-                let panel = &mut data[(gi * opanels + op) * steps * MR..][..steps * MR];
-                for t in 0..taps {
-                    for cp in 0..cpairs {
-                        let s = t * cpairs + cp;
-                        panel[s * MR + r] = (at(o, 2 * cp, t), at(o, 2 * cp + 1, t));
-                    }
-                }
+        let all = (0..out_channels)
+            .flat_map(|o| (0..in_per_group * taps).map(move |i| (o, i)))
+            .map(|(o, i)| at(o, i / taps, i % taps));
+        let packing = usable(packing, all);
+        let width = packing.width();
+        let csteps = in_per_group.div_ceil(width);
+        let opanels = og.div_ceil(MR);
+        // Panel unit u = (group, panel of MR output channels); step = (tap, channel step).
+        let data = Store::new(packing, g * opanels, taps * csteps, MR, |u, s, r, j| {
+            let (gi, op) = (u / opanels, u % opanels);
+            let ol = op * MR + r;
+            if ol >= og {
+                return 0;
             }
-        }
-        let data = PairStore::new(data);
+            at(gi * og + ol, (s % csteps) * width + j, s / csteps)
+        });
+        let sums = (0..out_channels)
+            .map(|o| {
+                (0..in_per_group)
+                    .flat_map(|c| (0..taps).map(move |t| (c, t)))
+                    .map(|(c, t)| at(o, c, t))
+                    .sum()
+            })
+            .collect();
         PackedConvWeights {
             geom,
             out_channels,
             in_per_group,
-            cpairs,
+            packing,
+            csteps,
             opanels,
             data,
+            sums,
         }
     }
 
@@ -359,12 +516,23 @@ impl PackedConvWeights {
         self.in_per_group
     }
 
-    pub(crate) fn cpairs(&self) -> usize {
-        self.cpairs
+    /// How the weights are packed (which kernels read them).
+    pub fn packing(&self) -> Packing {
+        self.packing
+    }
+
+    /// Channel steps per tap (`C/groups / width`, rounded up).
+    pub(crate) fn csteps(&self) -> usize {
+        self.csteps
+    }
+
+    /// Σ of the centered weights of each output channel.
+    pub(crate) fn sums(&self) -> &[i32] {
+        &self.sums
     }
 
     /// Bytes the packed weights occupy in memory (i8 values, or i16 when centering needs
-    /// them; panels padded to `MR`).
+    /// them; panels padded to `MR`, channels to the packing's width).
     pub fn resident_bytes(&self) -> usize {
         self.data.resident_bytes()
     }
@@ -373,10 +541,10 @@ impl PackedConvWeights {
         self.opanels
     }
 
-    /// The panels of group `g` as i16 pairs, panel `op` at `op * kh*kw*cpairs*MR`,
-    /// widened into `scratch` when stored as i8.
+    /// The panels of group `g` as the kernel reads them, panel `op` at
+    /// `op * kh*kw*csteps*MR`, widened into `scratch` when stored as i8 pairs.
     pub(crate) fn group_panels<'s>(&'s self, g: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
-        let len = self.opanels * self.geom.kernel[0] * self.geom.kernel[1] * self.cpairs * MR;
+        let len = self.opanels * self.geom.kernel[0] * self.geom.kernel[1] * self.csteps * MR;
         self.data.block(g * len, len, scratch)
     }
 }

@@ -38,6 +38,21 @@ impl Rng {
     }
 }
 
+/// Every (backend, packing) pair worth running here: pairs on every backend this CPU
+/// has; quads on the portable kernel (any CPU) and on AVX-512 VNNI where present (the
+/// AVX2 backend runs quads on the portable kernel too: a valid, slower combination).
+fn setups() -> Vec<(Backend, Packing)> {
+    let mut v: Vec<(Backend, Packing)> = backends()
+        .into_iter()
+        .map(|b| (b, Packing::Pairs))
+        .collect();
+    v.push((Backend::Portable, Packing::Quads));
+    if Backend::Avx512Vnni.is_available() {
+        v.push((Backend::Avx512Vnni, Packing::Quads));
+    }
+    v
+}
+
 fn backends() -> Vec<Backend> {
     let mut v = vec![Backend::Portable];
     for b in [Backend::Avx2, Backend::Avx512Vnni] {
@@ -100,15 +115,15 @@ fn gemm_random_shapes_exact() {
         let a = rng.bytes_u8(m * k);
         let w = rng.bytes_i8(n * k);
         let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
-        let pw = PackedWeights::pack(&w, n, k);
-        for be in backends() {
+        for (be, pk) in setups() {
+            let pw = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
             let mut out = vec![7i32; m * n];
             gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
             assert_eq!(out, want, "{be:?} m={m} k={k} n={n} zp={zp}");
         }
         if case % 8 == 0 {
             let mut out = vec![0i32; m * n];
-            gemm_u8i8(&a, m, k, zp, &pw, &mut out);
+            gemm_u8i8(&a, m, k, zp, &PackedWeights::pack(&w, n, k), &mut out);
             assert_eq!(out, want);
         }
     }
@@ -124,8 +139,8 @@ fn gemm_blocked_reduction_exact() {
         let w = rng.bytes_i8(n * k);
         let zp = rng.byte();
         let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
-        let pw = PackedWeights::pack(&w, n, k);
-        for be in backends() {
+        for (be, pk) in setups() {
+            let pw = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
             let mut out = vec![0i32; m * n];
             gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
             assert_eq!(out, want, "{be:?} m={m} k={k} n={n}");
@@ -165,8 +180,8 @@ fn gemm_saturation_extremes() {
                 let a = vec![av; m * k];
                 let w = vec![wv; n * k];
                 let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
-                let pw = PackedWeights::pack(&w, n, k);
-                for be in backends() {
+                for (be, pk) in setups() {
+                    let pw = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
                     let mut out = vec![0i32; m * n];
                     gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
                     assert_eq!(out, want, "{be:?} a={av} zp={zp} w={wv}");
@@ -184,8 +199,8 @@ fn gemm_saturation_extremes() {
         .collect();
     for zp in [0u8, 128, 255] {
         let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
-        let pw = PackedWeights::pack(&w, n, k);
-        for be in backends() {
+        for (be, pk) in setups() {
+            let pw = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
             let mut out = vec![0i32; m * n];
             gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
             assert_eq!(out, want, "{be:?} zp={zp}");
@@ -201,8 +216,8 @@ fn gemm_long_reduction_exact() {
     let w = vec![-128i8; n * k];
     let want = as_i32(&gemm_ref(&a, m, k, 255u8, &w, n, &[] as &[i8]));
     assert_eq!(want[0], 255 * 128 * 40_000);
-    let pw = PackedWeights::pack(&w, n, k);
-    for be in backends() {
+    for (be, pk) in setups() {
+        let pw = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
         let mut out = vec![0i32; m * n];
         gemm(be, &a, m, k, 255, &pw, Output::I32(&mut out));
         assert_eq!(out, want, "{be:?}");
@@ -225,19 +240,19 @@ fn gemm_kn_layout_and_general_types() {
         let a = rng.bytes_u8(m * k);
         let zp = rng.byte();
         let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
-        let pw = PackedWeights::pack_kn(&wt, k, n);
         // i8 activations, u8 weights with per-channel zero points.
         let ai = rng.bytes_i8(m * k);
         let aizp = rng.byte() as i8;
         let wu = rng.bytes_u8(n * k);
         let wzp = rng.bytes_u8(n);
         let want2 = as_i32(&gemm_ref(&ai, m, k, aizp, &wu, n, &wzp));
-        let pw2 = PackedWeights::pack_general(&wu, WeightLayout::NK, n, k, &wzp);
         // Per-tensor i8 weight zero point.
         let wzp3 = [rng.byte() as i8];
         let want3 = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &wzp3));
-        let pw3 = PackedWeights::pack_general(&w, WeightLayout::NK, n, k, &wzp3);
-        for be in backends() {
+        for (be, pk) in setups() {
+            let pw3 = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &wzp3);
+            let pw = PackedWeights::pack_with(pk, &wt, WeightLayout::KN, n, k, &[] as &[i8]);
+            let pw2 = PackedWeights::pack_with(pk, &wu, WeightLayout::NK, n, k, &wzp);
             let mut out = vec![0i32; m * n];
             gemm(be, &a, m, k, zp, &pw, Output::I32(&mut out));
             assert_eq!(out, want, "{be:?} kn");
@@ -251,8 +266,8 @@ fn gemm_kn_layout_and_general_types() {
 
 #[test]
 fn gemm_empty_dims() {
-    let pw = PackedWeights::pack(&[], 5, 0);
-    for be in backends() {
+    for (be, pk) in setups() {
+        let pw = PackedWeights::pack_with(pk, &[], WeightLayout::NK, 5, 0, &[] as &[i8]);
         let mut out = vec![9i32; 3 * 5];
         gemm(be, &[0u8; 0], 3, 0, 3, &pw, Output::I32(&mut out));
         assert!(out.iter().all(|&x| x == 0));
@@ -288,7 +303,6 @@ fn gemm_dequant_and_requant_outputs() {
         let w = rng.bytes_i8(n * k);
         let zp = rng.byte();
         let acc = gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]);
-        let pw = PackedWeights::pack(&w, n, k);
         let ws: Vec<f32> = (0..if case % 2 == 0 { n } else { 1 })
             .map(|_| (rng.below(1000) as f32 + 1.0) * 1.7e-5)
             .collect();
@@ -310,7 +324,8 @@ fn gemm_dequant_and_requant_outputs() {
             .iter()
             .map(|&v| q_ref(v, os, ozp as i8 as i32, -128, 127) as i8)
             .collect();
-        for be in backends() {
+        for (be, pk) in setups() {
+            let pw = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
             let mut of = vec![0f32; m * n];
             gemm(
                 be,
@@ -474,8 +489,8 @@ fn conv_random_geometries_exact() {
         let zp: u8 = [0, 128, 255, rng.byte()][done % 4];
         let (want, ho, wo) = conv_ref(&x, shape, zp, &w, oc, &[] as &[i8], &geom);
         let want = as_i32(&want);
-        let pw = PackedConvWeights::pack(&w, oc, cg, geom);
-        for be in backends() {
+        for (be, pk) in setups() {
+            let pw = PackedConvWeights::pack_with(pk, &w, oc, cg, geom, &[] as &[i8]);
             let mut out = vec![-1i32; nb * oc * ho * wo];
             conv2d(be, &x, shape, zp, &pw, Output::I32(&mut out));
             assert_eq!(out, want, "{be:?} {geom:?} shape={shape:?} oc={oc} zp={zp}");
@@ -530,8 +545,8 @@ fn conv_typical_layers_exact() {
         for zp in [0u8, 128, 255] {
             let (want, ho, wo) = conv_ref(&x, shape, zp, &w, oc, &[] as &[i8], &geom);
             let want = as_i32(&want);
-            let pw = PackedConvWeights::pack(&w, oc, cg, geom);
-            for be in backends() {
+            for (be, pk) in setups() {
+                let pw = PackedConvWeights::pack_with(pk, &w, oc, cg, geom, &[] as &[i8]);
                 let mut out = vec![0i32; oc * ho * wo];
                 conv2d(be, &x, shape, zp, &pw, Output::I32(&mut out));
                 assert_eq!(out, want, "{be:?} {geom:?} c={c} oc={oc} zp={zp}");
@@ -554,8 +569,8 @@ fn conv_saturation_and_outputs() {
             let w = vec![wv; oc * c * 9];
             let (want, ho, wo) = conv_ref(&x, shape, zp, &w, oc, &[] as &[i8], &geom);
             let want = as_i32(&want);
-            let pw = PackedConvWeights::pack(&w, oc, c, geom);
-            for be in backends() {
+            for (be, pk) in setups() {
+                let pw = PackedConvWeights::pack_with(pk, &w, oc, c, geom, &[] as &[i8]);
                 let mut out = vec![0i32; 2 * oc * ho * wo];
                 conv2d(be, &x, shape, zp, &pw, Output::I32(&mut out));
                 assert_eq!(out, want, "{be:?} x={xv} zp={zp} w={wv}");
@@ -569,7 +584,6 @@ fn conv_saturation_and_outputs() {
     let wzp = rng.bytes_u8(oc);
     let xzp = -3i8;
     let (acc, ho, wo) = conv_ref(&x, shape, xzp, &w, oc, &wzp, &geom);
-    let pw = PackedConvWeights::pack_general(&w, oc, c, geom, &wzp);
     let ws: Vec<f32> = (0..oc).map(|i| 1e-4 * (i + 1) as f32).collect();
     let bias: Vec<f32> = (0..oc).map(|i| i as f32 * 0.37 - 2.0).collect();
     let d = Dequant {
@@ -585,7 +599,8 @@ fn conv_saturation_and_outputs() {
         .iter()
         .map(|&v| q_ref(v, 0.02, 17, 0, 255) as u8)
         .collect();
-    for be in backends() {
+    for (be, pk) in setups() {
+        let pw = PackedConvWeights::pack_with(pk, &w, oc, c, geom, &wzp);
         let mut out = vec![0i32; acc.len()];
         conv2d(be, &x, shape, xzp, &pw, Output::I32(&mut out));
         assert_eq!(out, as_i32(&acc), "{be:?}");
@@ -703,13 +718,13 @@ fn conv_quantize_equals_quantize_then_conv() {
         let w = rng.bytes_i8(oc * cg * geom.kernel[0] * geom.kernel[1]);
         let ws: Vec<f32> = (0..oc).map(|i| 0.001 * (i + 1) as f32).collect();
         let bias: Vec<f32> = (0..oc).map(|i| i as f32 * 0.1 - 0.3).collect();
-        let pw = PackedConvWeights::pack(&w, oc, cg, geom);
         let deq = Dequant {
             a_scale: scale,
             w_scale: &ws,
             bias: Some(&bias),
         };
-        for be in backends() {
+        for (be, pk) in setups() {
+            let pw = PackedConvWeights::pack_with(pk, &w, oc, cg, geom, &[] as &[i8]);
             let mut q = vec![0u8; x.len()];
             quantize_u8(be, &x, scale, zp, &mut q);
             let mut want = vec![0f32; nb * oc * ho * wo];
@@ -751,8 +766,8 @@ fn gemm_quantize_equals_quantize_then_gemm() {
         let (scale, zp) = (0.03f32, rng.byte());
         let x = floats(&mut rng, m * k, scale);
         let w = rng.bytes_i8(n * k);
-        let pw = PackedWeights::pack(&w, n, k);
-        for be in backends() {
+        for (be, pk) in setups() {
+            let pw = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
             let mut q = vec![0u8; x.len()];
             quantize_u8(be, &x, scale, zp, &mut q);
             let mut want = vec![0i32; m * n];
@@ -813,22 +828,32 @@ fn thread_count_does_not_change_results() {
     }
 }
 
-/// Symmetric i8 weights stay resident as i8 (one byte a value, panels padded); weights
-/// whose centered values leave i8 (u8 with zero point 0, or i8 with a zero point) keep
-/// i16 pairs, and both storages give exact results.
+/// Symmetric i8 weights stay resident as i8 (one byte a value, panels padded), as i8
+/// pairs or s8 quads; weights whose centered values leave i8 (u8 with zero point 0, or
+/// i8 with a zero point) keep i16 pairs even when quads are asked for, and every storage
+/// gives exact results.
 #[test]
 fn weights_resident_as_i8_when_centered_values_fit() {
     let mut rng = Rng(21);
     let (n, k): (usize, usize) = (19, 37);
     let w = rng.bytes_i8(n * k);
-    let padded = n.div_ceil(NR) * NR * k.div_ceil(2) * 2;
-    assert_eq!(PackedWeights::pack(&w, n, k).resident_bytes(), padded);
-    let wu = rng.bytes_u8(n * k);
-    // u8 centered on 128 spans i8; on 0 it does not.
-    let pu = PackedWeights::pack_general(&wu, WeightLayout::NK, n, k, &[128u8]);
-    assert_eq!(pu.resident_bytes(), padded);
-    let pu = PackedWeights::pack_general(&wu, WeightLayout::NK, n, k, &[0u8]);
-    assert_eq!(pu.resident_bytes(), 2 * padded);
+    let padded = |width: usize| n.div_ceil(NR) * NR * k.div_ceil(width) * width;
+    let pack = |pk: Packing, w: &[u8], zp: u8| {
+        PackedWeights::pack_with(pk, w, WeightLayout::NK, n, k, &[zp])
+    };
+    for (pk, width) in [(Packing::Pairs, 2), (Packing::Quads, 4)] {
+        let p = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
+        assert_eq!((p.packing(), p.resident_bytes()), (pk, padded(width)));
+        // u8 centered on 128 spans i8; on 0 it does not.
+        let wu = rng.bytes_u8(n * k);
+        let pu = pack(pk, &wu, 128);
+        assert_eq!((pu.packing(), pu.resident_bytes()), (pk, padded(width)));
+        let pu = pack(pk, &wu, 0);
+        assert_eq!(
+            (pu.packing(), pu.resident_bytes()),
+            (Packing::Pairs, 2 * padded(2))
+        );
+    }
 
     // Conv: 3x3, 7 -> 10 channels, zero points that push centered values to ±255.
     let geom = ConvGeometry {
@@ -836,20 +861,23 @@ fn weights_resident_as_i8_when_centered_values_fit() {
         ..ConvGeometry::new(3, 3)
     };
     let (c, oc): (usize, usize) = (7, 10);
-    let steps_padded = 9 * c.div_ceil(2) * 2 * oc.div_ceil(MR) * MR;
+    let steps_padded = |width: usize| 9 * c.div_ceil(width) * width * oc.div_ceil(MR) * MR;
     let w = rng.bytes_i8(oc * c * 9);
-    assert_eq!(
-        PackedConvWeights::pack(&w, oc, c, geom).resident_bytes(),
-        steps_padded
-    );
+    for (pk, width) in [(Packing::Pairs, 2), (Packing::Quads, 4)] {
+        let p = PackedConvWeights::pack_with(pk, &w, oc, c, geom, &[] as &[i8]);
+        assert_eq!((p.packing(), p.resident_bytes()), (pk, steps_padded(width)));
+    }
     let wzp: Vec<i8> = (0..oc)
         .map(|o| if o % 2 == 0 { 127 } else { -128 })
         .collect();
-    let pw = PackedConvWeights::pack_general(&w, oc, c, geom, &wzp);
-    assert_eq!(pw.resident_bytes(), 2 * steps_padded);
     let x = rng.bytes_u8(c * 6 * 6);
     let (want, ..) = conv_ref(&x, [1, c, 6, 6], 3u8, &w, oc, &wzp, &geom);
-    for be in backends() {
+    for (be, pk) in setups() {
+        let pw = PackedConvWeights::pack_with(pk, &w, oc, c, geom, &wzp);
+        assert_eq!(
+            (pw.packing(), pw.resident_bytes()),
+            (Packing::Pairs, 2 * steps_padded(2))
+        );
         let mut out = vec![0i32; want.len()];
         conv2d(be, &x, [1, c, 6, 6], 3u8, &pw, Output::I32(&mut out));
         assert_eq!(out, as_i32(&want), "{be:?}");
