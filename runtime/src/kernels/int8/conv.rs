@@ -112,6 +112,9 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     let plan = Plan::new(w, shape, kernel, zero_u8);
     let mut buf = vec![plan.pad; plan.phases * plan.csteps * plan.plane];
     let mut wide = Vec::new();
+    // Multiply-adds of one (image, group).
+    let work = plan.og * plan.cg * plan.taps.len() * plan.npos;
+    let split = par::worth_splitting(work);
     for b in 0..nb {
         for gi in 0..g {
             // Weights resident as i8 pairs are widened once per call and group (each
@@ -120,7 +123,7 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
             // Widen this (image, group) into the phase planes, channel steps in parallel.
             {
                 let planes = Shared::new(&mut buf);
-                par::for_each(plan.csteps, |cs| match isa {
+                par::for_each(plan.csteps, split, |cs| match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: Avx2 (or better) only when detected; each cs writes its own
                     // planes.
@@ -135,7 +138,7 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
             // units = (chunk of tiles, panel of output channels), disjoint outputs.
             let opanels = w.opanels();
             let units = plan.ntiles.div_ceil(TILE_CHUNK) * opanels;
-            par::for_each(units, |u| {
+            par::for_each(units, split, |u| {
                 let (tc, op) = (u / opanels, u % opanels);
                 let ops = Operands {
                     planes: &buf,

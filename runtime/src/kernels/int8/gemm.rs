@@ -144,7 +144,9 @@ fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     let nkb = ksteps.div_ceil(kcs).max(1);
     let mc_cache = (CHUNK_BYTES / 4 / kcs).clamp(MR, 64 * MR) / MR * MR;
     // Enough chunks to keep every thread busy.
-    let mc = mc_cache.min(m.div_ceil(par::threads()).div_ceil(MR) * MR);
+    let split = par::worth_splitting(m * n * k);
+    let threads = if split { par::threads() } else { 1 };
+    let mc = mc_cache.min(m.div_ceil(threads).div_ceil(MR) * MR);
     let bl = Blocking {
         ksteps,
         kcs,
@@ -158,7 +160,7 @@ fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         center,
         zero_u8,
     };
-    par::for_each(m.div_ceil(mc), |ci| match isa {
+    par::for_each(m.div_ceil(mc), split, |ci| match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 (or better) only when detected; chunks store disjoint rows.
         Isa::Avx2 | Isa::Avx512Vnni => unsafe { chunk_avx2(kernel, &bl, &rows, w, ci, &sink) },
