@@ -79,6 +79,12 @@ pub struct BenchArgs {
     /// depend on them; use `tfmqc` itself for a file to ship).
     #[arg(long, default_value_t = 8, value_name = "N")]
     calib_samples: usize,
+    /// Also time every node of one step (tract engines: the runtime's own plan), and
+    /// print the N op kinds that take longest per engine; in the JSON, each tract run
+    /// gains `profile`: every op kind with `op`, `nodes` and `ms` (per step, mean over
+    /// --runs profiled steps).
+    #[arg(long, value_name = "N")]
+    profile: Option<usize>,
 }
 
 /// One engine on one file in this process: what `tfmqc bench` runs in its children.
@@ -99,6 +105,37 @@ pub struct WorkerArgs {
     steps: usize,
     #[arg(long)]
     loop_runs: usize,
+    /// Time every node over --runs more steps and add `profile` to the result.
+    #[arg(long)]
+    profile: bool,
+}
+
+/// Time per op kind over `runs` profiled steps: `[{op, nodes, ms}]`, ms per step, the
+/// longest first.
+fn profile_ops(
+    model: &Denoiser,
+    x: &Tensor,
+    t: i64,
+    cond: &[(&str, Tensor)],
+    runs: usize,
+) -> Result<Value, Failure> {
+    let mut by_op: BTreeMap<String, (usize, f64)> = BTreeMap::new();
+    for run in 0..runs {
+        for node in model.profile_step(x, t, cond).map_err(runtime_error)? {
+            let entry = by_op.entry(node.op).or_default();
+            if run == 0 {
+                entry.0 += 1;
+            }
+            entry.1 += node.time.as_secs_f64() * 1e3 / runs as f64;
+        }
+    }
+    let mut ops: Vec<(String, (usize, f64))> = by_op.into_iter().collect();
+    ops.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    Ok(Value::Array(
+        ops.into_iter()
+            .map(|(op, (nodes, ms))| json!({"op": op, "nodes": nodes, "ms": ms}))
+            .collect(),
+    ))
 }
 
 /// A field of /proc/self/status in MiB (`None` off Linux).
@@ -230,6 +267,13 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
             .map_err(runtime_error)?;
         loops.push(s.elapsed());
     }
+    // Read before profiling: the profiled steps must not raise the peak.
+    let peak_rss_mb = status_mb("VmHWM");
+    let profile = if args.profile {
+        Some(profile_ops(&model, &x, t, &cond, args.runs)?)
+    } else {
+        None
+    };
     let ac = &model.schedule().alphas_cumprod;
     let ts = model.timestep_input();
     let t_shape: Vec<usize> = match ts.shape.as_deref() {
@@ -244,11 +288,12 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
         "step_ms": median(steps),
         "step_ms_min": step_min.as_secs_f64() * 1e3,
         "loop_ms": (!loops.is_empty()).then(|| median(loops)),
-        "peak_rss_mb": status_mb("VmHWM"),
+        "peak_rss_mb": peak_rss_mb,
         "base_rss_mb": base,
         "load_rss_mb": anon.zip(loaded).map(|(b, l)| l - b),
         "load_s": load_s,
-        "int8_ops": model.int8_convs(),
+        "int8_ops": model.int8_ops(),
+        "profile": profile,
         // For the onnxruntime runs of the same model.
         "plan": {
             "sample_input": spec.name,
@@ -624,7 +669,13 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
                     if let Some(i) = &pair.inputs {
                         cmd.arg("--inputs").arg(i);
                     }
+                    if args.profile.is_some() {
+                        cmd.arg("--profile");
+                    }
                     let mut r = run_child(cmd, &what)?;
+                    if args.profile.is_none() {
+                        r.as_object_mut().map(|o| o.remove("profile"));
+                    }
                     let mut p = r["plan"].take();
                     for key in ["batch", "t", "steps"] {
                         p[key] = r[key].clone();
@@ -659,6 +710,9 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     }
     let ratios = ratios(&runs);
     eprint!("{}", table(&runs));
+    if let Some(top) = args.profile {
+        eprint!("{}", profile_table(&runs, top));
+    }
     if args.json {
         let obj = json!({
             "machine": machine(),
@@ -697,6 +751,34 @@ fn ratios(runs: &[Value]) -> Vec<Value> {
         }));
     }
     out
+}
+
+/// Per tract run, its `top` op kinds by time per step.
+fn profile_table(runs: &[Value], top: usize) -> String {
+    let mut s = String::new();
+    for r in runs {
+        let Some(ops) = r["profile"].as_array() else {
+            continue;
+        };
+        let total: f64 = ops.iter().filter_map(|o| o["ms"].as_f64()).sum();
+        s += &format!(
+            "\nprofile: {} on {}, {} thread(s): {total:.2} ms in nodes per step\n",
+            r["engine"].as_str().unwrap_or(""),
+            r["model"].as_str().unwrap_or(""),
+            r["threads"]
+        );
+        for o in ops.iter().take(top) {
+            let ms = o["ms"].as_f64().unwrap_or(0.0);
+            s += &format!(
+                "  {:>8.3} ms {:>5.1}% {:>4} × {}\n",
+                ms,
+                100.0 * ms / total.max(1e-12),
+                o["nodes"],
+                o["op"].as_str().unwrap_or("")
+            );
+        }
+    }
+    s
 }
 
 /// The human table: one line per run, ratios against tract-float of the same model and

@@ -199,3 +199,49 @@ fn bench_refuses_bad_thread_counts_and_engines() {
         "unknown engine 'onnx'",
     );
 }
+
+/// `--profile N`: every tract run gains its time per op kind (the runtime's int8 ops by
+/// name, as many nodes as it lowered), and stderr lists the N longest per run.
+#[test]
+fn bench_profile_lists_time_per_op_kind() {
+    let dir = tmpdir();
+    let q = quantized_digits(dir.path());
+    let out = tfmqc_ok(&[
+        "bench",
+        model_path("ddpm_digits").to_str().unwrap(),
+        "--quantized",
+        q.to_str().unwrap(),
+        "--engines",
+        "tract-float,tfmqc-int8",
+        "--threads",
+        "1",
+        "--runs",
+        "2",
+        "--steps",
+        "2",
+        "--loop-runs",
+        "0",
+        "--profile",
+        "3",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for r in v["runs"].as_array().unwrap() {
+        let ops = r["profile"].as_array().expect("a profile per tract run");
+        assert!(ops.iter().all(|o| o["ms"].as_f64().unwrap() >= 0.0
+            && o["nodes"].as_u64().unwrap() > 0
+            && o["op"].is_string()));
+        let ms: Vec<f64> = ops.iter().map(|o| o["ms"].as_f64().unwrap()).collect();
+        assert!(ms.windows(2).all(|w| w[0] >= w[1]), "longest first: {ms:?}");
+        // The runtime's int8 ops (TfmqcQConv, TfmqcQMatMul, ...): every lowered node.
+        let int8_nodes: u64 = ops
+            .iter()
+            .filter(|o| o["op"].as_str().unwrap().starts_with("Tfmqc"))
+            .map(|o| o["nodes"].as_u64().unwrap())
+            .sum();
+        assert_eq!(Some(int8_nodes), r["int8_ops"].as_u64(), "{}", r["engine"]);
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("profile: tfmqc-int8 on ddpm_digits"), "{err}");
+    assert!(err.contains("× TfmqcQConv"), "{err}");
+}

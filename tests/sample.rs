@@ -198,8 +198,8 @@ fn int8_samples_are_within_30_db_of_float_samples_at_w8a8() {
 
     let float = Denoiser::load(&float_path).unwrap();
     let int8 = Denoiser::load(&q).unwrap();
-    assert_eq!(float.int8_convs(), 0);
-    assert!(int8.int8_convs() > 0, "no convolution runs in int8");
+    assert_eq!(float.int8_ops(), 0);
+    assert!(int8.int8_ops() > 0, "no convolution runs in int8");
     let mut worst = f64::INFINITY;
     for seed in [0, 1] {
         let a = float

@@ -71,7 +71,7 @@ impl InputSpec {
 pub struct Denoiser {
     engine: Engine,
     /// Convolutions running on the int8 kernels.
-    int8_convs: usize,
+    int8_ops: usize,
     /// Per engine input, in order: which role it plays.
     inputs: Vec<InputSpec>,
     sample: usize,
@@ -85,13 +85,13 @@ impl std::fmt::Debug for Denoiser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "Denoiser(sample '{}', time step '{}', conditioning {:?}, |S| = {}, T = {}, {} int8 convs)",
+            "Denoiser(sample '{}', time step '{}', conditioning {:?}, |S| = {}, T = {}, {} int8 ops)",
             self.inputs[self.sample].name,
             self.inputs[self.timestep].name,
             self.conditioning_inputs(),
             self.timestep_count(),
             self.schedule.train_timesteps(),
-            self.int8_convs
+            self.int8_ops
         )
     }
 }
@@ -382,7 +382,7 @@ impl Denoiser {
             <[usize; 3]>::try_from(v).ok()
         });
         // Quantized convolutions run on the int8 kernels (a float model has none to lower).
-        let (engine, int8_convs) = Engine::from_proto_int8(proto, model_dir, None, Optimize::Full)
+        let (engine, int8_ops) = Engine::from_proto_int8(proto, model_dir, None, Optimize::Full)
             .map_err(|e| {
                 if name.is_empty() {
                     e
@@ -392,7 +392,7 @@ impl Denoiser {
             })?;
         Ok(Denoiser {
             engine,
-            int8_convs,
+            int8_ops,
             inputs,
             sample,
             timestep,
@@ -402,9 +402,10 @@ impl Denoiser {
         })
     }
 
-    /// How many convolutions run on the int8 kernels.
-    pub fn int8_convs(&self) -> usize {
-        self.int8_convs
+    /// How many nodes run on the int8 kernels (convolutions, Gemms / MatMuls with int8
+    /// weights, products of two quantized activations).
+    pub fn int8_ops(&self) -> usize {
+        self.int8_ops
     }
 
     /// The time-step set S, ascending; `None`: every training step 0..T.
@@ -553,7 +554,6 @@ impl Denoiser {
                 }
             }
         }
-        let dt = spec.dtype.unwrap_or(DatumType::F32);
         let batch = shape[0];
         if batch == 0 {
             return Err(Error::BadInput("the sample batch is empty".into()));
@@ -565,29 +565,7 @@ impl Denoiser {
         let mut start = 0;
         while start < batch {
             let end = (start + chunk).min(batch);
-            let mut args: Vec<Tensor> = Vec::with_capacity(self.inputs.len());
-            for (k, input) in self.inputs.iter().enumerate() {
-                let value = if k == self.sample {
-                    let part = if chunk == batch {
-                        x.clone()
-                    } else {
-                        rows(x, start, end, chunk)?
-                    };
-                    part.cast_to_dt(dt)
-                        .map_err(|e| Error::BadInput(format!("sample as {dt:?}: {e:#}")))?
-                        .into_owned()
-                } else if k == self.timestep {
-                    self.timestep_tensor(t, chunk)?
-                } else {
-                    let given = &cond.iter().find(|(n, _)| *n == input.name).unwrap().1;
-                    if chunk != batch && given.rank() > 0 && given.shape()[0] == batch {
-                        rows(given, start, end, chunk)?
-                    } else {
-                        given.clone()
-                    }
-                };
-                args.push(value);
-            }
+            let args = self.call_args(x, t, cond, start, end)?;
             let out = self.engine.run(args)?;
             let first = out
                 .first()
@@ -613,6 +591,72 @@ impl Denoiser {
             start = end;
         }
         Tensor::from_shape(&shape, &eps).map_err(|e| Error::BadInput(format!("{e:#}")))
+    }
+
+    /// The engine's inputs for rows `start..end` of the sample `x` (one call of a model
+    /// whose batch may be fixed: the rows are padded to it), in engine order.
+    fn call_args(
+        &self,
+        x: &Tensor,
+        t: i64,
+        cond: &[(&str, Tensor)],
+        start: usize,
+        end: usize,
+    ) -> Result<Vec<Tensor>> {
+        let batch = x.shape()[0];
+        let chunk = self.fixed_batch().unwrap_or(batch);
+        let dt = self.inputs[self.sample].dtype.unwrap_or(DatumType::F32);
+        let mut args: Vec<Tensor> = Vec::with_capacity(self.inputs.len());
+        for (k, input) in self.inputs.iter().enumerate() {
+            let value = if k == self.sample {
+                let part = if chunk == batch {
+                    x.clone()
+                } else {
+                    rows(x, start, end, chunk)?
+                };
+                part.cast_to_dt(dt)
+                    .map_err(|e| Error::BadInput(format!("sample as {dt:?}: {e:#}")))?
+                    .into_owned()
+            } else if k == self.timestep {
+                self.timestep_tensor(t, chunk)?
+            } else {
+                let given = &cond
+                    .iter()
+                    .find(|(n, _)| *n == input.name)
+                    .ok_or_else(|| {
+                        Error::BadInput(format!(
+                            "conditioning input '{}' was not given",
+                            input.name
+                        ))
+                    })?
+                    .1;
+                if chunk != batch && given.rank() > 0 && given.shape()[0] == batch {
+                    rows(given, start, end, chunk)?
+                } else {
+                    given.clone()
+                }
+            };
+            args.push(value);
+        }
+        Ok(args)
+    }
+
+    /// Times every node of one model call on the first rows of `x` (as [`Denoiser::denoise`]
+    /// would run them): where a step spends its time ([`Engine::profile`]).
+    pub fn profile_step(
+        &self,
+        x: &Tensor,
+        t: i64,
+        cond: &[(&str, Tensor)],
+    ) -> Result<Vec<crate::NodeTime>> {
+        self.check_timestep(t)?;
+        let batch = *x
+            .shape()
+            .first()
+            .ok_or_else(|| Error::BadInput("the sample must be [batch, C, H, W]".into()))?;
+        let end = self.fixed_batch().unwrap_or(batch).min(batch);
+        let args = self.call_args(x, t, cond, 0, end)?;
+        self.engine.profile(args)
     }
 
     /// The time steps a sampler with `steps` steps visits: taken evenly from S (or
