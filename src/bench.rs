@@ -45,7 +45,8 @@ const SEED: u64 = 0;
 /// `int8`, `other`) and `int8_ops`; `ratios`, one per non-reference run, against
 /// tract-float of the same model and thread count: `step_speedup`, `loop_speedup`
 /// (float time / engine time), `peak_rss_ratio`, `load_rss_ratio`, `weight_bytes_ratio`
-/// (engine / float); `skipped` (engine, reason) and `machine`.
+/// (engine / float); `skipped` (engine, reason) and `machine` (`cpu`, `arch`, `avx2`,
+/// `int8_backend`: the kernels the runtime runs here, `cores`).
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// Float ONNX models.
@@ -544,10 +545,17 @@ fn machine() -> Value {
     let avx2 = std::arch::is_x86_feature_detected!("avx2");
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
+    // The int8 kernels the runtime runs here (TFMQC_INT8_BACKEND may cap them).
+    let int8_backend = match tfmqc_runtime::kernels::int8::Backend::detect() {
+        tfmqc_runtime::kernels::int8::Backend::Avx512Vnni => "avx512vnni",
+        tfmqc_runtime::kernels::int8::Backend::Avx2 => "avx2",
+        _ => "portable",
+    };
     json!({
         "cpu": cpu,
         "arch": std::env::consts::ARCH,
         "avx2": avx2,
+        "int8_backend": int8_backend,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     })
 }

@@ -39,13 +39,13 @@ fn quantized_digits(dir: &std::path::Path) -> std::path::PathBuf {
     q
 }
 
-#[test]
-fn bench_json_has_one_run_per_engine_with_ratios_against_tract_float() {
-    let dir = tmpdir();
-    let q = quantized_digits(dir.path());
-    let out = tfmqc_ok(&[
+/// `tfmqc bench` of the tract engines on ddpm_digits and its quantized file `q`, one
+/// thread, two runs of two steps, JSON out, plus `extra`.
+fn bench_tract_engines(q: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let model = model_path("ddpm_digits");
+    let mut args = vec![
         "bench",
-        model_path("ddpm_digits").to_str().unwrap(),
+        model.to_str().unwrap(),
         "--quantized",
         q.to_str().unwrap(),
         "--engines",
@@ -56,10 +56,17 @@ fn bench_json_has_one_run_per_engine_with_ratios_against_tract_float() {
         "2",
         "--steps",
         "2",
-        "--loop-runs",
-        "1",
         "--json",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    tfmqc_ok(&args)
+}
+
+#[test]
+fn bench_json_has_one_run_per_engine_with_ratios_against_tract_float() {
+    let dir = tmpdir();
+    let q = quantized_digits(dir.path());
+    let out = bench_tract_engines(&q, &["--loop-runs", "1"]);
     let v: Value = serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
     insta::with_settings!({snapshot_path => "../snapshots", prepend_module_to_snapshot => false}, {
         insta::assert_snapshot!("bench_json_shape", serde_json::to_string_pretty(&shape(&v, "")).unwrap());
@@ -206,25 +213,7 @@ fn bench_refuses_bad_thread_counts_and_engines() {
 fn bench_profile_lists_time_per_op_kind() {
     let dir = tmpdir();
     let q = quantized_digits(dir.path());
-    let out = tfmqc_ok(&[
-        "bench",
-        model_path("ddpm_digits").to_str().unwrap(),
-        "--quantized",
-        q.to_str().unwrap(),
-        "--engines",
-        "tract-float,tfmqc-int8",
-        "--threads",
-        "1",
-        "--runs",
-        "2",
-        "--steps",
-        "2",
-        "--loop-runs",
-        "0",
-        "--profile",
-        "3",
-        "--json",
-    ]);
+    let out = bench_tract_engines(&q, &["--loop-runs", "0", "--profile", "3"]);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     for r in v["runs"].as_array().unwrap() {
         let ops = r["profile"].as_array().expect("a profile per tract run");

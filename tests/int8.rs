@@ -231,7 +231,7 @@ fn int8_conv1d_and_gemm_lowering_matches_the_qdq_graph() {
 /// ([M, 1]) is no bias of the output channels: that Gemm stays on tract.
 #[test]
 fn int8_gemm_forms_match_the_qdq_graph() {
-    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Tensor, ValueInfo};
     // M = N: a per-row C has as many values as output channels.
     let (m, k, n) = (4usize, 8usize, 4usize);
     let mut g = Graph::new("gemm_forms");
@@ -270,14 +270,6 @@ fn int8_gemm_forms_match_the_qdq_graph() {
             ..Default::default()
         });
     }
-    let node = |name: &str, op: &str, i: &[&str], o: &str| {
-        Node::new(
-            name,
-            op,
-            i.iter().map(|s| s.to_string()).collect(),
-            vec![o.to_string()],
-        )
-    };
     for nd in [
         node("q", "QuantizeLinear", &["x", "xs", "xz"], "xq"),
         node("dq", "DequantizeLinear", &["xq", "xs", "xz"], "xd"),
@@ -297,15 +289,9 @@ fn int8_gemm_forms_match_the_qdq_graph() {
     ] {
         g.add_node(nd).unwrap();
     }
-    let model = Model {
-        ir_version: 8,
-        opsets: vec![(String::new(), 17)],
-        graph: g,
-        ..Default::default()
-    };
     let dir = tmpdir();
     let path = dir.path().join("gemm_forms.onnx");
-    tfmqc_passes::onnx::save(&model, &path).unwrap();
+    save_graph(g, &path);
     let xv: Vec<f32> = (0..m * k)
         .map(|i| ((i as f32) * 0.71).sin() * 2.0)
         .collect();
@@ -363,7 +349,7 @@ fn int8_attention_matmuls_match_the_qdq_graph() {
 /// [2, 3, K, N]` (and an Einsum `bct,bcs->bts`), lowered vs the QDQ graph in tract.
 #[test]
 fn int8_activation_matmul_forms_match_the_qdq_graph() {
-    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Tensor, ValueInfo};
     let (m, k, n) = (5usize, 7usize, 9usize);
     let mut g = Graph::new("act_matmul");
     let dims = |d: &[usize]| d.iter().map(|&v| Dim::Known(v as i64)).collect::<Vec<_>>();
@@ -389,14 +375,6 @@ fn int8_activation_matmul_forms_match_the_qdq_graph() {
             ..Default::default()
         });
     }
-    let node = |name: &str, op: &str, i: &[&str], o: &str| {
-        Node::new(
-            name,
-            op,
-            i.iter().map(|s| s.to_string()).collect(),
-            vec![o.to_string()],
-        )
-    };
     for nd in [
         node("qx", "QuantizeLinear", &["x", "xs", "xz"], "xq"),
         node("dqx", "DequantizeLinear", &["xq", "xs", "xz"], "xd"),
@@ -412,15 +390,9 @@ fn int8_activation_matmul_forms_match_the_qdq_graph() {
     ] {
         g.add_node(nd).unwrap();
     }
-    let model = Model {
-        ir_version: 8,
-        opsets: vec![(String::new(), 17)],
-        graph: g,
-        ..Default::default()
-    };
     let dir = tmpdir();
     let path = dir.path().join("act_matmul.onnx");
-    tfmqc_passes::onnx::save(&model, &path).unwrap();
+    save_graph(g, &path);
     let vals = |len: usize, f: f32| -> Vec<f32> {
         (0..len).map(|i| ((i as f32) * f).sin() * 2.0).collect()
     };

@@ -6,7 +6,7 @@ mod common;
 use common::*;
 
 use tfmqc_passes::ir::print;
-use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Tensor, ValueInfo};
 
 fn snapshot(name: &str, text: &str) {
     insta::with_settings!({snapshot_path => "../snapshots", prepend_module_to_snapshot => false}, {
@@ -50,14 +50,7 @@ pub fn synthetic() -> Model {
         t: Some(tfmqc_passes::onnx::tensor_to_onnx("", &c)),
         ..Default::default()
     };
-    let n = |name: &str, op: &str, i: &[&str], o: &str| {
-        Node::new(
-            name,
-            op,
-            i.iter().map(|s| s.to_string()).collect(),
-            vec![o.to_string()],
-        )
-    };
+    let n = node;
     g.add_node(n("half", "Constant", &[], "half").with_attr(value))
         .unwrap();
     g.add_node(n("scale", "Mul", &["w", "half"], "w_half"))

@@ -277,7 +277,7 @@ fn tib_quant_graph_snapshot() {
 /// warns, naming the node and op, and folds the TIB into tables instead.
 #[test]
 fn unsupported_tib_op_falls_back_to_tables_with_a_warning() {
-    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Tensor, ValueInfo};
     let mut g = Graph::new("tanh_tib");
     g.inputs
         .push(ValueInfo::new("t", DType::F32, vec![Dim::Known(1)]));
@@ -299,14 +299,7 @@ fn unsupported_tib_op_falls_back_to_tables_with_a_warning() {
     let w: Vec<f32> = (0..16).map(|i| (i as f32 * 0.37).sin()).collect();
     g.initializers
         .insert("w".into(), Tensor::from_vec(vec![4, 4], &w));
-    let n = |name: &str, op: &str, i: &[&str], o: &str| {
-        Node::new(
-            name,
-            op,
-            i.iter().map(|s| s.to_string()).collect(),
-            vec![o.to_string()],
-        )
-    };
+    let n = node;
     for node in [
         n("col", "Unsqueeze", &["t", "axes"], "t_col"),
         n("phase", "Mul", &["t_col", "freq"], "phase"),
@@ -317,15 +310,9 @@ fn unsupported_tib_op_falls_back_to_tables_with_a_warning() {
     ] {
         g.add_node(node).unwrap();
     }
-    let model = Model {
-        ir_version: 8,
-        opsets: vec![(String::new(), 17)],
-        graph: g,
-        ..Default::default()
-    };
     let dir = tmpdir();
     let path = dir.path().join("tanh_tib.onnx");
-    tfmqc_passes::onnx::save(&model, &path).unwrap();
+    save_graph(g, &path);
     let out = dir.path().join("q.onnx");
     let o = tfmqc_ok(&[
         path.to_str().unwrap(),
@@ -353,7 +340,7 @@ fn unsupported_tib_op_falls_back_to_tables_with_a_warning() {
 /// be a table: the graph computes it anyway, and one value has one producer.
 #[test]
 fn a_frontier_value_feeding_a_computed_one_is_not_tabled() {
-    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
+    use tfmqc_passes::ir::{attr, DType, Dim, Graph, Model, Tensor, ValueInfo};
     let mut g = Graph::new("shared_temb");
     g.inputs
         .push(ValueInfo::new("t", DType::F32, vec![Dim::Known(1)]));
@@ -377,14 +364,7 @@ fn a_frontier_value_feeding_a_computed_one_is_not_tabled() {
         .insert("w".into(), Tensor::from_vec(vec![4, 4], &w));
     g.initializers
         .insert("w2".into(), Tensor::from_vec(vec![4, 4], &w));
-    let n = |name: &str, op: &str, i: &[&str], o: &str| {
-        Node::new(
-            name,
-            op,
-            i.iter().map(|s| s.to_string()).collect(),
-            vec![o.to_string()],
-        )
-    };
+    let n = node;
     for node in [
         n("col", "Unsqueeze", &["t", "axes"], "t_col"),
         n("phase", "Mul", &["t_col", "freq"], "phase"),

@@ -16,7 +16,7 @@ use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
 use crate::int8_ops::{
-    activation_qdq, attr_float, attr_int, initializer, mk_attr, raw_bytes, raw_f32,
+    activation_qdq, attr, attr_float, attr_int, initializer, mk_attr, raw_bytes, raw_f32,
 };
 use crate::kernels::int8::{gemm_quantize, Backend, Dequant, Output, PackedWeights, WeightLayout};
 
@@ -135,12 +135,7 @@ pub fn build_qgemm(
     _ctx: &tract_onnx::model::ParsingContext,
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let find = |name: &str| {
-        node.attribute
-            .iter()
-            .find(|a| a.name == name)
-            .ok_or_else(|| format_err!("{QGEMM} '{}' lacks '{name}'", node.name))
-    };
+    let find = |name: &str| attr(node, name);
     let w = find("weight")?
         .t
         .as_ref()

@@ -17,7 +17,7 @@
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_ops::{activation_qdq, mk_attr};
+use crate::int8_ops::{activation_qdq, attr, mk_attr};
 use crate::kernels::int8::{matmul_quantize, Backend, QuantOperand};
 
 /// The op name of rewritten activation × activation products (domain `ai.tfmqc`).
@@ -196,12 +196,7 @@ pub fn build_qmatmul(
     _ctx: &tract_onnx::model::ParsingContext,
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    let find = |name: &str| {
-        node.attribute
-            .iter()
-            .find(|a| a.name == name)
-            .ok_or_else(|| format_err!("{QMATMUL} '{}' lacks '{name}'", node.name))
-    };
+    let find = |name: &str| attr(node, name);
     let op = QMatMul {
         x_scale: find("x_scale")?.f,
         x_zero_point: find("x_zero_point")?.i as u8,

@@ -174,11 +174,12 @@ fn qconv_rules<'p>(
     Ok(())
 }
 
-fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> TractResult<&'a pb::AttributeProto> {
+/// Attribute `name` of one of our int8 nodes (an error naming the node if it lacks it).
+pub(crate) fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> TractResult<&'a pb::AttributeProto> {
     node.attribute
         .iter()
         .find(|a| a.name == name)
-        .ok_or_else(|| format_err!("{QCONV} lacks '{name}'"))
+        .ok_or_else(|| format_err!("{} '{}' lacks '{name}'", node.op_type, node.name))
 }
 
 /// tract op builder for `TfmqcQConv` nodes.

@@ -96,6 +96,27 @@ pub fn quantize_small(model: &str, out: &Path, calib_steps: &str, extra: &[&str]
     tfmqc_ok(&args)
 }
 
+/// A node of a hand-built test graph: one output.
+pub fn node(name: &str, op: &str, inputs: &[&str], output: &str) -> tfmqc_passes::ir::Node {
+    tfmqc_passes::ir::Node::new(
+        name,
+        op,
+        inputs.iter().map(|s| s.to_string()).collect(),
+        vec![output.to_string()],
+    )
+}
+
+/// Saves a hand-built graph as an ONNX file (IR 8, opset 17).
+pub fn save_graph(graph: tfmqc_passes::ir::Graph, path: &Path) {
+    let model = tfmqc_passes::ir::Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 17)],
+        graph,
+        ..Default::default()
+    };
+    tfmqc_passes::onnx::save(&model, path).unwrap();
+}
+
 pub fn tmpdir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("tfmqc-test-")

@@ -54,19 +54,20 @@ fn hi(x: i32) -> i32 {
     x >> 16
 }
 
-/// Portable micro-kernel (plain Rust, wrapping i32 accumulation like the SIMD one).
-pub(crate) fn kernel_portable(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
+/// The portable kernels' loop: `lane(a, b)` is what one step adds to an accumulator for a
+/// broadcast lane `a` and a vector lane `b` (wrapping i32 accumulation like the SIMD ones).
+#[inline(always)]
+fn portable(args: &KernelArgs, tile: &mut [i32; MR * NR], lane: impl Fn(i32, i32) -> i32) {
     args.check();
     let mut acc = [[0i32; NR]; MR];
     let mut s = 0;
     for &t in args.taps {
-        for cp in 0..args.csteps {
-            let bb: &[i32; NR] = args.b[t + cp * args.b_cp..][..NR].try_into().unwrap();
+        for cs in 0..args.csteps {
+            let bb: &[i32; NR] = args.b[t + cs * args.b_cp..][..NR].try_into().unwrap();
             for (r, acc_r) in acc.iter_mut().enumerate() {
                 let av = args.a[r * args.a_row + s * args.a_step];
-                let (a0, a1) = (lo(av), hi(av));
                 for (o, &bv) in acc_r.iter_mut().zip(bb) {
-                    *o = o.wrapping_add(a0 * lo(bv) + a1 * hi(bv));
+                    *o = o.wrapping_add(lane(av, bv));
                 }
             }
             s += 1;
@@ -75,6 +76,11 @@ pub(crate) fn kernel_portable(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
     for (dst, src) in tile.chunks_exact_mut(NR).zip(&acc) {
         dst.copy_from_slice(src);
     }
+}
+
+/// Portable micro-kernel for i16 pairs (what `vpmaddwd` adds to a lane).
+pub(crate) fn kernel_portable(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
+    portable(args, tile, |a, b| lo(a) * lo(b) + hi(a) * hi(b))
 }
 
 /// The micro-kernel of an instruction set, for i16 pairs.
@@ -110,33 +116,15 @@ fn dot_quad(unsigned: i32, signed: i32) -> i32 {
     (0..4).map(|i| u[i] as i32 * s[i] as i8 as i32).sum()
 }
 
-/// Portable quad micro-kernel (plain Rust, wrapping i32 accumulation like `vpdpbusd`).
+/// Portable micro-kernel for 8-bit quads (what `vpdpbusd` adds to a lane).
 pub(crate) fn kernel_quads_portable<const UNSIGNED_BROADCAST: bool>(
     args: &KernelArgs,
     tile: &mut [i32; MR * NR],
 ) {
-    args.check();
-    let mut acc = [[0i32; NR]; MR];
-    let mut s = 0;
-    for &t in args.taps {
-        for cs in 0..args.csteps {
-            let bb: &[i32; NR] = args.b[t + cs * args.b_cp..][..NR].try_into().unwrap();
-            for (r, acc_r) in acc.iter_mut().enumerate() {
-                let av = args.a[r * args.a_row + s * args.a_step];
-                for (o, &bv) in acc_r.iter_mut().zip(bb) {
-                    let d = if UNSIGNED_BROADCAST {
-                        dot_quad(av, bv)
-                    } else {
-                        dot_quad(bv, av)
-                    };
-                    *o = o.wrapping_add(d);
-                }
-            }
-            s += 1;
-        }
-    }
-    for (dst, src) in tile.chunks_exact_mut(NR).zip(&acc) {
-        dst.copy_from_slice(src);
+    if UNSIGNED_BROADCAST {
+        portable(args, tile, dot_quad)
+    } else {
+        portable(args, tile, |a, b| dot_quad(b, a))
     }
 }
 
@@ -224,67 +212,59 @@ mod avx512vnni {
 
     const _: () = assert!(NR == 16, "one zmm of i32 lanes per tile row");
 
-    /// `vpdpbusd` (u8 × s8, four products a lane): the unsigned operand must be the
-    /// first source, so the broadcast goes there when it holds the activations.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512 F and VNNI and `args.check()` must hold.
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    pub(super) unsafe fn quad_kernel<const UNSIGNED_BROADCAST: bool>(
-        args: &KernelArgs,
-        tile: &mut [i32; MR * NR],
-    ) {
-        let mut acc = [_mm512_setzero_si512(); MR];
-        let a = args.a.as_ptr();
-        let b = args.b.as_ptr();
-        let a_row = args.a_row;
-        let mut pa = a;
-        for &t in args.taps {
-            let mut pb = b.add(t);
-            for _ in 0..args.csteps {
-                let bv = _mm512_loadu_si512(pb as *const _);
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_epi32(*pa.add(r * a_row));
-                    *acc_r = if UNSIGNED_BROADCAST {
-                        _mm512_dpbusd_epi32(*acc_r, av, bv)
-                    } else {
-                        _mm512_dpbusd_epi32(*acc_r, bv, av)
-                    };
+    /// An `MR × NR` kernel with one zmm accumulator per tile row: `$step(acc, a, b)`
+    /// adds the products of a broadcast lane `a` and a vector `b` to `acc`.
+    macro_rules! zmm_kernel {
+        ($(#[$doc:meta])* $name:ident$(<const $c:ident: bool>)?, |$acc:ident, $av:ident, $bv:ident| $step:expr) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The CPU must support AVX-512 F and VNNI and `args.check()` must hold.
+            #[target_feature(enable = "avx512f,avx512vnni")]
+            pub(super) unsafe fn $name$(<const $c: bool>)?(
+                args: &KernelArgs,
+                tile: &mut [i32; MR * NR],
+            ) {
+                let mut acc = [_mm512_setzero_si512(); MR];
+                let a = args.a.as_ptr();
+                let b = args.b.as_ptr();
+                let a_row = args.a_row;
+                let mut pa = a;
+                for &t in args.taps {
+                    let mut pb = b.add(t);
+                    for _ in 0..args.csteps {
+                        let $bv = _mm512_loadu_si512(pb as *const _);
+                        for (r, acc_r) in acc.iter_mut().enumerate() {
+                            let $av = _mm512_set1_epi32(*pa.add(r * a_row));
+                            let $acc = *acc_r;
+                            *acc_r = $step;
+                        }
+                        pa = pa.wrapping_add(args.a_step);
+                        pb = pb.wrapping_add(args.b_cp);
+                    }
                 }
-                pa = pa.wrapping_add(args.a_step);
-                pb = pb.wrapping_add(args.b_cp);
+                let out = tile.as_mut_ptr();
+                for (r, &x) in acc.iter().enumerate() {
+                    _mm512_storeu_si512(out.add(r * NR) as *mut _, x);
+                }
             }
-        }
-        let out = tile.as_mut_ptr();
-        for (r, &x) in acc.iter().enumerate() {
-            _mm512_storeu_si512(out.add(r * NR) as *mut _, x);
-        }
+        };
     }
 
-    /// # Safety
-    /// The CPU must support AVX-512 F and VNNI and `args.check()` must hold.
-    #[target_feature(enable = "avx512f,avx512vnni")]
-    pub(super) unsafe fn kernel(args: &KernelArgs, tile: &mut [i32; MR * NR]) {
-        let mut acc = [_mm512_setzero_si512(); MR];
-        let a = args.a.as_ptr();
-        let b = args.b.as_ptr();
-        let a_row = args.a_row;
-        let mut pa = a;
-        for &t in args.taps {
-            let mut pb = b.add(t);
-            for _ in 0..args.csteps {
-                let bv = _mm512_loadu_si512(pb as *const _);
-                for (r, acc_r) in acc.iter_mut().enumerate() {
-                    let av = _mm512_set1_epi32(*pa.add(r * a_row));
-                    *acc_r = _mm512_dpwssd_epi32(*acc_r, av, bv);
-                }
-                pa = pa.wrapping_add(args.a_step);
-                pb = pb.wrapping_add(args.b_cp);
-            }
+    zmm_kernel!(
+        /// i16 pairs: `vpdpwssd` (`vpmaddwd` + `vpaddd` in one instruction).
+        kernel,
+        |acc, av, bv| _mm512_dpwssd_epi32(acc, av, bv)
+    );
+
+    zmm_kernel!(
+        /// u8 × s8 quads: `vpdpbusd` (four products a lane); the unsigned operand must be
+        /// the first source, so the broadcast goes there when it holds the activations.
+        quad_kernel<const UNSIGNED_BROADCAST: bool>,
+        |acc, av, bv| if UNSIGNED_BROADCAST {
+            _mm512_dpbusd_epi32(acc, av, bv)
+        } else {
+            _mm512_dpbusd_epi32(acc, bv, av)
         }
-        let out = tile.as_mut_ptr();
-        for (r, &x) in acc.iter().enumerate() {
-            _mm512_storeu_si512(out.add(r * NR) as *mut _, x);
-        }
-    }
+    );
 }
