@@ -103,7 +103,7 @@ fn quantize(src: &Path, q: &Path) -> String {
     let options = Options {
         timesteps: Some("ddim:50".into()),
         calib_samples: 2,
-        calib_steps: 10,
+        calib_steps: Some(10),
         ..Default::default()
     };
     let mut cx = PassContext::new(onnx::load(src).unwrap(), &options);

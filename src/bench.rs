@@ -64,18 +64,23 @@ pub struct BenchArgs {
     /// Timed denoiser calls per run (the median is reported), after 3 untimed ones.
     #[arg(long, default_value_t = 21, value_name = "N")]
     runs: usize,
-    /// DDIM steps of the timed sampling loop.
+    /// Steps of the timed sampling loop.
     #[arg(long, default_value_t = 20, value_name = "N")]
     steps: usize,
+    /// The sampler of the timed loop: ddim, ddpm, euler or dpm++ (the runtime's, under
+    /// each model's scheduler configuration).
+    #[arg(long, default_value = "ddim", value_parser = ["ddim", "ddpm", "euler", "dpm++"])]
+    sampler: String,
     /// Timed sampling loops per run (the median is reported); 0 skips the loop.
     #[arg(long, default_value_t = 3, value_name = "N")]
     loop_runs: usize,
     /// Engines to run, comma-separated (default: all; onnxruntime ones when installed).
     #[arg(long, value_name = "LIST")]
     engines: Option<String>,
-    /// Time-step set S of the quantized files made here (small S, small tables).
-    #[arg(long, default_value = "ddim:50", value_name = "SPEC")]
-    timesteps: String,
+    /// Time-step set S of the quantized files made here (default: the pipeline's, every
+    /// step the samplers visit at 20, 25, 30 and 50 steps).
+    #[arg(long, value_name = "SPEC")]
+    timesteps: Option<String>,
     /// Calibration trajectories of the quantized files made here (speed does not
     /// depend on them; use `tfmqc` itself for a file to ship).
     #[arg(long, default_value_t = 8, value_name = "N")]
@@ -104,6 +109,8 @@ pub struct WorkerArgs {
     runs: usize,
     #[arg(long)]
     steps: usize,
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
     #[arg(long)]
     loop_runs: usize,
     /// Time every node over --runs more steps and add `profile` to the result.
@@ -245,7 +252,10 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
         &NoiseRng::new(SEED).normal_vec(x_shape.iter().product()),
     )
     .map_err(|e| user_error(format!("{e:#}")))?;
-    let trajectory = model.trajectory(args.steps);
+    let sampler: Sampler = args.sampler.parse().map_err(user_error)?;
+    let trajectory = model
+        .trajectory(sampler, args.steps)
+        .map_err(|e| user_error(format!("{}: {e}", args.model.display())))?;
     // A time step from the middle of the trajectory: in S for every file.
     let t = trajectory[trajectory.len() / 2];
 
@@ -264,7 +274,7 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
     for _ in 0..args.loop_runs {
         let s = Instant::now();
         model
-            .sample(SEED, args.steps, &cond, batch, Sampler::Ddim)
+            .sample(SEED, args.steps, &cond, batch, sampler)
             .map_err(runtime_error)?;
         loops.push(s.elapsed());
     }
@@ -462,9 +472,12 @@ fn prepare(args: &BenchArgs, k: usize, work: &Path, need_quant: bool) -> Result<
         None => {
             let q = work.join(format!("{k}-{name}.q.onnx"));
             eprintln!(
-                "tfmqc bench: quantizing {} with the default pipeline (--timesteps {} --calib-samples {}; give --quantized FILE to skip this)",
+                "tfmqc bench: quantizing {} with the default pipeline ({}--calib-samples {}; give --quantized FILE to skip this)",
                 float.display(),
-                args.timesteps,
+                args.timesteps
+                    .as_ref()
+                    .map(|t| format!("--timesteps {t} "))
+                    .unwrap_or_default(),
                 args.calib_samples
             );
             let exe = std::env::current_exe()
@@ -473,8 +486,10 @@ fn prepare(args: &BenchArgs, k: usize, work: &Path, need_quant: bool) -> Result<
             cmd.arg(&float)
                 .arg("-o")
                 .arg(&q)
-                .args(["--timesteps", &args.timesteps])
                 .args(["--calib-samples", &args.calib_samples.to_string()]);
+            if let Some(t) = &args.timesteps {
+                cmd.args(["--timesteps", t]);
+            }
             run_quantize(cmd, &float)?;
             q
         }
@@ -673,6 +688,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
                         .args(["--threads", &n.to_string()])
                         .args(["--runs", &args.runs.to_string()])
                         .args(["--steps", &args.steps.to_string()])
+                        .args(["--sampler", &args.sampler])
                         .args(["--loop-runs", &args.loop_runs.to_string()]);
                     if let Some(i) = &pair.inputs {
                         cmd.arg("--inputs").arg(i);

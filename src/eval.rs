@@ -14,14 +14,14 @@ use std::time::Instant;
 
 use clap::Args;
 use serde_json::{json, Value};
-use tfmqc_passes::calibrate::{calibrate, stand_in, timestep_tensor};
+use tfmqc_passes::calibrate::{stand_in, timestep_tensor};
 use tfmqc_passes::evaluate::output_sqnr_per_step;
 use tfmqc_passes::exec::{to_tract, Runner};
 use tfmqc_passes::ir::{Dim, Model, Tensor};
 use tfmqc_passes::options::{meta, timestep_set};
 use tfmqc_passes::{onnx, Options};
 use tfmqc_runtime::engine::{read_proto, Optimize};
-use tfmqc_runtime::{pb, Denoiser, NoiseRng, Sampler};
+use tfmqc_runtime::{pb, Denoiser, Guidance, NoiseRng, Sampler, SchedulerConfig};
 
 use crate::{user_error, Failure};
 use metrics::DB_CAP;
@@ -29,11 +29,13 @@ use plot::{Figure, Panel, Series, PALETTE};
 
 /// The choices `--help` states (docs/eval-json.md has the details).
 const NOTES: &str = "\
-How: S and the schedule come from --timesteps/--schedule/..., else the set a tfmqc QUANT
-records, else FLOAT's metadata, as in the pipeline; every model samples the same
-trajectory. Temporal features: the TIB frontier detected on FLOAT, read by name from each
-QUANT (extra outputs); a QUANT without a value of that name is skipped for it, with a
-note. Conditioning inputs get seeded stand-ins (WARNING). The Fréchet distance needs
+How: S comes from --timesteps, else the set a tfmqc QUANT records, else the pipeline's
+default; the scheduler from --scheduler, else the one a tfmqc QUANT records, else FLOAT's
+metadata; every model samples the same trajectories with the same sampler (--sampler,
+else the one a tfmqc QUANT was calibrated for, else ddim). Temporal features: the TIB
+frontier detected on FLOAT, read by name from each QUANT (extra outputs); a QUANT without
+a value of that name is skipped for it, with a note. Conditioning inputs come from --calib
+(rows cycled), else seeded stand-ins (WARNING). The Fréchet distance needs
 --fd-features and --fd-ref and is skipped (with a note) without them or when the samples
 do not fit the feature model. A QUANT must have FLOAT's inputs and outputs, and every
 weight it feeds to Conv/Gemm/MatMul (dequantized) within relative error 0.5 of a
@@ -58,9 +60,25 @@ pub struct EvalArgs {
     /// Names for the QUANT files in tables and plots, in order (default: file stems).
     #[arg(long, value_name = "NAME")]
     label: Vec<String>,
-    /// Denoising steps of the trajectories and samples, taken evenly from S.
+    /// Denoising steps of the trajectories and samples (the time steps diffusers'
+    /// scheduler visits at N; they must lie in S).
     #[arg(long, default_value_t = 50, value_name = "N")]
     steps: usize,
+    /// The sampler: ddim, ddpm, euler or dpm++ (default: the one a tfmqc QUANT was
+    /// calibrated for, else ddim).
+    #[arg(long, value_parser = ["ddim", "ddpm", "euler", "dpm++"])]
+    sampler: Option<String>,
+    /// A diffusers scheduler_config.json (default: the one a tfmqc QUANT records, else
+    /// FLOAT's metadata, else DDIMScheduler defaults).
+    #[arg(long, value_name = "FILE")]
+    scheduler: Option<PathBuf>,
+    /// Conditioning (.safetensors or .npz keyed by input name, rows cycled;
+    /// `uncond/<input>` for --guidance-scale, else zeros). Default: seeded stand-ins.
+    #[arg(long, value_name = "FILE")]
+    calib: Option<PathBuf>,
+    /// Classifier-free guidance scale of the trajectories and samples.
+    #[arg(long, value_name = "G")]
+    guidance_scale: Option<f32>,
     /// Samples M for the end-to-end PSNR and the Fréchet distance (same seeds for every
     /// model).
     #[arg(long, default_value_t = 16, value_name = "M")]
@@ -93,22 +111,22 @@ pub struct EvalArgs {
     /// The time-step input (default: detected on FLOAT).
     #[arg(long, value_name = "NAME")]
     timestep_input: Option<String>,
-    /// Beta schedule (default: FLOAT's metadata, else linear), as in the pipeline.
+    /// Beta schedule, over the scheduler configuration, as in the pipeline.
     #[arg(long, value_name = "linear|scaled-linear|cosine")]
     schedule: Option<String>,
-    /// Training time steps T (default: FLOAT's metadata, else 1000).
+    /// Training time steps T, over the scheduler configuration.
     #[arg(long, value_name = "T")]
     train_timesteps: Option<usize>,
+    /// First β, over the scheduler configuration.
     #[arg(long, value_name = "B0")]
     beta_start: Option<f64>,
+    /// Last β, over the scheduler configuration.
     #[arg(long, value_name = "B1")]
     beta_end: Option<f64>,
 }
 
 /// Samples shown per model in samples.png.
 const GRID_ROWS: usize = 8;
-/// Trajectories for the per-step SQNR when the batch is free (a fixed batch: that many).
-const SQNR_TRAJECTORIES: usize = 2;
 
 fn fail(e: tfmqc_passes::Error) -> Failure {
     Failure::from(e)
@@ -201,10 +219,25 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     }
     let mut notes: Vec<String> = vec![];
 
-    // S and the schedule: the options, else what a tfmqc QUANT recorded, else FLOAT.
+    // S and the scheduler: the options, else what a tfmqc QUANT recorded, else FLOAT.
+    let recorded = |key: &str| {
+        quants
+            .iter()
+            .find_map(|q| q.model.metadata_value(key).map(String::from))
+    };
+    let sampler: Sampler = match (&args.sampler, recorded(meta::SAMPLER)) {
+        (Some(s), _) => s.parse().map_err(user_error)?,
+        (None, Some(s)) => s.parse().unwrap_or(Sampler::Ddim),
+        (None, None) => Sampler::Ddim,
+    };
     let mut opts = Options {
         timesteps: args.timesteps.clone(),
         timestep_input: args.timestep_input.clone(),
+        scheduler: args.scheduler.clone(),
+        sampler,
+        calib: args.calib.clone(),
+        guidance_scale: args.guidance_scale,
+        calib_steps: Some(args.steps),
         schedule: args.schedule.clone(),
         train_timesteps: args.train_timesteps,
         beta_start: args.beta_start,
@@ -212,6 +245,13 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         seed: args.seed,
         ..Default::default()
     };
+    // A tfmqc QUANT's scheduler, where no file is given: FLOAT's metadata with it.
+    let mut float = float;
+    if args.scheduler.is_none() {
+        if let Some(json) = recorded(meta::SCHEDULE) {
+            float.set_metadata(meta::SCHEDULE, json);
+        }
+    }
     let mut s_source = "--timesteps".to_string();
     if opts.timesteps.is_none() {
         if let Some(q) = quants
@@ -227,10 +267,21 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         }
     }
     let set = timestep_set(&float, &opts).map_err(fail)?;
-    let schedule = opts.schedule(&float).map_err(fail)?;
+    let scheduler = opts.scheduler(&float).map_err(fail)?;
+    let trajectory = tfmqc_runtime::sampler::timesteps(sampler, &scheduler, args.steps)
+        .map_err(|e| user_error(e.to_string()))?;
+    if let Some(t) = trajectory.iter().find(|t| set.binary_search(t).is_err()) {
+        return Err(user_error(format!(
+            "{sampler} at --steps {} visits t = {t}, outside the evaluated time-step set S ({} steps, {}..{}): give --steps or --timesteps that fit",
+            args.steps,
+            set.len(),
+            set[0],
+            set[set.len() - 1]
+        )));
+    }
     for q in &quants {
         if let Some(rec) = q.model.metadata_value(meta::TIMESTEPS) {
-            let theirs = tfmqc_passes::options::parse_timesteps(rec, schedule.train_timesteps())
+            let theirs = tfmqc_passes::options::parse_timesteps(rec, scheduler.num_train_timesteps)
                 .map_err(fail)?;
             if let Some(t) = set.iter().find(|t| theirs.binary_search(t).is_err()) {
                 return Err(user_error(format!(
@@ -340,42 +391,28 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         feature_missing.push(missing);
     }
 
-    // 2. Per-step output SQNR along float trajectories (the calibration pass's own
-    //    trajectory generator, stand-ins included).
-
-    // One batch: calibration keeps the records of its first batch only, so a model with
-    // a fixed batch runs just that batch.
-    let fixed_batch = float
-        .graph
-        .inputs
-        .iter()
-        .filter(|i| i.shape.as_ref().is_some_and(|s| s.len() >= 3))
-        .find_map(|i| match i.shape.as_deref() {
-            Some([Dim::Known(b), ..]) => Some(*b as usize),
-            _ => None,
-        });
-    let cal_opts = Options {
-        calib_samples: fixed_batch.unwrap_or(SQNR_TRAJECTORIES),
-        calib_batch: SQNR_TRAJECTORIES,
-        calib_steps: args.steps,
-        ..opts.clone()
-    };
+    // 2. Per-step output SQNR along float trajectories of the sampler (the pipeline's own
+    //    trajectory generator, guidance and stand-ins included).
     progress(&format!(
-        "per-step output SQNR: {} float trajectories of {} steps",
-        fixed_batch.unwrap_or(SQNR_TRAJECTORIES),
+        "per-step output SQNR: float {sampler} trajectories of {} steps",
         args.steps
     ));
-    let cal = calibrate(&float, &cal_opts, &t_name, &[], &|_| {}).map_err(fail)?;
-    if !cal.stand_ins.is_empty() {
+    let given = tfmqc_passes::trajectory::Given::read(&float, &opts).map_err(fail)?;
+    let plan = tfmqc_passes::trajectory::Plan::new(&float, &opts, &t_name, &given, &set, 2)
+        .map_err(fail)?;
+    notes.extend(plan.notes.iter().cloned());
+    let stand_ins = plan.stand_ins.clone();
+    if !stand_ins.is_empty() {
         notes.push(format!(
-            "WARNING: {} took seeded random stand-ins (no conditioning data is given to eval): the numbers show the quantization error under random conditioning",
-            cal.stand_ins.join(", ")
+            "WARNING: {} took seeded random stand-ins (give conditioning with --calib): the numbers show the quantization error under random conditioning",
+            stand_ins.join(", ")
         ));
     }
+    let ev = tfmqc_passes::trajectory::evaluation_records(&float, &opts, &t_name, &|_| {})
+        .map_err(fail)?;
     let mut step_sqnr = vec![];
     for q in &quants {
-        let s = output_sqnr_per_step(&float, &q.model, &cal.records, &cal.record_steps)
-            .map_err(fail)?;
+        let s = output_sqnr_per_step(&float, &q.model, &ev.records, &ev.steps).map_err(fail)?;
         step_sqnr.push(
             s.into_iter()
                 .map(|x| (x.t, x.sqnr_db.min(DB_CAP)))
@@ -383,23 +420,32 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         );
     }
 
-    // 3. End to end: the runtime's DDIM sampler, same seed, same trajectory from S.
+    // 3. End to end: the runtime's sampler, same seed, same trajectory.
     progress(&format!(
-        "sampling: {} samples × {} steps per model",
+        "sampling: {} samples × {} {sampler} steps per model",
         args.samples, args.steps
     ));
-    let float_den = denoiser(&args.float, &set, &schedule, &t_name)?;
-    let cond = conditioning(&float, &float_den, args.samples, args.seed)?;
+    let float_den = denoiser(&args.float, &set, &scheduler, &t_name)?;
+    let (cond, uncond) = conditioning(&float, &float_den, &given, &opts, args.samples)?;
     let cond_ref: Vec<(&str, tfmqc_runtime::Tensor)> =
         cond.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+    let uncond_ref: Vec<(&str, tfmqc_runtime::Tensor)> = uncond
+        .iter()
+        .map(|(n, t)| (n.as_str(), t.clone()))
+        .collect();
     let sample = |d: &Denoiser, path: &Path| -> Result<(Vec<f32>, [usize; 4]), Failure> {
         let x = d
-            .sample(
+            .sample_with(
                 args.seed,
                 args.steps,
                 &cond_ref,
                 args.samples,
-                Sampler::Ddim,
+                sampler,
+                args.guidance_scale.map(|scale| Guidance {
+                    scale,
+                    uncond: &uncond_ref,
+                }),
+                &mut |_, _| {},
             )
             .map_err(|e| runtime_fail(path, e))?;
         let shape = x.shape();
@@ -413,13 +459,12 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         Ok((v, dims))
     };
     let (float_samples, dims) = sample(&float_den, &args.float)?;
-    let trajectory = float_den.trajectory(args.steps);
     drop(float_den);
     let per_sample: usize = dims[1..].iter().product();
     let mut quant_samples = vec![];
     let mut psnr = vec![];
     for q in &quants {
-        let d = denoiser(&q.path, &set, &schedule, &t_name)?;
+        let d = denoiser(&q.path, &set, &scheduler, &t_name)?;
         let (v, _) = sample(&d, &q.path)?;
         psnr.push(
             (0..dims[0])
@@ -530,12 +575,14 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         },
         "timestep_input": t_name,
         "timesteps": {"source": s_source, "values": set},
-        "schedule": crate::report::schedule_json(&schedule),
+        "schedule": scheduler.to_json(),
+        "sampler": sampler.name(),
+        "guidance_scale": args.guidance_scale,
         "steps": args.steps,
         "trajectory": trajectory,
         "samples": args.samples,
         "seed": args.seed,
-        "stand_in_inputs": cal.stand_ins,
+        "stand_in_inputs": stand_ins,
         "frontier": frontier,
         "fd_features": args.fd_features.as_ref().map(|p| p.display().to_string()),
         "quant": quant_json,
@@ -561,17 +608,14 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
 fn denoiser(
     path: &Path,
     set: &[i64],
-    schedule: &tfmqc_runtime::Schedule,
+    scheduler: &SchedulerConfig,
     t_name: &str,
 ) -> Result<Denoiser, Failure> {
     let mut proto = read_proto(path).map_err(|e| runtime_fail(path, e))?;
     let joined: Vec<String> = set.iter().map(|t| t.to_string()).collect();
     let entries = [
         (meta::TIMESTEPS, joined.join(",")),
-        (
-            meta::SCHEDULE,
-            crate::report::schedule_json(schedule).to_string(),
-        ),
+        (meta::SCHEDULE, scheduler.to_json().to_string()),
         (meta::TIMESTEP_INPUT, t_name.to_string()),
     ];
     for (key, value) in entries {
@@ -586,15 +630,20 @@ fn denoiser(
         .map_err(|e| user_error(e.to_string()))
 }
 
-/// Seeded stand-ins for the conditioning inputs (as calibration makes them).
+type Named = Vec<(String, tfmqc_runtime::Tensor)>;
+
+/// The conditioning of the samples: --calib's tensors (rows cycled), else seeded stand-ins
+/// (as calibration makes them); and the unconditional one of --guidance-scale
+/// (`uncond/<input>`, else zeros).
 fn conditioning(
     float: &Model,
     d: &Denoiser,
+    given: &tfmqc_passes::trajectory::Given,
+    opts: &Options,
     batch: usize,
-    seed: u64,
-) -> Result<Vec<(String, tfmqc_runtime::Tensor)>, Failure> {
-    let mut rng = NoiseRng::new(seed ^ 0x5eed_c0de);
-    let mut out = vec![];
+) -> Result<(Named, Named), Failure> {
+    let mut rng = NoiseRng::new(opts.seed ^ 0x5eed_c0de);
+    let (mut cond, mut uncond) = (vec![], vec![]);
     for name in d.conditioning_inputs() {
         let info = float
             .graph
@@ -602,10 +651,28 @@ fn conditioning(
             .iter()
             .find(|i| i.name == name)
             .ok_or_else(|| user_error(format!("no graph input '{name}'")))?;
-        let t = stand_in(float, info, batch, &mut rng).map_err(fail)?;
-        out.push((name.to_string(), to_tract(&t).map_err(fail)?));
+        let t = match given.plain.get(name) {
+            Some(t) => t.clone(),
+            None => stand_in(float, info, batch, &mut rng).map_err(fail)?,
+        };
+        let t = to_tract(&t).map_err(fail)?;
+        if opts.guidance_scale.is_some() {
+            let u = match given.uncond.get(name) {
+                Some(u) => to_tract(u).map_err(fail)?,
+                None => {
+                    let mut shape = t.shape().to_vec();
+                    if let Some(r) = shape.first_mut() {
+                        *r = 1;
+                    }
+                    tfmqc_runtime::Tensor::zero_dt(t.datum_type(), &shape)
+                        .map_err(|e| user_error(format!("zeros for '{name}': {e:#}")))?
+                }
+            };
+            uncond.push((name.to_string(), u));
+        }
+        cond.push((name.to_string(), t));
     }
-    Ok(out)
+    Ok((cond, uncond))
 }
 
 /// The values `names` for every t in `set` (batch of the model's fixed size, else 1; the

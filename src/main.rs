@@ -40,8 +40,8 @@ enum Command {
     /// Print a summary of MODEL: inputs, outputs, ops, parameters, the time-step block
     /// that was found, and the graph one node per line.
     Inspect(InspectArgs),
-    /// Sample with the runtime's DDIM/DDPM sampler (time steps taken from the model's set
-    /// S) and save the samples as a PNG grid.
+    /// Sample with the runtime's sampler (DDIM, DDPM, Euler, DPM-Solver++ under the
+    /// model's scheduler configuration) and save the samples as a PNG grid.
     Sample(sample::SampleArgs),
     Bench(bench::BenchArgs),
     /// One engine of `tfmqc bench`, in a process of its own (internal).
@@ -88,7 +88,8 @@ struct RunArgs {
 #[derive(Args, Debug)]
 struct TibArgs {
     /// The finite time-step set S: `1000` (0..999), `ddim:50` (t = k·T/50) or `0,20,40`.
-    /// Default: the set recorded in the model's metadata, else all T training steps.
+    /// Default: the set recorded in the model's metadata, else every time step DDIM,
+    /// DDPM, Euler and DPM-Solver++ visit at --sampling-steps under the scheduler.
     #[arg(long, value_name = "SPEC")]
     timesteps: Option<String>,
     /// Use this graph input as the time step instead of detecting it.
@@ -109,17 +110,43 @@ struct QuantArgs {
     /// consecutive time steps. 1 = constant scales (fused by onnxruntime's int8 kernels).
     #[arg(long, default_value_t = 1, value_name = "N")]
     step_groups: usize,
-    /// Recorded inputs (.safetensors): conditioning inputs keyed by input name, or whole
-    /// model calls keyed `NNNNN/<input>` (the --dump-calib format). Without it, tfmqc
-    /// generates trajectories and uses seeded stand-ins for conditioning (with a warning).
+    /// Recorded inputs (.safetensors or numpy .npz): conditioning keyed by input name
+    /// (rows cycled over the trajectories); or recorded model calls, stacked along axis 0
+    /// by input name (sample, time step and conditioning; split into the model's batch)
+    /// or keyed `NNNNN/<input>` (the --dump-calib format); `uncond/<input>`: the
+    /// unconditional conditioning of --guidance-scale. Without it, tfmqc generates
+    /// trajectories and uses seeded stand-ins for conditioning (with a warning).
     #[arg(long, value_name = "FILE")]
     calib: Option<PathBuf>,
+    /// The deployment's diffusers scheduler_config.json (from the model folder): betas,
+    /// prediction type (epsilon, v_prediction, sample), clipping and thresholding,
+    /// timestep spacing and offset. Missing keys take diffusers' defaults; unknown keys
+    /// are ignored. Default: the model's metadata, else diffusers' DDIMScheduler defaults.
+    /// Recorded in OUT, where the runtime reads it back.
+    #[arg(long, value_name = "FILE")]
+    scheduler: Option<PathBuf>,
+    /// The deployment's sampler, which calibration runs: ddim, ddpm, euler or dpm++
+    /// (DPM-Solver++, 2M by default), as diffusers' schedulers of those names.
+    #[arg(long, default_value = "ddim", value_parser = ["ddim", "ddpm", "euler", "dpm++"])]
+    sampler: String,
+    /// Step counts the deployment samples with: S covers every time step the samplers
+    /// visit at them, and calibration runs them (`all`: S = all T training steps).
+    /// Default: 20,25,30,50.
+    #[arg(long, value_name = "LIST")]
+    sampling_steps: Option<String>,
+    /// Classifier-free guidance scale G during calibration: each call runs the
+    /// unconditional and conditional halves (a batch of 2 per sample) and the sampler
+    /// steps with ε̂ = ε_u + G·(ε_c − ε_u). The unconditional input is `uncond/<input>`
+    /// of --calib, else zeros (said on stderr).
+    #[arg(long, value_name = "G")]
+    guidance_scale: Option<f32>,
     /// Trajectories to generate for calibration.
     #[arg(long, default_value_t = 32, value_name = "N")]
     calib_samples: usize,
-    /// DDIM steps per generated trajectory (taken evenly from S).
-    #[arg(long, default_value_t = 50, value_name = "N")]
-    calib_steps: usize,
+    /// One step count for every calibration trajectory (default: the trajectories cycle
+    /// through --sampling-steps, largest first). Must visit time steps of S only.
+    #[arg(long, value_name = "N")]
+    calib_steps: Option<usize>,
     /// Seed of the calibration noise (same seed, same output bytes).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -155,14 +182,16 @@ struct QuantArgs {
     /// TIAR's Adam steps (`--tib quant|auto`).
     #[arg(long, default_value_t = 2000, value_name = "N")]
     tiar_iters: usize,
-    /// Beta schedule (default: the model's metadata, else linear).
+    /// Beta schedule, over --scheduler or the metadata (default: theirs, else linear).
     #[arg(long, value_name = "linear|scaled-linear|cosine")]
     schedule: Option<String>,
-    /// Training time steps T (default: the model's metadata, else 1000).
+    /// Training time steps T, over --scheduler or the metadata (default: theirs, else 1000).
     #[arg(long, value_name = "T")]
     train_timesteps: Option<usize>,
+    /// First β, over --scheduler or the metadata.
     #[arg(long, value_name = "B0")]
     beta_start: Option<f64>,
+    /// Last β, over --scheduler or the metadata.
     #[arg(long, value_name = "B1")]
     beta_end: Option<f64>,
     /// Write the quantization report (JSON) here.
@@ -206,7 +235,7 @@ fn user_error(message: impl Into<String>) -> Failure {
     }
 }
 
-fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Options {
+fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
     let mut o = Options {
         timesteps: tib.timesteps.clone(),
         timestep_input: tib.timestep_input.clone(),
@@ -217,6 +246,15 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Options {
         o.act_bits = q.act_bits;
         o.step_groups = q.step_groups;
         o.calib = q.calib.clone();
+        o.scheduler = q.scheduler.clone();
+        o.sampler = q.sampler.parse().map_err(user_error)?;
+        o.sampling_steps = q
+            .sampling_steps
+            .as_deref()
+            .map(str::parse)
+            .transpose()
+            .map_err(user_error)?;
+        o.guidance_scale = q.guidance_scale;
         o.calib_samples = q.calib_samples;
         o.calib_steps = q.calib_steps;
         o.seed = q.seed;
@@ -241,7 +279,12 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Options {
         o.beta_start = q.beta_start;
         o.beta_end = q.beta_end;
     }
-    o
+    Ok(o)
+}
+
+/// Whether the pipeline runs calibration (then its sampling settings are checked first).
+fn names_calibrate(passes: &[Box<dyn pipeline::Pass>]) -> bool {
+    passes.iter().any(|p| p.name() == "calibrate")
 }
 
 fn load(path: &Path) -> Result<tfmqc_passes::Model, Failure> {
@@ -275,8 +318,15 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
         model.graph.initializers.len(),
         start.elapsed().as_secs_f64()
     );
-    let opts = options(&args.tib, Some(&args.quant));
+    let opts = options(&args.tib, Some(&args.quant))?;
     opts.validate()?;
+    // A bad scheduler file or step count fails now, before any pass runs.
+    if names_calibrate(&passes) {
+        let set = tfmqc_passes::options::timestep_set(&model, &opts)?;
+        if opts.calib.is_none() {
+            opts.calibration_step_counts(&model, &set)?;
+        }
+    }
     let original = model.clone();
     // Progress on a terminal only: logs get the one line per pass.
     let tty = {
@@ -330,9 +380,26 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
         cx.model
             .set_metadata(meta::OPTIONS, report::options_json(&opts).to_string());
         cx.model.set_metadata(meta::SEED, opts.seed.to_string());
-        let schedule = opts.schedule(&cx.model)?;
+        let scheduler = opts.scheduler(&cx.model)?;
         cx.model
-            .set_metadata(meta::SCHEDULE, report::schedule_json(&schedule).to_string());
+            .set_metadata(meta::SCHEDULE, scheduler.to_json().to_string());
+        cx.model.set_metadata(meta::SAMPLER, opts.sampler.name());
+        if let Some(cal) = &cx.calibration {
+            if !cal.trajectories.is_empty() {
+                let counts = opts.calibration_step_counts(
+                    &cx.model,
+                    &tfmqc_passes::options::timestep_set(&cx.model, &opts)?,
+                )?;
+                cx.model.set_metadata(
+                    meta::SAMPLING_STEPS,
+                    counts
+                        .iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                );
+            }
+        }
     }
     if let (Some(path), Some(cal)) = (&args.quant.dump_calib, &cx.calibration) {
         report::dump_calibration(path, cal)?;
@@ -345,7 +412,12 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     let quality = match (&cx.quant, &cx.calibration) {
         (Some(plan), Some(cal)) => {
             let t = Instant::now();
-            let q = report::measure(&original, &cx.model, plan, cal)?;
+            let t_name = cx
+                .tib
+                .as_ref()
+                .map(|t| t.timestep_input.clone())
+                .unwrap_or_else(|| cal.timestep_input.clone());
+            let q = report::measure(&original, &cx.model, plan, cal, &opts, &t_name, &show)?;
             phases.push(("evaluate".into(), t.elapsed().as_secs_f64()));
             Some(q)
         }

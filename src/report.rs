@@ -20,6 +20,14 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "act_bits": o.act_bits,
         "step_groups": o.step_groups,
         "calib": o.calib.as_ref().map(|p| p.display().to_string()),
+        "scheduler": o.scheduler.as_ref().map(|p| p.display().to_string()),
+        "sampler": o.sampler.name(),
+        "sampling_steps": match &o.sampling_steps {
+            None => serde_json::Value::Null,
+            Some(tfmqc_passes::options::SamplingSteps::All) => "all".into(),
+            Some(tfmqc_passes::options::SamplingSteps::Counts(c)) => c.clone().into(),
+        },
+        "guidance_scale": o.guidance_scale,
         "calib_samples": o.calib_samples,
         "calib_steps": o.calib_steps,
         "seed": o.seed,
@@ -29,15 +37,6 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "reconstruct": format!("{:?}", o.reconstruct).to_lowercase(),
         "tib": format!("{:?}", o.tib).to_lowercase(),
         "lut_budget": o.lut_budget,
-    })
-}
-
-pub fn schedule_json(s: &tfmqc_runtime::Schedule) -> serde_json::Value {
-    serde_json::json!({
-        "beta_schedule": s.kind.name(),
-        "train_timesteps": s.train_timesteps(),
-        "beta_start": s.beta_start,
-        "beta_end": s.beta_end,
     })
 }
 
@@ -56,17 +55,27 @@ pub fn dump_calibration(path: &Path, cal: &Calibration) -> Result<()> {
 pub struct Quality {
     pub steps: Vec<StepSqnr>,
     pub activations: Vec<(String, f64)>,
+    /// What the per-step SQNR was measured on.
+    pub evaluated_on: String,
 }
 
+/// The per-step output SQNR along fresh trajectories of the deployment sampler (its
+/// scheduler, step counts and guidance, other seeds than calibration's); the activation
+/// SQNR on the calibration records.
 pub fn measure(
     float: &Model,
     quant: &Model,
     plan: &QuantPlan,
     cal: &Calibration,
+    options: &Options,
+    t_name: &str,
+    progress: &dyn Fn(&str),
 ) -> Result<Quality> {
+    let ev = tfmqc_passes::trajectory::evaluation_records(float, options, t_name, progress)?;
     Ok(Quality {
-        steps: output_sqnr_per_step(float, quant, &cal.records, &cal.record_steps)?,
+        steps: output_sqnr_per_step(float, quant, &ev.records, &ev.steps)?,
         activations: activation_sqnr(float, plan, &cal.records, &cal.record_steps)?,
+        evaluated_on: ev.what,
     })
 }
 
@@ -88,6 +97,10 @@ pub struct Report {
     pub act_bits: u32,
     pub step_groups: usize,
     pub stand_in_inputs: Vec<String>,
+    /// The calibration trajectories (empty for recorded calls).
+    pub calibrated_on: String,
+    /// What the per-step output SQNR was measured on.
+    pub evaluated_on: String,
     /// Mean over the evaluated steps of the per-step output SQNR.
     pub output_sqnr_mean_db: f64,
     pub output_sqnr_min_db: f64,
@@ -143,6 +156,12 @@ impl Report {
                 .as_ref()
                 .map(|c| c.stand_ins.clone())
                 .unwrap_or_default(),
+            calibrated_on: cx
+                .calibration
+                .as_ref()
+                .map(|c| c.trajectories.clone())
+                .unwrap_or_default(),
+            evaluated_on: q.evaluated_on.clone(),
             output_sqnr_mean_db: mean,
             output_sqnr_min_db: min,
             output_sqnr_per_step: q.steps.clone(),
@@ -175,8 +194,9 @@ impl Report {
             .iter()
             .min_by(|x, y| x.sqnr_db.total_cmp(&y.sqnr_db));
         let mut s = format!(
-            "quality (vs float, {} steps of the calibration trajectories):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} step group(s)\n",
+            "quality (vs float, {} time steps along {}):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} step group(s)\n",
             self.output_sqnr_per_step.len(),
+            self.evaluated_on,
             self.output_sqnr_mean_db,
             self.output_sqnr_min_db,
             w.len(),

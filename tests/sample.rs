@@ -80,7 +80,39 @@ fn samples_the_original_model_into_a_png_grid() {
 }
 
 #[test]
-fn samples_a_quantized_model_with_steps_from_its_set() {
+fn samples_with_each_sampler_of_the_runtime() {
+    let dir = tmpdir();
+    let model = model_path("ddpm_digits");
+    // Euler's linspace spacing lands on whole steps at 10 (999 = 9·111); DPM-Solver++ and
+    // DDPM at any count.
+    for (sampler, steps) in [("euler", "10"), ("dpm++", "20"), ("ddpm", "25")] {
+        let png = dir.path().join(format!("{sampler}.png"));
+        sample_ok(
+            &model,
+            &png,
+            &["--steps", steps, "--count", "4", "--sampler", sampler],
+        );
+        assert_digits_grid(&png, 4);
+    }
+    // At 20 steps Euler's linspace time steps are fractional: refused, nothing written.
+    let png = dir.path().join("frac.png");
+    let r = tfmqc(&[
+        "sample",
+        model.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+        "--sampler",
+        "euler",
+        "--steps",
+        "20",
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("fractional"));
+    assert!(!png.exists());
+}
+
+#[test]
+fn samples_a_quantized_model_at_step_counts_inside_its_set() {
     let dir = tmpdir();
     let q = dir.path().join("q.onnx");
     tfmqc_ok(&[
@@ -97,16 +129,31 @@ fn samples_a_quantized_model_with_steps_from_its_set() {
     let png = dir.path().join("q.png");
     sample_ok(&q, &png, &["--steps", "10", "--count", "4"]);
     assert_digits_grid(&png, 4);
-    // 7 steps do not divide the set: they are picked from S, never outside it.
-    sample_ok(&q, &png, &["--steps", "7", "--count", "4"]);
-    assert_digits_grid(&png, 4);
+    // DDIM at 7 steps visits t = 852, outside S = ddim:50: a loud error naming the step
+    // counts that fit, and no file.
+    std::fs::remove_file(&png).unwrap();
+    let r = tfmqc(&[
+        "sample",
+        q.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+        "--steps",
+        "7",
+    ]);
+    assert_eq!(r.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("t = 852") && err.contains("1, 2, 5, 10, 25"),
+        "{err}"
+    );
+    assert!(!png.exists());
 
     let d = Denoiser::load(&q).unwrap();
     assert_eq!(d.timestep_count(), 50);
-    let traj = d.trajectory(7);
-    assert_eq!((traj.len(), traj[0], traj[6]), (7, 980, 0));
-    assert!(traj.iter().all(|&t| t % 20 == 0), "{traj:?}");
-    let x = d.sample(0, 7, &[], 2, Sampler::Ddim).unwrap();
+    let traj = d.trajectory(Sampler::Ddim, 10).unwrap();
+    assert_eq!((traj.len(), traj[0], traj[9]), (10, 900, 0));
+    assert!(d.trajectory(Sampler::Ddim, 7).is_err());
+    let x = d.sample(0, 10, &[], 2, Sampler::Ddim).unwrap();
     assert_eq!(x.shape(), &[2, 1, 16, 16]);
 }
 
@@ -151,7 +198,8 @@ fn bad_sample_requests_exit_1_and_write_nothing() {
     for args in [
         vec!["sample", "no/such/model.onnx", "-o", o],
         vec!["sample", m, "-o", o, "--steps", "0"],
-        vec!["sample", m, "-o", o, "--sampler", "euler"],
+        vec!["sample", m, "-o", o, "--sampler", "heun"],
+        vec!["sample", m, "-o", o, "--guidance-scale", "2"],
     ] {
         let r = tfmqc(&args);
         assert_eq!(r.status.code(), Some(1), "{args:?}");

@@ -1,21 +1,24 @@
-//! calibrate: Finite Set Calibration. Runs the float model along DDIM trajectories of its
-//! own noise schedule (or over recorded inputs) and keeps, for every activation that
+//! calibrate: Finite Set Calibration. Runs the float model along seeded trajectories of
+//! the deployment sampler (`trajectory`: the runtime's sampler under the scheduler
+//! configuration, classifier-free guidance included), or over recorded calls, and keeps,
+//! for every activation that
 //! `quantize` will quantize, an EMA of per-batch min/max (momentum 0.95) *per time step*,
 //! plus the plain global min/max for the baseline. Statistics stream: memory grows with
 //! the number of steps, not with the number of samples. One batch per step is kept as
 //! evaluation records (reports, `--dump-calib`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use tfmqc_runtime::engine::Optimize;
-use tfmqc_runtime::NoiseRng;
 
 use crate::error::{Error, Result};
 use crate::exec::Runner;
-use crate::ir::{DType, Dim, Model, Tensor, ValueInfo};
+use crate::ir::{Model, Tensor};
 use crate::options::{timestep_set, Options};
 use crate::pipeline::{Pass, PassContext};
 use crate::targets::find_targets;
+use crate::trajectory::{find_sample_input, recorded_calls, Given, Plan};
+pub use crate::trajectory::{stand_in, timestep_tensor};
 
 pub struct Calibrate;
 
@@ -61,6 +64,11 @@ pub struct Calibration {
     pub sample_input: String,
     pub timestep_input: String,
     pub batches: usize,
+    /// What the trajectories were: `ddim at 50, 30, 25, 20 steps` (empty for recorded
+    /// calls).
+    pub trajectories: String,
+    /// Lines for the user (guidance's unconditional input, unused file entries, ...).
+    pub notes: Vec<String>,
 }
 
 impl Pass for Calibrate {
@@ -68,7 +76,7 @@ impl Pass for Calibrate {
         "calibrate"
     }
     fn summary(&self) -> &'static str {
-        "Finite Set Calibration: per-step activation ranges along DDIM trajectories"
+        "Finite Set Calibration: per-step activation ranges along the deployment sampler's trajectories"
     }
     fn requires(&self) -> &'static [&'static str] {
         &["detect-tib"]
@@ -85,12 +93,20 @@ impl Pass for Calibrate {
             cx.progress,
         )?;
         cx.note(format!(
-            "{} activations observed over {} batches, {} steps; {} evaluation records",
+            "{} activations observed over {} batches{}, {} steps; {} evaluation records",
             values.len(),
             cal.batches,
+            if cal.trajectories.is_empty() {
+                " of recorded calls".to_string()
+            } else {
+                format!(" ({})", cal.trajectories)
+            },
             cal.per_step.values().next().map(|m| m.len()).unwrap_or(0),
             cal.records.len()
         ));
+        for n in &cal.notes {
+            cx.note(n.clone());
+        }
         if !cal.stand_ins.is_empty() {
             cx.note(format!(
                 "WARNING: no calibration data for {} — seeded random stand-ins were used; give real conditioning with --calib FILE",
@@ -100,182 +116,6 @@ impl Pass for Calibrate {
         cx.calibration = Some(cal);
         Ok(())
     }
-}
-
-/// The float input holding the noisy sample: same spatial size as the first output.
-fn find_sample_input(model: &Model, t: &str) -> Result<ValueInfo> {
-    let g = &model.graph;
-    let out = g.outputs.first().and_then(|o| o.shape.clone());
-    let candidates: Vec<&ValueInfo> = g
-        .inputs
-        .iter()
-        .filter(|i| {
-            i.name != t
-                && i.dtype.is_some_and(|d| d.is_float())
-                && i.shape.as_ref().is_some_and(|s| s.len() >= 3)
-        })
-        .collect();
-    let fits = |i: &&&ValueInfo| match (&i.shape, &out) {
-        (Some(s), Some(o)) => s.len() == o.len() && s[2..] == o[2..],
-        _ => false,
-    };
-    candidates
-        .iter()
-        .find(fits)
-        .or(candidates.first())
-        .map(|i| (*i).clone())
-        .ok_or_else(|| {
-            Error::pass(
-                "calibrate",
-                "no float input of rank ≥ 3 to hold the noisy sample",
-            )
-        })
-}
-
-fn batch_of(info: &ValueInfo, wanted: usize) -> usize {
-    match info.shape.as_deref() {
-        Some([Dim::Known(b), ..]) => *b as usize,
-        _ => wanted,
-    }
-}
-
-fn concrete(info: &ValueInfo, batch: usize) -> Result<Vec<usize>> {
-    info.shape
-        .as_ref()
-        .ok_or_else(|| {
-            Error::pass(
-                "calibrate",
-                format!("input '{}' has no known shape", info.name),
-            )
-        })?
-        .iter()
-        .enumerate()
-        .map(|(i, d)| match d {
-            Dim::Known(v) => Ok(*v as usize),
-            _ if i == 0 => Ok(batch),
-            _ => Err(Error::pass(
-                "calibrate",
-                format!(
-                    "input '{}' has a free dimension {i}: give --calib data",
-                    info.name
-                ),
-            )),
-        })
-        .collect()
-}
-
-/// The time step as the model takes it: its dtype, scalar or one per sample.
-pub fn timestep_tensor(info: &ValueInfo, batch: usize, t: i64) -> Result<Tensor> {
-    let shape = match info.shape.as_deref() {
-        Some([]) => vec![],
-        Some([Dim::Known(k)]) => vec![*k as usize],
-        _ => vec![batch],
-    };
-    let n = shape.iter().product();
-    Ok(match info.dtype {
-        Some(DType::I64) => Tensor::from_vec(shape, &vec![t; n]),
-        Some(DType::I32) => Tensor::from_vec(shape, &vec![t as i32; n]),
-        Some(DType::F32) => Tensor::from_vec(shape, &vec![t as f32; n]),
-        other => {
-            return Err(Error::pass(
-                "calibrate",
-                format!("time step of type {other:?} is not supported"),
-            ))
-        }
-    })
-}
-
-/// A seeded stand-in for a conditioning input: N(0,1) floats, or integers in the range
-/// of the table they index (class labels), else zeros. Public for `tfmqc eval`, which
-/// needs the same stand-ins to sample conditional models.
-pub fn stand_in(
-    model: &Model,
-    info: &ValueInfo,
-    batch: usize,
-    rng: &mut NoiseRng,
-) -> Result<Tensor> {
-    let shape = concrete(info, batch)?;
-    let n: usize = shape.iter().product();
-    Ok(match info.dtype {
-        Some(DType::F32) => Tensor::from_vec(shape, &rng.normal_vec(n)),
-        Some(DType::I64) | Some(DType::I32) => {
-            let g = &model.graph;
-            let rows = g
-                .consumers(&info.name)
-                .into_iter()
-                .find(|&(ix, slot)| g.node(ix).is_onnx_op("Gather") && slot == 1)
-                .and_then(|(ix, _)| g.initializers.get(&g.node(ix).inputs[0]))
-                .map(|t| t.shape[0] as u64)
-                .unwrap_or(1);
-            let v: Vec<i64> = (0..n).map(|_| rng.below(rows) as i64).collect();
-            if info.dtype == Some(DType::I32) {
-                Tensor::from_vec(shape, &v.iter().map(|&x| x as i32).collect::<Vec<_>>())
-            } else {
-                Tensor::from_vec(shape, &v)
-            }
-        }
-        other => {
-            return Err(Error::pass(
-                "calibrate",
-                format!("no stand-in for input '{}' of type {other:?}", info.name),
-            ))
-        }
-    })
-}
-
-/// Checks a user-given tensor against the model input it feeds.
-fn check_given(name: &str, t: &Tensor, info: &ValueInfo, file: &str) -> Result<()> {
-    let bad = |why: String| Error::invalid(format!("{file}: tensor '{name}': {why}"));
-    if let Some(d) = info.dtype {
-        if d != t.dtype {
-            return Err(bad(format!("is {} but the model input is {d}", t.dtype)));
-        }
-    }
-    if let Some(shape) = &info.shape {
-        let ok = shape.len() == t.shape.len()
-            && shape
-                .iter()
-                .zip(&t.shape)
-                .all(|(d, &v)| !matches!(d, Dim::Known(k) if *k as usize != v));
-        if !ok {
-            return Err(bad(format!(
-                "has shape {:?}, the model input is {}",
-                t.shape,
-                info.type_string()
-            )));
-        }
-    }
-    if t.dtype.is_float() && t.to_f64_lossy()?.iter().any(|v| !v.is_finite()) {
-        return Err(bad("holds NaN or Inf".into()));
-    }
-    Ok(())
-}
-
-/// Samples kept per evaluation record when the batch is free: evaluation cost stays small
-/// whatever the calibration batch.
-const RECORD_SAMPLES: usize = 2;
-
-/// The inputs of one call, cut to `RECORD_SAMPLES` samples when the batch is free.
-fn evaluation_record(
-    inputs: HashMap<String, Tensor>,
-    batch: usize,
-    free_batch: bool,
-) -> BTreeMap<String, Tensor> {
-    let keep = RECORD_SAMPLES.min(batch);
-    inputs
-        .into_iter()
-        .map(|(k, t)| {
-            if !free_batch || t.shape.first() != Some(&batch) || keep == batch {
-                return (k, t);
-            }
-            let row = t.data.len() / batch;
-            let mut shape = t.shape.clone();
-            shape[0] = keep;
-            let cut = Tensor::from_raw(t.dtype, shape, t.data[..keep * row].to_vec())
-                .expect("rows of a valid tensor");
-            (k, cut)
-        })
-        .collect()
 }
 
 /// Observes `values` (activation names) along calibration trajectories.
@@ -288,13 +128,12 @@ pub fn calibrate(
 ) -> Result<Calibration> {
     let g = &model.graph;
     let set = timestep_set(model, options)?;
-    let schedule = options.schedule(model)?;
-    let t_info = g
-        .inputs
-        .iter()
-        .find(|i| i.name == t_name)
-        .cloned()
-        .expect("detected input");
+    if !g.inputs.iter().any(|i| i.name == t_name) {
+        return Err(Error::pass(
+            "calibrate",
+            format!("the model has no time-step input '{t_name}'"),
+        ));
+    }
     let sample = find_sample_input(model, t_name)?;
     let out_info = g.outputs[0].clone();
 
@@ -333,154 +172,65 @@ pub fn calibrate(
         Ok(())
     };
 
-    let given: BTreeMap<String, Tensor> = match &options.calib {
-        Some(p) => crate::tensor_file::read_safetensors(p)?,
-        None => BTreeMap::new(),
-    };
-    let file = options
-        .calib
-        .as_ref()
-        .map(|p| p.display().to_string())
-        .unwrap_or_default();
+    let given = Given::read(model, options)?;
 
-    // Recorded model calls (`NNNNN/input` keys, as --dump-calib writes): no generation.
-    if given.keys().any(|k| k.contains('/')) {
-        let mut records: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
-        for (k, t) in given {
-            let (rec, name) = k.split_once('/').expect("has /");
-            records
-                .entry(rec.to_string())
-                .or_default()
-                .insert(name.to_string(), t);
-        }
-        for (rec, inputs) in records {
-            for info in &g.inputs {
-                let t = inputs.get(&info.name).ok_or_else(|| {
-                    Error::invalid(format!("{file}: record {rec} lacks input '{}'", info.name))
-                })?;
-                check_given(&format!("{rec}/{}", info.name), t, info, &file)?;
-            }
-            let step = inputs[t_name].to_i64_vec()?.first().copied().unwrap_or(0);
-            if !set.contains(&step) {
-                return Err(Error::invalid(format!(
-                    "{file}: record {rec} has t = {step}, outside the time-step set"
-                )));
-            }
-            progress(&format!("calibrate: record {rec}"));
-            let outs = runner.run(&inputs.clone().into_iter().collect())?;
-            observe(&mut cal, step, &outs)?;
-            cal.records.push(inputs);
-            cal.record_steps.push(step);
+    // Recorded calls (`NNNNN/<input>` keys, or inputs stacked by name): no generation.
+    if let Some(calls) = recorded_calls(model, &given, t_name, &set)? {
+        let total = calls.len();
+        for call in calls {
+            progress(&format!(
+                "calibrate: recorded call {}/{total}",
+                call.batch + 1
+            ));
+            let outs = runner.run(&call.inputs)?;
+            observe(&mut cal, call.t, &outs)?;
+            cal.records.push(call.record()?);
+            cal.record_steps.push(call.t);
             cal.batches += 1;
         }
         return Ok(cal);
     }
-    for (k, t) in &given {
-        let info = g.inputs.iter().find(|i| &i.name == k).ok_or_else(|| {
-            Error::invalid(format!(
-                "{file}: tensor '{k}' is not an input of the model (inputs: {})",
-                g.inputs
-                    .iter()
-                    .map(|i| i.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))
-        })?;
-        if k == t_name || *k == sample.name {
-            return Err(Error::invalid(format!(
-                "{file}: '{k}' alone cannot drive calibration; give recorded calls as NNNNN/{k} keys (the --dump-calib format) or only conditioning inputs"
-            )));
-        }
-        check_given(k, t, info, &file)?;
-    }
 
-    // Generated trajectories: DDIM over `calib_steps` steps taken evenly from S.
-    let traj = tfmqc_runtime::schedule::trajectory(&set, options.calib_steps);
-    let batch = batch_of(&sample, options.calib_batch.min(options.calib_samples));
-    let free_batch = !matches!(sample.shape.as_deref(), Some([Dim::Known(_), ..]));
-    let batches = options.calib_samples.div_ceil(batch);
-    let sample_shape = concrete(&sample, batch)?;
-    let per_sample: usize = sample_shape[1..].iter().product();
-    for b in 0..batches {
-        let mut rng = NoiseRng::new(options.seed.wrapping_mul(1_000_003).wrapping_add(b as u64));
-        let mut x = rng.normal_vec(batch * per_sample);
-        let mut fixed: HashMap<String, Tensor> = HashMap::new();
-        for info in g
-            .inputs
+    // Generated trajectories of the deployment sampler; batch b runs the b-th step count
+    // (cycling, largest first), so the evaluation records of batch 0 hold every step of
+    // the longest trajectory.
+    let plan = Plan::new(
+        model,
+        options,
+        t_name,
+        &given,
+        &set,
+        options.calib_batch.min(options.calib_samples),
+    )?;
+    cal.stand_ins = plan.stand_ins.clone();
+    cal.notes = plan.notes.clone();
+    cal.trajectories = format!(
+        "{} at {} steps{}",
+        plan.sampler,
+        plan.step_counts
             .iter()
-            .filter(|i| i.name != t_name && i.name != sample.name)
-        {
-            let t = match given.get(&info.name) {
-                Some(t) if t.shape.first() == Some(&batch) => t.clone(),
-                Some(t) => {
-                    // Rows b·batch.. of a larger file, cycling.
-                    let rows = t.shape.first().copied().unwrap_or(1).max(1);
-                    let row_bytes = t.data.len() / rows;
-                    let mut data = Vec::with_capacity(batch * row_bytes);
-                    for r in 0..batch {
-                        let i = (b * batch + r) % rows;
-                        data.extend_from_slice(&t.data[i * row_bytes..(i + 1) * row_bytes]);
-                    }
-                    let mut shape = t.shape.clone();
-                    shape[0] = batch;
-                    Tensor::from_raw(t.dtype, shape, data)?
-                }
-                None => {
-                    if b == 0 {
-                        cal.stand_ins.push(info.name.clone());
-                    }
-                    stand_in(model, info, batch, &mut rng)?
-                }
-            };
-            fixed.insert(info.name.clone(), t);
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+        plan.guidance
+            .map(|g| format!(", guidance {g}"))
+            .unwrap_or_default()
+    );
+    let batches = options
+        .calib_samples
+        .div_ceil(plan.images)
+        .max(plan.step_counts.len().min(options.calib_samples));
+    plan.run(model, batches, options.seed, progress, &mut |call| {
+        let mut outs = runner.run(&call.inputs)?;
+        observe(&mut cal, call.t, &outs)?;
+        if call.batch == 0 {
+            cal.records.push(call.record()?);
+            cal.record_steps.push(call.t);
         }
-        for (k, &t) in traj.iter().enumerate() {
-            progress(&format!(
-                "calibrate: trajectory batch {}/{batches}, step {}/{} (t = {t})",
-                b + 1,
-                k + 1,
-                traj.len()
-            ));
-            let mut inputs = fixed.clone();
-            inputs.insert(
-                sample.name.clone(),
-                Tensor::from_vec(sample_shape.clone(), &x),
-            );
-            inputs.insert(t_name.to_string(), timestep_tensor(&t_info, batch, t)?);
-            let outs = runner.run(&inputs)?;
-            observe(&mut cal, t, &outs)?;
-            if b == 0 {
-                cal.records
-                    .push(evaluation_record(inputs, batch, free_batch));
-                cal.record_steps.push(t);
-            }
-            // The prediction may carry more channels (learned variance): ε comes first.
-            let pred = outs[0].to_f32_vec()?;
-            let out_per_sample = pred.len() / batch;
-            if out_per_sample < per_sample || !out_per_sample.is_multiple_of(per_sample) {
-                return Err(Error::pass(
-                    "calibrate",
-                    format!(
-                        "output '{}' ({:?}) does not hold a noise prediction for the sample",
-                        out_info.name, outs[0].shape
-                    ),
-                ));
-            }
-            let eps: Vec<f32> = (0..batch)
-                .flat_map(|s| {
-                    pred[s * out_per_sample..s * out_per_sample + per_sample]
-                        .iter()
-                        .copied()
-                })
-                .collect();
-            schedule.ddim_step(
-                &mut x,
-                &eps,
-                t as usize,
-                traj.get(k + 1).map(|&p| p as usize),
-            );
+        if call.step == 0 {
+            cal.batches += 1;
         }
-        cal.batches += 1;
-    }
+        Ok(outs.swap_remove(0))
+    })?;
     Ok(cal)
 }

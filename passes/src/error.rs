@@ -71,4 +71,17 @@ impl Error {
     }
 }
 
+/// The runtime's errors as the compiler reports them: bad input and bad models are the
+/// user's (the runtime checks scheduler files and step counts), execution failures ours.
+impl From<tfmqc_runtime::Error> for Error {
+    fn from(e: tfmqc_runtime::Error) -> Error {
+        use tfmqc_runtime::Error as R;
+        match e {
+            R::Io { path, source } => Error::Io { path, source },
+            R::InvalidModel(m) | R::BadInput(m) => Error::Invalid(m),
+            R::Execution(m) | R::Engine(m) => Error::Engine(m),
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -10,6 +10,7 @@ pub mod exec;
 pub mod fold_tib;
 pub mod ir;
 pub mod layer_inputs;
+pub mod npz;
 pub mod onnx;
 pub mod options;
 pub mod pipeline;
@@ -21,6 +22,7 @@ pub mod tensor_file;
 pub mod tiar;
 pub mod tib;
 pub mod tib_net;
+pub mod trajectory;
 
 pub use error::{Error, Result};
 pub use ir::{Model, Tensor};

@@ -1,5 +1,8 @@
 //! Pipeline options and the finite time-step set S.
 
+use tfmqc_runtime::sampler::{self, Sampler};
+use tfmqc_runtime::SchedulerConfig;
+
 use crate::error::{Error, Result};
 use crate::ir::Model;
 
@@ -18,6 +21,48 @@ pub mod meta {
     pub const OPTIONS: &str = "tfmqc.options";
     pub const SCHEDULE: &str = "tfmqc.schedule";
     pub const SEED: &str = "tfmqc.calibration_seed";
+    /// Written by tfmqc: the sampler calibration ran (`ddim`, `ddpm`, `euler`, `dpm++`)
+    /// and the step counts it calibrated at (comma-separated).
+    pub const SAMPLER: &str = "tfmqc.sampler";
+    pub const SAMPLING_STEPS: &str = "tfmqc.sampling_steps";
+    pub const PREDICTION_TYPE: &str = "diffusion.prediction_type";
+}
+
+/// The step counts the deployment samples with when `--sampling-steps` is not given.
+pub const DEFAULT_SAMPLING_STEPS: [usize; 4] = [20, 25, 30, 50];
+
+/// `--sampling-steps`: the step counts the deployment uses.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SamplingSteps {
+    /// These counts: S covers what the samplers visit at them, calibration runs them.
+    Counts(Vec<usize>),
+    /// `all`: S is every training step (calibration runs the default counts).
+    All,
+}
+
+impl std::str::FromStr for SamplingSteps {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let s = s.trim();
+        if s == "all" {
+            return Ok(SamplingSteps::All);
+        }
+        let counts = s
+            .split(',')
+            .map(|v| v.trim())
+            .filter(|v| !v.is_empty())
+            .map(|v| match v.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(format!(
+                    "--sampling-steps '{s}': '{v}' is not a step count (give counts of at least 1, comma-separated, e.g. 20,25,30,50, or `all`)"
+                )),
+            })
+            .collect::<std::result::Result<Vec<usize>, String>>()?;
+        if counts.is_empty() {
+            return Err(format!("--sampling-steps '{s}': no step count"));
+        }
+        Ok(SamplingSteps::Counts(counts))
+    }
 }
 
 /// Weight-rounding reconstruction of the quantized layers (`--reconstruct`).
@@ -58,14 +103,23 @@ pub struct Options {
     pub act_bits: u32,
     /// `--step-groups`: FSC granularity; 1 = one set of activation scales.
     pub step_groups: usize,
-    /// `--calib`: recorded inputs (safetensors) instead of generated ones.
+    /// `--calib`: recorded inputs (.safetensors or .npz) instead of generated ones.
     pub calib: Option<std::path::PathBuf>,
+    /// `--scheduler`: the deployment's diffusers scheduler_config.json.
+    pub scheduler: Option<std::path::PathBuf>,
+    /// `--sampler`: the sampling algorithm calibration runs (the deployment's).
+    pub sampler: Sampler,
+    /// `--sampling-steps`; `None`: [`DEFAULT_SAMPLING_STEPS`].
+    pub sampling_steps: Option<SamplingSteps>,
+    /// `--guidance-scale`: classifier-free guidance during calibration.
+    pub guidance_scale: Option<f32>,
     /// `--calib-samples`: trajectories to generate.
     pub calib_samples: usize,
     /// Trajectories run together (dynamic-batch models only).
     pub calib_batch: usize,
-    /// `--calib-steps`: DDIM steps of each generated trajectory (taken from S).
-    pub calib_steps: usize,
+    /// `--calib-steps`: one step count for every generated trajectory; `None`: the
+    /// trajectories cycle through the sampling step counts.
+    pub calib_steps: Option<usize>,
     pub seed: u64,
     /// `--keep-float`: node-name substrings left in float.
     pub keep_float: Vec<String>,
@@ -85,7 +139,7 @@ pub struct Options {
     pub lut_budget: Option<u64>,
     /// `--tiar-iters`: Adam steps of TIAR.
     pub tiar_iters: usize,
-    /// Noise schedule overrides (else the model's metadata, else DDPM linear, T = 1000).
+    /// Noise schedule overrides, applied over the scheduler configuration.
     pub schedule: Option<String>,
     pub train_timesteps: Option<usize>,
     pub beta_start: Option<f64>,
@@ -101,9 +155,13 @@ impl Default for Options {
             act_bits: 8,
             step_groups: 1,
             calib: None,
+            scheduler: None,
+            sampler: Sampler::Ddim,
+            sampling_steps: None,
+            guidance_scale: None,
             calib_samples: 32,
             calib_batch: 8,
-            calib_steps: 50,
+            calib_steps: None,
             seed: 0,
             keep_float: vec![],
             baseline_minmax: false,
@@ -139,48 +197,145 @@ impl Options {
         if self.step_groups == 0 {
             return Err(Error::invalid("--step-groups must be at least 1"));
         }
-        if self.calib_samples == 0 || self.calib_steps == 0 {
+        if self.calib_samples == 0 || self.calib_steps == Some(0) {
             return Err(Error::invalid(
                 "--calib-samples and --calib-steps must be at least 1",
             ));
         }
+        if let Some(g) = self.guidance_scale {
+            if !g.is_finite() {
+                return Err(Error::invalid(format!(
+                    "--guidance-scale {g}: not a number"
+                )));
+            }
+        }
         Ok(())
     }
 
-    /// The noise schedule: options, else the model's metadata, else DDPM linear.
-    pub fn schedule(&self, model: &Model) -> Result<tfmqc_runtime::Schedule> {
-        let meta_f = |k: &str| -> Result<Option<f64>> {
-            model
-                .metadata_value(k)
-                .map(|v| {
-                    v.trim().parse::<f64>().map_err(|_| {
-                        Error::invalid(format!("metadata {k} = '{v}' is not a number"))
-                    })
-                })
-                .transpose()
+    /// The deployment's scheduler configuration: `--scheduler FILE` (diffusers'
+    /// semantics: its missing keys take diffusers' defaults), else the model's metadata
+    /// (`tfmqc.schedule` of an earlier tfmqc run, else the `diffusion.*` keys), else
+    /// diffusers' DDIMScheduler defaults; `--schedule`, `--train-timesteps`,
+    /// `--beta-start`, `--beta-end` override it.
+    pub fn scheduler(&self, model: &Model) -> Result<SchedulerConfig> {
+        let mut c = match &self.scheduler {
+            Some(path) => SchedulerConfig::from_file(path).map_err(runtime_user_error)?,
+            None => SchedulerConfig::from_metadata(
+                &|k| model.metadata_value(k).map(String::from),
+                "the model",
+            )
+            .map_err(runtime_user_error)?,
         };
-        let kind = match (&self.schedule, model.metadata_value(meta::BETA_SCHEDULE)) {
-            (Some(k), _) => k.clone(),
-            (None, Some(k)) => k.to_string(),
-            (None, None) => "linear".into(),
-        };
-        let kind: tfmqc_runtime::BetaSchedule = kind.parse().map_err(Error::invalid)?;
-        let t = match self.train_timesteps {
-            Some(t) => t,
-            None => train_timesteps(model)?,
-        };
-        let b0 = self
-            .beta_start
-            .or(meta_f(meta::BETA_START)?)
-            .unwrap_or(1e-4);
-        let b1 = self.beta_end.or(meta_f(meta::BETA_END)?).unwrap_or(2e-2);
-        if !(b0 > 0.0 && b1 > b0 && b1 < 1.0) {
+        if let Some(kind) = &self.schedule {
+            c.beta_schedule = kind.parse().map_err(Error::invalid)?;
+            c.trained_betas = None;
+        }
+        if let Some(t) = self.train_timesteps {
+            if t == 0 {
+                return Err(Error::invalid("--train-timesteps must be at least 1"));
+            }
+            c.num_train_timesteps = t;
+            c.trained_betas = None;
+        }
+        if let Some(b) = self.beta_start {
+            c.beta_start = b;
+            c.trained_betas = None;
+        }
+        if let Some(b) = self.beta_end {
+            c.beta_end = b;
+            c.trained_betas = None;
+        }
+        if c.trained_betas.is_none()
+            && c.beta_schedule != tfmqc_runtime::BetaSchedule::Cosine
+            && !(c.beta_start > 0.0 && c.beta_end > c.beta_start && c.beta_end < 1.0)
+        {
             return Err(Error::invalid(format!(
-                "beta schedule {b0}..{b1} is not increasing inside (0, 1)"
+                "beta schedule {}..{} is not increasing inside (0, 1)",
+                c.beta_start, c.beta_end
             )));
         }
-        Ok(tfmqc_runtime::Schedule::new(kind, t, b0, b1))
+        Ok(c)
     }
+
+    /// The noise schedule (β, ᾱ) of [`Options::scheduler`].
+    pub fn schedule(&self, model: &Model) -> Result<tfmqc_runtime::Schedule> {
+        Ok(self.scheduler(model)?.schedule())
+    }
+
+    /// The step counts calibration runs: `--calib-steps`, else `--sampling-steps`, else
+    /// the defaults, largest first. Each must visit time steps of S only under the
+    /// configured sampler: an explicit count that does not is an error; default counts
+    /// that do not are left out (an error when none is left).
+    pub fn calibration_step_counts(&self, model: &Model, set: &[i64]) -> Result<Vec<usize>> {
+        let config = self.scheduler(model)?;
+        let (mut counts, explicit) = match (self.calib_steps, &self.sampling_steps) {
+            (Some(n), _) => (vec![n], "--calib-steps"),
+            (None, Some(SamplingSteps::Counts(c))) => (c.clone(), "--sampling-steps"),
+            _ => (DEFAULT_SAMPLING_STEPS.to_vec(), ""),
+        };
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        counts.dedup();
+        let fits = |n: usize| -> Result<std::result::Result<(), String>> {
+            let ts = sampler::timesteps(self.sampler, &config, n).map_err(runtime_user_error)?;
+            Ok(match ts.iter().find(|t| set.binary_search(t).is_err()) {
+                None => Ok(()),
+                Some(t) => Err(format!(
+                    "{} at {n} steps visits t = {t}, outside the time-step set S ({} steps, {}..{})",
+                    self.sampler,
+                    set.len(),
+                    set[0],
+                    set[set.len() - 1]
+                )),
+            })
+        };
+        let mut kept = vec![];
+        for n in counts {
+            match fits(n)? {
+                Ok(()) => kept.push(n),
+                Err(why) if !explicit.is_empty() => {
+                    return Err(Error::invalid(format!(
+                        "{explicit} {n}: {why}; give --timesteps covering it, or step counts S covers: {}",
+                        self.counts_covered(&config, set)
+                    )))
+                }
+                Err(_) => {}
+            }
+        }
+        if kept.is_empty() {
+            return Err(Error::invalid(format!(
+                "none of the default sampling step counts ({}) visits only time steps of S ({} steps, {}..{}) with {}; give --sampling-steps among: {}",
+                DEFAULT_SAMPLING_STEPS.map(|n| n.to_string()).join(","),
+                set.len(),
+                set[0],
+                set[set.len() - 1],
+                self.sampler,
+                self.counts_covered(&config, set)
+            )));
+        }
+        Ok(kept)
+    }
+
+    /// The step counts (up to 12) whose time steps lie in `set` under the sampler.
+    fn counts_covered(&self, config: &SchedulerConfig, set: &[i64]) -> String {
+        let v: Vec<String> = (1..=config.num_train_timesteps.min(1000))
+            .filter(|&n| {
+                sampler::timesteps(self.sampler, config, n)
+                    .is_ok_and(|ts| ts.iter().all(|t| set.binary_search(t).is_ok()))
+            })
+            .take(12)
+            .map(|n| n.to_string())
+            .collect();
+        if v.is_empty() {
+            "none".into()
+        } else {
+            v.join(", ")
+        }
+    }
+}
+
+/// A runtime error about user input (a scheduler file, a step count) as a user error.
+fn runtime_user_error(e: tfmqc_runtime::Error) -> Error {
+    Error::invalid(e.to_string())
 }
 
 /// The number of training time steps T: the model's metadata, else 1000.
@@ -252,19 +407,28 @@ pub fn parse_timesteps(spec: &str, train_timesteps: usize) -> Result<Vec<i64>> {
 }
 
 /// S for a model: `--timesteps`, else the set recorded by an earlier tfmqc run, else
-/// all T training steps.
+/// every time step DDIM, DDPM, Euler and DPM-Solver++ visit at the sampling step counts
+/// under the deployment's scheduler (`--sampling-steps all`: all T training steps).
 pub fn timestep_set(model: &Model, options: &Options) -> Result<Vec<i64>> {
-    let t = match options.train_timesteps {
-        Some(t) => t,
-        None => train_timesteps(model)?,
-    };
+    let config = options.scheduler(model)?;
+    let t = config.num_train_timesteps;
     if let Some(spec) = &options.timesteps {
         return parse_timesteps(spec, t);
     }
     if let Some(recorded) = model.metadata_value(meta::TIMESTEPS) {
         return parse_timesteps(recorded, t);
     }
-    parse_timesteps(&t.to_string(), t)
+    let counts = match &options.sampling_steps {
+        Some(SamplingSteps::All) => return parse_timesteps(&t.to_string(), t),
+        Some(SamplingSteps::Counts(c)) => c.clone(),
+        None => DEFAULT_SAMPLING_STEPS.to_vec(),
+    };
+    // The calibration sampler's errors (a step count over T, ...) are the user's.
+    for &n in &counts {
+        sampler::timesteps(options.sampler, &config, n).map_err(runtime_user_error)?;
+    }
+    let (set, _) = sampler::covered_timesteps(&config, &Sampler::ALL, &counts);
+    Ok(set)
 }
 
 #[cfg(test)]

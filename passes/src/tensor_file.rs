@@ -1,5 +1,5 @@
-//! Named tensors on disk (safetensors): example inputs, recorded calibration inputs,
-//! outputs exchanged with the interop tests.
+//! Named tensors on disk (safetensors, and numpy's .npz for reading): example inputs,
+//! recorded calibration inputs, outputs exchanged with the interop tests.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -47,11 +47,29 @@ fn from_st(d: Dtype) -> Option<DType> {
     })
 }
 
+/// Reads every tensor of a safetensors or an .npz file (told apart by their first
+/// bytes), keyed by name.
+pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    if crate::npz::is_zip(&bytes) {
+        return crate::npz::read_npz(path, &bytes);
+    }
+    safetensors_from_bytes(path, &bytes)
+}
+
 /// Reads every tensor of a safetensors file, keyed by name.
 pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::invalid(format!("{}: not a safetensors file ({e})", path.display())))?;
+    safetensors_from_bytes(path, &bytes)
+}
+
+fn safetensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    let st = safetensors::SafeTensors::deserialize(bytes).map_err(|e| {
+        Error::invalid(format!(
+            "{}: not a safetensors or .npz file ({e})",
+            path.display()
+        ))
+    })?;
     let mut out = BTreeMap::new();
     for (name, view) in st.tensors() {
         let dtype = from_st(view.dtype()).ok_or_else(|| {

@@ -12,8 +12,10 @@ use tfmqc_runtime::{Denoiser, Sampler, Tensor};
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args().nth(1).ok_or("usage: denoise MODEL.onnx")?;
 
-    // Load once: reads the time-step set S and the noise schedule from the metadata, and
-    // plans the graph for speed.
+    // Load once: reads the time-step set S and the scheduler configuration (diffusers'
+    // scheduler_config.json as tfmqc recorded it) from the metadata, and plans the graph
+    // for speed. An application with its own scheduler_config.json can give it instead:
+    // `model.set_scheduler(SchedulerConfig::from_file(path)?)`.
     let model = Denoiser::load(path.as_ref())?;
     eprintln!("{model:?}");
 
@@ -21,13 +23,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // the digits model has none.
     let cond: Vec<(&str, Tensor)> = vec![];
 
-    // A batch of 4 from seed 0, 20 DDIM steps taken from S: [4, C, H, W] in about [-1, 1].
-    let images = model.sample(0, 20, &cond, 4, Sampler::Ddim)?;
+    // A batch of 4 from seed 0, 20 DPM-Solver++ steps: [4, C, H, W] in about [-1, 1].
+    // (Sampler::Ddim, Ddpm, Euler as diffusers' schedulers of those names; the time steps
+    // are diffusers' for 20 steps, and must be in S.) `sample_with` adds classifier-free
+    // guidance.
+    let images = model.sample(0, 20, &cond, 4, Sampler::DpmSolverPP)?;
 
-    // One denoiser call, the building block of any other sampler. A time step outside S
+    // One denoiser call, the building block of any other loop. A time step outside S
     // is an error, raised before anything runs.
-    let t = model.trajectory(20)[0];
-    let _eps = model.denoise(&images, t, &cond)?;
+    let t = model.trajectory(Sampler::DpmSolverPP, 20)?[0];
+    let _prediction = model.denoise(&images, t, &cond)?;
 
     let view = images.to_plain_array_view::<f32>()?;
     let n = view.len() as f32;

@@ -3,14 +3,18 @@
 //! ```no_run
 //! use tfmqc_runtime::{Denoiser, Sampler};
 //! let model = Denoiser::load("model.q.onnx".as_ref())?;
-//! let images = model.sample(0, 50, &[], 4, Sampler::Ddim)?; // [4, C, H, W] in about [-1, 1]
+//! let images = model.sample(0, 25, &[], 4, Sampler::DpmSolverPP)?; // [4, C, H, W]
 //! # Ok::<(), tfmqc_runtime::Error>(())
 //! ```
 //!
 //! The time step of every call must belong to the model's time-step set S (metadata
 //! `tfmqc.timesteps`, written by `fold-tib`; without it, every training step 0..T): a
 //! folded model holds tables for those steps only, so any other `t` is refused before
-//! anything runs. The samplers take their steps from S.
+//! anything runs. The samplers visit the time steps diffusers computes for a step count
+//! under the model's scheduler configuration (metadata `tfmqc.schedule`, a diffusers
+//! scheduler_config.json as tfmqc recorded it; else the `diffusion.*` keys; else
+//! diffusers' DDIMScheduler defaults); a step count that visits a `t` outside S is
+//! refused before the first call.
 
 use std::path::Path;
 
@@ -19,38 +23,15 @@ use tract_onnx::prelude::{DatumType, Tensor};
 
 use crate::engine::{read_proto, Engine, Optimize};
 use crate::error::{Error, Result};
-use crate::schedule::{BetaSchedule, NoiseRng, Schedule};
+use crate::sampler::{self, Sampler, SamplerState};
+use crate::schedule::{NoiseRng, Schedule};
+use crate::scheduler::SchedulerConfig;
 
 /// Metadata keys read here (written by model exporters or by tfmqc).
 mod meta {
     pub const TIMESTEPS: &str = "tfmqc.timesteps";
     pub const TIMESTEP_INPUT: &str = "tfmqc.timestep_input";
-    pub const SCHEDULE: &str = "tfmqc.schedule";
-    pub const TRAIN_TIMESTEPS: &str = "diffusion.train_timesteps";
-    pub const BETA_SCHEDULE: &str = "diffusion.beta_schedule";
-    pub const BETA_START: &str = "diffusion.beta_start";
-    pub const BETA_END: &str = "diffusion.beta_end";
     pub const SAMPLE_SHAPE: &str = "diffusion.sample_shape";
-}
-
-/// The sampling algorithm of [`Denoiser::sample`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sampler {
-    /// DDIM, η = 0 (deterministic given the initial noise).
-    Ddim,
-    /// DDPM ancestral sampling, with the posterior variance β̃.
-    Ddpm,
-}
-
-impl std::str::FromStr for Sampler {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.to_ascii_lowercase().as_str() {
-            "ddim" => Ok(Sampler::Ddim),
-            "ddpm" => Ok(Sampler::Ddpm),
-            other => Err(format!("unknown sampler '{other}' (ddim, ddpm)")),
-        }
-    }
 }
 
 /// One graph input: its name, element type and dims (`None`: symbolic or unknown).
@@ -77,8 +58,16 @@ pub struct Denoiser {
     sample: usize,
     timestep: usize,
     timesteps: Option<Vec<i64>>,
+    scheduler: SchedulerConfig,
     schedule: Schedule,
     sample_shape: Option<[usize; 3]>,
+}
+
+/// Classifier-free guidance for [`Denoiser::sample_with`]: the unconditional
+/// conditioning (same inputs as `cond`) and the scale G; ε̂ = ε_u + G·(ε_c − ε_u).
+pub struct Guidance<'a> {
+    pub scale: f32,
+    pub uncond: &'a [(&'a str, Tensor)],
 }
 
 impl std::fmt::Debug for Denoiser {
@@ -142,73 +131,6 @@ fn input_spec(v: &pb::ValueInfoProto) -> InputSpec {
                 .collect()
         }),
     }
-}
-
-/// The value of `key` in a flat JSON object (numbers and strings only): enough for
-/// `tfmqc.schedule` without a JSON dependency in the runtime.
-fn json_field(json: &str, key: &str) -> Option<String> {
-    let at = json.find(&format!("\"{key}\""))? + key.len() + 2;
-    let rest = json[at..].trim_start().strip_prefix(':')?.trim_start();
-    if let Some(s) = rest.strip_prefix('"') {
-        return Some(s[..s.find('"')?].to_string());
-    }
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim().to_string())
-}
-
-fn parse_kind(s: &str) -> Option<BetaSchedule> {
-    // `{:?}` of the enum, lowercased, gives `scaledlinear`: accept every spelling.
-    match s.to_ascii_lowercase().replace(['-', '_'], "").as_str() {
-        "linear" => Some(BetaSchedule::Linear),
-        "scaledlinear" => Some(BetaSchedule::ScaledLinear),
-        "cosine" | "squaredcoscapv2" => Some(BetaSchedule::Cosine),
-        _ => None,
-    }
-}
-
-fn schedule_from(meta: &dyn Fn(&str) -> Option<String>, path: &str) -> Result<Schedule> {
-    let json = meta(meta::SCHEDULE);
-    let get = |json_key: &str, meta_key: &str| -> Option<String> {
-        json.as_deref()
-            .and_then(|j| json_field(j, json_key))
-            .or_else(|| meta(meta_key))
-    };
-    let num = |json_key: &str, meta_key: &str, default: f64| -> Result<f64> {
-        match get(json_key, meta_key) {
-            None => Ok(default),
-            Some(v) => v
-                .trim()
-                .parse::<f64>()
-                .map_err(|_| invalid(path, format!("metadata {json_key} = '{v}' is not a number"))),
-        }
-    };
-    let kind = match get("beta_schedule", meta::BETA_SCHEDULE) {
-        None => BetaSchedule::Linear,
-        Some(k) => parse_kind(&k).ok_or_else(|| {
-            invalid(
-                path,
-                format!("unknown beta schedule '{k}' (linear, scaled-linear, cosine)"),
-            )
-        })?,
-    };
-    let t = num("train_timesteps", meta::TRAIN_TIMESTEPS, 1000.0)?;
-    let (b0, b1) = (
-        num("beta_start", meta::BETA_START, 1e-4)?,
-        num("beta_end", meta::BETA_END, 2e-2)?,
-    );
-    if !(t >= 1.0 && t.fract() == 0.0 && t <= 1e7) {
-        return Err(invalid(
-            path,
-            format!("train_timesteps = {t} is not a positive integer"),
-        ));
-    }
-    if kind != BetaSchedule::Cosine && !(b0 > 0.0 && b1 >= b0 && b1 < 1.0) {
-        return Err(invalid(
-            path,
-            format!("beta schedule {b0}..{b1} is not increasing inside (0, 1)"),
-        ));
-    }
-    Ok(Schedule::new(kind, t as usize, b0, b1))
 }
 
 /// The graph-input index of the time step.
@@ -331,7 +253,9 @@ impl Denoiser {
                     .unwrap_or(many[0])
             }
         };
-        let schedule = schedule_from(&meta, name)?;
+        let scheduler = SchedulerConfig::from_metadata(&meta, name)
+            .map_err(|e| Error::InvalidModel(e.to_string()))?;
+        let schedule = scheduler.schedule();
         let t_count = schedule.train_timesteps() as i64;
         let timesteps = match meta(meta::TIMESTEPS) {
             None => None,
@@ -397,6 +321,7 @@ impl Denoiser {
             sample,
             timestep,
             timesteps,
+            scheduler,
             schedule,
             sample_shape,
         })
@@ -429,9 +354,33 @@ impl Denoiser {
         }
     }
 
-    /// The noise schedule (metadata, else DDPM linear 1e-4..0.02, T = 1000).
+    /// The noise schedule (β, ᾱ) of [`Denoiser::scheduler`].
     pub fn schedule(&self) -> &Schedule {
         &self.schedule
+    }
+
+    /// The scheduler configuration the samplers run with (see the module notes).
+    pub fn scheduler(&self) -> &SchedulerConfig {
+        &self.scheduler
+    }
+
+    /// Runs with another scheduler configuration (e.g. a diffusers
+    /// scheduler_config.json given by the application).
+    pub fn set_scheduler(&mut self, config: SchedulerConfig) -> Result<()> {
+        if config.num_train_timesteps != self.scheduler.num_train_timesteps {
+            if let Some(s) = &self.timesteps {
+                if s[s.len() - 1] >= config.num_train_timesteps as i64 {
+                    return Err(Error::BadInput(format!(
+                        "the scheduler has {} training steps; the model's time-step set goes to {}",
+                        config.num_train_timesteps,
+                        s[s.len() - 1]
+                    )));
+                }
+            }
+        }
+        self.schedule = config.schedule();
+        self.scheduler = config;
+        Ok(())
     }
 
     /// (C, H, W) of one sample, when the model or its metadata tells.
@@ -659,19 +608,30 @@ impl Denoiser {
         self.engine.profile(args)
     }
 
-    /// The time steps a sampler with `steps` steps visits: taken evenly from S (or
-    /// 0..T), from the largest down to the smallest (0 in the usual sets).
-    pub fn trajectory(&self, steps: usize) -> Vec<i64> {
-        let set: Vec<i64> = match &self.timesteps {
-            Some(s) => s.clone(),
-            None => (0..self.schedule.train_timesteps() as i64).collect(),
-        };
-        crate::schedule::trajectory(&set, steps)
+    /// The time steps `sampler` visits in `steps` steps (diffusers' `set_timesteps`
+    /// under [`Denoiser::scheduler`]), first to last; an error when one is outside S.
+    pub fn trajectory(&self, sampler: Sampler, steps: usize) -> Result<Vec<i64>> {
+        let ts = sampler::timesteps(sampler, &self.scheduler, steps)?;
+        if let Some(&t) = ts.iter().find(|&&t| !self.accepts(t)) {
+            let fits: Vec<String> = (1..=self.schedule.train_timesteps().min(1000))
+                .filter(|&n| {
+                    sampler::timesteps(sampler, &self.scheduler, n)
+                        .is_ok_and(|v| v.iter().all(|&t| self.accepts(t)))
+                })
+                .take(12)
+                .map(|n| n.to_string())
+                .collect();
+            let e = self.check_timestep(t).unwrap_err();
+            return Err(Error::BadInput(format!(
+                "{sampler} at {steps} steps visits t = {t}: {e}; step counts whose time steps {sampler} can run here: {}",
+                if fits.is_empty() { "none".to_string() } else { fits.join(", ") }
+            )));
+        }
+        Ok(ts)
     }
 
-    /// Generates `batch` samples: seeded N(0, 1) noise, then `steps` denoising steps from
-    /// S (see [`Denoiser::trajectory`]). The predicted x̂₀ is clipped to [-1, 1] at every
-    /// step (as diffusers' schedulers by default); the returned x is not.
+    /// Generates `batch` samples: seeded N(0, 1) noise, then `steps` steps of `sampler`
+    /// (see [`Denoiser::trajectory`]) under the model's scheduler configuration.
     pub fn sample(
         &self,
         seed: u64,
@@ -679,6 +639,25 @@ impl Denoiser {
         cond: &[(&str, Tensor)],
         batch: usize,
         sampler: Sampler,
+    ) -> Result<Tensor> {
+        self.sample_with(seed, steps, cond, batch, sampler, None, &mut |_, _| {})
+    }
+
+    /// [`Denoiser::sample`] with classifier-free guidance (the model runs the
+    /// unconditional and the conditional halves in one batch of 2·`batch`, as diffusers'
+    /// pipelines do: unconditional rows first), and `on_call(t, input)` seeing every model
+    /// input sample as the model receives it. Conditioning tensors have `batch` rows, or
+    /// fewer (cycled).
+    #[allow(clippy::too_many_arguments)]
+    pub fn sample_with(
+        &self,
+        seed: u64,
+        steps: usize,
+        cond: &[(&str, Tensor)],
+        batch: usize,
+        sampler: Sampler,
+        guidance: Option<Guidance>,
+        on_call: &mut dyn FnMut(i64, &Tensor),
     ) -> Result<Tensor> {
         if steps == 0 || batch == 0 {
             return Err(Error::BadInput(format!(
@@ -692,48 +671,71 @@ impl Denoiser {
                 meta::SAMPLE_SHAPE
             ))
         })?;
+        self.trajectory(sampler, steps)?;
+        let mut state = SamplerState::new(sampler, &self.scheduler, steps)?;
         let shape = [batch, c, h, w];
-        let mut rng = NoiseRng::new(seed);
-        let mut x = rng.normal_vec(shape.iter().product());
-        let traj = self.trajectory(steps);
-        let ac = &self.schedule.alphas_cumprod;
-        for (k, &t) in traj.iter().enumerate() {
-            let xt =
-                Tensor::from_shape(&shape, &x).map_err(|e| Error::BadInput(format!("{e:#}")))?;
-            let eps = to_f32(&self.denoise(&xt, t, cond)?, "ε̂")?;
-            let a_t = ac[t as usize];
-            let a_prev = traj.get(k + 1).map(|&p| ac[p as usize]).unwrap_or(1.0);
-            let (sa, s1a) = (a_t.sqrt(), (1.0 - a_t).sqrt());
-            let x0 = |xi: f32, e: f32| ((xi as f64 - s1a * e as f64) / sa).clamp(-1.0, 1.0);
-            match sampler {
-                Sampler::Ddim => {
-                    let (sp, s1p) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
-                    for (xi, &e) in x.iter_mut().zip(&eps) {
-                        *xi = (sp * x0(*xi, e) + s1p * e as f64) as f32;
-                    }
+        let per_sample = c * h * w;
+        // The model's inputs: `batch` rows, or the guidance pair [uncond; cond].
+        let err = |e: tract_onnx::prelude::TractError| Error::BadInput(format!("{e:#}"));
+        let call_cond: Vec<(&str, Tensor)> = match &guidance {
+            None => cond
+                .iter()
+                .map(|(n, t)| Ok((*n, cycle_rows(t, batch)?)))
+                .collect::<Result<_>>()?,
+            Some(g) => {
+                let mut v = vec![];
+                for (name, t) in cond {
+                    let u = g.uncond.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                        Error::BadInput(format!("guidance needs the unconditional '{name}' too"))
+                    })?;
+                    let both = [cycle_rows(&u.1, batch)?, cycle_rows(t, batch)?];
+                    v.push((*name, Tensor::stack_tensors(0, &both).map_err(err)?));
                 }
-                Sampler::Ddpm => {
-                    // The posterior q(x_prev | x_t, x̂₀) over the strided step t → prev.
-                    let alpha = a_t / a_prev;
-                    let beta = 1.0 - alpha;
-                    let c0 = a_prev.sqrt() * beta / (1.0 - a_t);
-                    let ct = alpha.sqrt() * (1.0 - a_prev) / (1.0 - a_t);
-                    let var = ((1.0 - a_prev) / (1.0 - a_t) * beta).max(1e-20);
-                    let noisy = t > 0 && k + 1 < traj.len();
-                    let z = if noisy {
-                        rng.normal_vec(x.len())
-                    } else {
-                        vec![0.0; x.len()]
-                    };
-                    for ((xi, &e), &zi) in x.iter_mut().zip(&eps).zip(&z) {
-                        let mean = c0 * x0(*xi, e) + ct * *xi as f64;
-                        *xi = (mean + var.sqrt() * zi as f64) as f32;
-                    }
-                }
+                v
             }
-        }
-        Tensor::from_shape(&shape, &x).map_err(|e| Error::BadInput(format!("{e:#}")))
+        };
+        let mut rng = NoiseRng::new(seed);
+        let mut x = state.initial_sample(&mut rng, batch * per_sample);
+        let scale = guidance.as_ref().map(|g| g.scale);
+        sampler::run(&mut state, &mut x, per_sample, &mut rng, |_, t, input| {
+            let input = match scale {
+                None => input,
+                Some(_) => [input.as_slice(), input.as_slice()].concat(),
+            };
+            let rows = input.len() / per_sample;
+            let xt = Tensor::from_shape(&[rows, c, h, w], &input).map_err(err)?;
+            on_call(t, &xt);
+            let out = to_f32(&self.denoise(&xt, t, &call_cond)?, "the prediction")?;
+            Ok(match scale {
+                None => out,
+                Some(g) => {
+                    let (u, c) = out.split_at(out.len() / 2);
+                    sampler::guide(u, c, g)
+                }
+            })
+        })?;
+        Tensor::from_shape(&shape, &x).map_err(err)
     }
+}
+
+/// `n` rows of `t` (axis 0), cycling its rows; a scalar or a tensor of `n` rows as is.
+fn cycle_rows(t: &Tensor, n: usize) -> Result<Tensor> {
+    let err = |e: tract_onnx::prelude::TractError| Error::BadInput(format!("{e:#}"));
+    let have = match t.shape().first() {
+        None => return Ok(t.clone()),
+        Some(&r) => r,
+    };
+    if have == n {
+        return Ok(t.clone());
+    }
+    if have == 0 {
+        return Err(Error::BadInput("a conditioning tensor has no rows".into()));
+    }
+    let parts: Vec<Tensor> = (0..n)
+        .map(|i| t.slice(0, i % have, i % have + 1))
+        .collect::<std::result::Result<_, _>>()
+        .map_err(err)?;
+    Tensor::stack_tensors(0, &parts).map_err(err)
 }
 
 #[cfg(test)]
@@ -760,8 +762,14 @@ mod tests {
         assert_eq!(d.sample_shape(), Some([1, 16, 16]));
         assert_eq!(d.schedule().train_timesteps(), 1000);
         assert_eq!(d.timesteps(), None);
-        assert_eq!(d.trajectory(10)[0], 999);
-        assert_eq!(*d.trajectory(10).last().unwrap(), 0);
+        // DDIM's leading spacing at 10 steps: 900, 800, ..., 0.
+        let traj = d.trajectory(Sampler::Ddim, 10).unwrap();
+        assert_eq!((traj[0], traj[9]), (900, 0));
+        assert_eq!(
+            d.scheduler().prediction_type,
+            crate::PredictionType::Epsilon
+        );
+        assert!(d.scheduler().clip_sample);
     }
 
     #[test]
@@ -773,8 +781,16 @@ mod tests {
             value: set.join(","),
         });
         let d = Denoiser::from_proto(&proto, None, "").unwrap();
-        assert_eq!(d.trajectory(7).len(), 7);
-        assert!(d.trajectory(7).iter().all(|&t| t % 20 == 0));
+        assert_eq!(d.trajectory(Sampler::Ddim, 25).unwrap().len(), 25);
+        // DDIM at 7 steps visits 852, ...: refused before any call, with the counts that fit.
+        let e = d.trajectory(Sampler::Ddim, 7).unwrap_err().to_string();
+        assert!(
+            e.contains("ddim at 7 steps visits t = 852")
+                && e.contains("1, 2, 5, 10, 25, 48, 49, 50"),
+            "{e}"
+        );
+        let e = d.sample(0, 7, &[], 1, Sampler::Ddim).unwrap_err();
+        assert!(matches!(e, Error::BadInput(_)), "{e:?}");
         let x = Tensor::zero::<f32>(&[1, 1, 16, 16]).unwrap();
         assert!(d.denoise(&x, 20, &[]).is_ok());
         let err = d.denoise(&x, 7, &[]).unwrap_err();
@@ -867,22 +883,83 @@ mod tests {
     }
 
     #[test]
-    fn schedule_json_is_read() {
-        let json = r#"{"beta_end":0.012,"beta_schedule":"scaledlinear","beta_start":0.00085,"train_timesteps":1000}"#;
-        assert_eq!(
-            json_field(json, "beta_schedule").as_deref(),
-            Some("scaledlinear")
-        );
-        assert_eq!(json_field(json, "train_timesteps").as_deref(), Some("1000"));
-        let m = |k: &str| (k == meta::SCHEDULE).then(|| json.to_string());
-        let s = schedule_from(&m, "").unwrap();
-        assert_eq!(s.kind, BetaSchedule::ScaledLinear);
+    fn the_scheduler_is_read_from_metadata_in_both_forms() {
+        let old = r#"{"beta_end":0.012,"beta_schedule":"scaled-linear","beta_start":0.00085,"train_timesteps":1000}"#;
+        let m = |k: &str| (k == crate::scheduler::META_SCHEDULE).then(|| old.to_string());
+        let s = SchedulerConfig::from_metadata(&m, "").unwrap();
+        assert_eq!(s.beta_schedule, crate::BetaSchedule::ScaledLinear);
         assert_eq!(s.beta_end, 0.012);
+        let new = r#"{"num_train_timesteps":1000,"beta_schedule":"scaled_linear","beta_start":0.00085,"beta_end":0.012,"prediction_type":"v_prediction","clip_sample":false,"steps_offset":1}"#;
+        let m = |k: &str| (k == crate::scheduler::META_SCHEDULE).then(|| new.to_string());
+        let s = SchedulerConfig::from_metadata(&m, "").unwrap();
+        assert_eq!(s.prediction_type, crate::PredictionType::VPrediction);
+        assert_eq!((s.clip_sample, s.steps_offset), (false, 1));
         let none = |_: &str| None;
-        let s = schedule_from(&none, "").unwrap();
         assert_eq!(
-            (s.kind, s.train_timesteps(), s.beta_start),
-            (BetaSchedule::Linear, 1000, 1e-4)
+            SchedulerConfig::from_metadata(&none, "").unwrap(),
+            SchedulerConfig::default()
         );
+        let keys = |k: &str| match k {
+            "diffusion.beta_schedule" => Some("cosine".to_string()),
+            "diffusion.prediction_type" => Some("sample".to_string()),
+            _ => None,
+        };
+        let s = SchedulerConfig::from_metadata(&keys, "").unwrap();
+        assert_eq!(s.beta_schedule, crate::BetaSchedule::Cosine);
+        assert_eq!(s.prediction_type, crate::PredictionType::Sample);
+        let bad = |k: &str| (k == "diffusion.prediction_type").then(|| "flow".to_string());
+        let e = SchedulerConfig::from_metadata(&bad, "m.onnx")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("m.onnx") && e.contains("prediction_type"), "{e}");
+    }
+
+    #[test]
+    fn guidance_runs_the_pair_and_scale_one_is_the_conditional_model() {
+        let d = model("unet2d_cond_dynbatch");
+        let c = Tensor::from_shape(&[1, 8, 32], &NoiseRng::new(4).normal_vec(8 * 32)).unwrap();
+        let u = Tensor::zero::<f32>(&[1, 8, 32]).unwrap();
+        let cond = [("encoder_hidden_states", c)];
+        let uncond = [("encoder_hidden_states", u)];
+        let plain = d.sample(5, 3, &cond, 2, Sampler::Ddim).unwrap();
+        let mut calls = vec![];
+        let one = d
+            .sample_with(
+                5,
+                3,
+                &cond,
+                2,
+                Sampler::Ddim,
+                Some(Guidance {
+                    scale: 1.0,
+                    uncond: &uncond,
+                }),
+                &mut |t, x| calls.push((t, x.shape().to_vec())),
+            )
+            .unwrap();
+        assert_eq!(calls.len(), 3);
+        assert_eq!(calls[0], (666, vec![4, 4, 16, 16]));
+        let (a, b) = (to_f32(&plain, "a").unwrap(), to_f32(&one, "b").unwrap());
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "{worst}");
+        let three = d
+            .sample_with(
+                5,
+                3,
+                &cond,
+                2,
+                Sampler::Ddim,
+                Some(Guidance {
+                    scale: 3.0,
+                    uncond: &uncond,
+                }),
+                &mut |_, _| {},
+            )
+            .unwrap();
+        assert_ne!(to_f32(&three, "c").unwrap(), a);
     }
 }

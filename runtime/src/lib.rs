@@ -9,13 +9,17 @@ pub mod int8_gemm;
 pub mod int8_matmul;
 pub mod int8_ops;
 pub mod kernels;
+pub mod sampler;
 pub mod schedule;
+pub mod scheduler;
 pub mod threads;
 
-pub use denoiser::{Denoiser, Sampler};
+pub use denoiser::{Denoiser, Guidance};
 pub use engine::{Engine, NodeTime, Optimize, ValueFact};
 pub use error::{Error, Result};
+pub use sampler::{Sampler, SamplerState};
 pub use schedule::{BetaSchedule, NoiseRng, Schedule};
+pub use scheduler::{PredictionType, SchedulerConfig, TimestepSpacing};
 pub use threads::with_threads;
 pub use tract_onnx::pb;
 /// tract's tensor type, the currency of the runtime API.

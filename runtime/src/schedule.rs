@@ -1,5 +1,5 @@
-//! Noise schedules and the DDIM update (η = 0), shared by calibration (in the compiler)
-//! and sampling (in applications).
+//! Noise schedules (β, ᾱ per training step) and the seeded noise every sampler draws
+//! from; the samplers themselves are in [`crate::sampler`].
 
 /// β schedule families used by diffusion models.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,13 +36,36 @@ impl BetaSchedule {
     }
 }
 
-/// ᾱ_t for every training step t.
+/// ᾱ_t for every training step t, as diffusers computes them: β in f32 (torch's
+/// `linspace` in f32, squared in f32 for `scaled_linear`; the cosine β in f64, then
+/// rounded), α = 1 − β in f32, their cumulative product accumulated in f64 and rounded to
+/// f32 (torch's CPU `cumprod`). The values are held as f64 but are exactly diffusers'
+/// f32 ones, so samplers agree with diffusers to the arithmetic of one step.
 #[derive(Clone, Debug)]
 pub struct Schedule {
     pub kind: BetaSchedule,
     pub beta_start: f64,
     pub beta_end: f64,
     pub alphas_cumprod: Vec<f64>,
+}
+
+/// `torch.linspace(start, end, n, dtype=torch.float32)`: the step in f32, each value
+/// from the nearer end in one rounding.
+fn torch_linspace_f32(start: f64, end: f64, n: usize) -> Vec<f32> {
+    let (s, e) = (start as f32, end as f32);
+    if n == 1 {
+        return vec![s];
+    }
+    let step = (e - s) / (n - 1) as f32;
+    (0..n)
+        .map(|i| {
+            if i < n / 2 {
+                (s as f64 + step as f64 * i as f64) as f32
+            } else {
+                (e as f64 - step as f64 * (n - 1 - i) as f64) as f32
+            }
+        })
+        .collect()
 }
 
 impl Schedule {
@@ -53,16 +76,12 @@ impl Schedule {
         beta_end: f64,
     ) -> Schedule {
         let t = train_timesteps;
-        let betas: Vec<f64> = match kind {
-            BetaSchedule::Linear => (0..t)
-                .map(|i| beta_start + (beta_end - beta_start) * i as f64 / (t.max(2) - 1) as f64)
+        let betas: Vec<f32> = match kind {
+            BetaSchedule::Linear => torch_linspace_f32(beta_start, beta_end, t),
+            BetaSchedule::ScaledLinear => torch_linspace_f32(beta_start.sqrt(), beta_end.sqrt(), t)
+                .into_iter()
+                .map(|b| b * b)
                 .collect(),
-            BetaSchedule::ScaledLinear => {
-                let (a, b) = (beta_start.sqrt(), beta_end.sqrt());
-                (0..t)
-                    .map(|i| (a + (b - a) * i as f64 / (t.max(2) - 1) as f64).powi(2))
-                    .collect()
-            }
             BetaSchedule::Cosine => {
                 let f = |i: f64| {
                     ((i / t as f64 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
@@ -70,22 +89,36 @@ impl Schedule {
                         .powi(2)
                 };
                 (0..t)
-                    .map(|i| (1.0 - f(i as f64 + 1.0) / f(i as f64)).min(0.999))
+                    .map(|i| (1.0 - f(i as f64 + 1.0) / f(i as f64)).min(0.999) as f32)
                     .collect()
             }
         };
-        let mut acc = 1.0;
+        let mut s = Schedule::from_betas_f32(kind, &betas);
+        s.beta_start = beta_start;
+        s.beta_end = beta_end;
+        s
+    }
+
+    /// From explicit betas (diffusers' `trained_betas`, read as f32); `kind` is kept
+    /// for reports.
+    pub fn from_betas(kind: BetaSchedule, betas: &[f64]) -> Schedule {
+        let b32: Vec<f32> = betas.iter().map(|&b| b as f32).collect();
+        Schedule::from_betas_f32(kind, &b32)
+    }
+
+    fn from_betas_f32(kind: BetaSchedule, betas: &[f32]) -> Schedule {
+        let mut acc = 1.0f64;
         let alphas_cumprod = betas
             .iter()
-            .map(|b| {
-                acc *= 1.0 - b;
-                acc
+            .map(|&b| {
+                acc *= (1.0f32 - b) as f64;
+                acc as f32 as f64
             })
             .collect();
         Schedule {
             kind,
-            beta_start,
-            beta_end,
+            beta_start: betas.first().copied().unwrap_or(0.0) as f64,
+            beta_end: betas.last().copied().unwrap_or(0.0) as f64,
             alphas_cumprod,
         }
     }
@@ -93,42 +126,6 @@ impl Schedule {
     pub fn train_timesteps(&self) -> usize {
         self.alphas_cumprod.len()
     }
-
-    /// One DDIM step (η = 0) from `t` to `t_prev` (`None`: to the clean sample), given the
-    /// predicted noise `eps`. Updates `x` in place.
-    pub fn ddim_step(&self, x: &mut [f32], eps: &[f32], t: usize, t_prev: Option<usize>) {
-        let a_t = self.alphas_cumprod[t];
-        let a_prev = t_prev.map(|p| self.alphas_cumprod[p]).unwrap_or(1.0);
-        let (sa, s1a) = (a_t.sqrt(), (1.0 - a_t).sqrt());
-        let (sp, s1p) = (a_prev.sqrt(), (1.0 - a_prev).sqrt());
-        for (xi, &e) in x.iter_mut().zip(eps) {
-            let e = e as f64;
-            let x0 = (*xi as f64 - s1a * e) / sa;
-            *xi = (sp * x0 + s1p * e) as f32;
-        }
-    }
-}
-
-/// The time steps a sampler with `steps` steps visits in `set` (ascending): taken evenly,
-/// from the largest down to the smallest. Calibration and sampling share it, so the
-/// compiler calibrates exactly the steps the runtime will run.
-pub fn trajectory(set: &[i64], steps: usize) -> Vec<i64> {
-    if set.is_empty() {
-        return vec![];
-    }
-    let n = steps.min(set.len()).max(1);
-    let mut traj: Vec<i64> = (0..n)
-        .map(|k| {
-            set[if n == 1 {
-                set.len() - 1
-            } else {
-                k * (set.len() - 1) / (n - 1)
-            }]
-        })
-        .collect();
-    traj.dedup();
-    traj.reverse();
-    traj
 }
 
 /// Deterministic Gaussian noise (SplitMix64 + Box–Muller): the same seed gives the same
@@ -187,30 +184,12 @@ mod tests {
     #[test]
     fn linear_schedule_matches_the_ddpm_paper() {
         let s = Schedule::new(BetaSchedule::Linear, 1000, 1e-4, 2e-2);
-        assert!((s.alphas_cumprod[0] - (1.0 - 1e-4)).abs() < 1e-12);
+        assert!((s.alphas_cumprod[0] - (1.0 - 1e-4)).abs() < 1e-7);
         // ᾱ_999 of the DDPM linear schedule is about 4.04e-5.
         assert!(
             (s.alphas_cumprod[999] - 4.04e-5).abs() < 2e-6,
             "{}",
             s.alphas_cumprod[999]
-        );
-    }
-
-    #[test]
-    fn ddim_step_with_true_noise_recovers_the_clean_sample() {
-        let s = Schedule::new(BetaSchedule::Linear, 1000, 1e-4, 2e-2);
-        let x0 = [0.5f32, -0.25];
-        let eps = [1.0f32, -2.0];
-        let a = s.alphas_cumprod[500];
-        let mut x: Vec<f32> = x0
-            .iter()
-            .zip(&eps)
-            .map(|(&x, &e)| (a.sqrt() * x as f64 + (1.0 - a).sqrt() * e as f64) as f32)
-            .collect();
-        s.ddim_step(&mut x, &eps, 500, None);
-        assert!(
-            (x[0] - 0.5).abs() < 1e-5 && (x[1] + 0.25).abs() < 1e-5,
-            "{x:?}"
         );
     }
 

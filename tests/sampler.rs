@@ -1,0 +1,277 @@
+//! One sampler (issue #13): calibration runs the runtime's sampler and feeds the model
+//! exactly what `Denoiser::sample` feeds it; the scheduler comes from a diffusers
+//! scheduler_config.json and travels in the compiled model's metadata; bad scheduler files
+//! and step counts outside S are clear errors that write nothing.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+use tfmqc_passes::calibrate::calibrate;
+use tfmqc_passes::options::{Options, SamplingSteps};
+use tfmqc_runtime::sampler::batch_seed;
+use tfmqc_runtime::{Denoiser, PredictionType, Sampler, Tensor};
+
+const SD15: &str = r#"{"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "num_train_timesteps":1000,"beta_start":0.00085,"beta_end":0.012,"beta_schedule":"scaled_linear","clip_sample":false,"set_alpha_to_one":false,"skip_prk_steps": true,"steps_offset":1,"prediction_type":"epsilon","timestep_spacing":"leading","trained_betas": null}"#;
+
+fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+fn bytes(t: &Tensor) -> Vec<u8> {
+    t.as_bytes().to_vec()
+}
+
+/// The calibration records of `sampler` at `steps` steps (batch 0, 2 samples) against the
+/// inputs `Denoiser::sample` gives the model from the same seed: equal bit for bit.
+fn calibration_equals_runtime(sampler: Sampler, steps: usize, scheduler: Option<&Path>) {
+    let path = model_path("ddpm_digits");
+    let model = tfmqc_passes::onnx::load(&path).unwrap();
+    let options = Options {
+        sampler,
+        calib_steps: Some(steps),
+        calib_samples: 2,
+        calib_batch: 2,
+        seed: 3,
+        scheduler: scheduler.map(Path::to_path_buf),
+        sampling_steps: Some(SamplingSteps::All),
+        ..Default::default()
+    };
+    let cal = calibrate(&model, &options, "timestep", &[], &|_| {}).unwrap();
+    assert_eq!(cal.records.len(), steps, "{sampler}: one record per step");
+
+    let mut d = Denoiser::load(&path).unwrap();
+    if let Some(p) = scheduler {
+        d.set_scheduler(tfmqc_runtime::SchedulerConfig::from_file(p).unwrap())
+            .unwrap();
+    }
+    let mut seen: Vec<(i64, Tensor)> = vec![];
+    d.sample_with(
+        batch_seed(3, 0),
+        steps,
+        &[],
+        2,
+        sampler,
+        None,
+        &mut |t, x| seen.push((t, x.clone())),
+    )
+    .unwrap();
+    assert_eq!(seen.len(), steps);
+    for (k, ((t, x), (rec, &rt))) in seen
+        .iter()
+        .zip(cal.records.iter().zip(&cal.record_steps))
+        .enumerate()
+    {
+        assert_eq!(*t, rt, "{sampler} step {k}: time step");
+        let recorded = tfmqc_passes::exec::to_tract(&rec["sample"]).unwrap();
+        assert_eq!(recorded.shape(), x.shape(), "{sampler} step {k}");
+        assert!(
+            bytes(&recorded) == bytes(x),
+            "{sampler} step {k} (t = {t}): calibration fed the model another x_t than the runtime's sampler"
+        );
+    }
+}
+
+#[test]
+fn ddim_with_clipping_in_calibration_equals_the_runtime_sampler_bit_for_bit() {
+    // diffusers' DDIM defaults: clip_sample true (the model's metadata has no scheduler).
+    let d = Denoiser::load(&model_path("ddpm_digits")).unwrap();
+    assert!(d.scheduler().clip_sample);
+    calibration_equals_runtime(Sampler::Ddim, 10, None);
+}
+
+#[test]
+fn every_sampler_in_calibration_equals_the_runtime_sampler_bit_for_bit() {
+    let dir = tmpdir();
+    let sd = write(dir.path(), "sd.json", SD15);
+    // DDPM draws noise at every step, Euler scales the input, DPM-Solver++ keeps state.
+    calibration_equals_runtime(Sampler::Ddpm, 10, None);
+    calibration_equals_runtime(Sampler::Euler, 10, Some(&sd));
+    calibration_equals_runtime(Sampler::DpmSolverPP, 12, Some(&sd));
+}
+
+#[test]
+fn the_scheduler_file_is_recorded_and_read_back_by_the_runtime() {
+    let dir = tmpdir();
+    let sd = write(dir.path(), "scheduler_config.json", SD15);
+    let q = dir.path().join("q.onnx");
+    let report = dir.path().join("r.json");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--scheduler",
+        sd.to_str().unwrap(),
+        "--sampler",
+        "dpm++",
+        "--sampling-steps",
+        "20,25",
+        "--calib-samples",
+        "2",
+        "--reconstruct",
+        "none",
+        "--report",
+        report.to_str().unwrap(),
+    ]);
+    let d = Denoiser::load(&q).unwrap();
+    let c = d.scheduler();
+    assert_eq!(
+        (c.beta_start, c.beta_end, c.steps_offset),
+        (0.00085, 0.012, 1)
+    );
+    assert!(!c.clip_sample && !c.set_alpha_to_one);
+    assert_eq!(c.prediction_type, PredictionType::Epsilon);
+    // S is every step DDIM, DDPM, Euler and DPM-Solver++ visit at 20 and 25 steps.
+    let s = d.timesteps().unwrap();
+    for sampler in Sampler::ALL {
+        for steps in [20, 25] {
+            let ts = d.trajectory(sampler, steps).unwrap();
+            assert!(ts.iter().all(|t| s.binary_search(t).is_ok()));
+        }
+    }
+    assert_eq!(
+        &d.trajectory(Sampler::DpmSolverPP, 20).unwrap()[..2],
+        &[941, 894]
+    );
+    assert!(
+        d.trajectory(Sampler::Ddim, 50).is_err(),
+        "50 steps visit 981: not in S"
+    );
+    let m = tfmqc_passes::onnx::load(&q).unwrap();
+    assert_eq!(m.metadata_value("tfmqc.sampler"), Some("dpm++"));
+    assert_eq!(m.metadata_value("tfmqc.sampling_steps"), Some("25,20"));
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let on = r["evaluated_on"].as_str().unwrap();
+    assert!(
+        on.contains("held-out dpm++") && on.contains("25, 20"),
+        "{on}"
+    );
+    assert!(r["calibrated_on"]
+        .as_str()
+        .unwrap()
+        .contains("dpm++ at 25, 20 steps"));
+    // `tfmqc sample` takes the recorded sampler.
+    let png = dir.path().join("s.png");
+    let out = tfmqc_ok(&[
+        "sample",
+        q.to_str().unwrap(),
+        "-o",
+        png.to_str().unwrap(),
+        "--steps",
+        "20",
+        "--count",
+        "2",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dpm++"));
+}
+
+/// Runs tfmqc, expecting exit 1 with `words` in the message and no OUT.
+fn refused(args: &[&str], out: &Path, words: &[&str]) {
+    let r = tfmqc(args);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(1), "{args:?}: {err}");
+    for w in words {
+        assert!(err.contains(w), "{args:?}: '{w}' not in: {err}");
+    }
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.exists(), "{args:?} wrote {}", out.display());
+}
+
+#[test]
+fn bad_scheduler_files_and_step_counts_outside_s_write_nothing() {
+    let dir = tmpdir();
+    let out = dir.path().join("q.onnx");
+    let o = out.to_str().unwrap();
+    let m = model_path("ddpm_digits");
+    let m = m.to_str().unwrap();
+    let beta = write(dir.path(), "beta.json", r#"{"beta_schedule": "sigmoid"}"#);
+    let pred = write(
+        dir.path(),
+        "pred.json",
+        r#"{"prediction_type": "flow_prediction"}"#,
+    );
+    let broken = write(dir.path(), "broken.json", "{ not json");
+    for (file, key) in [(&beta, "'beta_schedule'"), (&pred, "'prediction_type'")] {
+        refused(
+            &[m, "-o", o, "--scheduler", file.to_str().unwrap()],
+            &out,
+            &[file.to_str().unwrap(), key, "unknown value"],
+        );
+    }
+    refused(
+        &[m, "-o", o, "--scheduler", broken.to_str().unwrap()],
+        &out,
+        &["broken.json", "not a JSON"],
+    );
+    refused(
+        &[m, "-o", o, "--scheduler", "no/such.json"],
+        &out,
+        &["no/such.json"],
+    );
+    // DDIM at 7 steps visits 852; S = ddim:50 holds multiples of 20.
+    refused(
+        &[
+            m,
+            "-o",
+            o,
+            "--timesteps",
+            "ddim:50",
+            "--sampling-steps",
+            "7",
+        ],
+        &out,
+        &[
+            "--sampling-steps 7",
+            "t = 852",
+            "outside the time-step set S",
+        ],
+    );
+    refused(
+        &[m, "-o", o, "--timesteps", "ddim:50", "--calib-steps", "30"],
+        &out,
+        &["--calib-steps 30", "outside the time-step set S"],
+    );
+    refused(
+        &[m, "-o", o, "--sampling-steps", "20,x"],
+        &out,
+        &["--sampling-steps", "'x'"],
+    );
+    refused(
+        &[m, "-o", o, "--sampling-steps", "2000"],
+        &out,
+        &["2000 sampling steps"],
+    );
+    refused(&[m, "-o", o, "--sampler", "heun"], &out, &["heun"]);
+    // Euler with linspace spacing (diffusers' default for it) visits fractional steps.
+    refused(
+        &[m, "-o", o, "--sampler", "euler", "--calib-steps", "20"],
+        &out,
+        &["fractional"],
+    );
+    // Default step counts outside an explicit S are left out, not an error; none left is.
+    refused(
+        &[m, "-o", o, "--timesteps", "0,7,13"],
+        &out,
+        &["none of the default sampling step counts"],
+    );
+}
+
+#[test]
+fn guidance_on_an_unconditional_model_is_refused() {
+    let dir = tmpdir();
+    let out = dir.path().join("q.onnx");
+    refused(
+        &[
+            model_path("ddpm_digits").to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--guidance-scale",
+            "3",
+        ],
+        &out,
+        &["--guidance-scale", "no conditioning input"],
+    );
+}
