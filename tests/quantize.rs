@@ -331,15 +331,18 @@ fn bad_calibration_files_are_clear_errors() {
     let p = dir.path().join("dtype.safetensors");
     write_inputs(
         &p,
-        &record(ok_sample.clone(), Tensor::from_vec(vec![1], &[500f32])),
+        &record(
+            Tensor::from_vec(vec![1, 1, 16, 16], &vec![0i64; 256]),
+            ok_t.clone(),
+        ),
     );
-    expect_calib_error(&p, "is f32 but the model input is i64");
+    expect_calib_error(&p, "is i64 but the model input is f32");
     let p = dir.path().join("unknown.safetensors");
     write_inputs(&p, &[("prompt".to_string(), ok_sample)].into());
-    expect_calib_error(&p, "tensor 'prompt' is not an input of the model");
+    expect_calib_error(&p, "key 'prompt' is not an input of the model");
     let p = dir.path().join("garbage.safetensors");
     std::fs::write(&p, b"not safetensors").unwrap();
-    expect_calib_error(&p, "not a safetensors file");
+    expect_calib_error(&p, "not a safetensors or .npz file");
 }
 
 #[test]

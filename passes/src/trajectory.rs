@@ -264,6 +264,11 @@ fn conform(
     Ok(t)
 }
 
+/// The time steps a time-step tensor holds (integer or float, whole numbers).
+fn steps_of(t: &Tensor) -> Result<Vec<i64>> {
+    Ok(t.to_f64_lossy()?.iter().map(|v| v.round() as i64).collect())
+}
+
 /// What a `--calib` file gives, sorted by role (see the module notes).
 #[derive(Default)]
 pub struct Given {
@@ -400,11 +405,7 @@ pub fn recorded_calls(
                 let t = conform(&key, t.clone(), info, file, false, info.name == t_name)?;
                 conformed.insert(info.name.clone(), t);
             }
-            let step = conformed[t_name]
-                .to_i64_vec()?
-                .first()
-                .copied()
-                .unwrap_or(0);
+            let step = steps_of(&conformed[t_name])?.first().copied().unwrap_or(0);
             check_t(&format!("record {rec}"), step)?;
             calls.push(Call {
                 batch: k,
@@ -458,8 +459,8 @@ pub fn recorded_calls(
             ..t_info.clone()
         };
         conform(t_name, given.plain[t_name].clone(), &flat, file, true, true)
-    })?
-    .to_i64_vec()?;
+    })?;
+    let t_all = steps_of(&t_all)?;
     let fixed = fixed_batch(&sample);
     let per_row: Vec<i64> = if t_all.len() == rows {
         t_all
