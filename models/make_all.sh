@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate every file in models/ (run from anywhere; takes ~20-40 min on 2 CPU cores,
+# Regenerate every file in models/ (run from anywhere; takes ~50-80 min on 2 CPU cores,
 # almost all of it DDPM training).  Python defaults to /tmp/mvenv/bin/python; override with PY=...
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 rm -f models/manifest.json
 "$PY" models/train_digits_classifier.py   # digits_features.onnx + digits_features_ref.json (needed for the DDPM's FD)
 "$PY" models/train_ddpm_digits.py         # ddpm_digits.* (trains ~3500 steps, then DDIM samples via onnxruntime)
+"$PY" models/train_digits_cond.py         # digits_cond.* (class-conditional v-prediction UNet, 3000 steps, CFG samples)
 "$PY" models/export_diffusers_unets.py    # unet2d_attn*.onnx, unet2d_cond*.onnx
 "$PY" models/export_guided_unet.py        # guided_unet.onnx (dynamo exporter)
 "$PY" models/export_ddim_unet.py          # ddim_unet.onnx (opset 13)
