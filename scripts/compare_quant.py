@@ -7,8 +7,12 @@
 For every denoiser in models/ (each models/X.onnx with a models/X.inputs.safetensors,
 except digits_features) and for W8A8 and W4A8 it makes five quantized models:
 
-  tfmqc        tfmqc X.onnx --timesteps ddim:50 --weight-bits B --seed 0
-               (the W8 run also writes the calibration dump with --dump-calib)
+  tfmqc        tfmqc X.onnx --weight-bits B --seed 0 [the model's deployment: MODEL_ARGS]
+               calibrated on trajectories of the deployment sampler (DDIM under the model's
+               scheduler: its metadata, SD-1.5's config for the SD-like UNets, the shipped
+               scheduler_config.json + class tokens + guidance 3 for digits_cond); the W8
+               run also writes its calibration records (--dump-calib) and the held-out
+               trajectories its report is measured on (--dump-eval)
   min-max      the same plus --baseline minmax (no TIB folding, one set of scales,
                plain min/max ranges, round-to-nearest weights, the same layers quantized)
   ORT (same)   onnxruntime.quantization.quantize_static on the float model: QDQ,
@@ -21,9 +25,10 @@ except digits_features) and for W8A8 and W4A8 it makes five quantized models:
                (report key `layers`): ORT otherwise also quantizes the inputs of Add, Mul,
                Sigmoid, Concat, Softmax, ..., which tfmqc leaves in float
 
-and measures each against the float model on the dump's records: per time step t,
-SQNR = 10·log10(Σ y² / Σ (y − ŷ)²) over all records at t (first graph output), then the
-mean and the minimum over the steps. Twice: with onnxruntime's graph optimizations off
+and measures each against the float model on the held-out trajectories of the deployment
+sampler (the --dump-eval records: other seeds than calibration's, every sampling step
+count): per time step t, SQNR = 10·log10(Σ y² / Σ (y − ŷ)²) over all records at t (first
+graph output), then the mean and the minimum over the steps. Twice: with onnxruntime's graph optimizations off
 (QDQ runs as an exact float simulation of the quantization) and with the default
 optimizations (onnxruntime fuses QDQ into its int8 kernels).
 
@@ -55,7 +60,16 @@ ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "scripts" / "compare_requirements.txt"
 VENV = ROOT / "target" / "compare-venv"
 NEEDED_MODULES = ("numpy", "onnx", "onnxruntime", "onnxruntime.quantization", "safetensors")
-EXCLUDED_MODELS = {"digits_features"}  # a classifier (for the Fréchet distance), not a denoiser
+EXCLUDED_MODELS = {"digits_features", "conv3x3_64"}  # a classifier (for the Fréchet distance) and one conv layer: no denoisers
+# Stable Diffusion 1.5's scheduler_config.json (the keys that matter).
+SD15_SCHEDULER = ROOT / "tests" / "data" / "sd15_scheduler_config.json"
+# How each model is deployed, as tfmqc options (models not listed: their metadata, DDIM).
+MODEL_ARGS = {
+    "unet2d_cond": ["--scheduler", str(SD15_SCHEDULER)],
+    "unet2d_cond_dynbatch": ["--scheduler", str(SD15_SCHEDULER)],
+    "digits_cond": ["--scheduler", "models/digits_cond.scheduler_config.json",
+                    "--calib", "models/digits_cond.calib.safetensors", "--guidance-scale", "3"],
+}
 BITS = (8, 4)
 VARIANTS = ("tfmqc", "minmax", "ort_same", "ort_default", "ort_layers")
 VARIANT_TITLES = {
@@ -142,7 +156,9 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="results/quant_compare.md", help="Markdown report (default: %(default)s)")
     ap.add_argument("--json", default="results/quant_compare.json", help="JSON report (default: %(default)s)")
     ap.add_argument("--workdir", default="/tmp/cq", help="quantized models, dumps, reports, logs (default: %(default)s)")
-    ap.add_argument("--timesteps", default="ddim:50", help="tfmqc --timesteps (default: %(default)s)")
+    ap.add_argument("--timesteps", help="tfmqc --timesteps (default: tfmqc's, every step the samplers "
+                                         "visit at 20, 25, 30 and 50 steps)")
+    ap.add_argument("--sampler", default="ddim", help="tfmqc --sampler (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="tfmqc --seed (default: %(default)s)")
     ap.add_argument("--bits", default="8,4", help="weight bit widths (default: %(default)s)")
     ap.add_argument("--tfmqc", help="tfmqc binary (default: target/release/tfmqc, built once with cargo)")
@@ -223,7 +239,7 @@ class TfmqcFailed(Exception):
 # --------------------------------------------------------------------------- tfmqc
 
 class Tfmqc:
-    REQUIRED_FLAGS = ("--weight-bits", "--baseline", "--dump-calib", "--report")
+    REQUIRED_FLAGS = ("--weight-bits", "--baseline", "--dump-calib", "--dump-eval", "--scheduler", "--report")
 
     def __init__(self, args, workdir: Path, inspect_only: bool = False):
         self.args = args
@@ -252,7 +268,8 @@ class Tfmqc:
         return r.stdout + r.stderr
 
     def inspect(self, model: Path) -> dict | None:
-        r = subprocess.run([str(self.bin), "inspect", str(model), "--json", "--timesteps", self.args.timesteps],
+        ts = ["--timesteps", self.args.timesteps] if self.args.timesteps else []
+        r = subprocess.run([str(self.bin), "inspect", str(model), "--json", *ts],
                            cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
             return None
@@ -262,12 +279,17 @@ class Tfmqc:
             return None
 
     def quantize(self, model: Path, out: Path, bits: int, baseline: bool, report: Path,
-                 dump: Path | None, logfile: Path) -> dict:
+                 dump: Path | None, logfile: Path, dump_eval: Path | None = None) -> dict:
         cmd = [str(self.bin), str(model.relative_to(ROOT)), "-o", str(out),
-               "--timesteps", self.args.timesteps, "--weight-bits", str(bits),
+               "--weight-bits", str(bits), "--sampler", self.args.sampler,
                "--seed", str(self.args.seed), "--report", str(report)]
+        if self.args.timesteps:
+            cmd += ["--timesteps", self.args.timesteps]
+        cmd += MODEL_ARGS.get(model.stem, [])
         if dump is not None:
             cmd += ["--dump-calib", str(dump)]
+        if dump_eval is not None:
+            cmd += ["--dump-eval", str(dump_eval)]
         if baseline:
             cmd += ["--baseline", "minmax"]
         cmd += self.args.tfmqc_arg
@@ -590,6 +612,7 @@ def compare_model(name: str, args, tf: Tfmqc | None, workdir: Path, bits_list, f
     res: dict = {"model": f"models/{name}.onnx", "float_bytes": file_bytes(model), "bits": {}, "notes": []}
     paths = {b: {v: workdir / f"{name}.{v}.w{b}.onnx" for v in VARIANTS} for b in bits_list}
     calib = workdir / f"{name}.calib.safetensors"
+    evalf = workdir / f"{name}.eval.safetensors"
     report_path = workdir / f"{name}.report.json"
     res["tfmqc_runs"] = {}
 
@@ -607,14 +630,14 @@ def compare_model(name: str, args, tf: Tfmqc | None, workdir: Path, bits_list, f
             for v in ("tfmqc", "minmax"):
                 out = paths[b][v]
                 rep = report_path if (v == "tfmqc" and first) else workdir / f"{name}.{v}.w{b}.report.json"
-                if args.reuse and out.exists() and rep.exists() and (not first or calib.exists()):
+                if args.reuse and out.exists() and rep.exists() and (not first or (calib.exists() and evalf.exists())):
                     log(f"  reusing {out}")
                     res["tfmqc_runs"][f"{v}.w{b}"] = {"reused": True}
                 else:
                     try:
                         res["tfmqc_runs"][f"{v}.w{b}"] = tf.quantize(
                             model, out, b, v == "minmax", rep, calib if first else None,
-                            workdir / f"{name}.{v}.w{b}.log")
+                            workdir / f"{name}.{v}.w{b}.log", evalf if first else None)
                     except TfmqcFailed as e:
                         log(str(e))
                         failures.append(f"{name} {v} W{b}A8: {e}")
@@ -626,10 +649,13 @@ def compare_model(name: str, args, tf: Tfmqc | None, workdir: Path, bits_list, f
                             res["error"] = "the tfmqc run that writes the calibration dump failed"
                             return res
                 first = False
-        calib_path = calib
+        calib_path, eval_path = calib, evalf
     else:
         calib_path = Path(args.no_tfmqc) / f"{name}.calib.safetensors"
-        res["notes"].append(f"testing run: tfmqc was not run; records from {calib_path}")
+        eval_path = Path(args.no_tfmqc) / f"{name}.eval.safetensors"
+        if not eval_path.exists():
+            eval_path = calib_path
+        res["notes"].append(f"testing run: tfmqc was not run; records from {calib_path} and {eval_path}")
 
     # ---- the calibration records
     records = load_records(calib_path)
@@ -653,9 +679,12 @@ def compare_model(name: str, args, tf: Tfmqc | None, workdir: Path, bits_list, f
     res["calib_records"] = len(records)
     res["calib_record_shapes"] = {k: [str(v.dtype), list(v.shape)] for k, v in records[0].items()}
 
-    # records for the evaluation: all, or at most N per time step
+    # records for the evaluation (held-out trajectories): all, or at most N per time step
+    held_out = load_records(eval_path)
+    conform_records(held_out, float_model)
+    res["eval_file"] = str(eval_path)
     by_step: dict = defaultdict(list)
-    for rec in records:
+    for rec in held_out:
         by_step[record_steps(rec, tin, None)[0]].append(rec)
     eval_records = []
     for t in sorted(by_step):
@@ -663,7 +692,8 @@ def compare_model(name: str, args, tf: Tfmqc | None, workdir: Path, bits_list, f
         eval_records.extend(group if args.eval_per_step <= 0 else group[: args.eval_per_step])
     res["steps"] = len(by_step)
     res["eval_records"] = len(eval_records)
-    log(f"  {len(records)} records, {len(by_step)} time steps (input {tin!r}); evaluating on {len(eval_records)}")
+    log(f"  {len(records)} calibration records; evaluating on {len(eval_records)} held-out records, "
+        f"{len(by_step)} time steps (input {tin!r})")
 
     # ---- which nodes stay float in tfmqc's output
     kept, tib_added, unknown = [], [], []
@@ -807,14 +837,19 @@ def write_markdown(path: Path, meta: dict, results: dict, bits_list) -> None:
     L.append("")
     L.append("Cells: per-time-step output SQNR against the float model, "
              "10·log10(Σy² / Σ(y−ŷ)²) over all evaluated records at that step (first graph output), "
-             "as **mean over the steps / minimum over the steps**, in dB. Records: tfmqc's own "
-             f"calibration dump (`--timesteps {meta['timesteps']} --seed {meta['seed']} --dump-calib`), "
-             "the same records that calibrate onnxruntime's quantizer"
-             + (f" (evaluation: at most {meta['eval_per_step']} records per step)." if meta.get("eval_per_step")
-                else " (all of them are evaluated)."))
+             "as **mean over the steps / minimum over the steps**, in dB. Evaluated on held-out trajectories "
+             f"of the deployment sampler (`{meta.get('sampler', 'ddim')}` under each model's scheduler, one "
+             "trajectory per sampling step count 20, 25, 30, 50, two images each, seeds apart from "
+             "calibration's: tfmqc's `--dump-eval`)"
+             + (f", at most {meta['eval_per_step']} records per step." if meta.get("eval_per_step") else ".")
+             + " onnxruntime's quantizer is calibrated on tfmqc's calibration records of the same sampler "
+             "(`--dump-calib`: every step of the longest calibration trajectory).")
     L.append("")
-    L.append(f"- **tfmqc**: `tfmqc MODEL -o OUT --timesteps {meta['timesteps']} --weight-bits B "
-             f"--seed {meta['seed']}` (defaults otherwise).")
+    ts = f" --timesteps {meta['timesteps']}" if meta.get("timesteps") else ""
+    L.append(f"- **tfmqc**: `tfmqc MODEL -o OUT{ts} --sampler {meta.get('sampler', 'ddim')} --weight-bits B "
+             f"--seed {meta['seed']}` plus the model's deployment: "
+             + "; ".join(f"{k}: `{' '.join(v)}`" for k, v in MODEL_ARGS.items())
+             + "; the others: their metadata (DDIMScheduler defaults, clip_sample true).")
     L.append("- **min-max baseline**: the same with `--baseline minmax` (no TIB folding, one set of scales, "
              "min/max ranges, round-to-nearest weights, the same layers quantized).")
     L.append("- **ORT (same layers)**: `onnxruntime.quantization.quantize_static` on the float model: QDQ, "
@@ -1000,6 +1035,7 @@ def main() -> int:
         "onnxruntime": ort.__version__,
         "python": sys.executable,
         "timesteps": args.timesteps,
+        "sampler": args.sampler,
         "seed": args.seed,
         "eval_per_step": args.eval_per_step,
         "threads": args.threads,

@@ -200,6 +200,11 @@ struct QuantArgs {
     /// Write the calibration records (model inputs, one batch per step) here.
     #[arg(long, value_name = "FILE.safetensors")]
     dump_calib: Option<PathBuf>,
+    /// Write the evaluation records (the model inputs along the held-out trajectories of
+    /// the deployment sampler that the quality summary is measured on) here, in the
+    /// --dump-calib format.
+    #[arg(long, value_name = "FILE.safetensors")]
+    dump_eval: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -418,6 +423,14 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
                 .map(|t| t.timestep_input.clone())
                 .unwrap_or_else(|| cal.timestep_input.clone());
             let q = report::measure(&original, &cx.model, plan, cal, &opts, &t_name, &show)?;
+            if let Some(path) = &args.quant.dump_eval {
+                report::dump_records(path, &q.records)?;
+                eprintln!(
+                    "tfmqc: wrote {} evaluation records to {}",
+                    q.records.len(),
+                    path.display()
+                );
+            }
             phases.push(("evaluate".into(), t.elapsed().as_secs_f64()));
             Some(q)
         }

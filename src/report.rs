@@ -40,10 +40,16 @@ pub fn options_json(o: &Options) -> serde_json::Value {
     })
 }
 
-/// Writes the evaluation records as `NNNNN/<input>` tensors (what `--calib` reads back).
+/// Writes the calibration's evaluation records as `NNNNN/<input>` tensors (what
+/// `--calib` reads back).
 pub fn dump_calibration(path: &Path, cal: &Calibration) -> Result<()> {
+    dump_records(path, &cal.records)
+}
+
+/// Writes model calls as `NNNNN/<input>` tensors.
+pub fn dump_records(path: &Path, records: &[BTreeMap<String, Tensor>]) -> Result<()> {
     let mut all: BTreeMap<String, Tensor> = BTreeMap::new();
-    for (i, rec) in cal.records.iter().enumerate() {
+    for (i, rec) in records.iter().enumerate() {
         for (k, v) in rec {
             all.insert(format!("{i:05}/{k}"), v.clone());
         }
@@ -57,6 +63,8 @@ pub struct Quality {
     pub activations: Vec<(String, f64)>,
     /// What the per-step SQNR was measured on.
     pub evaluated_on: String,
+    /// The model calls it was measured on (`--dump-eval`).
+    pub records: Vec<BTreeMap<String, Tensor>>,
 }
 
 /// The per-step output SQNR along fresh trajectories of the deployment sampler (its
@@ -76,6 +84,7 @@ pub fn measure(
         steps: output_sqnr_per_step(float, quant, &ev.records, &ev.steps)?,
         activations: activation_sqnr(float, plan, &cal.records, &cal.record_steps)?,
         evaluated_on: ev.what,
+        records: ev.records,
     })
 }
 

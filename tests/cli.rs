@@ -36,7 +36,7 @@ fn dump_dir_holds_the_ir_after_each_pass() {
     quantize_small(
         "ddpm_digits",
         &out,
-        "4",
+        "5",
         &["--dump-dir", dumps.to_str().unwrap()],
     );
     let mut files: Vec<String> = std::fs::read_dir(&dumps)

@@ -10,7 +10,7 @@ use std::path::Path;
 /// A small tfmqc W8A8 file of the trained model (TIB as exact tables), made once.
 fn quantized_digits(dir: &Path) -> std::path::PathBuf {
     let out = dir.join("digits.q.onnx");
-    quantize_small("ddpm_digits", &out, "4", &["--reconstruct", "none"]);
+    quantize_small("ddpm_digits", &out, "5", &["--reconstruct", "none"]);
     out
 }
 
@@ -57,7 +57,7 @@ fn json_schema_numbers_and_plots_on_the_trained_model() {
         "--label",
         "tfmqc W8A8",
         "--steps",
-        "3",
+        "2",
         "--samples",
         "3",
         "--json",
@@ -76,7 +76,9 @@ fn json_schema_numbers_and_plots_on_the_trained_model() {
     // S is the set the tfmqc file records; every frontier value is compared at every t.
     let s = v["timesteps"]["values"].as_array().unwrap();
     assert_eq!(s.len(), 10);
-    assert_eq!(v["trajectory"].as_array().unwrap().len(), 3);
+    // DDIM at 2 steps (leading spacing): 500, 0.
+    assert_eq!(v["trajectory"], serde_json::json!([500, 0]));
+    assert_eq!(v["sampler"], "ddim");
     let q0 = &v["quant"][0];
     assert_eq!(q0["tfmqc"], true);
     assert_eq!(q0["tfmqc_options"]["weight_bits"], 8);
@@ -98,7 +100,7 @@ fn json_schema_numbers_and_plots_on_the_trained_model() {
     }
     // W8A8 of the trained model: well above noise, below identity.
     let sq = &q0["step_sqnr_db"];
-    assert_eq!(sq["per_step"].as_array().unwrap().len(), 3);
+    assert_eq!(sq["per_step"].as_array().unwrap().len(), 2);
     let mean = sq["summary"]["mean"].as_f64().unwrap();
     assert!((15.0..100.0).contains(&mean), "step SQNR {mean}");
     let psnr = q0["sample_psnr_db"]["per_sample"].as_array().unwrap();
@@ -234,7 +236,7 @@ fn a_qdq_file_without_tfmqc_metadata_is_compared_on_the_given_set() {
     // not folded) with tfmqc's metadata removed.
     let dir = tmpdir();
     let q = dir.path().join("minmax.onnx");
-    quantize_small("ddpm_digits", &q, "4", &["--baseline", "minmax"]);
+    quantize_small("ddpm_digits", &q, "5", &["--baseline", "minmax"]);
     let mut m = tfmqc_passes::onnx::load(&q).unwrap();
     m.metadata.retain(|(k, _)| !k.starts_with("tfmqc."));
     let plain = dir.path().join("plain_qdq.onnx");
@@ -246,7 +248,7 @@ fn a_qdq_file_without_tfmqc_metadata_is_compared_on_the_given_set() {
         "--timesteps",
         "ddim:5",
         "--steps",
-        "2",
+        "5",
         "--samples",
         "1",
         "--json",

@@ -275,3 +275,103 @@ fn guidance_on_an_unconditional_model_is_refused() {
         &["--guidance-scale", "no conditioning input"],
     );
 }
+
+/// diffusers' own time steps (tests/data/scheduler_reference.json) of `samplers` at
+/// `steps` under the reference configuration `config`.
+fn diffusers_timesteps(config: &str, samplers: &[&str], steps: &[u64]) -> Vec<i64> {
+    let text = std::fs::read_to_string(repo().join("tests/data/scheduler_reference.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut all = std::collections::BTreeSet::new();
+    for e in r["timesteps"].as_array().unwrap() {
+        if e["config"] == config
+            && samplers.contains(&e["sampler"].as_str().unwrap())
+            && steps.contains(&e["steps"].as_u64().unwrap())
+        {
+            for t in e["timesteps"].as_array().unwrap() {
+                all.insert(t.as_i64().unwrap());
+            }
+        }
+    }
+    all.into_iter().collect()
+}
+
+/// Issue #13's first bar: with Stable Diffusion 1.5's scheduler config, a compiled SD-like
+/// UNet (diffusers UNet2DConditionModel; scalar float time step, CFG batch of 2) runs in
+/// onnxruntime at every time step diffusers' DDIM, DPM-Solver++ and Euler visit at 20, 25
+/// and 50 steps, leading and trailing spacing, and matches float there.
+#[test]
+fn an_sd15_scheduled_unet_runs_in_onnxruntime_at_every_step_diffusers_visits() {
+    let Some(py) = python() else { return };
+    let dir = tmpdir();
+    let text = std::fs::read_to_string(repo().join("tests/data/scheduler_reference.json")).unwrap();
+    let r: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let model = model_path("unet2d_cond");
+    let x = example_inputs("unet2d_cond");
+    for spacing in ["leading", "trailing"] {
+        let config = format!("sd15_{spacing}");
+        let sched = dir.path().join(format!("{config}.json"));
+        std::fs::write(&sched, r["configs"][&config].to_string()).unwrap();
+        let steps = diffusers_timesteps(&config, &["ddim", "dpm++", "euler"], &[20, 25, 50]);
+        assert!(steps.len() >= 60, "{config}: {} steps", steps.len());
+        let q = dir.path().join(format!("{config}.q.onnx"));
+        tfmqc_ok(&[
+            model.to_str().unwrap(),
+            "-o",
+            q.to_str().unwrap(),
+            "--scheduler",
+            sched.to_str().unwrap(),
+            "--sampling-steps",
+            "20,25,50",
+            "--calib-samples",
+            "4",
+            "--reconstruct",
+            "none",
+        ]);
+        let d = Denoiser::load(&q).unwrap();
+        let s = d.timesteps().unwrap();
+        for t in &steps {
+            assert!(s.binary_search(t).is_ok(), "{config}: t = {t} not in S");
+        }
+        ort(&py, &["check", q.to_str().unwrap()]);
+        let list: Vec<String> = steps.iter().map(|t| t.to_string()).collect();
+        let list = list.join(",");
+        let inp = dir.path().join("in.safetensors");
+        write_inputs(&inp, &x);
+        let sweep = |m: &Path, tag: &str| {
+            let out = dir.path().join(format!("{config}.{tag}.safetensors"));
+            ort(
+                &py,
+                &[
+                    "sweep",
+                    m.to_str().unwrap(),
+                    inp.to_str().unwrap(),
+                    "timestep",
+                    &list,
+                    out.to_str().unwrap(),
+                ],
+            );
+            read_tensors(&out)["out_sample"].to_f32_vec().unwrap()
+        };
+        let (f, qv) = (sweep(&model, "float"), sweep(&q, "quant"));
+        let per = f.len() / steps.len();
+        let (mut worst, mut sum) = (f64::INFINITY, 0.0);
+        for (k, t) in steps.iter().enumerate() {
+            let (a, b) = (&f[k * per..(k + 1) * per], &qv[k * per..(k + 1) * per]);
+            let sig: f64 = a.iter().map(|v| (*v as f64).powi(2)).sum();
+            let err: f64 = a.iter().zip(b).map(|(u, v)| ((u - v) as f64).powi(2)).sum();
+            let db = 10.0 * (sig / err.max(1e-30)).log10();
+            assert!(
+                db > 12.0,
+                "{config}: t = {t}: {db:.1} dB against float in onnxruntime"
+            );
+            worst = worst.min(db);
+            sum += db;
+        }
+        let mean = sum / steps.len() as f64;
+        eprintln!(
+            "{config}: {} time steps in onnxruntime, SQNR against float: mean {mean:.1} dB, worst {worst:.1} dB",
+            steps.len()
+        );
+        assert!(mean > 25.0, "{config}: mean {mean:.1} dB");
+    }
+}
