@@ -67,6 +67,7 @@ SD15_SCHEDULER = ROOT / "tests" / "data" / "sd15_scheduler_config.json"
 MODEL_ARGS = {
     "unet2d_cond": ["--scheduler", str(SD15_SCHEDULER)],
     "unet2d_cond_dynbatch": ["--scheduler", str(SD15_SCHEDULER)],
+    "sd_tiny": ["--scheduler", "models/sd_tiny.scheduler_config.json"],
     "digits_cond": ["--scheduler", "models/digits_cond.scheduler_config.json",
                     "--calib", "models/digits_cond.calib.safetensors", "--guidance-scale", "3"],
 }

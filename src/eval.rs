@@ -15,7 +15,7 @@ use std::time::Instant;
 use clap::Args;
 use serde_json::{json, Value};
 use tfmqc_passes::calibrate::{stand_in, timestep_tensor};
-use tfmqc_passes::evaluate::output_sqnr_per_step;
+use tfmqc_passes::evaluate::output_sqnr_against;
 use tfmqc_passes::exec::{to_tract, Runner};
 use tfmqc_passes::ir::{Dim, Model, Tensor};
 use tfmqc_passes::options::{meta, timestep_set};
@@ -408,11 +408,13 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             stand_ins.join(", ")
         ));
     }
-    let ev = tfmqc_passes::trajectory::evaluation_records(&float, &opts, &t_name, &|_| {})
-        .map_err(fail)?;
+    let ev =
+        tfmqc_passes::trajectory::evaluation_records(&float, &opts, &t_name, usize::MAX, &|_| {})
+            .map_err(fail)?
+            .expect("no call limit");
     let mut step_sqnr = vec![];
     for q in &quants {
-        let s = output_sqnr_per_step(&float, &q.model, &ev.records, &ev.steps).map_err(fail)?;
+        let s = output_sqnr_against(&q.model, &ev.records, &ev.steps, &ev.outputs).map_err(fail)?;
         step_sqnr.push(
             s.into_iter()
                 .map(|x| (x.t, x.sqnr_db.min(DB_CAP)))

@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
+use tfmqc_passes::budget::{check_memory, MemoryNeed, Part};
 use tfmqc_passes::calibrate::Calibration;
-use tfmqc_passes::evaluate::{activation_sqnr, output_sqnr_per_step, StepSqnr};
+use tfmqc_passes::evaluate::{
+    activation_sqnr, output_sqnr_against, output_sqnr_per_step, StepSqnr,
+};
 use tfmqc_passes::ir::{Model, Tensor};
 use tfmqc_passes::pipeline::PassContext;
 use tfmqc_passes::quantize::{LayerReport, QuantPlan};
@@ -61,15 +64,37 @@ pub fn dump_records(path: &Path, records: &[BTreeMap<String, Tensor>]) -> Result
 pub struct Quality {
     pub steps: Vec<StepSqnr>,
     pub activations: Vec<(String, f64)>,
-    /// What the per-step SQNR was measured on.
+    /// Calibration records the activation SQNR was measured on, of those kept.
+    pub records: (usize, usize),
+    /// What the per-step output SQNR was measured on.
     pub evaluated_on: String,
     /// The model calls it was measured on (`--dump-eval`).
-    pub records: Vec<BTreeMap<String, Tensor>>,
+    pub eval_records: Vec<BTreeMap<String, Tensor>>,
+}
+
+/// The records the report evaluates: all of them, unless their calls would take more than
+/// a quarter of the calibration budget (an SD-class model at full size); then as many as
+/// fit, spread over the steps, at least two.
+fn evaluation_picks(cal: &Calibration, options: &Options) -> Vec<usize> {
+    let n = cal.records.len();
+    // A quantized call in tract (QDQ graph) plus a float call observing activations.
+    let per_record = 2.5 * cal.call_seconds;
+    let fit = if per_record > 0.0 {
+        (options.calib_budget_s / 4.0 / per_record).floor() as usize
+    } else {
+        n
+    };
+    let k = fit.clamp(2.min(n), n);
+    if k >= n {
+        return (0..n).collect();
+    }
+    (0..k).map(|i| i * (n - 1) / (k - 1).max(1)).collect()
 }
 
 /// The per-step output SQNR along fresh trajectories of the deployment sampler (its
-/// scheduler, step counts and guidance, other seeds than calibration's); the activation
-/// SQNR on the calibration records.
+/// scheduler, step counts and guidance, other seeds than calibration's) as far as they fit
+/// a quarter of the calibration budget, else on calibration records; the activation SQNR
+/// on the calibration records.
 pub fn measure(
     float: &Model,
     quant: &Model,
@@ -79,12 +104,76 @@ pub fn measure(
     t_name: &str,
     progress: &dyn Fn(&str),
 ) -> Result<Quality> {
-    let ev = tfmqc_passes::trajectory::evaluation_records(float, options, t_name, progress)?;
+    let picks = evaluation_picks(cal, options);
+    let records: Vec<_> = picks.iter().map(|&i| cal.records[i].clone()).collect();
+    let steps: Vec<i64> = picks.iter().map(|&i| cal.record_steps[i]).collect();
+    let dequantized: u64 = quant
+        .graph
+        .initializers
+        .values()
+        .map(|t| t.byte_len() as u64 * if t.dtype.bits() == 8 { 4 } else { 1 })
+        .sum();
+    let batch = records
+        .first()
+        .and_then(|r| r.get(&cal.sample_input))
+        .and_then(|t| t.shape.first().copied())
+        .unwrap_or(1);
+    check_memory(
+        &MemoryNeed {
+            phase: "evaluate",
+            parts: vec![
+                Part {
+                    what: "quantized model in tract (weights dequantized)",
+                    bytes: dequantized,
+                },
+                Part {
+                    what: "activations of one call",
+                    bytes: tfmqc_passes::budget::activation_peak_bytes(quant, batch),
+                },
+            ],
+            lower_with:
+                "--calib-budget (fewer records evaluated) or an export at a smaller sample size",
+        },
+        options.max_memory,
+    )?;
+    // Held-out trajectories: a float call to make each record, a quantized one to judge it.
+    let per_call = 2.5 * cal.call_seconds;
+    let affordable = if per_call > 0.0 {
+        (options.calib_budget_s / 4.0 / per_call).floor() as usize
+    } else {
+        usize::MAX
+    };
+    let held_out =
+        tfmqc_passes::trajectory::evaluation_records(float, options, t_name, affordable, progress)?;
+    let (steps_sqnr, evaluated_on, eval_records) = match held_out {
+        Some(ev) => (
+            output_sqnr_against(quant, &ev.records, &ev.steps, &ev.outputs)?,
+            ev.what,
+            ev.records,
+        ),
+        None => {
+            let sqnr = if cal.record_outputs.len() == cal.records.len() {
+                let reference: Vec<_> = picks
+                    .iter()
+                    .map(|&i| cal.record_outputs[i].clone())
+                    .collect();
+                output_sqnr_against(quant, &records, &steps, &reference)?
+            } else {
+                output_sqnr_per_step(float, quant, &records, &steps)?
+            };
+            let what = format!(
+                "{} calibration records (one held-out trajectory would take more than a quarter of --calib-budget)",
+                records.len()
+            );
+            (sqnr, what, records.clone())
+        }
+    };
     Ok(Quality {
-        steps: output_sqnr_per_step(float, quant, &ev.records, &ev.steps)?,
-        activations: activation_sqnr(float, plan, &cal.records, &cal.record_steps)?,
-        evaluated_on: ev.what,
-        records: ev.records,
+        steps: steps_sqnr,
+        activations: activation_sqnr(float, plan, &records, &steps)?,
+        records: (records.len(), cal.records.len()),
+        evaluated_on,
+        eval_records,
     })
 }
 
@@ -114,6 +203,10 @@ pub struct Report {
     pub output_sqnr_mean_db: f64,
     pub output_sqnr_min_db: f64,
     pub output_sqnr_per_step: Vec<StepSqnr>,
+    /// Calibration records the quality figures were measured on, of those kept (all but
+    /// for models whose calls are expensive: see `--calib-budget`).
+    pub records_evaluated: usize,
+    pub records_total: usize,
     pub layers: Vec<LayerReport>,
     pub activations: Vec<ActivationReport>,
     /// ONNX node names left in float (what a fair comparison excludes too).
@@ -174,6 +267,8 @@ impl Report {
             output_sqnr_mean_db: mean,
             output_sqnr_min_db: min,
             output_sqnr_per_step: q.steps.clone(),
+            records_evaluated: q.records.0,
+            records_total: q.records.1,
             layers: plan.layers.clone(),
             activations: acts,
             kept_float: plan.kept_float.iter().map(|(n, _)| n.clone()).collect(),
@@ -202,8 +297,16 @@ impl Report {
             .activations
             .iter()
             .min_by(|x, y| x.sqnr_db.total_cmp(&y.sqnr_db));
+        let of = if self.records_evaluated < self.records_total {
+            format!(
+                "; activations on {} of {} calibration records: calls are expensive",
+                self.records_evaluated, self.records_total
+            )
+        } else {
+            String::new()
+        };
         let mut s = format!(
-            "quality (vs float, {} time steps along {}):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} step group(s)\n",
+            "quality (vs float, {} time steps along {}{of}):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} step group(s)\n",
             self.output_sqnr_per_step.len(),
             self.evaluated_on,
             self.output_sqnr_mean_db,

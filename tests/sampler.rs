@@ -40,7 +40,7 @@ fn calibration_equals_runtime(sampler: Sampler, steps: usize, scheduler: Option<
         sampling_steps: Some(SamplingSteps::All),
         ..Default::default()
     };
-    let cal = calibrate(&model, &options, "timestep", &[], &|_| {}).unwrap();
+    let cal = calibrate(&model, &options, "timestep", &[], vec![], &|_| {}).unwrap();
     assert_eq!(cal.records.len(), steps, "{sampler}: one record per step");
 
     let mut d = Denoiser::load(&path).unwrap();

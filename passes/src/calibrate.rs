@@ -7,13 +7,16 @@
 //! the number of steps, not with the number of samples. One batch per step is kept as
 //! evaluation records (reports, `--dump-calib`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use tfmqc_runtime::engine::Optimize;
 
+use crate::budget::{fit_calibration, CalibrationPlan, MemoryNeed, Part};
 use crate::error::{Error, Result};
 use crate::exec::Runner;
-use crate::ir::{Model, Tensor};
+use crate::ir::{Dim, Model, Tensor};
+use crate::layer_inputs::{reconstructable_layers, record_picks, LayerColumns, LayerInput};
+use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
 use crate::pipeline::{Pass, PassContext};
 use crate::targets::find_targets;
@@ -58,12 +61,23 @@ pub struct Calibration {
     pub records: Vec<BTreeMap<String, Tensor>>,
     /// The time step of each record.
     pub record_steps: Vec<i64>,
+    /// The float model's first output on each record, from the calibration runs (the
+    /// reference of the quality report, which then need not run the float model again).
+    pub record_outputs: Vec<Tensor>,
+    /// Mean seconds of one calibration call.
+    pub call_seconds: f64,
     /// Inputs fed with seeded stand-ins (no --calib file gave them).
     pub stand_ins: Vec<String>,
     /// The graph input carrying the sample and the time step.
     pub sample_input: String,
     pub timestep_input: String,
     pub batches: usize,
+    /// Sampled inputs of the layers weight reconstruction will round (spilled to a
+    /// temporary file), from the runs of the evaluation records; `None` when no
+    /// reconstruction was asked for.
+    pub layer_columns: Option<std::sync::Arc<LayerColumns>>,
+    /// How the calibration budget cut the trajectories, when it did.
+    pub budget_note: Option<String>,
     /// What the trajectories were: `ddim at 50, 30, 25, 20 steps` (empty for recorded
     /// calls).
     pub trajectories: String,
@@ -85,11 +99,21 @@ impl Pass for Calibrate {
         let tib = cx.tib.as_ref().expect("checked by requires");
         let targets = find_targets(&cx.model.graph, &cx.options.keep_float);
         let values = targets.activation_values();
+        // Reconstruction reads the layers' inputs from these same runs.
+        let reconstructs = cx.options.reconstruct != Reconstruct::None
+            && !cx.options.baseline_minmax
+            && cx.options.weight_bits < 32;
+        let layers = if reconstructs {
+            reconstructable_layers(&cx.model, &targets.quantized)
+        } else {
+            vec![]
+        };
         let cal = calibrate(
             &cx.model,
             cx.options,
             &tib.timestep_input,
             &values,
+            layers,
             cx.progress,
         )?;
         cx.note(format!(
@@ -104,8 +128,19 @@ impl Pass for Calibrate {
             cal.per_step.values().next().map(|m| m.len()).unwrap_or(0),
             cal.records.len()
         ));
+        if let Some(n) = &cal.budget_note {
+            cx.note(n.clone());
+        }
         for n in &cal.notes {
             cx.note(n.clone());
+        }
+        if let Some(c) = &cal.layer_columns {
+            cx.note(format!(
+                "inputs of {} layers sampled for reconstruction ({} columns per record, {:.1} MB spilled)",
+                c.layers().len(),
+                c.columns_per_record(),
+                c.spilled_bytes() as f64 / 1e6
+            ));
         }
         if !cal.stand_ins.is_empty() {
             cx.note(format!(
@@ -118,12 +153,84 @@ impl Pass for Calibrate {
     }
 }
 
+/// One run's graph outputs and the range of every observed value.
+struct ObservedRun {
+    outputs: Vec<Tensor>,
+    outputs_ranges: Vec<Range>,
+}
+
+/// Layer inputs to sample from one run: the store, the record's salt, and the samples of
+/// the batch its evaluation record keeps (`(keep, batch)`: the first `keep` of `batch`).
+struct ColumnTap<'a> {
+    store: &'a LayerColumns,
+    salt: u64,
+    keep: (usize, usize),
+}
+
+/// Runs `inputs` and takes the min/max of each of `values` while tract computes it (and
+/// samples layer inputs into `tap`).
+fn observe_ranges(
+    runner: &Runner,
+    values: &[String],
+    inputs: &HashMap<String, Tensor>,
+    t: i64,
+    tap: Option<ColumnTap>,
+) -> Result<ObservedRun> {
+    let mut ranges: Vec<Option<Range>> = vec![None; values.len()];
+    let outputs = runner.run_observed(inputs, &mut |k, tensor| {
+        let name = &values[k];
+        let v = crate::exec::f32_values(tensor, name)?;
+        if let Some(tap) = &tap {
+            // The rows of the kept samples (batch-major values), as if the model had run
+            // on the evaluation record alone.
+            let (keep, batch) = tap.keep;
+            let mut shape = tensor.shape().to_vec();
+            let mut part = v;
+            if keep < batch && shape.first().is_some_and(|&r| r % batch == 0) {
+                let rows = shape[0] / batch * keep;
+                part = &v[..v.len() / shape[0] * rows];
+                shape[0] = rows;
+            }
+            tap.store.observe(name, &shape, part, tap.salt)?;
+        }
+        let batch = Range {
+            min: v.iter().copied().fold(f32::INFINITY, f32::min),
+            max: v.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        };
+        if !batch.min.is_finite() || !batch.max.is_finite() {
+            return Err(Error::pass(
+                "calibrate",
+                format!("activation '{name}' is not finite at t = {t}"),
+            ));
+        }
+        ranges[k] = Some(batch);
+        Ok(())
+    })?;
+    let outputs_ranges = ranges
+        .into_iter()
+        .zip(values)
+        .map(|(r, name)| {
+            r.ok_or_else(|| {
+                Error::pass(
+                    "calibrate",
+                    format!("activation '{name}' was not computed by the engine"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ObservedRun {
+        outputs,
+        outputs_ranges,
+    })
+}
+
 /// Observes `values` (activation names) along calibration trajectories.
 pub fn calibrate(
     model: &Model,
     options: &Options,
     t_name: &str,
     values: &[String],
+    layers: Vec<LayerInput>,
     progress: &dyn Fn(&str),
 ) -> Result<Calibration> {
     let g = &model.graph;
@@ -135,30 +242,51 @@ pub fn calibrate(
         ));
     }
     let sample = find_sample_input(model, t_name)?;
-    let out_info = g.outputs[0].clone();
 
-    // Outputs: the denoiser's prediction first, then the activations.
-    let mut outputs = vec![out_info.name.clone()];
-    outputs.extend(values.iter().cloned());
-    let runner = Runner::new(model, Some(&outputs), Optimize::Full)?;
+    // The prediction is the graph output; the activations are observed while tract
+    // runs, each folded into its range as soon as it is computed (an SD-class UNet's
+    // attention scores alone would not fit in memory all at once).
+    let batch_guess = match sample.shape.as_deref() {
+        Some([Dim::Known(b), ..]) => *b as usize,
+        _ => {
+            options.calib_batch.min(options.calib_samples)
+                * if options.guidance_scale.is_some() {
+                    2
+                } else {
+                    1
+                }
+        }
+    };
+    crate::budget::check_memory(
+        &MemoryNeed {
+            phase: "calibrate",
+            parts: vec![
+                Part {
+                    what: "float model in tract",
+                    bytes: crate::budget::initializer_bytes(model),
+                },
+                Part {
+                    what: "activations of one call",
+                    bytes: crate::budget::activation_peak_bytes(model, batch_guess),
+                },
+            ],
+            lower_with: "--calib-batch 1 (models with a free batch size) or an export at a smaller sample size",
+        },
+        options.max_memory,
+    )?;
+    progress("calibrate: planning the float model in tract");
+    let runner = Runner::observing(model, values, Optimize::Full)?;
     let mut cal = Calibration {
         sample_input: sample.name.clone(),
         timestep_input: t_name.to_string(),
         ..Default::default()
     };
-    let observe = |cal: &mut Calibration, t: i64, outs: &[Tensor]| -> Result<()> {
-        for (name, tensor) in values.iter().zip(&outs[1..]) {
-            let v = tensor.to_f32_vec()?;
-            let batch = Range {
-                min: v.iter().copied().fold(f32::INFINITY, f32::min),
-                max: v.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-            };
-            if !batch.min.is_finite() || !batch.max.is_finite() {
-                return Err(Error::pass(
-                    "calibrate",
-                    format!("activation '{name}' is not finite at t = {t}"),
-                ));
-            }
+    let observe = |cal: &mut Calibration,
+                   t: i64,
+                   inputs: &HashMap<String, Tensor>,
+                   tap: Option<ColumnTap>| {
+        let batch = observe_ranges(&runner, values, inputs, t, tap)?;
+        for (name, batch) in values.iter().zip(batch.outputs_ranges) {
             let steps = cal.per_step.entry(name.clone()).or_default();
             let r = steps.get(&t).map(|r| r.ema(batch)).unwrap_or(batch);
             steps.insert(t, r);
@@ -169,32 +297,45 @@ pub fn calibrate(
                 .unwrap_or(batch);
             cal.global.insert(name.clone(), gl);
         }
-        Ok(())
+        Ok::<Vec<Tensor>, Error>(batch.outputs)
     };
 
     let given = Given::read(model, options)?;
 
     // Recorded calls (`NNNNN/<input>` keys, or inputs stacked by name): no generation.
     if let Some(calls) = recorded_calls(model, &given, t_name, &set)? {
+        let picks = record_picks(calls.len());
+        let store = match layers.is_empty() {
+            true => None,
+            false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
+        };
+        let clock = std::time::Instant::now();
         let total = calls.len();
-        for call in calls {
+        for (call, pick) in calls.into_iter().zip(picks) {
             progress(&format!(
                 "calibrate: recorded call {}/{total}",
                 call.batch + 1
             ));
-            let outs = runner.run(&call.inputs)?;
-            observe(&mut cal, call.t, &outs)?;
+            let tap = store.as_ref().zip(pick).map(|(store, salt)| ColumnTap {
+                store,
+                salt,
+                keep: call.kept_prefix(),
+            });
+            let outs = observe(&mut cal, call.t, &call.inputs, tap)?;
+            cal.record_outputs.extend(outs.into_iter().next());
             cal.records.push(call.record()?);
             cal.record_steps.push(call.t);
             cal.batches += 1;
         }
+        cal.call_seconds = clock.elapsed().as_secs_f64() / cal.batches.max(1) as f64;
+        cal.layer_columns = store.map(std::sync::Arc::new);
         return Ok(cal);
     }
 
     // Generated trajectories of the deployment sampler; batch b runs the b-th step count
     // (cycling, largest first), so the evaluation records of batch 0 hold every step of
     // the longest trajectory.
-    let plan = Plan::new(
+    let mut plan = Plan::new(
         model,
         options,
         t_name,
@@ -204,6 +345,43 @@ pub fn calibrate(
     )?;
     cal.stand_ins = plan.stand_ins.clone();
     cal.notes = plan.notes.clone();
+    let mut batches = options
+        .calib_samples
+        .div_ceil(plan.images)
+        .max(plan.step_counts.len().min(options.calib_samples));
+    if options.calib_adaptive {
+        // One call tells what a call costs: fit the trajectories to the budget before
+        // they run.
+        let probe = plan.first_call(model, options.seed)?;
+        let clock = std::time::Instant::now();
+        observe_ranges(&runner, values, &probe.inputs, probe.t, None)?;
+        let call_s = clock.elapsed().as_secs_f64();
+        let longest = plan.step_counts[0];
+        let wanted = CalibrationPlan {
+            batches,
+            steps: longest,
+        };
+        let fit = fit_calibration(wanted, call_s, options.calib_budget_s);
+        if fit != wanted {
+            batches = fit.batches;
+            if fit.steps < longest {
+                plan.step_counts = options.step_counts_within(model, &set, fit.steps)?;
+            }
+            cal.budget_note = Some(format!(
+                "one call takes {}: {} trajectory batch(es) × {} steps fit --calib-budget {} (asked: {} × {}); give --calib-samples/--calib-steps to choose yourself",
+                crate::budget::human_duration(call_s),
+                batches,
+                plan.step_counts
+                    .iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                crate::budget::human_duration(options.calib_budget_s),
+                wanted.batches,
+                wanted.steps
+            ));
+        }
+    }
     cal.trajectories = format!(
         "{} at {} steps{}",
         plan.sampler,
@@ -216,21 +394,36 @@ pub fn calibrate(
             .map(|g| format!(", guidance {g}"))
             .unwrap_or_default()
     );
-    let batches = options
-        .calib_samples
-        .div_ceil(plan.images)
-        .max(plan.step_counts.len().min(options.calib_samples));
+    // Layer inputs come from the first batch's runs, cut to its evaluation records.
+    let picks = record_picks(plan.step_counts[0]);
+    let store = match layers.is_empty() {
+        true => None,
+        false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
+    };
+    let clock = std::time::Instant::now();
+    let mut calls = 0usize;
     plan.run(model, batches, options.seed, progress, &mut |call| {
-        let mut outs = runner.run(&call.inputs)?;
-        observe(&mut cal, call.t, &outs)?;
+        let tap = match (call.batch, &store, picks.get(call.step).copied().flatten()) {
+            (0, Some(store), Some(salt)) => Some(ColumnTap {
+                store,
+                salt,
+                keep: call.kept_prefix(),
+            }),
+            _ => None,
+        };
+        let mut outs = observe(&mut cal, call.t, &call.inputs, tap)?;
+        calls += 1;
         if call.batch == 0 {
             cal.records.push(call.record()?);
             cal.record_steps.push(call.t);
+            cal.record_outputs.push(call.cut(&outs[0])?);
         }
         if call.step == 0 {
             cal.batches += 1;
         }
         Ok(outs.swap_remove(0))
     })?;
+    cal.call_seconds = clock.elapsed().as_secs_f64() / calls.max(1) as f64;
+    cal.layer_columns = store.map(std::sync::Arc::new);
     Ok(cal)
 }

@@ -144,6 +144,16 @@ pub struct Options {
     pub train_timesteps: Option<usize>,
     pub beta_start: Option<f64>,
     pub beta_end: Option<f64>,
+    /// `--max-memory`: bytes a phase may plan to hold; `None`: the memory available.
+    pub max_memory: Option<u64>,
+    /// `--calib-budget`: seconds of model calls calibration may spend when the user did
+    /// not fix `--calib-samples` / `--calib-steps` (then `calib_adaptive`).
+    pub calib_budget_s: f64,
+    /// Whether calibration may shrink its trajectories to fit `calib_budget_s`.
+    pub calib_adaptive: bool,
+    /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
+    /// (Model calls take theirs from the caller's `tfmqc_runtime::with_threads`.)
+    pub threads: usize,
 }
 
 impl Default for Options {
@@ -175,6 +185,10 @@ impl Default for Options {
             train_timesteps: None,
             beta_start: None,
             beta_end: None,
+            max_memory: None,
+            calib_budget_s: 1200.0,
+            calib_adaptive: false,
+            threads: 0,
         }
     }
 }
@@ -196,6 +210,14 @@ impl Options {
         }
         if self.step_groups == 0 {
             return Err(Error::invalid("--step-groups must be at least 1"));
+        }
+        if self.calib_budget_s.is_nan() || self.calib_budget_s <= 0.0 {
+            return Err(Error::invalid(
+                "--calib-budget must be a positive number of seconds",
+            ));
+        }
+        if self.calib_batch == 0 {
+            return Err(Error::invalid("--calib-batch must be at least 1"));
         }
         if self.calib_samples == 0 || self.calib_steps == Some(0) {
             return Err(Error::invalid(
@@ -313,6 +335,30 @@ impl Options {
             )));
         }
         Ok(kept)
+    }
+
+    /// The calibration step counts of at most `max_steps` steps (for a calibration
+    /// budget): those of [`Options::calibration_step_counts`] that are, else the largest
+    /// count up to `max_steps` whose time steps lie in S, else the smallest count.
+    pub fn step_counts_within(
+        &self,
+        model: &Model,
+        set: &[i64],
+        max_steps: usize,
+    ) -> Result<Vec<usize>> {
+        let counts = self.calibration_step_counts(model, set)?;
+        let within: Vec<usize> = counts.iter().copied().filter(|&n| n <= max_steps).collect();
+        if !within.is_empty() {
+            return Ok(within);
+        }
+        let config = self.scheduler(model)?;
+        let fits = (1..=max_steps).rev().find(|&n| {
+            sampler::timesteps(self.sampler, &config, n)
+                .is_ok_and(|ts| ts.iter().all(|t| set.binary_search(t).is_ok()))
+        });
+        Ok(vec![fits.unwrap_or_else(|| {
+            *counts.last().expect("at least one count")
+        })])
     }
 
     /// The step counts (up to 12) whose time steps lie in `set` under the sampler.

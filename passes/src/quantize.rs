@@ -85,7 +85,13 @@ impl Pass for Quantize {
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
         let cal = cx.calibration.clone().expect("checked by requires");
-        let plan = quantize(&mut cx.model, cx.options, &cal, cx.step_index.as_deref())?;
+        let plan = quantize(
+            &mut cx.model,
+            cx.options,
+            &cal,
+            cx.step_index.as_deref(),
+            cx.progress,
+        )?;
         let n_w = plan.layers.iter().filter(|l| l.weight.is_some()).count();
         let mean_sqnr = plan
             .layers
@@ -146,6 +152,7 @@ pub fn quantize(
     options: &Options,
     cal: &Calibration,
     step_index: Option<&str>,
+    progress: &dyn Fn(&str),
 ) -> Result<QuantPlan> {
     if model.onnx_opset() < 13 {
         return Err(Error::pass(
@@ -197,10 +204,15 @@ pub fn quantize(
         .flat_map(|t| t.activations.iter().cloned())
         .collect();
     let ranges = activation_ranges(model, cal, &acts, &members, options)?;
-    let grams = if options.baseline_minmax || options.reconstruct == Reconstruct::None {
-        HashMap::new()
-    } else {
-        layer_grams(model, cal, &quantized)?
+    // Layers whose inputs calibration sampled: reconstructed one at a time below.
+    let reconstructed: HashMap<String, usize> = match &cal.layer_columns {
+        Some(c) if !options.baseline_minmax && options.reconstruct != Reconstruct::None => c
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.node.clone(), i))
+            .collect(),
+        _ => HashMap::new(),
     };
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
@@ -251,7 +263,23 @@ pub fn quantize(
 
     let mut dequantized_weights: HashMap<String, String> = HashMap::new();
     let mut dequantized_acts: BTreeMap<String, String> = BTreeMap::new();
-    for target in &quantized {
+    let clock = std::time::Instant::now();
+    for (done, target) in quantized.iter().enumerate() {
+        let eta = match done {
+            0 => String::new(),
+            n => format!(
+                ", about {} left",
+                crate::budget::human_duration(
+                    clock.elapsed().as_secs_f64() / n as f64 * (quantized.len() - n) as f64
+                )
+            ),
+        };
+        progress(&format!(
+            "quantize: layer {}/{} ({}){eta}",
+            done + 1,
+            quantized.len(),
+            target.node
+        ));
         let ix = by_name[&target.node];
         let mut layer = LayerReport {
             node: target.node.clone(),
@@ -273,10 +301,13 @@ pub fn quantize(
                         let shape = t.shape.clone();
                         let mut q =
                             quantize_weight(&values, &shape, w.axis, options.weight_bits, search);
-                        if let Some((h, _)) = grams.get(&target.node) {
+                        if let (Some(&li), Some(columns)) =
+                            (reconstructed.get(&target.node), &cal.layer_columns)
+                        {
                             let start = std::time::Instant::now();
+                            let (h, _) = columns.gram(li)?;
                             let r =
-                                reconstruct_weight(&values, &shape, w.axis, &q.scales, options, h);
+                                reconstruct_weight(&values, &shape, w.axis, &q.scales, options, &h);
                             layer.output_error_rtn = Some(r.rtn_error);
                             layer.output_error_reconstructed = Some(r.error);
                             layer.reconstruct_seconds = Some(start.elapsed().as_secs_f64());
@@ -429,63 +460,6 @@ fn reconstruct_weight(
         }
     };
     never_worse_than_rtn(candidate, &rows, n, k, h, scales, qmax)
-}
-
-/// Gram matrices of the inputs of every weight layer reconstruction can handle (Conv
-/// with one group, Gemm without transA, 2-D MatMul weights), keyed by node name.
-fn layer_grams(
-    model: &Model,
-    cal: &Calibration,
-    targets: &[crate::targets::Target],
-) -> Result<HashMap<String, (Vec<f64>, usize)>> {
-    use crate::layer_inputs::{collect_grams, LayerInput, Unfold};
-    let g = &model.graph;
-    let by_name: HashMap<&str, _> = g
-        .node_indices()
-        .map(|ix| (g.node(ix).name.as_str(), ix))
-        .collect();
-    let mut names = vec![];
-    let mut layers = vec![];
-    for t in targets {
-        let (Some(w), Some(a)) = (&t.weight, t.activations.first()) else {
-            continue;
-        };
-        let n = g.node(by_name[t.node.as_str()]);
-        let shape = &g.initializers[&w.name].shape;
-        let ints = |name: &str, d: Vec<usize>| -> Vec<usize> {
-            n.attr_ints(name)
-                .map(|v| v.iter().map(|&x| x as usize).collect())
-                .unwrap_or(d)
-        };
-        let unfold = match t.op.as_str() {
-            "Conv"
-                if shape.len() == 4
-                    && n.attr_int("group").unwrap_or(1) == 1
-                    && n.attr("auto_pad").is_none_or(|a| a.s == b"NOTSET") =>
-            {
-                let p = ints("pads", vec![0; 4]);
-                let (s, d) = (ints("strides", vec![1, 1]), ints("dilations", vec![1, 1]));
-                Unfold::Conv {
-                    kernel: [shape[2], shape[3]],
-                    strides: [s[0], s[1]],
-                    pads: [p[0], p[1], p[2], p[3]],
-                    dilations: [d[0], d[1]],
-                }
-            }
-            "Gemm" if n.attr_int("transA").unwrap_or(0) == 0 => Unfold::Rows,
-            "MatMul" if shape.len() == 2 => Unfold::Rows,
-            _ => continue,
-        };
-        let k = shape.iter().product::<usize>() / shape[w.axis];
-        names.push(t.node.clone());
-        layers.push(LayerInput {
-            value: a.clone(),
-            k,
-            unfold,
-        });
-    }
-    let grams = collect_grams(model, cal, &layers)?;
-    Ok(names.into_iter().zip(grams).collect())
 }
 
 /// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.

@@ -22,8 +22,8 @@ use crate::error::{Error, Result};
 use crate::ir::{DType, Dim, Model, Tensor, ValueInfo};
 use crate::options::Options;
 
-/// Images kept per evaluation record when the batch is free: evaluation cost stays small
-/// whatever the calibration batch.
+/// Images kept per evaluation record when the batch is free (and unguided): evaluation
+/// cost stays small whatever the calibration batch.
 pub const RECORD_SAMPLES: usize = 2;
 
 /// The float input holding the noisy sample: same spatial size as the first output.
@@ -343,25 +343,40 @@ pub struct Call {
 }
 
 impl Call {
-    /// The inputs of this call cut to at most [`RECORD_SAMPLES`] images (both halves of
-    /// a guidance pair) when the model's batch is free.
-    pub fn record(&self) -> Result<BTreeMap<String, Tensor>> {
-        let rows = self
-            .inputs
+    /// The rows of the call (dim 0 of its largest-batch input).
+    fn rows(&self) -> Option<usize> {
+        self.inputs
             .values()
             .filter_map(|t| t.shape.first())
             .max()
-            .copied();
+            .copied()
+    }
+
+    /// The inputs of this call cut to at most [`RECORD_SAMPLES`] images when the
+    /// model's batch is free.
+    pub fn record(&self) -> Result<BTreeMap<String, Tensor>> {
         self.inputs
             .iter()
-            .map(|(k, t)| {
-                let cut = match &self.keep {
-                    Some(idx) if t.shape.first().copied() == rows => take_rows(t, idx)?,
-                    _ => t.clone(),
-                };
-                Ok((k.clone(), cut))
-            })
+            .map(|(k, t)| Ok((k.clone(), self.cut(t)?)))
             .collect()
+    }
+
+    /// `t` (an input or an output of this call) cut to the rows its record keeps.
+    pub fn cut(&self, t: &Tensor) -> Result<Tensor> {
+        match &self.keep {
+            Some(idx) if t.shape.first().copied() == self.rows() => take_rows(t, idx),
+            _ => Ok(t.clone()),
+        }
+    }
+
+    /// (rows kept, rows) when the record keeps a prefix of the call's rows (what layer
+    /// inputs are sampled from), else every row.
+    pub fn kept_prefix(&self) -> (usize, usize) {
+        let rows = self.rows().unwrap_or(1);
+        match &self.keep {
+            Some(idx) if idx.iter().enumerate().all(|(i, &r)| i == r) => (idx.len(), rows),
+            _ => (rows, rows),
+        }
     }
 }
 
@@ -539,6 +554,16 @@ pub fn recorded_calls(
     Ok(Some(calls))
 }
 
+/// One trajectory batch about to run.
+struct Batch {
+    state: SamplerState,
+    /// The sampler's noise (the initial sample's, then DDPM's).
+    rng: NoiseRng,
+    x: Vec<f32>,
+    /// The conditioning inputs of every call.
+    fixed: HashMap<String, Tensor>,
+}
+
 /// How generated trajectories look: the sampler, the batch, the conditioning.
 pub struct Plan {
     pub sample: ValueInfo,
@@ -669,6 +694,106 @@ impl Plan {
         })
     }
 
+    /// Rows of one model call: the images, twice under guidance.
+    fn rows(&self) -> usize {
+        if self.guidance.is_some() {
+            2 * self.images
+        } else {
+            self.images
+        }
+    }
+
+    /// Rows evaluation records keep: the first images when the batch is free (with
+    /// guidance every row: layer inputs are sampled from a prefix of the rows).
+    fn keep(&self) -> Option<Vec<usize>> {
+        (!self.fixed && self.images > RECORD_SAMPLES && self.guidance.is_none())
+            .then(|| (0..RECORD_SAMPLES).collect())
+    }
+
+    /// Trajectory batch `b`: its sampler state, noise stream, initial sample and the
+    /// conditioning inputs of its calls.
+    fn start_batch(&self, model: &Model, b: usize, seed: u64) -> Result<Batch> {
+        let n = self.images;
+        let steps = self.step_counts[b % self.step_counts.len()];
+        let state = SamplerState::new(self.sampler, &self.config, steps)?;
+        let mut rng = NoiseRng::new(sampler::batch_seed(seed, b));
+        // Stand-ins from their own stream: the sampler's (DDPM's noise) stays that of
+        // `Denoiser::sample`.
+        let mut cond_rng = NoiseRng::new(sampler::batch_seed(seed ^ 0x5eed_c0de, b));
+        let idx: Vec<usize> = (0..n).map(|r| b * n + r).collect();
+        let mut fixed: HashMap<String, Tensor> = HashMap::new();
+        for (k, (info, given)) in self.cond.iter().enumerate() {
+            let c = match given {
+                Some(t) => {
+                    let have = t.shape[0];
+                    take_rows(t, &idx.iter().map(|i| i % have).collect::<Vec<_>>())?
+                }
+                None => stand_in(model, info, n, &mut cond_rng)?,
+            };
+            let c = match self.guidance {
+                None => c,
+                Some(_) => {
+                    let u = &self.uncond[k];
+                    let have = u.shape.first().copied().unwrap_or(1).max(1);
+                    let u = take_rows(u, &idx.iter().map(|i| i % have).collect::<Vec<_>>())?;
+                    concat_rows(&u, &c)?
+                }
+            };
+            fixed.insert(info.name.clone(), c);
+        }
+        let x = state.initial_sample(&mut rng, n * self.per_sample);
+        Ok(Batch {
+            state,
+            rng,
+            x,
+            fixed,
+        })
+    }
+
+    /// The call at step `k` (time step `t`) of batch `b` on the sampler's model input.
+    fn call(
+        &self,
+        b: usize,
+        k: usize,
+        t: i64,
+        input: Vec<f32>,
+        fixed: &HashMap<String, Tensor>,
+    ) -> Result<Call> {
+        let rows = self.rows();
+        let input = match self.guidance {
+            None => input,
+            Some(_) => [input.as_slice(), input.as_slice()].concat(),
+        };
+        let mut inputs = fixed.clone();
+        inputs.insert(
+            self.sample.name.clone(),
+            Tensor::from_vec(concrete(&self.sample, rows)?, &input),
+        );
+        inputs.insert(
+            self.t_info.name.clone(),
+            timestep_tensor(&self.t_info, rows, t)?,
+        );
+        Ok(Call {
+            batch: b,
+            step: k,
+            t,
+            inputs,
+            keep: self.keep(),
+        })
+    }
+
+    /// The first call of batch 0 (to time one call before planning the rest).
+    pub fn first_call(&self, model: &Model, seed: u64) -> Result<Call> {
+        let b = self.start_batch(model, 0, seed)?;
+        self.call(
+            0,
+            0,
+            b.state.timesteps()[0],
+            b.state.model_input(&b.x),
+            &b.fixed,
+        )
+    }
+
     /// Runs `batches` trajectory batches from `seed`; `call` runs the model on one call
     /// and returns its first output (the prediction; extra channels after the sample's,
     /// e.g. a learned variance, are dropped).
@@ -682,78 +807,39 @@ impl Plan {
     ) -> Result<()> {
         let n = self.images;
         let per_sample = self.per_sample;
-        let rows = if self.guidance.is_some() { 2 * n } else { n };
-        let shape = concrete(&self.sample, rows)?;
-        // Images kept in evaluation records: both halves of a guidance pair.
-        let keep: Option<Vec<usize>> = (!self.fixed && n > RECORD_SAMPLES).then(|| {
-            let first: Vec<usize> = (0..RECORD_SAMPLES).collect();
-            match self.guidance {
-                None => first,
-                Some(_) => first
-                    .iter()
-                    .copied()
-                    .chain(first.iter().map(|i| i + n))
-                    .collect(),
-            }
-        });
+        let rows = self.rows();
+        let total_calls: usize = (0..batches)
+            .map(|b| self.step_counts[b % self.step_counts.len()])
+            .sum();
+        let clock = std::time::Instant::now();
+        let mut done = 0usize;
         for b in 0..batches {
-            let steps = self.step_counts[b % self.step_counts.len()];
-            let mut state = SamplerState::new(self.sampler, &self.config, steps)?;
-            let mut rng = NoiseRng::new(sampler::batch_seed(seed, b));
-            // Stand-ins from their own stream: the sampler's (DDPM's noise) stays that of
-            // `Denoiser::sample`.
-            let mut cond_rng = NoiseRng::new(sampler::batch_seed(seed ^ 0x5eed_c0de, b));
-            let idx: Vec<usize> = (0..n).map(|r| b * n + r).collect();
-            let mut fixed_inputs: HashMap<String, Tensor> = HashMap::new();
-            for (k, (info, given)) in self.cond.iter().enumerate() {
-                let c = match given {
-                    Some(t) => {
-                        let have = t.shape[0];
-                        take_rows(t, &idx.iter().map(|i| i % have).collect::<Vec<_>>())?
-                    }
-                    None => stand_in(model, info, n, &mut cond_rng)?,
-                };
-                let c = match self.guidance {
-                    None => c,
-                    Some(_) => {
-                        let u = &self.uncond[k];
-                        let have = u.shape.first().copied().unwrap_or(1).max(1);
-                        let u = take_rows(u, &idx.iter().map(|i| i % have).collect::<Vec<_>>())?;
-                        concat_rows(&u, &c)?
-                    }
-                };
-                fixed_inputs.insert(info.name.clone(), c);
-            }
-            let mut x = state.initial_sample(&mut rng, n * per_sample);
+            let Batch {
+                mut state,
+                mut rng,
+                mut x,
+                fixed,
+            } = self.start_batch(model, b, seed)?;
             let total = state.timesteps().len();
             sampler::run(&mut state, &mut x, per_sample, &mut rng, |k, t, input| {
+                let eta = match done {
+                    0 => String::new(),
+                    d => format!(
+                        ", about {} left",
+                        crate::budget::human_duration(
+                            clock.elapsed().as_secs_f64() / d as f64 * (total_calls - d) as f64
+                        )
+                    ),
+                };
                 progress(&format!(
-                    "calibrate: {} trajectory batch {}/{batches}, step {}/{total} (t = {t})",
+                    "calibrate: {} trajectory batch {}/{batches}, step {}/{total} (t = {t}){eta}",
                     self.sampler,
                     b + 1,
                     k + 1
                 ));
-                let input = match self.guidance {
-                    None => input,
-                    Some(_) => [input.as_slice(), input.as_slice()].concat(),
-                };
-                let mut inputs = fixed_inputs.clone();
-                inputs.insert(
-                    self.sample.name.clone(),
-                    Tensor::from_vec(shape.clone(), &input),
-                );
-                inputs.insert(
-                    self.t_info.name.clone(),
-                    timestep_tensor(&self.t_info, rows, t)?,
-                );
-                let c = Call {
-                    batch: b,
-                    step: k,
-                    t,
-                    inputs,
-                    keep: keep.clone(),
-                };
+                let c = self.call(b, k, t, input, &fixed)?;
                 let out = call(&c)?;
+                done += 1;
                 let pred = out.to_f32_vec()?;
                 let out_per_sample = pred.len() / rows;
                 if out_per_sample < per_sample || !out_per_sample.is_multiple_of(per_sample) {
@@ -788,28 +874,45 @@ impl Plan {
 /// Model calls along fresh trajectories of the deployment sampler, for quality reports:
 /// one trajectory batch per calibration step count, from seeds apart from calibration's
 /// (so the report is not measured on the data that set the scales), at most
-/// [`RECORD_SAMPLES`] images each.
+/// [`RECORD_SAMPLES`] images each, with the float model's prediction on each. Only step
+/// counts whose calls add up to `max_calls` (smallest first); `None` when not even one
+/// trajectory fits.
 pub fn evaluation_records(
     model: &Model,
     options: &Options,
     t_name: &str,
+    max_calls: usize,
     progress: &dyn Fn(&str),
-) -> Result<EvaluationRecords> {
+) -> Result<Option<EvaluationRecords>> {
     const EVAL_SEED: u64 = 0xe7a1_5eed;
     let set = crate::options::timestep_set(model, options)?;
     let given = Given::read(model, options)?;
-    let plan = Plan::new(model, options, t_name, &given, &set, RECORD_SAMPLES)?;
+    let mut plan = Plan::new(model, options, t_name, &given, &set, RECORD_SAMPLES)?;
+    let mut counts = plan.step_counts.clone();
+    counts.sort_unstable();
+    let mut total = 0;
+    counts.retain(|&n| {
+        total += n;
+        total <= max_calls
+    });
+    if counts.is_empty() {
+        return Ok(None);
+    }
+    counts.reverse();
+    plan.step_counts = counts;
     let runner = crate::exec::Runner::new(model, None, tfmqc_runtime::engine::Optimize::Full)?;
-    let (mut records, mut steps) = (vec![], vec![]);
+    let (mut records, mut steps, mut outputs) = (vec![], vec![], vec![]);
     plan.run(
         model,
         plan.step_counts.len(),
         options.seed ^ EVAL_SEED,
         progress,
         &mut |call| {
+            let prediction = runner.run(&call.inputs)?.swap_remove(0);
             records.push(call.record()?);
             steps.push(call.t);
-            Ok(runner.run(&call.inputs)?.swap_remove(0))
+            outputs.push(call.cut(&prediction)?);
+            Ok(prediction)
         },
     )?;
     let what = format!(
@@ -835,11 +938,12 @@ pub fn evaluation_records(
             .map(|g| format!(", guidance {g}"))
             .unwrap_or_default()
     );
-    Ok(EvaluationRecords {
+    Ok(Some(EvaluationRecords {
         records,
         steps,
+        outputs,
         what,
-    })
+    }))
 }
 
 /// Model calls for quality reports (see [`evaluation_records`]).
@@ -847,6 +951,8 @@ pub struct EvaluationRecords {
     pub records: Vec<BTreeMap<String, Tensor>>,
     /// The time step of each record.
     pub steps: Vec<i64>,
+    /// The float model's first output on each record.
+    pub outputs: Vec<Tensor>,
     /// What they are, in words.
     pub what: String,
 }
