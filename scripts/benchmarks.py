@@ -4,9 +4,11 @@
     target/pyenv/bin/python scripts/benchmarks.py [--models a,b] [--reuse] [--no-build]
 
 For every denoiser models/X.onnx (each with a models/X.inputs.safetensors, except the
-digits_features classifier) it builds four quantized files into target/bench/:
+digits_features classifier and the one-conv conv3x3_64) it builds four quantized files into
+target/bench/, each model deployed as scripts/compare_quant.py's MODEL_ARGS say (its
+scheduler_config.json, class tokens and guidance; the metadata otherwise):
 
-  X.tfmqc.w8.onnx   tfmqc X.onnx --timesteps ddim:50 --seed 0            (W8A8; also
+  X.tfmqc.w8.onnx   tfmqc X.onnx --seed 0 [MODEL_ARGS]                   (W8A8; also
                     --dump-calib and --report, which the onnxruntime run reads)
   X.tfmqc.w4.onnx   the same with --weight-bits 4                        (W4A8)
   X.minmax.w8.onnx  the same W8A8 run with --baseline minmax             (plain min-max PTQ)
@@ -18,8 +20,8 @@ digits_features classifier) it builds four quantized files into target/bench/:
 then runs, per model,
 
   tfmqc eval models/X.onnx <the four files> --steps 50 --samples M --seed 0 --json
-        --plots results/eval/X  [--fd-features models/digits_features.onnx
-        --fd-ref models/digits_features_ref.json  (the trained model only)]
+        --plots results/eval/X [MODEL_ARGS] [--fd-features models/digits_features.onnx
+        --fd-ref models/digits_features_ref.json  (the trained models only)]
 
 into results/eval/X.json, and writes BENCHMARKS.md from those JSON files. A "## Speed"
 section already in BENCHMARKS.md is kept as it is (`tfmqc bench` fills it).
@@ -41,8 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 import compare_quant as cq  # noqa: E402  (its onnxruntime helpers)
 
-TRAINED = "ddpm_digits"
-TIMESTEPS = "ddim:50"
+TRAINED = ("ddpm_digits", "digits_cond")
 STEPS = 50
 SAMPLES_TRAINED = 64
 SAMPLES_OTHER = 4
@@ -76,7 +77,7 @@ def build_quant_files(name: str, tfmqc: str, work: Path, reuse: bool) -> None:
     model = f"models/{name}.onnx"
     calib = work / f"{name}.calib.safetensors"
     report = work / f"{name}.tfmqc.w8.report.json"
-    base = [tfmqc, model, "--timesteps", TIMESTEPS, "--seed", "0"]
+    base = [tfmqc, model, "--seed", "0", *cq.MODEL_ARGS.get(name, [])]
     jobs = [
         ("tfmqc.w8", ["--dump-calib", str(calib), "--report", str(report)]),
         ("tfmqc.w4", ["--weight-bits", "4"]),
@@ -96,7 +97,7 @@ def build_quant_files(name: str, tfmqc: str, work: Path, reuse: bool) -> None:
     import onnx
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    inspect = json.loads(subprocess.run([tfmqc, "inspect", model, "--json", "--timesteps", TIMESTEPS],
+    inspect = json.loads(subprocess.run([tfmqc, "inspect", model, "--json"],
                                         cwd=ROOT, capture_output=True, text=True, check=True).stdout)
     float_model = onnx.load(str(ROOT / model), load_external_data=False)
     nodes = {n.name for n in float_model.graph.node}
@@ -124,14 +125,14 @@ def build_quant_files(name: str, tfmqc: str, work: Path, reuse: bool) -> None:
 
 def eval_command(name: str) -> list[str]:
     """The `tfmqc eval` call of one model (run from the repository root)."""
-    samples = SAMPLES_TRAINED if name == TRAINED else SAMPLES_OTHER
+    samples = SAMPLES_TRAINED if name in TRAINED else SAMPLES_OTHER
     cmd = ["tfmqc", "eval", f"models/{name}.onnx"]
     cmd += [f"target/bench/{name}.{v}.onnx" for v, _ in VARIANTS]
     for _, label in VARIANTS:
         cmd += ["--label", label]
     cmd += ["--steps", str(STEPS), "--samples", str(samples), "--seed", "0", "--json",
-            "--plots", f"results/eval/{name}"]
-    if name == TRAINED:
+            "--plots", f"results/eval/{name}", *cq.MODEL_ARGS.get(name, [])]
+    if name in TRAINED:
         cmd += ["--fd-features", "models/digits_features.onnx",
                 "--fd-ref", "models/digits_features_ref.json"]
     return cmd
@@ -148,6 +149,44 @@ def summary(q: dict, *path):
             return None
         cur = cur[p]
     return cur
+
+
+def sampler_section() -> list[str]:
+    """tfmqc against onnxruntime's quantize_static along the deployment sampler's trajectories,
+    from results/quant_compare.json (scripts/compare_quant.py), when it is there."""
+    p = ROOT / "results" / "quant_compare.json"
+    if not p.exists():
+        return []
+    data = json.loads(p.read_text())
+    meta, models = data["meta"], data["models"]
+    L = ["## Along the deployment sampler: tfmqc vs onnxruntime quantize_static, W8A8 and W4A8\n"]
+    L.append(f"Made by `{meta['command']}` ({meta['date'][:10]}, {meta['machine']}, "
+             f"{meta['seconds'] / 60:.0f} min; full tables and notes: "
+             "[results/quant_compare.md](results/quant_compare.md)). Each model is compiled for its "
+             "deployment — its scheduler_config.json (SD-1.5's for the SD-like UNets; digits_cond's own, "
+             "with its class tokens and classifier-free guidance 3), tfmqc's default time-step set "
+             f"and the `{meta.get('sampler', 'ddim')}` sampler — and calibrated on that sampler's "
+             "trajectories; onnxruntime's `quantize_static` (QDQ, per-channel weights, uint8 activations, "
+             "MinMax) is calibrated on tfmqc's calibration records of the same trajectories. Cells: "
+             "per-step output SQNR against float, **mean / min over the time steps**, dB, on held-out "
+             "trajectories of the same sampler (`tfmqc --dump-eval`: other seeds, every sampling step "
+             "count), onnxruntime with graph optimizations off (the quantization itself).\n")
+    cols = [("tfmqc", "tfmqc"), ("ort_same", "ORT (same layers)"), ("ort_default", "ORT (defaults)")]
+    for bits in ("w8a8", "w4a8"):
+        L.append(f"| model ({bits.upper()}) | " + " | ".join(t for _, t in cols) + " |")
+        L.append("| --- |" + " --- |" * len(cols))
+        for name, r in models.items():
+            cells = []
+            for v, _ in cols:
+                c = (r.get("bits") or {}).get(bits, {}).get(v, {})
+                sim = c.get("sim") or {}
+                if "mean_db" in sim:
+                    cells.append(f"{sim['mean_db']:.1f} / {sim['min_db']:.1f}")
+                else:
+                    cells.append(str(c.get("error", "–")).split(":")[0])
+            L.append(f"| {name} | " + " | ".join(cells) + " |")
+        L.append("")
+    return L
 
 
 def write_markdown(names: list[str], results: dict, command: str, seconds: float) -> None:
@@ -172,15 +211,18 @@ def write_markdown(names: list[str], results: dict, command: str, seconds: float
              "come from one command, written in its section below; its full JSON (schema: "
              "docs/eval-json.md) and plots are in `results/eval/`.\n")
     L.append("Columns: **TF cos** = cosine similarity of the temporal features (every TIB frontier "
-             "value, every t in S = ddim:50), mean / min; **step SQNR** = denoiser output SQNR per "
-             "time step on float DDIM-50 trajectories (2, or the model's fixed batch), mean / min over the steps, "
+             "value, every t in S), mean / min; **step SQNR** = denoiser output SQNR per "
+             "time step on float DDIM-50 trajectories of the model's scheduler (2, or the model's fixed batch; "
+             "with guidance for digits_cond), mean / min over the steps, "
              "dB; **sample PSNR** = PSNR of M samples (DDIM 50 steps from the same noise, the "
              "runtime's sampler, int8 kernels for tfmqc files) against the float model's samples, "
              "mean / min, dB; **FD** = Fréchet distance to the training data in the feature space "
-             "of models/digits_features.onnx (trained model only; M = "
+             "of models/digits_features.onnx (trained models only; M = "
              f"{SAMPLES_TRAINED} samples, so biased upwards: compare columns, not the value with "
              "models/README.md's 3.48 at M = 1024).\n")
-    L.append("Variants: **tfmqc** = `tfmqc MODEL --timesteps ddim:50 --seed 0` (defaults: TIB folded "
+    L.append("Variants: **tfmqc** = `tfmqc MODEL --seed 0` plus the model's deployment (its scheduler "
+             "config, class tokens and guidance for digits_cond; S = every step the samplers visit at "
+             "20, 25, 30, 50 steps; defaults otherwise: TIB folded "
              "into exact tables, GPTQ rounding, one set of activation scales) at 8 and 4 weight bits; "
              "**min-max** = the same with `--baseline minmax` (TIB quantized like the rest, min/max "
              "ranges, round-to-nearest); **ORT** = onnxruntime `quantize_static` (QDQ, per-channel "
@@ -207,6 +249,7 @@ def write_markdown(names: list[str], results: dict, command: str, seconds: float
             cells.append(f"{fmt(sq)} / {fmt(ps)}")
         L.append(f"| {name} | " + " | ".join(cells) + " |")
     L.append("")
+    L.extend(sampler_section())
     for name in names:
         r = results[name]
         L.append(f"## {name}\n")
@@ -256,7 +299,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     # A private copy: a rebuild during the run cannot swap the binary under it.
     tfmqc = str(work / "tfmqc")
-    shutil.copy2(ROOT / "target" / "release" / "tfmqc", tfmqc)
+    target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+    shutil.copy2(target / "release" / "tfmqc", tfmqc)
     names = args.models.split(",") if args.models else cq.default_models()
     results = {}
     for name in names:

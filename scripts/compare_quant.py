@@ -244,7 +244,8 @@ class Tfmqc:
 
     def __init__(self, args, workdir: Path, inspect_only: bool = False):
         self.args = args
-        src = Path(args.tfmqc) if args.tfmqc else ROOT / "target" / "release" / "tfmqc"
+        target = Path(os.environ.get("CARGO_TARGET_DIR") or ROOT / "target")
+        src = Path(args.tfmqc) if args.tfmqc else target / "release" / "tfmqc"
         if not args.tfmqc and not args.no_build and not inspect_only:
             log("cargo build --release -q")
             r = subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT)

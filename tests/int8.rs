@@ -50,9 +50,19 @@ fn int8_lowering_matches_the_qdq_graph() {
 /// of the same dequantized values, so only float rounding differs. Returns how many.
 fn assert_lowered_nodes_match(model: &str, q: &std::path::Path, x: &Tensors) -> usize {
     let nodes = lowered_nodes_vs_qdq(q, x);
+    // Only float rounding differs (> 100 dB), except where an activation lands exactly on
+    // a rounding tie (x / scale = k + 0.5): the kernels round half to even as ONNX says,
+    // tract's QuantizeLinear in the QDQ reference does not, and that one code step costs
+    // ~70 dB. Calibration scales decide whether a tie occurs (found with issue #13's
+    // calibration on unet2d_cond: one tie among 16384 values).
+    let ties = nodes.iter().filter(|(_, db)| *db <= 100.0).count();
     for (name, db) in &nodes {
-        assert!(*db > 100.0, "{model} {name}: int8 vs QDQ {db:.1} dB");
+        assert!(*db > 60.0, "{model} {name}: int8 vs QDQ {db:.1} dB");
     }
+    assert!(
+        ties <= 2,
+        "{model}: {ties} nodes below 100 dB: more than rounding ties"
+    );
     let worst = nodes.iter().map(|n| n.1).fold(f64::INFINITY, f64::min);
     eprintln!(
         "{model}: {} lowered nodes, each vs its QDQ form on the same inputs: worst {worst:.1} dB",
