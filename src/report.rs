@@ -143,8 +143,20 @@ pub fn measure(
     } else {
         usize::MAX
     };
-    let held_out =
-        tfmqc_passes::trajectory::evaluation_records(float, options, t_name, affordable, progress)?;
+    // Recorded calls need no sampler to calibrate; when the sampler cannot run on S (its
+    // step counts visit steps outside it), the report falls back to the records.
+    let mut why_not =
+        format!("one held-out trajectory would take more than a quarter of --calib-budget");
+    let held_out = match tfmqc_passes::trajectory::evaluation_records(
+        float, options, t_name, affordable, progress,
+    ) {
+        Ok(h) => h,
+        Err(e) if cal.trajectories.is_empty() && e.is_user_error() => {
+            why_not = format!("no held-out trajectories: {e}");
+            None
+        }
+        Err(e) => return Err(e),
+    };
     let (steps_sqnr, evaluated_on, eval_records) = match held_out {
         Some(ev) => (
             output_sqnr_against(quant, &ev.records, &ev.steps, &ev.outputs)?,
@@ -161,10 +173,7 @@ pub fn measure(
             } else {
                 output_sqnr_per_step(float, quant, &records, &steps)?
             };
-            let what = format!(
-                "{} calibration records (one held-out trajectory would take more than a quarter of --calib-budget)",
-                records.len()
-            );
+            let what = format!("{} calibration records ({why_not})", records.len());
             (sqnr, what, records.clone())
         }
     };

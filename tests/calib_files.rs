@@ -95,6 +95,14 @@ fn safetensors_records_stacked_by_input_name_calibrate() {
         err.contains("over 1 batches of recorded calls, 1 steps"),
         "{err}"
     );
+    // A set the sampler's step counts do not fit: recorded calls still calibrate, and the
+    // report is measured on them.
+    let (_, r) = with_calib("ddpm_digits", &p, &["--timesteps", "0,500,950"]);
+    let on = r["evaluated_on"].as_str().unwrap();
+    assert!(
+        on.contains("calibration records (no held-out trajectories"),
+        "{on}"
+    );
 }
 
 #[test]

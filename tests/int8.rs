@@ -16,6 +16,9 @@ fn int8_lowering_matches_the_qdq_graph() {
         "4",
         "--calib-steps",
         "10",
+        // S = every training step: the example inputs hold t = 10 and 500.
+        "--sampling-steps",
+        "all",
     ]);
     let x = example_inputs("ddpm_digits");
     let float_path = tfmqc_runtime::Engine::load(&q, None, tfmqc_runtime::Optimize::Full).unwrap();

@@ -38,7 +38,8 @@ fn every_model_quantizes_loads_everywhere_and_stays_near_float() {
     let py = python();
     for name in denoisers() {
         let mut args = QUICK.to_vec();
-        args.extend(["--step-groups", "5"]);
+        // S = every training step: the example inputs hold arbitrary time steps.
+        args.extend(["--step-groups", "5", "--sampling-steps", "all"]);
         let (q, r) = quantize(&name, dir.path(), &args);
         // Random-weight exports have wild activation ranges; the trained model is held to
         // the product bar below. 15 dB means the quantized model still tracks float.
@@ -106,7 +107,26 @@ fn trained_model_with_default_flags_is_above_30_db() {
     );
     assert!(sqnr(&r) >= 30.0, "mean step SQNR {:.1} dB", sqnr(&r));
     assert_eq!(r["weight_bits"], 8);
-    assert_eq!(r["output_sqnr_per_step"].as_array().unwrap().len(), 50);
+    // Measured along held-out DDIM trajectories at the default 50, 30, 25 and 20 steps:
+    // every time step they visit.
+    let on = r["evaluated_on"].as_str().unwrap();
+    assert!(
+        on.contains("4 held-out ddim trajectories") && on.contains("50, 30, 25, 20 steps"),
+        "{on}"
+    );
+    let config = tfmqc_runtime::SchedulerConfig::default();
+    let mut visited: Vec<i64> = [50, 30, 25, 20]
+        .iter()
+        .flat_map(|&n| {
+            tfmqc_runtime::sampler::timesteps(tfmqc_runtime::Sampler::Ddim, &config, n).unwrap()
+        })
+        .collect();
+    visited.sort_unstable();
+    visited.dedup();
+    assert_eq!(
+        r["output_sqnr_per_step"].as_array().unwrap().len(),
+        visited.len()
+    );
     let m = tfmqc_passes::onnx::load(&out).unwrap();
     for key in [
         "tfmqc.version",
@@ -126,15 +146,33 @@ fn trained_model_with_default_flags_is_above_30_db() {
 #[test]
 fn fsc_step_groups_beat_one_set_of_scales() {
     let dir = tmpdir();
+    // DDIM without clipping: this random-weight model's trajectories drift, so its
+    // activation ranges differ from step to step, which is what step groups are for.
+    // (With clip_sample, diffusers' default, they stay bounded and one set of scales is
+    // as good.)
+    let sched = dir.path().join("noclip.json");
+    std::fs::write(&sched, r#"{"clip_sample": false}"#).unwrap();
+    let s = sched.to_str().unwrap();
     let (_, one) = quantize(
         "ddim_unet",
         dir.path(),
-        &[QUICK, &["--timesteps", "ddim:50"]].concat(),
+        &[QUICK, &["--timesteps", "ddim:50", "--scheduler", s]].concat(),
     );
     let (q, ten) = quantize(
         "ddim_unet",
         dir.path(),
-        &[QUICK, &["--timesteps", "ddim:50", "--step-groups", "10"]].concat(),
+        &[
+            QUICK,
+            &[
+                "--timesteps",
+                "ddim:50",
+                "--step-groups",
+                "10",
+                "--scheduler",
+                s,
+            ],
+        ]
+        .concat(),
     );
     assert!(
         sqnr(&ten) > sqnr(&one) + 3.0,
@@ -264,10 +302,11 @@ fn recorded_calibration_replays_and_matches() {
         dir.path(),
         &[QUICK, &["--dump-calib", dump.to_str().unwrap()]].concat(),
     );
+    // Evaluated on the same 10-step held-out trajectories as the first run.
     let (_, b) = quantize(
         "ddpm_digits",
         dir.path(),
-        &["--calib", dump.to_str().unwrap()],
+        &["--calib", dump.to_str().unwrap(), "--calib-steps", "10"],
     );
     assert_eq!(
         a["output_sqnr_per_step"].as_array().unwrap().len(),

@@ -105,6 +105,8 @@ fn a_memory_limit_below_the_estimate_stops_before_calibration() {
         out.to_str().unwrap(),
         "--timesteps",
         "ddim:10",
+        "--calib-steps",
+        "10",
         "--max-memory",
         "1M",
     ]);

@@ -6,6 +6,8 @@ Called by the Rust tests (tests/common/mod.rs) with the interpreter of target/py
     ort.py run MODEL INPUTS OUT                 run MODEL on INPUTS (safetensors), save outputs
     ort.py sweep MODEL INPUTS TINPUT STEPS OUT  run once per time step (comma list), replacing
                                                 TINPUT in INPUTS; outputs stacked on a new axis 0
+    ort.py runmany MODEL RECORDS OUT            run once per record of RECORDS (keys NNNNN/<input>);
+                                                outputs keyed NNNNN/<output>
     ort.py expect-error MODEL INPUTS            exit 0 only if running MODEL raises
 
 Outputs are written as safetensors keyed by output name, so the Rust side compares bit
@@ -60,6 +62,19 @@ def cmd_sweep(model, inputs, tinput, steps, out):
     save_file({k: np.ascontiguousarray(np.stack(v)) for k, v in results.items()}, out)
 
 
+def cmd_runmany(model, records, out):
+    sess = session(model)
+    recs = {}
+    for key, value in load_file(records).items():
+        rec, name = key.split("/", 1)
+        recs.setdefault(rec, {})[name] = value
+    results = {}
+    for rec in sorted(recs):
+        for o, v in zip(sess.get_outputs(), sess.run(None, feed(sess, recs[rec]))):
+            results[f"{rec}/{o.name}"] = np.ascontiguousarray(v)
+    save_file(results, out)
+
+
 def cmd_expect_error(model, inputs):
     sess = session(model)
     try:
@@ -75,4 +90,5 @@ if __name__ == "__main__":
     {"check": lambda: cmd_check(args),
      "run": lambda: cmd_run(*args),
      "sweep": lambda: cmd_sweep(*args),
+     "runmany": lambda: cmd_runmany(*args),
      "expect-error": lambda: cmd_expect_error(*args)}[cmd]()
