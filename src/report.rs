@@ -146,7 +146,7 @@ pub fn measure(
     // Recorded calls need no sampler to calibrate; when the sampler cannot run on S (its
     // step counts visit steps outside it), the report falls back to the records.
     let mut why_not =
-        format!("one held-out trajectory would take more than a quarter of --calib-budget");
+        "one held-out trajectory would take more than a quarter of --calib-budget".to_string();
     let held_out = match tfmqc_passes::trajectory::evaluation_records(
         float, options, t_name, affordable, progress,
     ) {
