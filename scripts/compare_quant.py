@@ -62,11 +62,11 @@ VENV = ROOT / "target" / "compare-venv"
 NEEDED_MODULES = ("numpy", "onnx", "onnxruntime", "onnxruntime.quantization", "safetensors")
 EXCLUDED_MODELS = {"digits_features", "conv3x3_64"}  # a classifier (for the Fréchet distance) and one conv layer: no denoisers
 # Stable Diffusion 1.5's scheduler_config.json (the keys that matter).
-SD15_SCHEDULER = ROOT / "tests" / "data" / "sd15_scheduler_config.json"
+SD15_SCHEDULER = "tests/data/sd15_scheduler_config.json"  # tfmqc runs from the repository root
 # How each model is deployed, as tfmqc options (models not listed: their metadata, DDIM).
 MODEL_ARGS = {
-    "unet2d_cond": ["--scheduler", str(SD15_SCHEDULER)],
-    "unet2d_cond_dynbatch": ["--scheduler", str(SD15_SCHEDULER)],
+    "unet2d_cond": ["--scheduler", SD15_SCHEDULER],
+    "unet2d_cond_dynbatch": ["--scheduler", SD15_SCHEDULER],
     "sd_tiny": ["--scheduler", "models/sd_tiny.scheduler_config.json"],
     "digits_cond": ["--scheduler", "models/digits_cond.scheduler_config.json",
                     "--calib", "models/digits_cond.calib.safetensors", "--guidance-scale", "3"],
