@@ -1,6 +1,7 @@
 //! The inputs each weight layer sees, as Gram matrices H = X Xᵀ over the calibration
-//! records: what weight-rounding reconstruction (GPTQ, AdaRound) minimises
-//! ||Ŵ X − W X||² against. For a Conv, X's columns are the im2col patches.
+//! records (a [`Hessian`] per layer, exact or block-diagonal as its layout says): what
+//! weight-rounding reconstruction (GPTQ, AdaRound) minimises ||Ŵ X − W X||² against. For a
+//! Conv, X's columns are the im2col patches.
 
 use std::collections::HashMap;
 
@@ -10,7 +11,7 @@ use crate::calibrate::Calibration;
 use crate::error::Result;
 use crate::exec::Runner;
 use crate::ir::{Model, Tensor};
-use crate::reconstruct::gram;
+use crate::reconstruct::{Hessian, HessianLayout};
 
 /// At most this many records (spread over the steps) and columns per record: H is an
 /// average, and K² work per column adds up.
@@ -35,14 +36,16 @@ pub struct LayerInput {
     pub value: String,
     pub k: usize,
     pub unfold: Unfold,
+    /// How its [`Hessian`] is held (exact, or block-diagonal for large K).
+    pub layout: HessianLayout,
 }
 
-/// The Gram matrix H (K×K) and column count of each layer, keyed by layer index.
+/// The Gram matrix H of each layer (with its column count), in the order of `layers`.
 pub fn collect_grams(
     model: &Model,
     cal: &Calibration,
     layers: &[LayerInput],
-) -> Result<Vec<(Vec<f64>, usize)>> {
+) -> Result<Vec<Hessian>> {
     let mut names: Vec<String> = layers.iter().map(|l| l.value.clone()).collect();
     names.sort();
     names.dedup();
@@ -52,8 +55,10 @@ pub fn collect_grams(
         .enumerate()
         .map(|(i, n)| (n.as_str(), i))
         .collect();
-    let mut grams: Vec<(Vec<f64>, usize)> =
-        layers.iter().map(|l| (vec![0f64; l.k * l.k], 0)).collect();
+    let mut grams: Vec<Hessian> = layers
+        .iter()
+        .map(|l| Hessian::new(l.k, &l.layout))
+        .collect();
     let n = cal.records.len();
     let picks: Vec<usize> = if n <= MAX_RECORDS {
         (0..n).collect()
@@ -70,11 +75,7 @@ pub fn collect_grams(
             if s == 0 {
                 continue;
             }
-            let h = gram(&x, layer.k, s);
-            for (a, b) in acc.0.iter_mut().zip(h) {
-                *a += b;
-            }
-            acc.1 += s;
+            acc.accumulate(&x, s);
         }
     }
     Ok(grams)

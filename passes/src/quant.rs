@@ -605,7 +605,7 @@ pub(crate) mod sd15 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]

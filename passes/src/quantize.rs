@@ -25,6 +25,7 @@ use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
 use crate::pipeline::{Pass, PassContext};
 use crate::quant::{act_params_u8, quantize_weight, sqnr_db, RangeSearch};
+use crate::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
 use crate::targets::{find_targets, Targets};
 
 pub struct Quantize;
@@ -273,7 +274,7 @@ pub fn quantize(
                         let shape = t.shape.clone();
                         let mut q =
                             quantize_weight(&values, &shape, w.axis, options.weight_bits, search);
-                        if let Some((h, _)) = grams.get(&target.node) {
+                        if let Some(h) = grams.get(&target.node) {
                             let start = std::time::Instant::now();
                             let r =
                                 reconstruct_weight(&values, &shape, w.axis, &q.scales, options, h);
@@ -404,15 +405,18 @@ pub(crate) fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
     out
 }
 
+/// The rounding of one weight against its layer's inputs `h` (never worse than RTN in
+/// [`crate::reconstruct::output_error`] with `h`: the block-diagonal error when `h` is
+/// blocked).
 fn reconstruct_weight(
     w: &[f32],
     shape: &[usize],
     axis: usize,
     scales: &[f32],
     options: &Options,
-    h: &[f64],
+    h: &Hessian,
 ) -> crate::reconstruct::Reconstructed {
-    use crate::reconstruct::{adaround_gram, gptq, never_worse_than_rtn, AdaRoundOpts};
+    use crate::reconstruct::{adaround_hessian, gptq, never_worse_than_rtn, AdaRoundOpts};
     let (rows, n, k) = to_rows(w, shape, axis);
     let qmax = crate::quant::weight_qmax(options.weight_bits) as i32;
     let candidate = match options.reconstruct {
@@ -425,19 +429,33 @@ fn reconstruct_weight(
                 lr: 1e-2,
                 ..Default::default()
             };
-            Some(adaround_gram(&rows, n, k, h, 1024, scales, qmax, &opts))
+            Some(adaround_hessian(&rows, n, k, h, 1024, scales, qmax, &opts))
         }
     };
     never_worse_than_rtn(candidate, &rows, n, k, h, scales, qmax)
 }
 
+/// The largest diagonal block of a layer's [`Hessian`]: [`DEFAULT_BLOCK`], or
+/// `TFMQC_GPTQ_BLOCK` from the environment — an internal knob for measuring the cost of
+/// the block-diagonal approximation on small models (results/gptq_blocked.md), not an
+/// option.
+fn hessian_block() -> usize {
+    std::env::var("TFMQC_GPTQ_BLOCK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(DEFAULT_BLOCK)
+}
+
 /// Gram matrices of the inputs of every weight layer reconstruction can handle (Conv
-/// with one group, Gemm without transA, 2-D MatMul weights), keyed by node name.
+/// with one group, Gemm without transA, 2-D MatMul weights), keyed by node name: exact up
+/// to K = [`hessian_block`], block-diagonal beyond (a conv's blocks hold whole kh·kw
+/// patches).
 fn layer_grams(
     model: &Model,
     cal: &Calibration,
     targets: &[crate::targets::Target],
-) -> Result<HashMap<String, (Vec<f64>, usize)>> {
+) -> Result<HashMap<String, Hessian>> {
     use crate::layer_inputs::{collect_grams, LayerInput, Unfold};
     let g = &model.graph;
     let by_name: HashMap<&str, _> = g
@@ -477,11 +495,16 @@ fn layer_grams(
             _ => continue,
         };
         let k = shape.iter().product::<usize>() / shape[w.axis];
+        let align = match &unfold {
+            Unfold::Conv { kernel, .. } => kernel[0] * kernel[1],
+            Unfold::Rows => 1,
+        };
         names.push(t.node.clone());
         layers.push(LayerInput {
             value: a.clone(),
             k,
             unfold,
+            layout: HessianLayout::blocked(hessian_block(), align),
         });
     }
     let grams = collect_grams(model, cal, &layers)?;
