@@ -201,7 +201,7 @@ pub fn quantize(
     let grams = if options.baseline_minmax || options.reconstruct == Reconstruct::None {
         HashMap::new()
     } else {
-        layer_grams(model, cal, &quantized)?
+        layer_grams(model, cal, &quantized, hessian_block())?
     };
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
@@ -449,12 +449,12 @@ fn hessian_block() -> usize {
 
 /// Gram matrices of the inputs of every weight layer reconstruction can handle (Conv
 /// with one group, Gemm without transA, 2-D MatMul weights), keyed by node name: exact up
-/// to K = [`hessian_block`], block-diagonal beyond (a conv's blocks hold whole kh·kw
-/// patches).
+/// to K = `block`, block-diagonal beyond (a conv's blocks hold whole kh·kw patches).
 fn layer_grams(
     model: &Model,
     cal: &Calibration,
     targets: &[crate::targets::Target],
+    block: usize,
 ) -> Result<HashMap<String, Hessian>> {
     use crate::layer_inputs::{collect_grams, LayerInput, Unfold};
     let g = &model.graph;
@@ -504,7 +504,7 @@ fn layer_grams(
             value: a.clone(),
             k,
             unfold,
-            layout: HessianLayout::blocked(hessian_block(), align),
+            layout: HessianLayout::blocked(block, align),
         });
     }
     let grams = collect_grams(model, cal, &layers)?;
@@ -601,4 +601,80 @@ pub(crate) fn insert_qdq(
         &format!("{base}_dequantized"),
         vec![],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconstruct::{dequantize, gptq, output_error, rtn};
+
+    /// The cost of GPTQ on a block-diagonal H, layer by layer on real inputs: each weight
+    /// layer of the model (W4, Lp scales) rounded by GPTQ with its exact H and with the
+    /// block-diagonal approximation for several block sizes, every result scored by the
+    /// exact output error ||ŴX − WX||² (summed over layers, relative to RTN's). Runs the
+    /// model's calibration (minutes):
+    /// `TFMQC_MODELS=ddpm_digits cargo test --release -p tfmqc-passes --lib
+    /// gptq_block_diagonal_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn gptq_block_diagonal_cost_on_real_layer_inputs() {
+        let models = std::env::var("TFMQC_MODELS").unwrap_or_else(|_| "ddpm_digits".into());
+        let blocks = [1024usize, 512, 256, 128, 64];
+        for name in models.split(',') {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../models")
+                .join(format!("{name}.onnx"));
+            let model = crate::onnx::load(&path).unwrap();
+            let options = Options {
+                timesteps: Some("ddim:50".into()),
+                weight_bits: 4,
+                ..Options::default()
+            };
+            let mut cx = crate::pipeline::PassContext::new(model, &options);
+            let passes =
+                crate::pipeline::parse_pipeline("canonicalize,detect-tib,fold-tib,calibrate")
+                    .unwrap();
+            crate::pipeline::run_pipeline(&mut cx, &passes, &mut |_, _, _| Ok(())).unwrap();
+            let cal = cx.calibration.clone().unwrap();
+            let quantized = find_targets(&cx.model.graph, &options.keep_float).quantized;
+            let grams = layer_grams(&cx.model, &cal, &quantized, usize::MAX).unwrap();
+            let qmax = crate::quant::weight_qmax(4) as i32;
+            let (mut e_rtn, mut e_exact) = (0f64, 0f64);
+            let mut e_blocked = vec![0f64; blocks.len()];
+            let (mut layers, mut kmax) = (0, 0);
+            for t in &quantized {
+                let (Some(w), Some(h)) = (&t.weight, grams.get(&t.node)) else {
+                    continue;
+                };
+                let tensor = &cx.model.graph.initializers[&w.name];
+                let values = tensor.to_vec::<f32>().unwrap();
+                let q = quantize_weight(&values, &tensor.shape, w.axis, 4, RangeSearch::Lp);
+                let (rows, n, k) = to_rows(&values, &tensor.shape, w.axis);
+                let score = |qi: &[i8]| output_error(&rows, &dequantize(qi, n, k, &q.scales), h);
+                e_rtn += score(&rtn(&rows, n, k, &q.scales, qmax));
+                e_exact += score(&gptq(&rows, n, k, h, &q.scales, qmax, 0.01, 128));
+                let align = if tensor.shape.len() == 4 {
+                    tensor.shape[2] * tensor.shape[3]
+                } else {
+                    1
+                };
+                for (e, &b) in e_blocked.iter_mut().zip(&blocks) {
+                    let hb = Hessian::block_diagonal(h, &HessianLayout::blocked(b, align));
+                    *e += score(&gptq(&rows, n, k, &hb, &q.scales, qmax, 0.01, 128));
+                }
+                layers += 1;
+                kmax = kmax.max(k);
+            }
+            let cols: Vec<String> = blocks
+                .iter()
+                .zip(&e_blocked)
+                .map(|(b, e)| format!("B = {b}: {:.4}", e / e_rtn))
+                .collect();
+            eprintln!(
+                "{name}: {layers} layers (K ≤ {kmax}), W4 exact output error relative to RTN: exact H {:.4}, {}",
+                e_exact / e_rtn,
+                cols.join(", ")
+            );
+        }
+    }
 }

@@ -5,12 +5,17 @@
 //! `block` along K, K·block floats instead of K²).
 //!
 //! - Exact (one block, K ≤ `block`): f64, accumulated as [`gram`] computes it, so it is
-//!   bit for bit the sum of the `gram` of every batch.
+//!   bit for bit the sum of the `gram` of every batch (K = 4,096: 134 MB).
 //! - Block-diagonal: each diagonal block `X_b X_bᵀ` in f32 (lower triangle by the f32
-//!   kernel of `dense`, with f32 sums over each batch): at K = 23,040 and blocks of at
-//!   most 2,048, 12 blocks of ≤ 1,926 — 177 MB instead of 4.2 GB. Cross-block correlations are
-//!   dropped: GPTQ propagates rounding errors only within a block, and [`output_error`]
-//!   with such an H is the block-diagonal approximation of the layer's output error.
+//!   kernel of `dense`, with f32 sums over each batch): at K = 23,040 and the default
+//!   block of 4,096, 6 blocks of ≤ 3,843 — 354 MB instead of 4.2 GB (f64) or 2.1 GB (f32).
+//!   Cross-block correlations are dropped: GPTQ propagates rounding errors only within a
+//!   block, and [`output_error`] with such an H is the block-diagonal approximation of the
+//!   layer's output error.
+//!
+//! The default block, 4,096, is the largest whose cost stays small at SD scale (GPTQ of
+//! 1280×23,040 in ~10 s CPU, the whole SD-1.5 UNet's GPTQ in a few minutes on 2 cores);
+//! smaller blocks cost quality in measurements (results/gptq_blocked.md).
 //!
 //! [`gram`]: super::gram
 //! [`output_error`]: super::output_error
@@ -20,8 +25,9 @@ use std::borrow::Cow;
 use super::dense::{par_nt_update, Acc};
 use super::{gram, threads_for};
 
-/// Default largest diagonal block (see results/gptq_blocked.md for the choice).
-pub const DEFAULT_BLOCK: usize = 2048;
+/// Default largest diagonal block: H is exact up to K = 4,096 (see the module doc and
+/// results/gptq_blocked.md for the choice).
+pub const DEFAULT_BLOCK: usize = 4096;
 
 /// How a [`Hessian`] of K inputs is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -88,6 +94,29 @@ impl HessianLayout {
         } else {
             b.windows(2).map(|w| (w[1] - w[0]).pow(2) * 4).sum()
         }
+    }
+
+    /// Multiply-adds of [`Hessian::accumulate`] per column (the lower triangle of every
+    /// block; the exact path computes it in f32 without FMA, the blocked one with).
+    pub fn accumulate_fma_per_column(&self, k: usize) -> f64 {
+        self.sizes(k).map(|m| (m * (m + 1) / 2) as f64).sum()
+    }
+
+    /// Multiply-adds of [`super::gptq`] on an `n`×`k` weight (factorisations and sweep)
+    /// and of [`super::never_worse_than_rtn`] after it (two output errors): for time
+    /// estimates. Measured (Zen 4, AVX2 kernels): ~15–20 G/s per core.
+    pub fn gptq_fma(&self, n: usize, k: usize) -> f64 {
+        self.sizes(k)
+            .map(|m| {
+                let m = m as f64;
+                m * m * m / 3.0 + n as f64 * m * m / 2.0 + n as f64 * m * m
+            })
+            .sum()
+    }
+
+    fn sizes(&self, k: usize) -> impl Iterator<Item = usize> {
+        let b = self.bounds(k);
+        (0..b.len() - 1).map(move |i| b[i + 1] - b[i])
     }
 
     /// Bytes of the largest transient buffers of [`super::gptq`] and
@@ -189,6 +218,29 @@ impl Hessian {
         self.columns += s;
     }
 
+    /// The block-diagonal approximation of an exact `h` with `layout` (f32 blocks; exact
+    /// again if `layout` keeps K in one block): for measuring what the approximation costs.
+    pub fn block_diagonal(h: &Hessian, layout: &HessianLayout) -> Hessian {
+        let dense = h.dense().expect("an exact Hessian");
+        let k = h.k;
+        let mut out = Hessian::new(k, layout);
+        match &mut out.data {
+            Data::Exact(d) => d.copy_from_slice(dense),
+            Data::Blocked(blocks) => {
+                for (b, w) in blocks.iter_mut().zip(out.bounds.windows(2)) {
+                    let (a, m) = (w[0], w[1] - w[0]);
+                    for i in 0..m {
+                        for j in 0..m {
+                            b[i * m + j] = dense[(a + i) * k + a + j] as f32;
+                        }
+                    }
+                }
+            }
+        }
+        out.columns = h.columns;
+        out
+    }
+
     /// Adds another accumulator of the same layout (e.g. one filled on another thread).
     pub fn merge(&mut self, other: &Hessian) {
         assert_eq!(self.bounds, other.bounds, "different layouts");
@@ -270,6 +322,19 @@ impl Hessian {
         Some(out)
     }
 
+    /// Entry `(r, c)` with `r ≥ c` of diagonal block `i` (lower triangle), as f64.
+    #[inline]
+    pub(crate) fn lower_entry(&self, i: usize, r: usize, c: usize) -> f64 {
+        debug_assert!(r >= c);
+        match &self.data {
+            Data::Exact(h) => h[r * self.k + c],
+            Data::Blocked(blocks) => {
+                let m = self.bounds[i + 1] - self.bounds[i];
+                blocks[i][r * m + c] as f64
+            }
+        }
+    }
+
     /// `H_ii` for every input.
     pub fn diag(&self) -> Vec<f64> {
         let mut d = Vec::with_capacity(self.k);
@@ -336,9 +401,11 @@ mod tests {
             vec![0, 84, 168, 250]
         );
         assert_eq!(HessianLayout::default().bounds(1152), vec![0, 1152]);
-        // Memory at SD scale: K = 23,040 in blocks of ≤ 2,048 (f32).
+        // Memory at SD scale: K = 23,040 in blocks of ≤ 2,048 and ≤ 4,096 (f32).
         let bytes = HessianLayout::blocked(2048, 9).bytes(23_040);
-        assert!(bytes < 200 << 20, "{bytes}");
+        assert!(bytes < 180_000_000, "{bytes}");
+        let bytes = HessianLayout::blocked(DEFAULT_BLOCK, 9).bytes(23_040);
+        assert!(bytes < 360_000_000, "{bytes}");
     }
 
     #[test]
