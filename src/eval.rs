@@ -365,7 +365,7 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         fixed_batch.unwrap_or(SQNR_TRAJECTORIES),
         args.steps
     ));
-    let cal = calibrate(&float, &cal_opts, &t_name, &[], &|_| {}).map_err(fail)?;
+    let cal = calibrate(&float, &cal_opts, &t_name, &[], vec![], &|_| {}).map_err(fail)?;
     if !cal.stand_ins.is_empty() {
         notes.push(format!(
             "WARNING: {} took seeded random stand-ins (no conditioning data is given to eval): the numbers show the quantization error under random conditioning",

@@ -13,6 +13,8 @@ use tfmqc_runtime::NoiseRng;
 use crate::error::{Error, Result};
 use crate::exec::Runner;
 use crate::ir::{DType, Dim, Model, Tensor, ValueInfo};
+use crate::layer_inputs::{reconstructable_layers, record_picks, LayerColumns, LayerInput};
+use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
 use crate::pipeline::{Pass, PassContext};
 use crate::targets::find_targets;
@@ -61,6 +63,10 @@ pub struct Calibration {
     pub sample_input: String,
     pub timestep_input: String,
     pub batches: usize,
+    /// Sampled inputs of the layers weight reconstruction will round (spilled to a
+    /// temporary file), from the runs of the evaluation records; `None` when no
+    /// reconstruction was asked for.
+    pub layer_columns: Option<std::sync::Arc<LayerColumns>>,
 }
 
 impl Pass for Calibrate {
@@ -77,11 +83,21 @@ impl Pass for Calibrate {
         let tib = cx.tib.as_ref().expect("checked by requires");
         let targets = find_targets(&cx.model.graph, &cx.options.keep_float);
         let values = targets.activation_values();
+        // Reconstruction reads the layers' inputs from these same runs.
+        let reconstructs = cx.options.reconstruct != Reconstruct::None
+            && !cx.options.baseline_minmax
+            && cx.options.weight_bits < 32;
+        let layers = if reconstructs {
+            reconstructable_layers(&cx.model, &targets.quantized)
+        } else {
+            vec![]
+        };
         let cal = calibrate(
             &cx.model,
             cx.options,
             &tib.timestep_input,
             &values,
+            layers,
             cx.progress,
         )?;
         cx.note(format!(
@@ -91,6 +107,14 @@ impl Pass for Calibrate {
             cal.per_step.values().next().map(|m| m.len()).unwrap_or(0),
             cal.records.len()
         ));
+        if let Some(c) = &cal.layer_columns {
+            cx.note(format!(
+                "inputs of {} layers sampled for reconstruction ({} columns per record, {:.1} MB spilled)",
+                c.layers().len(),
+                c.columns_per_record(),
+                c.spilled_bytes() as f64 / 1e6
+            ));
+        }
         if !cal.stand_ins.is_empty() {
             cx.note(format!(
                 "WARNING: no calibration data for {} — seeded random stand-ins were used; give real conditioning with --calib FILE",
@@ -278,12 +302,84 @@ fn evaluation_record(
         .collect()
 }
 
+/// One run's graph outputs and the range of every observed value.
+struct ObservedRun {
+    outputs: Vec<Tensor>,
+    outputs_ranges: Vec<Range>,
+}
+
+/// Layer inputs to sample from one run: the store, the record's salt, and the samples of
+/// the batch its evaluation record keeps (`(keep, batch)`: the first `keep` of `batch`).
+struct ColumnTap<'a> {
+    store: &'a LayerColumns,
+    salt: u64,
+    keep: (usize, usize),
+}
+
+/// Runs `inputs` and takes the min/max of each of `values` while tract computes it (and
+/// samples layer inputs into `tap`).
+fn observe_ranges(
+    runner: &Runner,
+    values: &[String],
+    inputs: &HashMap<String, Tensor>,
+    t: i64,
+    tap: Option<ColumnTap>,
+) -> Result<ObservedRun> {
+    let mut ranges: Vec<Option<Range>> = vec![None; values.len()];
+    let outputs = runner.run_observed(inputs, &mut |k, tensor| {
+        let name = &values[k];
+        let v = crate::exec::f32_values(tensor, name)?;
+        if let Some(tap) = &tap {
+            // The rows of the kept samples (batch-major values), as if the model had run
+            // on the evaluation record alone.
+            let (keep, batch) = tap.keep;
+            let mut shape = tensor.shape().to_vec();
+            let mut part = v;
+            if keep < batch && shape.first().is_some_and(|&r| r % batch == 0) {
+                let rows = shape[0] / batch * keep;
+                part = &v[..v.len() / shape[0] * rows];
+                shape[0] = rows;
+            }
+            tap.store.observe(name, &shape, part, tap.salt)?;
+        }
+        let batch = Range {
+            min: v.iter().copied().fold(f32::INFINITY, f32::min),
+            max: v.iter().copied().fold(f32::NEG_INFINITY, f32::max),
+        };
+        if !batch.min.is_finite() || !batch.max.is_finite() {
+            return Err(Error::pass(
+                "calibrate",
+                format!("activation '{name}' is not finite at t = {t}"),
+            ));
+        }
+        ranges[k] = Some(batch);
+        Ok(())
+    })?;
+    let outputs_ranges = ranges
+        .into_iter()
+        .zip(values)
+        .map(|(r, name)| {
+            r.ok_or_else(|| {
+                Error::pass(
+                    "calibrate",
+                    format!("activation '{name}' was not computed by the engine"),
+                )
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(ObservedRun {
+        outputs,
+        outputs_ranges,
+    })
+}
+
 /// Observes `values` (activation names) along calibration trajectories.
 pub fn calibrate(
     model: &Model,
     options: &Options,
     t_name: &str,
     values: &[String],
+    layers: Vec<LayerInput>,
     progress: &dyn Fn(&str),
 ) -> Result<Calibration> {
     let g = &model.graph;
@@ -298,28 +394,21 @@ pub fn calibrate(
     let sample = find_sample_input(model, t_name)?;
     let out_info = g.outputs[0].clone();
 
-    // Outputs: the denoiser's prediction first, then the activations.
-    let mut outputs = vec![out_info.name.clone()];
-    outputs.extend(values.iter().cloned());
-    let runner = Runner::new(model, Some(&outputs), Optimize::Full)?;
+    // The prediction is the graph output; the activations are observed while tract
+    // runs, each folded into its range as soon as it is computed (an SD-class UNet's
+    // attention scores alone would not fit in memory all at once).
+    let runner = Runner::observing(model, values, Optimize::Full)?;
     let mut cal = Calibration {
         sample_input: sample.name.clone(),
         timestep_input: t_name.to_string(),
         ..Default::default()
     };
-    let observe = |cal: &mut Calibration, t: i64, outs: &[Tensor]| -> Result<()> {
-        for (name, tensor) in values.iter().zip(&outs[1..]) {
-            let v = tensor.to_f32_vec()?;
-            let batch = Range {
-                min: v.iter().copied().fold(f32::INFINITY, f32::min),
-                max: v.iter().copied().fold(f32::NEG_INFINITY, f32::max),
-            };
-            if !batch.min.is_finite() || !batch.max.is_finite() {
-                return Err(Error::pass(
-                    "calibrate",
-                    format!("activation '{name}' is not finite at t = {t}"),
-                ));
-            }
+    let observe = |cal: &mut Calibration,
+                   t: i64,
+                   inputs: &HashMap<String, Tensor>,
+                   tap: Option<ColumnTap>| {
+        let batch = observe_ranges(&runner, values, inputs, t, tap)?;
+        for (name, batch) in values.iter().zip(batch.outputs_ranges) {
             let steps = cal.per_step.entry(name.clone()).or_default();
             let r = steps.get(&t).map(|r| r.ema(batch)).unwrap_or(batch);
             steps.insert(t, r);
@@ -330,7 +419,7 @@ pub fn calibrate(
                 .unwrap_or(batch);
             cal.global.insert(name.clone(), gl);
         }
-        Ok(())
+        Ok::<Vec<Tensor>, Error>(batch.outputs)
     };
 
     let given: BTreeMap<String, Tensor> = match &options.calib {
@@ -353,7 +442,12 @@ pub fn calibrate(
                 .or_default()
                 .insert(name.to_string(), t);
         }
-        for (rec, inputs) in records {
+        let picks = record_picks(records.len());
+        let store = match layers.is_empty() {
+            true => None,
+            false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
+        };
+        for ((rec, inputs), pick) in records.into_iter().zip(picks) {
             for info in &g.inputs {
                 let t = inputs.get(&info.name).ok_or_else(|| {
                     Error::invalid(format!("{file}: record {rec} lacks input '{}'", info.name))
@@ -367,12 +461,17 @@ pub fn calibrate(
                 )));
             }
             progress(&format!("calibrate: record {rec}"));
-            let outs = runner.run(&inputs.clone().into_iter().collect())?;
-            observe(&mut cal, step, &outs)?;
+            let tap = store.as_ref().zip(pick).map(|(store, salt)| ColumnTap {
+                store,
+                salt,
+                keep: (1, 1),
+            });
+            observe(&mut cal, step, &inputs.clone().into_iter().collect(), tap)?;
             cal.records.push(inputs);
             cal.record_steps.push(step);
             cal.batches += 1;
         }
+        cal.layer_columns = store.map(std::sync::Arc::new);
         return Ok(cal);
     }
     for (k, t) in &given {
@@ -401,6 +500,17 @@ pub fn calibrate(
     let batches = options.calib_samples.div_ceil(batch);
     let sample_shape = concrete(&sample, batch)?;
     let per_sample: usize = sample_shape[1..].iter().product();
+    // Layer inputs come from the first batch's runs, cut to its evaluation records.
+    let picks = record_picks(traj.len());
+    let store = match layers.is_empty() {
+        true => None,
+        false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
+    };
+    let keep = if free_batch {
+        (RECORD_SAMPLES.min(batch), batch)
+    } else {
+        (batch, batch)
+    };
     for b in 0..batches {
         let mut rng = NoiseRng::new(options.seed.wrapping_mul(1_000_003).wrapping_add(b as u64));
         let mut x = rng.normal_vec(batch * per_sample);
@@ -447,8 +557,11 @@ pub fn calibrate(
                 Tensor::from_vec(sample_shape.clone(), &x),
             );
             inputs.insert(t_name.to_string(), timestep_tensor(&t_info, batch, t)?);
-            let outs = runner.run(&inputs)?;
-            observe(&mut cal, t, &outs)?;
+            let tap = match (b, &store, picks[k]) {
+                (0, Some(store), Some(salt)) => Some(ColumnTap { store, salt, keep }),
+                _ => None,
+            };
+            let outs = observe(&mut cal, t, &inputs, tap)?;
             if b == 0 {
                 cal.records
                     .push(evaluation_record(inputs, batch, free_batch));
@@ -482,5 +595,6 @@ pub fn calibrate(
         }
         cal.batches += 1;
     }
+    cal.layer_columns = store.map(std::sync::Arc::new);
     Ok(cal)
 }

@@ -109,46 +109,57 @@ fn constants_to_initializers(g: &mut Graph) -> Result<usize> {
     Ok(consts.len())
 }
 
-/// Replaces every node whose outputs tract computed as constants by initializers.
+/// Replaces every node whose outputs are constant by initializers: those tract's analysis
+/// computed, and those whose inputs are all initializers (large weights are not values in
+/// the analysis — see [`crate::exec::value_facts`] — so e.g. a `Transpose` of a weight is
+/// evaluated here, one node at a time, in the memory of that node).
 fn fold_constants(model: &mut Model) -> Result<usize> {
-    let proto = crate::onnx::to_proto(model)?;
-    let facts =
-        tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
-    let g = &mut model.graph;
+    let facts = crate::exec::value_facts(model)?;
     let mut folded = 0;
-    for ix in g.topo_order()? {
+    for ix in model.graph.topo_order()? {
+        let g = &model.graph;
         let n = g.node(ix);
         if NEVER_FOLD.contains(&n.op_type.as_str())
             || n.outputs.iter().any(|o| g.is_graph_output(o))
+            || !n.implicit_inputs().is_empty()
         {
             continue;
         }
-        let konsts: Option<Vec<_>> = n
-            .outputs
-            .iter()
-            .map(|o| facts.get(o).and_then(|f| f.konst.clone()))
-            .collect();
-        let Some(konsts) = konsts else { continue };
         let input_bytes: usize = n
             .inputs
             .iter()
             .filter_map(|i| g.initializers.get(i))
             .map(Tensor::byte_len)
             .sum();
-        let mut values = vec![];
-        for k in &konsts {
-            match from_tract(k) {
-                Ok(t) => values.push(t),
-                Err(_) => break,
+        let konsts: Option<Vec<_>> = n
+            .outputs
+            .iter()
+            .map(|o| facts.get(o).and_then(|f| f.konst.clone()))
+            .collect();
+        let values: Vec<Tensor> = match konsts {
+            Some(konsts) => match konsts.iter().map(|k| from_tract(k)).collect() {
+                Ok(v) => v,
+                Err(_) => continue,
+            },
+            None => {
+                let all_constant = !n.inputs.is_empty()
+                    && n.inputs
+                        .iter()
+                        .all(|i| i.is_empty() || g.initializers.contains_key(i));
+                if !all_constant || input_bytes <= crate::exec::ANALYSIS_CONST_BYTES {
+                    continue;
+                }
+                match evaluate_node(model, ix) {
+                    Some(v) => v,
+                    None => continue,
+                }
             }
-        }
-        if values.len() != konsts.len() {
-            continue;
-        }
+        };
         let out_bytes: usize = values.iter().map(Tensor::byte_len).sum();
         if out_bytes > GROWTH_FLOOR && out_bytes > MAX_GROWTH * input_bytes.max(1) {
             continue;
         }
+        let g = &mut model.graph;
         let node = g.remove_node(ix).expect("node exists");
         for (name, value) in node.outputs.into_iter().zip(values) {
             g.initializers.insert(name, value);
@@ -158,12 +169,39 @@ fn fold_constants(model: &mut Model) -> Result<usize> {
     Ok(folded)
 }
 
+/// The outputs of node `ix`, all of whose inputs are initializers, computed by tract on a
+/// model of that node alone; `None` when tract cannot (the node then stays).
+fn evaluate_node(model: &Model, ix: petgraph::stable_graph::NodeIndex) -> Option<Vec<Tensor>> {
+    let g = &model.graph;
+    let n = g.node(ix).clone();
+    let mut one = Graph::new("fold");
+    for i in n.inputs.iter().filter(|i| !i.is_empty()) {
+        one.initializers
+            .insert(i.clone(), g.initializers[i].clone());
+    }
+    for o in &n.outputs {
+        one.outputs.push(g.info(o).unwrap_or_else(|| ValueInfo {
+            name: o.clone(),
+            ..Default::default()
+        }));
+    }
+    one.add_node(n).ok()?;
+    let single = Model {
+        graph: one,
+        ir_version: model.ir_version,
+        opsets: model.opsets.clone(),
+        functions: model.functions.clone(),
+        ..Default::default()
+    };
+    let runner =
+        crate::exec::Runner::new(&single, None, tfmqc_runtime::engine::Optimize::Declutter).ok()?;
+    runner.run(&HashMap::new()).ok()
+}
+
 /// Records tract's type and shape of every intermediate value (and fills in graph
 /// inputs/outputs the file left untyped). Returns how many values are typed.
 pub fn infer_types(model: &mut Model) -> Result<usize> {
-    let proto = crate::onnx::to_proto(model)?;
-    let facts =
-        tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
+    let facts = crate::exec::value_facts(model)?;
     let g = &mut model.graph;
     // tract invents its own symbol names (`<Sym0>`); map them back to the file's names
     // through the graph inputs, whose dims are named in the file.

@@ -140,8 +140,7 @@ impl Ranks<'_> {
             return Some(shape.len());
         }
         if self.facts.is_none() {
-            let proto = crate::onnx::to_proto(self.model).ok()?;
-            self.facts = Some(tfmqc_runtime::engine::value_facts(&proto).unwrap_or_default());
+            self.facts = Some(crate::exec::value_facts(self.model).unwrap_or_default());
         }
         self.facts.as_ref()?.get(v)?.shape.as_ref().map(|s| s.len())
     }

@@ -80,6 +80,17 @@ pub fn from_tract(t: &TractTensor) -> Result<Tensor> {
     Tensor::from_raw(dtype, t.shape().to_vec(), t.as_bytes().to_vec())
 }
 
+/// Initializers above this size are shapes only for type analysis ([`value_facts`]).
+pub const ANALYSIS_CONST_BYTES: usize = 1 << 20;
+
+/// tract's facts (type, shape, constant value) of every value of `model`. Large weights
+/// are given to the analysis as typed inputs, not values (see
+/// [`crate::onnx::to_analysis_proto`]): nothing derived from them is constant here.
+pub fn value_facts(model: &Model) -> Result<HashMap<String, tfmqc_runtime::ValueFact>> {
+    let proto = crate::onnx::to_analysis_proto(model, ANALYSIS_CONST_BYTES)?;
+    tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))
+}
+
 /// A compiled IR model (or a cut of it) ready to run many times.
 pub struct Runner {
     engine: Engine,
@@ -87,10 +98,23 @@ pub struct Runner {
 
 impl Runner {
     /// Compiles `model`; `outputs` selects intermediate values to return instead of the
-    /// graph outputs.
+    /// graph outputs. Weights that are views of an external-data file are handed to tract
+    /// by reference (it reads them from the file), not copied into the proto first.
     pub fn new(model: &Model, outputs: Option<&[String]>, optimize: Optimize) -> Result<Runner> {
-        let proto = crate::onnx::to_proto(model)?;
-        let engine = Engine::from_proto(&proto, None, outputs, optimize)
+        let (proto, dir) = crate::onnx::to_engine_proto(model)?;
+        let dir = dir.map(|d| d.to_string_lossy().to_string());
+        let engine = Engine::from_proto(&proto, dir.as_deref(), outputs, optimize)
+            .map_err(|e| Error::Engine(e.to_string()))?;
+        Ok(Runner { engine })
+    }
+
+    /// Compiles `model` to return its graph outputs and show the values `observe` to the
+    /// observer of [`Runner::run_observed`] while it runs (streaming statistics: no
+    /// intermediate value outlives its last consumer).
+    pub fn observing(model: &Model, observe: &[String], optimize: Optimize) -> Result<Runner> {
+        let (proto, dir) = crate::onnx::to_engine_proto(model)?;
+        let dir = dir.map(|d| d.to_string_lossy().to_string());
+        let engine = Engine::from_proto_observing(&proto, dir.as_deref(), observe, optimize)
             .map_err(|e| Error::Engine(e.to_string()))?;
         Ok(Runner { engine })
     }
@@ -100,8 +124,40 @@ impl Runner {
     }
 
     pub fn run(&self, inputs: &HashMap<String, Tensor>) -> Result<Vec<Tensor>> {
-        let ordered = self
+        let ordered = self.ordered(inputs)?;
+        let out = self
             .engine
+            .run(ordered)
+            .map_err(|e| Error::Engine(e.to_string()))?;
+        out.iter().map(from_tract).collect()
+    }
+
+    /// Runs and calls `observer(k, value)` for the `k`-th observed value as soon as it is
+    /// computed (see [`Runner::observing`]); returns the graph outputs.
+    pub fn run_observed(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        observer: &mut dyn FnMut(usize, &TractTensor) -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
+        let ordered = self.ordered(inputs)?;
+        // The runtime's error type carries the observer's failure through tract.
+        let mut failure: Option<Error> = None;
+        let out = self.engine.run_observing(ordered, &mut |k, v| {
+            observer(k, v).map_err(|e| {
+                let msg = e.to_string();
+                failure = Some(e);
+                tfmqc_runtime::Error::Execution(msg)
+            })
+        });
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let out = out.map_err(|e| Error::Engine(e.to_string()))?;
+        out.iter().map(from_tract).collect()
+    }
+
+    fn ordered(&self, inputs: &HashMap<String, Tensor>) -> Result<Vec<TractTensor>> {
+        self.engine
             .input_names()
             .iter()
             .map(|n| {
@@ -110,11 +166,13 @@ impl Runner {
                     .ok_or_else(|| Error::invalid(format!("input '{n}' was not given")))
                     .and_then(to_tract)
             })
-            .collect::<Result<Vec<_>>>()?;
-        let out = self
-            .engine
-            .run(ordered)
-            .map_err(|e| Error::Engine(e.to_string()))?;
-        out.iter().map(from_tract).collect()
+            .collect()
     }
+}
+
+/// The values of an f32 tensor of tract's, or an error naming `what`.
+pub fn f32_values<'t>(t: &'t TractTensor, what: &str) -> Result<&'t [f32]> {
+    t.try_as_plain_ram()
+        .and_then(|v| v.as_slice::<f32>())
+        .map_err(|_| Error::Engine(format!("'{what}' is {:?}, not f32", t.datum_type())))
 }

@@ -70,9 +70,7 @@ pub struct FoldReport {
 fn index_info(model: &Model, tib: &TibAnalysis) -> Result<ValueInfo> {
     let mut info = model.graph.info(&tib.index_value).unwrap_or_default();
     if info.dtype.is_none() || info.shape.is_none() {
-        let proto = crate::onnx::to_proto(model)?;
-        let facts =
-            tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))?;
+        let facts = crate::exec::value_facts(model)?;
         if let Some(f) = facts.get(&tib.index_value) {
             info.dtype = info
                 .dtype

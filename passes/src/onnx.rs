@@ -10,6 +10,7 @@ use prost::Message;
 use tract_onnx::pb;
 
 use crate::error::{Error, Result};
+use crate::ir::bytes::{Bytes, FileMaps, FileSpan};
 use crate::ir::{DType, Dim, Graph, Model, Node, Tensor, ValueInfo};
 
 /// Newest default-domain opset tfmqc accepts. Opsets past this may change operator
@@ -70,7 +71,8 @@ pub fn from_proto(proto: pb::ModelProto, dir: Option<&Path>) -> Result<Model> {
     }
     let g = proto.graph.expect("checked by decode");
     let mut external = false;
-    let graph = import_graph(g, dir, &mut external)?;
+    let mut maps = FileMaps::default();
+    let graph = import_graph(g, dir, &mut external, &mut maps)?;
     Ok(Model {
         ir_version: proto.ir_version,
         opsets,
@@ -91,14 +93,19 @@ pub fn from_proto(proto: pb::ModelProto, dir: Option<&Path>) -> Result<Model> {
     })
 }
 
-fn import_graph(g: pb::GraphProto, dir: Option<&Path>, external: &mut bool) -> Result<Graph> {
+fn import_graph(
+    g: pb::GraphProto,
+    dir: Option<&Path>,
+    external: &mut bool,
+    maps: &mut FileMaps,
+) -> Result<Graph> {
     let mut graph = Graph::new(g.name);
     graph.doc_string = g.doc_string;
     for t in &g.initializer {
         if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
             *external = true;
         }
-        let tensor = tensor_from_proto(t, dir)?;
+        let tensor = tensor_from_proto_mapped(t, dir, maps)?;
         graph.initializers.insert(t.name.clone(), tensor);
     }
     for i in g.input {
@@ -186,6 +193,15 @@ fn value_info_from_proto(v: &pb::ValueInfoProto) -> Result<ValueInfo> {
 
 /// Reads a `TensorProto`: raw_data, the typed fields, or external data.
 pub fn tensor_from_proto(t: &pb::TensorProto, dir: Option<&Path>) -> Result<Tensor> {
+    tensor_from_proto_mapped(t, dir, &mut FileMaps::default())
+}
+
+/// [`tensor_from_proto`], with external data as views of files mapped once in `maps`.
+fn tensor_from_proto_mapped(
+    t: &pb::TensorProto,
+    dir: Option<&Path>,
+    maps: &mut FileMaps,
+) -> Result<Tensor> {
     let dtype = DType::from_onnx(t.data_type).ok_or_else(|| Error::UnsupportedDType {
         tensor: t.name.clone(),
         code: t.data_type,
@@ -211,18 +227,20 @@ pub fn tensor_from_proto(t: &pb::TensorProto, dir: Option<&Path>) -> Result<Tens
         return Ok(Tensor {
             dtype,
             shape,
-            data: vec![],
+            data: Bytes::default(),
             strings: t.string_data.clone(),
         });
     }
-    let want = dtype.storage_bytes(numel);
-    let data: Vec<u8> = if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32)
-    {
-        read_external(t, dir, want)?
+    let want = numel
+        .checked_mul(dtype.bits())
+        .map(|b| b.div_ceil(8))
+        .ok_or_else(|| bad("its element count overflows".into()))?;
+    let data: Bytes = if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
+        map_external(t, dir, want, maps)?
     } else if !t.raw_data.is_empty() {
-        t.raw_data.clone()
+        t.raw_data.clone().into()
     } else {
-        typed_field_bytes(t, dtype)
+        typed_field_bytes(t, dtype).into()
     };
     if data.len() != want {
         return Err(bad(format!(
@@ -288,8 +306,14 @@ fn external_entry<'a>(t: &'a pb::TensorProto, key: &str) -> Option<&'a str> {
         .map(|e| e.value.as_str())
 }
 
-fn read_external(t: &pb::TensorProto, dir: Option<&Path>, want: usize) -> Result<Vec<u8>> {
-    use std::io::{Read, Seek, SeekFrom};
+/// The external data of `t` as a view of its (memory-mapped) file: no copy is made, and
+/// pages are read from disk when a pass touches them.
+fn map_external(
+    t: &pb::TensorProto,
+    dir: Option<&Path>,
+    want: usize,
+    maps: &mut FileMaps,
+) -> Result<Bytes> {
     let location = external_entry(t, "location").ok_or_else(|| {
         Error::invalid(format!(
             "tensor '{}' is external but names no location",
@@ -321,31 +345,65 @@ fn read_external(t: &pb::TensorProto, dir: Option<&Path>, want: usize) -> Result
             .transpose()
     };
     let offset = parse("offset")?.unwrap_or(0);
-    let length = parse("length")?.map(|l| l as usize).unwrap_or(want);
-    let mut f = std::fs::File::open(&path).map_err(|e| Error::io(&path, e))?;
-    f.seek(SeekFrom::Start(offset))
-        .map_err(|e| Error::io(&path, e))?;
-    let mut buf = vec![0u8; length];
-    f.read_exact(&mut buf).map_err(|e| {
-        Error::invalid(format!(
-            "tensor '{}': cannot read {length} bytes at offset {offset} of {}: {e}",
+    let length = parse("length")?.unwrap_or(want as u64);
+    if length != want as u64 {
+        return Err(Error::invalid(format!(
+            "tensor '{}': external data length {length} does not match its {want} bytes",
+            t.name
+        )));
+    }
+    let map = maps.map(&path).map_err(|e| Error::io(&path, e))?;
+    let end = offset.checked_add(length);
+    if end.is_none_or(|end| end > map.len() as u64) {
+        return Err(Error::invalid(format!(
+            "tensor '{}': cannot read {length} bytes at offset {offset} of {} ({} bytes long)",
             t.name,
-            path.display()
-        ))
-    })?;
-    Ok(buf)
+            path.display(),
+            map.len()
+        )));
+    }
+    let file = std::fs::canonicalize(&path).unwrap_or(path);
+    Ok(Bytes::mapped(
+        map,
+        FileSpan {
+            file: std::sync::Arc::new(file),
+            offset: offset as usize,
+            len: length as usize,
+        },
+    ))
 }
 
 // ----- export ------------------------------------------------------------------------
 
-/// Where tensors go when writing.
+/// Where tensors go when a model becomes a proto.
 enum TensorSink<'a> {
     Inline,
-    /// Append to this buffer, referenced from the model as `location`.
+    /// Streamed into a data file being written, referenced from the model as `location`.
     External {
         location: &'a str,
-        buf: &'a mut Vec<u8>,
+        out: &'a mut dyn Write,
+        written: u64,
+        error: Option<std::io::Error>,
     },
+    /// Views of external-data files stay references to them (for handing a model to
+    /// tract without copying its weights); other tensors go inline. All references point
+    /// into `dir`, the folder of the first mapped tensor met; a view of a file elsewhere
+    /// goes inline.
+    Reference {
+        dir: Option<PathBuf>,
+    },
+}
+
+fn external_entries(location: &str, offset: u64, len: usize) -> Vec<pb::StringStringEntryProto> {
+    let entry = |k: &str, v: String| pb::StringStringEntryProto {
+        key: k.into(),
+        value: v,
+    };
+    vec![
+        entry("location", location.to_string()),
+        entry("offset", offset.to_string()),
+        entry("length", len.to_string()),
+    ]
 }
 
 fn tensor_to_proto(name: &str, t: &Tensor, sink: &mut TensorSink) -> pb::TensorProto {
@@ -359,26 +417,49 @@ fn tensor_to_proto(name: &str, t: &Tensor, sink: &mut TensorSink) -> pb::TensorP
         p.string_data = t.strings.clone();
         return p;
     }
+    let external = pb::tensor_proto::DataLocation::External as i32;
     match sink {
-        TensorSink::External { location, buf } if t.data.len() >= EXTERNAL_THRESHOLD => {
+        TensorSink::External {
+            location,
+            out,
+            written,
+            error,
+        } if t.data.len() >= EXTERNAL_THRESHOLD => {
             // Align each tensor to 64 bytes so runtimes can map it directly.
-            while buf.len() % 64 != 0 {
-                buf.push(0);
+            let pad = (64 - (*written % 64)) % 64;
+            if error.is_none() {
+                let r = out
+                    .write_all(&[0u8; 64][..pad as usize])
+                    .and_then(|_| out.write_all(&t.data));
+                if let Err(e) = r {
+                    *error = Some(e);
+                }
             }
-            let offset = buf.len();
-            buf.extend_from_slice(&t.data);
-            p.data_location = Some(pb::tensor_proto::DataLocation::External as i32);
-            let entry = |k: &str, v: String| pb::StringStringEntryProto {
-                key: k.into(),
-                value: v,
-            };
-            p.external_data = vec![
-                entry("location", location.to_string()),
-                entry("offset", offset.to_string()),
-                entry("length", t.data.len().to_string()),
-            ];
+            let offset = *written + pad;
+            *written = offset + t.data.len() as u64;
+            p.data_location = Some(external);
+            p.external_data = external_entries(location, offset, t.data.len());
+            // The pages were read to be written: they need not stay resident.
+            t.data.release_pages();
         }
-        _ => p.raw_data = t.data.clone(),
+        TensorSink::Reference { dir } => match t.data.file_span() {
+            Some(span)
+                if span.file.parent().is_some()
+                    && dir.as_deref().is_none_or(|d| Some(d) == span.file.parent()) =>
+            {
+                let parent = span.file.parent().expect("checked").to_path_buf();
+                let location = span
+                    .file
+                    .file_name()
+                    .map(|f| f.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                *dir = Some(parent);
+                p.data_location = Some(external);
+                p.external_data = external_entries(&location, span.offset as u64, span.len);
+            }
+            _ => p.raw_data = t.data.to_vec(),
+        },
+        _ => p.raw_data = t.data.to_vec(),
     }
     p
 }
@@ -495,8 +576,47 @@ pub fn to_proto(m: &Model) -> Result<pb::ModelProto> {
     model_to_proto(m, &mut TensorSink::Inline)
 }
 
+/// The model as a protobuf message for an engine in this process: tensors that are views
+/// of an external-data file stay references to it (no copy of an SD-class model's
+/// weights), the others are inline. Returns the folder the references are relative to
+/// (`None`: everything is inline), which the engine must be given.
+pub fn to_engine_proto(m: &Model) -> Result<(pb::ModelProto, Option<PathBuf>)> {
+    let mut sink = TensorSink::Reference { dir: None };
+    let proto = model_to_proto(m, &mut sink)?;
+    let TensorSink::Reference { dir } = sink else {
+        unreachable!("the sink stays a Reference")
+    };
+    Ok((proto, dir))
+}
+
+/// The model as a protobuf message for tract's type analysis only: initializers over
+/// `max_const_bytes` become graph inputs of the same type and shape. Analysis needs their
+/// shapes, not their values; an SD-class model's 3.4 GB of weights are then never loaded
+/// to learn the types of its values (what `tfmqc inspect` and `canonicalize` ask).
+pub fn to_analysis_proto(m: &Model, max_const_bytes: usize) -> Result<pb::ModelProto> {
+    // Cheap: tensors share their bytes.
+    let mut slim = m.clone();
+    let big: Vec<String> = slim
+        .graph
+        .initializers
+        .iter()
+        .filter(|(_, t)| t.byte_len() > max_const_bytes)
+        .map(|(k, _)| k.clone())
+        .collect();
+    for name in big {
+        let t = slim.graph.initializers.remove(&name).expect("listed");
+        slim.graph.inputs.push(ValueInfo::new(
+            name,
+            t.dtype,
+            t.shape.iter().map(|&d| Dim::Known(d as i64)).collect(),
+        ));
+    }
+    to_proto(&slim)
+}
+
 /// Writes the model to `path` atomically. Tensors go to `<file name>.data` beside it when
-/// the source used external data or when they are too large to inline.
+/// the source used external data or when they are too large to inline; that file is
+/// streamed (never held in memory whole) and renamed into place before the model file.
 pub fn save(m: &Model, path: &Path) -> Result<()> {
     let (_, bytes) = m.graph.parameter_stats();
     let external = m.external_data || bytes > INLINE_LIMIT;
@@ -510,22 +630,38 @@ pub fn save(m: &Model, path: &Path) -> Result<()> {
         return write_atomic(path, &buf);
     }
     let location = format!("{file_name}.data");
-    let mut data = vec![];
-    let proto = model_to_proto(
-        m,
-        &mut TensorSink::External {
-            location: &location,
-            buf: &mut data,
-        },
-    )?;
     let data_path = path.with_file_name(&location);
+    let mut proto = None;
     // Data first: the model file must never point at a data file that is not there yet.
-    write_atomic(&data_path, &data)?;
+    write_atomic_with(&data_path, &mut |out| {
+        let mut sink = TensorSink::External {
+            location: &location,
+            out,
+            written: 0,
+            error: None,
+        };
+        let p = model_to_proto(m, &mut sink).map_err(std::io::Error::other)?;
+        if let TensorSink::External { error: Some(e), .. } = sink {
+            return Err(e);
+        }
+        proto = Some(p);
+        Ok(())
+    })?;
+    let proto = proto.expect("written");
     write_atomic(path, &proto.encode_to_vec())
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, &mut |out| out.write_all(bytes))
+}
+
+/// Streams `write` into a temporary file beside `path`, then renames it into place; on
+/// any failure the temporary file is removed and `path` is untouched.
+pub fn write_atomic_with(
+    path: &Path,
+    write: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
@@ -547,8 +683,10 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         std::process::id()
     ));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
+        let f = std::fs::File::create(&tmp)?;
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, f);
+        write(&mut out)?;
+        let f = out.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();

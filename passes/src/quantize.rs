@@ -21,6 +21,7 @@ use serde::Serialize;
 use crate::calibrate::{Calibration, Range};
 use crate::error::{Error, Result};
 use crate::ir::{attr, DType, Graph, Model, Tensor};
+use crate::layer_inputs::{LayerInput, Unfold};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
 use crate::pipeline::{Pass, PassContext};
@@ -198,10 +199,15 @@ pub fn quantize(
         .flat_map(|t| t.activations.iter().cloned())
         .collect();
     let ranges = activation_ranges(model, cal, &acts, &members, options)?;
-    let grams = if options.baseline_minmax || options.reconstruct == Reconstruct::None {
-        HashMap::new()
-    } else {
-        layer_grams(model, cal, &quantized, hessian_block())?
+    // Layers whose inputs calibration sampled: reconstructed one at a time below.
+    let reconstructed: HashMap<String, usize> = match &cal.layer_columns {
+        Some(c) if !options.baseline_minmax && options.reconstruct != Reconstruct::None => c
+            .layers()
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.node.clone(), i))
+            .collect(),
+        _ => HashMap::new(),
     };
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
@@ -274,10 +280,15 @@ pub fn quantize(
                         let shape = t.shape.clone();
                         let mut q =
                             quantize_weight(&values, &shape, w.axis, options.weight_bits, search);
-                        if let Some(h) = grams.get(&target.node) {
+                        if let (Some(&li), Some(columns)) =
+                            (reconstructed.get(&target.node), &cal.layer_columns)
+                        {
                             let start = std::time::Instant::now();
+                            let layer_input = &columns.layers()[li];
+                            let h =
+                                columns.gram(li, &hessian_layout(layer_input, hessian_block()))?;
                             let r =
-                                reconstruct_weight(&values, &shape, w.axis, &q.scales, options, h);
+                                reconstruct_weight(&values, &shape, w.axis, &q.scales, options, &h);
                             layer.output_error_rtn = Some(r.rtn_error);
                             layer.output_error_reconstructed = Some(r.error);
                             layer.reconstruct_seconds = Some(start.elapsed().as_secs_f64());
@@ -447,68 +458,14 @@ fn hessian_block() -> usize {
         .unwrap_or(DEFAULT_BLOCK)
 }
 
-/// Gram matrices of the inputs of every weight layer reconstruction can handle (Conv
-/// with one group, Gemm without transA, 2-D MatMul weights), keyed by node name: exact up
-/// to K = `block`, block-diagonal beyond (a conv's blocks hold whole kh·kw patches).
-fn layer_grams(
-    model: &Model,
-    cal: &Calibration,
-    targets: &[crate::targets::Target],
-    block: usize,
-) -> Result<HashMap<String, Hessian>> {
-    use crate::layer_inputs::{collect_grams, LayerInput, Unfold};
-    let g = &model.graph;
-    let by_name: HashMap<&str, _> = g
-        .node_indices()
-        .map(|ix| (g.node(ix).name.as_str(), ix))
-        .collect();
-    let mut names = vec![];
-    let mut layers = vec![];
-    for t in targets {
-        let (Some(w), Some(a)) = (&t.weight, t.activations.first()) else {
-            continue;
-        };
-        let n = g.node(by_name[t.node.as_str()]);
-        let shape = &g.initializers[&w.name].shape;
-        let ints = |name: &str, d: Vec<usize>| -> Vec<usize> {
-            n.attr_ints(name)
-                .map(|v| v.iter().map(|&x| x as usize).collect())
-                .unwrap_or(d)
-        };
-        let unfold = match t.op.as_str() {
-            "Conv"
-                if shape.len() == 4
-                    && n.attr_int("group").unwrap_or(1) == 1
-                    && n.attr("auto_pad").is_none_or(|a| a.s == b"NOTSET") =>
-            {
-                let p = ints("pads", vec![0; 4]);
-                let (s, d) = (ints("strides", vec![1, 1]), ints("dilations", vec![1, 1]));
-                Unfold::Conv {
-                    kernel: [shape[2], shape[3]],
-                    strides: [s[0], s[1]],
-                    pads: [p[0], p[1], p[2], p[3]],
-                    dilations: [d[0], d[1]],
-                }
-            }
-            "Gemm" if n.attr_int("transA").unwrap_or(0) == 0 => Unfold::Rows,
-            "MatMul" if shape.len() == 2 => Unfold::Rows,
-            _ => continue,
-        };
-        let k = shape.iter().product::<usize>() / shape[w.axis];
-        let align = match &unfold {
-            Unfold::Conv { kernel, .. } => kernel[0] * kernel[1],
-            Unfold::Rows => 1,
-        };
-        names.push(t.node.clone());
-        layers.push(LayerInput {
-            value: a.clone(),
-            k,
-            unfold,
-            layout: HessianLayout::blocked(block, align),
-        });
-    }
-    let grams = collect_grams(model, cal, &layers)?;
-    Ok(names.into_iter().zip(grams).collect())
+/// How a layer's [`Hessian`] is held: exact up to K = `block`, block-diagonal beyond, a
+/// conv's blocks holding whole kh·kw patches.
+pub(crate) fn hessian_layout(layer: &LayerInput, block: usize) -> HessianLayout {
+    let align = match &layer.unfold {
+        Unfold::Conv { kernel, .. } => kernel[0] * kernel[1],
+        Unfold::Rows => 1,
+    };
+    HessianLayout::blocked(block, align)
 }
 
 /// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.
@@ -636,16 +593,24 @@ mod tests {
                     .unwrap();
             crate::pipeline::run_pipeline(&mut cx, &passes, &mut |_, _, _| Ok(())).unwrap();
             let cal = cx.calibration.clone().unwrap();
+            let columns = cal.layer_columns.clone().expect("layer inputs sampled");
             let quantized = find_targets(&cx.model.graph, &options.keep_float).quantized;
-            let grams = layer_grams(&cx.model, &cal, &quantized, usize::MAX).unwrap();
+            let index: HashMap<&str, usize> = columns
+                .layers()
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.node.as_str(), i))
+                .collect();
             let qmax = crate::quant::weight_qmax(4) as i32;
             let (mut e_rtn, mut e_exact) = (0f64, 0f64);
             let mut e_blocked = vec![0f64; blocks.len()];
             let (mut layers, mut kmax) = (0, 0);
             for t in &quantized {
-                let (Some(w), Some(h)) = (&t.weight, grams.get(&t.node)) else {
+                let (Some(w), Some(&li)) = (&t.weight, index.get(t.node.as_str())) else {
                     continue;
                 };
+                let layer_input = &columns.layers()[li];
+                let h = &columns.gram(li, &HessianLayout::exact()).unwrap();
                 let tensor = &cx.model.graph.initializers[&w.name];
                 let values = tensor.to_vec::<f32>().unwrap();
                 let q = quantize_weight(&values, &tensor.shape, w.axis, 4, RangeSearch::Lp);
@@ -653,13 +618,8 @@ mod tests {
                 let score = |qi: &[i8]| output_error(&rows, &dequantize(qi, n, k, &q.scales), h);
                 e_rtn += score(&rtn(&rows, n, k, &q.scales, qmax));
                 e_exact += score(&gptq(&rows, n, k, h, &q.scales, qmax, 0.01, 128));
-                let align = if tensor.shape.len() == 4 {
-                    tensor.shape[2] * tensor.shape[3]
-                } else {
-                    1
-                };
                 for (e, &b) in e_blocked.iter_mut().zip(&blocks) {
-                    let hb = Hessian::block_diagonal(h, &HessianLayout::blocked(b, align));
+                    let hb = Hessian::block_diagonal(h, &hessian_layout(layer_input, b));
                     *e += score(&gptq(&rows, n, k, &hb, &q.scales, qmax, 0.01, 128));
                 }
                 layers += 1;

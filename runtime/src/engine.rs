@@ -27,6 +27,12 @@ pub struct Engine {
     int8_weights: (usize, usize),
     input_names: Vec<String>,
     output_names: Vec<String>,
+    /// Values shown to [`Engine::run_observing`]'s observer: the plan's outlet of each,
+    /// with the indices (into the names given at build time) it stands for.
+    observed: HashMap<OutletId, Vec<usize>>,
+    /// Observed values tract found constant: the plan seeds them instead of computing
+    /// them, so the observer is shown them at the start of every run.
+    observed_consts: Vec<(usize, Arc<Tensor>)>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -74,7 +80,22 @@ impl Engine {
         outputs: Option<&[String]>,
         optimize: Optimize,
     ) -> Result<Engine> {
-        Engine::build(proto, model_dir, outputs, optimize, false)
+        Engine::build(proto, model_dir, outputs, &[], optimize, false)
+    }
+
+    /// Like [`Engine::from_proto`], with the intermediate values `observe` shown to an
+    /// observer while the plan runs ([`Engine::run_observing`]). They are kept whole
+    /// through optimization (tract treats them as outputs while it optimizes, so no
+    /// fusion hides them) but are not outputs of the plan: each is freed as soon as its
+    /// last consumer has run, as in a plain run. Statistics over every activation of an
+    /// SD-class UNet are gathered this way in the memory of one forward pass.
+    pub fn from_proto_observing(
+        proto: &pb::ModelProto,
+        model_dir: Option<&str>,
+        observe: &[String],
+        optimize: Optimize,
+    ) -> Result<Engine> {
+        Engine::build(proto, model_dir, None, observe, optimize, false)
     }
 
     /// Like [`Engine::from_proto`], with quantized convolutions, Gemms and MatMuls (QDQ
@@ -89,7 +110,7 @@ impl Engine {
         let mut lowered = proto.clone();
         let count = crate::int8_ops::lower_int8(&mut lowered);
         Ok((
-            Engine::build(&lowered, model_dir, outputs, optimize, true)?,
+            Engine::build(&lowered, model_dir, outputs, &[], optimize, true)?,
             count,
         ))
     }
@@ -106,6 +127,7 @@ impl Engine {
         proto: &pb::ModelProto,
         model_dir: Option<&str>,
         outputs: Option<&[String]>,
+        observe: &[String],
         optimize: Optimize,
         int8: bool,
     ) -> Result<Engine> {
@@ -145,9 +167,9 @@ impl Engine {
             Some(names) => names.to_vec(),
             None => graph.output.iter().map(|o| o.name.clone()).collect(),
         };
-        if outputs.is_some() {
+        if outputs.is_some() || !observe.is_empty() {
             let mut outlets = vec![];
-            for name in &output_names {
+            for name in output_names.iter().chain(observe) {
                 let outlet = parsed.outlets_by_name.get(name).ok_or_else(|| {
                     Error::InvalidModel(format!("no value named '{name}' in the model"))
                 })?;
@@ -160,11 +182,43 @@ impl Engine {
         let typed = model
             .into_typed()
             .map_err(|e| engine_err("typing the model", e))?;
-        let typed = match optimize {
+        let mut typed = match optimize {
             Optimize::Declutter => typed.into_decluttered(),
             Optimize::Full => typed.into_optimized(),
         }
         .map_err(|e| engine_err("optimizing the model", e))?;
+        // Observed values were outputs while tract optimized (so they survive whole);
+        // now they stop being outputs, so the plan frees them like any intermediate.
+        let mut observed: HashMap<OutletId, Vec<usize>> = HashMap::new();
+        let mut observed_consts = vec![];
+        if !observe.is_empty() {
+            let all = typed
+                .output_outlets()
+                .map_err(|e| engine_err("reading outputs", e))?
+                .to_vec();
+            let n = output_names.len();
+            let mut outputs = all[..n].to_vec();
+            let mut sunk = std::collections::HashSet::new();
+            for (i, outlet) in all[n..].iter().enumerate() {
+                let node = typed.node(outlet.node);
+                if let Some(k) = node.op_as::<tract_onnx::tract_core::ops::konst::Const>() {
+                    observed_consts.push((i, k.val().clone()));
+                    continue;
+                }
+                observed.entry(*outlet).or_default().push(i);
+                // A sink keeps the producer planned without keeping the value alive.
+                if sunk.insert(*outlet) {
+                    let name = format!("tfmqc.observe.{i}");
+                    let sink = typed
+                        .wire_node(name, crate::observe::ObserveSink, &[*outlet])
+                        .map_err(|e| engine_err("observing a value", e))?;
+                    outputs.push(sink[0]);
+                }
+            }
+            typed
+                .select_output_outlets(&outputs)
+                .map_err(|e| engine_err("selecting outputs", e))?;
+        }
         let mut int8_weights = (0, 0);
         for node in typed.nodes() {
             let bytes = if let Some(op) = node.op_as::<crate::int8_ops::QConv>() {
@@ -185,6 +239,8 @@ impl Engine {
             int8_weights,
             input_names,
             output_names,
+            observed,
+            observed_consts,
         })
     }
 
@@ -226,7 +282,72 @@ impl Engine {
                 Error::Execution(format!("tract stopped on invalid data: {what}"))
             })?
             .map_err(|e| Error::Execution(format!("{e:#}")))?;
-        Ok(out.into_iter().map(|v| v.into_tensor()).collect())
+        Ok(out
+            .into_iter()
+            .take(self.output_names.len())
+            .map(|v| v.into_tensor())
+            .collect())
+    }
+
+    /// Runs with inputs in graph-input order, calling `observer(k, value)` for each
+    /// observed value (`k`: its index in the names given to
+    /// [`Engine::from_proto_observing`]) as soon as the plan has computed it. The value is
+    /// borrowed: the observer folds what it needs (ranges, sampled columns) and keeps
+    /// nothing large. An observer error stops the run and is returned.
+    pub fn run_observing(
+        &self,
+        inputs: Vec<Tensor>,
+        observer: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
+    ) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.input_names.len() {
+            return Err(Error::BadInput(format!(
+                "{} inputs given, the model takes {} ({:?})",
+                inputs.len(),
+                self.input_names.len(),
+                self.input_names
+            )));
+        }
+        for (k, value) in &self.observed_consts {
+            observer(*k, value)?;
+        }
+        let inputs: TVec<TValue> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
+        let mut failure: Option<Error> = None;
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut state = self.plan.spawn()?;
+            state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+                let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input)?;
+                for (slot, value) in out.iter().enumerate() {
+                    if let Some(ks) = self.observed.get(&OutletId::new(node.id, slot)) {
+                        for &k in ks {
+                            if let Err(e) = observer(k, value) {
+                                let msg = e.to_string();
+                                failure = Some(e);
+                                return Err(TractError::msg(msg));
+                            }
+                        }
+                    }
+                }
+                Ok::<_, TractError>(out)
+            })
+        }))
+        .map_err(|panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Error::Execution(format!("tract stopped on invalid data: {what}"))
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        let out = run.map_err(|e| Error::Execution(format!("{e:#}")))?;
+        // The observation sinks' scalars follow the graph outputs.
+        Ok(out
+            .into_iter()
+            .take(self.output_names.len())
+            .map(|v| v.into_tensor())
+            .collect())
     }
 
     /// Runs once with inputs in graph-input order and times every node of the plan:

@@ -9,6 +9,7 @@ pub mod int8_gemm;
 pub mod int8_matmul;
 pub mod int8_ops;
 pub mod kernels;
+pub mod observe;
 pub mod schedule;
 pub mod threads;
 

@@ -1,11 +1,13 @@
 //! The intermediate representation: an ONNX model as a petgraph graph.
 
 pub mod attr;
+pub mod bytes;
 pub mod graph;
 pub mod model;
 pub mod print;
 pub mod tensor;
 
+pub use bytes::{Bytes, FileSpan};
 pub use graph::{Dim, Edge, Graph, Node, ValueInfo};
 pub use model::Model;
 pub use tensor::{DType, Element, Tensor};

@@ -5,6 +5,7 @@
 use std::fmt;
 
 use crate::error::{Error, Result};
+use crate::ir::bytes::Bytes;
 
 /// ONNX `TensorProto.DataType`, restricted to what tfmqc can carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -147,12 +148,14 @@ impl fmt::Display for DType {
 }
 
 /// A dense tensor. `data` holds the ONNX `raw_data` layout: little-endian, row-major,
-/// 4-bit types packed low nibble first. String tensors use `strings` instead.
+/// 4-bit types packed low nibble first; it is shared, not copied, when the tensor is
+/// cloned, and may be a view of an external-data file ([`Bytes`]). String tensors use
+/// `strings` instead.
 #[derive(Clone, PartialEq)]
 pub struct Tensor {
     pub dtype: DType,
     pub shape: Vec<usize>,
-    pub data: Vec<u8>,
+    pub data: Bytes,
     pub strings: Vec<Vec<u8>>,
 }
 
@@ -213,7 +216,8 @@ impl Tensor {
         }
     }
 
-    pub fn from_raw(dtype: DType, shape: Vec<usize>, data: Vec<u8>) -> Result<Tensor> {
+    pub fn from_raw(dtype: DType, shape: Vec<usize>, data: impl Into<Bytes>) -> Result<Tensor> {
+        let data = data.into();
         let numel: usize = shape.iter().product();
         let want = dtype.storage_bytes(numel);
         if data.len() != want {
@@ -243,7 +247,7 @@ impl Tensor {
         Tensor {
             dtype: T::DTYPE,
             shape,
-            data,
+            data: data.into(),
             strings: vec![],
         }
     }
