@@ -91,56 +91,83 @@ pub fn dequantize(q: &[i8], n: usize, k: usize, scales: &[f32]) -> Vec<f32> {
 /// over threads by work) and mirrored.
 pub fn gram(x: &[f32], k: usize, s: usize) -> Vec<f64> {
     assert_eq!(x.len(), k * s);
-    const CHUNK: usize = 256;
     let mut h = vec![0f64; k * k];
     if k == 0 || s == 0 {
         return h;
     }
-    let threads = threads_for(k * k * s);
-    let mut part = vec![0f32; k * k];
-    let cw = CHUNK.min(s);
-    let (mut xc, mut xct) = (vec![0f32; k * cw], vec![0f32; k * cw]);
     let mut c0 = 0;
     while c0 < s {
-        let c1 = (c0 + CHUNK).min(s);
-        let w = c1 - c0;
-        let (xc, xct) = (&mut xc[..k * w], &mut xct[..k * w]);
-        for (i, (dst, src)) in xc.chunks_mut(w).zip(x.chunks(s)).enumerate() {
-            dst.copy_from_slice(&src[c0..c1]);
-            for (j, &v) in dst.iter().enumerate() {
-                xct[j * k + i] = v;
-            }
-        }
-        let (xc, xct) = (&*xc, &*xct);
-        let splits = dense::row_splits(k, threads, Some(0));
-        thread::scope(|sc| {
-            let mut rest = &mut part[..];
-            for &(r0, r1) in &splits {
-                let (mine, tail) = rest.split_at_mut((r1 - r0) * k);
-                rest = tail;
-                let a = &xc[r0 * w..r1 * w];
-                let mut job = move || kernels::nn_lower(a, xct, mine, r1 - r0, w, k, Some(r0));
-                if splits.len() == 1 {
-                    job();
-                } else {
-                    sc.spawn(job);
-                }
-            }
-        });
-        for i in 0..k {
-            for (hv, &pv) in h[i * k..i * k + i + 1].iter_mut().zip(&part[i * k..]) {
-                *hv += pv as f64;
-            }
-        }
+        let c1 = (c0 + GRAM_CHUNK).min(s);
+        add_gram_chunk(x, k, s, (c0, c1), &mut h);
         c0 = c1;
     }
-    // Mirror the lower triangle.
+    mirror_lower(&mut h, k);
+    h
+}
+
+/// Columns per f32 partial sum of [`gram`].
+const GRAM_CHUNK: usize = 256;
+
+/// Adds the f32 products of the columns `c0..c1` (at most [`GRAM_CHUNK`]) of `x` [K, S]
+/// to the lower triangle of `h` (K×K f64), as [`gram`] does for each chunk: rows split
+/// over threads by work, each thread through panels of 64 rows (no K×K buffer).
+pub(crate) fn add_gram_chunk(
+    x: &[f32],
+    k: usize,
+    s: usize,
+    (c0, c1): (usize, usize),
+    h: &mut [f64],
+) {
+    const PANEL: usize = 64;
+    let w = c1 - c0;
+    debug_assert!(w <= GRAM_CHUNK);
+    let (mut xc, mut xct) = (vec![0f32; k * w], vec![0f32; k * w]);
+    for (i, (dst, src)) in xc.chunks_mut(w).zip(x.chunks(s)).enumerate() {
+        dst.copy_from_slice(&src[c0..c1]);
+        for (j, &v) in dst.iter().enumerate() {
+            xct[j * k + i] = v;
+        }
+    }
+    let (xc, xct) = (&xc, &xct);
+    let splits = dense::row_splits(k, threads_for(k * k * w / 2), Some(0));
+    thread::scope(|sc| {
+        let mut rest = &mut h[..];
+        for &(r0, r1) in &splits {
+            let (mine, tail) = rest.split_at_mut((r1 - r0) * k);
+            rest = tail;
+            let mut job = move || {
+                let mut part = vec![0f32; PANEL.min(r1 - r0) * k];
+                let mut p0 = r0;
+                while p0 < r1 {
+                    let p1 = (p0 + PANEL).min(r1);
+                    let rows = p1 - p0;
+                    let part = &mut part[..rows * k];
+                    kernels::nn_lower(&xc[p0 * w..p1 * w], xct, part, rows, w, k, Some(p0));
+                    for i in p0..p1 {
+                        let hr = &mut mine[(i - r0) * k..(i - r0) * k + i + 1];
+                        for (hv, &pv) in hr.iter_mut().zip(&part[(i - p0) * k..]) {
+                            *hv += pv as f64;
+                        }
+                    }
+                    p0 = p1;
+                }
+            };
+            if splits.len() == 1 {
+                job();
+            } else {
+                sc.spawn(job);
+            }
+        }
+    });
+}
+
+/// Copies the lower triangle of the K×K `h` onto its upper triangle.
+pub(crate) fn mirror_lower(h: &mut [f64], k: usize) {
     for i in 0..k {
         for j in 0..i {
             h[j * k + i] = h[i * k + j];
         }
     }
-    h
 }
 
 /// The layer's squared output error `tr((W − Ŵ) H (W − Ŵ)ᵀ)` (= `||Ŵ X − W X||²_F` when

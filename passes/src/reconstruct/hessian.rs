@@ -23,7 +23,7 @@
 use std::borrow::Cow;
 
 use super::dense::{par_nt_update, Acc};
-use super::{gram, threads_for};
+use super::{add_gram_chunk, gram, mirror_lower, threads_for, GRAM_CHUNK};
 
 /// Default largest diagonal block: H is exact up to K = 4,096 (see the module doc and
 /// results/gptq_blocked.md for the choice).
@@ -191,6 +191,13 @@ impl Hessian {
             return;
         }
         match &mut self.data {
+            // One chunk (what layer_inputs gives: ≤ 256 columns a record) is added in
+            // place; more are summed first, as `gram` does. Either way the result is, bit
+            // for bit, the sum of the `gram` of every batch.
+            Data::Exact(h) if s <= GRAM_CHUNK => {
+                add_gram_chunk(x, k, s, (0, s), h);
+                mirror_lower(h, k);
+            }
             Data::Exact(h) => {
                 for (a, b) in h.iter_mut().zip(gram(x, k, s)) {
                     *a += b;
@@ -410,21 +417,26 @@ mod tests {
 
     #[test]
     fn exact_accumulation_is_the_sum_of_grams_bit_for_bit() {
-        let (k, s) = (37, 300);
-        let x1 = columns(k, s, 1);
-        let x2 = columns(k, 100, 2);
-        let mut h = Hessian::new(k, &HessianLayout::default());
-        h.accumulate(&x1, s);
-        h.accumulate(&x2, 100);
-        let mut want = vec![0f64; k * k];
-        for (x, s) in [(&x1, s), (&x2, 100)] {
-            for (a, b) in want.iter_mut().zip(gram(x, k, s)) {
-                *a += b;
+        // Batches of more and of fewer than one f32 chunk (256 columns); K large enough
+        // for two threads too.
+        for k in [37, 300] {
+            let batches = [
+                (columns(k, 300, 1), 300),
+                (columns(k, 100, 2), 100),
+                (columns(k, 256, 3), 256),
+            ];
+            let mut h = Hessian::new(k, &HessianLayout::default());
+            let mut want = vec![0f64; k * k];
+            for (x, s) in &batches {
+                h.accumulate(x, *s);
+                for (a, b) in want.iter_mut().zip(gram(x, k, *s)) {
+                    *a += b;
+                }
             }
+            assert!(h.is_exact());
+            assert_eq!(h.dense().unwrap(), &want[..]);
+            assert_eq!(h.columns(), 656);
         }
-        assert!(h.is_exact());
-        assert_eq!(h.dense().unwrap(), &want[..]);
-        assert_eq!(h.columns(), 400);
     }
 
     #[test]
