@@ -324,10 +324,24 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     let total = passes.len();
     let mut step = 0;
     let mut phases: Vec<(String, f64)> = vec![("load".into(), start.elapsed().as_secs_f64())];
+    // Peak resident memory of each phase (the machine's limit is what SD-scale runs meet).
+    let peaks = std::cell::RefCell::new(vec![(
+        "load".to_string(),
+        tfmqc_passes::budget::peak_rss().unwrap_or(0),
+    )]);
+    let end_phase = |name: &str| {
+        peaks.borrow_mut().push((
+            name.to_string(),
+            tfmqc_passes::budget::peak_rss().unwrap_or(0),
+        ));
+        tfmqc_passes::budget::reset_peak_rss();
+    };
+    tfmqc_passes::budget::reset_peak_rss();
     let mut after =
         |name: &str, cx: &PassContext, took: std::time::Duration| -> tfmqc_passes::Result<()> {
             step += 1;
             phases.push((name.to_string(), took.as_secs_f64()));
+            end_phase(name);
             let clear = if tty { "\r\x1b[2K" } else { "" };
             eprintln!(
                 "{clear}[{step}/{total}] {name}: {:.2} s",
@@ -390,6 +404,7 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
                 report::measure(&original, &cx.model, plan, cal, &opts)
             })?;
             phases.push(("evaluate".into(), t.elapsed().as_secs_f64()));
+            end_phase("evaluate");
             Some(q)
         }
         _ => None,
@@ -397,10 +412,12 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     let t = Instant::now();
     onnx::save(&cx.model, out)?;
     phases.push(("write".into(), t.elapsed().as_secs_f64()));
+    end_phase("write");
+    let peaks = peaks.into_inner();
     let bytes_out = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
     let bytes_in = std::fs::metadata(model_path).map(|m| m.len()).unwrap_or(0);
     if let Some(q) = &quality {
-        let rep = report::Report::new(&opts, &cx, q, bytes_in, bytes_out, &phases);
+        let rep = report::Report::new(&opts, &cx, q, bytes_in, bytes_out, &phases, &peaks);
         eprint!("{}", rep.summary());
         if let Some(path) = &args.quant.report {
             onnx::write_atomic(

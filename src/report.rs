@@ -171,6 +171,8 @@ pub struct Report {
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub seconds_per_phase: Vec<(String, f64)>,
+    /// Peak resident memory of the process during each phase, bytes (0: not known).
+    pub peak_rss_per_phase: Vec<(String, u64)>,
     /// `--tib quant|auto`: TIAR, the temporal-feature error per t (RTN and TIAR), and
     /// each frontier value's choice with its bytes.
     pub tib: Option<tfmqc_passes::tiar::TiarReport>,
@@ -184,6 +186,7 @@ impl Report {
         bytes_in: u64,
         bytes_out: u64,
         phases: &[(String, f64)],
+        peaks: &[(String, u64)],
     ) -> Report {
         let plan = cx.quant.as_ref().expect("quantized");
         let finite: Vec<f64> = q.steps.iter().map(|s| s.sqnr_db.min(200.0)).collect();
@@ -226,6 +229,7 @@ impl Report {
             bytes_in,
             bytes_out,
             seconds_per_phase: phases.to_vec(),
+            peak_rss_per_phase: peaks.to_vec(),
             tib: cx.tiar.clone(),
         }
     }
@@ -285,6 +289,15 @@ impl Report {
             self.bytes_out,
             phases.join(", ")
         ));
+        let peaks: Vec<String> = self
+            .peak_rss_per_phase
+            .iter()
+            .filter(|(_, b)| *b > 0)
+            .map(|(n, b)| format!("{n} {:.2} GB", *b as f64 / 1e9))
+            .collect();
+        if !peaks.is_empty() {
+            s.push_str(&format!("  peak memory: {}\n", peaks.join(", ")));
+        }
         s
     }
 }

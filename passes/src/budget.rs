@@ -67,6 +67,21 @@ pub fn available_memory() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The peak resident memory of this process since the last [`reset_peak_rss`] (or its
+/// start): `VmHWM` of /proc/self/status; `None` where the system does not say.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Starts a new peak for [`peak_rss`] at the current resident size (Linux: writing 5 to
+/// /proc/self/clear_refs), so that each phase's peak can be told apart.
+pub fn reset_peak_rss() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// Parses `--max-memory`: bytes, or with a unit (`8G`, `512M`, `1.5GB`, `800MiB`).
 pub fn parse_size(spec: &str) -> Result<u64> {
     let s = spec.trim();
