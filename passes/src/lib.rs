@@ -19,6 +19,7 @@ pub mod quantize;
 pub mod reconstruct;
 pub mod targets;
 pub mod tensor_file;
+pub mod threads;
 pub mod tiar;
 pub mod tib;
 pub mod tib_net;

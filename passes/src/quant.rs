@@ -54,10 +54,7 @@ pub fn quantize_weight(
     search: RangeSearch,
 ) -> QuantizedWeight {
     let threads = if w.len() >= 1 << 16 {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-            .min(8)
+        crate::threads::available().min(8)
     } else {
         1
     };

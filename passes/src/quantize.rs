@@ -216,6 +216,8 @@ pub fn quantize(
             .collect(),
         _ => HashMap::new(),
     };
+    check_memory(model, options, &quantized, cal, &reconstructed)?;
+    crate::threads::set_cap(options.threads);
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
         .node_indices()
@@ -318,6 +320,8 @@ pub fn quantize(
                             q.values = from_rows(&r.q, &shape, w.axis);
                         }
                         layer.weight_sqnr_db = Some(sqnr_db(&values, &q.dequantize(&shape)));
+                        // Read once: a view of the model's data file need not stay resident.
+                        t.data.release_pages();
                         let channels = q.scales.len();
                         let qi = g.add_initializer(
                             &format!("{}_quantized", w.name),
@@ -437,6 +441,57 @@ pub(crate) fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
         }
     }
     out
+}
+
+/// Stops before the weight loop when its peak does not fit: the largest layer's float
+/// copies and (when reconstructed) its Hessian and GPTQ buffers, plus the int8 weights the
+/// quantized model accumulates.
+fn check_memory(
+    model: &Model,
+    options: &Options,
+    targets: &[crate::targets::Target],
+    cal: &Calibration,
+    reconstructed: &HashMap<String, usize>,
+) -> Result<()> {
+    let g = &model.graph;
+    let mut layer_peak = 0u64;
+    let mut int8 = 0u64;
+    for t in targets {
+        let Some(w) = &t.weight else { continue };
+        let Some(tensor) = g.initializers.get(&w.name) else {
+            continue;
+        };
+        let numel = tensor.numel() as u64;
+        int8 += numel;
+        // The weight, its rows, its dequantized copy (f32), the integers.
+        let mut need = 13 * numel;
+        if let (Some(&li), Some(columns)) = (reconstructed.get(&t.node), &cal.layer_columns) {
+            let layer = &columns.layers()[li];
+            let n = tensor.shape[w.axis];
+            let layout = hessian_layout(layer, hessian_block());
+            need += (layout.bytes(layer.k) + layout.work_bytes(n, layer.k)) as u64;
+            // GPTQ's working copy of W in f64 and the candidate integers.
+            need += 9 * numel;
+        }
+        layer_peak = layer_peak.max(need);
+    }
+    crate::budget::check_memory(
+        &crate::budget::MemoryNeed {
+            phase: "quantize",
+            parts: vec![
+                crate::budget::Part {
+                    what: "largest layer's rounding",
+                    bytes: layer_peak,
+                },
+                crate::budget::Part {
+                    what: "int8 weights",
+                    bytes: int8,
+                },
+            ],
+            lower_with: "--reconstruct none (no Hessians)",
+        },
+        options.max_memory,
+    )
 }
 
 /// The rounding of one weight against its layer's inputs `h` (never worse than RTN in

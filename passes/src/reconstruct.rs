@@ -1257,10 +1257,7 @@ fn threads_for(work: usize) -> usize {
     if work < (1 << 21) {
         return 1;
     }
-    thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .min(MAX_THREADS)
+    crate::threads::available().min(MAX_THREADS)
 }
 
 /// Calls `f(first_row, rows)` on contiguous row chunks of `out` (rows of `len`), on
