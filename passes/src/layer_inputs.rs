@@ -5,9 +5,10 @@
 //! Columns are sampled while calibration runs the float model ([`LayerColumns::observe`],
 //! called by calibrate's observer as each layer input is computed) and spilled to a
 //! temporary file, so that memory holds neither every activation of a run nor every
-//! layer's statistics; reconstruction then reads one layer's columns at a time
-//! ([`LayerColumns::gram`]). For an SD-class UNet (K up to 23,040 per layer, hundreds of
-//! layers) the K×K Gram matrices of all layers at once would need tens of GB.
+//! layer's statistics; reconstruction then reads one layer's columns at a time into its
+//! [`Hessian`] ([`LayerColumns::gram`]: exact, or block-diagonal for large K). For an
+//! SD-class UNet (K up to 23,040 per layer, hundreds of layers) the K×K Gram matrices of
+//! all layers at once would need tens of GB.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,7 +16,7 @@ use std::sync::Mutex;
 
 use crate::error::{Error, Result};
 use crate::ir::Model;
-use crate::reconstruct::gram;
+use crate::reconstruct::{Hessian, HessianLayout};
 use crate::targets::Target;
 
 /// At most this many records (spread over the steps) and columns per record: H is an
@@ -228,9 +229,10 @@ impl LayerColumns {
         Ok(())
     }
 
-    /// The Gram matrix H = Σ X Xᵀ (K×K, f64) of layer `li` over its spilled chunks, in the
-    /// order they were observed, and its column count. Reads one layer's columns only.
-    pub fn gram(&self, li: usize) -> Result<(Vec<f64>, usize)> {
+    /// The Gram matrix H = Σ X Xᵀ of layer `li` over its spilled chunks, in the order they
+    /// were observed, held as `layout` says (with its column count). Reads one layer's
+    /// columns only.
+    pub fn gram(&self, li: usize, layout: &HessianLayout) -> Result<Hessian> {
         use std::os::unix::fs::FileExt;
         let k = self.layers[li].k;
         let mut spill = self.spill.lock().expect("no panics while holding it");
@@ -241,8 +243,7 @@ impl LayerColumns {
             )
         };
         spill.out.flush().map_err(io)?;
-        let mut acc = vec![0f64; k * k];
-        let mut total = 0;
+        let mut acc = Hessian::new(k, layout);
         for &(offset, s) in &spill.chunks[li] {
             let mut bytes = vec![0u8; k * s * 4];
             spill
@@ -254,13 +255,9 @@ impl LayerColumns {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect();
-            let h = gram(&x, k, s);
-            for (a, b) in acc.iter_mut().zip(h) {
-                *a += b;
-            }
-            total += s;
+            acc.accumulate(&x, s);
         }
-        Ok((acc, total))
+        Ok(acc)
     }
 }
 
@@ -348,6 +345,7 @@ fn pick(n: usize, salt: u64, max: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reconstruct::gram;
 
     fn rows_layer(k: usize) -> LayerInput {
         LayerInput {
@@ -366,8 +364,8 @@ mod tests {
         store.observe("x", &[4, 3], &a, 0).unwrap();
         store.observe("x", &[2, 3], &b, 1).unwrap();
         store.observe("not-a-layer-input", &[2, 3], &b, 1).unwrap();
-        let (h, s) = store.gram(0).unwrap();
-        assert_eq!(s, 6);
+        let h = store.gram(0, &HessianLayout::exact()).unwrap();
+        assert_eq!(h.columns(), 6);
         let (xa, sa) = columns(&[4, 3], &a, &rows_layer(3), 0, MAX_COLUMNS);
         let (xb, sb) = columns(&[2, 3], &b, &rows_layer(3), 1, MAX_COLUMNS);
         let want: Vec<f64> = gram(&xa, 3, sa)
@@ -375,7 +373,11 @@ mod tests {
             .zip(gram(&xb, 3, sb))
             .map(|(p, q)| p + q)
             .collect();
-        assert_eq!(h, want, "bit for bit: same chunks, same order");
+        assert_eq!(
+            h.dense().unwrap(),
+            want,
+            "bit for bit: same chunks, same order"
+        );
         assert_eq!(store.spilled_bytes(), 6 * 3 * 4);
     }
 

@@ -20,6 +20,7 @@ pub mod quantize;
 pub mod reconstruct;
 pub mod targets;
 pub mod tensor_file;
+pub mod threads;
 pub mod tiar;
 pub mod tib;
 pub mod tib_net;

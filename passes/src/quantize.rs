@@ -21,10 +21,12 @@ use serde::Serialize;
 use crate::calibrate::{Calibration, Range};
 use crate::error::{Error, Result};
 use crate::ir::{attr, DType, Graph, Model, Tensor};
+use crate::layer_inputs::{LayerInput, Unfold};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
 use crate::pipeline::{Pass, PassContext};
 use crate::quant::{act_params_u8, quantize_weight, sqnr_db, RangeSearch};
+use crate::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
 use crate::targets::{find_targets, Targets};
 
 pub struct Quantize;
@@ -214,6 +216,8 @@ pub fn quantize(
             .collect(),
         _ => HashMap::new(),
     };
+    check_memory(model, options, &quantized, cal, &reconstructed)?;
+    crate::threads::set_cap(options.threads);
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
         .node_indices()
@@ -305,7 +309,9 @@ pub fn quantize(
                             (reconstructed.get(&target.node), &cal.layer_columns)
                         {
                             let start = std::time::Instant::now();
-                            let (h, _) = columns.gram(li)?;
+                            let layer_input = &columns.layers()[li];
+                            let h =
+                                columns.gram(li, &hessian_layout(layer_input, hessian_block()))?;
                             let r =
                                 reconstruct_weight(&values, &shape, w.axis, &q.scales, options, &h);
                             layer.output_error_rtn = Some(r.rtn_error);
@@ -314,6 +320,8 @@ pub fn quantize(
                             q.values = from_rows(&r.q, &shape, w.axis);
                         }
                         layer.weight_sqnr_db = Some(sqnr_db(&values, &q.dequantize(&shape)));
+                        // Read once: a view of the model's data file need not stay resident.
+                        t.data.release_pages();
                         let channels = q.scales.len();
                         let qi = g.add_initializer(
                             &format!("{}_quantized", w.name),
@@ -435,15 +443,69 @@ pub(crate) fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
     out
 }
 
+/// Stops before the weight loop when its peak does not fit: the largest layer's float
+/// copies and (when reconstructed) its Hessian and GPTQ buffers, plus the int8 weights the
+/// quantized model accumulates.
+fn check_memory(
+    model: &Model,
+    options: &Options,
+    targets: &[crate::targets::Target],
+    cal: &Calibration,
+    reconstructed: &HashMap<String, usize>,
+) -> Result<()> {
+    let g = &model.graph;
+    let mut layer_peak = 0u64;
+    let mut int8 = 0u64;
+    for t in targets {
+        let Some(w) = &t.weight else { continue };
+        let Some(tensor) = g.initializers.get(&w.name) else {
+            continue;
+        };
+        let numel = tensor.numel() as u64;
+        int8 += numel;
+        // The weight, its rows, its dequantized copy (f32), the integers.
+        let mut need = 13 * numel;
+        if let (Some(&li), Some(columns)) = (reconstructed.get(&t.node), &cal.layer_columns) {
+            let layer = &columns.layers()[li];
+            let n = tensor.shape[w.axis];
+            let layout = hessian_layout(layer, hessian_block());
+            need += (layout.bytes(layer.k) + layout.work_bytes(n, layer.k)) as u64;
+            // GPTQ's working copy of W in f64 and the candidate integers.
+            need += 9 * numel;
+        }
+        layer_peak = layer_peak.max(need);
+    }
+    crate::budget::check_memory(
+        &crate::budget::MemoryNeed {
+            phase: "quantize",
+            parts: vec![
+                crate::budget::Part {
+                    what: "largest layer's rounding",
+                    bytes: layer_peak,
+                },
+                crate::budget::Part {
+                    what: "int8 weights",
+                    bytes: int8,
+                },
+            ],
+            lower_with: "--reconstruct none (no Hessians)",
+        },
+        options.max_memory,
+    )
+}
+
+/// The rounding of one weight against its layer's inputs `h` (never worse than RTN in
+/// [`crate::reconstruct::output_error`] with `h`: the block-diagonal error when `h` is
+/// blocked).
 fn reconstruct_weight(
     w: &[f32],
     shape: &[usize],
     axis: usize,
     scales: &[f32],
     options: &Options,
-    h: &[f64],
+    h: &Hessian,
 ) -> crate::reconstruct::Reconstructed {
-    use crate::reconstruct::{adaround_gram, gptq, never_worse_than_rtn, AdaRoundOpts};
+    use crate::reconstruct::{adaround_hessian, gptq, never_worse_than_rtn, AdaRoundOpts};
     let (rows, n, k) = to_rows(w, shape, axis);
     let qmax = crate::quant::weight_qmax(options.weight_bits) as i32;
     let candidate = match options.reconstruct {
@@ -456,10 +518,32 @@ fn reconstruct_weight(
                 lr: 1e-2,
                 ..Default::default()
             };
-            Some(adaround_gram(&rows, n, k, h, 1024, scales, qmax, &opts))
+            Some(adaround_hessian(&rows, n, k, h, 1024, scales, qmax, &opts))
         }
     };
     never_worse_than_rtn(candidate, &rows, n, k, h, scales, qmax)
+}
+
+/// The largest diagonal block of a layer's [`Hessian`]: [`DEFAULT_BLOCK`], or
+/// `TFMQC_GPTQ_BLOCK` from the environment — an internal knob for measuring the cost of
+/// the block-diagonal approximation on small models (results/gptq_blocked.md), not an
+/// option.
+fn hessian_block() -> usize {
+    std::env::var("TFMQC_GPTQ_BLOCK")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&b| b > 0)
+        .unwrap_or(DEFAULT_BLOCK)
+}
+
+/// How a layer's [`Hessian`] is held: exact up to K = `block`, block-diagonal beyond, a
+/// conv's blocks holding whole kh·kw patches.
+pub(crate) fn hessian_layout(layer: &LayerInput, block: usize) -> HessianLayout {
+    let align = match &layer.unfold {
+        Unfold::Conv { kernel, .. } => kernel[0] * kernel[1],
+        Unfold::Rows => 1,
+    };
+    HessianLayout::blocked(block, align)
 }
 
 /// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.
@@ -552,4 +636,83 @@ pub(crate) fn insert_qdq(
         &format!("{base}_dequantized"),
         vec![],
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reconstruct::{dequantize, gptq, output_error, rtn};
+
+    /// The cost of GPTQ on a block-diagonal H, layer by layer on real inputs: each weight
+    /// layer of the model (W4, Lp scales) rounded by GPTQ with its exact H and with the
+    /// block-diagonal approximation for several block sizes, every result scored by the
+    /// exact output error ||ŴX − WX||² (summed over layers, relative to RTN's). Runs the
+    /// model's calibration (minutes):
+    /// `TFMQC_MODELS=ddpm_digits cargo test --release -p tfmqc-passes --lib
+    /// gptq_block_diagonal_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn gptq_block_diagonal_cost_on_real_layer_inputs() {
+        let models = std::env::var("TFMQC_MODELS").unwrap_or_else(|_| "ddpm_digits".into());
+        let blocks = [1024usize, 512, 256, 128, 64];
+        for name in models.split(',') {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../models")
+                .join(format!("{name}.onnx"));
+            let model = crate::onnx::load(&path).unwrap();
+            let options = Options {
+                timesteps: Some("ddim:50".into()),
+                weight_bits: 4,
+                ..Options::default()
+            };
+            let mut cx = crate::pipeline::PassContext::new(model, &options);
+            let passes =
+                crate::pipeline::parse_pipeline("canonicalize,detect-tib,fold-tib,calibrate")
+                    .unwrap();
+            crate::pipeline::run_pipeline(&mut cx, &passes, &mut |_, _, _| Ok(())).unwrap();
+            let cal = cx.calibration.clone().unwrap();
+            let columns = cal.layer_columns.clone().expect("layer inputs sampled");
+            let quantized = find_targets(&cx.model.graph, &options.keep_float).quantized;
+            let index: HashMap<&str, usize> = columns
+                .layers()
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.node.as_str(), i))
+                .collect();
+            let qmax = crate::quant::weight_qmax(4) as i32;
+            let (mut e_rtn, mut e_exact) = (0f64, 0f64);
+            let mut e_blocked = vec![0f64; blocks.len()];
+            let (mut layers, mut kmax) = (0, 0);
+            for t in &quantized {
+                let (Some(w), Some(&li)) = (&t.weight, index.get(t.node.as_str())) else {
+                    continue;
+                };
+                let layer_input = &columns.layers()[li];
+                let h = &columns.gram(li, &HessianLayout::exact()).unwrap();
+                let tensor = &cx.model.graph.initializers[&w.name];
+                let values = tensor.to_vec::<f32>().unwrap();
+                let q = quantize_weight(&values, &tensor.shape, w.axis, 4, RangeSearch::Lp);
+                let (rows, n, k) = to_rows(&values, &tensor.shape, w.axis);
+                let score = |qi: &[i8]| output_error(&rows, &dequantize(qi, n, k, &q.scales), h);
+                e_rtn += score(&rtn(&rows, n, k, &q.scales, qmax));
+                e_exact += score(&gptq(&rows, n, k, h, &q.scales, qmax, 0.01, 128));
+                for (e, &b) in e_blocked.iter_mut().zip(&blocks) {
+                    let hb = Hessian::block_diagonal(h, &hessian_layout(layer_input, b));
+                    *e += score(&gptq(&rows, n, k, &hb, &q.scales, qmax, 0.01, 128));
+                }
+                layers += 1;
+                kmax = kmax.max(k);
+            }
+            let cols: Vec<String> = blocks
+                .iter()
+                .zip(&e_blocked)
+                .map(|(b, e)| format!("B = {b}: {:.4}", e / e_rtn))
+                .collect();
+            eprintln!(
+                "{name}: {layers} layers (K ≤ {kmax}), W4 exact output error relative to RTN: exact H {:.4}, {}",
+                e_exact / e_rtn,
+                cols.join(", ")
+            );
+        }
+    }
 }
