@@ -495,12 +495,11 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
         _ => None,
     };
     let t = Instant::now();
-    onnx::save(&cx.model, out)?;
+    let bytes_out = onnx::save(&cx.model, out)?;
     phases.push(("write".into(), t.elapsed().as_secs_f64()));
     end_phase("write");
     let peaks = peaks.into_inner();
-    let bytes_out = std::fs::metadata(out).map(|m| m.len()).unwrap_or(0);
-    let bytes_in = std::fs::metadata(model_path).map(|m| m.len()).unwrap_or(0);
+    let bytes_in = onnx::stored_bytes(&original, model_path);
     if let Some(q) = &quality {
         let rep = report::Report::new(&opts, &cx, q, bytes_in, bytes_out, &phases, &peaks);
         eprint!("{}", rep.summary());

@@ -617,7 +617,8 @@ pub fn to_analysis_proto(m: &Model, max_const_bytes: usize) -> Result<pb::ModelP
 /// Writes the model to `path` atomically. Tensors go to `<file name>.data` beside it when
 /// the source used external data or when they are too large to inline; that file is
 /// streamed (never held in memory whole) and renamed into place before the model file.
-pub fn save(m: &Model, path: &Path) -> Result<()> {
+/// Returns the bytes written (both files).
+pub fn save(m: &Model, path: &Path) -> Result<u64> {
     let (_, bytes) = m.graph.parameter_stats();
     let external = m.external_data || bytes > INLINE_LIMIT;
     let file_name = path
@@ -627,9 +628,11 @@ pub fn save(m: &Model, path: &Path) -> Result<()> {
         .to_string();
     if !external {
         let buf = encode(m)?;
-        return write_atomic(path, &buf);
+        write_atomic(path, &buf)?;
+        return Ok(buf.len() as u64);
     }
     let location = format!("{file_name}.data");
+    let mut data_bytes = 0;
     let data_path = path.with_file_name(&location);
     let mut proto = None;
     // Data first: the model file must never point at a data file that is not there yet.
@@ -641,14 +644,35 @@ pub fn save(m: &Model, path: &Path) -> Result<()> {
             error: None,
         };
         let p = model_to_proto(m, &mut sink).map_err(std::io::Error::other)?;
-        if let TensorSink::External { error: Some(e), .. } = sink {
-            return Err(e);
+        match sink {
+            TensorSink::External { error: Some(e), .. } => return Err(e),
+            TensorSink::External { written, .. } => data_bytes = written,
+            _ => {}
         }
         proto = Some(p);
         Ok(())
     })?;
-    let proto = proto.expect("written");
-    write_atomic(path, &proto.encode_to_vec())
+    let bytes = proto.expect("written").encode_to_vec();
+    write_atomic(path, &bytes)?;
+    Ok(bytes.len() as u64 + data_bytes)
+}
+
+/// Bytes of a model as stored: its file and the external-data files its tensors are views
+/// of (each counted once).
+pub fn stored_bytes(m: &Model, path: &Path) -> u64 {
+    let mut files: Vec<&Path> = m
+        .graph
+        .initializers
+        .values()
+        .filter_map(|t| t.data.file_span().map(|s| s.file.as_path()))
+        .collect();
+    files.sort();
+    files.dedup();
+    std::iter::once(path)
+        .chain(files)
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// Writes `bytes` to a temporary file beside `path`, then renames it into place.
