@@ -53,7 +53,7 @@ def add_metadata(path: Path, props: dict) -> None:
 
 def op_histogram(path: Path) -> dict:
     """Op types (incl. those inside subgraphs / local functions) -> count."""
-    m = onnx.load(str(path))
+    m = onnx.load(str(path), load_external_data=False)
     c = collections.Counter()
 
     def walk(g):
@@ -73,7 +73,7 @@ def op_histogram(path: Path) -> dict:
 
 
 def graph_io(path: Path):
-    m = onnx.load(str(path))
+    m = onnx.load(str(path), load_external_data=False)
     init = {i.name for i in m.graph.initializer}
 
     def desc(v):
@@ -98,15 +98,20 @@ def _c(a):
     return np.array(a, order="C", copy=True)
 
 
-def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: float = 1e-4):
+def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: float = 1e-4,
+                       session_config: dict | None = None):
     """check_model(full_check), run onnxruntime on `inputs` (name -> np array),
     compare with the PyTorch outputs (name -> np array), and write
     <name>.inputs.safetensors / <name>.outputs.safetensors.
+    The model is checked and loaded by path, so external data beside it is found
+    (and models over 2 GB work); `session_config` adds onnxruntime session config entries.
     Returns dict with a summary (max abs diffs, io description, ops)."""
     path = Path(path)
     onnx.checker.check_model(str(path), full_check=True)
     so = ort.SessionOptions()
     so.intra_op_num_threads = 2
+    for k, v in (session_config or {}).items():
+        so.add_session_config_entry(k, v)
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     sess_in = [i.name for i in sess.get_inputs()]
     assert set(sess_in) == set(inputs), (sess_in, list(inputs))
@@ -122,10 +127,12 @@ def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: floa
     res = sess.run(out_names, {k: _c(v) for k, v in inputs.items()})
     outs = dict(zip(out_names, res))
     diffs = {}
+    rel = {}
     for k, v in outs.items():
         ref = torch_outputs[k]
         assert ref.shape == v.shape, (k, ref.shape, v.shape)
         diffs[k] = float(np.max(np.abs(ref.astype(np.float64) - v.astype(np.float64))))
+        rel[k] = diffs[k] / max(float(np.std(ref.astype(np.float64))), 1e-30)
     base = path.name[: -len(".onnx")]
     save_file({k: _c(v) for k, v in inputs.items()},
               str(path.parent / f"{base}.inputs.safetensors"))
@@ -136,11 +143,12 @@ def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: floa
     ok = all(d < atol for d in diffs.values())
     print(f"[verify] {path.name}: check_model(full_check=True) OK; "
           f"onnxruntime vs PyTorch max|diff| = "
-          + ", ".join(f"{k}: {d:.3e}" for k, d in diffs.items())
+          + ", ".join(f"{k}: {d:.3e} ({rel[k]:.2e} of the output std)" for k, d in diffs.items())
           + f" -> {'PASS' if ok else 'FAIL'} (< {atol:g})")
     print(f"[verify]   inputs  {ins}")
     print(f"[verify]   outputs {outs_desc}")
-    print(f"[verify]   opset {opset}; bytes {path.stat().st_size}")
+    print(f"[verify]   opset {opset}; bytes {path.stat().st_size}"
+          + "".join(f" + {f.name} {f.stat().st_size}" for f in sorted(path.parent.glob(path.name + ".data"))))
     print(f"[verify]   ops {ops}")
     flagged = [o for o in ops if o.split('::')[-1].replace('fn:', '') in
                ("If", "Loop", "Scan", "SequenceConstruct", "SequenceAt")]
@@ -148,7 +156,7 @@ def verify_and_save_io(path: Path, inputs: dict, torch_outputs: dict, atol: floa
         print(f"[verify]   NOTE control-flow/sequence ops present: {flagged}")
     if not ok:
         raise SystemExit(f"{path.name}: onnxruntime/PyTorch mismatch {diffs}")
-    return {"diffs": diffs, "inputs": ins, "outputs": outs_desc, "opset": opset, "ops": ops}
+    return {"diffs": diffs, "diffs_rel_std": rel, "inputs": ins, "outputs": outs_desc, "opset": opset, "ops": ops}
 
 
 def write_summary(name: str, info: dict) -> None:

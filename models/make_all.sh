@@ -12,4 +12,7 @@ rm -f models/manifest.json
 "$PY" models/export_guided_unet.py        # guided_unet.onnx (dynamo exporter)
 "$PY" models/export_ddim_unet.py          # ddim_unet.onnx (opset 13)
 "$PY" models/make_conv3x3.py            # conv3x3_64.onnx + .q.onnx (one layer, for int8 kernel timing)
+"$PY" models/export_sd15_unet.py --tiny --force   # sd_tiny.onnx + .onnx.data (SD-1.5 topology, narrow; external data)
+# The SD-1.5-sized exports (3.4 GB each, not committed) are made on demand into target/sd15/:
+#   "$PY" models/export_sd15_unet.py --latent 64    (also --latent 32, --latent 16)
 "$PY" models/check_all.py                 # re-verify all models from the shipped safetensors
