@@ -9,8 +9,10 @@ pub mod int8_gemm;
 pub mod int8_matmul;
 pub mod int8_ops;
 pub mod kernels;
+pub mod lower;
 pub mod observe;
 pub mod schedule;
+mod tensor_data;
 pub mod threads;
 
 pub use denoiser::{Denoiser, Sampler};
