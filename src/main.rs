@@ -114,12 +114,33 @@ struct QuantArgs {
     /// generates trajectories and uses seeded stand-ins for conditioning (with a warning).
     #[arg(long, value_name = "FILE")]
     calib: Option<PathBuf>,
-    /// Trajectories to generate for calibration.
-    #[arg(long, default_value_t = 32, value_name = "N")]
-    calib_samples: usize,
-    /// DDIM steps per generated trajectory (taken evenly from S).
-    #[arg(long, default_value_t = 50, value_name = "N")]
-    calib_steps: usize,
+    /// Trajectories to generate for calibration [default: 32, fewer when the calls do not
+    /// fit --calib-budget].
+    #[arg(long, value_name = "N")]
+    calib_samples: Option<usize>,
+    /// DDIM steps per generated trajectory (taken evenly from S) [default: 50, fewer when
+    /// even one trajectory does not fit --calib-budget].
+    #[arg(long, value_name = "N")]
+    calib_steps: Option<usize>,
+    /// Trajectories run together in one model call (models with a free batch size only;
+    /// lower it to lower calibration's memory).
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    calib_batch: usize,
+    /// Seconds of model calls calibration may spend when --calib-samples and
+    /// --calib-steps are not given: the first call is timed and the trajectories are cut
+    /// to fit (batches first, then steps; said on stderr). Small models never reach it; an
+    /// SD-1.5 UNet at latent 64×64 does.
+    #[arg(long, default_value_t = 1200.0, value_name = "SECONDS")]
+    calib_budget: f64,
+    /// Threads of the model calls (calibration, evaluation) and of the weight numerics;
+    /// default: every core. The output is the same for any count.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Memory a phase may plan to use (e.g. 8G, 512M); default: what the machine has
+    /// available. A phase whose estimate exceeds it stops before allocating, naming the
+    /// estimate and the option that lowers it.
+    #[arg(long, value_name = "SIZE")]
+    max_memory: Option<String>,
     /// Seed of the calibration noise (same seed, same output bytes).
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -217,8 +238,12 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Options {
         o.act_bits = q.act_bits;
         o.step_groups = q.step_groups;
         o.calib = q.calib.clone();
-        o.calib_samples = q.calib_samples;
-        o.calib_steps = q.calib_steps;
+        o.calib_adaptive = q.calib_samples.is_none() && q.calib_steps.is_none();
+        o.calib_samples = q.calib_samples.unwrap_or(o.calib_samples);
+        o.calib_steps = q.calib_steps.unwrap_or(o.calib_steps);
+        o.calib_budget_s = q.calib_budget;
+        o.calib_batch = q.calib_batch;
+        o.threads = q.threads.unwrap_or(0);
         o.seed = q.seed;
         o.keep_float = q.keep_float.clone();
         o.baseline_minmax = q.baseline.is_some();
@@ -275,7 +300,13 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
         model.graph.initializers.len(),
         start.elapsed().as_secs_f64()
     );
-    let opts = options(&args.tib, Some(&args.quant));
+    let mut opts = options(&args.tib, Some(&args.quant));
+    if let Some(m) = &args.quant.max_memory {
+        opts.max_memory = Some(
+            tfmqc_passes::budget::parse_size(m)
+                .map_err(|e| user_error(format!("--max-memory: {e}")))?,
+        );
+    }
     opts.validate()?;
     let original = model.clone();
     // Progress on a terminal only: logs get the one line per pass.
@@ -314,7 +345,17 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
             }
             Ok(())
         };
-    pipeline::run_pipeline(&mut cx, &passes, &mut after)?;
+    let threads = args.quant.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if threads == 0 {
+        return Err(user_error("--threads must be at least 1"));
+    }
+    tfmqc_runtime::with_threads(threads, || {
+        pipeline::run_pipeline(&mut cx, &passes, &mut after)
+    })?;
     let names: Vec<&str> = passes.iter().map(|p| p.name()).collect();
     cx.model
         .set_metadata(meta::VERSION, env!("CARGO_PKG_VERSION"));
@@ -345,7 +386,9 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     let quality = match (&cx.quant, &cx.calibration) {
         (Some(plan), Some(cal)) => {
             let t = Instant::now();
-            let q = report::measure(&original, &cx.model, plan, cal)?;
+            let q = tfmqc_runtime::with_threads(threads, || {
+                report::measure(&original, &cx.model, plan, cal, &opts)
+            })?;
             phases.push(("evaluate".into(), t.elapsed().as_secs_f64()));
             Some(q)
         }

@@ -5,8 +5,11 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
+use tfmqc_passes::budget::{check_memory, MemoryNeed, Part};
 use tfmqc_passes::calibrate::Calibration;
-use tfmqc_passes::evaluate::{activation_sqnr, output_sqnr_per_step, StepSqnr};
+use tfmqc_passes::evaluate::{
+    activation_sqnr, output_sqnr_against, output_sqnr_per_step, StepSqnr,
+};
 use tfmqc_passes::ir::{Model, Tensor};
 use tfmqc_passes::pipeline::PassContext;
 use tfmqc_passes::quantize::{LayerReport, QuantPlan};
@@ -56,6 +59,27 @@ pub fn dump_calibration(path: &Path, cal: &Calibration) -> Result<()> {
 pub struct Quality {
     pub steps: Vec<StepSqnr>,
     pub activations: Vec<(String, f64)>,
+    /// Records evaluated, of those calibration kept.
+    pub records: (usize, usize),
+}
+
+/// The records the report evaluates: all of them, unless their calls would take more than
+/// a quarter of the calibration budget (an SD-class model at full size); then as many as
+/// fit, spread over the steps, at least two.
+fn evaluation_picks(cal: &Calibration, options: &Options) -> Vec<usize> {
+    let n = cal.records.len();
+    // A quantized call in tract (QDQ graph) plus a float call observing activations.
+    let per_record = 2.5 * cal.call_seconds;
+    let fit = if per_record > 0.0 {
+        (options.calib_budget_s / 4.0 / per_record).floor() as usize
+    } else {
+        n
+    };
+    let k = fit.clamp(2.min(n), n);
+    if k >= n {
+        return (0..n).collect();
+    }
+    (0..k).map(|i| i * (n - 1) / (k - 1).max(1)).collect()
 }
 
 pub fn measure(
@@ -63,10 +87,53 @@ pub fn measure(
     quant: &Model,
     plan: &QuantPlan,
     cal: &Calibration,
+    options: &Options,
 ) -> Result<Quality> {
+    let picks = evaluation_picks(cal, options);
+    let records: Vec<_> = picks.iter().map(|&i| cal.records[i].clone()).collect();
+    let steps: Vec<i64> = picks.iter().map(|&i| cal.record_steps[i]).collect();
+    let dequantized: u64 = quant
+        .graph
+        .initializers
+        .values()
+        .map(|t| t.byte_len() as u64 * if t.dtype.bits() == 8 { 4 } else { 1 })
+        .sum();
+    let batch = records
+        .first()
+        .and_then(|r| r.get(&cal.sample_input))
+        .and_then(|t| t.shape.first().copied())
+        .unwrap_or(1);
+    check_memory(
+        &MemoryNeed {
+            phase: "evaluate",
+            parts: vec![
+                Part {
+                    what: "quantized model in tract (weights dequantized)",
+                    bytes: dequantized,
+                },
+                Part {
+                    what: "activations of one call",
+                    bytes: tfmqc_passes::budget::activation_peak_bytes(quant, batch),
+                },
+            ],
+            lower_with:
+                "--calib-budget (fewer records evaluated) or an export at a smaller sample size",
+        },
+        options.max_memory,
+    )?;
+    let steps_sqnr = if cal.record_outputs.len() == cal.records.len() {
+        let reference: Vec<_> = picks
+            .iter()
+            .map(|&i| cal.record_outputs[i].clone())
+            .collect();
+        output_sqnr_against(quant, &records, &steps, &reference)?
+    } else {
+        output_sqnr_per_step(float, quant, &records, &steps)?
+    };
     Ok(Quality {
-        steps: output_sqnr_per_step(float, quant, &cal.records, &cal.record_steps)?,
-        activations: activation_sqnr(float, plan, &cal.records, &cal.record_steps)?,
+        steps: steps_sqnr,
+        activations: activation_sqnr(float, plan, &records, &steps)?,
+        records: (records.len(), cal.records.len()),
     })
 }
 
@@ -92,6 +159,10 @@ pub struct Report {
     pub output_sqnr_mean_db: f64,
     pub output_sqnr_min_db: f64,
     pub output_sqnr_per_step: Vec<StepSqnr>,
+    /// Calibration records the quality figures were measured on, of those kept (all but
+    /// for models whose calls are expensive: see `--calib-budget`).
+    pub records_evaluated: usize,
+    pub records_total: usize,
     pub layers: Vec<LayerReport>,
     pub activations: Vec<ActivationReport>,
     /// ONNX node names left in float (what a fair comparison excludes too).
@@ -146,6 +217,8 @@ impl Report {
             output_sqnr_mean_db: mean,
             output_sqnr_min_db: min,
             output_sqnr_per_step: q.steps.clone(),
+            records_evaluated: q.records.0,
+            records_total: q.records.1,
             layers: plan.layers.clone(),
             activations: acts,
             kept_float: plan.kept_float.iter().map(|(n, _)| n.clone()).collect(),
@@ -174,8 +247,16 @@ impl Report {
             .activations
             .iter()
             .min_by(|x, y| x.sqnr_db.total_cmp(&y.sqnr_db));
+        let of = if self.records_evaluated < self.records_total {
+            format!(
+                ", {} of {} records: calls are expensive",
+                self.records_evaluated, self.records_total
+            )
+        } else {
+            String::new()
+        };
         let mut s = format!(
-            "quality (vs float, {} steps of the calibration trajectories):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} step group(s)\n",
+            "quality (vs float, {} steps of the calibration trajectories{of}):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} step group(s)\n",
             self.output_sqnr_per_step.len(),
             self.output_sqnr_mean_db,
             self.output_sqnr_min_db,

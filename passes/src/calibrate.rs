@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use tfmqc_runtime::engine::Optimize;
 use tfmqc_runtime::NoiseRng;
 
+use crate::budget::{fit_calibration, CalibrationPlan, MemoryNeed, Part};
 use crate::error::{Error, Result};
 use crate::exec::Runner;
 use crate::ir::{DType, Dim, Model, Tensor, ValueInfo};
@@ -57,6 +58,11 @@ pub struct Calibration {
     pub records: Vec<BTreeMap<String, Tensor>>,
     /// The time step of each record.
     pub record_steps: Vec<i64>,
+    /// The float model's first output on each record, from the calibration runs (the
+    /// reference of the quality report, which then need not run the float model again).
+    pub record_outputs: Vec<Tensor>,
+    /// Mean seconds of one calibration call.
+    pub call_seconds: f64,
     /// Inputs fed with seeded stand-ins (no --calib file gave them).
     pub stand_ins: Vec<String>,
     /// The graph input carrying the sample and the time step.
@@ -67,6 +73,8 @@ pub struct Calibration {
     /// temporary file), from the runs of the evaluation records; `None` when no
     /// reconstruction was asked for.
     pub layer_columns: Option<std::sync::Arc<LayerColumns>>,
+    /// How the calibration budget cut the trajectories, when it did.
+    pub budget_note: Option<String>,
 }
 
 impl Pass for Calibrate {
@@ -107,6 +115,9 @@ impl Pass for Calibrate {
             cal.per_step.values().next().map(|m| m.len()).unwrap_or(0),
             cal.records.len()
         ));
+        if let Some(n) = &cal.budget_note {
+            cx.note(n.clone());
+        }
         if let Some(c) = &cal.layer_columns {
             cx.note(format!(
                 "inputs of {} layers sampled for reconstruction ({} columns per record, {:.1} MB spilled)",
@@ -397,6 +408,25 @@ pub fn calibrate(
     // The prediction is the graph output; the activations are observed while tract
     // runs, each folded into its range as soon as it is computed (an SD-class UNet's
     // attention scores alone would not fit in memory all at once).
+    let batch_guess = batch_of(&sample, options.calib_batch.min(options.calib_samples));
+    crate::budget::check_memory(
+        &MemoryNeed {
+            phase: "calibrate",
+            parts: vec![
+                Part {
+                    what: "float model in tract",
+                    bytes: crate::budget::initializer_bytes(model),
+                },
+                Part {
+                    what: "activations of one call",
+                    bytes: crate::budget::activation_peak_bytes(model, batch_guess),
+                },
+            ],
+            lower_with: "--calib-batch 1 (models with a free batch size) or an export at a smaller sample size",
+        },
+        options.max_memory,
+    )?;
+    progress("calibrate: planning the float model in tract");
     let runner = Runner::observing(model, values, Optimize::Full)?;
     let mut cal = Calibration {
         sample_input: sample.name.clone(),
@@ -447,6 +477,7 @@ pub fn calibrate(
             true => None,
             false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
         };
+        let clock = std::time::Instant::now();
         for ((rec, inputs), pick) in records.into_iter().zip(picks) {
             for info in &g.inputs {
                 let t = inputs.get(&info.name).ok_or_else(|| {
@@ -466,11 +497,13 @@ pub fn calibrate(
                 salt,
                 keep: (1, 1),
             });
-            observe(&mut cal, step, &inputs.clone().into_iter().collect(), tap)?;
+            let outs = observe(&mut cal, step, &inputs.clone().into_iter().collect(), tap)?;
+            cal.record_outputs.extend(outs.into_iter().next());
             cal.records.push(inputs);
             cal.record_steps.push(step);
             cal.batches += 1;
         }
+        cal.call_seconds = clock.elapsed().as_secs_f64() / cal.batches.max(1) as f64;
         cal.layer_columns = store.map(std::sync::Arc::new);
         return Ok(cal);
     }
@@ -494,14 +527,14 @@ pub fn calibrate(
     }
 
     // Generated trajectories: DDIM over `calib_steps` steps taken evenly from S.
-    let traj = tfmqc_runtime::schedule::trajectory(&set, options.calib_steps);
-    let batch = batch_of(&sample, options.calib_batch.min(options.calib_samples));
+    let mut traj = tfmqc_runtime::schedule::trajectory(&set, options.calib_steps);
+    let batch = batch_guess;
     let free_batch = !matches!(sample.shape.as_deref(), Some([Dim::Known(_), ..]));
-    let batches = options.calib_samples.div_ceil(batch);
+    let mut batches = options.calib_samples.div_ceil(batch);
     let sample_shape = concrete(&sample, batch)?;
     let per_sample: usize = sample_shape[1..].iter().product();
     // Layer inputs come from the first batch's runs, cut to its evaluation records.
-    let picks = record_picks(traj.len());
+    let mut picks = record_picks(traj.len());
     let store = match layers.is_empty() {
         true => None,
         false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
@@ -511,7 +544,10 @@ pub fn calibrate(
     } else {
         (batch, batch)
     };
-    for b in 0..batches {
+    let clock = std::time::Instant::now();
+    let mut calls = 0usize;
+    let mut b = 0;
+    while b < batches {
         let mut rng = NoiseRng::new(options.seed.wrapping_mul(1_000_003).wrapping_add(b as u64));
         let mut x = rng.normal_vec(batch * per_sample);
         let mut fixed: HashMap<String, Tensor> = HashMap::new();
@@ -544,9 +580,21 @@ pub fn calibrate(
             };
             fixed.insert(info.name.clone(), t);
         }
-        for (k, &t) in traj.iter().enumerate() {
+        let mut k = 0;
+        while k < traj.len() {
+            let t = traj[k];
+            let left = (batches - b) * traj.len() - k;
+            let eta = match calls {
+                0 => String::new(),
+                n => format!(
+                    ", about {} left",
+                    crate::budget::human_duration(
+                        clock.elapsed().as_secs_f64() / n as f64 * left as f64
+                    )
+                ),
+            };
             progress(&format!(
-                "calibrate: trajectory batch {}/{batches}, step {}/{} (t = {t})",
+                "calibrate: trajectory batch {}/{batches}, step {}/{} (t = {t}){eta}",
                 b + 1,
                 k + 1,
                 traj.len()
@@ -562,10 +610,38 @@ pub fn calibrate(
                 _ => None,
             };
             let outs = observe(&mut cal, t, &inputs, tap)?;
+            calls += 1;
+            if calls == 1 && options.calib_adaptive {
+                // The first call tells what a call costs: fit the rest to the budget.
+                let call_s = clock.elapsed().as_secs_f64();
+                let wanted = CalibrationPlan {
+                    batches,
+                    steps: traj.len(),
+                };
+                let fit = fit_calibration(wanted, call_s, options.calib_budget_s);
+                if fit != wanted {
+                    // The first step (the largest t of S) is shared by every trajectory.
+                    traj = tfmqc_runtime::schedule::trajectory(&set, fit.steps);
+                    picks = record_picks(traj.len());
+                    batches = fit.batches;
+                    cal.budget_note = Some(format!(
+                        "one call takes {}: {} trajectory batch(es) × {} steps fit --calib-budget {} (asked: {} × {}); give --calib-samples/--calib-steps to choose yourself",
+                        crate::budget::human_duration(call_s),
+                        fit.batches,
+                        fit.steps,
+                        crate::budget::human_duration(options.calib_budget_s),
+                        wanted.batches,
+                        wanted.steps
+                    ));
+                }
+            }
             if b == 0 {
                 cal.records
                     .push(evaluation_record(inputs, batch, free_batch));
                 cal.record_steps.push(t);
+                let prediction = std::iter::once((out_info.name.clone(), outs[0].clone()));
+                let cut = evaluation_record(prediction.collect(), batch, free_batch);
+                cal.record_outputs.extend(cut.into_values());
             }
             // The prediction may carry more channels (learned variance): ε comes first.
             let pred = outs[0].to_f32_vec()?;
@@ -592,9 +668,12 @@ pub fn calibrate(
                 t as usize,
                 traj.get(k + 1).map(|&p| p as usize),
             );
+            k += 1;
         }
         cal.batches += 1;
+        b += 1;
     }
+    cal.call_seconds = clock.elapsed().as_secs_f64() / calls.max(1) as f64;
     cal.layer_columns = store.map(std::sync::Arc::new);
     Ok(cal)
 }

@@ -37,6 +37,15 @@ pub enum Error {
     #[error("pass '{pass}': {reason}")]
     Pass { pass: String, reason: String },
 
+    /// A phase's memory estimate does not fit the machine (or `--max-memory`).
+    #[error("{phase} needs {need}, {available}: lower it with {lower_with}, or raise --max-memory if the estimate is too cautious")]
+    OutOfMemory {
+        phase: &'static str,
+        need: String,
+        available: String,
+        lower_with: &'static str,
+    },
+
     /// Bad input that does not fit a more precise variant.
     #[error("{0}")]
     Invalid(String),

@@ -48,6 +48,36 @@ pub fn output_sqnr_per_step(
         .collect())
 }
 
+/// Output SQNR of `quant` per time step against `reference`, the float model's outputs on
+/// the same records (kept by calibration: the float model need not run again).
+pub fn output_sqnr_against(
+    quant: &Model,
+    records: &[BTreeMap<String, Tensor>],
+    steps: &[i64],
+    reference: &[Tensor],
+) -> Result<Vec<StepSqnr>> {
+    let out = vec![quant.graph.outputs[0].name.clone()];
+    let b = Runner::new(quant, Some(&out), Optimize::Full)?;
+    let mut sums: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
+    for ((inputs, &t), y) in records.iter().zip(steps).zip(reference) {
+        let inputs = inputs.clone().into_iter().collect();
+        let y = y.to_f32_vec()?;
+        let q = b.run(&inputs)?[0].to_f32_vec()?;
+        let e = sums.entry(t).or_default();
+        for (u, v) in y.iter().zip(&q) {
+            e.0 += (*u as f64).powi(2);
+            e.1 += ((u - v) as f64).powi(2);
+        }
+    }
+    Ok(sums
+        .into_iter()
+        .map(|(t, (s, n))| StepSqnr {
+            t,
+            sqnr_db: sqnr_from_sums(s, n),
+        })
+        .collect())
+}
+
 /// SQNR of each quantized activation (its uint8 fake-quantization against itself) on
 /// the float model's values, over the records; the group of each record's step applies.
 pub fn activation_sqnr(
@@ -60,18 +90,21 @@ pub fn activation_sqnr(
         return Ok(vec![]);
     }
     let names: Vec<String> = plan.activations.iter().map(|a| a.value.clone()).collect();
-    let runner = Runner::new(float, Some(&names), Optimize::Full)?;
+    // Observed while tract runs: no activation outlives its consumers.
+    let runner = Runner::observing(float, &names, Optimize::Full)?;
     let mut sums = vec![(0f64, 0f64); names.len()];
     for (inputs, &t) in records.iter().zip(steps) {
         let group = plan.group(t);
-        let outs = runner.run(&inputs.clone().into_iter().collect())?;
-        for ((act, out), sum) in plan.activations.iter().zip(&outs).zip(sums.iter_mut()) {
+        runner.run_observed(&inputs.clone().into_iter().collect(), &mut |k, value| {
+            let act = &plan.activations[k];
             let (scale, zp) = act.groups[group.min(act.groups.len() - 1)];
-            for x in out.to_f32_vec()? {
+            let sum = &mut sums[k];
+            for &x in crate::exec::f32_values(value, &act.value)? {
                 sum.0 += (x as f64).powi(2);
                 sum.1 += ((x - fake_quant_u8(x, scale, zp)) as f64).powi(2);
             }
-        }
+            Ok(())
+        })?;
     }
     Ok(names
         .into_iter()

@@ -1,5 +1,6 @@
 //! tfmqc-passes: the IR, ONNX import/export, and the compiler passes (one file each).
 
+pub mod budget;
 pub mod calibrate;
 pub mod canonicalize;
 pub mod clip_search;

@@ -90,6 +90,16 @@ pub struct Options {
     pub train_timesteps: Option<usize>,
     pub beta_start: Option<f64>,
     pub beta_end: Option<f64>,
+    /// `--max-memory`: bytes a phase may plan to hold; `None`: the memory available.
+    pub max_memory: Option<u64>,
+    /// `--calib-budget`: seconds of model calls calibration may spend when the user did
+    /// not fix `--calib-samples` / `--calib-steps` (then `calib_adaptive`).
+    pub calib_budget_s: f64,
+    /// Whether calibration may shrink its trajectories to fit `calib_budget_s`.
+    pub calib_adaptive: bool,
+    /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
+    /// (Model calls take theirs from the caller's `tfmqc_runtime::with_threads`.)
+    pub threads: usize,
 }
 
 impl Default for Options {
@@ -117,6 +127,10 @@ impl Default for Options {
             train_timesteps: None,
             beta_start: None,
             beta_end: None,
+            max_memory: None,
+            calib_budget_s: 1200.0,
+            calib_adaptive: false,
+            threads: 0,
         }
     }
 }
@@ -138,6 +152,14 @@ impl Options {
         }
         if self.step_groups == 0 {
             return Err(Error::invalid("--step-groups must be at least 1"));
+        }
+        if self.calib_budget_s.is_nan() || self.calib_budget_s <= 0.0 {
+            return Err(Error::invalid(
+                "--calib-budget must be a positive number of seconds",
+            ));
+        }
+        if self.calib_batch == 0 {
+            return Err(Error::invalid("--calib-batch must be at least 1"));
         }
         if self.calib_samples == 0 || self.calib_steps == 0 {
             return Err(Error::invalid(

@@ -85,7 +85,13 @@ impl Pass for Quantize {
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
         let cal = cx.calibration.clone().expect("checked by requires");
-        let plan = quantize(&mut cx.model, cx.options, &cal, cx.step_index.as_deref())?;
+        let plan = quantize(
+            &mut cx.model,
+            cx.options,
+            &cal,
+            cx.step_index.as_deref(),
+            cx.progress,
+        )?;
         let n_w = plan.layers.iter().filter(|l| l.weight.is_some()).count();
         let mean_sqnr = plan
             .layers
@@ -146,6 +152,7 @@ pub fn quantize(
     options: &Options,
     cal: &Calibration,
     step_index: Option<&str>,
+    progress: &dyn Fn(&str),
 ) -> Result<QuantPlan> {
     if model.onnx_opset() < 13 {
         return Err(Error::pass(
@@ -256,7 +263,23 @@ pub fn quantize(
 
     let mut dequantized_weights: HashMap<String, String> = HashMap::new();
     let mut dequantized_acts: BTreeMap<String, String> = BTreeMap::new();
-    for target in &quantized {
+    let clock = std::time::Instant::now();
+    for (done, target) in quantized.iter().enumerate() {
+        let eta = match done {
+            0 => String::new(),
+            n => format!(
+                ", about {} left",
+                crate::budget::human_duration(
+                    clock.elapsed().as_secs_f64() / n as f64 * (quantized.len() - n) as f64
+                )
+            ),
+        };
+        progress(&format!(
+            "quantize: layer {}/{} ({}){eta}",
+            done + 1,
+            quantized.len(),
+            target.node
+        ));
         let ix = by_name[&target.node];
         let mut layer = LayerReport {
             node: target.node.clone(),
