@@ -352,3 +352,136 @@ pub fn lowered_int8(
     };
     Ok((model, count))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
+        pb::NodeProto {
+            name: output.into(),
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    fn tensor(name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            data_type,
+            dims: dims.to_vec(),
+            raw_data: raw,
+            ..Default::default()
+        }
+    }
+
+    fn value(name: &str) -> pb::ValueInfoProto {
+        pb::ValueInfoProto {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// `y = Conv(DQ(Q(x)), DQ(w))` with every initializer also listed as a graph input
+    /// (as models of IR < 4 do), plus `extra` nodes and outputs.
+    fn conv_model(extra: Vec<pb::NodeProto>, outputs: &[&str]) -> pb::ModelProto {
+        let (f32_, u8_, i8_) = (1, 2, 3);
+        let initializer = vec![
+            tensor("s", f32_, &[], 0.5f32.to_le_bytes().to_vec()),
+            tensor("z", u8_, &[], vec![128]),
+            tensor("w", i8_, &[2, 2, 1, 1], vec![1, 255, 3, 4]),
+            tensor("sw", f32_, &[], 0.25f32.to_le_bytes().to_vec()),
+        ];
+        let mut nodes = vec![
+            node("QuantizeLinear", &["x", "s", "z"], "xq"),
+            node("DequantizeLinear", &["xq", "s", "z"], "xd"),
+            node("DequantizeLinear", &["w", "sw"], "wd"),
+            node("Conv", &["xd", "wd"], "y"),
+        ];
+        nodes.extend(extra);
+        let mut input = vec![value("x")];
+        input.extend(initializer.iter().map(|t| value(&t.name)));
+        pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: nodes,
+                initializer,
+                input,
+                output: outputs.iter().map(|o| value(o)).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn names<T>(v: &[T], name: impl Fn(&T) -> &str) -> Vec<String> {
+        v.iter().map(|t| name(t).to_string()).collect()
+    }
+
+    #[test]
+    fn what_only_the_lowered_node_read_leaves_the_graph_and_its_input_list() {
+        let mut m = conv_model(vec![], &["y"]);
+        assert_eq!(lower_int8(&mut m, None, &[]).unwrap(), 1);
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(names(&g.node, |n| &n.op_type), ["TfmqcQConv"]);
+        assert!(g.initializer.is_empty());
+        assert_eq!(names(&g.input, |i| &i.name), ["x"]);
+        // The weight moved into the node, bytes and all.
+        let w = g.node[0].attribute[0].t.as_ref().unwrap();
+        assert_eq!(
+            (w.name.as_str(), &w.raw_data[..]),
+            ("w", &[1u8, 255, 3, 4][..])
+        );
+    }
+
+    #[test]
+    fn a_weight_read_elsewhere_too_stays_and_is_copied_into_the_node() {
+        // wd is also a graph output: its DequantizeLinear and w must stay.
+        let mut m = conv_model(vec![], &["y", "wd"]);
+        lower_int8(&mut m, None, &[]).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(
+            names(&g.node, |n| &n.op_type),
+            ["DequantizeLinear", "TfmqcQConv"]
+        );
+        assert_eq!(names(&g.initializer, |t| &t.name), ["w", "sw"]);
+        assert_eq!(names(&g.input, |i| &i.name), ["x", "w", "sw"]);
+        assert_eq!(g.node[1].attribute[0].t.as_ref(), Some(&g.initializer[0]));
+    }
+
+    #[test]
+    fn lowered_nodes_sharing_a_weight_each_hold_it() {
+        let m = conv_model(vec![node("Conv", &["xd", "wd"], "y2")], &["y", "y2"]);
+        let mut moved = m.clone();
+        assert_eq!(lower_int8(&mut moved, None, &[]).unwrap(), 2);
+        let g = moved.graph.as_ref().unwrap();
+        assert!(g.initializer.is_empty());
+        let w = |k: usize| g.node[k].attribute[0].t.clone().unwrap();
+        assert_eq!(
+            (w(0).name, w(1).raw_data),
+            ("w".to_string(), vec![1, 255, 3, 4])
+        );
+    }
+
+    #[test]
+    fn values_the_caller_keeps_stay_computable() {
+        let mut m = conv_model(vec![], &["y"]);
+        lower_int8(&mut m, None, &["xq".to_string()]).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(
+            names(&g.node, |n| &n.op_type),
+            ["QuantizeLinear", "TfmqcQConv"]
+        );
+        assert_eq!(names(&g.initializer, |t| &t.name), ["s", "z"]);
+    }
+
+    #[test]
+    fn the_borrowed_form_builds_the_same_model() {
+        let m = conv_model(vec![node("Relu", &["y"], "r")], &["r"]);
+        let (copy, n) = lowered_int8(&m, None, &[]).unwrap();
+        let mut moved = m.clone();
+        assert_eq!(lower_int8(&mut moved, None, &[]).unwrap(), n);
+        assert_eq!(copy.graph, moved.graph);
+    }
+}
