@@ -112,7 +112,7 @@ pub struct BenchArgs {
     /// Also time every node of one step (tract engines: the runtime's own plan), and
     /// print the N op kinds that take longest per engine; in the JSON, each tract run
     /// gains `profile`: every op kind with `op`, `nodes` and `ms` (per step, mean over
-    /// --runs profiled steps).
+    /// the profiled steps: as many as were timed, one when a step takes over a second).
     #[arg(long, value_name = "N")]
     profile: Option<usize>,
 }
