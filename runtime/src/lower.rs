@@ -4,9 +4,10 @@
 //! loads it.
 //!
 //! Memory is the point at SD scale (860M weights): the int8 weights must not pass
-//! through tract as constants (tract would load each one, fold its DequantizeLinear
-//! into an f32 copy and only later prune it: 5× the int8 bytes at the peak), and the
-//! proto handed to tract must not be a copy of the model. So the weight initializer is
+//! through tract as constants (tract loads every initializer of the graph it is given,
+//! then folds a small weight's DequantizeLinear into an f32 copy, or keeps a large one's
+//! in the plan and runs it on every call), and the proto handed to tract must not be a
+//! copy of the model. So the weight initializer is
 //! moved (not copied) into the lowered node's `weight` attribute; an external-data
 //! weight stays a reference to its file there, and the op builder packs it straight from
 //! a memory map of that file. The Q/DQ nodes and scale / weight initializers only the
