@@ -35,14 +35,32 @@ const SEED: u64 = 0;
 /// file), ort-float and ort-int8 (onnxruntime on the same two files, when the python of
 /// TFMQC_PYTHON or target/pyenv imports it; skipped with a note otherwise).
 ///
+/// How long it runs: each engine makes one untimed warm-up call (three when a call takes
+/// under a second), then --runs timed calls and --loop-runs timed sampling loops. Left
+/// unset, both adapt to the model so that each takes about --budget seconds per engine
+/// and thread count: --runs is 21, or as many as fit (at least 3); --loop-runs is 3, or
+/// as many as fit, or 0 (said on stderr) when one loop of --steps steps takes longer. On
+/// an SD-1.5-size UNet at latent 64 (20-60 s a step in tract float) that is the warm-up
+/// and 3 timed calls, no loop. The JSON records what each run did.
+///
+/// Engine runs that fail (out of memory, a file an engine cannot load) are reported with
+/// the reason, the other engines still run, and the exit code is 1. --memory-limit caps
+/// each engine's process, so one that would need more fails instead of pushing a shared
+/// machine into swap or the kernel's out-of-memory killer.
+///
 /// `--json` prints one object on stdout: `runs`, one per engine, model and thread count,
-/// with `engine`, `model`, `file`, `threads`, `batch`, `t`, `steps`, `step_ms` (median of
-/// --runs Denoiser::denoise calls after warm-up), `step_ms_min`, `loop_ms` (median of
-/// --loop-runs DDIM loops of --steps steps through Denoiser::sample), `peak_rss_mb`
+/// with `engine`, `model`, `file`, `threads`, `batch`, `t`, `steps`, `warmup` (untimed
+/// calls), `runs` (timed calls), `step_ms` (their median), `step_ms_min`, `loop_runs`,
+/// `loop_ms` (median of the DDIM loops of --steps steps through Denoiser::sample; null
+/// when none ran), `peak_rss_mb`
 /// (VmHWM of the engine's own process), `base_rss_mb` (VmRSS before loading: the
 /// binary or interpreter), `load_rss_mb` (anonymous RSS the loaded model holds: RssAnon
 /// after loading, free heap released, minus before), `load_s`, `weight_bytes` (initializers of the file: `float`,
-/// `int8`, `other`) and `int8_ops`; `ratios`, one per non-reference run, against
+/// `int8`, `other`), `int8_ops` and `int8_weights` (`resident`: bytes the runtime's int8
+/// nodes hold, packed, with scales and biases; `f32`: the same weights in f32; null for
+/// onnxruntime); `runs_per_step` (--runs, null when adaptive), `budget_s`; `failed`,
+/// one per engine run that failed (`engine`, `model`, `file`, `threads`, `reason`);
+/// `ratios`, one per non-reference run, against
 /// tract-float of the same model and thread count: `step_speedup`, `loop_speedup`
 /// (float time / engine time), `peak_rss_ratio`, `load_rss_ratio`, `weight_bytes_ratio`
 /// (engine / float); `skipped` (engine, reason) and `machine` (`cpu`, `arch`, `avx2`,
@@ -61,19 +79,30 @@ pub struct BenchArgs {
     /// Thread counts, comma-separated; each engine runs once per count.
     #[arg(long, default_value = "1,2", value_name = "LIST")]
     threads: String,
-    /// Timed denoiser calls per run (the median is reported), after 3 untimed ones.
-    #[arg(long, default_value_t = 21, value_name = "N")]
-    runs: usize,
+    /// Timed denoiser calls per run (the median is reported) [default: 21, fewer when
+    /// they would take over --budget, at least 3].
+    #[arg(long, value_name = "N")]
+    runs: Option<usize>,
     /// Steps of the timed sampling loop.
     #[arg(long, default_value_t = 20, value_name = "N")]
     steps: usize,
+    /// Timed sampling loops per run (the median is reported); 0 skips the loop [default:
+    /// 3, fewer when they would take over --budget, 0 when one loop does].
+    #[arg(long, value_name = "N")]
+    loop_runs: Option<usize>,
+    /// Seconds of timed calls (and, apart, of timed loops) each engine may take per
+    /// thread count when --runs / --loop-runs are not given.
+    #[arg(long, default_value_t = 60.0, value_name = "SECONDS")]
+    budget: f64,
+    /// Most memory, in MiB, each engine's process may allocate (its heap and anonymous
+    /// memory: RLIMIT_DATA; memory-mapped model files are not counted). An engine that
+    /// needs more fails with an out-of-memory error. Linux only.
+    #[arg(long, value_name = "MIB")]
+    memory_limit: Option<u64>,
     /// The sampler of the timed loop: ddim, ddpm, euler or dpm++ (the runtime's, under
     /// each model's scheduler configuration).
     #[arg(long, default_value = "ddim", value_parser = ["ddim", "ddpm", "euler", "dpm++"])]
     sampler: String,
-    /// Timed sampling loops per run (the median is reported); 0 skips the loop.
-    #[arg(long, default_value_t = 3, value_name = "N")]
-    loop_runs: usize,
     /// Engines to run, comma-separated (default: all; onnxruntime ones when installed).
     #[arg(long, value_name = "LIST")]
     engines: Option<String>,
@@ -88,7 +117,7 @@ pub struct BenchArgs {
     /// Also time every node of one step (tract engines: the runtime's own plan), and
     /// print the N op kinds that take longest per engine; in the JSON, each tract run
     /// gains `profile`: every op kind with `op`, `nodes` and `ms` (per step, mean over
-    /// --runs profiled steps).
+    /// the profiled steps: as many as were timed, one when a step takes over a second).
     #[arg(long, value_name = "N")]
     profile: Option<usize>,
 }
@@ -105,18 +134,33 @@ pub struct WorkerArgs {
     inputs: Option<PathBuf>,
     #[arg(long)]
     threads: usize,
+    /// Timed calls (default: adaptive, see `tfmqc bench --help`).
     #[arg(long)]
-    runs: usize,
+    runs: Option<usize>,
     #[arg(long)]
     steps: usize,
     #[arg(long, default_value = "ddim")]
     sampler: String,
     #[arg(long)]
-    loop_runs: usize,
-    /// Time every node over --runs more steps and add `profile` to the result.
+    loop_runs: Option<usize>,
+    #[arg(long, default_value_t = 60.0)]
+    budget: f64,
+    /// Time every node over more steps (as many as were timed, one when a step takes
+    /// over a second) and add `profile` to the result.
     #[arg(long)]
     profile: bool,
 }
+
+/// Calls of `per_call` seconds that fit in `budget` seconds, between `min` and `max`.
+pub fn fitting(per_call: f64, budget: f64, min: usize, max: usize) -> usize {
+    if per_call <= 0.0 {
+        return max;
+    }
+    ((budget / per_call).floor() as usize).clamp(min, max)
+}
+
+/// A call slower than this is an SD-class one: one warm-up call, one profiled step.
+const SLOW_CALL_S: f64 = 1.0;
 
 /// Time per op kind over `runs` profiled steps: `[{op, nodes, ms}]`, ms per step, the
 /// longest first.
@@ -195,7 +239,7 @@ fn numpy_dtype(dt: tract_onnx::prelude::DatumType) -> &'static str {
 /// Denoiser::load lowers whatever is quantized) and prints one JSON line on stdout.
 pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
     use tract_linalg::multithread::{set_default_executor, Executor};
-    if args.threads == 0 || args.runs == 0 || args.steps == 0 {
+    if args.threads == 0 || args.runs == Some(0) || args.steps == 0 {
         return Err(user_error(
             "--threads, --runs and --steps must be at least 1",
         ));
@@ -259,19 +303,36 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
     // A time step from the middle of the trajectory: in S for every file.
     let t = trajectory[trajectory.len() / 2];
 
-    const WARMUP: usize = 3;
-    for _ in 0..WARMUP {
+    // The first call pays one-time costs (allocations, first touch of the weights); it
+    // also tells how slow a call is, which sizes the rest.
+    let s = Instant::now();
+    model.denoise(&x, t, &cond).map_err(runtime_error)?;
+    let first = s.elapsed().as_secs_f64();
+    let warmup = if first < SLOW_CALL_S { 3 } else { 1 };
+    for _ in 1..warmup {
         model.denoise(&x, t, &cond).map_err(runtime_error)?;
     }
-    let mut steps = Vec::with_capacity(args.runs);
-    for _ in 0..args.runs {
+    let runs = args
+        .runs
+        .unwrap_or_else(|| fitting(first, args.budget, 3, 21));
+    let mut steps = Vec::with_capacity(runs);
+    for _ in 0..runs {
         let s = Instant::now();
         model.denoise(&x, t, &cond).map_err(runtime_error)?;
         steps.push(s.elapsed());
     }
     let step_min = steps.iter().min().copied().unwrap_or_default();
-    let mut loops = Vec::with_capacity(args.loop_runs);
-    for _ in 0..args.loop_runs {
+    let step_ms = median(steps);
+    let loop_runs = args.loop_runs.unwrap_or_else(|| {
+        let per_loop = step_ms * 1e-3 * trajectory.len() as f64;
+        if per_loop > args.budget {
+            0
+        } else {
+            fitting(per_loop, args.budget, 1, 3)
+        }
+    });
+    let mut loops = Vec::with_capacity(loop_runs);
+    for _ in 0..loop_runs {
         let s = Instant::now();
         model
             .sample(SEED, args.steps, &cond, batch, sampler)
@@ -281,10 +342,16 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
     // Read before profiling: the profiled steps must not raise the peak.
     let peak_rss_mb = status_mb("VmHWM");
     let profile = if args.profile {
-        Some(profile_ops(&model, &x, t, &cond, args.runs)?)
+        let profiled = if step_ms * 1e-3 < SLOW_CALL_S {
+            runs
+        } else {
+            1
+        };
+        Some(profile_ops(&model, &x, t, &cond, profiled)?)
     } else {
         None
     };
+    let (resident, as_f32) = model.engine().int8_weight_bytes();
     let ac = &model.schedule().alphas_cumprod;
     let ts = model.timestep_input();
     let t_shape: Vec<usize> = match ts.shape.as_deref() {
@@ -296,14 +363,18 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
         "batch": batch,
         "t": t,
         "steps": trajectory.len(),
-        "step_ms": median(steps),
+        "warmup": warmup,
+        "runs": runs,
+        "step_ms": step_ms,
         "step_ms_min": step_min.as_secs_f64() * 1e3,
+        "loop_runs": loop_runs,
         "loop_ms": (!loops.is_empty()).then(|| median(loops)),
         "peak_rss_mb": peak_rss_mb,
         "base_rss_mb": base,
         "load_rss_mb": anon.zip(loaded).map(|(b, l)| l - b),
         "load_s": load_s,
         "int8_ops": model.int8_ops(),
+        "int8_weights": {"resident": resident, "f32": as_f32},
         "profile": profile,
         // For the onnxruntime runs of the same model.
         "plan": {
@@ -398,8 +469,65 @@ fn ort_python() -> Result<PathBuf, String> {
     }
 }
 
+/// What lines that say a process ran out of memory contain (compared in lower case):
+/// Rust's and OpenBLAS's allocation failures, Python's MemoryError, onnxruntime's (C++
+/// `bad_alloc` or its own message), a failed mmap, thread stack or library load.
+const OOM_MARKERS: [&str; 7] = [
+    "memory allocation",
+    "memoryerror",
+    "failed to allocate",
+    "bad_alloc",
+    "cannot allocate memory",
+    "out of memory",
+    "failed to map segment",
+];
+
+/// Why a child failed, in one line: out of memory (whichever way it showed: an abort
+/// after a failed allocation, an exception, the kernel's OOM killer), a panic, or the
+/// error it printed last.
+fn child_failure(status: &std::process::ExitStatus, stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let last = lines
+        .last()
+        .map(|l| l.trim_start_matches("tfmqc: error: ").to_string())
+        .unwrap_or_else(|| "no message".into());
+    let oom = lines.iter().find(|l| {
+        let l = l.to_lowercase();
+        OOM_MARKERS.iter().any(|m| l.contains(m))
+    });
+    #[cfg(unix)]
+    let signal = std::os::unix::process::ExitStatusExt::signal(status);
+    #[cfg(not(unix))]
+    let signal: Option<i32> = None;
+    if let Some(line) = oom {
+        return format!(
+            "out of memory: {}",
+            line.trim_start_matches("tfmqc: error: ")
+        );
+    }
+    match signal {
+        // SIGKILL with nothing said: the kernel's out-of-memory killer (or a user).
+        Some(9) => {
+            "killed (SIGKILL), most likely by the kernel's out-of-memory killer: the machine ran out of memory (--memory-limit makes this an error of the engine instead)".into()
+        }
+        Some(n) => format!("killed by signal {n}: {last}"),
+        None => {
+            // A Rust panic: its message, not the backtrace hint after it.
+            if let Some(k) = lines.iter().position(|l| l.contains("panicked at")) {
+                let what = lines.get(k + 1).copied().unwrap_or(lines[k]);
+                return format!("internal error (panic): {what}");
+            }
+            last
+        }
+    }
+}
+
 /// Runs a child and parses the JSON object it prints last on stdout. A child that
-/// fails passes its exit code and last stderr line on.
+/// fails gives its exit code (1 unless it failed internally) and why ([`child_failure`]).
 fn run_child(mut cmd: Command, what: &str) -> Result<Value, Failure> {
     let out = cmd.output().map_err(|e| Failure {
         code: 2,
@@ -407,19 +535,14 @@ fn run_child(mut cmd: Command, what: &str) -> Result<Value, Failure> {
     })?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     if !out.status.success() {
-        let msg = stderr
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("no message")
-            .trim_start_matches("tfmqc: error: ")
-            .to_string();
+        let why = child_failure(&out.status, &stderr);
         return Err(Failure {
-            code: match out.status.code() {
-                Some(1) => 1,
-                _ => 2,
+            code: if out.status.code() == Some(2) && !why.starts_with("out of memory") {
+                2
+            } else {
+                1
             },
-            message: format!("{what}: {msg}"),
+            message: why,
         });
     }
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -430,8 +553,40 @@ fn run_child(mut cmd: Command, what: &str) -> Result<Value, Failure> {
         .unwrap_or("");
     serde_json::from_str(line).map_err(|e| Failure {
         code: 2,
-        message: format!("{what}: unreadable result ({e}): {stdout}{stderr}"),
+        message: format!("unreadable result ({e}): {stdout}{stderr}"),
     })
+}
+
+/// Caps the heap a child may allocate (RLIMIT_DATA: brk and private writable mappings
+/// since Linux 4.7; read-only maps of model files are not counted), so that an engine
+/// needing more fails with an allocation error instead of exhausting the machine.
+fn limit_memory(cmd: &mut Command, mib: Option<u64>) -> Result<(), Failure> {
+    let Some(mib) = mib else { return Ok(()) };
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let bytes = mib.saturating_mul(1 << 20) as libc::rlim_t;
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // setrlimit, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: bytes,
+                    rlim_max: bytes,
+                };
+                if libc::setrlimit(libc::RLIMIT_DATA, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (cmd, mib);
+        Err(user_error("--memory-limit works on Linux only"))
+    }
 }
 
 /// The float and quantized files of one MODEL.
@@ -588,8 +743,14 @@ fn total_weights(w: &Value) -> Value {
 
 pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     let threads = parse_threads(&args.threads)?;
-    if args.runs == 0 || args.steps == 0 {
+    if args.runs == Some(0) || args.steps == 0 {
         return Err(user_error("--runs and --steps must be at least 1"));
+    }
+    if !args.budget.is_finite() || args.budget <= 0.0 {
+        return Err(user_error("--budget must be a positive number of seconds"));
+    }
+    if args.memory_limit == Some(0) {
+        return Err(user_error("--memory-limit must be at least 1 MiB"));
     }
     if args.quantized.len() > args.models.len() {
         return Err(user_error(format!(
@@ -644,6 +805,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
         .map_err(|e| user_error(format!("finding the tfmqc binary: {e}")))?;
 
     let mut runs: Vec<Value> = vec![];
+    let mut failed: Vec<Value> = vec![];
     for pair in &pairs {
         for &n in &threads {
             // The plan (batch, t, trajectory) of the first tract run: onnxruntime
@@ -657,61 +819,47 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
                 };
                 let what = format!("{engine} on {} ({n} thread(s))", file.display());
                 eprintln!("tfmqc bench: {what}");
-                let mut result = if engine.starts_with("ort-") {
-                    let Some(plan) = &plan else {
-                        return Err(user_error(
-                            "the onnxruntime engines need a tract engine in --engines (it fixes the inputs they repeat)",
-                        ));
-                    };
-                    let mut cfg = plan.clone();
-                    cfg["model"] = json!(file);
-                    cfg["threads"] = json!(n);
-                    cfg["runs"] = json!(args.runs);
-                    cfg["warmup"] = json!(3);
-                    cfg["loop_runs"] = json!(args.loop_runs);
-                    cfg["seed"] = json!(SEED);
-                    cfg["inputs"] = json!(pair.inputs);
-                    let mut cmd = Command::new(python.as_ref().expect("checked above"));
-                    cmd.args(["-c", ORT_SCRIPT, &cfg.to_string()]);
-                    let mut r = run_child(cmd, &what)?;
-                    for key in ["batch", "t", "steps"] {
-                        r[key] = plan[key].clone();
+                let result = run_engine(
+                    args,
+                    engine,
+                    pair,
+                    file,
+                    n,
+                    &exe,
+                    python.as_deref(),
+                    &mut plan,
+                );
+                let mut result = match result {
+                    Ok(r) => r,
+                    Err(f) => {
+                        // One engine failing (out of memory, a file it cannot load) does
+                        // not hide what the others measure.
+                        eprintln!("tfmqc bench: {what} failed: {}", f.message);
+                        failed.push(json!({
+                            "engine": engine,
+                            "model": pair.name,
+                            "file": file,
+                            "threads": n,
+                            "reason": f.message,
+                        }));
+                        continue;
                     }
-                    r["int8_ops"] = Value::Null;
-                    r
-                } else {
-                    let mut cmd = Command::new(&exe);
-                    cmd.arg("bench-worker")
-                        .args(["--engine", engine])
-                        .arg("--model")
-                        .arg(file)
-                        .args(["--threads", &n.to_string()])
-                        .args(["--runs", &args.runs.to_string()])
-                        .args(["--steps", &args.steps.to_string()])
-                        .args(["--sampler", &args.sampler])
-                        .args(["--loop-runs", &args.loop_runs.to_string()]);
-                    if let Some(i) = &pair.inputs {
-                        cmd.arg("--inputs").arg(i);
-                    }
-                    if args.profile.is_some() {
-                        cmd.arg("--profile");
-                    }
-                    let mut r = run_child(cmd, &what)?;
-                    if args.profile.is_none() {
-                        r.as_object_mut().map(|o| o.remove("profile"));
-                    }
-                    let mut p = r["plan"].take();
-                    for key in ["batch", "t", "steps"] {
-                        p[key] = r[key].clone();
-                    }
-                    // The quantized file's plan: its t is in S, which the float model
-                    // accepts too.
-                    if plan.is_none() || engine.ends_with("-int8") {
-                        plan = Some(p);
-                    }
-                    r.as_object_mut().expect("an object").remove("plan");
-                    r
                 };
+                let loops = match result["loop_runs"].as_u64() {
+                    Some(0) if args.loop_runs.is_none() => format!(
+                        "sampling loop skipped ({} steps would take over --budget {} s; --loop-runs 1 times one)",
+                        args.steps, args.budget
+                    ),
+                    Some(n) => format!("{n} sampling loop(s)"),
+                    None => "no sampling loop".into(),
+                };
+                eprintln!(
+                    "tfmqc bench:   {} warm-up + {} timed calls, median {:.1} ms; {loops}; peak RSS {:.0} MB",
+                    result["warmup"],
+                    result["runs"],
+                    result["step_ms"].as_f64().unwrap_or(f64::NAN),
+                    result["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
+                );
                 let weights = if engine.ends_with("-int8") {
                     &pair.quant_weights
                 } else {
@@ -742,13 +890,111 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
             "machine": machine(),
             "steps": args.steps,
             "runs_per_step": args.runs,
+            "budget_s": args.budget,
             "runs": runs,
             "ratios": ratios,
             "skipped": skipped,
+            "failed": failed,
         });
         println!("{}", serde_json::to_string_pretty(&obj).expect("json"));
     }
+    if !failed.is_empty() {
+        let list: Vec<String> = failed
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} on {} ({} thread(s)): {}",
+                    f["engine"].as_str().unwrap_or(""),
+                    f["file"].as_str().unwrap_or(""),
+                    f["threads"],
+                    f["reason"].as_str().unwrap_or("")
+                )
+            })
+            .collect();
+        return Err(user_error(format!(
+            "{} engine run(s) failed:\n  {}",
+            failed.len(),
+            list.join("\n  ")
+        )));
+    }
     Ok(())
+}
+
+/// One engine on one file at `threads` threads, in a child process; `plan` is the
+/// inputs of the first tract run of this model and thread count (onnxruntime repeats
+/// them), set here by tract runs.
+#[allow(clippy::too_many_arguments)]
+fn run_engine(
+    args: &BenchArgs,
+    engine: &str,
+    pair: &Pair,
+    file: &Path,
+    threads: usize,
+    exe: &Path,
+    python: Option<&Path>,
+    plan: &mut Option<Value>,
+) -> Result<Value, Failure> {
+    if engine.starts_with("ort-") {
+        let Some(plan) = plan.as_ref() else {
+            return Err(user_error(
+                "no tract engine ran before it (the onnxruntime engines repeat the inputs of one; give one in --engines)",
+            ));
+        };
+        let mut cfg = plan.clone();
+        cfg["model"] = json!(file);
+        cfg["threads"] = json!(threads);
+        cfg["runs"] = json!(args.runs);
+        cfg["loop_runs"] = json!(args.loop_runs);
+        cfg["budget_s"] = json!(args.budget);
+        cfg["seed"] = json!(SEED);
+        cfg["inputs"] = json!(pair.inputs);
+        let mut cmd = Command::new(python.expect("onnxruntime engines run with a python"));
+        cmd.args(["-c", ORT_SCRIPT, &cfg.to_string()]);
+        limit_memory(&mut cmd, args.memory_limit)?;
+        let mut r = run_child(cmd, engine)?;
+        for key in ["batch", "t", "steps"] {
+            r[key] = plan[key].clone();
+        }
+        r["int8_ops"] = Value::Null;
+        r["int8_weights"] = Value::Null;
+        return Ok(r);
+    }
+    let mut cmd = Command::new(exe);
+    cmd.arg("bench-worker")
+        .args(["--engine", engine])
+        .arg("--model")
+        .arg(file)
+        .args(["--threads", &threads.to_string()])
+        .args(["--steps", &args.steps.to_string()])
+        .args(["--sampler", &args.sampler])
+        .args(["--budget", &args.budget.to_string()]);
+    if let Some(r) = args.runs {
+        cmd.args(["--runs", &r.to_string()]);
+    }
+    if let Some(l) = args.loop_runs {
+        cmd.args(["--loop-runs", &l.to_string()]);
+    }
+    if let Some(i) = &pair.inputs {
+        cmd.arg("--inputs").arg(i);
+    }
+    if args.profile.is_some() {
+        cmd.arg("--profile");
+    }
+    limit_memory(&mut cmd, args.memory_limit)?;
+    let mut r = run_child(cmd, engine)?;
+    if args.profile.is_none() {
+        r.as_object_mut().map(|o| o.remove("profile"));
+    }
+    let mut p = r["plan"].take();
+    for key in ["batch", "t", "steps"] {
+        p[key] = r[key].clone();
+    }
+    // The quantized file's plan: its t is in S, which the float model accepts too.
+    if plan.is_none() || engine.ends_with("-int8") {
+        *plan = Some(p);
+    }
+    r.as_object_mut().expect("an object").remove("plan");
+    Ok(r)
 }
 
 /// Each run against tract-float of the same model and thread count.
@@ -860,4 +1106,58 @@ fn table(runs: &[Value]) -> String {
     }
     s += "× = tract-float time / time (higher is faster); ratio = memory / tract-float's (lower is smaller)\n";
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_fit_the_budget_within_bounds() {
+        assert_eq!(fitting(0.01, 60.0, 3, 21), 21);
+        assert_eq!(fitting(10.0, 60.0, 3, 21), 6);
+        assert_eq!(fitting(45.0, 60.0, 3, 21), 3);
+        assert_eq!(fitting(100.0, 60.0, 1, 3), 1);
+        assert_eq!(fitting(0.0, 60.0, 1, 3), 3);
+    }
+
+    #[cfg(unix)]
+    fn status(raw: i32) -> std::process::ExitStatus {
+        std::os::unix::process::ExitStatusExt::from_raw(raw)
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn child_failures_say_out_of_memory_however_it_showed() {
+        // Rust's abort after a failed allocation (SIGABRT).
+        let why = child_failure(
+            &status(6),
+            "loading\nmemory allocation of 1073741824 bytes failed\n",
+        );
+        assert_eq!(
+            why,
+            "out of memory: memory allocation of 1073741824 bytes failed"
+        );
+        // Python / onnxruntime, exiting 1 with a traceback.
+        let why = child_failure(&status(1 << 8), "Traceback ...\n  File x\nMemoryError\n");
+        assert_eq!(why, "out of memory: MemoryError");
+        // The kernel's OOM killer says nothing.
+        assert!(child_failure(&status(9), "").contains("out-of-memory killer"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn child_failures_give_a_panic_message_or_the_last_error() {
+        let why = child_failure(
+            &status(101 << 8),
+            "thread 'main' panicked at src/x.rs:1:1:\nindex out of bounds\nnote: run with `RUST_BACKTRACE=1`\n",
+        );
+        assert_eq!(why, "internal error (panic): index out of bounds");
+        let why = child_failure(&status(1 << 8), "tfmqc: error: m.onnx: no such file\n");
+        assert_eq!(why, "m.onnx: no such file");
+        assert_eq!(
+            child_failure(&status(11), "boom"),
+            "killed by signal 11: boom"
+        );
+    }
 }

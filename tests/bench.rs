@@ -155,6 +155,44 @@ fn bench_onnxruntime_runs_have_the_fields_of_tract_runs() {
     assert_eq!(v["ratios"].as_array().unwrap().len(), 3);
 }
 
+/// Without --runs / --loop-runs the counts fit --budget: a budget shorter than one call
+/// still gives 3 timed calls (after the 3 warm-up calls of a fast model), and a sampling
+/// loop that does not fit is skipped, which stderr says.
+#[test]
+fn bench_fits_its_counts_to_the_budget() {
+    let dir = tmpdir();
+    let q = quantized_digits(dir.path());
+    let model = model_path("ddpm_digits");
+    let out = tfmqc_ok(&[
+        "bench",
+        model.to_str().unwrap(),
+        "--quantized",
+        q.to_str().unwrap(),
+        "--engines",
+        "tract-float,tfmqc-int8",
+        "--threads",
+        "1",
+        "--steps",
+        "2",
+        "--budget",
+        "0.000001",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["runs_per_step"].is_null());
+    for r in v["runs"].as_array().unwrap() {
+        assert_eq!(
+            (&r["warmup"], &r["runs"], &r["loop_runs"]),
+            (&Value::from(3), &Value::from(3), &Value::from(0)),
+            "{}",
+            r["engine"]
+        );
+        assert!(r["loop_ms"].is_null());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sampling loop skipped"), "{err}");
+}
+
 fn assert_user_error(args: &[&str], needle: &str) {
     let r = tfmqc(args);
     let err = String::from_utf8_lossy(&r.stderr);

@@ -192,7 +192,7 @@ fn int8_conv1d_and_gemm_lowering_matches_the_qdq_graph() {
     // Every 1-D conv, Gemm and attention Einsum (two quantized activations) is lowered,
     // besides the 33 2-D convolutions.
     let mut lowered = proto.clone();
-    let count = tfmqc_runtime::int8_ops::lower_int8(&mut lowered);
+    let count = tfmqc_runtime::lower::lower_int8(&mut lowered, None, &[]).unwrap();
     let kinds = |op: &str, rank: usize| {
         lowered
             .graph
@@ -339,7 +339,7 @@ fn int8_attention_matmuls_match_the_qdq_graph() {
     x.insert("timestep".into(), tfmqc_passes::ir::Tensor::scalar(500f32));
     let proto = tfmqc_runtime::engine::read_proto(&q).unwrap();
     let mut lowered = proto.clone();
-    let count = tfmqc_runtime::int8_ops::lower_int8(&mut lowered);
+    let count = tfmqc_runtime::lower::lower_int8(&mut lowered, None, &[]).unwrap();
     let qmatmuls = lowered
         .graph
         .as_ref()

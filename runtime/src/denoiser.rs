@@ -16,6 +16,7 @@
 //! diffusers' DDIMScheduler defaults); a step count that visits a `t` outside S is
 //! refused before the first call.
 
+use std::borrow::Cow;
 use std::path::Path;
 
 use tract_onnx::pb;
@@ -196,19 +197,38 @@ fn to_f32(t: &Tensor, what: &str) -> Result<Vec<f32>> {
 
 impl Denoiser {
     /// Loads a denoiser (an original or tfmqc-compiled ONNX file) and plans it for speed.
+    ///
+    /// External data (the `.data` file beside a model over 2 GiB) is read through a memory
+    /// map: int8 weights are packed straight from it, and the decoded model is handed to
+    /// tract without a copy.
     pub fn load(path: &Path) -> Result<Denoiser> {
         let proto = read_proto(path)?;
         let dir = path.parent().map(|d| d.to_string_lossy().to_string());
-        Denoiser::from_proto(&proto, dir.as_deref(), &path.display().to_string())
+        Denoiser::build(
+            Cow::Owned(proto),
+            dir.as_deref(),
+            &path.display().to_string(),
+        )
     }
 
     /// Builds from a decoded model; `model_dir` is where external data is looked up,
-    /// `name` prefixes error messages (a file name, or "").
+    /// `name` prefixes error messages (a file name, or ""). What tract keeps of the
+    /// model (float initializers, unless they are external data) is copied from the
+    /// borrowed proto; [`Denoiser::load`] moves it instead.
     pub fn from_proto(
         proto: &pb::ModelProto,
         model_dir: Option<&str>,
         name: &str,
     ) -> Result<Denoiser> {
+        Denoiser::build(Cow::Borrowed(proto), model_dir, name)
+    }
+
+    fn build(
+        source: Cow<'_, pb::ModelProto>,
+        model_dir: Option<&str>,
+        name: &str,
+    ) -> Result<Denoiser> {
+        let proto: &pb::ModelProto = &source;
         let meta = |key: &str| -> Option<String> {
             proto
                 .metadata_props
@@ -306,14 +326,17 @@ impl Denoiser {
             <[usize; 3]>::try_from(v).ok()
         });
         // Quantized convolutions run on the int8 kernels (a float model has none to lower).
-        let (engine, int8_ops) = Engine::from_proto_int8(proto, model_dir, None, Optimize::Full)
-            .map_err(|e| {
-                if name.is_empty() {
-                    e
-                } else {
-                    Error::InvalidModel(format!("{name}: {e}"))
-                }
-            })?;
+        let engine = match source {
+            Cow::Owned(p) => Engine::from_owned_proto_int8(p, model_dir, None, Optimize::Full),
+            Cow::Borrowed(p) => Engine::from_proto_int8(p, model_dir, None, Optimize::Full),
+        };
+        let (engine, int8_ops) = engine.map_err(|e| {
+            if name.is_empty() {
+                e
+            } else {
+                Error::InvalidModel(format!("{name}: {e}"))
+            }
+        })?;
         Ok(Denoiser {
             engine,
             int8_ops,

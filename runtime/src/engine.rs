@@ -100,17 +100,39 @@ impl Engine {
 
     /// Like [`Engine::from_proto`], with quantized convolutions, Gemms and MatMuls (QDQ
     /// activation, int8 weights behind DequantizeLinear) and products of two quantized
-    /// activations (attention's MatMul / Einsum) lowered to the project's int8 kernels. Returns the engine and how many nodes run in int8.
+    /// activations (attention's MatMul / Einsum) lowered to the project's int8 kernels
+    /// ([`crate::lower`]). Returns the engine and how many nodes run in int8.
+    ///
+    /// The lowered model is built anew from the borrowed one: initializers that stay
+    /// (float weights, tables) are copied, unless they are external data (then only
+    /// their reference is). [`Engine::from_owned_proto_int8`] copies nothing.
     pub fn from_proto_int8(
         proto: &pb::ModelProto,
         model_dir: Option<&str>,
         outputs: Option<&[String]>,
         optimize: Optimize,
     ) -> Result<(Engine, usize)> {
-        let mut lowered = proto.clone();
-        let count = crate::int8_ops::lower_int8(&mut lowered);
+        let (lowered, count) =
+            crate::lower::lowered_int8(proto, model_dir.map(Path::new), outputs.unwrap_or(&[]))?;
         Ok((
             Engine::build(&lowered, model_dir, outputs, &[], optimize, true)?,
+            count,
+        ))
+    }
+
+    /// [`Engine::from_proto_int8`] of a model the caller gives away: it is lowered in
+    /// place, weights move into the int8 nodes, and what only they read is dropped before
+    /// tract sees the model.
+    pub fn from_owned_proto_int8(
+        mut proto: pb::ModelProto,
+        model_dir: Option<&str>,
+        outputs: Option<&[String]>,
+        optimize: Optimize,
+    ) -> Result<(Engine, usize)> {
+        let count =
+            crate::lower::lower_int8(&mut proto, model_dir.map(Path::new), outputs.unwrap_or(&[]))?;
+        Ok((
+            Engine::build(&proto, model_dir, outputs, &[], optimize, true)?,
             count,
         ))
     }
@@ -120,7 +142,7 @@ impl Engine {
     pub fn load_int8(path: &Path, optimize: Optimize) -> Result<(Engine, usize)> {
         let proto = read_proto(path)?;
         let dir = path.parent().map(|d| d.to_string_lossy().to_string());
-        Engine::from_proto_int8(&proto, dir.as_deref(), None, optimize)
+        Engine::from_owned_proto_int8(proto, dir.as_deref(), None, optimize)
     }
 
     fn build(

@@ -15,10 +15,10 @@ use std::sync::Arc;
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_ops::{
-    activation_qdq, attr, attr_float, attr_int, initializer, mk_attr, raw_bytes, raw_f32,
-};
+use crate::int8_ops::{activation_qdq, attr, attr_float, attr_int, mk_attr, weight_bytes};
 use crate::kernels::int8::{gemm_quantize, Backend, Dequant, Output, PackedWeights, WeightLayout};
+use crate::lower::{Index, Rewrite};
+use crate::tensor_data::as_i8;
 
 /// The op name of rewritten `Gemm` / `MatMul` nodes (domain `ai.tfmqc`).
 pub const QGEMM: &str = "TfmqcQGemm";
@@ -132,7 +132,7 @@ fn qgemm_rules<'p>(
 
 /// tract op builder for `TfmqcQGemm` nodes.
 pub fn build_qgemm(
-    _ctx: &tract_onnx::model::ParsingContext,
+    ctx: &tract_onnx::model::ParsingContext,
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let find = |name: &str| attr(node, name);
@@ -146,17 +146,14 @@ pub fn build_qgemm(
         node.name
     );
     let (d0, d1) = (w.dims[0] as usize, w.dims[1] as usize);
-    let values: Vec<i8> = w.raw_data.iter().map(|&b| b as i8).collect();
-    ensure!(
-        values.len() == d0 * d1,
-        "{QGEMM} '{}': weight data size",
-        node.name
-    );
+    // Packed straight from the proto or the mapped external-data file (no copy).
+    let bytes = weight_bytes(ctx, node, w)?;
+    let values = as_i8(&bytes);
     // trans_b = 1: W[N, K] (Gemm transB=1); 0: W[K, N] (MatMul, Gemm transB=0).
     let weights = if find("trans_b")?.i == 1 {
-        PackedWeights::pack_general(&values, WeightLayout::NK, d0, d1, &[])
+        PackedWeights::pack_general(values, WeightLayout::NK, d0, d1, &[])
     } else {
-        PackedWeights::pack_general(&values, WeightLayout::KN, d1, d0, &[])
+        PackedWeights::pack_general(values, WeightLayout::KN, d1, d0, &[])
     };
     let w_scale = find("w_scale")?.floats.clone();
     let n = weights.n();
@@ -183,127 +180,102 @@ pub fn build_qgemm(
     ))
 }
 
-/// Rewrites every `Gemm` / `MatMul` whose first input comes through activation Q/DQ and
-/// whose second is a constant int8 weight behind DequantizeLinear (zero point 0, scales
-/// per tensor or per output column) into a `TfmqcQGemm` node. `Gemm` needs `transA = 0`,
-/// `alpha = 1` and a constant `C` (a scalar or one value per column). Returns how many
-/// were rewritten.
-pub fn lower_int8_gemms(proto: &mut pb::ModelProto) -> usize {
+/// A `Gemm` / `MatMul` whose first input comes through activation Q/DQ and whose second
+/// is a constant int8 weight behind DequantizeLinear (zero point 0, scales per tensor or
+/// per output column) as a `TfmqcQGemm` node. `Gemm` needs `transA = 0`, `alpha = 1` and
+/// a constant `C` (a scalar or one value per column).
+pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     use pb::attribute_proto::AttributeType as T;
-    let Some(g) = proto.graph.as_mut() else {
-        return 0;
-    };
-    let mut rewrites = vec![];
-    for (i, n) in g.node.iter().enumerate() {
-        let gemm = n.op_type == "Gemm";
-        if !(gemm || n.op_type == "MatMul")
-            || !(n.domain.is_empty() || n.domain == "ai.onnx")
-            || n.input.len() < 2
+    let gemm = n.op_type == "Gemm";
+    if !(gemm || n.op_type == "MatMul") || n.input.len() < 2 {
+        return None;
+    }
+    if gemm && (attr_int(n, "transA", 0) != 0 || attr_float(n, "alpha", 1.0) != 1.0) {
+        return None;
+    }
+    let trans_b = gemm && attr_int(n, "transB", 0) == 1;
+    let (x, a_scale, a_zp) = activation_qdq(ix, &n.input[0])?;
+    let (w, w_scale) = {
+        let dq = ix
+            .producer(&n.input[1])
+            .filter(|p| p.op_type == "DequantizeLinear")?;
+        let w = ix
+            .initializer(&dq.input[0])
+            .filter(|t| t.data_type == 3 && t.dims.len() == 2)?;
+        let scale = ix.f32s(dq.input.get(1)?)?;
+        let zero = match dq.input.get(2).filter(|z| !z.is_empty()) {
+            Some(z) => ix.bytes(z)?,
+            None => vec![],
+        };
+        // The output-channel axis of W: 0 for W[N, K], 1 for W[K, N].
+        let n_axis = if trans_b { 0 } else { 1 };
+        let n_out = w.dims[n_axis] as usize;
+        let axis = attr_int(dq, "axis", 1);
+        let axis = if axis < 0 { axis + 2 } else { axis };
+        if !(zero.iter().all(|&z| z == 0)
+            && (scale.len() == 1 || (scale.len() == n_out && axis == n_axis as i64)))
         {
-            continue;
+            return None;
         }
-        if gemm && (attr_int(n, "transA", 0) != 0 || attr_float(n, "alpha", 1.0) != 1.0) {
-            continue;
-        }
-        let trans_b = gemm && attr_int(n, "transB", 0) == 1;
-        let Some((x, a_scale, a_zp)) = activation_qdq(g, &n.input[0]) else {
-            continue;
+        let s = if scale.len() == 1 {
+            vec![scale[0]; n_out]
+        } else {
+            scale
         };
-        let Some((w, w_scale)) = (|| {
-            let dq = crate::int8_ops::producer(g, &n.input[1])
-                .filter(|p| p.op_type == "DequantizeLinear")?;
-            let w =
-                initializer(g, &dq.input[0]).filter(|t| t.data_type == 3 && t.dims.len() == 2)?;
-            let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
-            let zero = dq
-                .input
-                .get(2)
-                .filter(|z| !z.is_empty())
-                .map(|z| initializer(g, z).map(raw_bytes))
-                .unwrap_or(Some(vec![]))?;
-            // The output-channel axis of W: 0 for W[N, K], 1 for W[K, N].
-            let n_axis = if trans_b { 0 } else { 1 };
-            let n_out = w.dims[n_axis] as usize;
-            let axis = attr_int(dq, "axis", 1);
-            let axis = if axis < 0 { axis + 2 } else { axis };
-            (zero.iter().all(|&z| z == 0)
-                && (scale.len() == 1 || (scale.len() == n_out && axis == n_axis as i64)))
-                .then(|| {
-                    let s = if scale.len() == 1 {
-                        vec![scale[0]; n_out]
-                    } else {
-                        scale
-                    };
-                    (w.clone(), s)
-                })
-        })() else {
-            continue;
-        };
-        let n_out = w_scale.len();
-        let bias = match n.input.get(2).filter(|c| gemm && !c.is_empty()) {
-            None => None,
-            Some(c) => {
-                let Some(t) = initializer(g, c) else {
-                    continue;
-                };
-                let Some(c) = raw_f32(t) else {
-                    continue;
-                };
-                let beta = attr_float(n, "beta", 1.0);
-                // C broadcasts over the rows only as a scalar, [N] or [1, N]: a per-row
-                // C ([M, 1], [M, N]) is not a bias of the output channels.
-                let row = t.dims.last().map_or(1, |&d| d as usize) == c.len()
-                    && t.dims.iter().rev().skip(1).all(|&d| d == 1);
-                match c.len() {
-                    1 => Some(vec![beta * c[0]; n_out]),
-                    l if l == n_out && row => Some(c.iter().map(|v| beta * v).collect()),
-                    _ => continue,
-                }
+        (w, s)
+    };
+    let n_out = w_scale.len();
+    let bias = match n.input.get(2).filter(|c| gemm && !c.is_empty()) {
+        None => None,
+        Some(c) => {
+            let t = ix.initializer(c)?;
+            let c = ix.f32s(c)?;
+            let beta = attr_float(n, "beta", 1.0);
+            // C broadcasts over the rows only as a scalar, [N] or [1, N]: a per-row
+            // C ([M, 1], [M, N]) is not a bias of the output channels.
+            let row = t.dims.last().map_or(1, |&d| d as usize) == c.len()
+                && t.dims.iter().rev().skip(1).all(|&d| d == 1);
+            match c.len() {
+                1 => Some(vec![beta * c[0]; n_out]),
+                l if l == n_out && row => Some(c.iter().map(|v| beta * v).collect()),
+                _ => return None,
             }
-        };
-        let mut node = pb::NodeProto {
-            name: format!("{}/int8", n.name),
-            op_type: QGEMM.into(),
-            domain: "ai.tfmqc".into(),
-            input: vec![x],
-            output: vec![n.output[0].clone()],
-            ..Default::default()
-        };
-        let mut weight_attr = mk_attr("weight");
-        weight_attr.r#type = T::Tensor as i32;
-        let mut wt = w;
-        wt.raw_data = raw_bytes(&wt);
-        wt.int32_data.clear();
-        weight_attr.t = Some(wt);
-        let mut a = vec![weight_attr];
-        let mut tb = mk_attr("trans_b");
-        tb.r#type = T::Int as i32;
-        tb.i = trans_b as i64;
-        a.push(tb);
-        let mut f = mk_attr("a_scale");
-        f.r#type = T::Float as i32;
-        f.f = a_scale;
-        a.push(f);
-        let mut z = mk_attr("a_zero_point");
-        z.r#type = T::Int as i32;
-        z.i = a_zp as i64;
-        a.push(z);
-        let mut ws = mk_attr("w_scale");
-        ws.r#type = T::Floats as i32;
-        ws.floats = w_scale;
-        a.push(ws);
-        if let Some(b) = bias {
-            let mut bb = mk_attr("bias");
-            bb.r#type = T::Floats as i32;
-            bb.floats = b;
-            a.push(bb);
         }
-        node.attribute = a;
-        rewrites.push((i, node));
+    };
+    let mut node = pb::NodeProto {
+        name: format!("{}/int8", n.name),
+        op_type: QGEMM.into(),
+        domain: "ai.tfmqc".into(),
+        input: vec![x],
+        output: vec![n.output[0].clone()],
+        ..Default::default()
+    };
+    let mut a = vec![];
+    let mut tb = mk_attr("trans_b");
+    tb.r#type = T::Int as i32;
+    tb.i = trans_b as i64;
+    a.push(tb);
+    let mut f = mk_attr("a_scale");
+    f.r#type = T::Float as i32;
+    f.f = a_scale;
+    a.push(f);
+    let mut z = mk_attr("a_zero_point");
+    z.r#type = T::Int as i32;
+    z.i = a_zp as i64;
+    a.push(z);
+    let mut ws = mk_attr("w_scale");
+    ws.r#type = T::Floats as i32;
+    ws.floats = w_scale;
+    a.push(ws);
+    if let Some(b) = bias {
+        let mut bb = mk_attr("bias");
+        bb.r#type = T::Floats as i32;
+        bb.floats = b;
+        a.push(bb);
     }
-    let count = rewrites.len();
-    for (i, node) in rewrites {
-        g.node[i] = node;
-    }
-    count
+    node.attribute = a;
+    Some(Rewrite {
+        node,
+        weight: Some(w.name.clone()),
+    })
 }

@@ -19,6 +19,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use crate::int8_ops::{activation_qdq, attr, mk_attr};
 use crate::kernels::int8::{matmul_quantize, Backend, QuantOperand};
+use crate::lower::{Index, Rewrite};
 
 /// The op name of rewritten activation × activation products (domain `ai.tfmqc`).
 pub const QMATMUL: &str = "TfmqcQMatMul";
@@ -256,84 +257,65 @@ fn einsum_form(equation: &str) -> Option<EinsumForm> {
     })
 }
 
-/// Rewrites every `MatMul` (and two-operand `Einsum` of matrix-product form) whose two
-/// inputs both come through activation Q/DQ with constant per-tensor scales into a
-/// `TfmqcQMatMul` node. Run after the weight lowerings: a constant weight is not an
-/// activation Q/DQ, so those never match here. Returns how many were rewritten.
-pub fn lower_int8_matmuls(proto: &mut pb::ModelProto) -> usize {
+/// A `MatMul` (or two-operand `Einsum` of matrix-product form) whose two inputs both
+/// come through activation Q/DQ with constant per-tensor scales as a `TfmqcQMatMul` node.
+/// Tried after the weight products ([`crate::lower`]): a constant weight is not an
+/// activation Q/DQ, so those never match here.
+pub(crate) fn match_matmul(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     use pb::attribute_proto::AttributeType as T;
-    let Some(g) = proto.graph.as_mut() else {
-        return 0;
-    };
-    let mut rewrites = vec![];
-    for (i, n) in g.node.iter().enumerate() {
-        if !(n.domain.is_empty() || n.domain == "ai.onnx") || n.input.len() != 2 {
-            continue;
+    if n.input.len() != 2 {
+        return None;
+    }
+    let form = match n.op_type.as_str() {
+        "MatMul" => EinsumForm {
+            x_transposed: false,
+            y_transposed: false,
+            out_transposed: false,
+        },
+        "Einsum" => {
+            let eq = n.attribute.iter().find(|a| a.name == "equation")?;
+            einsum_form(&String::from_utf8_lossy(&eq.s))?
         }
-        let form = match n.op_type.as_str() {
-            "MatMul" => EinsumForm {
-                x_transposed: false,
-                y_transposed: false,
-                out_transposed: false,
-            },
-            "Einsum" => {
-                let eq = n.attribute.iter().find(|a| a.name == "equation");
-                let Some(form) = eq.and_then(|a| einsum_form(&String::from_utf8_lossy(&a.s)))
-                else {
-                    continue;
-                };
-                form
-            }
-            _ => continue,
-        };
-        let (Some(x), Some(y)) = (
-            activation_qdq(g, &n.input[0]),
-            activation_qdq(g, &n.input[1]),
-        ) else {
-            continue;
-        };
-        // outᵀ = yᵀ·xᵀ: a transposed output is the product of the swapped operands, each
-        // read the other way round.
-        let (x, y, x_t, y_t) = if form.out_transposed {
-            (y, x, !form.y_transposed, !form.x_transposed)
-        } else {
-            (x, y, form.x_transposed, form.y_transposed)
-        };
-        let mut node = pb::NodeProto {
-            name: format!("{}/int8", n.name),
-            op_type: QMATMUL.into(),
-            domain: "ai.tfmqc".into(),
-            input: vec![x.0, y.0],
-            output: vec![n.output[0].clone()],
-            ..Default::default()
-        };
-        let float = |name: &str, v: f32| {
-            let mut a = mk_attr(name);
-            a.r#type = T::Float as i32;
-            a.f = v;
-            a
-        };
-        let int = |name: &str, v: i64| {
-            let mut a = mk_attr(name);
-            a.r#type = T::Int as i32;
-            a.i = v;
-            a
-        };
-        node.attribute = vec![
-            float("x_scale", x.1),
-            int("x_zero_point", x.2 as i64),
-            float("y_scale", y.1),
-            int("y_zero_point", y.2 as i64),
-            int("x_transposed", x_t as i64),
-            int("y_transposed", y_t as i64),
-        ];
-        rewrites.push((i, node));
-    }
-    let count = rewrites.len();
-    for (i, node) in rewrites {
-        g.node[i] = node;
-    }
-    count
+        _ => return None,
+    };
+    let x = activation_qdq(ix, &n.input[0])?;
+    let y = activation_qdq(ix, &n.input[1])?;
+    // outᵀ = yᵀ·xᵀ: a transposed output is the product of the swapped operands, each
+    // read the other way round.
+    let (x, y, x_t, y_t) = if form.out_transposed {
+        (y, x, !form.y_transposed, !form.x_transposed)
+    } else {
+        (x, y, form.x_transposed, form.y_transposed)
+    };
+    let mut node = pb::NodeProto {
+        name: format!("{}/int8", n.name),
+        op_type: QMATMUL.into(),
+        domain: "ai.tfmqc".into(),
+        input: vec![x.0, y.0],
+        output: vec![n.output[0].clone()],
+        ..Default::default()
+    };
+    let float = |name: &str, v: f32| {
+        let mut a = mk_attr(name);
+        a.r#type = T::Float as i32;
+        a.f = v;
+        a
+    };
+    let int = |name: &str, v: i64| {
+        let mut a = mk_attr(name);
+        a.r#type = T::Int as i32;
+        a.i = v;
+        a
+    };
+    node.attribute = vec![
+        float("x_scale", x.1),
+        int("x_zero_point", x.2 as i64),
+        float("y_scale", y.1),
+        int("y_zero_point", y.2 as i64),
+        int("x_transposed", x_t as i64),
+        int("y_transposed", y_t as i64),
+    ];
+    Some(Rewrite { node, weight: None })
 }
 
 #[cfg(test)]

@@ -20,6 +20,8 @@ use tract_onnx::tract_hir::internal::*;
 use crate::kernels::int8::{
     conv2d_quantize, Backend, ConvGeometry, Dequant, Output, PackedConvWeights,
 };
+use crate::lower::{Index, Rewrite};
+use crate::tensor_data::{as_i8, tensor_bytes, TensorBytes};
 
 /// The op name our rewritten nodes carry (domain `ai.tfmqc`).
 pub const QCONV: &str = "TfmqcQConv";
@@ -184,7 +186,7 @@ pub(crate) fn attr<'a>(node: &'a pb::NodeProto, name: &str) -> TractResult<&'a p
 
 /// tract op builder for `TfmqcQConv` nodes.
 pub fn build_qconv(
-    _ctx: &tract_onnx::model::ParsingContext,
+    ctx: &tract_onnx::model::ParsingContext,
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let ints = |n: &str| -> TractResult<Vec<usize>> {
@@ -201,11 +203,10 @@ pub fn build_qconv(
         node.name
     );
     let conv1d = dims.len() == 3;
-    let values: Vec<i8> = w.raw_data.iter().map(|&b| b as i8).collect();
-    ensure!(
-        values.len() == dims.iter().product::<usize>(),
-        "{QCONV} weight data size"
-    );
+    // Straight from the proto or a memory map of the external-data file into the packed
+    // form: no copy of the weight, and the map is dropped once it is packed.
+    let bytes = weight_bytes(ctx, node, w)?;
+    let values = as_i8(&bytes);
     let (p, s, d) = (ints("pads")?, ints("strides")?, ints("dilations")?);
     ensure!(
         p.len() == 4 && s.len() == 2 && d.len() == 2,
@@ -227,7 +228,7 @@ pub fn build_qconv(
     let op = QConv {
         a_scale: attr(node, "a_scale")?.f,
         a_zero_point: attr(node, "a_zero_point")?.i as u8,
-        weights: Arc::new(PackedConvWeights::pack(&values, dims[0], dims[1], geometry)),
+        weights: Arc::new(PackedConvWeights::pack(values, dims[0], dims[1], geometry)),
         w_scale: Arc::new(attr(node, "w_scale")?.floats.clone()),
         bias,
         out_channels: dims[0],
@@ -240,39 +241,19 @@ pub fn build_qconv(
     ))
 }
 
+/// The bytes of the `weight` tensor attribute `w` of one of our int8 nodes: its
+/// `raw_data`, or its external data (mapped from the file beside the model, relative to
+/// the folder tract was given).
+pub(crate) fn weight_bytes<'a>(
+    ctx: &tract_onnx::model::ParsingContext,
+    node: &pb::NodeProto,
+    w: &'a pb::TensorProto,
+) -> TractResult<TensorBytes<'a>> {
+    tensor_bytes(w, ctx.model_dir.map(std::path::Path::new), None)
+        .map_err(|e| format_err!("{} '{}': {e}", node.op_type, node.name))
+}
+
 // ----- the rewrite -------------------------------------------------------------------
-
-pub(crate) fn initializer<'a>(g: &'a pb::GraphProto, name: &str) -> Option<&'a pb::TensorProto> {
-    g.initializer.iter().find(|t| t.name == name)
-}
-
-pub(crate) fn raw_f32(t: &pb::TensorProto) -> Option<Vec<f32>> {
-    if t.data_type != 1 {
-        return None;
-    }
-    if !t.raw_data.is_empty() {
-        Some(
-            t.raw_data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-        )
-    } else {
-        Some(t.float_data.clone())
-    }
-}
-
-pub(crate) fn raw_bytes(t: &pb::TensorProto) -> Vec<u8> {
-    if !t.raw_data.is_empty() {
-        t.raw_data.clone()
-    } else {
-        t.int32_data.iter().map(|&v| v as u8).collect()
-    }
-}
-
-pub(crate) fn producer<'a>(g: &'a pb::GraphProto, value: &str) -> Option<&'a pb::NodeProto> {
-    g.node.iter().find(|n| n.output.iter().any(|o| o == value))
-}
 
 pub(crate) fn mk_attr(name: &str) -> pb::AttributeProto {
     pb::AttributeProto {
@@ -283,17 +264,21 @@ pub(crate) fn mk_attr(name: &str) -> pb::AttributeProto {
 
 /// `value = DequantizeLinear(QuantizeLinear(x, s, z), s, z)` with the same constant,
 /// per-tensor scale and u8 zero point on both: returns `(x, s, z)`.
-pub(crate) fn activation_qdq(g: &pb::GraphProto, value: &str) -> Option<(String, f32, u8)> {
-    let dq = producer(g, value).filter(|p| p.op_type == "DequantizeLinear")?;
-    let q = producer(g, &dq.input[0]).filter(|p| p.op_type == "QuantizeLinear")?;
-    let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
-    let zp = raw_bytes(initializer(g, dq.input.get(2)?)?);
-    let (qs, qz) = (
-        raw_f32(initializer(g, q.input.get(1)?)?)?,
-        raw_bytes(initializer(g, q.input.get(2)?)?),
-    );
-    let u8_zp = initializer(g, dq.input.get(2)?)?.data_type == 2;
-    (scale.len() == 1 && zp.len() == 1 && qs == scale && qz == zp && u8_zp && scale[0] > 0.0)
+pub(crate) fn activation_qdq(ix: &Index, value: &str) -> Option<(String, f32, u8)> {
+    let dq = ix
+        .producer(value)
+        .filter(|p| p.op_type == "DequantizeLinear")?;
+    let q = ix
+        .producer(&dq.input[0])
+        .filter(|p| p.op_type == "QuantizeLinear")?;
+    let u8_zp = ix.initializer(dq.input.get(2)?)?.data_type == 2;
+    if !u8_zp {
+        return None;
+    }
+    let scale = ix.f32s(dq.input.get(1)?)?;
+    let zp = ix.bytes(dq.input.get(2)?)?;
+    let (qs, qz) = (ix.f32s(q.input.get(1)?)?, ix.bytes(q.input.get(2)?)?);
+    (scale.len() == 1 && zp.len() == 1 && qs == scale && qz == zp && scale[0] > 0.0)
         .then(|| (q.input[0].clone(), scale[0], zp[0]))
 }
 
@@ -311,145 +296,105 @@ pub(crate) fn attr_float(n: &pb::NodeProto, name: &str, default: f32) -> f32 {
         .map_or(default, |a| a.f)
 }
 
-/// Lowers every quantized Conv, Gemm and MatMul with constant int8 weights, and every
-/// MatMul / Einsum of two quantized activations, to the project's int8 ops
-/// ([`lower_int8_convs`], [`crate::int8_gemm::lower_int8_gemms`],
-/// [`crate::int8_matmul::lower_int8_matmuls`], in that order). Returns how many nodes were
-/// rewritten.
-pub fn lower_int8(proto: &mut pb::ModelProto) -> usize {
-    lower_int8_convs(proto)
-        + crate::int8_gemm::lower_int8_gemms(proto)
-        + crate::int8_matmul::lower_int8_matmuls(proto)
-}
-
-/// Rewrites every Conv fed by activation Q/DQ and int8 weight DQ (constant scales) into a
-/// `TfmqcQConv` node. Returns how many were rewritten.
-pub fn lower_int8_convs(proto: &mut pb::ModelProto) -> usize {
+/// A `Conv` fed by activation Q/DQ and an int8 weight behind DequantizeLinear (constant
+/// scales, zero point 0, per tensor or per output channel) as a `TfmqcQConv` node; the
+/// weight initializer is named, to be moved into the node ([`crate::lower`]).
+pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     use pb::attribute_proto::AttributeType as T;
-    let Some(g) = proto.graph.as_mut() else {
-        return 0;
+    if n.op_type != "Conv" || n.input.len() < 2 {
+        return None;
+    }
+    let act = activation_qdq(ix, &n.input[0])?;
+    let (w, w_scale) = {
+        let dq = ix
+            .producer(&n.input[1])
+            .filter(|p| p.op_type == "DequantizeLinear")?;
+        // [O, C/g, kh, kw] or, for a 1-D convolution, [O, C/g, k].
+        let w = ix
+            .initializer(&dq.input[0])
+            .filter(|t| t.data_type == 3 && (t.dims.len() == 3 || t.dims.len() == 4))?;
+        let scale = ix.f32s(dq.input.get(1)?)?;
+        let zero = match dq.input.get(2).filter(|z| !z.is_empty()) {
+            Some(z) => ix.bytes(z)?,
+            None => vec![],
+        };
+        let axis = attr_int(dq, "axis", 1);
+        (zero.iter().all(|&z| z == 0)
+            && (axis == 0 || scale.len() == 1)
+            && (scale.len() == 1 || scale.len() == w.dims[0] as usize))
+            .then_some((w, scale))?
     };
-    let mut rewrites = vec![];
-    for (i, n) in g.node.iter().enumerate() {
-        if n.op_type != "Conv"
-            || !(n.domain.is_empty() || n.domain == "ai.onnx")
-            || n.input.len() < 2
-        {
-            continue;
-        }
-        let Some(act) = activation_qdq(g, &n.input[0]) else {
-            continue;
-        };
-        let Some(weight) = (|| {
-            let dq = producer(g, &n.input[1]).filter(|p| p.op_type == "DequantizeLinear")?;
-            // [O, C/g, kh, kw] or, for a 1-D convolution, [O, C/g, k].
-            let w = initializer(g, &dq.input[0])
-                .filter(|t| t.data_type == 3 && (t.dims.len() == 3 || t.dims.len() == 4))?;
-            let scale = raw_f32(initializer(g, dq.input.get(1)?)?)?;
-            let zero = dq
-                .input
-                .get(2)
-                .and_then(|z| initializer(g, z))
-                .map(raw_bytes)
-                .unwrap_or_default();
-            let axis = dq
-                .attribute
-                .iter()
-                .find(|a| a.name == "axis")
-                .map(|a| a.i)
-                .unwrap_or(1);
-            (zero.iter().all(|&z| z == 0)
-                && (axis == 0 || scale.len() == 1)
-                && (scale.len() == 1 || scale.len() == w.dims[0] as usize))
-                .then(|| (w.clone(), scale))
-        })() else {
-            continue;
-        };
-        let bias = n
-            .input
-            .get(2)
-            .filter(|b| !b.is_empty())
-            .map(|b| initializer(g, b).and_then(raw_f32));
-        if matches!(bias, Some(None)) {
-            continue;
-        }
-        let get = |name: &str| n.attribute.iter().find(|a| a.name == name);
-        if get("auto_pad").is_some_and(|a| a.s != b"NOTSET") {
-            continue;
-        }
-        let (x, a_scale, a_zp) = act;
-        let (w, w_scale) = weight;
-        // 1-D convolutions (e.g. attention's QKV projections) run as 2-D ones of height 1:
-        // their attributes are written in 2-D form.
-        let conv1d = w.dims.len() == 3;
-        let ints = |name: &str, d: Vec<i64>| {
-            let v = get(name).map(|a| a.ints.clone()).unwrap_or(d);
-            match (conv1d, name) {
-                (true, "pads") if v.len() == 2 => vec![0, v[0], 0, v[1]],
-                (true, _) if v.len() == 1 => vec![1, v[0]],
-                _ => v,
-            }
-        };
-        let spatial = if conv1d { 1 } else { 2 };
-        let out_ch = w.dims[0] as usize;
-        let w_scale = if w_scale.len() == 1 {
-            vec![w_scale[0]; out_ch]
-        } else {
-            w_scale
-        };
-        let mut node = pb::NodeProto {
-            name: format!("{}/int8", n.name),
-            op_type: QCONV.into(),
-            domain: "ai.tfmqc".into(),
-            input: vec![x],
-            output: vec![n.output[0].clone()],
-            ..Default::default()
-        };
-        let mut weight_attr = mk_attr("weight");
-        weight_attr.r#type = T::Tensor as i32;
-        let mut wt = w;
-        wt.raw_data = raw_bytes(&wt);
-        wt.int32_data.clear();
-        weight_attr.t = Some(wt);
-        let mut a = vec![weight_attr];
-        let mut f = mk_attr("a_scale");
-        f.r#type = T::Float as i32;
-        f.f = a_scale;
-        a.push(f);
-        let mut z = mk_attr("a_zero_point");
-        z.r#type = T::Int as i32;
-        z.i = a_zp as i64;
-        a.push(z);
-        let mut ws = mk_attr("w_scale");
-        ws.r#type = T::Floats as i32;
-        ws.floats = w_scale;
-        a.push(ws);
-        if let Some(Some(b)) = bias {
-            let mut bb = mk_attr("bias");
-            bb.r#type = T::Floats as i32;
-            bb.floats = b;
-            a.push(bb);
-        }
-        for (name, default) in [
-            ("pads", vec![0i64; 2 * spatial]),
-            ("strides", vec![1; spatial]),
-            ("dilations", vec![1; spatial]),
-        ] {
-            let mut at = mk_attr(name);
-            at.r#type = T::Ints as i32;
-            at.ints = ints(name, default);
-            a.push(at);
-        }
-        let mut gr = mk_attr("group");
-        gr.r#type = T::Int as i32;
-        gr.i = get("group").map(|a| a.i).unwrap_or(1);
-        a.push(gr);
-        node.attribute = a;
-        rewrites.push((i, node));
+    let bias = match n.input.get(2).filter(|b| !b.is_empty()) {
+        Some(b) => Some(ix.f32s(b)?),
+        None => None,
+    };
+    let get = |name: &str| n.attribute.iter().find(|a| a.name == name);
+    if get("auto_pad").is_some_and(|a| a.s != b"NOTSET") {
+        return None;
     }
-    let count = rewrites.len();
-    for (i, node) in rewrites {
-        g.node[i] = node;
+    let (x, a_scale, a_zp) = act;
+    // 1-D convolutions (e.g. attention's QKV projections) run as 2-D ones of height 1:
+    // their attributes are written in 2-D form.
+    let conv1d = w.dims.len() == 3;
+    let ints = |name: &str, d: Vec<i64>| {
+        let v = get(name).map(|a| a.ints.clone()).unwrap_or(d);
+        match (conv1d, name) {
+            (true, "pads") if v.len() == 2 => vec![0, v[0], 0, v[1]],
+            (true, _) if v.len() == 1 => vec![1, v[0]],
+            _ => v,
+        }
+    };
+    let spatial = if conv1d { 1 } else { 2 };
+    let out_ch = w.dims[0] as usize;
+    let w_scale = if w_scale.len() == 1 {
+        vec![w_scale[0]; out_ch]
+    } else {
+        w_scale
+    };
+    let mut node = pb::NodeProto {
+        name: format!("{}/int8", n.name),
+        op_type: QCONV.into(),
+        domain: "ai.tfmqc".into(),
+        input: vec![x],
+        output: vec![n.output[0].clone()],
+        ..Default::default()
+    };
+    let mut a = vec![];
+    let mut f = mk_attr("a_scale");
+    f.r#type = T::Float as i32;
+    f.f = a_scale;
+    a.push(f);
+    let mut z = mk_attr("a_zero_point");
+    z.r#type = T::Int as i32;
+    z.i = a_zp as i64;
+    a.push(z);
+    let mut ws = mk_attr("w_scale");
+    ws.r#type = T::Floats as i32;
+    ws.floats = w_scale;
+    a.push(ws);
+    if let Some(b) = bias {
+        let mut bb = mk_attr("bias");
+        bb.r#type = T::Floats as i32;
+        bb.floats = b;
+        a.push(bb);
     }
-    count
+    for (name, default) in [
+        ("pads", vec![0i64; 2 * spatial]),
+        ("strides", vec![1; spatial]),
+        ("dilations", vec![1; spatial]),
+    ] {
+        let mut at = mk_attr(name);
+        at.r#type = T::Ints as i32;
+        at.ints = ints(name, default);
+        a.push(at);
+    }
+    let mut gr = mk_attr("group");
+    gr.r#type = T::Int as i32;
+    gr.i = get("group").map(|a| a.i).unwrap_or(1);
+    a.push(gr);
+    node.attribute = a;
+    Some(Rewrite {
+        node,
+        weight: Some(w.name.clone()),
+    })
 }

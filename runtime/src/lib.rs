@@ -9,10 +9,12 @@ pub mod int8_gemm;
 pub mod int8_matmul;
 pub mod int8_ops;
 pub mod kernels;
+pub mod lower;
 pub mod observe;
 pub mod sampler;
 pub mod schedule;
 pub mod scheduler;
+mod tensor_data;
 pub mod threads;
 
 pub use denoiser::{Denoiser, Guidance};

@@ -287,8 +287,9 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, f64)> {
     use tfmqc_runtime::pb;
     let proto = tfmqc_runtime::engine::read_proto(q).unwrap();
     let g = proto.graph.as_ref().unwrap();
-    let mut lowered = proto.clone();
-    tfmqc_runtime::int8_ops::lower_int8(&mut lowered);
+    let dir = q.parent().map(|d| d.to_string_lossy().to_string());
+    let model_dir = q.parent();
+    let (lowered, _) = tfmqc_runtime::lower::lowered_int8(&proto, model_dir, &[]).unwrap();
     let lowered_outputs: Vec<String> = lowered
         .graph
         .as_ref()
@@ -326,7 +327,6 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, f64)> {
     wanted.sort();
     wanted.dedup();
     let full = tfmqc_runtime::Optimize::Full;
-    let dir = q.parent().map(|d| d.to_string_lossy().to_string());
     let capture =
         tfmqc_runtime::Engine::from_proto(&proto, dir.as_deref(), Some(&wanted), full).unwrap();
     let values = tract_run_engine(&capture, inputs);
@@ -379,8 +379,10 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, f64)> {
             .iter()
             .map(|r| (r.clone(), values[r].clone()))
             .collect();
-        let qdq = tfmqc_runtime::Engine::from_proto(&cut, None, None, full).unwrap();
-        let (int8, n) = tfmqc_runtime::Engine::from_proto_int8(&cut, None, None, full).unwrap();
+        // External-data weights stay references to the model's data file.
+        let qdq = tfmqc_runtime::Engine::from_proto(&cut, dir.as_deref(), None, full).unwrap();
+        let (int8, n) =
+            tfmqc_runtime::Engine::from_proto_int8(&cut, dir.as_deref(), None, full).unwrap();
         assert_eq!(n, 1, "{out}: the cut-out node is lowered");
         let db = sqnr_db(
             &tract_run_engine(&qdq, &feed),

@@ -1,0 +1,488 @@
+//! The int8 lowering as one graph rewrite: find every node the runtime runs on its own
+//! int8 ops ([`crate::int8_ops`], [`crate::int8_gemm`], [`crate::int8_matmul`] each match
+//! their pattern), replace it, and drop what the replaced nodes leave dead, so tract never
+//! loads it.
+//!
+//! Memory is the point at SD scale (860M weights): the int8 weights must not pass
+//! through tract as constants (tract loads every initializer of the graph it is given,
+//! then folds a small weight's DequantizeLinear into an f32 copy, or keeps a large one's
+//! in the plan and runs it on every call), and the proto handed to tract must not be a
+//! copy of the model. So the weight initializer is
+//! moved (not copied) into the lowered node's `weight` attribute; an external-data
+//! weight stays a reference to its file there, and the op builder packs it straight from
+//! a memory map of that file. The Q/DQ nodes and scale / weight initializers only the
+//! replaced nodes read are removed.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+
+use tract_onnx::pb;
+
+use crate::error::{Error, Result};
+use crate::tensor_data::{tensor_bytes, tensor_f32, DataFiles};
+
+/// One node to replace: the new node, and the initializer to move into its `weight`
+/// attribute (a tensor attribute, so the builder sees dims, type and data together).
+pub(crate) struct Rewrite {
+    pub node: pb::NodeProto,
+    pub weight: Option<String>,
+}
+
+/// Lookups into a graph for the matchers: producers and initializers by name, and the
+/// values of small initializers (scales, zero points, biases), which may be external
+/// data too.
+pub(crate) struct Index<'g> {
+    pub graph: &'g pb::GraphProto,
+    producers: HashMap<&'g str, usize>,
+    initializers: HashMap<&'g str, usize>,
+    model_dir: Option<&'g Path>,
+    data: RefCell<DataFiles>,
+    /// The first unreadable initializer met (the matchers read values as `Option`s).
+    error: RefCell<Option<String>>,
+}
+
+impl<'g> Index<'g> {
+    fn new(graph: &'g pb::GraphProto, model_dir: Option<&'g Path>) -> Index<'g> {
+        let mut producers = HashMap::new();
+        for (i, n) in graph.node.iter().enumerate() {
+            for o in n.output.iter().filter(|o| !o.is_empty()) {
+                producers.insert(o.as_str(), i);
+            }
+        }
+        let initializers = graph
+            .initializer
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.as_str(), i))
+            .collect();
+        Index {
+            graph,
+            producers,
+            initializers,
+            model_dir,
+            data: RefCell::default(),
+            error: RefCell::default(),
+        }
+    }
+
+    pub fn producer(&self, value: &str) -> Option<&'g pb::NodeProto> {
+        self.producers.get(value).map(|&i| &self.graph.node[i])
+    }
+
+    pub fn initializer(&self, name: &str) -> Option<&'g pb::TensorProto> {
+        self.initializers
+            .get(name)
+            .map(|&i| &self.graph.initializer[i])
+    }
+
+    fn note(&self, e: String) {
+        self.error.borrow_mut().get_or_insert(e);
+    }
+
+    /// The initializer `name` as f32 values (`None`: no such initializer, not f32, or
+    /// unreadable, which is remembered as the lowering's error).
+    pub fn f32s(&self, name: &str) -> Option<Vec<f32>> {
+        let t = self.initializer(name)?;
+        tensor_f32(t, self.model_dir, &mut self.data.borrow_mut())
+            .map_err(|e| self.note(e))
+            .ok()
+            .flatten()
+    }
+
+    /// The bytes of the initializer `name` (zero points: 8-bit values).
+    pub fn bytes(&self, name: &str) -> Option<Vec<u8>> {
+        let t = self.initializer(name)?;
+        tensor_bytes(t, self.model_dir, Some(&mut self.data.borrow_mut()))
+            .map(|b| b.to_vec())
+            .map_err(|e| self.note(e))
+            .ok()
+    }
+}
+
+/// Values a node reads, including those the bodies of its subgraph attributes (If,
+/// Loop, Scan) read from the enclosing scope.
+fn reads(n: &pb::NodeProto, out: &mut Vec<String>) {
+    out.extend(n.input.iter().filter(|i| !i.is_empty()).cloned());
+    for a in &n.attribute {
+        if let Some(g) = &a.g {
+            for inner in &g.node {
+                reads(inner, out);
+            }
+        }
+    }
+}
+
+/// What the lowering decided, before it is applied to the proto.
+struct Plan {
+    /// Per node of the graph: its replacement (index into `rewrites`), and whether it
+    /// stays (is still read by something after the rewrites).
+    replaced: HashMap<usize, usize>,
+    rewrites: Vec<Rewrite>,
+    live_nodes: Vec<bool>,
+    live_initializers: Vec<bool>,
+}
+
+fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result<Plan> {
+    let ix = Index::new(g, model_dir);
+    let mut replaced = HashMap::new();
+    let mut rewrites = vec![];
+    for (i, n) in g.node.iter().enumerate() {
+        if !(n.domain.is_empty() || n.domain == "ai.onnx") {
+            continue;
+        }
+        // Weight products first: a MatMul with a constant int8 weight is a QGemm; one of
+        // two quantized activations is a QMatMul (a weight's DequantizeLinear reads an
+        // initializer, never a QuantizeLinear, so the two never both match).
+        let rewrite = crate::int8_ops::match_conv(&ix, n)
+            .or_else(|| crate::int8_gemm::match_gemm(&ix, n))
+            .or_else(|| crate::int8_matmul::match_matmul(&ix, n));
+        if let Some(r) = rewrite {
+            replaced.insert(i, rewrites.len());
+            rewrites.push(r);
+        }
+    }
+    if let Some(e) = ix.error.into_inner() {
+        return Err(Error::InvalidModel(e));
+    }
+    // Liveness from the graph outputs (and the values the caller asks for) backwards,
+    // through the rewritten nodes.
+    let mut live_nodes = vec![false; g.node.len()];
+    let mut needed: HashSet<String> = HashSet::new();
+    let mut stack: Vec<String> = g
+        .output
+        .iter()
+        .map(|o| o.name.clone())
+        .chain(keep.iter().cloned())
+        .collect();
+    while let Some(v) = stack.pop() {
+        if !needed.insert(v.clone()) {
+            continue;
+        }
+        let Some(&i) = ix.producers.get(v.as_str()) else {
+            continue;
+        };
+        if live_nodes[i] {
+            continue;
+        }
+        live_nodes[i] = true;
+        let node = match replaced.get(&i) {
+            Some(&r) => &rewrites[r].node,
+            None => &g.node[i],
+        };
+        reads(node, &mut stack);
+    }
+    let live_initializers = g
+        .initializer
+        .iter()
+        .map(|t| needed.contains(&t.name))
+        .collect();
+    Ok(Plan {
+        replaced,
+        rewrites,
+        live_nodes,
+        live_initializers,
+    })
+}
+
+fn weight_attr(t: pb::TensorProto) -> pb::AttributeProto {
+    pb::AttributeProto {
+        name: "weight".into(),
+        r#type: pb::attribute_proto::AttributeType::Tensor as i32,
+        t: Some(t),
+        ..Default::default()
+    }
+}
+
+/// Lowers `proto` in place (see the module documentation): every quantized Conv, Gemm
+/// and MatMul with a constant int8 weight, and every MatMul / Einsum of two quantized
+/// activations, becomes one of the runtime's int8 nodes (domain `ai.tfmqc`); the nodes
+/// and initializers left unread are removed, and weight initializers move into the new
+/// nodes (no copy). `model_dir` is where external data is found (scales and biases are
+/// read here; weights stay references until the op builder packs them); `keep` names
+/// values that must stay computable besides the graph outputs. Returns how many nodes
+/// were lowered.
+pub fn lower_int8(
+    proto: &mut pb::ModelProto,
+    model_dir: Option<&Path>,
+    keep: &[String],
+) -> Result<usize> {
+    let Some(g) = proto.graph.as_mut() else {
+        return Ok(0);
+    };
+    let plan = plan(g, model_dir, keep)?;
+    let count = plan.rewrites.len();
+    let mut users: HashMap<String, usize> = HashMap::new();
+    for r in &plan.rewrites {
+        if let Some(w) = &r.weight {
+            *users.entry(w.clone()).or_default() += 1;
+        }
+    }
+    // Initializers: the unread ones leave the graph; those a lowered node takes as its
+    // weight are moved into it.
+    let mut removed: HashMap<String, pb::TensorProto> = HashMap::new();
+    let mut dropped: HashSet<String> = HashSet::new();
+    let mut kept = Vec::with_capacity(g.initializer.len());
+    for (t, live) in std::mem::take(&mut g.initializer)
+        .into_iter()
+        .zip(&plan.live_initializers)
+    {
+        if *live {
+            kept.push(t);
+            continue;
+        }
+        dropped.insert(t.name.clone());
+        if users.contains_key(&t.name) {
+            removed.insert(t.name.clone(), t);
+        }
+    }
+    g.initializer = kept;
+    let survivors: HashMap<String, usize> = g
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    // Models of IR < 4 list initializers among the graph inputs too: a dropped one must
+    // leave that list, or tract would make it an input of the model.
+    g.input.retain(|i| !dropped.contains(&i.name));
+    let mut rewrites: Vec<Option<Rewrite>> = plan.rewrites.into_iter().map(Some).collect();
+    let old = std::mem::take(&mut g.node);
+    for (i, n) in old.into_iter().enumerate() {
+        if !plan.live_nodes[i] {
+            continue;
+        }
+        let Some(&r) = plan.replaced.get(&i) else {
+            g.node.push(n);
+            continue;
+        };
+        let Rewrite { mut node, weight } = rewrites[r].take().expect("one rewrite per node");
+        if let Some(w) = weight {
+            let left = users.get_mut(&w).expect("counted");
+            *left -= 1;
+            // A weight read elsewhere too stays an initializer; the last of several
+            // lowered nodes sharing one takes it.
+            let t = match survivors.get(&w) {
+                Some(&k) => g.initializer[k].clone(),
+                None if *left == 0 => removed.remove(&w).expect("an initializer"),
+                None => removed[&w].clone(),
+            };
+            node.attribute.insert(0, weight_attr(t));
+        }
+        g.node.push(node);
+    }
+    Ok(count)
+}
+
+/// [`lower_int8`] of a borrowed model: the lowered model is built anew, copying only the
+/// initializers that survive and the weights of lowered nodes (an external-data tensor is
+/// a reference: copying it copies no weights).
+pub fn lowered_int8(
+    proto: &pb::ModelProto,
+    model_dir: Option<&Path>,
+    keep: &[String],
+) -> Result<(pb::ModelProto, usize)> {
+    let Some(g) = proto.graph.as_ref() else {
+        return Ok((proto.clone(), 0));
+    };
+    let plan = plan(g, model_dir, keep)?;
+    let count = plan.rewrites.len();
+    let initializers: HashMap<&str, &pb::TensorProto> =
+        g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    let mut rewrites: Vec<Option<Rewrite>> = plan.rewrites.into_iter().map(Some).collect();
+    let mut node = vec![];
+    for (i, n) in g.node.iter().enumerate() {
+        if !plan.live_nodes[i] {
+            continue;
+        }
+        match plan.replaced.get(&i) {
+            None => node.push(n.clone()),
+            Some(&r) => {
+                let Rewrite {
+                    node: mut new,
+                    weight,
+                } = rewrites[r].take().expect("one rewrite per node");
+                if let Some(w) = weight {
+                    let t = (*initializers.get(w.as_str()).expect("an initializer")).clone();
+                    new.attribute.insert(0, weight_attr(t));
+                }
+                node.push(new);
+            }
+        }
+    }
+    let initializer: Vec<pb::TensorProto> = g
+        .initializer
+        .iter()
+        .zip(&plan.live_initializers)
+        .filter(|(_, live)| **live)
+        .map(|(t, _)| t.clone())
+        .collect();
+    let survivors: HashSet<&str> = initializer.iter().map(|t| t.name.as_str()).collect();
+    let input = g
+        .input
+        .iter()
+        .filter(|i| {
+            survivors.contains(i.name.as_str()) || !initializers.contains_key(i.name.as_str())
+        })
+        .cloned()
+        .collect();
+    let graph = pb::GraphProto {
+        node,
+        name: g.name.clone(),
+        initializer,
+        sparse_initializer: g.sparse_initializer.clone(),
+        doc_string: g.doc_string.clone(),
+        input,
+        output: g.output.clone(),
+        value_info: g.value_info.clone(),
+        quantization_annotation: g.quantization_annotation.clone(),
+    };
+    let model = pb::ModelProto {
+        ir_version: proto.ir_version,
+        opset_import: proto.opset_import.clone(),
+        producer_name: proto.producer_name.clone(),
+        producer_version: proto.producer_version.clone(),
+        domain: proto.domain.clone(),
+        model_version: proto.model_version,
+        doc_string: proto.doc_string.clone(),
+        graph: Some(graph),
+        metadata_props: proto.metadata_props.clone(),
+        // Training information and functions are not run by the runtime (and training
+        // information may hold tensors of its own).
+        ..Default::default()
+    };
+    Ok((model, count))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> pb::NodeProto {
+        pb::NodeProto {
+            name: output.into(),
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    fn tensor(name: &str, data_type: i32, dims: &[i64], raw: Vec<u8>) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            data_type,
+            dims: dims.to_vec(),
+            raw_data: raw,
+            ..Default::default()
+        }
+    }
+
+    fn value(name: &str) -> pb::ValueInfoProto {
+        pb::ValueInfoProto {
+            name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// `y = Conv(DQ(Q(x)), DQ(w))` with every initializer also listed as a graph input
+    /// (as models of IR < 4 do), plus `extra` nodes and outputs.
+    fn conv_model(extra: Vec<pb::NodeProto>, outputs: &[&str]) -> pb::ModelProto {
+        let (f32_, u8_, i8_) = (1, 2, 3);
+        let initializer = vec![
+            tensor("s", f32_, &[], 0.5f32.to_le_bytes().to_vec()),
+            tensor("z", u8_, &[], vec![128]),
+            tensor("w", i8_, &[2, 2, 1, 1], vec![1, 255, 3, 4]),
+            tensor("sw", f32_, &[], 0.25f32.to_le_bytes().to_vec()),
+        ];
+        let mut nodes = vec![
+            node("QuantizeLinear", &["x", "s", "z"], "xq"),
+            node("DequantizeLinear", &["xq", "s", "z"], "xd"),
+            node("DequantizeLinear", &["w", "sw"], "wd"),
+            node("Conv", &["xd", "wd"], "y"),
+        ];
+        nodes.extend(extra);
+        let mut input = vec![value("x")];
+        input.extend(initializer.iter().map(|t| value(&t.name)));
+        pb::ModelProto {
+            graph: Some(pb::GraphProto {
+                node: nodes,
+                initializer,
+                input,
+                output: outputs.iter().map(|o| value(o)).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn names<T>(v: &[T], name: impl Fn(&T) -> &str) -> Vec<String> {
+        v.iter().map(|t| name(t).to_string()).collect()
+    }
+
+    #[test]
+    fn what_only_the_lowered_node_read_leaves_the_graph_and_its_input_list() {
+        let mut m = conv_model(vec![], &["y"]);
+        assert_eq!(lower_int8(&mut m, None, &[]).unwrap(), 1);
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(names(&g.node, |n| &n.op_type), ["TfmqcQConv"]);
+        assert!(g.initializer.is_empty());
+        assert_eq!(names(&g.input, |i| &i.name), ["x"]);
+        // The weight moved into the node, bytes and all.
+        let w = g.node[0].attribute[0].t.as_ref().unwrap();
+        assert_eq!(
+            (w.name.as_str(), &w.raw_data[..]),
+            ("w", &[1u8, 255, 3, 4][..])
+        );
+    }
+
+    #[test]
+    fn a_weight_read_elsewhere_too_stays_and_is_copied_into_the_node() {
+        // wd is also a graph output: its DequantizeLinear and w must stay.
+        let mut m = conv_model(vec![], &["y", "wd"]);
+        lower_int8(&mut m, None, &[]).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(
+            names(&g.node, |n| &n.op_type),
+            ["DequantizeLinear", "TfmqcQConv"]
+        );
+        assert_eq!(names(&g.initializer, |t| &t.name), ["w", "sw"]);
+        assert_eq!(names(&g.input, |i| &i.name), ["x", "w", "sw"]);
+        assert_eq!(g.node[1].attribute[0].t.as_ref(), Some(&g.initializer[0]));
+    }
+
+    #[test]
+    fn lowered_nodes_sharing_a_weight_each_hold_it() {
+        let m = conv_model(vec![node("Conv", &["xd", "wd"], "y2")], &["y", "y2"]);
+        let mut moved = m.clone();
+        assert_eq!(lower_int8(&mut moved, None, &[]).unwrap(), 2);
+        let g = moved.graph.as_ref().unwrap();
+        assert!(g.initializer.is_empty());
+        let w = |k: usize| g.node[k].attribute[0].t.clone().unwrap();
+        assert_eq!(
+            (w(0).name, w(1).raw_data),
+            ("w".to_string(), vec![1, 255, 3, 4])
+        );
+    }
+
+    #[test]
+    fn values_the_caller_keeps_stay_computable() {
+        let mut m = conv_model(vec![], &["y"]);
+        lower_int8(&mut m, None, &["xq".to_string()]).unwrap();
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(
+            names(&g.node, |n| &n.op_type),
+            ["QuantizeLinear", "TfmqcQConv"]
+        );
+        assert_eq!(names(&g.initializer, |t| &t.name), ["s", "z"]);
+    }
+
+    #[test]
+    fn the_borrowed_form_builds_the_same_model() {
+        let m = conv_model(vec![node("Relu", &["y"], "r")], &["r"]);
+        let (copy, n) = lowered_int8(&m, None, &[]).unwrap();
+        let mut moved = m.clone();
+        assert_eq!(lower_int8(&mut moved, None, &[]).unwrap(), n);
+        assert_eq!(copy.graph, moved.graph);
+    }
+}
