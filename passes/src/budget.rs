@@ -82,6 +82,19 @@ pub fn reset_peak_rss() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// Gives the memory the allocator holds free back to the OS. glibc keeps freed blocks
+/// below its mmap threshold in its arenas: after a phase that ran a UNet (tract's
+/// activations, packed weights) gigabytes stay resident though nothing uses them, and the
+/// next phase's peak stacks on top (measured on SD-1.5 at latent 32: 1.7 GB held after the
+/// evaluation's float runs).
+pub fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks glibc's own arenas; it takes no pointer of ours.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Parses `--max-memory`: bytes, or with a unit (`8G`, `512M`, `1.5GB`, `800MiB`).
 pub fn parse_size(spec: &str) -> Result<u64> {
     let s = spec.trim();

@@ -18,7 +18,8 @@ pub struct StepSqnr {
     pub sqnr_db: f64,
 }
 
-/// Output SQNR of `quant` against `float`, per time step, over the records.
+/// Output SQNR of `quant` against `float`, per time step, over the records. `quant` runs
+/// on the runtime's int8 kernels, as it ships.
 pub fn output_sqnr_per_step(
     float: &Model,
     quant: &Model,
@@ -27,7 +28,7 @@ pub fn output_sqnr_per_step(
 ) -> Result<Vec<StepSqnr>> {
     let out = vec![float.graph.outputs[0].name.clone()];
     let a = Runner::new(float, Some(&out), Optimize::Full)?;
-    let b = Runner::new(quant, Some(&out), Optimize::Full)?;
+    let b = Runner::int8(quant, Some(&out), Optimize::Full)?;
     let mut sums: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
     for (inputs, &t) in records.iter().zip(steps) {
         let inputs = inputs.clone().into_iter().collect();
@@ -49,7 +50,8 @@ pub fn output_sqnr_per_step(
 }
 
 /// Output SQNR of `quant` per time step against `reference`, the float model's outputs on
-/// the same records (kept by calibration: the float model need not run again).
+/// the same records (kept by calibration: the float model need not run again). `quant`
+/// runs on the runtime's int8 kernels, as it ships.
 pub fn output_sqnr_against(
     quant: &Model,
     records: &[BTreeMap<String, Tensor>],
@@ -57,7 +59,7 @@ pub fn output_sqnr_against(
     reference: &[Tensor],
 ) -> Result<Vec<StepSqnr>> {
     let out = vec![quant.graph.outputs[0].name.clone()];
-    let b = Runner::new(quant, Some(&out), Optimize::Full)?;
+    let b = Runner::int8(quant, Some(&out), Optimize::Full)?;
     let mut sums: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
     for ((inputs, &t), y) in records.iter().zip(steps).zip(reference) {
         let inputs = inputs.clone().into_iter().collect();

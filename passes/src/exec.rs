@@ -119,6 +119,17 @@ impl Runner {
         Ok(Runner { engine })
     }
 
+    /// Compiles a quantized `model` as the runtime ships it: quantized convolutions,
+    /// Gemms and MatMuls on the int8 kernels with their weights resident as int8 (tract
+    /// would otherwise keep every weight dequantized to f32: 4x the bytes).
+    pub fn int8(model: &Model, outputs: Option<&[String]>, optimize: Optimize) -> Result<Runner> {
+        let (proto, dir) = crate::onnx::to_engine_proto(model)?;
+        let dir = dir.map(|d| d.to_string_lossy().to_string());
+        let (engine, _) = Engine::from_owned_proto_int8(proto, dir.as_deref(), outputs, optimize)
+            .map_err(|e| Error::Engine(e.to_string()))?;
+        Ok(Runner { engine })
+    }
+
     pub fn input_names(&self) -> &[String] {
         self.engine.input_names()
     }
