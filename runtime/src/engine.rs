@@ -165,6 +165,10 @@ impl Engine {
                 crate::int8_matmul::QMATMUL,
                 crate::int8_matmul::build_qmatmul,
             );
+            framework.op_register.insert(
+                crate::int8_attention::QATTENTION,
+                crate::int8_attention::build_qattention,
+            );
         }
         let parsed = framework
             .parse(proto, model_dir)
