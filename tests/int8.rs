@@ -59,7 +59,10 @@ fn int8_lowering_matches_the_qdq_graph() {
 fn assert_lowered_nodes_match(model: &str, q: &std::path::Path, x: &Tensors) -> usize {
     let nodes = lowered_nodes_vs_qdq(q, x);
     let attention = tfmqc_runtime::int8_attention::QATTENTION;
-    let (fused, products): (Vec<_>, Vec<_>) = nodes.iter().partition(|n| n.1 == attention);
+    let group_norm = tfmqc_runtime::group_norm::GROUP_NORM;
+    type Node = (String, String, f64);
+    let (norms, int8): (Vec<&Node>, Vec<&Node>) = nodes.iter().partition(|n| n.1 == group_norm);
+    let (fused, products): (Vec<&Node>, Vec<&Node>) = int8.iter().partition(|n| n.1 == attention);
     // Only float rounding differs (> 100 dB), except where an activation lands exactly on
     // a rounding tie (x / scale = k + 0.5): the kernels round half to even as ONNX says,
     // tract's QuantizeLinear in the QDQ reference does not, and that one code step costs
@@ -79,16 +82,25 @@ fn assert_lowered_nodes_match(model: &str, q: &std::path::Path, x: &Tensors) -> 
             "{model} {name}: fused attention vs QDQ {db:.1} dB"
         );
     }
-    let worst = |v: &[&(String, String, f64)]| v.iter().map(|n| n.2).fold(f64::INFINITY, f64::min);
+    // Fused group norms are float: only rounding differs.
+    for (name, _, db) in &norms {
+        assert!(
+            *db > 100.0,
+            "{model} {name}: fused group norm vs graph {db:.1} dB"
+        );
+    }
+    let worst = |v: &[&Node]| v.iter().map(|n| n.2).fold(f64::INFINITY, f64::min);
     eprintln!(
-        "{model}: {} lowered nodes, each vs its QDQ form on the same inputs: worst {:.1} dB; \
-         {} fused attention nodes, worst {:.1} dB",
-        nodes.len(),
+        "{model}: {} int8 nodes, each vs its QDQ form on the same inputs: worst {:.1} dB; \
+         {} of them fused attention, worst {:.1} dB; {} fused group norms, worst {:.1} dB",
+        int8.len(),
         worst(&products),
         fused.len(),
-        worst(&fused)
+        worst(&fused),
+        norms.len(),
+        worst(&norms)
     );
-    nodes.len()
+    int8.len()
 }
 
 /// The bar of a fused attention node against its unfused QDQ form (see

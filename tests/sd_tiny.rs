@@ -157,7 +157,8 @@ fn denoiser_runs_external_data_weights_on_the_int8_kernels_as_the_qdq_graph_does
     // Fused attention nodes hold a float softmax computed otherwise than tract's, which
     // moves a code of P by one step near a rounding boundary (tests/int8.rs: 60 dB bar).
     let nodes = lowered_nodes_vs_qdq(q, &x);
-    assert_eq!(nodes.len(), 256 + 32);
+    let group_norm = tfmqc_runtime::group_norm::GROUP_NORM;
+    assert_eq!(nodes.iter().filter(|n| n.1 != group_norm).count(), 256 + 32);
     for (name, op, db) in &nodes {
         let bar = if op == tfmqc_runtime::int8_attention::QATTENTION {
             60.0

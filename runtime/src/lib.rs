@@ -5,6 +5,7 @@
 pub mod denoiser;
 pub mod engine;
 pub mod error;
+pub mod group_norm;
 pub mod int8_attention;
 pub mod int8_gemm;
 pub mod int8_matmul;

@@ -84,7 +84,12 @@ impl<'g> Index<'g> {
 
     /// Whether `value` is read exactly once (by one node input; not a graph output).
     pub fn read_once(&self, value: &str) -> bool {
-        self.readers.get(value) == Some(&1)
+        self.readers(value) == 1
+    }
+
+    /// How many node inputs and graph outputs read `value`.
+    pub fn readers(&self, value: &str) -> usize {
+        self.readers.get(value).copied().unwrap_or(0)
     }
 
     pub fn initializer(&self, name: &str) -> Option<&'g pb::TensorProto> {
@@ -141,12 +146,14 @@ struct Plan {
 }
 
 impl Plan {
-    /// Rewritten nodes that stay in the graph (a product fused into an attention node
-    /// is rewritten, then left dead).
+    /// Rewritten nodes on the int8 kernels that stay in the graph (a product fused into
+    /// an attention node is rewritten, then left dead; fused group norms are float).
     fn lowered(&self) -> usize {
         self.replaced
-            .keys()
-            .filter(|&&i| self.live_nodes[i])
+            .iter()
+            .filter(|&(&i, &r)| {
+                self.live_nodes[i] && self.rewrites[r].node.op_type != crate::group_norm::GROUP_NORM
+            })
             .count()
     }
 }
@@ -167,7 +174,8 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
         let rewrite = crate::int8_ops::match_conv(&ix, n)
             .or_else(|| crate::int8_gemm::match_gemm(&ix, n))
             .or_else(|| crate::int8_attention::match_attention(&ix, n))
-            .or_else(|| crate::int8_matmul::match_matmul(&ix, n));
+            .or_else(|| crate::int8_matmul::match_matmul(&ix, n))
+            .or_else(|| crate::group_norm::match_group_norm(&ix, n));
         if let Some(r) = rewrite {
             replaced.insert(i, rewrites.len());
             rewrites.push(r);
@@ -232,7 +240,7 @@ fn weight_attr(t: pb::TensorProto) -> pb::AttributeProto {
 /// nodes (no copy). `model_dir` is where external data is found (scales and biases are
 /// read here; weights stay references until the op builder packs them); `keep` names
 /// values that must stay computable besides the graph outputs. Returns how many nodes
-/// were lowered.
+/// run on the int8 kernels (fused group norms not counted).
 pub fn lower_int8(
     proto: &mut pb::ModelProto,
     model_dir: Option<&Path>,

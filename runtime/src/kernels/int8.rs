@@ -40,7 +40,7 @@ mod conv;
 mod gemm;
 mod micro;
 mod pack;
-mod par;
+pub(crate) mod par;
 mod sink;
 
 #[cfg(test)]
