@@ -146,6 +146,8 @@ fn main() {
     // Products of two activations (one batch-head of attention).
     for &(m, k, n) in &[
         (256usize, 32usize, 256usize),
+        (256, 4, 256),
+        (256, 256, 4),
         (1024, 40, 1024),
         (1024, 1024, 40),
         (4096, 40, 4096),
@@ -169,7 +171,12 @@ fn main() {
         );
     }
     // Fused attention over [B*H] heads: q [M, D], k [N, D], v [N, D].
-    for &(bh, t, d) in &[(8usize, 256usize, 32usize), (16, 1024, 40), (16, 4096, 40)] {
+    for &(bh, t, d) in &[
+        (16usize, 256usize, 4usize),
+        (8, 256, 32),
+        (16, 1024, 40),
+        (16, 4096, 40),
+    ] {
         let q = vals(bh * t * d, 0.37);
         let k = vals(bh * t * d, 0.29);
         let v = vals(bh * t * d, 0.13);
