@@ -127,6 +127,11 @@ pub fn attention_quantize(
     if heads == 0 || m == 0 || dv == 0 {
         return;
     }
+    if n == 0 {
+        // No keys: P·V sums nothing.
+        out.fill(0.0);
+        return;
+    }
     // Work in multiply-adds, the softmax of a score counted as SOFTMAX_MACS of them.
     let split = par::worth_splitting(heads * m * n * (d + dv + SOFTMAX_MACS));
     // Per head: Kᵀ and V quantized and packed (the vector sides of the two products), and
