@@ -263,10 +263,11 @@ fn bench_profile_lists_time_per_op_kind() {
             && o["op"].is_string()));
         let ms: Vec<f64> = ops.iter().map(|o| o["ms"].as_f64().unwrap()).collect();
         assert!(ms.windows(2).all(|w| w[0] >= w[1]), "longest first: {ms:?}");
-        // The runtime's int8 ops (TfmqcQConv, TfmqcQMatMul, ...): every lowered node.
+        // The runtime's int8 ops (TfmqcQConv, TfmqcQMatMul, TfmqcQAttention, ...): every
+        // lowered node (its fused float ops, such as TfmqcGroupNorm, are not int8 ops).
         let int8_nodes: u64 = ops
             .iter()
-            .filter(|o| o["op"].as_str().unwrap().starts_with("Tfmqc"))
+            .filter(|o| o["op"].as_str().unwrap().starts_with("TfmqcQ"))
             .map(|o| o["nodes"].as_u64().unwrap())
             .sum();
         assert_eq!(Some(int8_nodes), r["int8_ops"].as_u64(), "{}", r["engine"]);

@@ -129,3 +129,183 @@ fn quantize_trained_ddpm() {
     tfmqc_passes::canonicalize::infer_types(&mut m).unwrap();
     snapshot("quantize_ddpm_digits", &print::model_text(&m));
 }
+
+/// The runtime's load-time lowering of the patterns it fuses, on a hand-built QDQ graph:
+/// diffusers' attention (`MatMul` Q·Kᵀ, `Mul` by a constant, `Softmax`, Q/DQ of P,
+/// `MatMul` P·V), guided-diffusion's (`Einsum` forms with P on the right of a transposed
+/// output, no score scale), a group norm + SiLU (`Reshape`, `InstanceNormalization`,
+/// `Reshape` by `Shape(x)`, γ, β, `x·Sigmoid(x)`) and one without SiLU (constant shape
+/// back). Every node tract is handed, with its attributes.
+#[test]
+fn lower_fused_patterns() {
+    let mut g = Graph::new("fused");
+    let dims = |d: &[i64]| d.iter().map(|&v| Dim::Known(v)).collect::<Vec<_>>();
+    for (name, shape) in [
+        ("q", &[2, 4, 6, 8][..]),
+        ("k", &[2, 4, 8, 5]),
+        ("v", &[2, 4, 5, 8]),
+        ("eq", &[3, 8, 6]),
+        ("ek", &[3, 8, 5]),
+        ("ev", &[3, 7, 5]),
+        ("x", &[2, 8, 3, 3]),
+    ] {
+        g.inputs.push(ValueInfo::new(name, DType::F32, dims(shape)));
+    }
+    let scalar = |v: f32| Tensor::scalar(v);
+    for (name, t) in [
+        ("sq", scalar(0.02)),
+        ("zq", Tensor::scalar(128u8)),
+        ("sk", scalar(0.03)),
+        ("zk", Tensor::scalar(120u8)),
+        ("sv", scalar(0.05)),
+        ("zv", Tensor::scalar(130u8)),
+        ("sp", scalar(1.0 / 255.0)),
+        ("zp", Tensor::scalar(0u8)),
+        ("c", scalar(0.125)),
+        ("gs", Tensor::from_vec(vec![4], &[1.0f32; 4])),
+        ("gb", Tensor::from_vec(vec![4], &[0.0f32; 4])),
+        ("split", Tensor::from_vec(vec![3], &[0i64, 4, -1])),
+        ("back", Tensor::from_vec(vec![4], &[0i64, 8, 3, 3])),
+        ("gamma", Tensor::from_vec(vec![8, 1, 1], &[1.5f32; 8])),
+        ("beta", Tensor::from_vec(vec![8, 1, 1], &[0.25f32; 8])),
+    ] {
+        g.initializers.insert(name.into(), t);
+    }
+    for out in ["o", "eo", "y", "y2"] {
+        g.outputs.push(ValueInfo {
+            name: out.into(),
+            ..Default::default()
+        });
+    }
+    let qdq = |v: &str, s: &str, z: &str| {
+        [
+            node(
+                &format!("q_{v}"),
+                "QuantizeLinear",
+                &[v, s, z],
+                &format!("{v}_q"),
+            ),
+            node(
+                &format!("dq_{v}"),
+                "DequantizeLinear",
+                &[&format!("{v}_q"), s, z],
+                &format!("{v}_d"),
+            ),
+        ]
+    };
+    let mut nodes = vec![];
+    for (v, s, z) in [
+        ("q", "sq", "zq"),
+        ("k", "sk", "zk"),
+        ("v", "sv", "zv"),
+        ("eq", "sq", "zq"),
+        ("ek", "sk", "zk"),
+        ("ev", "sv", "zv"),
+        ("p", "sp", "zp"),
+        ("ep", "sp", "zp"),
+    ] {
+        nodes.extend(qdq(v, s, z));
+    }
+    nodes.extend([
+        node("qk", "MatMul", &["q_d", "k_d"], "s"),
+        node("scale", "Mul", &["s", "c"], "sc"),
+        node("softmax", "Softmax", &["sc"], "p").with_attr(attr::int("axis", -1)),
+        node("pv", "MatMul", &["p_d", "v_d"], "o"),
+        node("eqk", "Einsum", &["eq_d", "ek_d"], "es")
+            .with_attr(attr::string("equation", "bct,bcs->bts")),
+        node("esoftmax", "Softmax", &["es"], "ep").with_attr(attr::int("axis", -1)),
+        node("epv", "Einsum", &["ev_d", "ep_d"], "eo")
+            .with_attr(attr::string("equation", "bcs,bts->bct")),
+        node("r1", "Reshape", &["x", "split"], "xr"),
+        node("in", "InstanceNormalization", &["xr", "gs", "gb"], "xn")
+            .with_attr(attr::float("epsilon", 1e-5)),
+        node("shape", "Shape", &["x"], "xs"),
+        node("r2", "Reshape", &["xn", "xs"], "xb"),
+        node("gamma", "Mul", &["xb", "gamma"], "xg"),
+        node("beta", "Add", &["xg", "beta"], "xa"),
+        node("sig", "Sigmoid", &["xa"], "xsig"),
+        node("silu", "Mul", &["xa", "xsig"], "y"),
+        node("r1b", "Reshape", &["y", "split"], "yr"),
+        node("inb", "InstanceNormalization", &["yr", "gs", "gb"], "yn"),
+        node("r2b", "Reshape", &["yn", "back"], "yb"),
+        node("gammab", "Mul", &["gamma", "yb"], "yg"),
+        node("betab", "Add", &["yg", "beta"], "y2"),
+    ]);
+    for nd in nodes {
+        g.add_node(nd).unwrap();
+    }
+    let dir = tmpdir();
+    let path = dir.path().join("fused.onnx");
+    save_graph(g, &path);
+    let mut proto = tfmqc_runtime::engine::read_proto(&path).unwrap();
+    let count = tfmqc_runtime::lower::lower_int8(&mut proto, None, &[]).unwrap();
+    let graph = proto.graph.as_ref().unwrap();
+    let mut text = format!("{count} nodes on the int8 kernels\n");
+    for n in &graph.node {
+        text += &format!("{} {} {:?} -> {:?}\n", n.op_type, n.name, n.input, n.output);
+        for a in &n.attribute {
+            let value = match a.r#type {
+                1 => format!("{}", a.f),
+                2 => format!("{}", a.i),
+                3 => String::from_utf8_lossy(&a.s).to_string(),
+                6 => format!("{:?}", a.floats),
+                7 => format!("{:?}", a.ints),
+                _ => format!("type {}", a.r#type),
+            };
+            text += &format!("    {} = {value}\n", a.name);
+        }
+    }
+    text += &format!(
+        "initializers: {:?}\n",
+        graph
+            .initializer
+            .iter()
+            .map(|t| &t.name)
+            .collect::<Vec<_>>()
+    );
+    snapshot("lower_fused_patterns", &text);
+    // The lowered graph loads and runs in tract, with the shapes of the original.
+    let (engine, _) =
+        tfmqc_runtime::Engine::load_int8(&path, tfmqc_runtime::Optimize::Full).unwrap();
+    let inputs: Tensors = g_inputs(&path);
+    let out = tract_run_engine(&engine, &inputs);
+    let float = tract_run(&path, &inputs);
+    for name in ["o", "eo", "y", "y2"] {
+        assert_eq!(out[name].shape, float[name].shape, "{name}");
+        let one = |t: &Tensors| Tensors::from([(name.to_string(), t[name].clone())]);
+        let db = sqnr_db(&one(&float), &one(&out));
+        assert!(db > 40.0, "{name}: fused vs graph {db:.1} dB");
+    }
+}
+
+/// Deterministic inputs for every graph input of a saved model.
+fn g_inputs(path: &std::path::Path) -> Tensors {
+    let proto = tfmqc_runtime::engine::read_proto(path).unwrap();
+    let g = proto.graph.unwrap();
+    g.input
+        .iter()
+        .map(|i| {
+            let shape: Vec<usize> = match &i.r#type.as_ref().unwrap().value {
+                Some(tfmqc_runtime::pb::type_proto::Value::TensorType(t)) => t
+                    .shape
+                    .as_ref()
+                    .unwrap()
+                    .dim
+                    .iter()
+                    .map(|d| match d.value {
+                        Some(
+                            tfmqc_runtime::pb::tensor_shape_proto::dimension::Value::DimValue(v),
+                        ) => v as usize,
+                        _ => 1,
+                    })
+                    .collect(),
+                _ => unreachable!(),
+            };
+            let len: usize = shape.iter().product();
+            let vals: Vec<f32> = (0..len)
+                .map(|j| ((j as f32) * 0.71 + i.name.len() as f32).sin() * 2.0)
+                .collect();
+            (i.name.clone(), Tensor::from_vec(shape, &vals))
+        })
+        .collect()
+}

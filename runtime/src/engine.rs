@@ -165,6 +165,14 @@ impl Engine {
                 crate::int8_matmul::QMATMUL,
                 crate::int8_matmul::build_qmatmul,
             );
+            framework.op_register.insert(
+                crate::int8_attention::QATTENTION,
+                crate::int8_attention::build_qattention,
+            );
+            framework.op_register.insert(
+                crate::group_norm::GROUP_NORM,
+                crate::group_norm::build_group_norm,
+            );
         }
         let parsed = framework
             .parse(proto, model_dir)

@@ -41,7 +41,7 @@ pub struct QMatMul {
 impl Eq for QMatMul {}
 
 /// Matrix dims `(rows, cols)` of an operand as stored, and its batch dims.
-fn split<D: DimLike>(shape: &[D]) -> TractResult<(&[D], &D, &D)> {
+pub(crate) fn split<D: DimLike>(shape: &[D]) -> TractResult<(&[D], &D, &D)> {
     ensure!(
         shape.len() >= 2,
         "{QMATMUL} takes operands of rank ≥ 2, got {shape:?}"
@@ -51,7 +51,7 @@ fn split<D: DimLike>(shape: &[D]) -> TractResult<(&[D], &D, &D)> {
 }
 
 /// ONNX (numpy) broadcasting of two batch shapes.
-fn broadcast<D: DimLike>(a: &[D], b: &[D]) -> TractResult<TVec<D>> {
+pub(crate) fn broadcast<D: DimLike>(a: &[D], b: &[D]) -> TractResult<TVec<D>> {
     let r = a.len().max(b.len());
     let at = |s: &[D], i: usize| -> D {
         let pad = r - s.len();
@@ -107,7 +107,7 @@ impl Op for QMatMul {
 
 /// Offset of batch index `flat` (in the broadcast batch shape `out`) into an operand with
 /// batch dims `dims` (broadcast dims of size 1 stay at 0) and matrix size `mat`.
-fn batch_offset(flat: usize, out: &[usize], dims: &[usize], mat: usize) -> usize {
+pub(crate) fn batch_offset(flat: usize, out: &[usize], dims: &[usize], mat: usize) -> usize {
     let pad = out.len() - dims.len();
     let (mut rest, mut offset, mut stride) = (flat, 0, mat);
     for i in (0..out.len()).rev() {
@@ -214,11 +214,11 @@ pub fn build_qmatmul(
 
 /// How an Einsum of two operands maps onto a (batched) matrix product.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct EinsumForm {
-    x_transposed: bool,
-    y_transposed: bool,
+pub(crate) struct EinsumForm {
+    pub x_transposed: bool,
+    pub y_transposed: bool,
     /// The output is `[.., N, M]`: the product of the swapped operands.
-    out_transposed: bool,
+    pub out_transposed: bool,
 }
 
 /// Reads `"<batch>mk,<batch>kn-><batch>mn"` in any of its transposed forms: both inputs
@@ -257,27 +257,41 @@ fn einsum_form(equation: &str) -> Option<EinsumForm> {
     })
 }
 
+/// How a two-input `MatMul` or `Einsum` node multiplies its operands, if it is a (batched)
+/// matrix product.
+pub(crate) fn product_form(n: &pb::NodeProto) -> Option<EinsumForm> {
+    if n.input.len() != 2 {
+        return None;
+    }
+    match n.op_type.as_str() {
+        "MatMul" => Some(EinsumForm {
+            x_transposed: false,
+            y_transposed: false,
+            out_transposed: false,
+        }),
+        "Einsum" => {
+            let eq = n.attribute.iter().find(|a| a.name == "equation")?;
+            einsum_form(&String::from_utf8_lossy(&eq.s))
+        }
+        _ => None,
+    }
+}
+
+/// The rank of an `Einsum`'s operands (from its equation), `None` for other nodes.
+pub(crate) fn einsum_rank(n: &pb::NodeProto) -> Option<usize> {
+    let eq = n.attribute.iter().find(|a| a.name == "equation")?;
+    let eq = String::from_utf8_lossy(&eq.s);
+    let lhs = eq.split("->").next()?.split(',').next()?;
+    Some(lhs.chars().filter(|c| c.is_ascii_alphabetic()).count())
+}
+
 /// A `MatMul` (or two-operand `Einsum` of matrix-product form) whose two inputs both
 /// come through activation Q/DQ with constant per-tensor scales as a `TfmqcQMatMul` node.
 /// Tried after the weight products ([`crate::lower`]): a constant weight is not an
 /// activation Q/DQ, so those never match here.
 pub(crate) fn match_matmul(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     use pb::attribute_proto::AttributeType as T;
-    if n.input.len() != 2 {
-        return None;
-    }
-    let form = match n.op_type.as_str() {
-        "MatMul" => EinsumForm {
-            x_transposed: false,
-            y_transposed: false,
-            out_transposed: false,
-        },
-        "Einsum" => {
-            let eq = n.attribute.iter().find(|a| a.name == "equation")?;
-            einsum_form(&String::from_utf8_lossy(&eq.s))?
-        }
-        _ => return None,
-    };
+    let form = product_form(n)?;
     let x = activation_qdq(ix, &n.input[0])?;
     let y = activation_qdq(ix, &n.input[1])?;
     // outᵀ = yᵀ·xᵀ: a transposed output is the product of the swapped operands, each

@@ -5,6 +5,8 @@
 pub mod denoiser;
 pub mod engine;
 pub mod error;
+pub mod group_norm;
+pub mod int8_attention;
 pub mod int8_gemm;
 pub mod int8_matmul;
 pub mod int8_ops;

@@ -35,6 +35,8 @@ pub(crate) struct Rewrite {
 pub(crate) struct Index<'g> {
     pub graph: &'g pb::GraphProto,
     producers: HashMap<&'g str, usize>,
+    /// How many node inputs and graph outputs read each value.
+    readers: HashMap<String, usize>,
     initializers: HashMap<&'g str, usize>,
     model_dir: Option<&'g Path>,
     data: RefCell<DataFiles>,
@@ -50,6 +52,15 @@ impl<'g> Index<'g> {
                 producers.insert(o.as_str(), i);
             }
         }
+        let mut reads_of = vec![];
+        for n in &graph.node {
+            reads(n, &mut reads_of);
+        }
+        reads_of.extend(graph.output.iter().map(|o| o.name.clone()));
+        let mut readers = HashMap::new();
+        for v in reads_of {
+            *readers.entry(v).or_default() += 1;
+        }
         let initializers = graph
             .initializer
             .iter()
@@ -59,6 +70,7 @@ impl<'g> Index<'g> {
         Index {
             graph,
             producers,
+            readers,
             initializers,
             model_dir,
             data: RefCell::default(),
@@ -68,6 +80,16 @@ impl<'g> Index<'g> {
 
     pub fn producer(&self, value: &str) -> Option<&'g pb::NodeProto> {
         self.producers.get(value).map(|&i| &self.graph.node[i])
+    }
+
+    /// Whether `value` is read exactly once (by one node input; not a graph output).
+    pub fn read_once(&self, value: &str) -> bool {
+        self.readers(value) == 1
+    }
+
+    /// How many node inputs and graph outputs read `value`.
+    pub fn readers(&self, value: &str) -> usize {
+        self.readers.get(value).copied().unwrap_or(0)
     }
 
     pub fn initializer(&self, name: &str) -> Option<&'g pb::TensorProto> {
@@ -123,6 +145,19 @@ struct Plan {
     live_initializers: Vec<bool>,
 }
 
+impl Plan {
+    /// Rewritten nodes on the int8 kernels that stay in the graph (a product fused into
+    /// an attention node is rewritten, then left dead; fused group norms are float).
+    fn lowered(&self) -> usize {
+        self.replaced
+            .iter()
+            .filter(|&(&i, &r)| {
+                self.live_nodes[i] && self.rewrites[r].node.op_type != crate::group_norm::GROUP_NORM
+            })
+            .count()
+    }
+}
+
 fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result<Plan> {
     let ix = Index::new(g, model_dir);
     let mut replaced = HashMap::new();
@@ -134,9 +169,13 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
         // Weight products first: a MatMul with a constant int8 weight is a QGemm; one of
         // two quantized activations is a QMatMul (a weight's DequantizeLinear reads an
         // initializer, never a QuantizeLinear, so the two never both match).
+        // Attention (`P·V` of a quantized softmax of a quantized product) before the
+        // plain products: its score product is then left dead, unless read elsewhere.
         let rewrite = crate::int8_ops::match_conv(&ix, n)
             .or_else(|| crate::int8_gemm::match_gemm(&ix, n))
-            .or_else(|| crate::int8_matmul::match_matmul(&ix, n));
+            .or_else(|| crate::int8_attention::match_attention(&ix, n))
+            .or_else(|| crate::int8_matmul::match_matmul(&ix, n))
+            .or_else(|| crate::group_norm::match_group_norm(&ix, n));
         if let Some(r) = rewrite {
             replaced.insert(i, rewrites.len());
             rewrites.push(r);
@@ -201,7 +240,7 @@ fn weight_attr(t: pb::TensorProto) -> pb::AttributeProto {
 /// nodes (no copy). `model_dir` is where external data is found (scales and biases are
 /// read here; weights stay references until the op builder packs them); `keep` names
 /// values that must stay computable besides the graph outputs. Returns how many nodes
-/// were lowered.
+/// run on the int8 kernels (fused group norms not counted).
 pub fn lower_int8(
     proto: &mut pb::ModelProto,
     model_dir: Option<&Path>,
@@ -211,7 +250,7 @@ pub fn lower_int8(
         return Ok(0);
     };
     let plan = plan(g, model_dir, keep)?;
-    let count = plan.rewrites.len();
+    let count = plan.lowered();
     let mut users: HashMap<String, usize> = HashMap::new();
     for r in &plan.rewrites {
         if let Some(w) = &r.weight {
@@ -286,7 +325,7 @@ pub fn lowered_int8(
         return Ok((proto.clone(), 0));
     };
     let plan = plan(g, model_dir, keep)?;
-    let count = plan.rewrites.len();
+    let count = plan.lowered();
     let initializers: HashMap<&str, &pb::TensorProto> =
         g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut rewrites: Vec<Option<Rewrite>> = plan.rewrites.into_iter().map(Some).collect();

@@ -277,53 +277,64 @@ pub fn sqnr_db(reference: &Tensors, other: &Tensors) -> f64 {
 /// Q/DQ inputs is cut out of `q` into a one-node model, fed the values it reads when the
 /// whole model runs on `inputs` (captured from the QDQ graph in tract), and run both as
 /// the QDQ graph (tract, in float) and lowered (the int8 kernels). Returns
-/// `(node output, SQNR of int8 vs QDQ in dB)` per lowered node.
+/// `(node output, its op type, SQNR of int8 vs QDQ in dB)` per lowered node.
 ///
 /// Node by node, because whole-model outputs of a coarsely calibrated model amplify
 /// float-rounding differences: one activation one ulp from a rounding tie flips by one
 /// quantization step, and the quantizers after it grow that (a known property of the
 /// QDQ graph itself, see int8.rs).
-pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, f64)> {
+pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, f64)> {
     use tfmqc_runtime::pb;
     let proto = tfmqc_runtime::engine::read_proto(q).unwrap();
     let g = proto.graph.as_ref().unwrap();
     let dir = q.parent().map(|d| d.to_string_lossy().to_string());
     let model_dir = q.parent();
     let (lowered, _) = tfmqc_runtime::lower::lowered_int8(&proto, model_dir, &[]).unwrap();
-    let lowered_outputs: Vec<String> = lowered
+    // Per lowered node: its output, and the activations it reads (the values before
+    // their QuantizeLinear).
+    let lowered_nodes: Vec<(String, String, Vec<String>)> = lowered
         .graph
         .as_ref()
         .unwrap()
         .node
         .iter()
         .filter(|n| n.domain == "ai.tfmqc")
-        .map(|n| n.output[0].clone())
+        .map(|n| (n.output[0].clone(), n.op_type.clone(), n.input.clone()))
         .collect();
     let producer = |v: &str| g.node.iter().find(|p| p.output.iter().any(|o| o == v));
     let is_init = |v: &str| g.initializer.iter().any(|t| t.name == v);
-    // Per lowered node: the nodes of its one-node model and the activations it reads
-    // (the values before their QuantizeLinear).
+    // Per lowered node: the nodes of the QDQ graph it replaces (from its output back to
+    // what it reads: its Q/DQ pairs and, for a fused node, the chain inside), as a model.
     let mut cuts = vec![];
-    for out in &lowered_outputs {
-        let node = producer(out).unwrap();
-        let (mut nodes, mut reads) = (vec![], vec![]);
-        for input in node.input.iter().filter(|i| !i.is_empty() && !is_init(i)) {
-            let dq = producer(input).unwrap();
-            assert_eq!(dq.op_type, "DequantizeLinear", "{out} reads {input}");
-            match producer(&dq.input[0]) {
-                Some(qn) => {
-                    assert_eq!(qn.op_type, "QuantizeLinear");
-                    reads.push(qn.input[0].clone());
-                    nodes.push(qn.clone());
-                }
-                None => assert!(is_init(&dq.input[0]), "{input}"),
+    for (out, op, reads) in &lowered_nodes {
+        let mut nodes: Vec<pb::NodeProto> = vec![];
+        let mut stack = vec![out.clone()];
+        while let Some(v) = stack.pop() {
+            if reads.contains(&v) || is_init(&v) {
+                continue;
             }
-            nodes.push(dq.clone());
+            let node = producer(&v).unwrap_or_else(|| panic!("{out}: {v} has no producer"));
+            if nodes
+                .iter()
+                .any(|n| n.name == node.name && n.output == node.output)
+            {
+                continue;
+            }
+            assert!(
+                !["Relu", "Conv", "Gemm"].contains(&node.op_type.as_str()) || v == *out,
+                "{out}: the cut reaches {} {}",
+                node.op_type,
+                node.name
+            );
+            nodes.push(node.clone());
+            stack.extend(node.input.iter().filter(|i| !i.is_empty()).cloned());
         }
-        nodes.push(node.clone());
-        cuts.push((out.clone(), nodes, reads));
+        // In graph order (the file's nodes are topologically sorted).
+        let position = |n: &pb::NodeProto| g.node.iter().position(|m| m.output == n.output);
+        nodes.sort_by_key(|n| position(n));
+        cuts.push((out.clone(), op.clone(), nodes, reads.clone()));
     }
-    let mut wanted: Vec<String> = cuts.iter().flat_map(|c| c.2.clone()).collect();
+    let mut wanted: Vec<String> = cuts.iter().flat_map(|c| c.3.clone()).collect();
     wanted.sort();
     wanted.dedup();
     let full = tfmqc_runtime::Optimize::Full;
@@ -331,7 +342,7 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, f64)> {
         tfmqc_runtime::Engine::from_proto(&proto, dir.as_deref(), Some(&wanted), full).unwrap();
     let values = tract_run_engine(&capture, inputs);
     let mut results = vec![];
-    for (out, nodes, reads) in cuts {
+    for (out, op, nodes, reads) in cuts {
         let used: std::collections::HashSet<String> =
             nodes.iter().flat_map(|n| n.input.iter().cloned()).collect();
         let value_info = |name: &str, shape: Option<&[usize]>| pb::ValueInfoProto {
@@ -383,12 +394,14 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, f64)> {
         let qdq = tfmqc_runtime::Engine::from_proto(&cut, dir.as_deref(), None, full).unwrap();
         let (int8, n) =
             tfmqc_runtime::Engine::from_proto_int8(&cut, dir.as_deref(), None, full).unwrap();
-        assert_eq!(n, 1, "{out}: the cut-out node is lowered");
+        // (Fused group norms are float: not counted among int8 nodes.)
+        let int8_nodes = (op != tfmqc_runtime::group_norm::GROUP_NORM) as usize;
+        assert_eq!(n, int8_nodes, "{out}: the cut-out node is lowered");
         let db = sqnr_db(
             &tract_run_engine(&qdq, &feed),
             &tract_run_engine(&int8, &feed),
         );
-        results.push((out, db));
+        results.push((out, op, db));
     }
     results
 }

@@ -35,16 +35,18 @@
 //! Requantized output is `clamp(round_half_even(dequant / out_scale) + out_zp)`, the ONNX
 //! `QuantizeLinear` rule.
 
+mod attention;
 mod conv;
 mod gemm;
 mod micro;
 mod pack;
-mod par;
+pub(crate) mod par;
 mod sink;
 
 #[cfg(test)]
 mod tests;
 
+pub use attention::{attention_quantize, AttentionOperand, AttentionShape, ProbQuant, ScoreScale};
 pub use conv::{conv2d, conv2d_quantize, conv2d_u8i8};
 pub use gemm::{gemm, gemm_quantize, gemm_u8i8, gemm_u8i8_f32, matmul_quantize, QuantOperand};
 pub use pack::{ConvGeometry, PackedConvWeights, PackedWeights, Packing, WeightLayout};

@@ -1,2 +1,3 @@
 //! Numeric kernels of the runtime (plain Rust on slices, no tract types).
 pub mod int8;
+pub mod norm;

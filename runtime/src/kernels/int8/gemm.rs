@@ -59,7 +59,7 @@ pub fn gemm<A: QuantInt>(
 ) {
     let zp = a_zero_point.to_i32();
     let center = move |v: A| v.to_i32() - zp;
-    gemm_run(backend, a, m, k, center, zp + A::TO_U8, w, out)
+    gemm_run(backend, a, m, k, center, zp + A::TO_U8, w, out, true)
 }
 
 /// GEMM of f32 activations `a[m, k]` quantized on the fly to u8 with `scale` and
@@ -86,6 +86,7 @@ pub fn gemm_quantize(
         zp,
         w,
         out,
+        true,
     )
 }
 
@@ -102,9 +103,11 @@ struct Blocking {
 }
 
 /// `center(v)` is the activation minus its zero point (what pairs hold); `center(v) +
-/// zero_u8` is the activation as u8, `0..=255` (what quads hold).
+/// zero_u8` is the activation as u8, `0..=255` (what quads hold). `parallel`: the call
+/// may split over the pool (false inside a unit of work that already runs on it; the
+/// result is the same either way).
 #[allow(clippy::too_many_arguments)]
-fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
+pub(crate) fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     backend: Backend,
     a: &[A],
     m: usize,
@@ -113,6 +116,7 @@ fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     zero_u8: i32,
     w: &PackedWeights,
     out: Output,
+    parallel: bool,
 ) {
     let n = w.n();
     assert_eq!(
@@ -144,7 +148,7 @@ fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     let nkb = ksteps.div_ceil(kcs).max(1);
     let mc_cache = (CHUNK_BYTES / 4 / kcs).clamp(MR, 64 * MR) / MR * MR;
     // Enough chunks to keep every thread busy.
-    let split = par::worth_splitting(m * n * k);
+    let split = parallel && par::worth_splitting(m * n * k);
     let threads = if split { par::threads() } else { 1 };
     let mc = mc_cache.min(m.div_ceil(threads).div_ceil(MR) * MR);
     let bl = Blocking {

@@ -949,3 +949,177 @@ fn matmul_of_two_quantized_activations_is_exact() {
         }
     }
 }
+
+/// The unfused reference of one attention head on the kernels that run the unfused graph:
+/// `Q·Kᵀ` by [`matmul_quantize`], the score scale, [`attention::softmax_rows`], `P·V` by
+/// [`matmul_quantize`] of the dequantized codes (which quantize back to the same codes).
+#[allow(clippy::too_many_arguments)]
+fn attention_ref(
+    q: &AttentionOperand,
+    k: &AttentionOperand,
+    v: &AttentionOperand,
+    sc: ScoreScale,
+    p: ProbQuant,
+    (m, n, d, dv): (usize, usize, usize, usize),
+    [qo, ko, vo]: [usize; 3],
+) -> Vec<f32> {
+    fn op<'a>(o: &AttentionOperand<'a>, off: usize, len: usize) -> QuantOperand<'a> {
+        QuantOperand {
+            values: &o.values[off..off + len],
+            transposed: o.transposed,
+            scale: o.scale,
+            zero_point: o.zero_point,
+        }
+    }
+    let mut s = vec![0f32; m * n];
+    matmul_quantize(
+        Backend::Auto,
+        op(q, qo, m * d),
+        op(k, ko, n * d),
+        m,
+        d,
+        n,
+        &mut s,
+    );
+    let mut codes = vec![0u8; m * n];
+    attention::softmax_rows(&mut s, &mut codes, n, sc, p);
+    let pd: Vec<f32> = codes
+        .iter()
+        .map(|&c| (c as i32 - p.zero_point as i32) as f32 * p.scale)
+        .collect();
+    let mut o = vec![0f32; m * dv];
+    matmul_quantize(
+        Backend::Auto,
+        QuantOperand {
+            values: &pd,
+            transposed: false,
+            scale: p.scale,
+            zero_point: p.zero_point,
+        },
+        op(v, vo, n * dv),
+        m,
+        n,
+        dv,
+        &mut o,
+    );
+    o
+}
+
+/// Fused attention computes, bit for bit, what the unfused products compute around the
+/// same softmax, for every storage order, score scale, output order and backend, with
+/// heads at arbitrary offsets (broadcast batch dims), on 1 and 3 threads.
+#[test]
+fn fused_attention_equals_the_unfused_products() {
+    use tract_linalg::multithread::{multithread_tract_scope, Executor};
+    let mut rng = Rng(41);
+    for case in 0..40 {
+        let heads = rng.range(1, 3);
+        let (m, n) = (rng.range(1, 70), rng.range(1, 300));
+        let (d, dv) = (rng.range(1, 20), rng.range(1, 20));
+        let sc = match case % 3 {
+            0 => ScoreScale::None,
+            1 => ScoreScale::Mul(0.37),
+            _ => ScoreScale::Div(2.5),
+        };
+        let p = ProbQuant {
+            scale: rng.pick(&[1.0 / 255.0, 0.0021, 0.004]),
+            zero_point: rng.pick(&[0, 0, 3]),
+        };
+        let (tq, tk, tv, to) = (case % 2 == 1, case % 4 >= 2, case % 8 >= 4, case % 5 == 0);
+        // Head 1 of K reuses head 0's values (a broadcast batch dim).
+        let offsets: Vec<[usize; 3]> = (0..heads).map(|h| [h * m * d, 0, h * n * dv]).collect();
+        let qv = floats(&mut rng, heads * m * d, 0.05);
+        let kv = floats(&mut rng, n * d, 0.04);
+        let vv = floats(&mut rng, heads * n * dv, 0.03);
+        let opnd = |values: &'static [f32], transposed: bool, scale: f32, zero_point: u8| {
+            AttentionOperand {
+                values,
+                transposed,
+                scale,
+                zero_point,
+            }
+        };
+        let leak = |v: Vec<f32>| -> &'static [f32] { Box::leak(v.into_boxed_slice()) };
+        let q = opnd(leak(qv), tq, 0.05, rng.byte());
+        let k = opnd(leak(kv), tk, 0.04, rng.byte());
+        let v = opnd(leak(vv), tv, 0.03, rng.byte());
+        let shape = AttentionShape { heads, m, n, d, dv };
+        let mut want = vec![0f32; heads * m * dv];
+        for h in 0..heads {
+            let o = attention_ref(&q, &k, &v, sc, p, (m, n, d, dv), offsets[h]);
+            for i in 0..m {
+                for c in 0..dv {
+                    let at = if to { c * m + i } else { i * dv + c };
+                    want[h * m * dv + at] = o[i * dv + c];
+                }
+            }
+        }
+        let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+        for be in backends() {
+            for threads in [1, 3] {
+                let mut got = vec![0f32; want.len()];
+                multithread_tract_scope(Executor::multithread(threads), || {
+                    attention_quantize(be, q, k, v, sc, p, shape, &offsets, &mut got, to)
+                });
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{be:?} {threads} threads {shape:?} q_t={tq} k_t={tk} v_t={tv} out_t={to} {sc:?}"
+                );
+            }
+        }
+    }
+}
+
+/// The softmax's `exp` is within 2 ulp of the true value on `[-87, 0]`.
+#[test]
+fn softmax_exp_is_accurate() {
+    let mut worst = 0f64;
+    for i in 0..=870_000 {
+        let x = -(i as f32) * 1e-4;
+        let got = attention::exp_nonpositive(x) as f64;
+        let want = (x as f64).exp();
+        worst = worst.max((got - want).abs() / want);
+    }
+    assert!(worst < 2.5e-7, "relative error {worst:e}");
+}
+
+/// The fused softmax's codes of P against an f64 softmax: equal, except by one step where
+/// the exact value lies within float rounding of a rounding boundary.
+#[test]
+fn softmax_codes_match_an_exact_softmax() {
+    let mut rng = Rng(42);
+    let (mut differ, mut total) = (0, 0);
+    for _ in 0..200 {
+        let n = rng.range(1, 700);
+        let spread = rng.pick(&[0.5f32, 4.0, 20.0]);
+        let mut s: Vec<f32> = (0..n)
+            .map(|_| (rng.next() as u32 as f32 / u32::MAX as f32 - 0.5) * spread)
+            .collect();
+        let p = ProbQuant {
+            scale: rng.pick(&[1.0 / 255.0, 0.0013]),
+            zero_point: 0,
+        };
+        let exact: Vec<f64> = {
+            let max = s.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let e: Vec<f64> = s.iter().map(|&x| (x as f64 - max).exp()).collect();
+            let sum: f64 = e.iter().sum();
+            e.iter().map(|x| x / sum / p.scale as f64).collect()
+        };
+        let mut codes = vec![0u8; n];
+        attention::softmax_rows(&mut s, &mut codes, n, ScoreScale::None, p);
+        for (&c, &x) in codes.iter().zip(&exact) {
+            let want = x.round_ties_even().min(255.0);
+            total += 1;
+            if c as f64 != want {
+                differ += 1;
+                assert!(
+                    (c as f64 - want).abs() == 1.0
+                        && (x - x.floor() - 0.5).abs() < 1e-4 * x.max(1.0),
+                    "code {c} vs exact {x}"
+                );
+            }
+        }
+    }
+    eprintln!("{differ} of {total} codes one step off the exact softmax's");
+}

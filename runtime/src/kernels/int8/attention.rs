@@ -1,0 +1,424 @@
+//! Fused attention: `softmax(Q·Kᵀ)·V` with the activation quantizers of a QDQ graph, one
+//! block of query rows at a time, so the `[M, N]` score matrix never exists whole.
+//!
+//! Per (head, block of rows of Q), on one thread:
+//!
+//! 1. `S = (q(Q) − zq)·(q(Kᵀ) − zk)` exactly in i32 on the int8 GEMM (Q quantized in its
+//!    widening pass, Kᵀ quantized and packed once per head), dequantized as
+//!    `acc · (sq · sk)`: the very f32 values the unfused product writes;
+//! 2. optionally `S · c` or `S / c` (a constant the graph applies to the scores);
+//! 3. softmax along the row in f32 (max, `exp(s − max)` by a vectorized polynomial, sum,
+//!    `· (1 / sum)`), quantized straight to the u8 codes of P with the scale the file
+//!    gives (ONNX `QuantizeLinear`: round half to even, saturate);
+//! 4. `O = (P − zp)·(q(V) − zv)` exactly in i32 (V quantized and packed once per head),
+//!    written as `acc · (sp · sv)`.
+//!
+//! Steps 1, 2 and 4 compute what the unfused graph on the int8 kernels computes, bit for
+//! bit, given the same codes of P. Step 3 is float: its `exp` and summation order differ
+//! from tract's Softmax by a few ulps, which moves a code of P by one step where a value
+//! sits within that distance of a rounding boundary. Units are (head, row block) and a
+//! unit's arithmetic does not depend on which thread runs it: results are bit-identical
+//! for any thread count.
+
+use std::cell::RefCell;
+
+use super::gemm::gemm_run;
+use super::par::{self, Shared};
+use super::sink::quantize;
+use super::{Backend, Dequant, Isa, Output, PackedWeights, MR};
+
+/// One f32 operand of [`attention_quantize`] (all heads), quantized on the fly to u8 with
+/// `scale` and `zero_point`. Stored as the matrix product reads it (`Q[M, D]`, `Kᵀ[D, N]`,
+/// `V[N, Dv]`), or `transposed` (`[D, M]`, `[N, D]`, `[Dv, N]`).
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionOperand<'a> {
+    pub values: &'a [f32],
+    pub transposed: bool,
+    pub scale: f32,
+    pub zero_point: u8,
+}
+
+/// Sizes of one attention call: `heads` independent problems `Q[M, D]`, `Kᵀ[D, N]`,
+/// `V[N, Dv]`, output `[M, Dv]` each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub m: usize,
+    pub n: usize,
+    pub d: usize,
+    pub dv: usize,
+}
+
+/// What the graph does to the scores between the product and the softmax.
+#[derive(Clone, Copy, Debug, PartialEq, Default)]
+pub enum ScoreScale {
+    #[default]
+    None,
+    /// `S · c`
+    Mul(f32),
+    /// `S / c`
+    Div(f32),
+}
+
+/// The quantizer of the softmax output P.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ProbQuant {
+    pub scale: f32,
+    pub zero_point: u8,
+}
+
+/// What the softmax and P's quantizer cost per score, in the kernel's multiply-adds
+/// (~0.7 ns a score, the time of ~50 multiply-adds on the AVX-512 VNNI kernel): with short
+/// heads (4–8 channels) the softmax is most of the work.
+const SOFTMAX_MACS: usize = 48;
+
+/// Bytes of f32 scores one unit holds (its row block × N): L2-sized.
+const SCORE_BYTES: usize = 512 * 1024;
+
+/// Rows of Q per unit for `n` keys (a multiple of the micro-kernel's rows).
+pub(crate) fn block_rows(n: usize) -> usize {
+    (SCORE_BYTES / 4 / n.max(1)).clamp(MR, 16 * MR) / MR * MR
+}
+
+thread_local! {
+    /// A unit's scores and codes of P, kept per thread between calls.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// `out = DQ(Q(softmax(score(DQ(Q(q)) · DQ(Q(kᵀ)))))) · DQ(Q(v))` per head (see the module
+/// documentation). `offsets[h]` gives head `h`'s start in `q`, `k` and `v` (empty: heads
+/// are contiguous). `out` holds `[heads, M, Dv]`, or `[heads, Dv, M]` when
+/// `out_transposed`. Splits (head, row block) units over tract's current executor.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_quantize(
+    backend: Backend,
+    q: AttentionOperand,
+    k: AttentionOperand,
+    v: AttentionOperand,
+    score: ScoreScale,
+    p: ProbQuant,
+    shape: AttentionShape,
+    offsets: &[[usize; 3]],
+    out: &mut [f32],
+    out_transposed: bool,
+) {
+    let AttentionShape { heads, m, n, d, dv } = shape;
+    assert!(
+        offsets.is_empty() || offsets.len() == heads,
+        "int8 attention: one offset triple per head"
+    );
+    let offset = |h: usize| -> [usize; 3] {
+        if offsets.is_empty() {
+            [h * m * d, h * n * d, h * n * dv]
+        } else {
+            offsets[h]
+        }
+    };
+    for h in 0..heads {
+        let [qo, ko, vo] = offset(h);
+        assert!(
+            qo + m * d <= q.values.len()
+                && ko + n * d <= k.values.len()
+                && vo + n * dv <= v.values.len(),
+            "int8 attention: operand too short for its shape"
+        );
+    }
+    assert_eq!(out.len(), heads * m * dv, "int8 attention: output length");
+    if heads == 0 || m == 0 || dv == 0 {
+        return;
+    }
+    if n == 0 {
+        // No keys: P·V sums nothing.
+        out.fill(0.0);
+        return;
+    }
+    // Work in multiply-adds, the softmax of a score counted as SOFTMAX_MACS of them.
+    let split = par::worth_splitting(heads * m * n * (d + dv + SOFTMAX_MACS));
+    // Per head: Kᵀ and V quantized and packed (the vector sides of the two products), and
+    // Q row-major.
+    let mut packed: Vec<Option<(PackedWeights, PackedWeights, Vec<f32>)>> = vec![None; heads];
+    {
+        let slots = Shared::new(&mut packed);
+        par::for_each(heads, split, |h| {
+            let [qo, ko, vo] = offset(h);
+            let (ks, ns) = if k.transposed { (1, d) } else { (n, 1) };
+            let kp = PackedWeights::quantize_f32(
+                &k.values[ko..ko + n * d],
+                d,
+                n,
+                ks,
+                ns,
+                k.scale,
+                k.zero_point,
+            );
+            let (ks, ns) = if v.transposed { (1, n) } else { (dv, 1) };
+            let vp = PackedWeights::quantize_f32(
+                &v.values[vo..vo + n * dv],
+                n,
+                dv,
+                ks,
+                ns,
+                v.scale,
+                v.zero_point,
+            );
+            let qt = if q.transposed {
+                let src = &q.values[qo..qo + m * d];
+                let mut t = vec![0f32; m * d];
+                for (kk, col) in src.chunks_exact(m).enumerate() {
+                    for (i, &x) in col.iter().enumerate() {
+                        t[i * d + kk] = x;
+                    }
+                }
+                t
+            } else {
+                Vec::new()
+            };
+            // SAFETY: each h writes its own slot.
+            unsafe { slots.range(h, 1)[0] = Some((kp, vp, qt)) };
+        });
+    }
+    let mb = block_rows(n);
+    let blocks = m.div_ceil(mb);
+    let dest = Shared::new(out);
+    let isa = backend.isa();
+    par::for_each(heads * blocks, split, |u| {
+        let (h, rb) = (u / blocks, u % blocks);
+        let (kp, vp, qt) = packed[h].as_ref().expect("packed above");
+        let q_rows = if q.transposed {
+            &qt[..]
+        } else {
+            let qo = offset(h)[0];
+            &q.values[qo..qo + m * d]
+        };
+        let m0 = rb * mb;
+        let rows = (m - m0).min(mb);
+        let unit = Unit {
+            backend,
+            isa,
+            q: &q_rows[m0 * d..(m0 + rows) * d],
+            q_quant: (q.scale, q.zero_point),
+            k: kp,
+            k_scale: k.scale,
+            v: vp,
+            v_scale: v.scale,
+            score,
+            p,
+            rows,
+            n,
+            d,
+        };
+        SCRATCH.with(|s| {
+            let (scores, codes) = &mut *s.borrow_mut();
+            scores.resize(rows * n, 0.0);
+            codes.resize(rows * n, 0);
+            let base = h * m * dv;
+            if out_transposed {
+                let mut o = vec![0f32; rows * dv];
+                unit.run(scores, codes, &mut o);
+                for c in 0..dv {
+                    // SAFETY: units write disjoint (head, column, row block) ranges.
+                    let col = unsafe { dest.range(base + c * m + m0, rows) };
+                    for (i, x) in col.iter_mut().enumerate() {
+                        *x = o[i * dv + c];
+                    }
+                }
+            } else {
+                // SAFETY: units write disjoint (head, row block) ranges.
+                let o = unsafe { dest.range(base + m0 * dv, rows * dv) };
+                unit.run(scores, codes, o);
+            }
+        });
+    });
+}
+
+/// One (head, row block) of an attention call.
+struct Unit<'a> {
+    backend: Backend,
+    isa: Isa,
+    q: &'a [f32],
+    q_quant: (f32, u8),
+    k: &'a PackedWeights,
+    k_scale: f32,
+    v: &'a PackedWeights,
+    v_scale: f32,
+    score: ScoreScale,
+    p: ProbQuant,
+    rows: usize,
+    n: usize,
+    d: usize,
+}
+
+impl Unit<'_> {
+    /// `scores` and `codes` hold `rows × n`; `out` gets `rows × dv`.
+    fn run(&self, scores: &mut [f32], codes: &mut [u8], out: &mut [f32]) {
+        let (qs, qz) = self.q_quant;
+        let zq = qz as i32;
+        // 1. Q·Kᵀ, exactly as `matmul_quantize` computes it.
+        gemm_run(
+            self.backend,
+            self.q,
+            self.rows,
+            self.d,
+            move |x: f32| quantize(x, qs, zq, 0, 255) - zq,
+            zq,
+            self.k,
+            Output::F32 {
+                out: scores,
+                dequant: Dequant {
+                    a_scale: qs,
+                    w_scale: &[self.k_scale],
+                    bias: None,
+                },
+            },
+            false,
+        );
+        // 2–3. Scale, softmax, quantize P.
+        match self.isa {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX-512 F only when detected.
+            Isa::Avx512Vnni => unsafe {
+                softmax_rows_avx512(scores, codes, self.n, self.score, self.p)
+            },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: AVX2 only when detected.
+            Isa::Avx2 => unsafe { softmax_rows_avx2(scores, codes, self.n, self.score, self.p) },
+            _ => softmax_rows(scores, codes, self.n, self.score, self.p),
+        }
+        // 4. P·V, exactly as `matmul_quantize` computes it from the same codes.
+        let zp = self.p.zero_point as i32;
+        gemm_run(
+            self.backend,
+            codes,
+            self.rows,
+            self.n,
+            move |c: u8| c as i32 - zp,
+            zp,
+            self.v,
+            Output::F32 {
+                out,
+                dequant: Dequant {
+                    a_scale: self.p.scale,
+                    w_scale: &[self.v_scale],
+                    bias: None,
+                },
+            },
+            false,
+        );
+    }
+}
+
+/// [`softmax_rows`] compiled for AVX-512 (its loops vectorize 16 wide).
+///
+/// # Safety
+/// The CPU must support AVX-512 F (and AVX2).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,avx512f")]
+unsafe fn softmax_rows_avx512(s: &mut [f32], c: &mut [u8], n: usize, sc: ScoreScale, p: ProbQuant) {
+    softmax_rows(s, c, n, sc, p)
+}
+
+/// [`softmax_rows`] compiled for AVX2.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_rows_avx2(s: &mut [f32], c: &mut [u8], n: usize, sc: ScoreScale, p: ProbQuant) {
+    softmax_rows(s, c, n, sc, p)
+}
+
+/// Lanes of the softmax's partial maxima and sums (fixed: the result does not depend on
+/// the instruction set's width).
+const LANES: usize = 32;
+
+/// Softmax of each row of `s` (`n` values a row, scaled by `sc` first), quantized to the
+/// codes of P in `codes`. `s` is overwritten.
+#[inline(always)]
+pub(crate) fn softmax_rows(
+    s: &mut [f32],
+    codes: &mut [u8],
+    n: usize,
+    sc: ScoreScale,
+    p: ProbQuant,
+) {
+    let zp = p.zero_point as i32;
+    for (row, out) in s.chunks_exact_mut(n).zip(codes.chunks_exact_mut(n)) {
+        match sc {
+            ScoreScale::None => {}
+            ScoreScale::Mul(c) => row.iter_mut().for_each(|x| *x *= c),
+            ScoreScale::Div(c) => row.iter_mut().for_each(|x| *x /= c),
+        }
+        let max = row_max(row);
+        let sum = exp_sum(row, max);
+        // `e / sum / scale` as one multiply (a division per value would cost as much as
+        // the exp): rounding differs from the unfused graph's by an ulp or two.
+        let to_code = 1.0 / sum / p.scale;
+        for (o, &e) in out.iter_mut().zip(row.iter()) {
+            *o = quantize(e * to_code, 1.0, zp, 0, 255) as u8;
+        }
+    }
+}
+
+#[inline(always)]
+fn row_max(row: &[f32]) -> f32 {
+    let mut m = [f32::NEG_INFINITY; LANES];
+    let mut it = row.chunks_exact(LANES);
+    for c in &mut it {
+        for (a, &x) in m.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    let mut r = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &x in it.remainder() {
+        r = r.max(x);
+    }
+    r
+}
+
+/// Replaces each `x` of `row` by `exp(x − max)` and returns their sum (in `LANES` partial
+/// sums, then in order).
+#[inline(always)]
+fn exp_sum(row: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut it = row.chunks_exact_mut(LANES);
+    for c in &mut it {
+        for (a, x) in acc.iter_mut().zip(c.iter_mut()) {
+            *x = exp_nonpositive(*x - max);
+            *a += *x;
+        }
+    }
+    let mut tail = 0f32;
+    for x in it.into_remainder() {
+        *x = exp_nonpositive(*x - max);
+        tail += *x;
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// `exp(x)` for `x ≤ 0` (within ~2 ulp; `x < −87` gives `exp(−87)`, ~1.6e-38, which no
+/// 8-bit quantizer of a probability tells from 0): `2ⁿ · e^r` with `n = round(x / ln 2)`,
+/// `|r| ≤ ln 2 / 2`, `e^r` by its degree-7 Taylor polynomial. Branch-free, so the loops
+/// around it vectorize.
+#[inline(always)]
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 = LN2_HI + LN2_LO, LN2_HI with few mantissa bits, so that n · LN2_HI is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³
+    let x = x.clamp(-87.0, 0.0);
+    // Round to nearest through the mantissa of `t` (|x · log2 e| < 2²²), and read the
+    // integer back from its bits: no float-to-int conversion (which does not vectorize).
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let n_int = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
+    let r = (x - n * LN2_HI) - n * LN2_LO;
+    let poly = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
+    poly * two_n
+}
