@@ -598,20 +598,20 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let cli = Cli::try_parse_from(args).or_else(|e| match e.kind() {
-        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
-            let _ = e.print();
-            Err(None)
-        }
-        _ => Err(Some(Failure {
-            code: 1,
-            message: e.to_string().trim_end().to_string(),
-        })),
-    });
-    let cli = match cli {
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
-        Err(None) => return Ok(()),
-        Err(Some(f)) => return Err(f),
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                let _ = e.print();
+                return Ok(());
+            }
+            _ => {
+                return Err(Failure {
+                    code: 1,
+                    message: e.to_string().trim_end().to_string(),
+                })
+            }
+        },
     };
     dispatch(&cli)
 }
