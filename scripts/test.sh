@@ -15,7 +15,21 @@ if [ ! -f "$stamp" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$req"
   touch "$stamp"
 fi
-export TFMQC_PYTHON="$PWD/$venv/bin/python"
+# tests/python_api.rs runs `pip install .` in a fresh environment from these wheels.
+wheel_req=tests/python/requirements.txt
+wheels=target/wheelhouse
+wheel_stamp=$wheels/.complete
+if [ ! -f "$wheel_stamp" ] || ! cmp -s "$wheel_req" "$wheel_stamp"; then
+  echo "scripts/test.sh: downloading maturin and numpy into $wheels (once)" >&2
+  rm -rf "$wheels"
+  "$venv/bin/pip" download --quiet --disable-pip-version-check --dest "$wheels" -r "$wheel_req"
+  cp "$wheel_req" "$wheel_stamp"
+fi
+command -v cc >/dev/null || {
+  echo "scripts/test.sh: tests/c_api.rs needs a C compiler (cc); installing gcc" >&2
+  apt-get update -qq && apt-get install -y -qq gcc >/dev/null
+}
+export TFMQC_PYTHON="$PWD/$venv/bin/python" TFMQC_WHEELHOUSE="$PWD/$wheels"
 # Tests that need onnxruntime fail instead of skipping when it is missing.
 export TFMQC_REQUIRE_INTEROP=1
 

@@ -635,7 +635,7 @@ fn prepare(args: &BenchArgs, k: usize, work: &Path, need_quant: bool) -> Result<
                     .unwrap_or_default(),
                 args.calib_samples
             );
-            let exe = std::env::current_exe()
+            let exe = crate::self_exe()
                 .map_err(|e| user_error(format!("finding the tfmqc binary: {e}")))?;
             let mut cmd = Command::new(exe);
             cmd.arg(&float)
@@ -801,8 +801,8 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     let pairs = (0..args.models.len())
         .map(|k| prepare(args, k, &work.0, need_quant))
         .collect::<Result<Vec<_>, _>>()?;
-    let exe = std::env::current_exe()
-        .map_err(|e| user_error(format!("finding the tfmqc binary: {e}")))?;
+    let exe =
+        crate::self_exe().map_err(|e| user_error(format!("finding the tfmqc binary: {e}")))?;
 
     let mut runs: Vec<Value> = vec![];
     let mut failed: Vec<Value> = vec![];

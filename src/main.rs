@@ -1,5 +1,7 @@
-//! The `tfmqc` command line (DESIGN.md §9).
+//! The `tfmqc` command line (DESIGN.md §9), as a library: the `tfmqc` binary
+//! (src/bin/tfmqc.rs) and the Python module (python/) both run [`run`].
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -240,9 +242,10 @@ struct InspectArgs {
 }
 
 /// A failure with its exit code: 1 for bad input, 2 for tfmqc's own faults.
-struct Failure {
-    code: u8,
-    message: String,
+#[derive(Debug)]
+pub struct Failure {
+    pub code: u8,
+    pub message: String,
 }
 
 impl From<Error> for Failure {
@@ -571,18 +574,50 @@ fn inspect(args: &InspectArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+/// The program that runs this command line again (`tfmqc bench` starts one process per
+/// engine): the running executable, unless [`set_self_exe`] named another.
+pub fn self_exe() -> std::io::Result<PathBuf> {
+    match SELF_EXE.get() {
+        Some(p) => Ok(p.clone()),
+        None => std::env::current_exe(),
+    }
+}
+
+static SELF_EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Names the program [`self_exe`] returns, for hosts whose executable is not `tfmqc`
+/// (the Python module gives its `tfmqc` script). The first call wins.
+pub fn set_self_exe(path: PathBuf) {
+    let _ = SELF_EXE.set(path);
+}
+
+/// Runs the command line on `args` (the program name first), as the binary does, minus
+/// printing the failure and exiting: `--help` and `--version` print and succeed; a usage
+/// error comes back as a failure with code 1 and clap's message.
+pub fn run<I, T>(args: I) -> Result<(), Failure>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
         Ok(c) => c,
-        Err(e) => {
-            let code = match e.kind() {
-                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
-                _ => 1,
-            };
-            let _ = e.print();
-            return ExitCode::from(code);
-        }
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
+                let _ = e.print();
+                return Ok(());
+            }
+            _ => {
+                return Err(Failure {
+                    code: 1,
+                    message: e.to_string().trim_end().to_string(),
+                })
+            }
+        },
     };
+    dispatch(&cli)
+}
+
+fn dispatch(cli: &Cli) -> Result<(), Failure> {
     let result = std::panic::catch_unwind(|| match &cli.command {
         Some(Command::Quantize(a)) => run_pipeline(a),
         Some(Command::Inspect(a)) => inspect(a),
@@ -592,15 +627,41 @@ fn main() -> ExitCode {
         Some(Command::Eval(a)) => eval::run(a),
         None => run_pipeline(&cli.run),
     });
-    match result {
-        Ok(Ok(())) => ExitCode::SUCCESS,
-        Ok(Err(f)) => {
-            eprintln!("tfmqc: error: {}", f.message);
-            ExitCode::from(f.code)
+    result.unwrap_or_else(|_| {
+        Err(Failure {
+            code: 2,
+            message: "internal error (a bug in tfmqc; please report it with the model)".into(),
+        })
+    })
+}
+
+/// The `tfmqc` binary.
+pub fn main() -> ExitCode {
+    ExitCode::from(main_with(std::env::args_os()))
+}
+
+/// What the binary does with `args` (the program name first): clap's messages and the
+/// failure printed to stderr; the exit code returned.
+pub fn main_with<I, T>(args: I) -> u8
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => 1,
+            };
         }
-        Err(_) => {
-            eprintln!("tfmqc: internal error (a bug in tfmqc; please report it with the model)");
-            ExitCode::from(2)
+    };
+    match dispatch(&cli) {
+        Ok(()) => 0,
+        Err(f) => {
+            eprintln!("tfmqc: error: {}", f.message);
+            f.code
         }
     }
 }

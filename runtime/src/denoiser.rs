@@ -419,6 +419,11 @@ impl Denoiser {
         &self.inputs[self.timestep]
     }
 
+    /// Every input, in the model's order.
+    pub fn inputs(&self) -> &[InputSpec] {
+        &self.inputs
+    }
+
     /// The names of the other inputs, which `cond` must give.
     pub fn conditioning_inputs(&self) -> Vec<&str> {
         (0..self.inputs.len())

@@ -2,6 +2,7 @@
 //!
 //! This crate depends on no compiler crate: an edge application links only it.
 
+pub mod capi;
 pub mod denoiser;
 pub mod engine;
 pub mod error;
@@ -27,5 +28,7 @@ pub use schedule::{BetaSchedule, NoiseRng, Schedule};
 pub use scheduler::{PredictionType, SchedulerConfig, TimestepSpacing};
 pub use threads::with_threads;
 pub use tract_onnx::pb;
+/// The element type of a [`Tensor`].
+pub use tract_onnx::prelude::DatumType;
 /// tract's tensor type, the currency of the runtime API.
 pub use tract_onnx::prelude::Tensor;

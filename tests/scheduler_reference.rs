@@ -9,7 +9,7 @@ use tfmqc_runtime::SchedulerConfig;
 
 fn reference() -> Value {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/data/scheduler_reference.json");
+        .join("tests/data/scheduler_reference.json");
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     serde_json::from_str(&text).expect("JSON")
 }
