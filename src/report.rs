@@ -38,6 +38,7 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "baseline": if o.baseline_minmax { Some("minmax") } else { None },
         "act_range": if o.act_range_mse { "mse" } else { "ema" },
         "reconstruct": format!("{:?}", o.reconstruct).to_lowercase(),
+        "output_qdq": format!("{:?}", o.output_qdq).to_lowercase(),
         "tib": format!("{:?}", o.tib).to_lowercase(),
         "lut_budget": o.lut_budget,
     })

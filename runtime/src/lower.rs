@@ -80,14 +80,74 @@ impl<'g> Index<'g> {
         self.error.borrow_mut().get_or_insert(e);
     }
 
-    /// The initializer `name` as f32 values (`None`: no such initializer, not f32, or
-    /// unreadable, which is remembered as the lowering's error).
+    /// The initializer `name` as f32 values, or the value of a constant int32
+    /// DequantizeLinear ([`Index::dequantized_i32`]); `None`: neither, not f32, or
+    /// unreadable, which is remembered as the lowering's error.
     pub fn f32s(&self, name: &str) -> Option<Vec<f32>> {
-        let t = self.initializer(name)?;
+        let Some(t) = self.initializer(name) else {
+            return self.dequantized_i32(name);
+        };
         tensor_f32(t, self.model_dir, &mut self.data.borrow_mut())
             .map_err(|e| self.note(e))
             .ok()
             .flatten()
+    }
+
+    /// The int32 initializer `name` (scalar or 1-D).
+    fn i32s(&self, name: &str) -> Option<Vec<i32>> {
+        let t = self
+            .initializer(name)
+            .filter(|t| t.data_type == pb::tensor_proto::DataType::Int32 as i32)?;
+        if !t.int32_data.is_empty() {
+            return Some(t.int32_data.clone());
+        }
+        let b = tensor_bytes(t, self.model_dir, Some(&mut self.data.borrow_mut()))
+            .map_err(|e| self.note(e))
+            .ok()?;
+        Some(
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+
+    /// `value` when it is `DequantizeLinear(q, scale, 0)` of a 1-D int32 initializer with
+    /// a per-tensor or per-element (axis 0) f32 scale — a bias written for onnxruntime's
+    /// int8 fusion — as the f32 values it computes: `q · scale`.
+    fn dequantized_i32(&self, value: &str) -> Option<Vec<f32>> {
+        let dq = self
+            .producer(value)
+            .filter(|p| p.op_type == "DequantizeLinear" && p.domain.is_empty())?;
+        let q = self.i32s(dq.input.first()?)?;
+        if self.initializer(&dq.input[0])?.dims.len() > 1 {
+            return None;
+        }
+        let scale = self.initializer(dq.input.get(1)?).and_then(|t| {
+            tensor_f32(t, self.model_dir, &mut self.data.borrow_mut())
+                .map_err(|e| self.note(e))
+                .ok()
+                .flatten()
+        })?;
+        if let Some(z) = dq.input.get(2).filter(|z| !z.is_empty()) {
+            if !self.i32s(z)?.iter().all(|&z| z == 0) {
+                return None;
+            }
+        }
+        let axis = dq
+            .attribute
+            .iter()
+            .find(|a| a.name == "axis")
+            .map_or(1, |a| a.i);
+        let per_element = scale.len() == q.len() && matches!(axis, 0 | -1);
+        if !(scale.len() == 1 || per_element) {
+            return None;
+        }
+        Some(
+            q.iter()
+                .enumerate()
+                .map(|(i, &v)| v as f32 * scale[if per_element { i } else { 0 }])
+                .collect(),
+        )
     }
 
     /// The bytes of the initializer `name` (zero points: 8-bit values).
