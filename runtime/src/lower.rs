@@ -538,6 +538,39 @@ mod tests {
     }
 
     #[test]
+    fn an_int32_bias_behind_dequantize_linear_becomes_the_float_bias_it_computes() {
+        // The bias onnxruntime's QLinearConv fusion asks for: int32 with the product
+        // scale, per output channel.
+        let mut m = conv_model(vec![], &["y"]);
+        let g = m.graph.as_mut().unwrap();
+        let le = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let f = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        g.initializer.push(tensor("bq", 6, &[2], le(&[3, -5])));
+        g.initializer.push(tensor("bs", 1, &[2], f(&[0.125, 0.5])));
+        g.initializer.push(tensor("bz", 6, &[2], le(&[0, 0])));
+        let mut dq = node("DequantizeLinear", &["bq", "bs", "bz"], "bd");
+        dq.attribute.push(pb::AttributeProto {
+            name: "axis".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: 0,
+            ..Default::default()
+        });
+        g.node.insert(0, dq);
+        g.node.last_mut().unwrap().input.push("bd".into());
+        assert_eq!(lower_int8(&mut m, None, &[]).unwrap(), 1);
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(names(&g.node, |n| &n.op_type), ["TfmqcQConv"]);
+        // The DequantizeLinear and its initializers are gone with the Conv that read them.
+        assert!(g.initializer.is_empty());
+        let bias = g.node[0]
+            .attribute
+            .iter()
+            .find(|a| a.name == "bias")
+            .unwrap();
+        assert_eq!(bias.floats, [3.0 * 0.125, -5.0 * 0.5]);
+    }
+
+    #[test]
     fn the_borrowed_form_builds_the_same_model() {
         let m = conv_model(vec![node("Relu", &["y"], "r")], &["r"]);
         let (copy, n) = lowered_int8(&m, None, &[]).unwrap();
