@@ -200,7 +200,7 @@ struct QuantArgs {
     output_qdq: String,
     /// dB of mean output SQNR (on the calibration records) that `--output-qdq auto` may
     /// spend.
-    #[arg(long, default_value_t = 0.15, value_name = "DB")]
+    #[arg(long, default_value_t = 0.1, value_name = "DB")]
     output_qdq_budget: f64,
     /// AdaRound steps per layer.
     #[arg(long, default_value_t = 2000, value_name = "N")]

@@ -198,7 +198,7 @@ impl Default for Options {
             act_range_mse: false,
             reconstruct: Reconstruct::Gptq,
             output_qdq: OutputQdq::Auto,
-            output_qdq_budget_db: 0.15,
+            output_qdq_budget_db: 0.1,
             adaround_iters: 2000,
             tib: TibMode::Lut,
             lut_budget: None,

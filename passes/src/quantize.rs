@@ -655,8 +655,8 @@ fn output_qdq(
 
 /// `--output-qdq auto`: measures what each output pair alone costs in mean output SQNR on
 /// (up to [`OUTPUT_QDQ_RECORDS`]) calibration records, takes them cheapest first while
-/// the costs add up to the budget, then measures the chosen set together and drops the
-/// most costly until it fits. `Err(note)` when measuring would take too long.
+/// the costs add up to the budget, then measures the chosen set together on every
+/// calibration record and drops the most costly until it fits. `Err(note)` when measuring would take too long.
 fn choose_output_qdq(
     model: &Model,
     cal: &Calibration,
@@ -673,21 +673,21 @@ fn choose_output_qdq(
     }
     let k = total.min(OUTPUT_QDQ_RECORDS);
     let pick: Vec<usize> = (0..k).map(|i| i * total / k).collect();
-    let records: Vec<_> = pick.iter().map(|&i| cal.records[i].clone()).collect();
-    let steps: Vec<i64> = pick.iter().map(|&i| cal.record_steps[i]).collect();
-    let reference: Vec<Tensor> = pick
-        .iter()
-        .map(|&i| cal.record_outputs[i].clone())
-        .collect();
-    let measure = |chosen: &[usize]| -> Result<f64> {
+    let all: Vec<usize> = (0..total).collect();
+    // Mean output SQNR over the steps of the records `on`, with the pairs `chosen`.
+    let measure_on = |on: &[usize], chosen: &[usize]| -> Result<f64> {
         let mut m = model.clone();
         apply(&mut m, chosen)?;
+        let records: Vec<_> = on.iter().map(|&i| cal.records[i].clone()).collect();
+        let steps: Vec<i64> = on.iter().map(|&i| cal.record_steps[i]).collect();
+        let reference: Vec<Tensor> = on.iter().map(|&i| cal.record_outputs[i].clone()).collect();
         let per_step = crate::evaluate::output_sqnr_against(&m, &records, &steps, &reference)?;
         Ok(per_step.iter().map(|s| s.sqnr_db).sum::<f64>() / per_step.len().max(1) as f64)
     };
+    let measure = |chosen: &[usize]| measure_on(&pick, chosen);
     let clock = std::time::Instant::now();
     let base = measure(&[])?;
-    let estimate = clock.elapsed().as_secs_f64() * (n + 2) as f64;
+    let estimate = clock.elapsed().as_secs_f64() * (n + 2 + 2 * total / k) as f64;
     if estimate > OUTPUT_QDQ_MAX_SECONDS {
         return Ok(Err(format!(
             "no output Q/DQ: measuring the cost of each of {n} Convs would take about {} (over {OUTPUT_QDQ_MAX_SECONDS} s); --output-qdq all adds them all, at a cost in output SQNR",
@@ -711,9 +711,19 @@ fn choose_output_qdq(
         sum += costs[i];
         chosen.push(i);
     }
-    // Costs do not add exactly: measure the set, drop the most costly quarter until it fits.
+    // Costs do not add exactly and a few records are a rough sample: measure the set on
+    // every record, drop the most costly quarter until it fits.
+    let base_all = if chosen.is_empty() {
+        base
+    } else {
+        measure_on(&all, &[])?
+    };
     while !chosen.is_empty() {
-        let cost = base - measure(&chosen)?;
+        progress(&format!(
+            "quantize: output Q/DQ on {} Convs, checking the cost",
+            chosen.len()
+        ));
+        let cost = base_all - measure_on(&all, &chosen)?;
         if cost <= budget {
             break;
         }
