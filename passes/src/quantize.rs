@@ -653,6 +653,9 @@ fn output_qdq(
     Ok(())
 }
 
+/// The Convs `--output-qdq auto` chose and each one's measured cost, or why it chose none.
+type Chosen = std::result::Result<(Vec<usize>, Vec<f64>), String>;
+
 /// `--output-qdq auto`: measures what each output pair alone costs in mean output SQNR on
 /// (up to [`OUTPUT_QDQ_RECORDS`]) calibration records, takes them cheapest first while
 /// the costs add up to the budget, then measures the chosen set together on every
@@ -664,7 +667,7 @@ fn choose_output_qdq(
     apply: &dyn Fn(&mut Model, &[usize]) -> Result<()>,
     options: &Options,
     progress: &dyn Fn(&str),
-) -> Result<std::result::Result<(Vec<usize>, Vec<f64>), String>> {
+) -> Result<Chosen> {
     let total = cal.records.len().min(cal.record_outputs.len());
     if total == 0 {
         return Ok(Err(
