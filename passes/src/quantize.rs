@@ -688,6 +688,17 @@ fn choose_output_qdq(
         Ok(per_step.iter().map(|s| s.sqnr_db).sum::<f64>() / per_step.len().max(1) as f64)
     };
     let measure = |chosen: &[usize]| measure_on(&pick, chosen);
+    // From calibration's call time first: at SD scale even one measurement (a plan of the
+    // whole model and 16 calls) is minutes, and the per-Conv loop hours.
+    let calls = (k * (n + 2) + 2 * total) as f64;
+    if cal.call_seconds * calls > OUTPUT_QDQ_MAX_SECONDS {
+        return Ok(Err(format!(
+            "no output Q/DQ: measuring the cost of each of {n} Convs would take over {} ({} calls of {:.1} s); --output-qdq all adds them all, at a cost in output SQNR",
+            crate::budget::human_duration(cal.call_seconds * calls),
+            calls as u64,
+            cal.call_seconds
+        )));
+    }
     let clock = std::time::Instant::now();
     let base = measure(&[])?;
     let estimate = clock.elapsed().as_secs_f64() * (n + 2 + 2 * total / k) as f64;

@@ -70,10 +70,25 @@ impl<'g> Index<'g> {
         self.producers.get(value).map(|&i| &self.graph.node[i])
     }
 
+    /// The initializer `name`; for the output of a constant int32 DequantizeLinear (an
+    /// int32 bias, [`Index::dequantized_i32`]), the int32 initializer behind it: its dims
+    /// are the bias's (what a matcher's shape checks read; its values come from
+    /// [`Index::f32s`]).
     pub fn initializer(&self, name: &str) -> Option<&'g pb::TensorProto> {
-        self.initializers
-            .get(name)
-            .map(|&i| &self.graph.initializer[i])
+        match self.initializers.get(name) {
+            Some(&i) => Some(&self.graph.initializer[i]),
+            None => self.dequantized_i32_source(name),
+        }
+    }
+
+    /// The int32 initializer a `DequantizeLinear` producing `value` reads.
+    fn dequantized_i32_source(&self, value: &str) -> Option<&'g pb::TensorProto> {
+        let dq = self
+            .producer(value)
+            .filter(|p| p.op_type == "DequantizeLinear" && p.domain.is_empty())?;
+        let &i = self.initializers.get(dq.input.first()?.as_str())?;
+        let t = &self.graph.initializer[i];
+        (t.data_type == pb::tensor_proto::DataType::Int32 as i32 && t.dims.len() <= 1).then_some(t)
     }
 
     fn note(&self, e: String) {
@@ -84,9 +99,10 @@ impl<'g> Index<'g> {
     /// DequantizeLinear ([`Index::dequantized_i32`]); `None`: neither, not f32, or
     /// unreadable, which is remembered as the lowering's error.
     pub fn f32s(&self, name: &str) -> Option<Vec<f32>> {
-        let Some(t) = self.initializer(name) else {
+        let Some(&i) = self.initializers.get(name) else {
             return self.dequantized_i32(name);
         };
+        let t = &self.graph.initializer[i];
         tensor_f32(t, self.model_dir, &mut self.data.borrow_mut())
             .map_err(|e| self.note(e))
             .ok()
@@ -118,10 +134,8 @@ impl<'g> Index<'g> {
         let dq = self
             .producer(value)
             .filter(|p| p.op_type == "DequantizeLinear" && p.domain.is_empty())?;
+        self.dequantized_i32_source(value)?;
         let q = self.i32s(dq.input.first()?)?;
-        if self.initializer(&dq.input[0])?.dims.len() > 1 {
-            return None;
-        }
         let scale = self.initializer(dq.input.get(1)?).and_then(|t| {
             tensor_f32(t, self.model_dir, &mut self.data.borrow_mut())
                 .map_err(|e| self.note(e))
