@@ -590,6 +590,39 @@ def _ort_quantize_once(pre, out, records, input_names, wtype, per_channel, exclu
     return info
 
 
+def quantize_own(model: Path, calib: Path, out: Path, workdir: Path, threads: int = 1) -> dict:
+    """The "ORT (defaults)" variant for `tfmqc bench --engines ...,ort-int8-own`: onnxruntime's
+    own quantize_static on the float MODEL, calibrated on tfmqc's records (CALIB, a --dump-calib
+    file), QDQ, per-channel QInt8 weights, QUInt8 activations, MinMax, nothing excluded: the
+    int8 file a user of onnxruntime makes first. Temporary files go to WORKDIR."""
+    import onnx
+    from types import SimpleNamespace
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    model, calib, out, workdir = Path(model), Path(calib), Path(out), Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    pre = workdir / f"{out.stem}.ort_pre.onnx"
+    quant_pre_process(str(model), str(pre), skip_optimization=True, skip_symbolic_shape=True)
+    rename_colliding_initializers(pre)
+    float_model = onnx.load(str(model), load_external_data=False)
+    inits = {i.name for i in float_model.graph.initializer}
+    inputs = [i.name for i in float_model.graph.input if i.name not in inits]
+    records = load_records(calib)
+    if not records:
+        raise RuntimeError(f"{calib} holds no records")
+    conform_records(records, float_model)
+    cache = workdir / f"{out.stem}.ort_calib_cache.json"
+    if cache.exists():
+        cache.unlink()
+    cwd = os.getcwd()
+    os.chdir(workdir)  # onnxruntime's quantizer leaves temporary files in the working directory
+    try:
+        info = ort_quantize(pre, out, records, inputs, 8, [], cache, SimpleNamespace(threads=threads))
+    finally:
+        os.chdir(cwd)
+    info["records"] = len(records)
+    return info
+
+
 def describe_ort_model(path: Path) -> dict:
     import onnx
     m = onnx.load(str(path), load_external_data=False)

@@ -19,8 +19,19 @@ use tfmqc_runtime::{Denoiser, NoiseRng, Sampler, Tensor};
 use crate::{user_error, Failure};
 
 /// The engines, in the order they run; ratios are against the first.
-pub const ENGINES: [&str; 4] = ["tract-float", "tfmqc-int8", "ort-float", "ort-int8"];
+pub const ENGINES: [&str; 5] = [
+    "tract-float",
+    "tfmqc-int8",
+    "ort-float",
+    "ort-int8",
+    "ort-int8-own",
+];
+/// The engines run when --engines is not given (ort-int8-own needs a calibration run and
+/// onnxruntime's quantizer first: asked for by name).
+const DEFAULT_ENGINES: [&str; 4] = ["tract-float", "tfmqc-int8", "ort-float", "ort-int8"];
 const ORT_SCRIPT: &str = include_str!("../scripts/bench_ort.py");
+/// Its onnxruntime quantize_static helpers make the ort-int8-own file.
+const COMPARE_QUANT_SCRIPT: &str = include_str!("../scripts/compare_quant.py");
 /// Seed of the noisy samples (every engine gets the same).
 const SEED: u64 = 0;
 
@@ -33,7 +44,14 @@ const SEED: u64 = 0;
 ///
 /// Engines: tract-float (tract on MODEL), tfmqc-int8 (the runtime on the quantized
 /// file), ort-float and ort-int8 (onnxruntime on the same two files, when the python of
-/// TFMQC_PYTHON or target/pyenv imports it; skipped with a note otherwise).
+/// TFMQC_PYTHON or target/pyenv imports it; skipped with a note otherwise), and, only
+/// when --engines names it, ort-int8-own: onnxruntime on the file its own quantizer makes
+/// (`onnxruntime.quantization.quantize_static`: QDQ, per-channel int8 weights, uint8
+/// activations, MinMax, nothing left in float) from the same calibration records as the
+/// quantized file (tfmqc's --dump-calib of the run that makes it; with --quantized, of a
+/// calibration-only run with --calib-samples), the int8 file an onnxruntime user makes
+/// first (scripts/compare_quant.py's `quantize_own`; onnx and onnxruntime.quantization
+/// must import too).
 ///
 /// How long it runs: each engine makes one untimed warm-up call (three when a call takes
 /// under a second), then --runs timed calls and --loop-runs timed sampling loops. Left
@@ -48,7 +66,8 @@ const SEED: u64 = 0;
 /// each engine's process, so one that would need more fails instead of pushing a shared
 /// machine into swap or the kernel's out-of-memory killer.
 ///
-/// `--json` prints one object on stdout: `runs`, one per engine, model and thread count,
+/// `--json` prints one object on stdout: `runs`, one per engine (`tract-float`,
+/// `tfmqc-int8`, `ort-float`, `ort-int8`, `ort-int8-own`), model and thread count,
 /// with `engine`, `model`, `file`, `threads`, `batch`, `t`, `steps`, `warmup` (untimed
 /// calls), `runs` (timed calls), `step_ms` (their median), `step_ms_min`, `loop_runs`,
 /// `loop_ms` (median of the DDIM loops of --steps steps through Denoiser::sample; null
@@ -103,7 +122,8 @@ pub struct BenchArgs {
     /// each model's scheduler configuration).
     #[arg(long, default_value = "ddim", value_parser = ["ddim", "ddpm", "euler", "dpm++"])]
     sampler: String,
-    /// Engines to run, comma-separated (default: all; onnxruntime ones when installed).
+    /// Engines to run, comma-separated: tract-float, tfmqc-int8, ort-float, ort-int8,
+    /// ort-int8-own (default: all but ort-int8-own; onnxruntime ones when installed).
     #[arg(long, value_name = "LIST")]
     engines: Option<String>,
     /// Time-step set S of the quantized files made here (default: the pipeline's, every
@@ -428,8 +448,9 @@ fn qdq_nodes(model: &tfmqc_passes::Model) -> usize {
         + ops.get("DequantizeLinear").copied().unwrap_or(0)
 }
 
-/// The python that runs the onnxruntime engines, or why there is none.
-fn ort_python() -> Result<PathBuf, String> {
+/// The python that runs the onnxruntime engines (and, with `quantizer`, onnxruntime's
+/// quantize_static for ort-int8-own), or why there is none.
+fn ort_python(quantizer: bool) -> Result<PathBuf, String> {
     let python = match std::env::var_os("TFMQC_PYTHON") {
         Some(p) => PathBuf::from(p),
         None => {
@@ -448,13 +469,22 @@ fn ort_python() -> Result<PathBuf, String> {
                 .unwrap_or_else(|| PathBuf::from("python3"))
         }
     };
-    let out = Command::new(&python)
-        .args(["-c", "import onnxruntime, numpy, safetensors"])
-        .output();
+    let (check, what) = if quantizer {
+        (
+            "import onnxruntime, numpy, safetensors, onnx, onnxruntime.quantization",
+            "onnxruntime, onnxruntime.quantization, onnx, numpy and safetensors",
+        )
+    } else {
+        (
+            "import onnxruntime, numpy, safetensors",
+            "onnxruntime, numpy and safetensors",
+        )
+    };
+    let out = Command::new(&python).args(["-c", check]).output();
     match out {
         Ok(o) if o.status.success() => Ok(python),
         Ok(o) => Err(format!(
-            "{} cannot import onnxruntime, numpy and safetensors ({}); set TFMQC_PYTHON to a python that can (scripts/test.sh makes target/pyenv)",
+            "{} cannot import {what} ({}); set TFMQC_PYTHON to a python that can (scripts/test.sh makes target/pyenv)",
             python.display(),
             String::from_utf8_lossy(&o.stderr)
                 .lines()
@@ -597,6 +627,9 @@ struct Pair {
     inputs: Option<PathBuf>,
     float_weights: Value,
     quant_weights: Value,
+    /// The file of onnxruntime's own quantizer (ort-int8-own), when asked for.
+    own: Option<PathBuf>,
+    own_weights: Value,
 }
 
 fn load_model(path: &Path) -> Result<tfmqc_passes::Model, Failure> {
@@ -606,7 +639,14 @@ fn load_model(path: &Path) -> Result<tfmqc_passes::Model, Failure> {
     Ok(tfmqc_passes::onnx::load(path)?)
 }
 
-fn prepare(args: &BenchArgs, k: usize, work: &Path, need_quant: bool) -> Result<Pair, Failure> {
+fn prepare(
+    args: &BenchArgs,
+    k: usize,
+    work: &Path,
+    need_quant: bool,
+    need_own: bool,
+    python: Option<&Path>,
+) -> Result<Pair, Failure> {
     let float = args.models[k].clone();
     let fm = load_model(&float)?;
     if qdq_nodes(&fm) > 0 {
@@ -621,9 +661,11 @@ fn prepare(args: &BenchArgs, k: usize, work: &Path, need_quant: bool) -> Result<
         .unwrap_or_default();
     let inputs = float.with_file_name(format!("{name}.inputs.safetensors"));
     let inputs = inputs.exists().then_some(inputs);
+    // Calibration records of the quantized file made here, for ort-int8-own.
+    let calib = work.join(format!("{k}-{name}.calib.safetensors"));
     let quant = match args.quantized.get(k) {
         Some(q) => q.clone(),
-        None if !need_quant => float.clone(),
+        None if !need_quant && !need_own => float.clone(),
         None => {
             let q = work.join(format!("{k}-{name}.q.onnx"));
             eprintln!(
@@ -645,9 +687,45 @@ fn prepare(args: &BenchArgs, k: usize, work: &Path, need_quant: bool) -> Result<
             if let Some(t) = &args.timesteps {
                 cmd.args(["--timesteps", t]);
             }
+            if need_own {
+                cmd.arg("--dump-calib").arg(&calib);
+            }
             run_quantize(cmd, &float)?;
             q
         }
+    };
+    let own = if need_own {
+        if !calib.exists() {
+            // --quantized given: a calibration-only run of the same settings gives records.
+            eprintln!(
+                "tfmqc bench: calibrating {} for onnxruntime's quantizer (--calib-samples {})",
+                float.display(),
+                args.calib_samples
+            );
+            let exe = std::env::current_exe()
+                .map_err(|e| user_error(format!("finding the tfmqc binary: {e}")))?;
+            let mut cmd = Command::new(exe);
+            cmd.arg(&float)
+                .arg("-o")
+                .arg(work.join(format!("{k}-{name}.calibrated.onnx")))
+                .args(["--passes", "canonicalize,detect-tib,fold-tib,calibrate"])
+                .args(["--reconstruct", "none"])
+                .args(["--calib-samples", &args.calib_samples.to_string()])
+                .arg("--dump-calib")
+                .arg(&calib);
+            if let Some(t) = &args.timesteps {
+                cmd.args(["--timesteps", t]);
+            }
+            run_quantize(cmd, &float)?;
+        }
+        let python = python.expect("ort-int8-own runs with a python");
+        Some(ort_quantize_own(python, &float, &calib, work, k, &name)?)
+    } else {
+        None
+    };
+    let own_weights = match &own {
+        Some(p) => weight_bytes(&load_model(p)?),
+        None => Value::Null,
     };
     let qm = load_model(&quant)?;
     if need_quant && qdq_nodes(&qm) == 0 {
@@ -663,7 +741,52 @@ fn prepare(args: &BenchArgs, k: usize, work: &Path, need_quant: bool) -> Result<
         inputs,
         float_weights: weight_bytes(&fm),
         quant_weights: weight_bytes(&qm),
+        own,
+        own_weights,
     })
+}
+
+/// onnxruntime's quantize_static on `float` from the records `calib` (scripts/
+/// compare_quant.py's `quantize_own`, run from a copy in `work`); returns the file.
+fn ort_quantize_own(
+    python: &Path,
+    float: &Path,
+    calib: &Path,
+    work: &Path,
+    k: usize,
+    name: &str,
+) -> Result<PathBuf, Failure> {
+    let script = work.join("compare_quant.py");
+    if !script.exists() {
+        std::fs::write(&script, COMPARE_QUANT_SCRIPT)
+            .map_err(|e| user_error(format!("{}: {e}", script.display())))?;
+    }
+    let out = work.join(format!("{k}-{name}.ort-own.onnx"));
+    let own_dir = work.join(format!("{k}-{name}.ort-own"));
+    eprintln!(
+        "tfmqc bench: quantizing {} with onnxruntime's quantize_static (QDQ, per-channel, MinMax) on the same calibration records",
+        float.display()
+    );
+    let driver = "import sys, json; sys.path.insert(0, sys.argv[1]); import compare_quant as cq; \
+                  print(json.dumps(cq.quantize_own(*sys.argv[2:6])))";
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let result = Command::new(python)
+        .args(["-c", driver])
+        .arg(work)
+        .arg(abs(float))
+        .arg(abs(calib))
+        .arg(abs(&out))
+        .arg(abs(&own_dir))
+        .output()
+        .map_err(|e| user_error(format!("{}: {e}", python.display())))?;
+    if !result.status.success() || !out.exists() {
+        return Err(user_error(format!(
+            "onnxruntime's quantize_static on {} failed: {}",
+            float.display(),
+            child_failure(&result.status, &String::from_utf8_lossy(&result.stderr))
+        )));
+    }
+    Ok(out)
 }
 
 fn run_quantize(mut cmd: Command, float: &Path) -> Result<(), Failure> {
@@ -760,7 +883,7 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
         )));
     }
     let requested: Vec<String> = match &args.engines {
-        None => ENGINES.iter().map(|s| s.to_string()).collect(),
+        None => DEFAULT_ENGINES.iter().map(|s| s.to_string()).collect(),
         Some(list) => list.split(',').map(|s| s.trim().to_string()).collect(),
     };
     for e in &requested {
@@ -773,15 +896,16 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
     }
     let mut skipped = vec![];
     let wants_ort = requested.iter().any(|e| e.starts_with("ort-"));
+    let wants_own = requested.iter().any(|e| e == "ort-int8-own");
     let python = if wants_ort {
-        match ort_python() {
+        match ort_python(wants_own) {
             Ok(p) => Some(p),
             Err(why) if args.engines.is_some() => {
                 return Err(user_error(format!("--engines asks for onnxruntime: {why}")))
             }
             Err(why) => {
                 eprintln!("tfmqc bench: onnxruntime engines skipped: {why}");
-                for e in ["ort-float", "ort-int8"] {
+                for e in requested.iter().filter(|e| e.starts_with("ort-")) {
                     skipped.push(json!({"engine": e, "reason": why}));
                 }
                 None
@@ -797,9 +921,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
         .filter(|e| !e.starts_with("ort-") || python.is_some())
         .collect();
     let need_quant = engines.iter().any(|e| e.ends_with("-int8"));
+    let need_own = engines.contains(&"ort-int8-own");
     let work = WorkDir::new()?;
     let pairs = (0..args.models.len())
-        .map(|k| prepare(args, k, &work.0, need_quant))
+        .map(|k| prepare(args, k, &work.0, need_quant, need_own, python.as_deref()))
         .collect::<Result<Vec<_>, _>>()?;
     let exe =
         crate::self_exe().map_err(|e| user_error(format!("finding the tfmqc binary: {e}")))?;
@@ -812,10 +937,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
             // repeats it on the same files.
             let mut plan: Option<Value> = None;
             for &engine in &engines {
-                let file = if engine.ends_with("-int8") {
-                    &pair.quant
-                } else {
-                    &pair.float
+                let file = match engine {
+                    "ort-int8-own" => pair.own.as_ref().expect("made by prepare"),
+                    e if e.ends_with("-int8") => &pair.quant,
+                    _ => &pair.float,
                 };
                 let what = format!("{engine} on {} ({n} thread(s))", file.display());
                 eprintln!("tfmqc bench: {what}");
@@ -860,10 +985,10 @@ pub fn run(args: &BenchArgs) -> Result<(), Failure> {
                     result["step_ms"].as_f64().unwrap_or(f64::NAN),
                     result["peak_rss_mb"].as_f64().unwrap_or(f64::NAN)
                 );
-                let weights = if engine.ends_with("-int8") {
-                    &pair.quant_weights
-                } else {
-                    &pair.float_weights
+                let weights = match engine {
+                    "ort-int8-own" => &pair.own_weights,
+                    e if e.ends_with("-int8") => &pair.quant_weights,
+                    _ => &pair.float_weights,
                 };
                 let obj = result.as_object_mut().ok_or_else(|| Failure {
                     code: 2,

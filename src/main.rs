@@ -190,6 +190,20 @@ struct QuantArgs {
     /// slower), or `none` (round to nearest).
     #[arg(long, default_value = "gptq", value_parser = ["none", "gptq", "adaround"])]
     reconstruct: String,
+    /// QuantizeLinear/DequantizeLinear pairs on the outputs of quantized Convs, which
+    /// onnxruntime needs to run a Conv on its int8 kernel (QLinearConv) and which cost
+    /// one more 8-bit rounding each: `auto` adds them, cheapest first by the output SQNR
+    /// each costs on the calibration records, while the total stays within
+    /// --output-qdq-budget (skipped, with a note, when measuring would take too long);
+    /// `all` on every quantized Conv; `none` on none. Biases of quantized Conv and Gemm
+    /// become int32 with the product scale either way (onnxruntime's fusion needs that
+    /// too; the values stay within half a step of the float bias).
+    #[arg(long, default_value = "auto", value_parser = ["none", "auto", "all"])]
+    output_qdq: String,
+    /// dB of mean output SQNR (on the calibration records) that `--output-qdq auto` may
+    /// spend.
+    #[arg(long, default_value_t = 0.1, value_name = "DB")]
+    output_qdq_budget: f64,
     /// AdaRound steps per layer.
     #[arg(long, default_value_t = 2000, value_name = "N")]
     adaround_iters: usize,
@@ -300,6 +314,17 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
             _ => tfmqc_passes::options::Reconstruct::Gptq,
         };
         o.adaround_iters = q.adaround_iters;
+        o.output_qdq = match q.output_qdq.as_str() {
+            "none" => tfmqc_passes::options::OutputQdq::None,
+            "all" => tfmqc_passes::options::OutputQdq::All,
+            _ => tfmqc_passes::options::OutputQdq::Auto,
+        };
+        if !(q.output_qdq_budget.is_finite() && q.output_qdq_budget >= 0.0) {
+            return Err(user_error(
+                "--output-qdq-budget must be a number of dB, at least 0",
+            ));
+        }
+        o.output_qdq_budget_db = q.output_qdq_budget;
         o.tib = match q.tib.as_str() {
             "quant" => tfmqc_passes::options::TibMode::Quant,
             "auto" => tfmqc_passes::options::TibMode::Auto,

@@ -38,6 +38,7 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "baseline": if o.baseline_minmax { Some("minmax") } else { None },
         "act_range": if o.act_range_mse { "mse" } else { "ema" },
         "reconstruct": format!("{:?}", o.reconstruct).to_lowercase(),
+        "output_qdq": format!("{:?}", o.output_qdq).to_lowercase(),
         "tib": format!("{:?}", o.tib).to_lowercase(),
         "lut_budget": o.lut_budget,
     })
@@ -227,6 +228,12 @@ pub struct Report {
     /// ONNX node names left in float (what a fair comparison excludes too).
     pub kept_float: Vec<String>,
     pub kept_float_reasons: Vec<(String, String)>,
+    /// `--output-qdq`: each quantized Conv considered for a Q/DQ pair on its output, with
+    /// the mean output SQNR (dB, calibration records) the pair alone costs (`auto`) and
+    /// whether it got one.
+    pub output_qdq: Vec<tfmqc_passes::quantize::OutputQdqChoice>,
+    /// Conv and Gemm biases written as int32 with the product scale.
+    pub int32_biases: usize,
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub seconds_per_phase: Vec<(String, f64)>,
@@ -291,6 +298,8 @@ impl Report {
             activations: acts,
             kept_float: plan.kept_float.iter().map(|(n, _)| n.clone()).collect(),
             kept_float_reasons: plan.kept_float.clone(),
+            output_qdq: plan.output_qdq.clone(),
+            int32_biases: plan.int32_biases,
             bytes_in,
             bytes_out,
             seconds_per_phase: phases.to_vec(),

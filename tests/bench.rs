@@ -158,6 +158,49 @@ fn bench_onnxruntime_runs_have_the_fields_of_tract_runs() {
     assert_eq!(v["ratios"].as_array().unwrap().len(), 3);
 }
 
+/// ort-int8-own: onnxruntime's own quantize_static on the calibration records of a
+/// calibration run (the quantized file is given), timed like the other onnxruntime runs;
+/// its file holds int8 weights.
+#[test]
+fn bench_ort_int8_own_runs_onnxruntimes_own_quantization() {
+    let Some(py) = python() else { return };
+    let dir = tmpdir();
+    let q = quantized_digits(dir.path());
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tfmqc"))
+        .args([
+            "bench",
+            model_path("ddpm_digits").to_str().unwrap(),
+            "--quantized",
+            q.to_str().unwrap(),
+            "--engines",
+            "tract-float,ort-int8-own",
+            "--threads",
+            "1",
+            "--runs",
+            "2",
+            "--steps",
+            "2",
+            "--loop-runs",
+            "0",
+            "--calib-samples",
+            "2",
+            "--json",
+        ])
+        .env("TFMQC_PYTHON", &py)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("quantize_static"), "{err}");
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let runs = v["runs"].as_array().unwrap();
+    let own = &runs[1];
+    assert_eq!(own["engine"], "ort-int8-own");
+    assert!(own["step_ms"].as_f64().unwrap() > 0.0);
+    assert!(own["weight_bytes"]["int8"].as_u64().unwrap() > 0, "{own}");
+    assert_eq!(own["t"], runs[0]["t"]);
+}
+
 /// Without --runs / --loop-runs the counts fit --budget: a budget shorter than one call
 /// still gives 3 timed calls (after the 3 warm-up calls of a fast model), and a sampling
 /// loop that does not fit is skipped, which stderr says.

@@ -48,6 +48,95 @@ fn int8_lowering_matches_the_qdq_graph() {
     );
 }
 
+/// `--output-qdq all` writes, on every quantized Conv, QuantizeLinear on its output (its
+/// only reader) and an int32 bias with the product scale: the pattern onnxruntime fuses
+/// into QLinearConv. onnxruntime runs every one of those Convs on its int8 kernel and is
+/// as close to the float model as its exact simulation of the QDQ graph (graph
+/// optimizations off); the runtime still lowers every quantized Conv (the int32 bias read
+/// as the q·s it dequantizes to) and each lowered node computes what its QDQ form does.
+#[test]
+fn output_qdq_convs_fuse_in_onnxruntime_and_lower_exactly() {
+    let dir = tmpdir();
+    let q = dir.path().join("q.onnx");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--calib-samples",
+        "4",
+        "--calib-steps",
+        "10",
+        "--sampling-steps",
+        "all",
+        "--output-qdq",
+        "all",
+    ]);
+    let model = tfmqc_passes::onnx::load(&q).unwrap();
+    let g = &model.graph;
+    let (mut convs, mut with_q) = (0, 0);
+    for ix in g.node_indices() {
+        let n = g.node(ix);
+        if n.op_type != "Conv"
+            || !n.inputs.iter().any(|i| {
+                g.producer(i)
+                    .is_some_and(|(p, _)| g.node(p).op_type == "DequantizeLinear")
+            })
+        {
+            continue;
+        }
+        convs += 1;
+        let readers = g.consumers(&n.outputs[0]);
+        let bias_int32 = g
+            .producer(&n.inputs[2])
+            .map(|(p, _)| &g.initializers[&g.node(p).inputs[0]])
+            .is_some_and(|t| t.dtype == tfmqc_passes::ir::DType::I32);
+        if readers.len() == 1 && g.node(readers[0].0).op_type == "QuantizeLinear" && bias_int32 {
+            with_q += 1;
+        }
+    }
+    assert!(
+        convs >= 20 && with_q == convs,
+        "{with_q} of {convs} quantized Convs in the pattern"
+    );
+
+    let x = example_inputs("ddpm_digits");
+    assert!(assert_lowered_nodes_match("ddpm_digits", &q, &x) >= convs);
+    assert_as_close_to_float_as_qdq("ddpm_digits", &q, &x);
+
+    let Some(py) = python() else { return };
+    let inputs = dir.path().join("x.safetensors");
+    let out = dir.path().join("ort.safetensors");
+    let opt = dir.path().join("ort_optimized.onnx");
+    write_inputs(&inputs, &x);
+    let ops: serde_json::Value = serde_json::from_str(
+        ort(
+            &py,
+            &[
+                "fused",
+                q.to_str().unwrap(),
+                inputs.to_str().unwrap(),
+                out.to_str().unwrap(),
+                opt.to_str().unwrap(),
+            ],
+        )
+        .trim(),
+    )
+    .unwrap();
+    assert_eq!(ops["QLinearConv"].as_u64(), Some(convs as u64), "{ops}");
+    let kernel = read_tensors(&out);
+    let sim = read_tensors(&dir.path().join("ort.sim.safetensors"));
+    let float = tract_run(&model_path("ddpm_digits"), &x);
+    let (dk, ds) = (sqnr_db(&float, &kernel), sqnr_db(&float, &sim));
+    eprintln!(
+        "onnxruntime on {convs} QLinearConvs: vs float {dk:.1} dB, its QDQ simulation {ds:.1} dB; kernels vs simulation {:.1} dB",
+        sqnr_db(&sim, &kernel)
+    );
+    assert!(
+        dk > ds - 1.0,
+        "onnxruntime int8 {dk:.1} dB vs its QDQ simulation {ds:.1} dB"
+    );
+}
+
 /// Asserts that every node the runtime lowers computes what its QDQ form computes on the
 /// same inputs ([`lowered_nodes_vs_qdq`]): exact integer products against float products
 /// of the same dequantized values, so only float rounding differs. Returns how many.

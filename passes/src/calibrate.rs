@@ -98,7 +98,13 @@ impl Pass for Calibrate {
     fn run(&self, cx: &mut PassContext) -> Result<()> {
         let tib = cx.tib.as_ref().expect("checked by requires");
         let targets = find_targets(&cx.model.graph, &cx.options.keep_float);
-        let values = targets.activation_values();
+        let mut values = targets.activation_values();
+        // The outputs of quantized Convs too: `--output-qdq` may quantize them.
+        for v in crate::quantize::output_qdq_values(&cx.model.graph, cx.options, &targets) {
+            if !values.contains(&v) {
+                values.push(v);
+            }
+        }
         // Reconstruction reads the layers' inputs from these same runs.
         let reconstructs = cx.options.reconstruct != Reconstruct::None
             && !cx.options.baseline_minmax

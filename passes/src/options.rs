@@ -76,6 +76,21 @@ pub enum Reconstruct {
     AdaRound,
 }
 
+/// QuantizeLinear/DequantizeLinear on the outputs of quantized Conv layers
+/// (`--output-qdq`): onnxruntime fuses a Conv into its int8 kernel (QLinearConv) only
+/// when its output passes through QuantizeLinear, at the cost of one more 8-bit rounding
+/// of that output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutputQdq {
+    /// No output pairs (biases still become int32, which Gemm and MatMul fusion needs).
+    None,
+    /// Per Conv, by the output-SQNR each pair costs on the calibration records, cheapest
+    /// first, while the total stays within `--output-qdq-budget` dB.
+    Auto,
+    /// Every quantized Conv whose output is not a graph output.
+    All,
+}
+
 /// What becomes of the Temporal Information Block (`--tib`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TibMode {
@@ -130,6 +145,11 @@ pub struct Options {
     pub act_range_mse: bool,
     /// `--reconstruct`: weight rounding against each layer's calibration inputs.
     pub reconstruct: Reconstruct,
+    /// `--output-qdq`: which quantized Convs get a Q/DQ pair on their output.
+    pub output_qdq: OutputQdq,
+    /// `--output-qdq-budget`: mean output SQNR (dB, on the calibration records) that
+    /// `--output-qdq auto` may spend.
+    pub output_qdq_budget_db: f64,
     /// AdaRound steps per layer.
     pub adaround_iters: usize,
     /// `--tib`: tables, quantized TIB (TIAR), or a choice per frontier value.
@@ -177,6 +197,8 @@ impl Default for Options {
             baseline_minmax: false,
             act_range_mse: false,
             reconstruct: Reconstruct::Gptq,
+            output_qdq: OutputQdq::Auto,
+            output_qdq_budget_db: 0.1,
             adaround_iters: 2000,
             tib: TibMode::Lut,
             lut_budget: None,

@@ -92,24 +92,98 @@ impl<'g> Index<'g> {
         self.readers.get(value).copied().unwrap_or(0)
     }
 
+    /// The initializer `name`; for the output of a constant int32 DequantizeLinear (an
+    /// int32 bias, [`Index::dequantized_i32`]), the int32 initializer behind it: its dims
+    /// are the bias's (what a matcher's shape checks read; its values come from
+    /// [`Index::f32s`]).
     pub fn initializer(&self, name: &str) -> Option<&'g pb::TensorProto> {
-        self.initializers
-            .get(name)
-            .map(|&i| &self.graph.initializer[i])
+        match self.initializers.get(name) {
+            Some(&i) => Some(&self.graph.initializer[i]),
+            None => self.dequantized_i32_source(name),
+        }
+    }
+
+    /// The int32 initializer a `DequantizeLinear` producing `value` reads.
+    fn dequantized_i32_source(&self, value: &str) -> Option<&'g pb::TensorProto> {
+        let dq = self
+            .producer(value)
+            .filter(|p| p.op_type == "DequantizeLinear" && p.domain.is_empty())?;
+        let &i = self.initializers.get(dq.input.first()?.as_str())?;
+        let t = &self.graph.initializer[i];
+        (t.data_type == pb::tensor_proto::DataType::Int32 as i32 && t.dims.len() <= 1).then_some(t)
     }
 
     fn note(&self, e: String) {
         self.error.borrow_mut().get_or_insert(e);
     }
 
-    /// The initializer `name` as f32 values (`None`: no such initializer, not f32, or
-    /// unreadable, which is remembered as the lowering's error).
+    /// The initializer `name` as f32 values, or the value of a constant int32
+    /// DequantizeLinear ([`Index::dequantized_i32`]); `None`: neither, not f32, or
+    /// unreadable, which is remembered as the lowering's error.
     pub fn f32s(&self, name: &str) -> Option<Vec<f32>> {
-        let t = self.initializer(name)?;
+        let Some(&i) = self.initializers.get(name) else {
+            return self.dequantized_i32(name);
+        };
+        let t = &self.graph.initializer[i];
         tensor_f32(t, self.model_dir, &mut self.data.borrow_mut())
             .map_err(|e| self.note(e))
             .ok()
             .flatten()
+    }
+
+    /// The int32 initializer `name` (scalar or 1-D).
+    fn i32s(&self, name: &str) -> Option<Vec<i32>> {
+        let t = self
+            .initializer(name)
+            .filter(|t| t.data_type == pb::tensor_proto::DataType::Int32 as i32)?;
+        if !t.int32_data.is_empty() {
+            return Some(t.int32_data.clone());
+        }
+        let b = tensor_bytes(t, self.model_dir, Some(&mut self.data.borrow_mut()))
+            .map_err(|e| self.note(e))
+            .ok()?;
+        Some(
+            b.chunks_exact(4)
+                .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        )
+    }
+
+    /// `value` when it is `DequantizeLinear(q, scale, 0)` of a 1-D int32 initializer with
+    /// a per-tensor or per-element (axis 0) f32 scale — a bias written for onnxruntime's
+    /// int8 fusion — as the f32 values it computes: `q · scale`.
+    fn dequantized_i32(&self, value: &str) -> Option<Vec<f32>> {
+        let dq = self
+            .producer(value)
+            .filter(|p| p.op_type == "DequantizeLinear" && p.domain.is_empty())?;
+        self.dequantized_i32_source(value)?;
+        let q = self.i32s(dq.input.first()?)?;
+        let scale = self.initializer(dq.input.get(1)?).and_then(|t| {
+            tensor_f32(t, self.model_dir, &mut self.data.borrow_mut())
+                .map_err(|e| self.note(e))
+                .ok()
+                .flatten()
+        })?;
+        if let Some(z) = dq.input.get(2).filter(|z| !z.is_empty()) {
+            if !self.i32s(z)?.iter().all(|&z| z == 0) {
+                return None;
+            }
+        }
+        let axis = dq
+            .attribute
+            .iter()
+            .find(|a| a.name == "axis")
+            .map_or(1, |a| a.i);
+        let per_element = scale.len() == q.len() && matches!(axis, 0 | -1);
+        if !(scale.len() == 1 || per_element) {
+            return None;
+        }
+        Some(
+            q.iter()
+                .enumerate()
+                .map(|(i, &v)| v as f32 * scale[if per_element { i } else { 0 }])
+                .collect(),
+        )
     }
 
     /// The bytes of the initializer `name` (zero points: 8-bit values).
@@ -514,6 +588,39 @@ mod tests {
             ["QuantizeLinear", "TfmqcQConv"]
         );
         assert_eq!(names(&g.initializer, |t| &t.name), ["s", "z"]);
+    }
+
+    #[test]
+    fn an_int32_bias_behind_dequantize_linear_becomes_the_float_bias_it_computes() {
+        // The bias onnxruntime's QLinearConv fusion asks for: int32 with the product
+        // scale, per output channel.
+        let mut m = conv_model(vec![], &["y"]);
+        let g = m.graph.as_mut().unwrap();
+        let le = |v: &[i32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let f = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        g.initializer.push(tensor("bq", 6, &[2], le(&[3, -5])));
+        g.initializer.push(tensor("bs", 1, &[2], f(&[0.125, 0.5])));
+        g.initializer.push(tensor("bz", 6, &[2], le(&[0, 0])));
+        let mut dq = node("DequantizeLinear", &["bq", "bs", "bz"], "bd");
+        dq.attribute.push(pb::AttributeProto {
+            name: "axis".into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: 0,
+            ..Default::default()
+        });
+        g.node.insert(0, dq);
+        g.node.last_mut().unwrap().input.push("bd".into());
+        assert_eq!(lower_int8(&mut m, None, &[]).unwrap(), 1);
+        let g = m.graph.as_ref().unwrap();
+        assert_eq!(names(&g.node, |n| &n.op_type), ["TfmqcQConv"]);
+        // The DequantizeLinear and its initializers are gone with the Conv that read them.
+        assert!(g.initializer.is_empty());
+        let bias = g.node[0]
+            .attribute
+            .iter()
+            .find(|a| a.name == "bias")
+            .unwrap();
+        assert_eq!(bias.floats, [3.0 * 0.125, -5.0 * 0.5]);
     }
 
     #[test]

@@ -9,6 +9,12 @@ Called by the Rust tests (tests/common/mod.rs) with the interpreter of target/py
     ort.py runmany MODEL RECORDS OUT            run once per record of RECORDS (keys NNNNN/<input>);
                                                 outputs keyed NNNNN/<output>
     ort.py expect-error MODEL INPUTS            exit 0 only if running MODEL raises
+    ort.py fused MODEL INPUTS OUT OPT           run MODEL on INPUTS twice: with onnxruntime's graph
+                                                optimizations (its int8 kernels where it fuses QDQ),
+                                                saving OUT and the optimized graph as OPT, and with
+                                                them off (an exact float simulation of the QDQ
+                                                graph), saving OUT with ".sim" before its suffix;
+                                                prints the optimized graph's op counts as JSON
 
 Outputs are written as safetensors keyed by output name, so the Rust side compares bit
 patterns, not printed numbers.
@@ -85,10 +91,30 @@ def cmd_expect_error(model, inputs):
     sys.exit("the model ran without error")
 
 
+def cmd_fused(model, inputs, out, opt):
+    import collections
+    import json
+    given = load_file(inputs)
+    for mode, path in (("kernel", out), ("sim", out.replace(".safetensors", ".sim.safetensors"))):
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        if mode == "kernel":
+            opts.optimized_model_filepath = opt
+        else:
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+        outs = sess.run(None, feed(sess, given))
+        save_file({o.name: np.ascontiguousarray(v) for o, v in zip(sess.get_outputs(), outs)}, path)
+    ops = collections.Counter(n.op_type for n in onnx.load(opt).graph.node)
+    print(json.dumps(dict(sorted(ops.items()))))
+
+
 if __name__ == "__main__":
     cmd, args = sys.argv[1], sys.argv[2:]
     {"check": lambda: cmd_check(args),
      "run": lambda: cmd_run(*args),
+     "fused": lambda: cmd_fused(*args),
      "sweep": lambda: cmd_sweep(*args),
      "runmany": lambda: cmd_runmany(*args),
      "expect-error": lambda: cmd_expect_error(*args)}[cmd]()
