@@ -193,7 +193,10 @@ fn denoiser_runs_external_data_weights_on_the_int8_kernels_as_the_qdq_graph_does
     for (name, _, db) in &nodes {
         assert!(*db > 60.0, "{name}: int8 vs QDQ {db:.1} dB");
     }
-    assert!(ties <= 2, "{ties} nodes below 100 dB: more than rounding ties");
+    assert!(
+        ties <= 2,
+        "{ties} nodes below 100 dB: more than rounding ties"
+    );
     // The whole model as close to float as the QDQ graph is (within 1 dB, as in
     // tests/int8.rs: chained quantizers amplify rounding differences either way).
     let full = tfmqc_runtime::Optimize::Full;
