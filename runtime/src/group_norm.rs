@@ -17,7 +17,7 @@
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_ops::{attr, attr_float, attr_int, mk_attr};
+use crate::int8_ops::{attr, attr_float, attr_int, float_attr, floats_attr, int_attr, ints_attr};
 use crate::kernels::norm::{group_norm, GroupNorm};
 use crate::lower::{Index, Rewrite};
 
@@ -197,7 +197,6 @@ fn i64s(ix: &Index, name: &str) -> Option<Vec<i64>> {
 /// The pattern of the module documentation, ending at `n` (the SiLU's `Mul`, or the
 /// affine `Add` when no SiLU follows), as a `TfmqcGroupNorm` node.
 pub(crate) fn match_group_norm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
-    use pb::attribute_proto::AttributeType as T;
     if !fusion_enabled() {
         return None;
     }
@@ -270,36 +269,17 @@ pub(crate) fn match_group_norm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite>
         output: vec![n.output[0].clone()],
         ..Default::default()
     };
-    let int = |name: &str, v: i64| {
-        let mut a = mk_attr(name);
-        a.r#type = T::Int as i32;
-        a.i = v;
-        a
-    };
-    let floats = |name: &str, v: Vec<f32>| {
-        let mut a = mk_attr(name);
-        a.r#type = T::Floats as i32;
-        a.floats = v;
-        a
-    };
-    let mut eps = mk_attr("epsilon");
-    eps.r#type = T::Float as i32;
-    eps.f = attr_float(inorm, "epsilon", 1e-5);
     node.attribute = vec![
-        int("groups", groups as i64),
-        eps,
-        floats("group_scale", group_scale),
-        floats("group_bias", group_bias),
-        floats("gamma", gamma),
-        floats("beta", beta),
-        int("silu", silu as i64),
-        int("affine_rank", affine_rank as i64),
+        int_attr("groups", groups as i64),
+        float_attr("epsilon", attr_float(inorm, "epsilon", 1e-5)),
+        floats_attr("group_scale", group_scale),
+        floats_attr("group_bias", group_bias),
+        floats_attr("gamma", gamma),
+        floats_attr("beta", beta),
+        int_attr("silu", silu as i64),
+        int_attr("affine_rank", affine_rank as i64),
     ];
-    if let Some(o) = out_shape {
-        let mut a = mk_attr("out_shape");
-        a.r#type = T::Ints as i32;
-        a.ints = o;
-        node.attribute.push(a);
-    }
+    node.attribute
+        .extend(out_shape.map(|o| ints_attr("out_shape", o)));
     Some(Rewrite { node, weight: None })
 }

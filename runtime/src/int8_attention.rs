@@ -22,7 +22,7 @@ use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
 use crate::int8_matmul::{batch_offset, broadcast, einsum_rank, product_form, split};
-use crate::int8_ops::{activation_qdq, attr, mk_attr};
+use crate::int8_ops::{activation_qdq, attr, float_attr, int_attr};
 use crate::kernels::int8::{
     attention_quantize, AttentionOperand, AttentionShape, Backend, ProbQuant, ScoreScale,
 };
@@ -244,7 +244,6 @@ fn score_scale<'g>(ix: &Index<'g>, n: &'g pb::NodeProto) -> Option<(&'g str, Sco
 /// The `P·V` product of an attention (see the module documentation) as a
 /// `TfmqcQAttention` node reading the sources of Q, Kᵀ and V.
 pub(crate) fn match_attention(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
-    use pb::attribute_proto::AttributeType as T;
     if !fusion_enabled() {
         return None;
     }
@@ -318,32 +317,20 @@ pub(crate) fn match_attention(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> 
         output: vec![n.output[0].clone()],
         ..Default::default()
     };
-    let float = |name: &str, v: f32| {
-        let mut a = mk_attr(name);
-        a.r#type = T::Float as i32;
-        a.f = v;
-        a
-    };
-    let int = |name: &str, v: i64| {
-        let mut a = mk_attr(name);
-        a.r#type = T::Int as i32;
-        a.i = v;
-        a
-    };
     let mut attrs = vec![];
     for (name, (_, scale, zp), t) in [("q", &q, q_t), ("k", &k, k_t), ("v", &v, v_t)] {
-        attrs.push(float(&format!("{name}_scale"), *scale));
-        attrs.push(int(&format!("{name}_zero_point"), *zp as i64));
-        attrs.push(int(&format!("{name}_transposed"), t as i64));
+        attrs.push(float_attr(&format!("{name}_scale"), *scale));
+        attrs.push(int_attr(&format!("{name}_zero_point"), *zp as i64));
+        attrs.push(int_attr(&format!("{name}_transposed"), t as i64));
     }
     match score {
         ScoreScale::None => {}
-        ScoreScale::Mul(c) => attrs.push(float("score_mul", c)),
-        ScoreScale::Div(c) => attrs.push(float("score_div", c)),
+        ScoreScale::Mul(c) => attrs.push(float_attr("score_mul", c)),
+        ScoreScale::Div(c) => attrs.push(float_attr("score_div", c)),
     }
-    attrs.push(float("p_scale", p.1));
-    attrs.push(int("p_zero_point", p.2 as i64));
-    attrs.push(int("out_transposed", out_t as i64));
+    attrs.push(float_attr("p_scale", p.1));
+    attrs.push(int_attr("p_zero_point", p.2 as i64));
+    attrs.push(int_attr("out_transposed", out_t as i64));
     node.attribute = attrs;
     Some(Rewrite { node, weight: None })
 }

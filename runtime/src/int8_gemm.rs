@@ -15,7 +15,9 @@ use std::sync::Arc;
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_ops::{activation_qdq, attr, attr_float, attr_int, mk_attr, weight_bytes};
+use crate::int8_ops::{
+    activation_qdq, attr, attr_float, attr_int, float_attr, floats_attr, int_attr, weight_bytes,
+};
 use crate::kernels::int8::{gemm_quantize, Backend, Dequant, Output, PackedWeights, WeightLayout};
 use crate::lower::{Index, Rewrite};
 use crate::tensor_data::as_i8;
@@ -185,7 +187,6 @@ pub fn build_qgemm(
 /// per output column) as a `TfmqcQGemm` node. `Gemm` needs `transA = 0`, `alpha = 1` and
 /// a constant `C` (a scalar or one value per column).
 pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
-    use pb::attribute_proto::AttributeType as T;
     let gemm = n.op_type == "Gemm";
     if !(gemm || n.op_type == "MatMul") || n.input.len() < 2 {
         return None;
@@ -250,30 +251,13 @@ pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         output: vec![n.output[0].clone()],
         ..Default::default()
     };
-    let mut a = vec![];
-    let mut tb = mk_attr("trans_b");
-    tb.r#type = T::Int as i32;
-    tb.i = trans_b as i64;
-    a.push(tb);
-    let mut f = mk_attr("a_scale");
-    f.r#type = T::Float as i32;
-    f.f = a_scale;
-    a.push(f);
-    let mut z = mk_attr("a_zero_point");
-    z.r#type = T::Int as i32;
-    z.i = a_zp as i64;
-    a.push(z);
-    let mut ws = mk_attr("w_scale");
-    ws.r#type = T::Floats as i32;
-    ws.floats = w_scale;
-    a.push(ws);
-    if let Some(b) = bias {
-        let mut bb = mk_attr("bias");
-        bb.r#type = T::Floats as i32;
-        bb.floats = b;
-        a.push(bb);
-    }
-    node.attribute = a;
+    node.attribute = vec![
+        int_attr("trans_b", trans_b as i64),
+        float_attr("a_scale", a_scale),
+        int_attr("a_zero_point", a_zp as i64),
+        floats_attr("w_scale", w_scale),
+    ];
+    node.attribute.extend(bias.map(|b| floats_attr("bias", b)));
     Some(Rewrite {
         node,
         weight: Some(w.name.clone()),

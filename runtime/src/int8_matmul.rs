@@ -17,7 +17,7 @@
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_ops::{activation_qdq, attr, mk_attr};
+use crate::int8_ops::{activation_qdq, attr, float_attr, int_attr};
 use crate::kernels::int8::{matmul_quantize, Backend, QuantOperand};
 use crate::lower::{Index, Rewrite};
 
@@ -290,7 +290,6 @@ pub(crate) fn einsum_rank(n: &pb::NodeProto) -> Option<usize> {
 /// Tried after the weight products ([`crate::lower`]): a constant weight is not an
 /// activation Q/DQ, so those never match here.
 pub(crate) fn match_matmul(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
-    use pb::attribute_proto::AttributeType as T;
     let form = product_form(n)?;
     let x = activation_qdq(ix, &n.input[0])?;
     let y = activation_qdq(ix, &n.input[1])?;
@@ -309,25 +308,13 @@ pub(crate) fn match_matmul(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         output: vec![n.output[0].clone()],
         ..Default::default()
     };
-    let float = |name: &str, v: f32| {
-        let mut a = mk_attr(name);
-        a.r#type = T::Float as i32;
-        a.f = v;
-        a
-    };
-    let int = |name: &str, v: i64| {
-        let mut a = mk_attr(name);
-        a.r#type = T::Int as i32;
-        a.i = v;
-        a
-    };
     node.attribute = vec![
-        float("x_scale", x.1),
-        int("x_zero_point", x.2 as i64),
-        float("y_scale", y.1),
-        int("y_zero_point", y.2 as i64),
-        int("x_transposed", x_t as i64),
-        int("y_transposed", y_t as i64),
+        float_attr("x_scale", x.1),
+        int_attr("x_zero_point", x.2 as i64),
+        float_attr("y_scale", y.1),
+        int_attr("y_zero_point", y.2 as i64),
+        int_attr("x_transposed", x_t as i64),
+        int_attr("y_transposed", y_t as i64),
     ];
     Some(Rewrite { node, weight: None })
 }

@@ -262,6 +262,42 @@ pub(crate) fn mk_attr(name: &str) -> pb::AttributeProto {
     }
 }
 
+/// A float attribute of a lowered node (the op builders read it back by name).
+pub(crate) fn float_attr(name: &str, v: f32) -> pb::AttributeProto {
+    pb::AttributeProto {
+        r#type: pb::attribute_proto::AttributeType::Float as i32,
+        f: v,
+        ..mk_attr(name)
+    }
+}
+
+/// An int attribute of a lowered node.
+pub(crate) fn int_attr(name: &str, v: i64) -> pb::AttributeProto {
+    pb::AttributeProto {
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: v,
+        ..mk_attr(name)
+    }
+}
+
+/// A floats attribute of a lowered node.
+pub(crate) fn floats_attr(name: &str, v: Vec<f32>) -> pb::AttributeProto {
+    pb::AttributeProto {
+        r#type: pb::attribute_proto::AttributeType::Floats as i32,
+        floats: v,
+        ..mk_attr(name)
+    }
+}
+
+/// An ints attribute of a lowered node.
+pub(crate) fn ints_attr(name: &str, v: Vec<i64>) -> pb::AttributeProto {
+    pb::AttributeProto {
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: v,
+        ..mk_attr(name)
+    }
+}
+
 /// `value = DequantizeLinear(QuantizeLinear(x, s, z), s, z)` with the same constant,
 /// per-tensor scale and u8 zero point on both: returns `(x, s, z)`.
 pub(crate) fn activation_qdq(ix: &Index, value: &str) -> Option<(String, f32, u8)> {
@@ -300,7 +336,6 @@ pub(crate) fn attr_float(n: &pb::NodeProto, name: &str, default: f32) -> f32 {
 /// scales, zero point 0, per tensor or per output channel) as a `TfmqcQConv` node; the
 /// weight initializer is named, to be moved into the node ([`crate::lower`]).
 pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
-    use pb::attribute_proto::AttributeType as T;
     if n.op_type != "Conv" || n.input.len() < 2 {
         return None;
     }
@@ -359,39 +394,20 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         output: vec![n.output[0].clone()],
         ..Default::default()
     };
-    let mut a = vec![];
-    let mut f = mk_attr("a_scale");
-    f.r#type = T::Float as i32;
-    f.f = a_scale;
-    a.push(f);
-    let mut z = mk_attr("a_zero_point");
-    z.r#type = T::Int as i32;
-    z.i = a_zp as i64;
-    a.push(z);
-    let mut ws = mk_attr("w_scale");
-    ws.r#type = T::Floats as i32;
-    ws.floats = w_scale;
-    a.push(ws);
-    if let Some(b) = bias {
-        let mut bb = mk_attr("bias");
-        bb.r#type = T::Floats as i32;
-        bb.floats = b;
-        a.push(bb);
-    }
+    let mut a = vec![
+        float_attr("a_scale", a_scale),
+        int_attr("a_zero_point", a_zp as i64),
+        floats_attr("w_scale", w_scale),
+    ];
+    a.extend(bias.map(|b| floats_attr("bias", b)));
     for (name, default) in [
         ("pads", vec![0i64; 2 * spatial]),
         ("strides", vec![1; spatial]),
         ("dilations", vec![1; spatial]),
     ] {
-        let mut at = mk_attr(name);
-        at.r#type = T::Ints as i32;
-        at.ints = ints(name, default);
-        a.push(at);
+        a.push(ints_attr(name, ints(name, default)));
     }
-    let mut gr = mk_attr("group");
-    gr.r#type = T::Int as i32;
-    gr.i = get("group").map(|a| a.i).unwrap_or(1);
-    a.push(gr);
+    a.push(int_attr("group", get("group").map(|a| a.i).unwrap_or(1)));
     node.attribute = a;
     Some(Rewrite {
         node,
