@@ -105,6 +105,7 @@ pub fn measure(
     t_name: &str,
     progress: &dyn Fn(&str),
 ) -> Result<Quality> {
+    tfmqc_passes::budget::trace_memory("evaluate: start");
     let picks = evaluation_picks(cal, options);
     let records: Vec<_> = picks.iter().map(|&i| cal.records[i].clone()).collect();
     let steps: Vec<i64> = picks.iter().map(|&i| cal.record_steps[i]).collect();
@@ -162,6 +163,7 @@ pub fn measure(
     };
     // Each engine below is built after the last one is gone: what it freed goes back to
     // the OS first, so the peaks do not stack.
+    tfmqc_passes::budget::trace_memory("evaluate: held-out trajectories");
     return_free_memory();
     let (steps_sqnr, evaluated_on, eval_records) = match held_out {
         Some(ev) => (
@@ -183,10 +185,13 @@ pub fn measure(
             (sqnr, what, records.clone())
         }
     };
+    tfmqc_passes::budget::trace_memory("evaluate: output SQNR on the int8 runtime");
     return_free_memory();
+    let activations = activation_sqnr(float, plan, &records, &steps)?;
+    tfmqc_passes::budget::trace_memory("evaluate: activation SQNR on the float model");
     Ok(Quality {
         steps: steps_sqnr,
-        activations: activation_sqnr(float, plan, &records, &steps)?,
+        activations,
         records: (records.len(), cal.records.len()),
         evaluated_on,
         eval_records,

@@ -430,3 +430,40 @@ fn an_sd15_scheduled_unet_runs_in_onnxruntime_at_every_step_diffusers_visits() {
         );
     }
 }
+
+/// Calibration checks its budget again between trajectory batches: with the budget spent,
+/// the batches after the first are not started (the first always runs: its records are
+/// the evaluation's), and the run says how many batches ran. The model is not run: the
+/// prediction is a zero tensor of the sample's shape, so nothing here depends on a clock.
+#[test]
+fn trajectory_batches_stop_when_the_budget_is_spent() {
+    use tfmqc_passes::ir::{DType, Tensor as IrTensor};
+    use tfmqc_passes::trajectory::{Given, Plan};
+    let model = tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap();
+    let options = Options {
+        calib_steps: Some(3),
+        calib_samples: 3,
+        calib_batch: 1,
+        ..Default::default()
+    };
+    let set = tfmqc_passes::options::timestep_set(&model, &options).unwrap();
+    let given = Given::read(&model, &options).unwrap();
+    let plan = Plan::new(&model, &options, "timestep", &given, &set, 1).unwrap();
+    let run = |budget: Option<f64>| {
+        let mut batches_called = vec![];
+        let ran = plan
+            .run(&model, 3, 1, budget, &|_| {}, &mut |call| {
+                batches_called.push(call.batch);
+                let x = &call.inputs["sample"];
+                IrTensor::from_raw(DType::F32, x.shape.clone(), vec![0u8; x.byte_len()])
+            })
+            .unwrap();
+        (ran, batches_called)
+    };
+    let (ran, calls) = run(Some(0.0));
+    assert_eq!(ran, 1, "a spent budget runs the first batch only");
+    assert!(!calls.is_empty() && calls.iter().all(|&b| b == 0));
+    let (ran, calls) = run(None);
+    assert_eq!(ran, 3, "no budget: every batch");
+    assert!(calls.contains(&2), "the third batch ran");
+}

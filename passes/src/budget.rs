@@ -76,6 +76,27 @@ pub fn peak_rss() -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// The resident memory of this process now: `VmRSS` of /proc/self/status.
+pub fn current_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// With `TFMQC_TRACE_MEMORY` set, prints the resident memory now and the peak since the
+/// phase began at `label` (stderr): where inside a phase its peak is reached, which the
+/// per-phase peaks of the report cannot tell.
+pub fn trace_memory(label: &str) {
+    if std::env::var_os("TFMQC_TRACE_MEMORY").is_some() {
+        eprintln!(
+            "tfmqc memory: {label}: resident {}, peak {}",
+            gb(current_rss().unwrap_or(0)),
+            gb(peak_rss().unwrap_or(0))
+        );
+    }
+}
+
 /// Starts a new peak for [`peak_rss`] at the current resident size (Linux: writing 5 to
 /// /proc/self/clear_refs), so that each phase's peak can be told apart.
 pub fn reset_peak_rss() {

@@ -408,28 +408,50 @@ pub fn calibrate(
     };
     let clock = std::time::Instant::now();
     let mut calls = 0usize;
-    plan.run(model, batches, options.seed, progress, &mut |call| {
-        let tap = match (call.batch, &store, picks.get(call.step).copied().flatten()) {
-            (0, Some(store), Some(salt)) => Some(ColumnTap {
-                store,
-                salt,
-                keep: call.kept_prefix(),
-            }),
-            _ => None,
-        };
-        let mut outs = observe(&mut cal, call.t, &call.inputs, tap)?;
-        calls += 1;
-        if call.batch == 0 {
-            cal.records.push(call.record()?);
-            cal.record_steps.push(call.t);
-            cal.record_outputs.push(call.cut(&outs[0])?);
-        }
-        if call.step == 0 {
-            cal.batches += 1;
-        }
-        Ok(outs.swap_remove(0))
-    })?;
+    // The budget is checked again between batches: one call's time (the probe) is a
+    // noisy estimate on a busy machine (SD-1.5 at latent 64 once took 1836 s against a
+    // 1200 s budget).
+    let budget = options.calib_adaptive.then_some(options.calib_budget_s);
+    let ran = plan.run(
+        model,
+        batches,
+        options.seed,
+        budget,
+        progress,
+        &mut |call| {
+            let tap = match (call.batch, &store, picks.get(call.step).copied().flatten()) {
+                (0, Some(store), Some(salt)) => Some(ColumnTap {
+                    store,
+                    salt,
+                    keep: call.kept_prefix(),
+                }),
+                _ => None,
+            };
+            let mut outs = observe(&mut cal, call.t, &call.inputs, tap)?;
+            calls += 1;
+            if call.batch == 0 {
+                cal.records.push(call.record()?);
+                cal.record_steps.push(call.t);
+                cal.record_outputs.push(call.cut(&outs[0])?);
+            }
+            if call.step == 0 {
+                cal.batches += 1;
+            }
+            Ok(outs.swap_remove(0))
+        },
+    )?;
     cal.call_seconds = clock.elapsed().as_secs_f64() / calls.max(1) as f64;
+    if ran < batches {
+        let note = format!(
+            "calibration stopped after {ran} of {batches} trajectory batches: calls took {} on average, more than planned, and the next batch would have passed --calib-budget {}",
+            crate::budget::human_duration(cal.call_seconds),
+            crate::budget::human_duration(options.calib_budget_s),
+        );
+        cal.budget_note = Some(match cal.budget_note.take() {
+            Some(first) => format!("{first}; {note}"),
+            None => note,
+        });
+    }
     cal.layer_columns = store.map(std::sync::Arc::new);
     Ok(cal)
 }

@@ -60,6 +60,7 @@ pub fn output_sqnr_against(
 ) -> Result<Vec<StepSqnr>> {
     let out = vec![quant.graph.outputs[0].name.clone()];
     let b = Runner::int8(quant, Some(&out), Optimize::Full)?;
+    crate::budget::trace_memory("evaluate: quantized model on the int8 runtime");
     let mut sums: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
     for ((inputs, &t), y) in records.iter().zip(steps).zip(reference) {
         let inputs = inputs.clone().into_iter().collect();
@@ -94,6 +95,7 @@ pub fn activation_sqnr(
     let names: Vec<String> = plan.activations.iter().map(|a| a.value.clone()).collect();
     // Observed while tract runs: no activation outlives its consumers.
     let runner = Runner::observing(float, &names, Optimize::Full)?;
+    crate::budget::trace_memory("evaluate: float model compiled for observation");
     let mut sums = vec![(0f64, 0f64); names.len()];
     for (inputs, &t) in records.iter().zip(steps) {
         let group = plan.group(t);

@@ -796,15 +796,19 @@ impl Plan {
 
     /// Runs `batches` trajectory batches from `seed`; `call` runs the model on one call
     /// and returns its first output (the prediction; extra channels after the sample's,
-    /// e.g. a learned variance, are dropped).
+    /// e.g. a learned variance, are dropped). With a `budget_s`, a batch after the first
+    /// starts only when the calls so far say it ends within the budget (the first call's
+    /// time, on which the plan was fitted, can be far from the average on a loaded
+    /// machine); returns the number of batches run.
     pub fn run(
         &self,
         model: &Model,
         batches: usize,
         seed: u64,
+        budget_s: Option<f64>,
         progress: &dyn Fn(&str),
         call: &mut dyn FnMut(&Call) -> Result<Tensor>,
-    ) -> Result<()> {
+    ) -> Result<usize> {
         let n = self.images;
         let per_sample = self.per_sample;
         let rows = self.rows();
@@ -814,6 +818,14 @@ impl Plan {
         let clock = std::time::Instant::now();
         let mut done = 0usize;
         for b in 0..batches {
+            let calls_of_batch = self.step_counts[b % self.step_counts.len()];
+            if let (Some(budget), true) = (budget_s, b > 0 && done > 0) {
+                let elapsed = clock.elapsed().as_secs_f64();
+                let per_call = elapsed / done as f64;
+                if elapsed + per_call * calls_of_batch as f64 > budget {
+                    return Ok(b);
+                }
+            }
             let Batch {
                 mut state,
                 mut rng,
@@ -867,7 +879,7 @@ impl Plan {
                 })
             })?;
         }
-        Ok(())
+        Ok(batches)
     }
 }
 
@@ -906,6 +918,7 @@ pub fn evaluation_records(
         model,
         plan.step_counts.len(),
         options.seed ^ EVAL_SEED,
+        None,
         progress,
         &mut |call| {
             let prediction = runner.run(&call.inputs)?.swap_remove(0);
