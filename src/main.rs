@@ -498,9 +498,20 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
             path.display()
         );
     }
+    // Written first, into a staging folder: the evaluation runs the file as it ships, and
+    // the output path is only touched once everything has succeeded.
+    let t = Instant::now();
+    let staged = onnx::stage(&cx.model, out)?;
+    let bytes_out = staged.bytes();
+    phases.push(("write".into(), t.elapsed().as_secs_f64()));
+    end_phase("write");
     let quality = match (&cx.quant, &cx.calibration) {
         (Some(plan), Some(cal)) => {
             let t = Instant::now();
+            // The compiled weights in memory give way to the staged file's, mapped and
+            // read on demand: on SD-1.5 at latent 64 the float model's run for the
+            // activation SQNR no longer stacks on 0.9 GB of int8 weights (9.1 GB peak).
+            cx.model = onnx::load(staged.path())?;
             let t_name = cx
                 .tib
                 .as_ref()
@@ -523,10 +534,7 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
         }
         _ => None,
     };
-    let t = Instant::now();
-    let bytes_out = onnx::save(&cx.model, out)?;
-    phases.push(("write".into(), t.elapsed().as_secs_f64()));
-    end_phase("write");
+    staged.commit()?;
     let peaks = peaks.into_inner();
     let bytes_in = onnx::stored_bytes(&original, model_path);
     if let Some(q) = &quality {

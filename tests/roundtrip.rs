@@ -106,3 +106,52 @@ fn external_data_is_read_and_written_back_as_external_data() {
         ort(&py, &["check", out.to_str().unwrap()]);
     }
 }
+
+/// The compiler writes its output into a staging folder beside the output path and renames
+/// it into place only when everything after the write (the evaluation) has succeeded: an
+/// uncommitted stage leaves nothing behind, a committed one is the model with its data file.
+#[test]
+fn a_staged_output_appears_only_when_committed() {
+    let dir = tmpdir();
+    let model = tfmqc_passes::onnx::load(&model_path("sd_tiny")).unwrap();
+    let out = dir.path().join("tiny.q.onnx");
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+            .collect();
+        names.sort();
+        names
+    };
+    {
+        let staged = tfmqc_passes::onnx::stage(&model, &out).unwrap();
+        assert!(staged.path().exists() && staged.path() != out);
+        // What is evaluated is the staged file, its data file beside it.
+        let loaded = tfmqc_passes::onnx::load(staged.path()).unwrap();
+        assert_eq!(
+            loaded.graph.initializers.len(),
+            model.graph.initializers.len()
+        );
+        assert_eq!(
+            listing().len(),
+            1,
+            "only the staging folder: {:?}",
+            listing()
+        );
+    }
+    assert!(listing().is_empty(), "dropped uncommitted: {:?}", listing());
+
+    let staged = tfmqc_passes::onnx::stage(&model, &out).unwrap();
+    let bytes = staged.bytes();
+    staged.commit().unwrap();
+    assert_eq!(listing(), ["tiny.q.onnx", "tiny.q.onnx.data"]);
+    let on_disk = std::fs::metadata(&out).unwrap().len()
+        + std::fs::metadata(dir.path().join("tiny.q.onnx.data"))
+            .unwrap()
+            .len();
+    assert_eq!(bytes, on_disk);
+    let back = tfmqc_passes::onnx::load(&out).unwrap();
+    for (name, t) in &model.graph.initializers {
+        assert!(back.graph.initializers[name].data == t.data, "{name}");
+    }
+}

@@ -657,6 +657,94 @@ pub fn save(m: &Model, path: &Path) -> Result<u64> {
     Ok(bytes.len() as u64 + data_bytes)
 }
 
+/// A model written into a staging folder beside its output path, not yet in place: the
+/// compiler evaluates the file as it will ship (loaded back, its weights mapped from the
+/// staged data file instead of held in memory), then [`Staged::commit`] renames it into
+/// place, data file first. Dropped uncommitted (an error on the way), the staging folder
+/// goes and the output path is untouched.
+pub struct Staged {
+    dir: PathBuf,
+    model: PathBuf,
+    target: PathBuf,
+    bytes: u64,
+    committed: bool,
+}
+
+/// Writes `m` as [`save`] would write it to `path`, into a staging folder beside `path`.
+pub fn stage(m: &Model, path: &Path) -> Result<Staged> {
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("{}: not a file path", path.display())))?;
+    let parent = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let dir = parent.join(format!(
+        ".{}.staging-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+    if !parent.is_dir() {
+        return Err(Error::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "the output folder does not exist",
+            ),
+        ));
+    }
+    // A folder left by a killed run of the same process id is stale.
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut staged = Staged {
+        model: dir.join(file_name),
+        dir,
+        target: path.to_path_buf(),
+        bytes: 0,
+        committed: false,
+    };
+    staged.bytes = save(m, &staged.model)?;
+    Ok(staged)
+}
+
+impl Staged {
+    /// The staged model file (its data file, if any, beside it under its final name).
+    pub fn path(&self) -> &Path {
+        &self.model
+    }
+
+    /// Bytes written (model and data file).
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Moves the staged files to the output path: the data file first, so the model file
+    /// never points at a data file that is not there yet.
+    pub fn commit(mut self) -> Result<()> {
+        let data_name = format!(
+            "{}.data",
+            self.model.file_name().expect("staged").to_string_lossy()
+        );
+        let data = self.dir.join(&data_name);
+        if data.exists() {
+            let to = self.target.with_file_name(&data_name);
+            std::fs::rename(&data, &to).map_err(|e| Error::io(&to, e))?;
+        }
+        std::fs::rename(&self.model, &self.target).map_err(|e| Error::io(&self.target, e))?;
+        self.committed = true;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
 /// Bytes of a model as stored: its file and the external-data files its tensors are views
 /// of (each counted once).
 pub fn stored_bytes(m: &Model, path: &Path) -> u64 {
