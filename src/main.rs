@@ -512,6 +512,7 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
             // read on demand: on SD-1.5 at latent 64 the float model's run for the
             // activation SQNR no longer stacks on 0.9 GB of int8 weights (9.1 GB peak).
             cx.model = onnx::load(staged.path())?;
+            tfmqc_passes::budget::return_free_memory();
             let t_name = cx
                 .tib
                 .as_ref()
