@@ -839,11 +839,7 @@ fn machine() -> Value {
     #[cfg(not(target_arch = "x86_64"))]
     let avx2 = false;
     // The int8 kernels the runtime runs here (TFMQC_INT8_BACKEND may cap them).
-    let int8_backend = match tfmqc_runtime::kernels::int8::Backend::detect() {
-        tfmqc_runtime::kernels::int8::Backend::Avx512Vnni => "avx512vnni",
-        tfmqc_runtime::kernels::int8::Backend::Avx2 => "avx2",
-        _ => "portable",
-    };
+    let int8_backend = tfmqc_runtime::kernels::int8::Backend::detect().name();
     json!({
         "cpu": cpu,
         "arch": std::env::consts::ARCH,

@@ -13,6 +13,8 @@ pub mod int8_matmul;
 pub mod int8_ops;
 pub mod kernels;
 pub mod lower;
+#[cfg(test)]
+mod model_check_tests;
 pub mod observe;
 pub mod sampler;
 pub mod schedule;

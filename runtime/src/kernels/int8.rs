@@ -11,6 +11,15 @@
 //! and adds adjacent pairs, so there is no saturation anywhere (unlike `vpmaddubsw`,
 //! whose u8×s8 pair sums saturate at 16 bits for full-range weights).
 //!
+//! Where a CPU has a byte dot product, weights are packed as s8 *quads* (four reduction
+//! neighbours a lane: `vpdpbusd`, aarch64 `sdot` / `usdot`) or *octets* (eight, two lanes
+//! per 16-byte operand of aarch64 i8mm's `usmmla` 2×8×2 tile), activations stay raw u8 and
+//! `zero point · Σ weights` is subtracted per channel (see [`Packing`]). On aarch64 the
+//! pairs run on NEON (`ld2` + `smlal`), quads on `sdot` (activation bytes flipped to
+//! `u − 128`, undone by the correction) or `usdot`/`sudot`, octets on `usmmla`; all paths
+//! are bit-identical to the portable kernels (`micro::kernel_for` is the one dispatch
+//! point).
+//!
 //! Zero points are subtracted while widening to i16 (`a − a_zp ∈ [−255, 255]`), so no
 //! zero-point correction with row sums is needed and padded positions are plain zeros.
 //! Results are exact (bit-identical to an i64 reference reduced to i32) as long as the
@@ -62,8 +71,8 @@ pub(crate) const NR: usize = 8 * NV;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Backend {
     /// The fastest backend this CPU supports (detected at run time), unless the
-    /// environment variable `TFMQC_INT8_BACKEND` (`avx512vnni`, `avx2` or `portable`)
-    /// names a slower one, e.g. to measure the AVX2 path on a CPU that has more.
+    /// environment variable `TFMQC_INT8_BACKEND` (see [`Backend::name`]) names a slower
+    /// one, e.g. to measure the AVX2 path on a CPU that has more.
     #[default]
     Auto,
     /// x86_64 AVX-512 VNNI (`vpdpwssd`: the i16 pair product and the accumulation in one
@@ -72,6 +81,15 @@ pub enum Backend {
     /// x86_64 AVX2 (`vpmaddwd` + `vpaddd`). Falls back to [`Backend::Portable`] when the
     /// CPU lacks AVX2; check [`Backend::is_available`] to know.
     Avx2,
+    /// aarch64 with FEAT_I8MM: `usdot` / `sudot` (u8 × s8 quads, no sign trick). Falls
+    /// back like [`Backend::Dotprod`] when the CPU lacks it.
+    I8mm,
+    /// aarch64 with FEAT_DotProd: `sdot` on s8 quads (u8 activations shifted by 128,
+    /// corrected with the weight sums). Falls back to [`Backend::Neon`].
+    Dotprod,
+    /// aarch64 Advanced SIMD (every aarch64 CPU): `ld2` + `smlal` / `smlal2` on the i16
+    /// pairs the x86 kernels use. Falls back to [`Backend::Portable`] elsewhere.
+    Neon,
     /// Plain Rust, any CPU.
     Portable,
 }
@@ -81,62 +99,132 @@ impl Backend {
     pub fn is_available(self) -> bool {
         match self {
             Backend::Auto | Backend::Portable => true,
-            Backend::Avx2 => avx2_available(),
-            Backend::Avx512Vnni => avx512vnni_available(),
+            concrete => Isa::of(concrete).is_some_and(Isa::available),
         }
     }
 
     /// The concrete backend `Auto` resolves to on this CPU (and environment).
     pub fn detect() -> Backend {
-        match Backend::Auto.isa() {
-            Isa::Avx512Vnni => Backend::Avx512Vnni,
-            Isa::Avx2 => Backend::Avx2,
-            Isa::Portable => Backend::Portable,
+        Backend::Auto.isa().backend()
+    }
+
+    /// The backend's name as `TFMQC_INT8_BACKEND` takes it: `avx512vnni`, `avx2`,
+    /// `i8mm`, `dotprod`, `neon`, `portable` (and `auto`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Auto => "auto",
+            Backend::Avx512Vnni => "avx512vnni",
+            Backend::Avx2 => "avx2",
+            Backend::I8mm => "i8mm",
+            Backend::Dotprod => "dotprod",
+            Backend::Neon => "neon",
+            Backend::Portable => "portable",
         }
     }
 
     /// The instruction set to run: never one the CPU lacks.
     pub(crate) fn isa(self) -> Isa {
-        let wanted = match self {
-            Backend::Auto => return auto_isa(),
-            Backend::Avx512Vnni => Isa::Avx512Vnni,
-            Backend::Avx2 => Isa::Avx2,
-            Backend::Portable => Isa::Portable,
-        };
-        wanted.min(best_isa())
+        match Isa::of(self) {
+            None => auto_isa(),
+            Some(wanted) => wanted.or_fallback(),
+        }
     }
 }
 
-/// A resolved [`Backend`], slowest first.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// A resolved [`Backend`]. Each architecture's sets form a chain, fastest first, that
+/// [`Isa::fallback`] walks down to `Portable`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Isa {
     Portable,
     Avx2,
     Avx512Vnni,
+    Neon,
+    Dotprod,
+    I8mm,
 }
 
-/// The best instruction set of this CPU.
-fn best_isa() -> Isa {
-    if avx512vnni_available() {
-        Isa::Avx512Vnni
-    } else if avx2_available() {
-        Isa::Avx2
-    } else {
-        Isa::Portable
+impl Isa {
+    fn of(backend: Backend) -> Option<Isa> {
+        Some(match backend {
+            Backend::Auto => return None,
+            Backend::Avx512Vnni => Isa::Avx512Vnni,
+            Backend::Avx2 => Isa::Avx2,
+            Backend::I8mm => Isa::I8mm,
+            Backend::Dotprod => Isa::Dotprod,
+            Backend::Neon => Isa::Neon,
+            Backend::Portable => Isa::Portable,
+        })
+    }
+
+    fn backend(self) -> Backend {
+        match self {
+            Isa::Portable => Backend::Portable,
+            Isa::Avx2 => Backend::Avx2,
+            Isa::Avx512Vnni => Backend::Avx512Vnni,
+            Isa::Neon => Backend::Neon,
+            Isa::Dotprod => Backend::Dotprod,
+            Isa::I8mm => Backend::I8mm,
+        }
+    }
+
+    /// The next slower set of the same architecture.
+    fn fallback(self) -> Isa {
+        match self {
+            Isa::Avx512Vnni => Isa::Avx2,
+            Isa::I8mm => Isa::Dotprod,
+            Isa::Dotprod => Isa::Neon,
+            Isa::Avx2 | Isa::Neon | Isa::Portable => Isa::Portable,
+        }
+    }
+
+    /// This set if the CPU has it, else the first of its fallbacks that it has.
+    fn or_fallback(self) -> Isa {
+        let mut isa = self;
+        while !isa.available() {
+            isa = isa.fallback();
+        }
+        isa
+    }
+
+    fn available(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            Isa::Avx2 => avx2_available(),
+            Isa::Avx512Vnni => avx512vnni_available(),
+            Isa::Neon => aarch64_feature(AArch64Feature::Neon),
+            Isa::Dotprod => aarch64_feature(AArch64Feature::Dotprod),
+            Isa::I8mm => aarch64_feature(AArch64Feature::I8mm),
+        }
     }
 }
 
 /// What `Backend::Auto` runs: the best of this CPU, capped by `TFMQC_INT8_BACKEND` (read
-/// once per process).
+/// once per process; a name of another architecture's backend caps to `portable`).
 fn auto_isa() -> Isa {
     static AUTO: std::sync::OnceLock<Isa> = std::sync::OnceLock::new();
     *AUTO.get_or_init(|| {
-        let cap = match std::env::var("TFMQC_INT8_BACKEND").as_deref() {
-            Ok("portable") => Isa::Portable,
-            Ok("avx2") => Isa::Avx2,
-            _ => Isa::Avx512Vnni,
+        let best = if cfg!(target_arch = "aarch64") {
+            Isa::I8mm
+        } else {
+            Isa::Avx512Vnni
         };
-        cap.min(best_isa())
+        let cap = std::env::var("TFMQC_INT8_BACKEND")
+            .ok()
+            .and_then(|name| {
+                [
+                    Backend::Avx512Vnni,
+                    Backend::Avx2,
+                    Backend::I8mm,
+                    Backend::Dotprod,
+                    Backend::Neon,
+                    Backend::Portable,
+                ]
+                .into_iter()
+                .find(|b| b.name() == name)
+            })
+            .and_then(Isa::of)
+            .unwrap_or(best);
+        cap.or_fallback()
     })
 }
 
@@ -161,6 +249,29 @@ fn avx512vnni_available() -> bool {
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        false
+    }
+}
+
+#[derive(Clone, Copy)]
+enum AArch64Feature {
+    Neon,
+    Dotprod,
+    I8mm,
+}
+
+fn aarch64_feature(f: AArch64Feature) -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        match f {
+            AArch64Feature::Neon => std::arch::is_aarch64_feature_detected!("neon"),
+            AArch64Feature::Dotprod => std::arch::is_aarch64_feature_detected!("dotprod"),
+            AArch64Feature::I8mm => std::arch::is_aarch64_feature_detected!("i8mm"),
+        }
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        let _ = f;
         false
     }
 }

@@ -4,7 +4,9 @@ use super::micro::{self, KernelArgs, KernelFn};
 use super::pack::{quad_u8, Packing};
 use super::par::{self, Shared};
 use super::sink::{quantize, Channel, Sink};
-use super::{pair, Backend, Isa, Output, PackedConvWeights, QuantInt, MR, NR};
+#[cfg(target_arch = "x86_64")]
+use super::Isa;
+use super::{pair, Backend, Output, PackedConvWeights, QuantInt, MR, NR};
 
 /// Output tiles (of `NR` positions) processed per pass over the weight panels.
 const TILE_CHUNK: usize = 16;
@@ -104,13 +106,13 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         return;
     }
     let isa = backend.isa();
-    let kernel: KernelFn = match w.packing() {
-        Packing::Pairs => micro::kernel_for(isa),
-        // Weights (s8) are the broadcast side, the input planes (u8) the vector side.
-        Packing::Quads => micro::quad_kernel_for(isa, false),
-    };
-    let plan = Plan::new(w, shape, kernel, zero_u8);
-    let mut buf = vec![plan.pad; plan.phases * plan.csteps * plan.plane];
+    // Weights (s8) are the broadcast side, the input planes (u8) the vector side.
+    let micro::Kernel {
+        run: kernel,
+        u8_offset,
+    } = micro::kernel_for(isa, w.packing(), false);
+    let plan = Plan::new(w, shape, kernel, zero_u8, u8_offset);
+    let mut buf = vec![plan.pad; plan.phases * plan.csteps * plan.plane * plan.words];
     let mut wide = Vec::new();
     // Multiply-adds of one (image, group).
     let work = plan.og * plan.cg * plan.taps.len() * plan.npos;
@@ -182,23 +184,34 @@ struct Plan<'w> {
     hq: usize,
     wq: usize,
     plane: usize,
-    /// Channels per kernel step (2: pairs, 4: quads) and steps per tap.
+    /// Channels per kernel step (2: pairs, 4: quads, 8: octets), words a position of a
+    /// plane holds (2 for octets, else 1) and steps per tap.
     width: usize,
+    words: usize,
     csteps: usize,
-    /// The input's zero point as u8 (quads' padding and correction).
+    /// The input's zero point as u8 (quads' padding).
     zero_u8: i32,
+    /// The quads' correction factor of each channel's weight sum: the zero point, less
+    /// the offset the kernel subtracted from every input byte.
+    correction: i32,
     /// What padded positions hold: 0 (centered pairs) or the zero point (raw quads).
     pad: i32,
     npos: usize,
     ntiles: usize,
-    /// Offset of each kernel tap in the phase planes.
+    /// Offset of each kernel tap in the phase planes, in words.
     taps: Vec<usize>,
-    /// Lanes in one weight panel (`kh*kw*csteps*MR`).
+    /// Words in one weight panel (`kh*kw*csteps*MR*words`).
     panel_len: usize,
 }
 
 impl<'w> Plan<'w> {
-    fn new(w: &'w PackedConvWeights, shape: [usize; 4], kernel: KernelFn, zero_u8: i32) -> Self {
+    fn new(
+        w: &'w PackedConvWeights,
+        shape: [usize; 4],
+        kernel: KernelFn,
+        zero_u8: i32,
+        u8_offset: i32,
+    ) -> Self {
         let [_, c, h, wd] = shape;
         let geom = *w.geometry();
         let (ho, wo) = geom.output_hw(h, wd).expect("checked by conv_run");
@@ -221,9 +234,10 @@ impl<'w> Plan<'w> {
         }
         let max_inner = inner.iter().map(|&(_, o)| o).max().unwrap_or(0);
         let plane = (hq * wq).max(ntiles * NR + max_inner);
+        let words = w.packing().words();
         let taps = inner
             .iter()
-            .map(|&(ph, o)| ph * csteps * plane + o)
+            .map(|&(ph, o)| (ph * csteps * plane + o) * words)
             .collect();
         let oc = w.out_channels();
         Plan {
@@ -242,15 +256,17 @@ impl<'w> Plan<'w> {
             wq,
             plane,
             width: w.packing().width(),
+            words,
             csteps,
             zero_u8,
+            correction: zero_u8 - u8_offset,
             pad: match w.packing() {
                 Packing::Pairs => 0,
-                Packing::Quads => quad_u8([zero_u8; 4]),
+                Packing::Quads | Packing::Octets => quad_u8([zero_u8; 4]),
             },
             npos,
             ntiles,
-            panel_len: inner.len() * csteps * MR,
+            panel_len: inner.len() * csteps * MR * words,
             taps,
         }
     }
@@ -277,8 +293,8 @@ unsafe fn widen_avx2<A: Copy, C: Fn(A) -> i32 + Copy>(
 
 /// Writes channel step `cs` of group `gi` of image `b` into its phase planes: i16 pairs
 /// (see [`pair`]) of centered values with zeros in the padding, or u8 quads (see
-/// [`quad_u8`]) of raw values with the zero point in the padding and in channels past
-/// the last (their weights are 0).
+/// [`quad_u8`]; octets: two quads a position) of raw values with the zero point in the
+/// padding and in channels past the last (their weights are 0).
 ///
 /// # Safety
 /// No other thread may write the planes of the same `cs` at the same time.
@@ -302,27 +318,38 @@ unsafe fn widen<A: Copy, C: Fn(A) -> i32 + Copy>(
         (j < p.width && p.width * cs + j < p.cg)
             .then(|| &input[(b * p.c + ch0 + j) * h * wd..][..h * wd])
     };
-    let src: [Option<&[A]>; 4] = std::array::from_fn(channel);
+    let src: [Option<&[A]>; 8] = std::array::from_fn(channel);
     let zu = p.zero_u8;
     let raw = |v: A| center(v) + zu;
     for py in 0..sh {
         for px in 0..sw {
-            let base = ((py * sw + px) * p.csteps + cs) * p.plane;
-            let dst = planes.range(base, p.hq * wq);
+            let words = p.words;
+            let base = ((py * sw + px) * p.csteps + cs) * p.plane * words;
+            let dst = planes.range(base, p.hq * wq * words);
             let xs = pl.saturating_sub(px).div_ceil(sw).min(wq);
             let xe = (pl + wd).saturating_sub(px).div_ceil(sw).min(wq);
-            for (yy, row) in dst.chunks_exact_mut(wq).enumerate() {
+            for (yy, row) in dst.chunks_exact_mut(wq * words).enumerate() {
                 let ypad = yy * sh + py;
                 if ypad < pt || ypad - pt >= h || xs >= xe {
                     row.fill(p.pad);
                     continue;
                 }
                 let y = ypad - pt;
-                row[..xs].fill(p.pad);
-                row[xe..].fill(p.pad);
+                row[..xs * words].fill(p.pad);
+                row[xe * words..].fill(p.pad);
                 let x0 = xs * sw + px - pl;
                 let r = src.map(|c| c.map(|c| &c[y * wd..][..wd]));
-                let mid = &mut row[xs..xe];
+                let mid = &mut row[xs * words..xe * words];
+                if words == 2 {
+                    // Octets: channels 0–3 then 4–7 of each position.
+                    for (i, d) in mid.chunks_exact_mut(2).enumerate() {
+                        let x = x0 + i * sw;
+                        let v = |j: usize| r[j].map_or(zu, |s| raw(s[x]));
+                        d[0] = quad_u8([v(0), v(1), v(2), v(3)]);
+                        d[1] = quad_u8([v(4), v(5), v(6), v(7)]);
+                    }
+                    continue;
+                }
                 match (p.width, r, sw) {
                     // The common cases as plain zips (they vectorize).
                     (2, [Some(r0), Some(r1), ..], 1) => {
@@ -330,7 +357,7 @@ unsafe fn widen<A: Copy, C: Fn(A) -> i32 + Copy>(
                             *d = pair(center(v0), center(v1));
                         }
                     }
-                    (4, [Some(r0), Some(r1), Some(r2), Some(r3)], 1) => {
+                    (4, [Some(r0), Some(r1), Some(r2), Some(r3), ..], 1) => {
                         let it = r0[x0..].iter().zip(&r1[x0..]).zip(&r2[x0..]).zip(&r3[x0..]);
                         for (d, (((&v0, &v1), &v2), &v3)) in mid.iter_mut().zip(it) {
                             *d = quad_u8([raw(v0), raw(v1), raw(v2), raw(v3)]);
@@ -386,12 +413,13 @@ unsafe fn unit(p: &Plan, ops: &Operands, b: usize, gi: usize, tc: usize, op: usi
         let p0 = t * NR;
         let args = KernelArgs {
             a,
-            a_row: 1,
-            a_step: MR,
-            b: &buf[p0.min(buf.len())..],
-            b_cp: p.plane,
+            a_row: p.words,
+            a_step: MR * p.words,
+            b: &buf[(p0 * p.words).min(buf.len())..],
+            b_cp: p.plane * p.words,
             taps: &p.taps,
             csteps: p.csteps,
+            words: p.words,
         };
         (p.kernel)(&args, &mut tile);
         let cols = (p.npos - p0).min(NR);
@@ -399,10 +427,10 @@ unsafe fn unit(p: &Plan, ops: &Operands, b: usize, gi: usize, tc: usize, op: usi
             let o = gi * p.og + op * MR + r;
             let obase = (b * p.oc + o) * p.ho * p.wo;
             let acc = &mut tile[r * NR..r * NR + cols];
-            if p.width == 4 {
-                // Quads summed raw u8 inputs: Σ (x − z)·w = Σ x·w − z·Σ w (exact in
-                // wrapping i32, as the result fits).
-                let correction = p.zero_u8.wrapping_mul(p.w.sums()[o]);
+            if p.width >= 4 {
+                // Quads summed raw u8 inputs less the kernel's offset o: Σ (x − z)·w =
+                // Σ (x − o)·w − (z − o)·Σ w (exact in wrapping i32, as the result fits).
+                let correction = p.correction.wrapping_mul(p.w.sums()[o]);
                 for v in acc.iter_mut() {
                     *v = v.wrapping_sub(correction);
                 }

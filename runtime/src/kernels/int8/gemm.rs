@@ -4,12 +4,14 @@ use super::micro::{self, KernelArgs, KernelFn};
 use super::pack::{quad_u8, Packing};
 use super::par;
 use super::sink::{quantize, Channel, Sink};
-use super::{pair, Backend, Dequant, Isa, Output, PackedWeights, QuantInt, MR, NR};
+#[cfg(target_arch = "x86_64")]
+use super::Isa;
+use super::{pair, Backend, Dequant, Output, PackedWeights, QuantInt, MR, NR};
 
 /// Bytes of widened activation rows kept hot per chunk (L2-sized).
 const CHUNK_BYTES: usize = 128 * 1024;
-/// Reduction steps (pairs or quads) per block when K is long.
-const KC_STEPS: usize = 512;
+/// Reduction values per block when K is long (blocking starts at twice this).
+const KC: usize = 1024;
 
 /// `out[i, j] = Σ_k (a[i, k] − a_zero_point) · w[j, k]` in i32, `a` row-major `[m, k]`,
 /// `out` row-major `[m, w.n()]`, on the fastest backend of this CPU.
@@ -131,22 +133,25 @@ pub(crate) fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         return;
     }
     let isa = backend.isa();
-    let kernel: KernelFn = match w.packing() {
-        Packing::Pairs => micro::kernel_for(isa),
-        // Activations (u8) are the broadcast side, the weights (s8) the vector side.
-        Packing::Quads => micro::quad_kernel_for(isa, true),
-    };
+    // Activations (u8) are the broadcast side, the weights (s8) the vector side.
+    let micro::Kernel {
+        run: kernel,
+        u8_offset,
+    } = micro::kernel_for(isa, w.packing(), true);
     let ksteps = w.steps();
-    // Reduction blocking: long K runs in blocks of KC_STEPS steps, partial sums kept in
-    // an i32 scratch of one row chunk (so weight panels stay in L1, activations in L2).
-    // It depends on K only, so every row is computed the same way whatever the chunks.
-    let kcs = if ksteps <= 2 * KC_STEPS {
+    // Reduction blocking: K > 2·KC runs in blocks of KC values, partial sums kept in an
+    // i32 scratch of one row chunk (so weight panels stay in L1, activations in L2). It
+    // depends on K and the packing only, so every row is computed the same way whatever
+    // the chunks.
+    let kc_steps = KC / w.packing().width();
+    let kcs = if ksteps <= 2 * kc_steps {
         ksteps.max(1)
     } else {
-        KC_STEPS
+        kc_steps
     };
     let nkb = ksteps.div_ceil(kcs).max(1);
-    let mc_cache = (CHUNK_BYTES / 4 / kcs).clamp(MR, 64 * MR) / MR * MR;
+    let words = w.packing().words();
+    let mc_cache = (CHUNK_BYTES / 4 / (kcs * words)).clamp(MR, 64 * MR) / MR * MR;
     // Enough chunks to keep every thread busy.
     let split = parallel && par::worth_splitting(m * n * k);
     let threads = if split { par::threads() } else { 1 };
@@ -163,6 +168,7 @@ pub(crate) fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         k,
         center,
         zero_u8,
+        correction: zero_u8 - u8_offset,
     };
     par::for_each(m.div_ceil(mc), split, |ci| match isa {
         #[cfg(target_arch = "x86_64")]
@@ -182,6 +188,9 @@ struct Rows<'a, A, C> {
     center: C,
     /// The zero point as u8 (quads hold `center + zero_u8`).
     zero_u8: i32,
+    /// What multiplies each channel's weight sum in the quads' correction: the zero
+    /// point, less the offset the kernel subtracted from every activation byte.
+    correction: i32,
 }
 
 /// [`chunk`] compiled for AVX2 (the epilogue and widening loops vectorize with it).
@@ -227,11 +236,14 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
         k,
         center,
         zero_u8,
+        correction,
     } = *rows;
-    let quads = w.packing() == Packing::Quads;
+    // Quads and octets hold raw u8 activations, four a word.
+    let bytes = w.packing() != Packing::Pairs;
     let width = w.packing().width();
+    let words = w.packing().words();
     let m0 = ci * mc;
-    let mut abuf = vec![0i32; mc * kcs];
+    let mut abuf = vec![0i32; mc * kcs * words];
     let mut scratch = if nkb > 1 {
         vec![0i32; mc * n]
     } else {
@@ -244,12 +256,14 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
     for kb in 0..nkb {
         let ks0 = kb * kcs;
         let kl = (ksteps - ks0).min(kcs);
-        let used = panels * MR * kl;
+        // Words of one widened row of this block.
+        let row = kl * words;
+        let used = panels * MR * row;
         let (k0, k1) = (width * ks0, (width * (ks0 + kl)).min(k));
-        for (r, dst) in abuf[..used].chunks_exact_mut(kl.max(1)).enumerate() {
+        for (r, dst) in abuf[..used].chunks_exact_mut(row.max(1)).enumerate() {
             if r >= nrows {
                 dst.fill(0);
-            } else if quads {
+            } else if bytes {
                 widen_row_quads(&a[(m0 + r) * k..][k0..k1], |v| center(v) + zero_u8, dst);
             } else {
                 widen_row(&a[(m0 + r) * k..][k0..k1], center, dst);
@@ -262,13 +276,14 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
             let b = w.panel_block(np, ks0, kl, &mut wide);
             for mp in 0..panels {
                 let args = KernelArgs {
-                    a: &abuf[mp * MR * kl..used],
-                    a_row: kl,
-                    a_step: 1,
+                    a: &abuf[mp * MR * row..used],
+                    a_row: row,
+                    a_step: words,
                     b,
-                    b_cp: NR,
+                    b_cp: NR * words,
                     taps: &[0],
                     csteps: kl,
+                    words,
                 };
                 kernel(&args, &mut tile);
                 for r in 0..(nrows - mp * MR).min(MR) {
@@ -285,11 +300,12 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
                             continue;
                         }
                     }
-                    if quads {
-                        // Σ (a − z)·w = Σ a·w − z·Σ w, per output channel (column).
+                    if bytes {
+                        // Σ (a − z)·w = Σ (a − o)·w − (z − o)·Σ w, per output channel
+                        // (column), o the kernel's offset.
                         let sums = &w.sums()[np * NR..][..cols];
                         for (x, &s) in acc.iter_mut().zip(sums) {
-                            *x = x.wrapping_sub(zero_u8.wrapping_mul(s));
+                            *x = x.wrapping_sub(correction.wrapping_mul(s));
                         }
                     }
                     let row = m0 + mp * MR + r;
@@ -300,8 +316,8 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
     }
 }
 
-/// Widens one activation row to u8 quads (a last partial quad padded with 0: its weights
-/// are 0).
+/// Widens one activation row to u8 quads (a last partial quad, and the words of `dst`
+/// past it, e.g. the rest of a last octet, padded with 0: their weights are 0).
 #[inline(always)]
 fn widen_row_quads<A: Copy>(src: &[A], to_u8: impl Fn(A) -> i32, dst: &mut [i32]) {
     let mut it = src.chunks_exact(4);
@@ -313,6 +329,7 @@ fn widen_row_quads<A: Copy>(src: &[A], to_u8: impl Fn(A) -> i32, dst: &mut [i32]
         let v = |i: usize| rest.get(i).map_or(0, |&x| to_u8(x));
         dst[src.len() / 4] = quad_u8([v(0), v(1), v(2), v(3)]);
     }
+    dst[src.len().div_ceil(4)..].fill(0);
 }
 
 /// Widens one activation row to i16 pairs of centered values (odd K: last pair padded

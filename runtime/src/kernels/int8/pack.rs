@@ -19,19 +19,27 @@ pub enum Packing {
     /// point) while they are widened to i16 pairs too. Any weights.
     Pairs,
     /// Quads as s8 (`vpdpbusd`: u8 × s8, four products a lane, twice the work of a pair
-    /// instruction): activations stay raw u8, and `zero point × Σ weights` of the
-    /// output channel is subtracted from the sum afterwards. Needs weights whose
-    /// centered values fit in i8; others fall back to pairs.
+    /// instruction; aarch64 `sdot`, `usdot`): activations stay raw u8, and `zero point ×
+    /// Σ weights` of the output channel is subtracted from the sum afterwards. Needs
+    /// weights whose centered values fit in i8; others fall back to pairs.
     Quads,
+    /// Octets as s8, eight reduction neighbours a lane in two words (aarch64 i8mm
+    /// `usmmla`: a 2×8 u8 block times a 2×8 s8 block into a 2×2 i32 tile, 32 products an
+    /// instruction). Two neighbouring lanes are one 16-byte operand of the instruction,
+    /// so the same panels serve it whichever side they are on. Activations and the
+    /// zero-point correction as for quads; weights that leave i8 fall back to pairs.
+    Octets,
 }
 
 impl Packing {
-    /// The packing `backend` runs fastest on this CPU: quads where AVX-512 VNNI runs.
+    /// The packing `backend` runs fastest on this CPU: octets where i8mm's matrix
+    /// multiply runs, quads where a four-byte dot product does (AVX-512 VNNI, aarch64
+    /// dot product), pairs elsewhere.
     pub fn for_backend(backend: Backend) -> Packing {
-        if backend.isa() == Isa::Avx512Vnni {
-            Packing::Quads
-        } else {
-            Packing::Pairs
+        match backend.isa() {
+            Isa::I8mm => Packing::Octets,
+            Isa::Avx512Vnni | Isa::Dotprod => Packing::Quads,
+            Isa::Portable | Isa::Avx2 | Isa::Neon => Packing::Pairs,
         }
     }
 
@@ -40,6 +48,15 @@ impl Packing {
         match self {
             Packing::Pairs => 2,
             Packing::Quads => 4,
+            Packing::Octets => 8,
+        }
+    }
+
+    /// i32 words a lane of one step occupies (two for octets).
+    pub(crate) fn words(self) -> usize {
+        match self {
+            Packing::Pairs | Packing::Quads => 1,
+            Packing::Octets => 2,
         }
     }
 }
@@ -57,7 +74,8 @@ enum Store {
     I8Pairs(Vec<i8>),
     /// Pairs already widened (see [`pair`]).
     I16Pairs(Vec<i32>),
-    /// Four s8 values a lane, reduction order in little-endian byte order.
+    /// s8 values four a word (quads: a word a lane; octets: two), reduction order in
+    /// little-endian byte order.
     Quads(Vec<i32>),
 }
 
@@ -98,7 +116,7 @@ impl Store {
             }
         }
         match packing {
-            Packing::Quads => {
+            Packing::Quads | Packing::Octets => {
                 debug_assert!(fits_i8(&values), "quads need centered weights in i8");
                 Store::Quads(
                     values
@@ -154,7 +172,7 @@ fn zp_at<T: QuantInt>(zero_points: &[T], ch: usize, channels: usize) -> i32 {
 fn usable(packing: Packing, centered: impl Iterator<Item = i32>) -> Packing {
     let mut centered = centered;
     match packing {
-        Packing::Quads if centered.all(|v| i8::try_from(v).is_ok()) => Packing::Quads,
+        Packing::Quads | Packing::Octets if centered.all(|v| i8::try_from(v).is_ok()) => packing,
         _ => Packing::Pairs,
     }
 }
@@ -327,8 +345,8 @@ impl PackedWeights {
         self.data.resident_bytes()
     }
 
-    /// Steps `s0 .. s0 + sl` of panel `np` as the kernel reads them: `sl * NR` lanes,
-    /// widened into `scratch` when stored as i8 pairs.
+    /// Steps `s0 .. s0 + sl` of panel `np` as the kernel reads them: `sl * NR` lanes
+    /// (of [`Packing::words`] words each), widened into `scratch` when stored as i8 pairs.
     pub(crate) fn panel_block<'s>(
         &'s self,
         np: usize,
@@ -336,8 +354,9 @@ impl PackedWeights {
         sl: usize,
         scratch: &'s mut Vec<i32>,
     ) -> &'s [i32] {
+        let lane = NR * self.packing.words();
         self.data
-            .block((np * self.steps + s0) * NR, sl * NR, scratch)
+            .block((np * self.steps + s0) * lane, sl * lane, scratch)
     }
 }
 
@@ -542,9 +561,15 @@ impl PackedConvWeights {
     }
 
     /// The panels of group `g` as the kernel reads them, panel `op` at
-    /// `op * kh*kw*csteps*MR`, widened into `scratch` when stored as i8 pairs.
+    /// `op * kh*kw*csteps*MR` lanes (of [`Packing::words`] words each), widened into
+    /// `scratch` when stored as i8 pairs.
     pub(crate) fn group_panels<'s>(&'s self, g: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
-        let len = self.opanels * self.geom.kernel[0] * self.geom.kernel[1] * self.csteps * MR;
+        let len = self.opanels
+            * self.geom.kernel[0]
+            * self.geom.kernel[1]
+            * self.csteps
+            * MR
+            * self.packing.words();
         self.data.block(g * len, len, scratch)
     }
 }

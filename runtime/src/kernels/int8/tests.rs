@@ -38,31 +38,81 @@ impl Rng {
     }
 }
 
-/// Every (backend, packing) pair worth running here: pairs on every backend this CPU
-/// has; quads on the portable kernel (any CPU) and on AVX-512 VNNI where present (the
-/// AVX2 backend runs quads on the portable kernel too: a valid, slower combination).
+/// Every (backend, packing) pair worth running here: pairs on every pair kernel this
+/// CPU has; quads and octets on the portable kernels (any CPU) and on every quad kernel
+/// (AVX-512 VNNI, aarch64 dot product and i8mm) and octet kernel (i8mm) present. (The
+/// AVX2 backend runs quads on the portable kernel, a valid, slower combination.)
 fn setups() -> Vec<(Backend, Packing)> {
     let mut v: Vec<(Backend, Packing)> = backends()
         .into_iter()
         .map(|b| (b, Packing::Pairs))
         .collect();
     v.push((Backend::Portable, Packing::Quads));
-    if Backend::Avx512Vnni.is_available() {
-        v.push((Backend::Avx512Vnni, Packing::Quads));
+    for b in [Backend::Avx512Vnni, Backend::Dotprod, Backend::I8mm] {
+        if available_here(b) {
+            v.push((b, Packing::Quads));
+        }
+    }
+    v.push((Backend::Portable, Packing::Octets));
+    if available_here(Backend::I8mm) {
+        v.push((Backend::I8mm, Packing::Octets));
     }
     v
 }
 
+/// The backends with a pair kernel of their own (the dot-product backends run pairs on
+/// the NEON kernel, so testing them with pairs would repeat `Neon`).
 fn backends() -> Vec<Backend> {
     let mut v = vec![Backend::Portable];
-    for b in [Backend::Avx2, Backend::Avx512Vnni] {
-        if b.is_available() {
+    for b in [Backend::Avx2, Backend::Avx512Vnni, Backend::Neon] {
+        if available_here(b) {
             v.push(b);
-        } else {
-            eprintln!("{b:?} not available on this CPU: not tested here");
         }
     }
     v
+}
+
+/// Whether `b` runs here; says so once per test when a backend of this architecture is
+/// missing (the other architecture's are never there).
+fn available_here(b: Backend) -> bool {
+    let this_arch = match b {
+        Backend::Avx2 | Backend::Avx512Vnni => cfg!(target_arch = "x86_64"),
+        Backend::Neon | Backend::Dotprod | Backend::I8mm => cfg!(target_arch = "aarch64"),
+        Backend::Auto | Backend::Portable => true,
+    };
+    let yes = b.is_available();
+    if this_arch && !yes {
+        eprintln!("{b:?} not available on this CPU: not tested here");
+    }
+    yes
+}
+
+/// Prints the kernel paths the exactness tests run on this CPU (under qemu the CPU model
+/// decides) and, where `TFMQC_EXPECT_INT8_BACKEND` names one (scripts/test-arm64.sh sets
+/// it per model), checks that `Auto` picks it: a CPU model whose features went undetected
+/// would otherwise pass every test on a slower path.
+#[test]
+fn kernel_paths_of_this_cpu() {
+    let auto = Backend::detect();
+    let paths: Vec<String> = setups()
+        .iter()
+        .map(|(b, p)| format!("{}/{p:?}", b.name()))
+        .collect();
+    println!(
+        "int8 kernel paths on {}: auto = {} ({:?}); tested: {}",
+        std::env::consts::ARCH,
+        auto.name(),
+        Packing::for_backend(Backend::Auto),
+        paths.join(", ")
+    );
+    assert!(auto.is_available());
+    if let Ok(want) = std::env::var("TFMQC_EXPECT_INT8_BACKEND") {
+        assert_eq!(auto.name(), want, "Backend::Auto on this CPU");
+        assert!(
+            setups().contains(&(auto, Packing::for_backend(Backend::Auto))),
+            "the exactness tests skip the path Auto runs"
+        );
+    }
 }
 
 fn zp_of<T: QuantInt>(zps: &[T], ch: usize) -> i64 {
@@ -841,7 +891,11 @@ fn weights_resident_as_i8_when_centered_values_fit() {
     let pack = |pk: Packing, w: &[u8], zp: u8| {
         PackedWeights::pack_with(pk, w, WeightLayout::NK, n, k, &[zp])
     };
-    for (pk, width) in [(Packing::Pairs, 2), (Packing::Quads, 4)] {
+    for (pk, width) in [
+        (Packing::Pairs, 2),
+        (Packing::Quads, 4),
+        (Packing::Octets, 8),
+    ] {
         let p = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
         assert_eq!((p.packing(), p.resident_bytes()), (pk, padded(width)));
         // u8 centered on 128 spans i8; on 0 it does not.
@@ -863,7 +917,11 @@ fn weights_resident_as_i8_when_centered_values_fit() {
     let (c, oc): (usize, usize) = (7, 10);
     let steps_padded = |width: usize| 9 * c.div_ceil(width) * width * oc.div_ceil(MR) * MR;
     let w = rng.bytes_i8(oc * c * 9);
-    for (pk, width) in [(Packing::Pairs, 2), (Packing::Quads, 4)] {
+    for (pk, width) in [
+        (Packing::Pairs, 2),
+        (Packing::Quads, 4),
+        (Packing::Octets, 8),
+    ] {
         let p = PackedConvWeights::pack_with(pk, &w, oc, c, geom, &[] as &[i8]);
         assert_eq!((p.packing(), p.resident_bytes()), (pk, steps_padded(width)));
     }
