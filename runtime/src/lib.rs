@@ -12,6 +12,7 @@ pub mod int8_gemm;
 pub mod int8_matmul;
 pub mod int8_ops;
 pub mod kernels;
+pub mod limits;
 pub mod lower;
 pub mod observe;
 pub mod sampler;
