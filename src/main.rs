@@ -4,6 +4,8 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
 use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
@@ -652,7 +654,7 @@ where
 }
 
 fn dispatch(cli: &Cli) -> Result<(), Failure> {
-    let result = std::panic::catch_unwind(|| match &cli.command {
+    catch_internal(|| match &cli.command {
         Some(Command::Quantize(a)) => run_pipeline(a),
         Some(Command::Inspect(a)) => inspect(a),
         Some(Command::Sample(a)) => sample::run(a),
@@ -660,13 +662,65 @@ fn dispatch(cli: &Cli) -> Result<(), Failure> {
         Some(Command::BenchWorker(a)) => bench::worker(a),
         Some(Command::Eval(a)) => eval::run(a),
         None => run_pipeline(&cli.run),
-    });
+    })
+}
+
+/// Runs a command; a panic in it (a bug) becomes the exit-2 failure, its message on the
+/// failure's one line instead of a panic message and backtrace on stderr.
+fn catch_internal(command: impl FnOnce() -> Result<(), Failure>) -> Result<(), Failure> {
+    install_panic_capture();
+    CAPTURING.fetch_add(1, Ordering::SeqCst);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(command));
+    CAPTURING.fetch_sub(1, Ordering::SeqCst);
     result.unwrap_or_else(|_| {
+        let note = PANIC_NOTE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default();
         Err(Failure {
             code: 2,
-            message: "internal error (a bug in tfmqc; please report it with the model)".into(),
+            message: format!(
+                "internal error{note}: a bug in tfmqc; please report it with the model"
+            ),
         })
     })
+}
+
+/// Commands running ([`dispatch`]): while any is, a panic is recorded in [`PANIC_NOTE`]
+/// instead of printed, on every thread (rayon's workers panic on behalf of the command).
+static CAPTURING: AtomicUsize = AtomicUsize::new(0);
+/// Where the first panic of a command happened and its message, on one line: the exit-2
+/// error carries it, so stderr holds one error line and never a panic message or a
+/// backtrace (DESIGN.md §9: exit 2 is an internal error with a message, not a crash).
+static PANIC_NOTE: Mutex<Option<String>> = Mutex::new(None);
+
+fn install_panic_capture() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        // Panics outside a command (the Python module's host, other code) keep the hook
+        // that was there.
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if CAPTURING.load(Ordering::SeqCst) == 0 {
+                return previous(info);
+            }
+            let payload = info.payload();
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            let at = info
+                .location()
+                .map(|l| format!("{}:{}", l.file(), l.line()))
+                .unwrap_or_default();
+            let one_line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+            let mut note = PANIC_NOTE.lock().unwrap_or_else(|e| e.into_inner());
+            note.get_or_insert(format!("at {at}: {one_line}"));
+        }));
+    });
 }
 
 /// The `tfmqc` binary.
@@ -697,5 +751,24 @@ where
             eprintln!("tfmqc: error: {}", f.message);
             f.code
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_in_a_command_is_an_internal_error_on_one_line() {
+        let f = catch_internal(|| panic!("index out of bounds:\nthe len is 3")).unwrap_err();
+        assert_eq!(f.code, 2);
+        assert!(
+            f.message.starts_with("internal error (at src/main.rs:")
+                && f.message.contains(": index out of bounds: the len is 3)")
+                && !f.message.contains('\n'),
+            "{}",
+            f.message
+        );
+        assert!(catch_internal(|| Ok(())).is_ok());
     }
 }

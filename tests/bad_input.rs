@@ -196,3 +196,126 @@ fn missing_output_folder_is_named() {
 fn prost_encode(p: &tract_onnx::pb::ModelProto) -> Vec<u8> {
     tfmqc_passes::onnx::encode_proto(p)
 }
+
+/// The tiny model in `dir` with initializer `w` as external data at `location`.
+fn with_external_weight(dir: &Path, location: &str) -> std::path::PathBuf {
+    let mut proto = tfmqc_passes::onnx::to_proto(&tiny()).unwrap();
+    let mut t = tfmqc_passes::onnx::tensor_to_onnx("w", &Tensor::from_vec(vec![2], &[1f32, 2.]));
+    t.raw_data.clear();
+    t.data_location = Some(tract_onnx::pb::tensor_proto::DataLocation::External as i32);
+    let entry = |k: &str, v: &str| tract_onnx::pb::StringStringEntryProto {
+        key: k.into(),
+        value: v.into(),
+    };
+    t.external_data = vec![entry("location", location), entry("length", "8")];
+    proto.graph.as_mut().unwrap().initializer.push(t);
+    let p = dir.join("ext.onnx");
+    std::fs::write(&p, prost_encode(&proto)).unwrap();
+    p
+}
+
+#[test]
+fn external_data_at_an_absolute_path_is_refused() {
+    let dir = tmpdir();
+    let outside = tmpdir();
+    let data = outside.path().join("w.data");
+    std::fs::write(&data, [0u8; 8]).unwrap();
+    let p = with_external_weight(dir.path(), data.to_str().unwrap());
+    assert_user_error(&p, "tensor 'w': external data location");
+}
+
+#[test]
+fn external_data_climbing_out_with_dotdot_is_refused() {
+    let root = tmpdir();
+    std::fs::create_dir(root.path().join("m")).unwrap();
+    std::fs::write(root.path().join("w.data"), [0u8; 8]).unwrap();
+    let p = with_external_weight(&root.path().join("m"), "../w.data");
+    assert_user_error(&p, "tensor 'w': external data location '../w.data'");
+}
+
+#[test]
+fn external_data_through_a_symlink_leaving_the_folder_is_refused() {
+    let root = tmpdir();
+    let dir = root.path().join("m");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(root.path().join("secret.bin"), [0u8; 8]).unwrap();
+    std::os::unix::fs::symlink(root.path().join("secret.bin"), dir.join("w.data")).unwrap();
+    let p = with_external_weight(&dir, "w.data");
+    assert_user_error(&p, "resolves outside the model's folder");
+}
+
+#[test]
+fn external_data_through_a_symlink_inside_the_folder_is_read() {
+    let dir = tmpdir();
+    std::fs::write(dir.path().join("real.data"), [0u8; 8]).unwrap();
+    std::os::unix::fs::symlink(dir.path().join("real.data"), dir.path().join("w.data")).unwrap();
+    let p = with_external_weight(dir.path(), "w.data");
+    let res = tfmqc(&["inspect", p.to_str().unwrap()]);
+    assert_eq!(
+        res.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&res.stderr)
+    );
+}
+
+#[test]
+fn a_shape_whose_size_overflows_is_refused_before_allocating() {
+    let dir = tmpdir();
+    let mut proto = tfmqc_passes::onnx::to_proto(&tiny()).unwrap();
+    proto
+        .graph
+        .as_mut()
+        .unwrap()
+        .initializer
+        .push(tract_onnx::pb::TensorProto {
+            name: "huge".into(),
+            data_type: 1,
+            dims: vec![1 << 40, 1 << 40, 1 << 40],
+            ..Default::default()
+        });
+    let p = dir.path().join("huge.onnx");
+    std::fs::write(&p, prost_encode(&proto)).unwrap();
+    assert_user_error(&p, "tensor 'huge' (f32[1099511627776, 1099511627776, 1099511627776]): its element count overflows");
+}
+
+/// Subgraphs nest without bound in the format; the readers recurse through them, so the
+/// depth the decoder accepts (prost's limit of 100 messages) is the bound.
+#[test]
+fn subgraphs_nested_beyond_the_decoders_depth_are_refused() {
+    use tract_onnx::pb;
+    let dir = tmpdir();
+    let mut proto = tfmqc_passes::onnx::to_proto(&tiny()).unwrap();
+    let mut g = pb::GraphProto {
+        name: "leaf".into(),
+        ..Default::default()
+    };
+    for i in 0..200 {
+        g = pb::GraphProto {
+            name: format!("level{i}"),
+            node: vec![pb::NodeProto {
+                op_type: "If".into(),
+                input: vec!["c".into()],
+                output: vec![format!("o{i}")],
+                attribute: vec![pb::AttributeProto {
+                    name: "then_branch".into(),
+                    r#type: pb::attribute_proto::AttributeType::Graph as i32,
+                    g: Some(g),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+    }
+    let graph = proto.graph.as_mut().unwrap();
+    graph.node[0].attribute.push(pb::AttributeProto {
+        name: "body".into(),
+        r#type: pb::attribute_proto::AttributeType::Graph as i32,
+        g: Some(g),
+        ..Default::default()
+    });
+    let p = dir.path().join("deep.onnx");
+    std::fs::write(&p, prost_encode(&proto)).unwrap();
+    assert_user_error(&p, "recursion limit reached");
+}

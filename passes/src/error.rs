@@ -46,6 +46,11 @@ pub enum Error {
         lower_with: &'static str,
     },
 
+    /// An error about the contents of a file, prefixed with the file's path (what the
+    /// importer reports: the tensor or node it names is in that file).
+    #[error("{path}: {source}")]
+    InFile { path: PathBuf, source: Box<Error> },
+
     /// Bad input that does not fit a more precise variant.
     #[error("{0}")]
     Invalid(String),
@@ -76,7 +81,10 @@ impl Error {
 
     /// Whether the cause is the input (exit 1) rather than tfmqc itself (exit 2).
     pub fn is_user_error(&self) -> bool {
-        !matches!(self, Error::Engine(_))
+        match self {
+            Error::InFile { source, .. } => source.is_user_error(),
+            e => !matches!(e, Error::Engine(_)),
+        }
     }
 }
 

@@ -88,6 +88,9 @@ pub const ANALYSIS_CONST_BYTES: usize = 1 << 20;
 /// [`crate::onnx::to_analysis_proto`]): nothing derived from them is constant here.
 pub fn value_facts(model: &Model) -> Result<HashMap<String, tfmqc_runtime::ValueFact>> {
     let proto = crate::onnx::to_analysis_proto(model, ANALYSIS_CONST_BYTES)?;
+    // A model asking for a constant beyond the limit is the user's (exit 1); what tract
+    // cannot analyse after that is ours.
+    tfmqc_runtime::limits::check_constant_sizes(&proto, "")?;
     tfmqc_runtime::engine::value_facts(&proto).map_err(|e| Error::Engine(e.to_string()))
 }
 

@@ -118,13 +118,27 @@ fn entry_data(b: &[u8], e: &Entry) -> std::result::Result<Vec<u8>, String> {
     let name_len = u16_at(b, at + 26).ok_or("truncated")? as usize;
     let extra_len = u16_at(b, at + 28).ok_or("truncated")? as usize;
     let start = at + 30 + name_len + extra_len;
-    let data = b
-        .get(start..start + e.compressed as usize)
+    let data = usize::try_from(e.compressed)
+        .ok()
+        .and_then(|len| b.get(start..start.checked_add(len)?))
         .ok_or_else(|| format!("entry '{}' is truncated", e.name))?;
     let out = match e.method {
         0 => data.to_vec(),
-        8 => miniz_oxide::inflate::decompress_to_vec(data)
-            .map_err(|err| format!("entry '{}': bad deflate data ({err:?})", e.name))?,
+        8 => {
+            // Deflate expands at most 1032:1; a larger declared size cannot be real, and
+            // the declared size bounds what is inflated (no zip bomb fills memory).
+            let most = (data.len() as u64).saturating_mul(1032).saturating_add(64);
+            if e.size > most {
+                return Err(format!(
+                    "entry '{}' says {} bytes inflate from {}: not possible with deflate",
+                    e.name,
+                    e.size,
+                    data.len()
+                ));
+            }
+            miniz_oxide::inflate::decompress_to_vec_with_limit(data, e.size as usize)
+                .map_err(|err| format!("entry '{}': bad deflate data ({err:?})", e.name))?
+        }
         m => {
             return Err(format!(
                 "entry '{}' uses zip compression method {m} (np.savez stores, np.savez_compressed deflates; tfmqc reads those two)",
@@ -190,7 +204,12 @@ pub fn parse_npy(b: &[u8]) -> std::result::Result<Tensor, String> {
     if fortran.starts_with("True") && shape.iter().filter(|&&d| d > 1).count() > 1 {
         return Err("a Fortran-order array (save np.ascontiguousarray(a))".into());
     }
-    let (order, code) = descr.split_at(1);
+    // The byte-order character first ('<', '>', '|', '='), then the type code.
+    let order = descr
+        .chars()
+        .next()
+        .ok_or("the .npy header's 'descr' is empty")?;
+    let code = &descr[order.len_utf8()..];
     let dtype = match code {
         "f4" => DType::F32,
         "f8" => DType::F64,
@@ -210,7 +229,7 @@ pub fn parse_npy(b: &[u8]) -> std::result::Result<Tensor, String> {
             ))
         }
     };
-    if order == ">" && dtype.bits() > 8 {
+    if order == '>' && dtype.bits() > 8 {
         return Err(format!(
             "dtype '{descr}' is big-endian (save a.astype(a.dtype.newbyteorder('<')))"
         ));
@@ -327,5 +346,44 @@ mod tests {
         let z = zip(&[("o.npy", npy("|O", "(1,)", &[0; 8]))]);
         let e = read_npz(Path::new("c.npz"), &z).unwrap_err().to_string();
         assert!(e.contains("'o'") && e.contains("|O"), "{e}");
+    }
+
+    #[test]
+    fn a_descr_without_a_type_code_is_an_error_not_a_panic() {
+        for descr in ["", "é4", "<"] {
+            let z = zip(&[("x.npy", npy(descr, "(1,)", &[0; 4]))]);
+            let e = read_npz(Path::new("c.npz"), &z).unwrap_err().to_string();
+            assert!(e.contains("c.npz") && e.contains("'x'"), "{descr}: {e}");
+        }
+    }
+
+    #[test]
+    fn sizes_that_cannot_be_real_are_refused_before_reading() {
+        // A stored entry claiming 2^64 - 1 compressed bytes.
+        let mut z = zip(&[("x.npy", npy("<f4", "(1,)", &[0; 4]))]);
+        let cd = z.windows(4).position(|w| w == b"PK\x01\x02").unwrap();
+        z[cd + 20..cd + 24].copy_from_slice(&u32::MAX.to_le_bytes());
+        let e = read_npz(Path::new("c.npz"), &z).unwrap_err().to_string();
+        assert!(e.contains("truncated"), "{e}");
+        // A deflated entry that would inflate past deflate's 1032:1.
+        let e = entry_data(
+            &z,
+            &Entry {
+                name: "bomb.npy".into(),
+                method: 8,
+                compressed: 4,
+                size: 1 << 40,
+                local_offset: 0,
+            },
+        )
+        .unwrap_err();
+        assert!(e.contains("bomb.npy") && e.contains("not possible"), "{e}");
+    }
+
+    #[test]
+    fn a_shape_whose_size_overflows_is_an_error() {
+        let z = zip(&[("x.npy", npy("<f4", "(4294967296, 4294967296, 4)", &[0; 4]))]);
+        let e = read_npz(Path::new("c.npz"), &z).unwrap_err().to_string();
+        assert!(e.contains("'x'") && e.contains("overflows"), "{e}");
     }
 }

@@ -31,7 +31,12 @@ pub fn load(path: &Path) -> Result<Model> {
             path: path.to_path_buf(),
             reason,
         },
-        other => other,
+        // An external data file that cannot be read names itself.
+        e @ Error::Io { .. } => e,
+        other => Error::InFile {
+            path: path.to_path_buf(),
+            source: Box::new(other),
+        },
     })
 }
 
@@ -214,9 +219,12 @@ fn tensor_from_proto_mapped(
                 .map_err(|_| Error::invalid(format!("tensor '{}': negative dimension {d}", t.name)))
         })
         .collect::<Result<_>>()?;
-    let numel: usize = shape.iter().product();
     let bad =
         |what: String| Error::invalid(format!("tensor '{}' ({dtype}{shape:?}): {what}", t.name));
+    // Refused before anything is allocated: a declared shape whose element count
+    // overflows cannot be real, whatever data follows.
+    let numel = crate::ir::tensor::checked_numel(&shape)
+        .ok_or_else(|| bad("its element count overflows".into()))?;
     if dtype == DType::String {
         if t.string_data.len() != numel {
             return Err(bad(format!(
@@ -231,9 +239,8 @@ fn tensor_from_proto_mapped(
             strings: t.string_data.clone(),
         });
     }
-    let want = numel
-        .checked_mul(dtype.bits())
-        .map(|b| b.div_ceil(8))
+    let want = dtype
+        .checked_storage_bytes(numel)
         .ok_or_else(|| bad("its element count overflows".into()))?;
     let data: Bytes = if t.data_location == Some(pb::tensor_proto::DataLocation::External as i32) {
         map_external(t, dir, want, maps)?
@@ -320,18 +327,11 @@ fn map_external(
             t.name
         ))
     })?;
-    let rel = Path::new(location);
-    if rel.is_absolute()
-        || rel
-            .components()
-            .any(|c| matches!(c, std::path::Component::ParentDir))
-    {
-        return Err(Error::invalid(format!(
-            "tensor '{}': external data location '{location}' must stay beside the model",
-            t.name
-        )));
-    }
-    let path = dir.unwrap_or(Path::new(".")).join(rel);
+    // The runtime's rules, so that a model the compiler reads is one the runtime loads:
+    // a relative path without `..` that stays inside the model's folder once symbolic
+    // links are resolved.
+    let path = tfmqc_runtime::engine::external_data_path(dir, location, &t.name)
+        .map_err(Error::invalid)?;
     let parse = |k: &str| -> Result<Option<u64>> {
         external_entry(t, k)
             .map(|v| {
@@ -362,7 +362,8 @@ fn map_external(
             map.len()
         )));
     }
-    let file = std::fs::canonicalize(&path).unwrap_or(path);
+    // external_data_path returned the canonical path.
+    let file = path;
     Ok(Bytes::mapped(
         map,
         FileSpan {
@@ -498,13 +499,14 @@ fn value_info_to_proto(v: &ValueInfo) -> pb::ValueInfoProto {
 
 fn graph_to_proto(g: &Graph, sink: &mut TensorSink) -> Result<pb::GraphProto> {
     let order = g.topo_order()?;
+    let outputs: HashSet<&str> = g.outputs.iter().map(|o| o.name.as_str()).collect();
     let mut value_info = vec![];
     let mut node = vec![];
     for ix in order {
         let n = g.node(ix);
         for o in &n.outputs {
             if let Some(v) = g.value_info.get(o) {
-                if !g.is_graph_output(o) {
+                if !outputs.contains(o.as_str()) {
                     value_info.push(value_info_to_proto(v));
                 }
             }

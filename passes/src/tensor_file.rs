@@ -51,10 +51,15 @@ fn from_st(d: Dtype) -> Option<DType> {
 /// bytes), keyed by name.
 pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    if crate::npz::is_zip(&bytes) {
-        return crate::npz::read_npz(path, &bytes);
+    tensors_from_bytes(path, &bytes)
+}
+
+/// [`read_tensors`] on bytes already read; `path` names the file in errors.
+pub fn tensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
+    if crate::npz::is_zip(bytes) {
+        return crate::npz::read_npz(path, bytes);
     }
-    safetensors_from_bytes(path, &bytes)
+    safetensors_from_bytes(path, bytes)
 }
 
 /// Reads every tensor of a safetensors file, keyed by name.

@@ -325,6 +325,21 @@ impl Denoiser {
                 .collect::<Option<_>>()?;
             <[usize; 3]>::try_from(v).ok()
         });
+        // Sampling allocates batch × C × H × W values from this: a size no latent has is
+        // refused now, not met as an aborting allocation later.
+        if let Some(chw) = sample_shape {
+            let n = chw.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+            if n.is_none_or(|n| n as u64 > crate::limits::MAX_CONSTANT_ELEMENTS) {
+                return Err(invalid(
+                    name,
+                    format!(
+                        "the sample input '{}' is {chw:?}: more than the {} values a sample may have",
+                        inputs[sample].name,
+                        crate::limits::MAX_CONSTANT_ELEMENTS
+                    ),
+                ));
+            }
+        }
         // Quantized convolutions run on the int8 kernels (a float model has none to lower).
         let engine = match source {
             Cow::Owned(p) => Engine::from_owned_proto_int8(p, model_dir, None, Optimize::Full),
@@ -702,7 +717,17 @@ impl Denoiser {
         self.trajectory(sampler, steps)?;
         let mut state = SamplerState::new(sampler, &self.scheduler, steps)?;
         let shape = [batch, c, h, w];
+        // C × H × W was bounded at load; the batch is the caller's.
         let per_sample = c * h * w;
+        if per_sample
+            .checked_mul(batch)
+            .is_none_or(|n| n as u64 > crate::limits::MAX_CONSTANT_ELEMENTS)
+        {
+            return Err(Error::BadInput(format!(
+                "a batch of {batch} samples of {per_sample} values is more than the {} values a call may have",
+                crate::limits::MAX_CONSTANT_ELEMENTS
+            )));
+        }
         // The model's inputs: `batch` rows, or the guidance pair [uncond; cond].
         let err = |e: tract_onnx::prelude::TractError| Error::BadInput(format!("{e:#}"));
         let call_cond: Vec<(&str, Tensor)> = match &guidance {

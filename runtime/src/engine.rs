@@ -55,7 +55,22 @@ pub fn read_proto(path: &Path) -> Result<pb::ModelProto> {
         path: path.to_path_buf(),
         source: e,
     })?;
-    decode_proto(&bytes)
+    decode_proto(&bytes).map_err(|e| match e {
+        Error::InvalidModel(m) => Error::InvalidModel(format!("{}: {m}", path.display())),
+        e => e,
+    })
+}
+
+/// Where the external data `location` of tensor `tensor` of a model in `model_dir` lives,
+/// canonical; an error naming the tensor unless it is a relative path without `..`
+/// that stays inside the model's folder once symbolic links are resolved (the rule of
+/// every reader of external data: the int8 lowering, the compiler's importer).
+pub fn external_data_path(
+    model_dir: Option<&Path>,
+    location: &str,
+    tensor: &str,
+) -> std::result::Result<std::path::PathBuf, String> {
+    crate::tensor_data::data_path(model_dir, location, tensor)
 }
 
 pub fn decode_proto(bytes: &[u8]) -> Result<pb::ModelProto> {
@@ -153,6 +168,7 @@ impl Engine {
         optimize: Optimize,
         int8: bool,
     ) -> Result<Engine> {
+        crate::limits::check_constant_sizes(proto, "")?;
         let mut framework = tract_onnx::onnx();
         if int8 {
             framework
@@ -444,6 +460,7 @@ pub struct ValueFact {
 /// Runs tract's inference analysis on a model and returns the facts of every named
 /// value. Analysis errors are tolerated: what could be inferred is returned.
 pub fn value_facts(proto: &pb::ModelProto) -> Result<HashMap<String, ValueFact>> {
+    crate::limits::check_constant_sizes(proto, "")?;
     let parsed = tract_onnx::onnx()
         .parse(proto, None)
         .map_err(|e| Error::InvalidModel(format!("tract cannot load the model: {e:#}")))?;

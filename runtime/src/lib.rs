@@ -12,6 +12,7 @@ pub mod int8_gemm;
 pub mod int8_matmul;
 pub mod int8_ops;
 pub mod kernels;
+pub mod limits;
 pub mod lower;
 #[cfg(test)]
 mod model_check_tests;

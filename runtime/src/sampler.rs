@@ -611,6 +611,13 @@ fn threshold(x0: &mut [f64], per_sample: usize, ratio: f64, max: f64) {
         let lo = pos.floor() as usize;
         let hi = (lo + 1).min(abs.len() - 1);
         let q = abs[lo] + (abs[hi] - abs[lo]) * (pos - lo as f64);
+        // A NaN in the prediction makes the quantile NaN: the row becomes NaN, as in
+        // diffusers (torch's quantile and clamp propagate it); f64::clamp would panic on
+        // NaN bounds.
+        if q.is_nan() {
+            row.iter_mut().for_each(|v| *v = f64::NAN);
+            continue;
+        }
         let s = q.clamp(1.0, max.max(1.0));
         row.iter_mut().for_each(|v| *v = v.clamp(-s, s) / s);
     }
@@ -774,5 +781,16 @@ mod tests {
     fn guidance_combines_as_pipelines_do() {
         assert_eq!(guide(&[1.0, 0.0], &[2.0, -1.0], 3.0), vec![4.0, -3.0]);
         assert_eq!(guide(&[1.0], &[2.0], 1.0), vec![2.0]);
+    }
+
+    /// Found by fuzzing (fuzz/regressions/scheduler_config): a NaN in a row of the
+    /// prediction panicked in `clamp` under `thresholding`.
+    #[test]
+    fn thresholding_a_nan_prediction_gives_nan_not_a_panic() {
+        let mut x0 = vec![0.5, f64::NAN, 2.0, -3.0, 0.25, -0.5];
+        threshold(&mut x0, 3, 0.995, 1.5);
+        assert!(x0[..3].iter().all(|v| v.is_nan()), "{x0:?}");
+        // The other row: its 99.5 % quantile of |x| (2.975) capped at 1.5 divides it.
+        assert_eq!(&x0[3..], &[-1.0, 0.25 / 1.5, -0.5 / 1.5]);
     }
 }

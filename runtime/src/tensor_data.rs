@@ -90,7 +90,11 @@ impl Deref for TensorBytes<'_> {
 /// Where external data of a model in `model_dir` named `location` lives. The rules are
 /// tract's own (which loads the float initializers of the same model): a relative path
 /// that stays inside the model's folder once symbolic links are resolved.
-fn data_path(model_dir: Option<&Path>, location: &str, tensor: &str) -> Result<PathBuf, String> {
+pub(crate) fn data_path(
+    model_dir: Option<&Path>,
+    location: &str,
+    tensor: &str,
+) -> Result<PathBuf, String> {
     let rel = Path::new(location);
     if rel
         .components()

@@ -73,14 +73,33 @@ pub fn graph_text(g: &Graph) -> String {
         Ok(o) => o,
         Err(e) => return format!("<unprintable graph: {e}>\n"),
     };
+    // `Graph::info` scans the graph's inputs and outputs per lookup: a file may have as
+    // many of them as nodes, so they are indexed once here.
+    let io: std::collections::HashMap<&str, &crate::ir::ValueInfo> = g
+        .outputs
+        .iter()
+        .rev()
+        .chain(g.inputs.iter().rev())
+        .map(|v| (v.name.as_str(), v))
+        .collect();
     for ix in order {
         let n = g.node(ix);
         let outs: Vec<String> = n
             .outputs
             .iter()
-            .map(|o| match g.info(o) {
-                Some(i) => format!("{o}: {}", i.type_string()),
-                None => format!("{o}: ?"),
+            .map(|o| {
+                let info = if g.initializers.contains_key(o) {
+                    g.info(o)
+                } else {
+                    io.get(o.as_str())
+                        .copied()
+                        .or_else(|| g.value_info.get(o))
+                        .cloned()
+                };
+                match info {
+                    Some(i) => format!("{o}: {}", i.type_string()),
+                    None => format!("{o}: ?"),
+                }
             })
             .collect();
         let ins: Vec<String> = n.inputs.iter().map(|i| input_text(g, i)).collect();

@@ -105,6 +105,12 @@ impl DType {
         (numel * self.bits()).div_ceil(8)
     }
 
+    /// [`DType::storage_bytes`], `None` where the byte count does not fit a `usize` (a
+    /// declared shape no file or memory could hold).
+    pub fn checked_storage_bytes(self, numel: usize) -> Option<usize> {
+        numel.checked_mul(self.bits()).map(|b| b.div_ceil(8))
+    }
+
     pub fn is_float(self) -> bool {
         use DType::*;
         matches!(
@@ -204,7 +210,13 @@ element!(u64, DType::U64);
 
 impl Tensor {
     pub fn numel(&self) -> usize {
-        self.shape.iter().product()
+        // Every constructor checked the product (`checked_numel`); an empty tensor's
+        // other dimensions may still be anything, so its product is never formed.
+        if self.shape.contains(&0) {
+            0
+        } else {
+            self.shape.iter().product()
+        }
     }
 
     /// Bytes the tensor occupies in memory/on disk.
@@ -218,8 +230,13 @@ impl Tensor {
 
     pub fn from_raw(dtype: DType, shape: Vec<usize>, data: impl Into<Bytes>) -> Result<Tensor> {
         let data = data.into();
-        let numel: usize = shape.iter().product();
-        let want = dtype.storage_bytes(numel);
+        let want = checked_numel(&shape)
+            .and_then(|n| dtype.checked_storage_bytes(n))
+            .ok_or_else(|| {
+                Error::invalid(format!(
+                    "tensor {dtype}{shape:?}: its size overflows (shape cannot be real)"
+                ))
+            })?;
         if data.len() != want {
             return Err(Error::invalid(format!(
                 "tensor {dtype}{shape:?} needs {want} bytes, got {}",
@@ -367,6 +384,15 @@ pub fn f16_to_f32(h: u16) -> f32 {
     f32::from_bits(bits)
 }
 
+/// Elements of a tensor of `shape`; `None` when the product overflows a `usize`. A
+/// zero dimension makes it 0 whatever the others declare (ONNX allows empty tensors).
+pub fn checked_numel(shape: &[usize]) -> Option<usize> {
+    if shape.contains(&0) {
+        return Some(0);
+    }
+    shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +415,18 @@ mod tests {
     #[test]
     fn from_raw_rejects_wrong_length() {
         assert!(Tensor::from_raw(DType::F32, vec![2], vec![0; 7]).is_err());
+    }
+
+    #[test]
+    fn from_raw_rejects_a_shape_whose_size_overflows() {
+        // The wrapped product is 0, which the empty data would have matched.
+        let e = Tensor::from_raw(DType::F32, vec![1 << 32, 1 << 32], vec![]).unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+        let e = Tensor::from_raw(DType::F64, vec![1 << 62], vec![]).unwrap_err();
+        assert!(e.to_string().contains("overflows"), "{e}");
+        // A zero dimension makes any other one fine: an empty tensor.
+        let t = Tensor::from_raw(DType::F32, vec![0, usize::MAX], vec![]).unwrap();
+        assert_eq!(t.numel(), 0);
     }
 
     #[test]
