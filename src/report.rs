@@ -21,6 +21,8 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "timestep_input": o.timestep_input,
         "weight_bits": o.weight_bits,
         "act_bits": o.act_bits,
+        "tcr": o.tcr,
+        "tcr_alpha": o.tcr_alpha,
         "step_groups": o.step_groups,
         "calib": o.calib.as_ref().map(|p| p.display().to_string()),
         "scheduler": o.scheduler.as_ref().map(|p| p.display().to_string()),
@@ -95,9 +97,13 @@ fn evaluation_picks(cal: &Calibration, options: &Options) -> Vec<usize> {
 /// The per-step output SQNR along fresh trajectories of the deployment sampler (its
 /// scheduler, step counts and guidance, other seeds than calibration's) as far as they fit
 /// a quarter of the calibration budget, else on calibration records; the activation SQNR
-/// on the calibration records.
+/// on the calibration records (of `act_float`).
+// The two float models are separate on purpose (the original as the reference of the
+// outputs, the balanced one for activations): one more argument than clippy's limit.
+#[allow(clippy::too_many_arguments)]
 pub fn measure(
     float: &Model,
+    act_float: &Model,
     quant: &Model,
     plan: &QuantPlan,
     cal: &Calibration,
@@ -187,7 +193,9 @@ pub fn measure(
     };
     tfmqc_passes::budget::trace_memory("evaluate: output SQNR on the int8 runtime");
     return_free_memory();
-    let activations = activation_sqnr(float, plan, &records, &steps)?;
+    // `act_float`: the float model whose activations quantize quantized (TCR's
+    // balanced one when it ran).
+    let activations = activation_sqnr(act_float, plan, &records, &steps)?;
     tfmqc_passes::budget::trace_memory("evaluate: activation SQNR on the float model");
     Ok(Quality {
         steps: steps_sqnr,
@@ -247,6 +255,9 @@ pub struct Report {
     /// `--tib quant|auto`: TIAR, the temporal-feature error per t (RTN and TIAR), and
     /// each frontier value's choice with its bytes.
     pub tib: Option<tfmqc_passes::tiar::TiarReport>,
+    /// `--tcr on`: the activations TCR balanced, where each factor went, the channel
+    /// spread before and after.
+    pub tcr: Option<tfmqc_passes::reparameterize::TcrReport>,
 }
 
 impl Report {
@@ -310,6 +321,7 @@ impl Report {
             seconds_per_phase: phases.to_vec(),
             peak_rss_per_phase: peaks.to_vec(),
             tib: cx.tiar.clone(),
+            tcr: cx.tcr.clone(),
         }
     }
 
