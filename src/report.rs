@@ -21,7 +21,7 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "timestep_input": o.timestep_input,
         "weight_bits": o.weight_bits,
         "act_bits": o.act_bits,
-        "tcr": o.tcr,
+        "tcr": format!("{:?}", o.tcr).to_lowercase(),
         "tcr_alpha": o.tcr_alpha,
         "step_groups": o.step_groups,
         "calib": o.calib.as_ref().map(|p| p.display().to_string()),
@@ -369,6 +369,9 @@ impl Report {
                 "  worst activation: {} ({:.1} dB)\n",
                 x.value, x.sqnr_db
             ));
+        }
+        if let Some(t) = &self.tcr {
+            s.push_str(&format!("  {}\n", t.summary()));
         }
         let phases: Vec<String> = self
             .seconds_per_phase

@@ -182,7 +182,7 @@ fn tcr_on_the_command_line() {
     assert!(stderr.contains("reparameterize"), "{stderr}");
     assert!(stderr.contains("recalibrating"), "{stderr}");
     let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
-    assert_eq!(rep["options"]["tcr"], true);
+    assert_eq!(rep["options"]["tcr"], "on");
     let balanced = rep["tcr"]["balanced"].as_array().expect("tcr report");
     assert!(balanced.len() >= 20, "{} balanced", balanced.len());
     // Every quantized activation was measured (the balanced values exist in the float
@@ -192,4 +192,48 @@ fn tcr_on_the_command_line() {
         .unwrap()
         .iter()
         .all(|a| a["sqnr_db"].as_f64().unwrap() > 20.0));
+}
+
+/// `--tcr auto` (the default) measures both ways on the calibration records and keeps
+/// the better by at least 0.1 dB, as the report and the summary say; `--tcaq off` turns
+/// it off without measuring.
+#[test]
+fn tcr_auto_decides_by_the_measured_gain() {
+    let dir = tmpdir();
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("r.json");
+    let run = quantize_small(
+        "ddpm_digits",
+        &out,
+        "10",
+        &["--tcr", "auto", "--report", report.to_str().unwrap()],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    let tcr = &rep["tcr"];
+    let (off, on) = (
+        tcr["auto_db"][0].as_f64().unwrap(),
+        tcr["auto_db"][1].as_f64().unwrap(),
+    );
+    let applied = tcr["applied"].as_bool().unwrap();
+    assert_eq!(
+        applied,
+        on - off >= 0.1,
+        "{off} → {on} dB, applied {applied}"
+    );
+    let line = format!("TCR: {}", if applied { "on" } else { "off" });
+    assert!(stderr.contains(&line), "{stderr}");
+    // Undone, the quantized graph has no balancing Mul; kept, it has.
+    let m = tfmqc_passes::onnx::load(&out).unwrap();
+    let muls = m
+        .graph
+        .initializers
+        .keys()
+        .filter(|k| k.ends_with("_tcr_inv"))
+        .count();
+    assert_eq!(muls > 0, applied, "{muls} balancing factors in the output");
+
+    let run = quantize_small("ddpm_digits", &out, "10", &["--tcaq", "off"]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("TCR off"), "{stderr}");
 }

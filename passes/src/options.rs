@@ -91,6 +91,18 @@ pub enum OutputQdq {
     All,
 }
 
+/// TCAQ-DM's timestep-channel joint reparameterization (`--tcr`, the `reparameterize`
+/// pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tcr {
+    Off,
+    On,
+    /// Balance, quantize both ways and keep TCR where it gives a higher mean output SQNR
+    /// on the calibration records (off, unmeasured, where measuring would be too
+    /// costly).
+    Auto,
+}
+
 /// What becomes of the Temporal Information Block (`--tib`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TibMode {
@@ -173,7 +185,7 @@ pub struct Options {
     pub calib_adaptive: bool,
     /// `--tcr`: TCAQ-DM's timestep-channel joint reparameterization (the
     /// `reparameterize` pass).
-    pub tcr: bool,
+    pub tcr: Tcr,
     /// `--tcr-alpha`: α of TCR's balance `r = a^α / w^(1−α)`.
     pub tcr_alpha: f32,
     /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
@@ -215,7 +227,7 @@ impl Default for Options {
             max_memory: None,
             calib_budget_s: 1200.0,
             calib_adaptive: false,
-            tcr: false,
+            tcr: Tcr::Auto,
             tcr_alpha: crate::reparameterize::DEFAULT_ALPHA,
             threads: 0,
         }

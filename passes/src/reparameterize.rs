@@ -36,6 +36,7 @@ use tfmqc_runtime::engine::Optimize;
 use crate::error::{Error, Result};
 use crate::exec::Runner;
 use crate::ir::{DType, Graph, Model, Tensor};
+use crate::options::Tcr;
 use crate::pipeline::{Pass, PassContext};
 use crate::targets::find_targets;
 
@@ -75,25 +76,72 @@ pub struct TcrReport {
     /// Records (model calls) the channel ranges were taken on, and their distinct steps.
     pub records: usize,
     pub steps: usize,
+    /// Whether the balanced model went on to quantize (`--tcr auto` may undo it).
+    pub applied: bool,
+    /// `--tcr auto`: mean output SQNR (dB) on the calibration records without and with
+    /// TCR, each model quantized as the options say (output Q/DQ aside).
+    pub auto_db: Option<(f64, f64)>,
 }
+
+impl TcrReport {
+    /// One line for the summary.
+    pub fn summary(&self) -> String {
+        let auto = match self.auto_db {
+            Some((off, on)) => format!(
+                "; auto: {:+.2} dB mean output SQNR on the calibration records ({off:.2} → {on:.2} dB)",
+                on - off
+            ),
+            None => String::new(),
+        };
+        format!(
+            "TCR: {} (α = {}, {} activations balanced{auto})",
+            if self.applied { "on" } else { "off" },
+            self.alpha,
+            self.balanced.len()
+        )
+    }
+}
+
+/// `--tcr auto` keeps TCR when it gains at least this much mean output SQNR (dB): less
+/// is within the noise of a few records.
+pub const AUTO_MIN_GAIN_DB: f64 = 0.1;
+
+/// `--tcr auto` does not measure (and leaves TCR off) when calibrating again and
+/// quantizing twice would take longer than this, estimated from calibration's calls.
+pub const AUTO_MAX_SECONDS: f64 = 300.0;
 
 impl Pass for Reparameterize {
     fn name(&self) -> &'static str {
         "reparameterize"
     }
     fn summary(&self) -> &'static str {
-        "TCAQ-DM's TCR (--tcr on): per-channel balance of activations against weights over all time steps; recalibrates"
+        "TCAQ-DM's TCR (--tcr on|auto): per-channel balance of activations against weights over all time steps; recalibrates"
     }
     fn requires(&self) -> &'static [&'static str] {
         &["calibrate"]
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
-        if !cx.options.tcr || cx.options.act_bits > 8 || cx.options.baseline_minmax {
-            cx.note("TCR off (--tcr on turns it on; it needs quantized activations)");
+        let mode = cx.options.tcr;
+        if mode == Tcr::Off || cx.options.act_bits > 8 || cx.options.baseline_minmax {
+            cx.note("TCR off (--tcr on|auto turns it on; it needs quantized activations)");
             return Ok(());
         }
         let cal = cx.calibration.as_ref().expect("checked by requires");
-        let report = reparameterize(
+        if mode == Tcr::Auto {
+            // Calibrating again costs what calibrating did; each trial quantization
+            // and its evaluation about one call per record.
+            let calls = (cal.batches.max(1) * cal.records.len()) as f64;
+            let estimate = cal.call_seconds * (calls + 4.0 * cal.records.len() as f64);
+            if estimate > AUTO_MAX_SECONDS {
+                cx.note(format!(
+                    "TCR off: --tcr auto would take about {} to measure (over {AUTO_MAX_SECONDS} s); --tcr on turns it on unmeasured",
+                    crate::budget::human_duration(estimate)
+                ));
+                return Ok(());
+            }
+        }
+        let before = (cx.model.clone(), cx.calibration.clone());
+        let mut report = reparameterize(
             &mut cx.model,
             &cx.options.keep_float,
             cx.options.tcr_alpha,
@@ -105,7 +153,7 @@ impl Pass for Reparameterize {
             .iter()
             .filter(|b| b.folded_into != "mul")
             .count();
-        let (before, after) = report.balanced.iter().fold((0f32, 0f32), |(a, b), x| {
+        let (sb, sa) = report.balanced.iter().fold((0f32, 0f32), |(a, b), x| {
             (a + x.spread_before, b + x.spread_after)
         });
         let n = report.balanced.len().max(1) as f32;
@@ -117,17 +165,54 @@ impl Pass for Reparameterize {
             report.balanced.len() - folded,
             report.records,
             report.steps,
-            before / n,
-            after / n,
+            sb / n,
+            sa / n,
         );
-        cx.tcr = Some(report);
-        cx.balanced_float = Some(cx.model.clone());
         // The ranges and the layer inputs of the first calibration describe the model
         // before the rewrite.
         crate::calibrate::Calibrate.run(cx)?;
         cx.notes.insert(0, line);
+        if mode == Tcr::Auto && !report.balanced.is_empty() {
+            let off = trial_sqnr(&before.0, before.1.as_ref().expect("calibrated"), cx)?;
+            let on = trial_sqnr(&cx.model, cx.calibration.as_ref().expect("calibrated"), cx)?;
+            report.auto_db = Some((off, on));
+            if on - off < AUTO_MIN_GAIN_DB {
+                (cx.model, cx.calibration) = before;
+                report.applied = false;
+            }
+        }
+        cx.note(report.summary());
+        if report.applied {
+            cx.balanced_float = Some(cx.model.clone());
+        }
+        cx.tcr = Some(report);
         Ok(())
     }
+}
+
+/// Mean output SQNR (dB, over the steps) of `model` quantized with `cal` as the options
+/// say (no output Q/DQ pairs: their own search measures them), on the int8 runtime,
+/// against the float outputs calibration kept for its records.
+fn trial_sqnr(model: &Model, cal: &crate::calibrate::Calibration, cx: &PassContext) -> Result<f64> {
+    if cal.record_outputs.len() != cal.records.len() {
+        return Err(Error::pass(
+            "reparameterize",
+            "--tcr auto needs the float outputs of the calibration records",
+        ));
+    }
+    let mut m = model.clone();
+    let options = crate::options::Options {
+        output_qdq: crate::options::OutputQdq::None,
+        ..cx.options.clone()
+    };
+    crate::quantize::quantize(&mut m, &options, cal, cx.step_index.as_deref(), cx.progress)?;
+    let per_step = crate::evaluate::output_sqnr_against(
+        &m,
+        &cal.records,
+        &cal.record_steps,
+        &cal.record_outputs,
+    )?;
+    Ok(per_step.iter().map(|s| s.sqnr_db.min(200.0)).sum::<f64>() / per_step.len().max(1) as f64)
 }
 
 /// A quantized layer whose weight can take per-input-channel factors.
@@ -383,6 +468,7 @@ pub fn reparameterize(
     let cands = candidates(&model.graph, keep_float);
     let mut report = TcrReport {
         alpha,
+        applied: true,
         records: records.len(),
         steps: steps
             .iter()
