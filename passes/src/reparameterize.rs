@@ -130,7 +130,12 @@ impl Pass for Reparameterize {
         if mode == Tcr::Auto {
             // Calibrating again costs what calibrating did; each trial quantization
             // and its evaluation about one call per record.
-            let calls = (cal.batches.max(1) * cal.records.len()) as f64;
+            // Recorded calls count one batch each; a trajectory batch one call a step.
+            let calls = if cal.trajectories.is_empty() {
+                cal.batches
+            } else {
+                cal.batches.max(1) * cal.records.len()
+            } as f64;
             let estimate = cal.call_seconds * (calls + 4.0 * cal.records.len() as f64);
             if estimate > AUTO_MAX_SECONDS {
                 cx.note(format!(
