@@ -21,6 +21,8 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "timestep_input": o.timestep_input,
         "weight_bits": o.weight_bits,
         "act_bits": o.act_bits,
+        "tcr": format!("{:?}", o.tcr).to_lowercase(),
+        "tcr_alpha": o.tcr_alpha,
         "step_groups": o.step_groups,
         "calib": o.calib.as_ref().map(|p| p.display().to_string()),
         "scheduler": o.scheduler.as_ref().map(|p| p.display().to_string()),
@@ -95,9 +97,13 @@ fn evaluation_picks(cal: &Calibration, options: &Options) -> Vec<usize> {
 /// The per-step output SQNR along fresh trajectories of the deployment sampler (its
 /// scheduler, step counts and guidance, other seeds than calibration's) as far as they fit
 /// a quarter of the calibration budget, else on calibration records; the activation SQNR
-/// on the calibration records.
+/// on the calibration records (of `act_float`).
+// The two float models are separate on purpose (the original as the reference of the
+// outputs, the balanced one for activations): one more argument than clippy's limit.
+#[allow(clippy::too_many_arguments)]
 pub fn measure(
     float: &Model,
+    act_float: &Model,
     quant: &Model,
     plan: &QuantPlan,
     cal: &Calibration,
@@ -168,7 +174,9 @@ pub fn measure(
     // The float model's run first, the int8 engine after: what the int8 engine leaves in
     // the allocator would otherwise sit under the float run's peak (SD-1.5 at latent 64:
     // 8.07 GB the other way round, against 7.45 GB for calibration's same float runs).
-    let activations = activation_sqnr(float, plan, &records, &steps)?;
+    // `act_float`: the float model whose activations quantize quantized (TCR's balanced
+    // one when it ran).
+    let activations = activation_sqnr(act_float, plan, &records, &steps)?;
     tfmqc_passes::budget::trace_memory("evaluate: activation SQNR on the float model");
     return_free_memory();
     let (steps_sqnr, evaluated_on, eval_records) = match held_out {
@@ -250,6 +258,9 @@ pub struct Report {
     /// `--tib quant|auto`: TIAR, the temporal-feature error per t (RTN and TIAR), and
     /// each frontier value's choice with its bytes.
     pub tib: Option<tfmqc_passes::tiar::TiarReport>,
+    /// `--tcr on`: the activations TCR balanced, where each factor went, the channel
+    /// spread before and after.
+    pub tcr: Option<tfmqc_passes::reparameterize::TcrReport>,
 }
 
 impl Report {
@@ -313,6 +324,7 @@ impl Report {
             seconds_per_phase: phases.to_vec(),
             peak_rss_per_phase: peaks.to_vec(),
             tib: cx.tiar.clone(),
+            tcr: cx.tcr.clone(),
         }
     }
 
@@ -360,6 +372,9 @@ impl Report {
                 "  worst activation: {} ({:.1} dB)\n",
                 x.value, x.sqnr_db
             ));
+        }
+        if let Some(t) = &self.tcr {
+            s.push_str(&format!("  {}\n", t.summary()));
         }
         let phases: Vec<String> = self
             .seconds_per_phase

@@ -13,6 +13,7 @@ fn print_passes_lists_every_pass_with_a_summary() {
         "detect-tib",
         "fold-tib",
         "calibrate",
+        "reparameterize",
         "quantize",
     ] {
         assert!(
@@ -24,7 +25,7 @@ fn print_passes_lists_every_pass_with_a_summary() {
     assert!(err.contains("fold-tib") && err.contains("(after detect-tib)"));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "canonicalize,detect-tib,fold-tib,calibrate,quantize"
+        "canonicalize,detect-tib,fold-tib,calibrate,reparameterize,quantize"
     );
 }
 
@@ -51,10 +52,11 @@ fn dump_dir_holds_the_ir_after_each_pass() {
             "02-detect-tib.txt",
             "03-fold-tib.txt",
             "04-calibrate.txt",
-            "05-quantize.txt"
+            "05-reparameterize.txt",
+            "06-quantize.txt"
         ]
     );
-    let quantized = std::fs::read_to_string(dumps.join("05-quantize.txt")).unwrap();
+    let quantized = std::fs::read_to_string(dumps.join("06-quantize.txt")).unwrap();
     assert!(quantized.contains("= QuantizeLinear("), "{quantized}");
     let folded = std::fs::read_to_string(dumps.join("03-fold-tib.txt")).unwrap();
     assert!(folded.contains("= Gather(@tib/table/"), "{folded}");

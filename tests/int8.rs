@@ -584,3 +584,80 @@ fn int8_activation_matmul_forms_match_the_qdq_graph() {
         assert!(db > 100.0, "{y}: {db:.1} dB");
     }
 }
+
+/// Narrower bit widths run on the same int8 kernels: at W4A4 and W6A6 (levels held in
+/// int8 weights and uint8 activations, a Clip to the narrower grid in front of each
+/// activation's QuantizeLinear) and with TCR's balanced weights and Muls, every
+/// quantized Conv is lowered, each lowered node computes what its QDQ form does, and the
+/// codes stay on the narrower grid: activation zero points within 0..2^b − 1 behind a
+/// Clip to exactly that interval, weights within ±(2^(b−1) − 1).
+#[test]
+fn int8_lowering_matches_the_qdq_graph_at_narrow_bits() {
+    for bits in [4u32, 6] {
+        let dir = tmpdir();
+        let q = dir.path().join("q.onnx");
+        let b = bits.to_string();
+        tfmqc_ok(&[
+            model_path("ddpm_digits").to_str().unwrap(),
+            "-o",
+            q.to_str().unwrap(),
+            "--calib-samples",
+            "2",
+            "--calib-steps",
+            "10",
+            // S = every training step: the example inputs hold t = 10 and 500.
+            "--sampling-steps",
+            "all",
+            "--weight-bits",
+            &b,
+            "--act-bits",
+            &b,
+            "--tcr",
+            "on",
+        ]);
+        let m = tfmqc_passes::onnx::load(&q).unwrap();
+        let g = &m.graph;
+        let levels = (1u32 << bits) - 1;
+        let mut pairs = 0;
+        for ix in g.node_indices() {
+            let n = g.node(ix);
+            if n.is_onnx_op("QuantizeLinear") {
+                let s = g.initializers[&n.inputs[1]].to_vec::<f32>().unwrap()[0];
+                let z = g.initializers[&n.inputs[2]].data[0] as u32;
+                assert!(z <= levels, "{}: zero point {z} at {bits} bits", n.name);
+                let (p, _) = g.producer(&n.inputs[0]).expect("a Clip feeds it");
+                let clip = g.node(p);
+                assert!(
+                    clip.is_onnx_op("Clip"),
+                    "{} is fed by {}",
+                    n.name,
+                    clip.op_type
+                );
+                let lo = g.initializers[&clip.inputs[1]].to_vec::<f32>().unwrap()[0];
+                let hi = g.initializers[&clip.inputs[2]].to_vec::<f32>().unwrap()[0];
+                assert_eq!(((lo / s).round() + z as f32) as u32, 0, "{}", n.name);
+                assert_eq!(((hi / s).round() + z as f32) as u32, levels, "{}", n.name);
+                pairs += 1;
+            }
+            if n.is_onnx_op("DequantizeLinear") {
+                if let Some(w) = g.initializers.get(&n.inputs[0]) {
+                    if w.dtype == tfmqc_passes::ir::DType::I8 {
+                        let qmax = (1i32 << (bits - 1)) - 1;
+                        assert!(
+                            w.data.iter().all(|&v| (v as i8 as i32).abs() <= qmax),
+                            "{}: weight codes beyond ±{qmax}",
+                            n.name
+                        );
+                    }
+                }
+            }
+        }
+        assert!(pairs >= 25, "{pairs} activation quantizers at {bits} bits");
+        let x = example_inputs("ddpm_digits");
+        let (_, lowered) =
+            tfmqc_runtime::Engine::load_int8(&q, tfmqc_runtime::Optimize::Full).unwrap();
+        assert!(lowered >= 20, "{bits} bits: only {lowered} nodes lowered");
+        let model = format!("ddpm_digits W{bits}A{bits}");
+        assert_eq!(assert_lowered_nodes_match(&model, &q, &x), lowered);
+    }
+}

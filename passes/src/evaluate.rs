@@ -9,7 +9,7 @@ use tfmqc_runtime::engine::Optimize;
 use crate::error::Result;
 use crate::exec::Runner;
 use crate::ir::{Model, Tensor};
-use crate::quant::{fake_quant_u8, sqnr_from_sums};
+use crate::quant::{act_clip, fake_quant_u8, sqnr_from_sums};
 use crate::quantize::QuantPlan;
 
 #[derive(Clone, Debug, Serialize)]
@@ -103,9 +103,11 @@ pub fn activation_sqnr(
             let act = &plan.activations[k];
             let (scale, zp) = act.groups[group.min(act.groups.len() - 1)];
             let sum = &mut sums[k];
+            // Below 8 bits the graph clips to the narrower grid before quantizing.
+            let (lo, hi) = act_clip(scale, zp, plan.act_bits);
             for &x in crate::exec::f32_values(value, &act.value)? {
                 sum.0 += (x as f64).powi(2);
-                sum.1 += ((x - fake_quant_u8(x, scale, zp)) as f64).powi(2);
+                sum.1 += ((x - fake_quant_u8(x.clamp(lo, hi), scale, zp)) as f64).powi(2);
             }
             Ok(())
         })?;

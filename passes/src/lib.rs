@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod quant;
 pub mod quantize;
 pub mod reconstruct;
+pub mod reparameterize;
 pub mod targets;
 pub mod tensor_file;
 pub mod threads;

@@ -91,6 +91,18 @@ pub enum OutputQdq {
     All,
 }
 
+/// TCAQ-DM's timestep-channel joint reparameterization (`--tcr`, the `reparameterize`
+/// pass).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tcr {
+    Off,
+    On,
+    /// Balance, quantize both ways and keep TCR where it gives a higher mean output SQNR
+    /// on the calibration records (off, unmeasured, where measuring would be too
+    /// costly).
+    Auto,
+}
+
 /// What becomes of the Temporal Information Block (`--tib`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TibMode {
@@ -112,9 +124,9 @@ pub struct Options {
     pub timesteps: Option<String>,
     /// `--timestep-input`: skip detection and use this graph input.
     pub timestep_input: Option<String>,
-    /// `--weight-bits`: 8 or 4.
+    /// `--weight-bits`: 8, 6 or 4 (held in int8 either way).
     pub weight_bits: u32,
-    /// `--act-bits`: 8, or 32 for weight-only quantization.
+    /// `--act-bits`: 8, 6 or 4 (held in uint8), or 32 for weight-only quantization.
     pub act_bits: u32,
     /// `--step-groups`: FSC granularity; 1 = one set of activation scales.
     pub step_groups: usize,
@@ -171,6 +183,11 @@ pub struct Options {
     pub calib_budget_s: f64,
     /// Whether calibration may shrink its trajectories to fit `calib_budget_s`.
     pub calib_adaptive: bool,
+    /// `--tcr`: TCAQ-DM's timestep-channel joint reparameterization (the
+    /// `reparameterize` pass).
+    pub tcr: Tcr,
+    /// `--tcr-alpha`: α of TCR's balance `r = a^α / w^(1−α)`.
+    pub tcr_alpha: f32,
     /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
     /// (Model calls take theirs from the caller's `tfmqc_runtime::with_threads`.)
     pub threads: usize,
@@ -210,6 +227,8 @@ impl Default for Options {
             max_memory: None,
             calib_budget_s: 1200.0,
             calib_adaptive: false,
+            tcr: Tcr::Auto,
+            tcr_alpha: crate::reparameterize::DEFAULT_ALPHA,
             threads: 0,
         }
     }
@@ -218,16 +237,28 @@ impl Default for Options {
 impl Options {
     /// Checks combinations no pass can run with.
     pub fn validate(&self) -> Result<()> {
-        if !matches!(self.weight_bits, 4 | 8) {
+        if !matches!(self.weight_bits, 4 | 6 | 8) {
             return Err(Error::invalid(format!(
-                "--weight-bits {}: 4 or 8",
+                "--weight-bits {}: 4, 6 or 8",
                 self.weight_bits
             )));
         }
-        if !matches!(self.act_bits, 8 | 32) {
+        if !matches!(self.act_bits, 4 | 6 | 8 | 32) {
             return Err(Error::invalid(format!(
-                "--act-bits {}: 8, or 32 for weight-only (16-bit activations are not supported yet)",
+                "--act-bits {}: 4, 6 or 8, or 32 for weight-only (16-bit activations are not supported yet)",
                 self.act_bits
+            )));
+        }
+        if self.act_bits < 8 && self.step_groups > 1 {
+            return Err(Error::invalid(format!(
+                "--act-bits {} with --step-groups {}: activations below 8 bits take one set of scales for now (--step-groups 1)",
+                self.act_bits, self.step_groups
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.tcr_alpha) {
+            return Err(Error::invalid(format!(
+                "--tcr-alpha {}: between 0 and 1",
+                self.tcr_alpha
             )));
         }
         if self.step_groups == 0 {

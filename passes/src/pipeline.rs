@@ -24,6 +24,12 @@ pub struct PassContext<'a> {
     pub tiar: Option<crate::tiar::TiarReport>,
     /// Set by `calibrate`.
     pub calibration: Option<Calibration>,
+    /// Set by `reparameterize` when TCR ran.
+    pub tcr: Option<crate::reparameterize::TcrReport>,
+    /// Set by `reparameterize` when TCR ran: the float model it rewrote (the same
+    /// function as the input; its activations are the ones quantize quantizes, which the
+    /// report measures). Cheap: it shares its tensors' bytes with the pipeline's model.
+    pub balanced_float: Option<Model>,
     /// Set by `quantize`.
     pub quant: Option<QuantPlan>,
     /// Names of the passes that have run, in order.
@@ -43,6 +49,8 @@ impl<'a> PassContext<'a> {
             step_index: None,
             tiar: None,
             calibration: None,
+            tcr: None,
+            balanced_float: None,
             quant: None,
             done: vec![],
             notes: vec![],
@@ -74,6 +82,7 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(crate::detect_tib::DetectTib),
         Box::new(crate::fold_tib::FoldTib),
         Box::new(crate::calibrate::Calibrate),
+        Box::new(crate::reparameterize::Reparameterize),
         Box::new(crate::quantize::Quantize),
     ]
 }

@@ -455,11 +455,30 @@ impl QuantizedWeight {
 /// Affine uint8 parameters covering [min, max] (widened to include 0, so that zero is
 /// exact — padding and ReLU-like zeros stay zeros).
 pub fn act_params_u8(min: f32, max: f32) -> (f32, u8) {
+    act_params(min, max, 8)
+}
+
+/// Affine parameters of a `bits`-bit unsigned quantizer (levels 0..2^bits − 1, held in
+/// a uint8 container) covering [min, max], widened to include 0.
+pub fn act_params(min: f32, max: f32, bits: u32) -> (f32, u8) {
+    let levels = act_levels(bits);
     let (min, max) = (min.min(0.0), max.max(0.0));
     let range = (max - min).max(1e-8);
-    let scale = range / 255.0;
-    let zp = (-min / scale).round().clamp(0.0, 255.0) as u8;
+    let scale = range / levels;
+    let zp = (-min / scale).round().clamp(0.0, levels) as u8;
     (scale, zp)
+}
+
+/// The largest level of a `bits`-bit unsigned activation quantizer (8 → 255, 4 → 15).
+pub fn act_levels(bits: u32) -> f32 {
+    ((1u32 << bits.min(8)) - 1) as f32
+}
+
+/// The float interval a `bits`-bit quantizer with `(scale, zp)` represents: what a
+/// narrower-than-8-bit activation is clipped to before its uint8 QuantizeLinear (which
+/// saturates only at 0 and 255).
+pub fn act_clip(scale: f32, zp: u8, bits: u32) -> (f32, f32) {
+    (-(zp as f32) * scale, (act_levels(bits) - zp as f32) * scale)
 }
 
 /// Simulated uint8 quantization of one value (round half to even, as QuantizeLinear).

@@ -25,7 +25,7 @@ use crate::layer_inputs::{LayerInput, Unfold};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options, OutputQdq};
 use crate::pipeline::{Pass, PassContext};
-use crate::quant::{act_params_u8, quantize_weight, sqnr_db, RangeSearch};
+use crate::quant::{act_clip, act_params, act_params_u8, quantize_weight, sqnr_db, RangeSearch};
 use crate::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
 use crate::targets::{find_targets, Targets};
 
@@ -369,16 +369,17 @@ pub fn quantize(
                 layer.weight = Some(w.name.clone());
             }
         }
-        if options.act_bits == 8 {
+        if options.act_bits <= 8 {
             for a in &target.activations {
                 let dq = match dequantized_acts.get(a) {
                     Some(dq) => dq.clone(),
                     None => {
                         let params: Vec<(f32, u8)> = ranges[a]
                             .iter()
-                            .map(|r| act_params_u8(r.min, r.max))
+                            .map(|r| act_params(r.min, r.max, options.act_bits))
                             .collect();
-                        let dq = insert_qdq(g, a, &params, group_index.as_deref())?;
+                        let input = narrow_to_bits(g, a, &params, options.act_bits)?;
+                        let dq = insert_qdq(g, &input, &params, group_index.as_deref())?;
                         plan.activations.push(ActParams {
                             value: a.clone(),
                             groups: params,
@@ -905,6 +906,27 @@ pub(crate) fn hessian_layout(layer: &LayerInput, block: usize) -> HessianLayout 
         Unfold::Rows => 1,
     };
     HessianLayout::blocked(block, align)
+}
+
+/// Below 8 bits, a Clip to the interval the narrower quantizer represents, so that the
+/// uint8 QuantizeLinear behind it (which saturates only at 0 and 255) stays on the
+/// `bits`-bit grid for values beyond the calibrated range; returns the value to
+/// quantize. (One set of scales only: `Options::validate` refuses narrower activations
+/// with step groups.)
+fn narrow_to_bits(g: &mut Graph, value: &str, params: &[(f32, u8)], bits: u32) -> Result<String> {
+    if bits >= 8 || params.len() != 1 {
+        return Ok(value.to_string());
+    }
+    let (lo, hi) = act_clip(params[0].0, params[0].1, bits);
+    let base = value.trim_start_matches('/');
+    let lo = g.add_initializer(&format!("{base}_clip_min"), Tensor::scalar(lo));
+    let hi = g.add_initializer(&format!("{base}_clip_max"), Tensor::scalar(hi));
+    g.add_op(
+        "Clip",
+        vec![value.to_string(), lo, hi],
+        &format!("{base}_clipped"),
+        vec![],
+    )
 }
 
 /// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.

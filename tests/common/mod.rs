@@ -78,7 +78,9 @@ pub fn tfmqc_ok(args: &[&str]) -> Output {
 }
 
 /// Runs the pipeline on `model` into `out`, kept small for tests: S = ddim:10 and two
-/// calibration trajectories of `calib_steps` steps, plus the `extra` options.
+/// calibration trajectories of `calib_steps` steps, plus the `extra` options; TCR off
+/// unless `extra` says otherwise (`--tcr auto`, the default, quantizes twice to decide:
+/// the tests of other features need neither the time nor the balanced graph).
 pub fn quantize_small(model: &str, out: &Path, calib_steps: &str, extra: &[&str]) -> Output {
     let model = model_path(model);
     let mut args = vec![
@@ -92,6 +94,9 @@ pub fn quantize_small(model: &str, out: &Path, calib_steps: &str, extra: &[&str]
         "--calib-steps",
         calib_steps,
     ];
+    if !extra.iter().any(|a| *a == "--tcr" || *a == "--tcaq") {
+        args.extend_from_slice(&["--tcr", "off"]);
+    }
     args.extend_from_slice(extra);
     tfmqc_ok(&args)
 }
