@@ -96,10 +96,9 @@ pub fn activation_sqnr(
     let runner = Runner::observing(float, &names, Optimize::Full)?;
     let mut sums = vec![(0f64, 0f64); names.len()];
     for (inputs, &t) in records.iter().zip(steps) {
-        let group = plan.group(t);
         runner.run_observed(&inputs.clone().into_iter().collect(), &mut |k, value| {
             let act = &plan.activations[k];
-            let (scale, zp) = act.groups[group.min(act.groups.len() - 1)];
+            let (scale, zp) = plan.params_at(act, t);
             let sum = &mut sums[k];
             for &x in crate::exec::f32_values(value, &act.value)? {
                 sum.0 += (x as f64).powi(2);

@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod quant;
 pub mod quantize;
 pub mod reconstruct;
+pub mod table_quant;
 pub mod targets;
 pub mod tensor_file;
 pub mod threads;
