@@ -151,6 +151,10 @@ fn tib_auto_keeps_to_its_budget() {
             "1000000",
             "--tiar-iters",
             "50",
+            // Exact tables: the sizes above (low-precision ones are budgeted by their
+            // own bytes: tests/tib.rs).
+            "--table-precision",
+            "f32",
         ],
     );
     assert_eq!(
@@ -164,7 +168,16 @@ fn tib_auto_keeps_to_its_budget() {
             "ddpm_digits",
             dir.path(),
             &format!("b{budget}"),
-            &["--tib", "auto", "--lut-budget", &b, "--tiar-iters", "50"],
+            &[
+                "--tib",
+                "auto",
+                "--lut-budget",
+                &b,
+                "--tiar-iters",
+                "50",
+                "--table-precision",
+                "f32",
+            ],
         );
         let used = table_bytes(&q);
         assert!(used <= budget, "budget {budget}: {used} bytes of tables");

@@ -363,23 +363,30 @@ fn low_precision_tables_stay_within_their_stated_error() {
                 ..Default::default()
             })
             .collect();
-        sub.graph.inputs.retain(|i| i.name == tib.timestep_input);
         sub.graph.remove_dead();
         let runner =
             tfmqc_passes::exec::Runner::new(&sub, None, tfmqc_runtime::Optimize::Full).unwrap();
-        // t for the example's batch; the first sample's row of each value.
-        let template = example_inputs(&name)[&tib.timestep_input].clone();
-        let batch = template.numel().max(1);
+        // The example's inputs (some exports shape t's broadcast from the sample) with t
+        // set for the whole batch; the first sample's row of each value.
+        let example = example_inputs(&name);
+        let template = example[&tib.timestep_input].clone();
+        // A row's length, from the exact table of each value.
+        let width: Vec<usize> = names
+            .iter()
+            .map(|n| {
+                let i = tib.frontier.iter().position(|f| &f.name == n).unwrap();
+                exact[i].numel() / set.len()
+            })
+            .collect();
         let mut got: Vec<Vec<f32>> = vec![vec![]; names.len()];
         for &s in &set {
-            let t = fill_like(&template, s);
-            let out = runner
-                .run(&[(tib.timestep_input.clone(), t)].into())
-                .unwrap();
+            let mut x: std::collections::HashMap<String, Tensor> =
+                example.clone().into_iter().collect();
+            x.insert(tib.timestep_input.clone(), fill_like(&template, s));
+            let out = runner.run(&x).unwrap();
             for (k, o) in out.iter().enumerate() {
                 let v = o.to_f32_vec().unwrap();
-                let row = v.len() / batch;
-                got[k].extend_from_slice(&v[..row]);
+                got[k].extend_from_slice(&v[..width[k]]);
             }
         }
         let mut f32_bytes = 0u64;
