@@ -23,7 +23,7 @@ pub fn options_json(o: &Options) -> serde_json::Value {
         "act_bits": o.act_bits,
         "tcr": format!("{:?}", o.tcr).to_lowercase(),
         "tcr_alpha": o.tcr_alpha,
-        "step_groups": o.step_groups,
+        "step_groups": o.step_groups.to_string(),
         "calib": o.calib.as_ref().map(|p| p.display().to_string()),
         "scheduler": o.scheduler.as_ref().map(|p| p.display().to_string()),
         "sampler": o.sampler.name(),
@@ -212,8 +212,11 @@ pub fn measure(
 #[derive(Serialize)]
 pub struct ActivationReport {
     pub value: String,
-    /// (scale, zero point) per step group.
+    /// (scale, zero point) per step group (one: constant scales).
     pub groups: Vec<(f32, u8)>,
+    /// Measured gain of the step groups' scales over one set (quantization SNR, mean
+    /// over the visited steps, dB; 0 with one group).
+    pub fsc_gain_db: f64,
     pub sqnr_db: f64,
 }
 
@@ -225,7 +228,10 @@ pub struct Report {
     pub timesteps: usize,
     pub weight_bits: u32,
     pub act_bits: u32,
+    /// The most step groups any activation has (1: constant scales everywhere).
     pub step_groups: usize,
+    /// Activations with per-step (per-group) scales.
+    pub per_step_activations: usize,
     pub stand_in_inputs: Vec<String>,
     /// The calibration trajectories (empty for recorded calls).
     pub calibrated_on: String,
@@ -252,6 +258,8 @@ pub struct Report {
     pub int32_biases: usize,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Initializer bytes of the output by kind of tensor.
+    pub bytes_by_kind: BytesByKind,
     pub seconds_per_phase: Vec<(String, f64)>,
     /// Peak resident memory of the process during each phase, bytes (0: not known).
     pub peak_rss_per_phase: Vec<(String, u64)>,
@@ -284,6 +292,7 @@ impl Report {
             .map(|(a, (_, s))| ActivationReport {
                 value: a.value.clone(),
                 groups: a.groups.clone(),
+                fsc_gain_db: a.gain_db,
                 sqnr_db: *s,
             })
             .collect();
@@ -297,6 +306,7 @@ impl Report {
             weight_bits: plan.weight_bits,
             act_bits: plan.act_bits,
             step_groups: plan.step_groups,
+            per_step_activations: plan.per_step_activations,
             stand_in_inputs: cx
                 .calibration
                 .as_ref()
@@ -320,6 +330,7 @@ impl Report {
             output_qdq: plan.output_qdq.clone(),
             int32_biases: plan.int32_biases,
             bytes_in,
+            bytes_by_kind: BytesByKind::of(&cx.model.graph),
             bytes_out,
             seconds_per_phase: phases.to_vec(),
             peak_rss_per_phase: peaks.to_vec(),
@@ -354,7 +365,7 @@ impl Report {
             String::new()
         };
         let mut s = format!(
-            "quality (vs float, {} time steps along {}{of}):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} step group(s)\n",
+            "quality (vs float, {} time steps along {}{of}):\n  denoiser output SQNR: mean {:.1} dB, worst step {:.1} dB\n  weights: {} layers, mean SQNR {:.1} dB at {} bits\n  activations: {} values, mean SQNR {:.1} dB at {} bits, {} with per-step scales (up to {} step groups)\n",
             self.output_sqnr_per_step.len(),
             self.evaluated_on,
             self.output_sqnr_mean_db,
@@ -365,6 +376,7 @@ impl Report {
             a.len(),
             mean(&a),
             self.act_bits,
+            self.per_step_activations,
             self.step_groups
         );
         if let Some(x) = worst_act {
@@ -381,10 +393,16 @@ impl Report {
             .iter()
             .map(|(n, t)| format!("{n} {t:.2}s"))
             .collect();
+        let k = &self.bytes_by_kind;
         s.push_str(&format!(
-            "  size: {} → {} bytes; time: {}\n",
+            "  size: {} → {} bytes (integer weights {}, float tensors {}, time-step tables {}, per-step scale tables {}, other {}); time: {}\n",
             self.bytes_in,
             self.bytes_out,
+            k.weights_int,
+            k.float,
+            k.tables,
+            k.scale_tables,
+            k.other,
             phases.join(", ")
         ));
         let peaks: Vec<String> = self
@@ -397,5 +415,46 @@ impl Report {
             s.push_str(&format!("  peak memory: {}\n", peaks.join(", ")));
         }
         s
+    }
+}
+
+/// Initializer bytes of a model by kind of tensor (what the file spends its bytes on).
+#[derive(Serialize, Default, Debug, Clone, PartialEq)]
+pub struct BytesByKind {
+    /// Integer weights behind DequantizeLinear (int8, or 4-bit values stored as int8).
+    pub weights_int: u64,
+    /// Weights, biases and other tensors left in float.
+    pub float: u64,
+    /// Temporal-feature tables (`tib/table/…`: f32, f16, or int8 with row scales).
+    pub tables: u64,
+    /// Per-step activation scale tables (FSC, `…_scales`) and the step-group index.
+    pub scale_tables: u64,
+    /// Scales, zero points, int32 biases and the rest.
+    pub other: u64,
+}
+
+impl BytesByKind {
+    pub fn of(g: &tfmqc_passes::ir::Graph) -> BytesByKind {
+        use tfmqc_passes::ir::DType;
+        let mut k = BytesByKind::default();
+        for (name, t) in &g.initializers {
+            let b = t.byte_len() as u64;
+            let slot = if name.starts_with("tib/table/") {
+                &mut k.tables
+            } else if name.starts_with("fsc/") || name.ends_with("_scales") {
+                &mut k.scale_tables
+            } else if matches!(t.dtype, DType::I8 | DType::U8 | DType::I4 | DType::U4)
+                && t.numel() > 1
+                && name.ends_with("_quantized")
+            {
+                &mut k.weights_int
+            } else if t.dtype == DType::F32 && t.numel() > 1 && !name.ends_with("_scale") {
+                &mut k.float
+            } else {
+                &mut k.other
+            };
+            *slot += b;
+        }
+        k
     }
 }

@@ -86,15 +86,18 @@ fn json_schema_numbers_and_plots_on_the_trained_model() {
     assert_eq!(values.len(), v["frontier"].as_array().unwrap().len());
     assert!(!values.is_empty());
     for f in values {
-        // Exact tables: the quantized model reads the float temporal features.
+        // Tables at the default precision: every row (t) within the cosine bar fold-tib
+        // chose them by; a row that close in direction and stored to an int8 step of its
+        // largest value is within 1e-3 relative MSE.
         for (c, m) in f["cosine"]
             .as_array()
             .unwrap()
             .iter()
             .zip(f["rel_mse"].as_array().unwrap())
         {
-            assert!(c.as_f64().unwrap() > 1.0 - 1e-9, "{f}");
-            assert!(m.as_f64().unwrap() < 1e-12, "{f}");
+            let min_cos = tfmqc_passes::table_quant::TABLE_MIN_COSINE;
+            assert!(c.as_f64().unwrap() >= min_cos - 1e-9, "{f}");
+            assert!(m.as_f64().unwrap() < 1e-3, "{f}");
         }
         assert_eq!(f["cosine"].as_array().unwrap().len(), 10);
     }

@@ -70,6 +70,9 @@ fn output_qdq_convs_fuse_in_onnxruntime_and_lower_exactly() {
         "all",
         "--output-qdq",
         "all",
+        // onnxruntime fuses constant scales only: one set of scales.
+        "--step-groups",
+        "1",
     ]);
     let model = tfmqc_passes::onnx::load(&q).unwrap();
     let g = &model.graph;
@@ -659,5 +662,217 @@ fn int8_lowering_matches_the_qdq_graph_at_narrow_bits() {
         assert!(lowered >= 20, "{bits} bits: only {lowered} nodes lowered");
         let model = format!("ddpm_digits W{bits}A{bits}");
         assert_eq!(assert_lowered_nodes_match(&model, &q, &x), lowered);
+    }
+}
+
+/// Finite Set Calibration is on by default: activations whose ranges differ over the
+/// steps get a scale per group of steps in the file (`Gather(scales, group)` around a
+/// unit-scale Q/DQ pair), and the runtime's int8 kernels pick the step's scale at each
+/// call. At two time steps in different groups, for every lowered node with per-step
+/// scales: the scale the runtime selects from the group index is the one the QDQ graph
+/// gathers, and the codes the kernel's quantizer makes from the node's input are the
+/// QuantizeLinear codes of the graph evaluated at that t, bit for bit — a code may differ
+/// only where tract evaluates the graph off ONNX's definition: its Div by the gathered
+/// scale one ulp from x / s next to a rounding boundary, or an exact tie its
+/// QuantizeLinear does not round half to even (each side's code is then checked as the
+/// rounding of its own quotient); each lowered node also computes what its QDQ form does
+/// on the same inputs, and onnxruntime runs the file.
+#[test]
+fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
+    use tfmqc_runtime::kernels::int8::{quantize_u8, Backend};
+    let dir = tmpdir();
+    let q = dir.path().join("q.onnx");
+    let report = dir.path().join("q.json");
+    tfmqc_ok(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        q.to_str().unwrap(),
+        "--report",
+        report.to_str().unwrap(),
+        "--calib-samples",
+        "4",
+        // S = every training step: the example inputs hold t = 10 and 500.
+        "--sampling-steps",
+        "all",
+    ]);
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(
+        r["per_step_activations"].as_u64().unwrap() > 0,
+        "no activation got per-step scales by default"
+    );
+    let proto = tfmqc_runtime::engine::read_proto(&q).unwrap();
+    let g = proto.graph.as_ref().unwrap();
+    let (lowered, _) = tfmqc_runtime::lower::lowered_int8(&proto, q.parent(), &[]).unwrap();
+    // Per lowered node with per-step scales: its input, group index, scales and zero
+    // point, and the graph's QuantizeLinear codes of that input.
+    struct PerStep {
+        node: String,
+        x: String,
+        group: String,
+        scales: Vec<f32>,
+        zp: u8,
+        quotient: String,
+        codes: String,
+    }
+    let producer = |v: &str| g.node.iter().find(|p| p.output.iter().any(|o| o == v));
+    let mut nodes = vec![];
+    for n in &lowered.graph.as_ref().unwrap().node {
+        let Some(a) = n.attribute.iter().find(|a| a.name == "a_scales") else {
+            continue;
+        };
+        let zp = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "a_zero_point")
+            .unwrap()
+            .i as u8;
+        let (x, group) = (n.input[0].clone(), n.input[1].clone());
+        // x → Div → QuantizeLinear: the quotient and the codes.
+        let q = g
+            .node
+            .iter()
+            .find(|q| {
+                q.op_type == "QuantizeLinear"
+                    && producer(&q.input[0]).is_some_and(|d| d.op_type == "Div" && d.input[0] == x)
+            })
+            .unwrap_or_else(|| panic!("{}: no QuantizeLinear of Div({x}, ·)", n.name));
+        let (quotient, codes) = (q.input[0].clone(), q.output[0].clone());
+        nodes.push(PerStep {
+            node: n.name.clone(),
+            x,
+            group,
+            scales: a.floats.clone(),
+            zp,
+            quotient,
+            codes,
+        });
+    }
+    assert!(
+        !nodes.is_empty(),
+        "no lowered node reads per-step scales: the int8 kernels would run them in float"
+    );
+    let mut wanted: Vec<String> = nodes
+        .iter()
+        .flat_map(|p| {
+            [
+                p.x.clone(),
+                p.group.clone(),
+                p.quotient.clone(),
+                p.codes.clone(),
+            ]
+        })
+        .collect();
+    wanted.sort();
+    wanted.dedup();
+    let full = tfmqc_runtime::Optimize::Full;
+    let dirs = q.parent().map(|d| d.to_string_lossy().to_string());
+    let capture =
+        tfmqc_runtime::Engine::from_proto(&proto, dirs.as_deref(), Some(&wanted), full).unwrap();
+    let base = example_inputs("ddpm_digits");
+    let mut groups_seen = vec![];
+    let (mut checked, mut ties) = (0usize, 0usize);
+    for t in [10i64, 500] {
+        let mut x = base.clone();
+        let ts = x.get_mut("timestep").unwrap();
+        *ts = tfmqc_passes::Tensor::from_vec(ts.shape.clone(), &vec![t; ts.numel()]);
+        let values = tract_run_engine(&capture, &x);
+        let mut groups = vec![];
+        for p in &nodes {
+            let group = values[&p.group].to_i64_vec().unwrap()[0];
+            groups.push(group);
+            let scale = tfmqc_runtime::int8_ops::select_step_scale(&p.scales, group).unwrap();
+            let input = values[&p.x].to_f32_vec().unwrap();
+            let mut kernel = vec![0u8; input.len()];
+            quantize_u8(Backend::Auto, &input, scale, p.zp, &mut kernel);
+            let graph = values[&p.codes].to_vec::<u8>().unwrap();
+            let quotient = values[&p.quotient].to_f32_vec().unwrap();
+            assert_eq!(graph.len(), kernel.len());
+            for (i, (&a, &b)) in graph.iter().zip(&kernel).enumerate() {
+                if a != b {
+                    // Allowed only where tract's evaluation of the graph is not ONNX's: its
+                    // Div by the gathered scale is a product with the reciprocal (one ulp
+                    // off x / s), or x / s is an exact tie its QuantizeLinear rounds away
+                    // from zero. Both codes are then the rounding of their own quotient.
+                    let exact = input[i] / scale;
+                    let theirs = quotient[i];
+                    let code = |v: f32| (v.round_ties_even() as i32 + p.zp as i32).clamp(0, 255);
+                    let tie = (exact - exact.trunc()).abs() == 0.5;
+                    assert!(
+                        (theirs != exact || tie)
+                            && (a as i32 - code(theirs)).abs() <= tie as i32
+                            && b as i32 == code(exact),
+                        "{} at t = {t}: code {i} is {a} in the graph, {b} in the kernel (x / s = {exact}, the graph's quotient {theirs})",
+                        p.node
+                    );
+                    ties += 1;
+                }
+            }
+            checked += graph.len();
+        }
+        groups_seen.push(groups);
+        assert_lowered_nodes_match("ddpm_digits", &q, &x);
+    }
+    assert!(
+        groups_seen[0] != groups_seen[1],
+        "t = 10 and t = 500 fall in the same step groups of every per-step node"
+    );
+    // onnxruntime loads the per-step form and computes what tract's QDQ graph does (its
+    // constant-scale pairs fused into its int8 kernels, the per-step ones in float).
+    if let Some(py) = python() {
+        let qdq = tract_run_engine(&tfmqc_runtime::Engine::load(&q, None, full).unwrap(), &base);
+        let ort_out = ort_run(&py, &q, &base, dir.path());
+        let db = sqnr_db(&qdq, &ort_out);
+        eprintln!("onnxruntime vs tract on the per-step QDQ graph: {db:.1} dB");
+        assert!(db > 30.0, "onnxruntime vs tract: {db:.1} dB");
+    }
+    eprintln!(
+        "{} lowered nodes with per-step scales; {checked} codes at t = 10 and 500 equal the graph's but {ties} (tract's Div one ulp off x / s, or a tie)",
+        nodes.len()
+    );
+}
+
+/// With per-step scales in the file (the default), a t outside S is refused by the QDQ
+/// graph in tract, by the int8 runtime and by onnxruntime — never a silent row or group 0.
+#[test]
+fn a_step_outside_the_set_is_refused_with_per_step_scales() {
+    let dir = tmpdir();
+    let q = dir.path().join("q.onnx");
+    let report = dir.path().join("q.json");
+    // S = ddim:10 = {0, 100, ..., 900}.
+    quantize_small(
+        "ddpm_digits",
+        &q,
+        "10",
+        &["--report", report.to_str().unwrap()],
+    );
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r["per_step_activations"].as_u64().unwrap() > 0);
+    let mut x = example_inputs("ddpm_digits");
+    let ts = x.get_mut("timestep").unwrap();
+    *ts = tfmqc_passes::Tensor::from_vec(ts.shape.clone(), &vec![301i64; ts.numel()]);
+    let full = tfmqc_runtime::Optimize::Full;
+    let run = |e: &tfmqc_runtime::Engine| {
+        let ordered = e
+            .input_names()
+            .iter()
+            .map(|n| tfmqc_passes::exec::to_tract(&x[n]).unwrap())
+            .collect();
+        e.run(ordered)
+    };
+    assert!(
+        run(&tfmqc_runtime::Engine::load(&q, None, full).unwrap()).is_err(),
+        "the QDQ graph ran in tract with t = 301 ∉ S"
+    );
+    let (int8, _) = tfmqc_runtime::Engine::load_int8(&q, full).unwrap();
+    assert!(run(&int8).is_err(), "the int8 runtime ran with t = 301 ∉ S");
+    if let Some(py) = python() {
+        let inp = dir.path().join("bad.safetensors");
+        write_inputs(&inp, &x);
+        ort(
+            &py,
+            &["expect-error", q.to_str().unwrap(), inp.to_str().unwrap()],
+        );
     }
 }

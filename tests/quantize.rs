@@ -156,8 +156,33 @@ fn fsc_step_groups_beat_one_set_of_scales() {
     let (_, one) = quantize(
         "ddim_unet",
         dir.path(),
+        &[
+            QUICK,
+            &[
+                "--timesteps",
+                "ddim:50",
+                "--scheduler",
+                s,
+                "--step-groups",
+                "1",
+            ],
+        ]
+        .concat(),
+    );
+    // The default (--step-groups auto) finds the activations whose ranges move.
+    let (_, auto) = quantize(
+        "ddim_unet",
+        dir.path(),
         &[QUICK, &["--timesteps", "ddim:50", "--scheduler", s]].concat(),
     );
+    assert!(
+        sqnr(&auto) > sqnr(&one) + 3.0,
+        "default (auto) {:.1} dB vs 1 group {:.1} dB",
+        sqnr(&auto),
+        sqnr(&one)
+    );
+    assert!(auto["per_step_activations"].as_u64().unwrap() > 0);
+    assert_eq!(one["per_step_activations"], 0);
     let dump = dir.path().join("records.safetensors");
     let (q, ten) = quantize(
         "ddim_unet",

@@ -118,13 +118,15 @@ fn fold_tib_each_family() {
     }
 }
 
-/// A quantized graph (W8A8, 4 step groups) of the trained model: weights behind
-/// DequantizeLinear, activations behind QuantizeLinear/DequantizeLinear, FSC tables.
+/// The default quantized graph (W8A8) of the trained model: weights behind
+/// DequantizeLinear, activations behind QuantizeLinear/DequantizeLinear — constant scales,
+/// or per-step ones (FSC, `--step-groups auto`): a scale table gathered at the step group
+/// `index · G / |S|` around a unit-scale pair.
 #[test]
 fn quantize_trained_ddpm() {
     let dir = tmpdir();
     let out = dir.path().join("q.onnx");
-    quantize_small("ddpm_digits", &out, "10", &["--step-groups", "2"]);
+    quantize_small("ddpm_digits", &out, "10", &[]);
     let mut m = tfmqc_passes::onnx::load(&out).unwrap();
     tfmqc_passes::canonicalize::infer_types(&mut m).unwrap();
     snapshot("quantize_ddpm_digits", &print::model_text(&m));

@@ -34,6 +34,10 @@ fn fold(name: &str, spec: &str, dir: &Path) -> (PathBuf, String) {
         "detect-tib,fold-tib",
         "--timesteps",
         spec,
+        // The fold itself is exact; low-precision tables are checked against their
+        // stated error in `low_precision_tables_stay_within_their_stated_error`.
+        "--table-precision",
+        "f32",
     ]);
     let m = tfmqc_passes::onnx::load(&out).unwrap();
     let tinput = m
@@ -326,4 +330,118 @@ fn empty_set_is_a_clear_error() {
         ],
         "the time-step set is empty",
     );
+}
+
+/// Temporal-feature tables at low precision (`--table-precision auto`, the default): on
+/// every denoiser at S = 1000, each table the graph reads — int8 rows dequantized by
+/// DequantizeLinear and the gathered row scale, or f16 cast back — gives the frontier
+/// values within the error fold-tib states for it (relative MSE over the table, lowest
+/// row cosine), which are within the `auto` bars; the tables take at most half the bytes
+/// of f32 ones; and onnxruntime loads and runs the folded model.
+#[test]
+fn low_precision_tables_stay_within_their_stated_error() {
+    use tfmqc_passes::table_quant::{
+        table_error, TablePrecision, TABLE_MAX_REL_MSE, TABLE_MIN_COSINE,
+    };
+    let dir = tmpdir();
+    for name in denoisers() {
+        let mut model = tfmqc_passes::onnx::load(&model_path(&name)).unwrap();
+        tfmqc_passes::canonicalize::canonicalize(&mut model).unwrap();
+        let tib = tfmqc_passes::detect_tib::detect(&model, None).unwrap();
+        let set = parse_timesteps("1000", 1000).unwrap();
+        let exact = tfmqc_passes::fold_tib::evaluate_tables(&model, &tib, &set).unwrap();
+        let report =
+            tfmqc_passes::fold_tib::fold_with(&mut model, &tib, &set, TablePrecision::Auto)
+                .unwrap();
+        // The frontier values as the folded graph computes them from t, for all of S.
+        let names: Vec<String> = report.table_forms.iter().map(|(n, _)| n.clone()).collect();
+        let mut sub = model.clone();
+        sub.graph.outputs = names
+            .iter()
+            .map(|n| tfmqc_passes::ir::ValueInfo {
+                name: n.clone(),
+                ..Default::default()
+            })
+            .collect();
+        sub.graph.remove_dead();
+        let runner =
+            tfmqc_passes::exec::Runner::new(&sub, None, tfmqc_runtime::Optimize::Full).unwrap();
+        // The example's inputs (some exports shape t's broadcast from the sample) with t
+        // set for the whole batch; the first sample's row of each value.
+        let example = example_inputs(&name);
+        let template = example[&tib.timestep_input].clone();
+        // A row's length, from the exact table of each value.
+        let width: Vec<usize> = names
+            .iter()
+            .map(|n| {
+                let i = tib.frontier.iter().position(|f| &f.name == n).unwrap();
+                exact[i].numel() / set.len()
+            })
+            .collect();
+        let mut got: Vec<Vec<f32>> = vec![vec![]; names.len()];
+        for &s in &set {
+            let mut x: std::collections::HashMap<String, Tensor> =
+                example.clone().into_iter().collect();
+            x.insert(tib.timestep_input.clone(), fill_like(&template, s));
+            let out = runner.run(&x).unwrap();
+            for (k, o) in out.iter().enumerate() {
+                let v = o.to_f32_vec().unwrap();
+                got[k].extend_from_slice(&v[..width[k]]);
+            }
+        }
+        let mut f32_bytes = 0u64;
+        for (k, (value, choice)) in report.table_forms.iter().enumerate() {
+            let i = tib.frontier.iter().position(|f| &f.name == value).unwrap();
+            let want = exact[i].to_f32_vec().unwrap();
+            f32_bytes += 4 * want.len() as u64;
+            let (rel, cos) = table_error(&want, &got[k], set.len());
+            assert!(
+                rel <= choice.rel_mse * 1.0001 + 1e-12 && cos >= choice.min_cosine - 1e-9,
+                "{name} {value} ({:?}): graph gives relative MSE {rel:e}, cosine {cos}; stated {:e}, {}",
+                choice.form,
+                choice.rel_mse,
+                choice.min_cosine
+            );
+            assert!(
+                choice.rel_mse <= TABLE_MAX_REL_MSE && choice.min_cosine >= TABLE_MIN_COSINE,
+                "{name} {value}: {choice:?} outside the auto bars"
+            );
+        }
+        assert!(
+            2 * report.table_bytes as u64 <= f32_bytes,
+            "{name}: {} table bytes of {f32_bytes} in f32",
+            report.table_bytes
+        );
+        eprintln!(
+            "{name} S=1000: tables {} bytes ({:.2}× f32): {}",
+            report.table_bytes,
+            report.table_bytes as f64 / f32_bytes as f64,
+            report.forms_summary()
+        );
+        if let Some(py) = python() {
+            let folded = dir.path().join(format!("{name}.lowp.onnx"));
+            tfmqc_passes::onnx::save(&model, &folded).unwrap();
+            let base = example_inputs(&name);
+            let inp = dir.path().join(format!("{name}.in.safetensors"));
+            write_inputs(&inp, &base);
+            let tin = &tib.timestep_input;
+            let out = dir.path().join(format!("{name}.ort.safetensors"));
+            ort(
+                &py,
+                &[
+                    "sweep",
+                    folded.to_str().unwrap(),
+                    inp.to_str().unwrap(),
+                    tin,
+                    "0,500,999",
+                    out.to_str().unwrap(),
+                ],
+            );
+            assert!(read_tensors(&out).values().all(|t| t
+                .to_f32_vec()
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite())));
+        }
+    }
 }

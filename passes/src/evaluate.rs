@@ -98,10 +98,9 @@ pub fn activation_sqnr(
     crate::budget::trace_memory("evaluate: float model compiled for observation");
     let mut sums = vec![(0f64, 0f64); names.len()];
     for (inputs, &t) in records.iter().zip(steps) {
-        let group = plan.group(t);
         runner.run_observed(&inputs.clone().into_iter().collect(), &mut |k, value| {
             let act = &plan.activations[k];
-            let (scale, zp) = act.groups[group.min(act.groups.len() - 1)];
+            let (scale, zp) = plan.params_at(act, t);
             let sum = &mut sums[k];
             // Below 8 bits the graph clips to the narrower grid before quantizing.
             let (lo, hi) = act_clip(scale, zp, plan.act_bits);

@@ -20,6 +20,7 @@ use crate::exec::Runner;
 use crate::ir::{attr, DType, Dim, Model, Node, Tensor, ValueInfo};
 use crate::options::{meta, timestep_set, TibMode};
 use crate::pipeline::{Pass, PassContext};
+use crate::table_quant::{self, TableChoice, TableForm, TablePrecision};
 use crate::tib::TibAnalysis;
 
 pub struct FoldTib;
@@ -41,14 +42,15 @@ impl Pass for FoldTib {
             // --tib quant|auto: TIAR, then tables only where chosen (tiar.rs).
             return crate::tiar::run(cx, &tib, &set);
         }
-        let report = fold(&mut cx.model, &tib, &set)?;
+        let report = fold_with(&mut cx.model, &tib, &set, cx.options.table_precision)?;
         cx.step_index = report.index_value.clone();
         cx.note(format!(
-            "|S| = {} time steps; {} nodes replaced by {} tables, {} bytes",
+            "|S| = {} time steps; {} nodes replaced by {} tables, {} bytes ({})",
             set.len(),
             report.removed_nodes,
             report.tables,
-            report.table_bytes
+            report.table_bytes,
+            report.forms_summary()
         ));
         Ok(())
     }
@@ -64,6 +66,31 @@ pub struct FoldReport {
     pub table_bytes: usize,
     /// Which frontier values became tables.
     pub tabled: Vec<bool>,
+    /// Each table's frontier value, its stored form and its measured error.
+    pub table_forms: Vec<(String, TableChoice)>,
+}
+
+impl FoldReport {
+    /// `N f32, M int8, …; worst relative MSE …, lowest row cosine …`.
+    pub fn forms_summary(&self) -> String {
+        let count = |f: TableForm| self.table_forms.iter().filter(|(_, c)| c.form == f).count();
+        let worst = self
+            .table_forms
+            .iter()
+            .map(|(_, c)| c.rel_mse)
+            .fold(0f64, f64::max);
+        let cos = self
+            .table_forms
+            .iter()
+            .map(|(_, c)| c.min_cosine)
+            .fold(1f64, f64::min);
+        format!(
+            "{} f32, {} f16, {} int8 per-row; worst relative MSE {worst:.1e}, lowest row cosine {cos:.6}",
+            count(TableForm::F32),
+            count(TableForm::F16),
+            count(TableForm::Int8)
+        )
+    }
 }
 
 /// The index value's dtype and static shape.
@@ -214,11 +241,39 @@ fn stack(rows: &[Tensor]) -> Result<Tensor> {
     Tensor::from_raw(first.dtype, shape, data)
 }
 
-/// Rewrites the graph: index computation, one Gather per frontier value, TIB removed.
+/// Rewrites the graph: index computation, one exact (f32) table per frontier value read
+/// by Gather, TIB removed.
 pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldReport> {
+    fold_with(model, tib, set, TablePrecision::Fixed(TableForm::F32))
+}
+
+/// [`fold`] with the tables stored at `precision` ([`crate::table_quant`]).
+pub fn fold_with(
+    model: &mut Model,
+    tib: &TibAnalysis,
+    set: &[i64],
+    precision: TablePrecision,
+) -> Result<FoldReport> {
     let tables = evaluate_tables(model, tib, set)?;
     let all = vec![true; tib.frontier.len()];
-    fold_tables(model, tib, set, tables, &all, false)
+    fold_tables(model, tib, set, tables, &all, false, precision)
+}
+
+/// The form `table` gets at `precision` (exact for a table that is not f32).
+pub fn table_choice(table: &Tensor, precision: TablePrecision) -> Result<TableChoice> {
+    if table.dtype != DType::F32 || table.shape.is_empty() {
+        return Ok(TableChoice {
+            form: TableForm::F32,
+            bytes: table.byte_len() as u64,
+            rel_mse: 0.0,
+            min_cosine: 1.0,
+        });
+    }
+    Ok(table_quant::choose(
+        &table.to_vec::<f32>()?,
+        table.shape[0],
+        precision,
+    ))
 }
 
 /// [`fold`] of the frontier values with `tabled[i]` set, from `tables` (one per frontier
@@ -232,6 +287,7 @@ pub fn fold_tables(
     tables: Vec<Tensor>,
     tabled: &[bool],
     keep_index: bool,
+    precision: TablePrecision,
 ) -> Result<FoldReport> {
     assert_eq!(tabled.len(), tib.frontier.len());
     let info = index_info(model, tib)?;
@@ -293,6 +349,7 @@ pub fn fold_tables(
             tables: 0,
             table_bytes: 0,
             tabled,
+            table_forms: vec![],
         });
     }
 
@@ -342,6 +399,7 @@ pub fn fold_tables(
 
     let mut table_bytes = 0;
     let mut n_tables = 0;
+    let mut table_forms = vec![];
     for ((f, table), _) in tib
         .frontier
         .iter()
@@ -349,18 +407,12 @@ pub fn fold_tables(
         .zip(&tabled)
         .filter(|(_, &t)| t)
     {
-        table_bytes += table.byte_len();
+        let choice = table_choice(&table, precision)?;
+        table_bytes += choice.bytes as usize;
         n_tables += 1;
         let base = format!("tib/table/{}", f.name.trim_start_matches('/'));
-        let table_name = g.add_initializer(&base, table);
-        let node = Node::new(
-            g.fresh_node_name(&format!("{base}/Gather")),
-            "Gather",
-            vec![table_name, index.clone()],
-            vec![f.name.clone()],
-        )
-        .with_attr(attr::int("axis", 0));
-        g.add_node(node)?;
+        add_table(g, &base, &table, &choice, &index, &f.name)?;
+        table_forms.push((f.name.clone(), choice));
     }
     // Nothing reads the index yet when no table does: keep it alive for the step-group
     // tables quantize adds later.
@@ -383,7 +435,121 @@ pub fn fold_tables(
         tables: n_tables,
         table_bytes,
         tabled,
+        table_forms,
     })
+}
+
+/// Writes `table` in the form `choice` says, read at `index` into `out`:
+///
+/// ```text
+/// f32:  out = Gather(table, index)
+/// f16:  out = Cast<f32>(Gather(table_f16, index))
+/// int8: out = DequantizeLinear(Gather(table_q, index), 1, 0) · Gather(row_scales, index)
+///             · col_scales
+/// ```
+///
+/// (row_scales `[|S|, 1, …]` broadcasts over the gathered rows, col_scales has a row's
+/// shape). Standard ops with constant Q/DQ scales: onnxruntime and tract load it.
+fn add_table(
+    g: &mut crate::ir::Graph,
+    base: &str,
+    table: &Tensor,
+    choice: &TableChoice,
+    index: &str,
+    out: &str,
+) -> Result<()> {
+    let gather = |g: &mut crate::ir::Graph, data: String, output: Option<&str>| -> Result<String> {
+        let name = g.fresh_node_name(&format!("{data}/Gather"));
+        let output = match output {
+            Some(o) => o.to_string(),
+            None => g.fresh_name(&format!("{data}/rows")),
+        };
+        let node = Node::new(
+            name,
+            "Gather",
+            vec![data, index.to_string()],
+            vec![output.clone()],
+        )
+        .with_attr(attr::int("axis", 0));
+        g.add_node(node)?;
+        Ok(output)
+    };
+    let finish = |g: &mut crate::ir::Graph, op: &str, inputs: Vec<String>, attrs| -> Result<()> {
+        let mut node = Node::new(
+            g.fresh_node_name(&format!("{base}/{op}")),
+            op,
+            inputs,
+            vec![out.to_string()],
+        );
+        node.attributes = attrs;
+        g.add_node(node).map(|_| ())
+    };
+    match choice.form {
+        TableForm::F32 => {
+            let t = g.add_initializer(base, table.clone());
+            gather(g, t, Some(out))?;
+        }
+        TableForm::F16 => {
+            let values = table.to_vec::<f32>()?;
+            let t = g.add_initializer(
+                &format!("{base}/f16"),
+                Tensor::from_raw(
+                    DType::F16,
+                    table.shape.clone(),
+                    table_quant::f16_bytes(&values),
+                )?,
+            );
+            let rows = gather(g, t, None)?;
+            finish(
+                g,
+                "Cast",
+                vec![rows],
+                vec![attr::int("to", DType::F32.onnx_code() as i64)],
+            )?;
+        }
+        TableForm::Int8 => {
+            let values = table.to_vec::<f32>()?;
+            let rows = table.shape[0];
+            let t = table_quant::int8_rows(&values, rows);
+            let qt = g.add_initializer(
+                &format!("{base}/int8"),
+                Tensor::from_vec(table.shape.clone(), &t.q),
+            );
+            // [|S|, 1, …]: one scale per gathered row, broadcast over its elements.
+            let mut scale_shape = vec![1usize; table.shape.len()];
+            scale_shape[0] = rows;
+            let s = g.add_initializer(
+                &format!("{base}/row_scales"),
+                Tensor::from_vec(scale_shape, &t.row_scales),
+            );
+            // The row's own shape: broadcasts over a batch of rows and over one row alike.
+            let c = g.add_initializer(
+                &format!("{base}/col_scales"),
+                Tensor::from_vec(table.shape[1..].to_vec(), &t.col_scales),
+            );
+            let unit = g.add_initializer(&format!("{base}/unit_scale"), Tensor::scalar(1f32));
+            let zero = g.add_initializer(
+                &format!("{base}/zero_point"),
+                Tensor::from_vec(vec![], &[0i8]),
+            );
+            let qrows = gather(g, qt, None)?;
+            let levels = g.add_op(
+                "DequantizeLinear",
+                vec![qrows, unit, zero],
+                &format!("{base}/levels"),
+                vec![],
+            )?;
+            let srows = gather(g, s, None)?;
+            let scaled = g.add_op(
+                "Mul",
+                vec![levels, srows],
+                &format!("{base}/row_scaled"),
+                vec![],
+            )?;
+            finish(g, "Mul", vec![scaled, c], vec![])?;
+        }
+    }
+    Ok(())
 }
 
 fn set_metadata(model: &mut Model, tib: &TibAnalysis, set: &[i64]) {

@@ -19,6 +19,7 @@ pub mod quant;
 pub mod quantize;
 pub mod reconstruct;
 pub mod reparameterize;
+pub mod table_quant;
 pub mod targets;
 pub mod tensor_file;
 pub mod threads;

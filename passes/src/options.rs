@@ -103,6 +103,52 @@ pub enum Tcr {
     Auto,
 }
 
+/// Finite Set Calibration granularity (`--step-groups`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepGroups {
+    /// Per activation, the coarsest grouping of the steps of S (1, 2, 4, … groups of
+    /// consecutive steps, up to one per visited step) whose measured gain in quantization
+    /// noise over the steps is within [`crate::quantize::AUTO_GROUPS_SLACK_DB`] of the
+    /// finest; one set of scales where per-step ones gain less than
+    /// [`crate::quantize::AUTO_GROUPS_MIN_GAIN_DB`].
+    Auto,
+    /// `N` groups of consecutive steps for every activation; 1 = one set of scales
+    /// (constant Q/DQ, what onnxruntime fuses into its int8 kernels).
+    Fixed(usize),
+}
+
+impl StepGroups {
+    /// Whether some activation may get scales that depend on the step (the step index of
+    /// fold-tib must then stay in the graph).
+    pub fn per_step(self) -> bool {
+        !matches!(self, StepGroups::Fixed(1))
+    }
+}
+
+impl std::fmt::Display for StepGroups {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        match self {
+            StepGroups::Auto => write!(f, "auto"),
+            StepGroups::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl std::str::FromStr for StepGroups {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<StepGroups> {
+        match s {
+            "auto" => Ok(StepGroups::Auto),
+            _ => match s.parse::<usize>() {
+                Ok(n) if n >= 1 => Ok(StepGroups::Fixed(n)),
+                _ => Err(Error::invalid(format!(
+                    "--step-groups {s}: auto, or a number of groups (at least 1)"
+                ))),
+            },
+        }
+    }
+}
+
 /// What becomes of the Temporal Information Block (`--tib`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TibMode {
@@ -128,8 +174,8 @@ pub struct Options {
     pub weight_bits: u32,
     /// `--act-bits`: 8, 6 or 4 (held in uint8), or 32 for weight-only quantization.
     pub act_bits: u32,
-    /// `--step-groups`: FSC granularity; 1 = one set of activation scales.
-    pub step_groups: usize,
+    /// `--step-groups`: FSC granularity (default: chosen per activation).
+    pub step_groups: StepGroups,
     /// `--calib`: recorded inputs (.safetensors or .npz) instead of generated ones.
     pub calib: Option<std::path::PathBuf>,
     /// `--scheduler`: the deployment's diffusers scheduler_config.json.
@@ -169,6 +215,9 @@ pub struct Options {
     /// `--lut-budget`: bytes the TIB tables may take with `--tib auto`; `None`: 10 % of
     /// the quantized model's bytes.
     pub lut_budget: Option<u64>,
+    /// `--table-precision`: how temporal-feature tables are stored (f32, f16, int8 rows,
+    /// or per table by measured error: [`crate::table_quant`]).
+    pub table_precision: crate::table_quant::TablePrecision,
     /// `--tiar-iters`: Adam steps of TIAR.
     pub tiar_iters: usize,
     /// Noise schedule overrides, applied over the scheduler configuration.
@@ -200,7 +249,7 @@ impl Default for Options {
             timestep_input: None,
             weight_bits: 8,
             act_bits: 8,
-            step_groups: 1,
+            step_groups: StepGroups::Auto,
             calib: None,
             scheduler: None,
             sampler: Sampler::Ddim,
@@ -219,6 +268,7 @@ impl Default for Options {
             adaround_iters: 2000,
             tib: TibMode::Lut,
             lut_budget: None,
+            table_precision: crate::table_quant::TablePrecision::Auto,
             tiar_iters: 2000,
             schedule: None,
             train_timesteps: None,
@@ -249,7 +299,7 @@ impl Options {
                 self.act_bits
             )));
         }
-        if self.act_bits < 8 && self.step_groups > 1 {
+        if self.act_bits < 8 && matches!(self.step_groups, StepGroups::Fixed(n) if n > 1) {
             return Err(Error::invalid(format!(
                 "--act-bits {} with --step-groups {}: activations below 8 bits take one set of scales for now (--step-groups 1)",
                 self.act_bits, self.step_groups
@@ -261,7 +311,7 @@ impl Options {
                 self.tcr_alpha
             )));
         }
-        if self.step_groups == 0 {
+        if self.step_groups == StepGroups::Fixed(0) {
             return Err(Error::invalid("--step-groups must be at least 1"));
         }
         if self.calib_budget_s.is_nan() || self.calib_budget_s <= 0.0 {

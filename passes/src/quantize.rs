@@ -3,16 +3,25 @@
 //! of Conv, Gemm, MatMul and Einsum (the attention products included), with the ranges
 //! `calibrate` found.
 //!
-//! With one step group the activation scales are plain constants (the QDQ form
-//! onnxruntime fuses into its int8 kernels). With several, each activation's scale and
-//! zero point are tables over the groups, picked by the folded TIB's step index; since
-//! tract only accepts constant Q/DQ scales, the per-step affine map is written around a
-//! unit-scale pair:
+//! Finite Set Calibration: an activation quantized with one set of scales gets plain
+//! constant Q/DQ (the form onnxruntime fuses into its int8 kernels). One whose ranges
+//! differ over the steps gets a scale table over `G` groups of consecutive steps of S
+//! (chosen per activation by the measured gain, [`StepGroups::Auto`]) and one zero point
+//! shared by the groups. tract only accepts constant Q/DQ scales, so the step's scale is
+//! applied around a unit-scale pair with that constant zero point:
 //!
 //! ```text
-//! q  = QuantizeLinear(x / s[g] + z[g], 1, 0)      uint8, saturating, round half to even
-//! x̂  = (DequantizeLinear(q, 1, 0) − z[g]) · s[g]
+//! g  = index(t) · G / |S|                          (integer; index from fold-tib)
+//! q  = QuantizeLinear(x / s[g], 1, z)              = QuantizeLinear(x, s[g], z), exactly
+//! x̂  = DequantizeLinear(q, 1, z) · s[g]            = DequantizeLinear(q, s[g], z)
 //! ```
+//!
+//! Every op is standard (onnxruntime and tract load it); the runtime's int8 kernels read
+//! the group index as an input and quantize with `s[g]` ([`tfmqc_runtime::int8_ops`]).
+//! A `t` outside S gives an index ≥ |S|, so `g ≥ G`, which the Gather and the runtime
+//! refuse. Only activations every reader of which is a weight product (Conv, Gemm,
+//! MatMul with a constant weight) get per-step scales: the runtime's fused attention
+//! and activation×activation products take constant ones.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -23,7 +32,7 @@ use crate::error::{Error, Result};
 use crate::ir::{attr, DType, Graph, Model, Tensor};
 use crate::layer_inputs::{LayerInput, Unfold};
 use crate::options::Reconstruct;
-use crate::options::{timestep_set, Options, OutputQdq};
+use crate::options::{timestep_set, Options, OutputQdq, StepGroups};
 use crate::pipeline::{Pass, PassContext};
 use crate::quant::{act_clip, act_params, act_params_u8, quantize_weight, sqnr_db, RangeSearch};
 use crate::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
@@ -31,12 +40,22 @@ use crate::targets::{find_targets, Targets};
 
 pub struct Quantize;
 
-/// Activation quantization parameters of one value: one (scale, zero point) per group.
+/// Activation quantization parameters of one value: one (scale, zero point) per group of
+/// consecutive steps of S (group of the step at position i: `i · groups.len() / |S|`).
 #[derive(Clone, Debug, Serialize)]
 pub struct ActParams {
     pub value: String,
     pub groups: Vec<(f32, u8)>,
+    /// Mean gain in quantization SNR over the visited steps of these groups against one
+    /// set of scales (dB, from the calibrated ranges); 0 with one group.
+    pub gain_db: f64,
 }
+
+/// `--step-groups auto`: an activation gets per-step scales only when they lower its
+/// quantization noise, averaged over the visited steps, by at least this (dB).
+pub const AUTO_GROUPS_MIN_GAIN_DB: f64 = 0.5;
+/// `--step-groups auto`: the coarsest grouping whose gain is within this of the finest's.
+pub const AUTO_GROUPS_SLACK_DB: f64 = 0.25;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct LayerReport {
@@ -57,9 +76,12 @@ pub struct LayerReport {
 pub struct QuantPlan {
     pub weight_bits: u32,
     pub act_bits: u32,
+    /// The most groups any activation has (1: every scale is constant).
     pub step_groups: usize,
-    /// Group of each time step of S (same order as S).
-    pub group_of_step: Vec<(i64, usize)>,
+    /// The time-step set S, in the order of fold-tib's index.
+    pub timesteps: Vec<i64>,
+    /// Activations with per-step scales.
+    pub per_step_activations: usize,
     pub layers: Vec<LayerReport>,
     pub activations: Vec<ActParams>,
     pub kept_float: Vec<(String, String)>,
@@ -83,13 +105,93 @@ pub struct OutputQdqChoice {
 }
 
 impl QuantPlan {
-    pub fn group(&self, t: i64) -> usize {
-        self.group_of_step
-            .iter()
-            .find(|(s, _)| *s == t)
-            .map(|(_, g)| *g)
-            .unwrap_or(0)
+    /// The (scale, zero point) `act` uses at step `t` (its first group for a `t` outside
+    /// S, which the quantized model refuses).
+    pub fn params_at(&self, act: &ActParams, t: i64) -> (f32, u8) {
+        let i = self.timesteps.iter().position(|&s| s == t).unwrap_or(0);
+        act.groups[group_of(i, act.groups.len(), self.timesteps.len().max(1))]
     }
+}
+
+/// The group of the step at position `i` of S (|S| = `len`) among `groups` groups of
+/// consecutive steps — the integer arithmetic the graph does.
+pub fn group_of(i: usize, groups: usize, len: usize) -> usize {
+    i * groups / len
+}
+
+/// The steps of S (|S| = `set.len()`) in each of `groups` groups of consecutive steps.
+fn members(set: &[i64], groups: usize) -> Vec<Vec<i64>> {
+    let mut m = vec![vec![]; groups];
+    for (i, &t) in set.iter().enumerate() {
+        m[group_of(i, groups, set.len())].push(t);
+    }
+    m
+}
+
+/// The steps whose ranges calibrate each group under `--step-groups auto`: the group's
+/// own and its two neighbours'. Fine groups hold a step or two that one or two
+/// calibration trajectories visited; their ranges alone clip other trajectories at those
+/// steps (measured on ddim_unet: 64 unsmoothed groups lost up to 4.8 dB at single
+/// steps against one set of scales), while neighbouring steps' ranges are close.
+fn smoothed_members(set: &[i64], groups: usize) -> Vec<Vec<i64>> {
+    let m = members(set, groups);
+    if groups == 1 {
+        return m;
+    }
+    (0..groups)
+        .map(|k| {
+            (k.saturating_sub(1)..(k + 2).min(groups))
+                .flat_map(|j| m[j].iter().copied())
+                .collect()
+        })
+        .collect()
+}
+
+/// Scales per group with one zero point shared by all (what lets the graph keep a
+/// constant zero point): the zero point minimising the summed squared scales, i.e. the
+/// quantization noise over the groups; with one group, [`act_params_u8`].
+pub fn shared_zero_point_params(ranges: &[Range]) -> (Vec<f32>, u8) {
+    if ranges.len() == 1 {
+        let (s, z) = act_params_u8(ranges[0].min, ranges[0].max);
+        return (vec![s], z);
+    }
+    let scales_for = |z: u8| -> Vec<f32> {
+        ranges
+            .iter()
+            .map(|r| {
+                let (min, max) = (r.min.min(0.0), r.max.max(0.0));
+                let up = if max > 0.0 {
+                    max / (255 - z as i32) as f32
+                } else {
+                    0.0
+                };
+                let down = if min < 0.0 { -min / z as f32 } else { 0.0 };
+                up.max(down).max(1e-8 / 255.0)
+            })
+            .collect()
+    };
+    let cost = |s: &[f32]| s.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
+    // z = 0 cannot hold a negative minimum, z = 255 not a positive maximum (infinite
+    // scales, never the best unless the ranges are all one-sided).
+    let best = (0..=255u8)
+        .map(|z| (z, scales_for(z)))
+        .filter(|(_, s)| s.iter().all(|v| v.is_finite()))
+        .min_by(|a, b| cost(&a.1).total_cmp(&cost(&b.1)))
+        .expect("z = 0 or 255 is finite for one-sided ranges, any other z otherwise");
+    (best.1, best.0)
+}
+
+/// Gain in quantization SNR (dB, mean over the `visited` positions of S) of `scales` (per
+/// group) against the one scale `one`: the noise of a uniform quantizer goes as s².
+fn gain_db(scales: &[f32], one: f32, visited: &[usize], len: usize) -> f64 {
+    if visited.is_empty() {
+        return 0.0;
+    }
+    visited
+        .iter()
+        .map(|&i| 20.0 * (one as f64 / scales[group_of(i, scales.len(), len)] as f64).log10())
+        .sum::<f64>()
+        / visited.len() as f64
 }
 
 impl Pass for Quantize {
@@ -119,13 +221,14 @@ impl Pass for Quantize {
             .sum::<f64>()
             / n_w.max(1) as f64;
         cx.note(format!(
-            "{} layers quantized ({} weights at {} bits, mean weight SQNR {:.1} dB), {} activations at {} bits in {} step group(s); kept in float: {}",
+            "{} layers quantized ({} weights at {} bits, mean weight SQNR {:.1} dB), {} activations at {} bits, {} of them with per-step scales (up to {} step groups); kept in float: {}",
             plan.layers.len(),
             n_w,
             plan.weight_bits,
             mean_sqnr,
             plan.activations.len(),
             plan.act_bits,
+            plan.per_step_activations,
             plan.step_groups,
             plan.kept_float.iter().map(|(n, r)| format!("{n} ({r})")).collect::<Vec<_>>().join(", ")
         ));
@@ -186,32 +289,21 @@ pub fn quantize(
         ));
     }
     let set = timestep_set(model, options)?;
-    let groups = if options.baseline_minmax {
-        1
-    } else {
-        options.step_groups.min(set.len())
+    let explicit = match options.step_groups {
+        StepGroups::Fixed(n) if n > 1 => Some(n.min(set.len())),
+        _ => None,
     };
-    if groups > 1 && step_index.is_none() {
+    if explicit.is_some() && step_index.is_none() && !options.baseline_minmax {
         return Err(Error::pass(
             "quantize",
             "--step-groups > 1 needs the step index of fold-tib (run fold-tib before quantize)",
         ));
     }
-    // Consecutive steps of S in `groups` groups of (nearly) equal size.
-    let group_of_step: Vec<(i64, usize)> = set
-        .iter()
-        .enumerate()
-        .map(|(i, &t)| (t, i * groups / set.len()))
-        .collect();
-    let members: Vec<Vec<i64>> = (0..groups)
-        .map(|k| {
-            group_of_step
-                .iter()
-                .filter(|(_, g)| *g == k)
-                .map(|(t, _)| *t)
-                .collect()
-        })
-        .collect();
+    // Per-step scales need the step index (no TIB folded: one set of scales).
+    let per_step = !options.baseline_minmax
+        && options.act_bits == 8
+        && options.step_groups.per_step()
+        && step_index.is_some();
     let search = if options.baseline_minmax {
         RangeSearch::MinMax
     } else {
@@ -221,12 +313,46 @@ pub fn quantize(
         quantized,
         kept_float,
     } = find_targets(&model.graph, &options.keep_float);
-    let acts: Vec<String> = quantized
+    let mut acts: Vec<String> = vec![];
+    for a in quantized.iter().flat_map(|t| t.activations.iter()) {
+        if !acts.contains(a) {
+            acts.push(a.clone());
+        }
+    }
+    // Activations of activation×activation products (attention) keep one set of scales:
+    // the runtime's fused attention takes constant ones.
+    let constant_only: std::collections::HashSet<&String> = quantized
         .iter()
-        .flat_map(|t| t.activations.iter().cloned())
+        .filter(|t| t.weight.is_none())
+        .flat_map(|t| t.activations.iter())
         .collect();
-    let ranges = activation_ranges(model, cal, &acts, &members, options)?;
-    // Layers whose inputs calibration sampled: reconstructed one at a time below.
+    let groups_of: HashMap<String, usize> = acts
+        .iter()
+        .map(|a| {
+            let g = match (per_step && !constant_only.contains(a), explicit) {
+                (false, _) => 1,
+                (true, Some(n)) => n,
+                (true, None) => auto_groups(cal, a, &set)?,
+            };
+            Ok((a.clone(), g))
+        })
+        .collect::<Result<_>>()?;
+    let mut ranges: HashMap<String, Vec<Range>> = HashMap::new();
+    let mut distinct: Vec<usize> = groups_of.values().copied().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    for &n in &distinct {
+        let these: Vec<String> = acts
+            .iter()
+            .filter(|a| groups_of[*a] == n)
+            .cloned()
+            .collect();
+        let steps = match explicit {
+            Some(_) => members(&set, n),
+            None => smoothed_members(&set, n),
+        };
+        ranges.extend(activation_ranges(model, cal, &these, &steps, options)?);
+    }
     let reconstructed: HashMap<String, usize> = match &cal.layer_columns {
         Some(c) if !options.baseline_minmax && options.reconstruct != Reconstruct::None => c
             .layers()
@@ -246,45 +372,15 @@ pub fn quantize(
     let mut plan = QuantPlan {
         weight_bits: options.weight_bits,
         act_bits: options.act_bits,
-        step_groups: groups,
-        group_of_step: group_of_step.clone(),
+        step_groups: distinct.last().copied().unwrap_or(1),
+        timesteps: set.clone(),
         kept_float,
         ..Default::default()
     };
-
-    // The group index, once: the first sample's time step decides (a sampling batch
-    // shares its step).
-    let group_index = match (groups > 1, step_index) {
-        (true, Some(index)) => {
-            let table: Vec<i64> = group_of_step.iter().map(|(_, g)| *g as i64).collect();
-            let table = g.add_initializer(
-                "fsc/group_of_step",
-                Tensor::from_vec(vec![table.len()], &table),
-            );
-            let flat_shape = g.add_initializer("fsc/flat", Tensor::from_vec(vec![1], &[-1i64]));
-            let flat = g.add_op(
-                "Reshape",
-                vec![index.to_string(), flat_shape],
-                "fsc/step_index_flat",
-                vec![],
-            )?;
-            let zero = g.add_initializer("fsc/first", Tensor::scalar(0i64));
-            let first = g.add_op(
-                "Gather",
-                vec![flat, zero],
-                "fsc/step_index",
-                vec![attr::int("axis", 0)],
-            )?;
-            Some(g.add_op(
-                "Gather",
-                vec![table, first],
-                "fsc/group",
-                vec![attr::int("axis", 0)],
-            )?)
-        }
-        _ => None,
-    };
-
+    // The group index of each grouping, built once when first needed.
+    let mut group_index: HashMap<usize, String> = HashMap::new();
+    let mut step_scalar: Option<String> = None;
+    let all_steps = group_range_all(cal, &acts, &set, options.baseline_minmax)?;
     let mut dequantized_weights: HashMap<String, String> = HashMap::new();
     let mut dequantized_acts: BTreeMap<String, String> = BTreeMap::new();
     let clock = std::time::Instant::now();
@@ -374,16 +470,47 @@ pub fn quantize(
                 let dq = match dequantized_acts.get(a) {
                     Some(dq) => dq.clone(),
                     None => {
-                        let params: Vec<(f32, u8)> = ranges[a]
-                            .iter()
-                            .map(|r| act_params(r.min, r.max, options.act_bits))
-                            .collect();
-                        let input = narrow_to_bits(g, a, &params, options.act_bits)?;
-                        let dq = insert_qdq(g, &input, &params, group_index.as_deref())?;
+                        // Below 8 bits one set of scales (per-step ones are 8-bit only),
+                        // on the narrower grid, behind a Clip that keeps values on it.
+                        let (scales, zp) = match options.act_bits {
+                            8 => shared_zero_point_params(&ranges[a]),
+                            bits => {
+                                let r = &ranges[a][0];
+                                let (s, z) = act_params(r.min, r.max, bits);
+                                (vec![s], z)
+                            }
+                        };
+                        let input = narrow_to_bits(g, a, &scales, zp, options.act_bits)?;
+                        let group = match scales.len() {
+                            1 => None,
+                            n => Some(match group_index.get(&n) {
+                                Some(v) => v.clone(),
+                                None => {
+                                    if step_scalar.is_none() {
+                                        let index = step_index.expect("checked: per-step");
+                                        step_scalar = Some(add_step_scalar(g, index)?);
+                                    }
+                                    let first = step_scalar.as_deref().expect("just set");
+                                    let v = add_group_index(g, first, n, set.len())?;
+                                    group_index.insert(n, v.clone());
+                                    v
+                                }
+                            }),
+                        };
+                        let dq = insert_qdq(g, &input, &scales, zp, group.as_deref())?;
+                        let one = act_params_u8(all_steps[a].min, all_steps[a].max).0;
+                        let visited = visited_positions(cal, a, &set);
                         plan.activations.push(ActParams {
                             value: a.clone(),
-                            groups: params,
+                            groups: scales.iter().map(|&s| (s, zp)).collect(),
+                            gain_db: match scales.len() {
+                                1 => 0.0,
+                                _ => gain_db(&scales, one, &visited, set.len()),
+                            },
                         });
+                        if scales.len() > 1 {
+                            plan.per_step_activations += 1;
+                        }
                         dequantized_acts.insert(a.clone(), dq.clone());
                         dq
                     }
@@ -405,32 +532,128 @@ pub fn quantize(
         plan.layers.push(layer);
     }
     g.remove_dead();
-    // onnxruntime's int8 fusion: constant scales only (with several step groups the
-    // scales are gathered at run time and onnxruntime runs the pairs in float anyway).
-    if options.act_bits == 8 && !options.baseline_minmax && groups == 1 {
+    // onnxruntime's int8 fusion, where the input's scale is constant (int32_biases skips
+    // the layers whose input has per-step scales: their bias stays float).
+    if options.act_bits == 8 && !options.baseline_minmax {
         plan.int32_biases = int32_biases(&mut model.graph, &quantized)?;
-        output_qdq(
-            model,
-            options,
-            cal,
-            &quantized,
-            &members[0],
-            &mut plan,
-            progress,
-        )?;
+        output_qdq(model, options, cal, &quantized, &set, &mut plan, progress)?;
         model.graph.remove_dead();
     }
     Ok(plan)
 }
 
+/// Positions in S of the steps calibration visited for `value`.
+fn visited_positions(cal: &Calibration, value: &str, set: &[i64]) -> Vec<usize> {
+    let Some(per_step) = cal.per_step.get(value) else {
+        return vec![];
+    };
+    set.iter()
+        .enumerate()
+        .filter(|(_, t)| per_step.contains_key(t))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// The range of every activation over all steps (what one set of scales covers).
+fn group_range_all(
+    cal: &Calibration,
+    acts: &[String],
+    set: &[i64],
+    baseline: bool,
+) -> Result<HashMap<String, Range>> {
+    acts.iter()
+        .map(|a| Ok((a.clone(), group_range(cal, a, set, baseline)?)))
+        .collect()
+}
+
+/// `--step-groups auto` for one activation: of 1, 2, 4, … groups (up to one per visited
+/// step), the fewest whose measured gain ([`gain_db`] of the calibrated ranges) is within
+/// [`AUTO_GROUPS_SLACK_DB`] of the finest grouping's; 1 when the finest gains less than
+/// [`AUTO_GROUPS_MIN_GAIN_DB`].
+fn auto_groups(cal: &Calibration, value: &str, set: &[i64]) -> Result<usize> {
+    let visited = visited_positions(cal, value, set);
+    let finest = visited.len().min(set.len());
+    if finest < 2 {
+        return Ok(1);
+    }
+    let all = group_range(cal, value, set, false)?;
+    let one = act_params_u8(all.min, all.max).0;
+    let gain = |n: usize| -> Result<f64> {
+        let ranges: Vec<Range> = smoothed_members(set, n)
+            .iter()
+            .map(|m| group_range(cal, value, m, false))
+            .collect::<Result<_>>()?;
+        Ok(gain_db(
+            &shared_zero_point_params(&ranges).0,
+            one,
+            &visited,
+            set.len(),
+        ))
+    };
+    let best = gain(finest)?;
+    if best < AUTO_GROUPS_MIN_GAIN_DB {
+        return Ok(1);
+    }
+    let mut n = 2;
+    while n < finest {
+        if gain(n)? >= best - AUTO_GROUPS_SLACK_DB {
+            return Ok(n);
+        }
+        n *= 2;
+    }
+    Ok(finest)
+}
+
+/// The first sample's position of t in S from fold-tib's `index`, as a scalar (a
+/// sampling batch shares its step).
+fn add_step_scalar(g: &mut Graph, index: &str) -> Result<String> {
+    let flat_shape = g.add_initializer("fsc/flat", Tensor::from_vec(vec![1], &[-1i64]));
+    let flat = g.add_op(
+        "Reshape",
+        vec![index.to_string(), flat_shape],
+        "fsc/step_index_flat",
+        vec![],
+    )?;
+    let zero = g.add_initializer("fsc/first", Tensor::scalar(0i64));
+    g.add_op(
+        "Gather",
+        vec![flat, zero],
+        "fsc/step_index",
+        vec![attr::int("axis", 0)],
+    )
+}
+
+/// The group among `groups` of the step at position `first` of S (|S| = `len`), as a
+/// scalar: `first · groups / len`. A position ≥ `len` (a `t` outside S) gives a group ≥
+/// `groups`, which the scale tables' Gather and the runtime refuse.
+fn add_group_index(g: &mut Graph, first: &str, groups: usize, len: usize) -> Result<String> {
+    let first = first.to_string();
+    if groups == len {
+        return Ok(first);
+    }
+    let n = g.add_initializer(
+        &format!("fsc/groups_{groups}"),
+        Tensor::scalar(groups as i64),
+    );
+    let l = g.add_initializer("fsc/set_size", Tensor::scalar(len as i64));
+    let scaled = g.add_op(
+        "Mul",
+        vec![first, n],
+        &format!("fsc/step_times_{groups}"),
+        vec![],
+    )?;
+    g.add_op(
+        "Div",
+        vec![scaled, l],
+        &format!("fsc/group_of_{groups}"),
+        vec![],
+    )
+}
+
 /// The outputs of the quantized Convs `--output-qdq` may quantize (calibration observes
 /// them): Convs with a quantized weight and input whose output is not a graph output.
 pub fn output_qdq_values(g: &Graph, options: &Options, targets: &Targets) -> Vec<String> {
-    if options.output_qdq == OutputQdq::None
-        || options.act_bits != 8
-        || options.baseline_minmax
-        || options.step_groups > 1
-    {
+    if options.output_qdq == OutputQdq::None || options.act_bits != 8 || options.baseline_minmax {
         return vec![];
     }
     conv_outputs(g, &targets.quantized)
@@ -562,7 +785,7 @@ fn add_output_qdq(g: &mut Graph, y: &str, params: (f32, u8)) -> Result<()> {
     });
     let (skip, dq) = match existing {
         Some((q, dq)) => (Some(q), dq),
-        None => (None, insert_qdq(g, y, &[params], None)?),
+        None => (None, insert_qdq(g, y, &[params.0], params.1, None)?),
     };
     for (ix, slot) in users {
         if Some(ix) != skip {
@@ -596,6 +819,8 @@ fn output_qdq(
     for (node, y) in conv_outputs(&model.graph, quantized) {
         // The range: the pair already on y when y is a quantized input, else calibration's.
         let params = match plan.activations.iter().find(|a| a.value == y) {
+            // Its readers quantize it per step: a constant pair would quantize it twice.
+            Some(a) if a.groups.len() > 1 => continue,
             Some(a) => a.groups[0],
             None => match cal.per_step.contains_key(&y) {
                 true => {
@@ -913,11 +1138,11 @@ pub(crate) fn hessian_layout(layer: &LayerInput, block: usize) -> HessianLayout 
 /// `bits`-bit grid for values beyond the calibrated range; returns the value to
 /// quantize. (One set of scales only: `Options::validate` refuses narrower activations
 /// with step groups.)
-fn narrow_to_bits(g: &mut Graph, value: &str, params: &[(f32, u8)], bits: u32) -> Result<String> {
-    if bits >= 8 || params.len() != 1 {
+fn narrow_to_bits(g: &mut Graph, value: &str, scales: &[f32], zp: u8, bits: u32) -> Result<String> {
+    if bits >= 8 || scales.len() != 1 {
         return Ok(value.to_string());
     }
-    let (lo, hi) = act_clip(params[0].0, params[0].1, bits);
+    let (lo, hi) = act_clip(scales[0], zp, bits);
     let base = value.trim_start_matches('/');
     let lo = g.add_initializer(&format!("{base}_clip_min"), Tensor::scalar(lo));
     let hi = g.add_initializer(&format!("{base}_clip_max"), Tensor::scalar(hi));
@@ -929,21 +1154,23 @@ fn narrow_to_bits(g: &mut Graph, value: &str, params: &[(f32, u8)], bits: u32) -
     )
 }
 
-/// Inserts the quantize/dequantize of `value`; returns the dequantized value's name.
+/// Inserts the quantize/dequantize of `value` with zero point `zp` and one scale, or a
+/// scale per group picked by the scalar `group` (the form of the module documentation);
+/// returns the dequantized value's name.
 pub(crate) fn insert_qdq(
     g: &mut Graph,
     value: &str,
-    params: &[(f32, u8)],
+    scales: &[f32],
+    zp: u8,
     group: Option<&str>,
 ) -> Result<String> {
     let base = value.trim_start_matches('/');
-    if params.len() == 1 || group.is_none() {
-        let (scale, zp) = params[0];
-        let s = g.add_initializer(&format!("{base}_scale"), Tensor::scalar(scale));
-        let z = g.add_initializer(
-            &format!("{base}_zero_point"),
-            Tensor::from_raw(DType::U8, vec![], vec![zp])?,
-        );
+    let z = g.add_initializer(
+        &format!("{base}_zero_point"),
+        Tensor::from_raw(DType::U8, vec![], vec![zp])?,
+    );
+    let (Some(group), true) = (group, scales.len() > 1) else {
+        let s = g.add_initializer(&format!("{base}_scale"), Tensor::scalar(scales[0]));
         let q = g.add_op(
             "QuantizeLinear",
             vec![value.to_string(), s.clone(), z.clone()],
@@ -956,17 +1183,10 @@ pub(crate) fn insert_qdq(
             &format!("{base}_dequantized"),
             vec![],
         );
-    }
-    let group = group.expect("checked");
-    let scales: Vec<f32> = params.iter().map(|p| p.0).collect();
-    let zps: Vec<f32> = params.iter().map(|p| p.1 as f32).collect();
+    };
     let st = g.add_initializer(
         &format!("{base}_scales"),
-        Tensor::from_vec(vec![scales.len()], &scales),
-    );
-    let zt = g.add_initializer(
-        &format!("{base}_zero_points"),
-        Tensor::from_vec(vec![zps.len()], &zps),
+        Tensor::from_vec(vec![scales.len()], scales),
     );
     let s = g.add_op(
         "Gather",
@@ -974,51 +1194,29 @@ pub(crate) fn insert_qdq(
         &format!("{base}_scale"),
         vec![attr::int("axis", 0)],
     )?;
-    let z = g.add_op(
-        "Gather",
-        vec![zt, group.to_string()],
-        &format!("{base}_zero_point"),
-        vec![attr::int("axis", 0)],
-    )?;
     let unit = "fsc/unit_scale".to_string();
     g.initializers
         .entry(unit.clone())
         .or_insert_with(|| Tensor::scalar(1f32));
-    let zero = "fsc/zero_u8".to_string();
-    g.initializers
-        .entry(zero.clone())
-        .or_insert_with(|| Tensor::from_vec(vec![], &[0u8]));
     let scaled = g.add_op(
         "Div",
         vec![value.to_string(), s.clone()],
         &format!("{base}_scaled"),
         vec![],
     )?;
-    let shifted = g.add_op(
-        "Add",
-        vec![scaled, z.clone()],
-        &format!("{base}_shifted"),
-        vec![],
-    )?;
     let q = g.add_op(
         "QuantizeLinear",
-        vec![shifted, unit.clone(), zero.clone()],
+        vec![scaled, unit.clone(), z.clone()],
         &format!("{base}_quantized"),
         vec![],
     )?;
     let dq = g.add_op(
         "DequantizeLinear",
-        vec![q, unit, zero],
+        vec![q, unit, z],
         &format!("{base}_levels"),
         vec![],
     )?;
-    let centered = g.add_op("Sub", vec![dq, z], &format!("{base}_centered"), vec![])?;
-    g.add_op(
-        "Mul",
-        vec![centered, s],
-        &format!("{base}_dequantized"),
-        vec![],
-    )
+    g.add_op("Mul", vec![dq, s], &format!("{base}_dequantized"), vec![])
 }
 
 #[cfg(test)]

@@ -612,14 +612,15 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
     };
     let model_bytes = quantized_model_bytes(&cx.model, options);
     let budget = options.lut_budget.unwrap_or(model_bytes / 10);
-    let keep_index = options.step_groups > 1;
+    let keep_index = options.step_groups.per_step();
     let built = match build(&cx.model, tib, set, options)? {
         Ok(b) => b,
         Err(Unsupported(why)) => {
             let warning = format!("WARNING: --tib {mode_name}: {why}; the TIB is folded into tables instead (--tib lut)");
             eprintln!("tfmqc: {warning}");
             cx.note(warning.clone());
-            let report = crate::fold_tib::fold(&mut cx.model, tib, set)?;
+            let report =
+                crate::fold_tib::fold_with(&mut cx.model, tib, set, options.table_precision)?;
             cx.step_index = report.index_value.clone();
             cx.tiar = Some(TiarReport {
                 mode: mode_name.into(),
@@ -675,10 +676,22 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
         (q_tiar.clone(), err_tiar.clone())
     };
 
-    let bytes: Vec<u64> = tables.iter().map(|t| t.byte_len() as u64).collect();
+    // A table costs what its stored form does (`--table-precision`).
+    let bytes: Vec<u64> = tables
+        .iter()
+        .map(|t| crate::fold_tib::table_choice(t, options.table_precision).map(|c| c.bytes))
+        .collect::<Result<_>>()?;
     let rel: Vec<f64> = err_final.iter().map(|e| e.1).collect();
     let tabled = choose_tables(mode, &bytes, &rel, budget);
-    let fold = fold_tables(&mut cx.model, tib, set, tables, &tabled, keep_index)?;
+    let fold = fold_tables(
+        &mut cx.model,
+        tib,
+        set,
+        tables,
+        &tabled,
+        keep_index,
+        options.table_precision,
+    )?;
     cx.step_index = fold.index_value.clone();
     let tabled = fold.tabled;
 
@@ -732,7 +745,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             let xdq = match act_dq.get(&x) {
                 Some(d) => d.clone(),
                 None => {
-                    let d = crate::quantize::insert_qdq(g, &x, &[params], None)?;
+                    let d = crate::quantize::insert_qdq(g, &x, &[params.0], params.1, None)?;
                     act_dq.insert(x.clone(), d.clone());
                     d
                 }

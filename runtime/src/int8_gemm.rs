@@ -16,7 +16,8 @@ use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
 use crate::int8_ops::{
-    activation_qdq, attr, attr_float, attr_int, float_attr, floats_attr, int_attr, weight_bytes,
+    activation_qdq_steps, attr, attr_float, attr_int, floats_attr, int_attr, step_scale,
+    step_scales, weight_bytes,
 };
 use crate::kernels::int8::{gemm_quantize, Backend, Dequant, Output, PackedWeights, WeightLayout};
 use crate::lower::{Index, Rewrite};
@@ -29,6 +30,8 @@ pub const QGEMM: &str = "TfmqcQGemm";
 pub struct QGemm {
     pub a_scale: f32,
     pub a_zero_point: u8,
+    /// Per-step activation scales, picked by the group index (the op's second input).
+    pub a_scales: Option<Arc<Vec<f32>>>,
     pub weights: Arc<PackedWeights>,
     pub w_scale: Arc<Vec<f32>>,
     pub bias: Option<Arc<Vec<f32>>>,
@@ -39,6 +42,7 @@ impl PartialEq for QGemm {
         Arc::ptr_eq(&self.weights, &other.weights)
             && self.a_scale == other.a_scale
             && self.a_zero_point == other.a_zero_point
+            && self.a_scales == other.a_scales
     }
 }
 impl Eq for QGemm {}
@@ -82,7 +86,14 @@ impl EvalOp for QGemm {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
+        // The step's scale: one table lookup per call.
+        let (input, a_scale) = match &self.a_scales {
+            None => (args_1!(inputs), self.a_scale),
+            Some(scales) => {
+                let (x, group) = args_2!(inputs);
+                (x, step_scale(scales, &group, QGEMM)?)
+            }
+        };
         let plain = input.try_as_plain_ram()?;
         let x = plain.as_slice::<f32>()?;
         let out_shape = self.output_shape(input.shape())?;
@@ -93,13 +104,13 @@ impl EvalOp for QGemm {
             x,
             x.len() / k.max(1),
             k,
-            self.a_scale,
+            a_scale,
             self.a_zero_point,
             &self.weights,
             Output::F32 {
                 out: out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
                 dequant: Dequant {
-                    a_scale: self.a_scale,
+                    a_scale,
                     w_scale: &self.w_scale,
                     bias: self.bias.as_deref().map(|b| b.as_slice()),
                 },
@@ -118,12 +129,13 @@ impl TypedOp for QGemm {
 }
 
 fn qgemm_rules<'p>(
-    _op: &dyn Op,
+    op: &dyn Op,
     s: &mut Solver,
     inputs: &'p [TensorProxy],
     outputs: &'p [TensorProxy],
 ) -> InferenceResult {
-    check_input_arity(inputs, 1)?;
+    let op = op.downcast_ref::<QGemm>().expect("QGemm");
+    check_input_arity(inputs, 1 + op.a_scales.is_some() as usize)?;
     check_output_arity(outputs, 1)?;
     s.equals(&inputs[0].datum_type, f32::datum_type())?;
     s.equals(&outputs[0].datum_type, f32::datum_type())?;
@@ -172,6 +184,7 @@ pub fn build_qgemm(
     let op = QGemm {
         a_scale: find("a_scale")?.f,
         a_zero_point: find("a_zero_point")?.i as u8,
+        a_scales: step_scales(node)?,
         weights: Arc::new(weights),
         w_scale: Arc::new(w_scale),
         bias,
@@ -195,7 +208,7 @@ pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         return None;
     }
     let trans_b = gemm && attr_int(n, "transB", 0) == 1;
-    let (x, a_scale, a_zp) = activation_qdq(ix, &n.input[0])?;
+    let act = activation_qdq_steps(ix, &n.input[0])?;
     let (w, w_scale) = {
         let dq = ix
             .producer(&n.input[1])
@@ -247,16 +260,13 @@ pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         name: format!("{}/int8", n.name),
         op_type: QGEMM.into(),
         domain: "ai.tfmqc".into(),
-        input: vec![x],
+        input: act.inputs(),
         output: vec![n.output[0].clone()],
         ..Default::default()
     };
-    node.attribute = vec![
-        int_attr("trans_b", trans_b as i64),
-        float_attr("a_scale", a_scale),
-        int_attr("a_zero_point", a_zp as i64),
-        floats_attr("w_scale", w_scale),
-    ];
+    node.attribute = vec![int_attr("trans_b", trans_b as i64)];
+    node.attribute.extend(act.attributes());
+    node.attribute.push(floats_attr("w_scale", w_scale));
     node.attribute.extend(bias.map(|b| floats_attr("bias", b)));
     Some(Rewrite {
         node,

@@ -30,6 +30,8 @@ pub const QCONV: &str = "TfmqcQConv";
 pub struct QConv {
     pub a_scale: f32,
     pub a_zero_point: u8,
+    /// Per-step activation scales, picked by the group index (the op's second input).
+    pub a_scales: Option<Arc<Vec<f32>>>,
     pub weights: Arc<PackedConvWeights>,
     pub w_scale: Arc<Vec<f32>>,
     pub bias: Option<Arc<Vec<f32>>>,
@@ -44,6 +46,7 @@ impl PartialEq for QConv {
         Arc::ptr_eq(&self.weights, &other.weights)
             && self.a_scale == other.a_scale
             && self.a_zero_point == other.a_zero_point
+            && self.a_scales == other.a_scales
     }
 }
 impl Eq for QConv {}
@@ -120,7 +123,14 @@ impl EvalOp for QConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        let input = args_1!(inputs);
+        // The step's scale: one table lookup per call.
+        let (input, a_scale) = match &self.a_scales {
+            None => (args_1!(inputs), self.a_scale),
+            Some(scales) => {
+                let (x, group) = args_2!(inputs);
+                (x, step_scale(scales, &group, QCONV)?)
+            }
+        };
         let plain = input.try_as_plain_ram()?;
         let x = plain.as_slice::<f32>()?;
         let shape = input.shape();
@@ -133,13 +143,13 @@ impl EvalOp for QConv {
             Backend::Auto,
             x,
             nchw,
-            self.a_scale,
+            a_scale,
             self.a_zero_point,
             &self.weights,
             Output::F32 {
                 out: out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
                 dequant: Dequant {
-                    a_scale: self.a_scale,
+                    a_scale,
                     w_scale: &self.w_scale,
                     bias: self.bias.as_deref().map(|b| b.as_slice()),
                 },
@@ -164,7 +174,7 @@ fn qconv_rules<'p>(
     outputs: &'p [TensorProxy],
 ) -> InferenceResult {
     let op = op.downcast_ref::<QConv>().expect("QConv");
-    check_input_arity(inputs, 1)?;
+    check_input_arity(inputs, 1 + op.a_scales.is_some() as usize)?;
     check_output_arity(outputs, 1)?;
     s.equals(&inputs[0].datum_type, f32::datum_type())?;
     s.equals(&outputs[0].datum_type, f32::datum_type())?;
@@ -228,6 +238,7 @@ pub fn build_qconv(
     let op = QConv {
         a_scale: attr(node, "a_scale")?.f,
         a_zero_point: attr(node, "a_zero_point")?.i as u8,
+        a_scales: step_scales(node)?,
         weights: Arc::new(PackedConvWeights::pack(values, dims[0], dims[1], geometry)),
         w_scale: Arc::new(attr(node, "w_scale")?.floats.clone()),
         bias,
@@ -239,6 +250,27 @@ pub fn build_qconv(
         tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qconv_rules),
         vec![],
     ))
+}
+
+/// The `a_scales` attribute of a lowered node with per-step activation scales (it then
+/// reads the group index as its last input).
+pub(crate) fn step_scales(node: &pb::NodeProto) -> TractResult<Option<Arc<Vec<f32>>>> {
+    let Ok(a) = attr(node, "a_scales") else {
+        return Ok(None);
+    };
+    ensure!(
+        !a.floats.is_empty() && a.floats.iter().all(|&s| s > 0.0),
+        "{} '{}': per-step scales must be positive",
+        node.op_type,
+        node.name
+    );
+    ensure!(
+        node.input.len() == 2,
+        "{} '{}': per-step scales need the group index as the second input",
+        node.op_type,
+        node.name
+    );
+    Ok(Some(Arc::new(a.floats.clone())))
 }
 
 /// The bytes of the `weight` tensor attribute `w` of one of our int8 nodes: its
@@ -318,6 +350,132 @@ pub(crate) fn activation_qdq(ix: &Index, value: &str) -> Option<(String, f32, u8
         .then(|| (q.input[0].clone(), scale[0], zp[0]))
 }
 
+/// An activation input of a lowered weight product: the value before its quantizer, the
+/// zero point, and its scale — constant, or one per group of time steps.
+pub(crate) struct ActQ {
+    pub x: String,
+    pub scale: f32,
+    pub zp: u8,
+    /// Per-step scales and the scalar group index that picks one (Finite Set
+    /// Calibration, the form `tfmqc_passes::quantize` writes).
+    pub steps: Option<(Vec<f32>, String)>,
+}
+
+impl ActQ {
+    /// The node inputs: the activation, then the group index when scales are per step.
+    pub fn inputs(&self) -> Vec<String> {
+        let mut v = vec![self.x.clone()];
+        v.extend(self.steps.as_ref().map(|(_, g)| g.clone()));
+        v
+    }
+
+    /// `a_scale`, `a_zero_point` and, per step, `a_scales`.
+    pub fn attributes(&self) -> Vec<pb::AttributeProto> {
+        let mut a = vec![
+            float_attr("a_scale", self.scale),
+            int_attr("a_zero_point", self.zp as i64),
+        ];
+        a.extend(
+            self.steps
+                .as_ref()
+                .map(|(s, _)| floats_attr("a_scales", s.clone())),
+        );
+        a
+    }
+}
+
+/// [`activation_qdq`], or the per-step form around a unit-scale pair with a constant zero
+/// point:
+///
+/// ```text
+/// s = Gather(scales, group)            scales: f32 [G], group: a scalar index
+/// value = Mul(DequantizeLinear(QuantizeLinear(Div(x, s), 1, z), 1, z), s)
+/// ```
+///
+/// which computes `DequantizeLinear(QuantizeLinear(x, s[group], z), s[group], z)`.
+pub(crate) fn activation_qdq_steps(ix: &Index, value: &str) -> Option<ActQ> {
+    if let Some((x, scale, zp)) = activation_qdq(ix, value) {
+        return Some(ActQ {
+            x,
+            scale,
+            zp,
+            steps: None,
+        });
+    }
+    let mul = ix
+        .producer(value)
+        .filter(|p| p.op_type == "Mul" && p.input.len() == 2)?;
+    let is_dq = |v: &str| {
+        ix.producer(v)
+            .is_some_and(|p| p.op_type == "DequantizeLinear")
+    };
+    let (levels, s) = if is_dq(&mul.input[0]) {
+        (&mul.input[0], &mul.input[1])
+    } else {
+        (&mul.input[1], &mul.input[0])
+    };
+    let dq = ix
+        .producer(levels)
+        .filter(|p| p.op_type == "DequantizeLinear")?;
+    let q = ix
+        .producer(&dq.input[0])
+        .filter(|p| p.op_type == "QuantizeLinear")?;
+    let div = ix
+        .producer(&q.input[0])
+        .filter(|p| p.op_type == "Div" && p.input.len() == 2 && &p.input[1] == s)?;
+    let gather = ix
+        .producer(s)
+        .filter(|p| p.op_type == "Gather" && attr_int(p, "axis", 0) == 0)?;
+    let table = ix
+        .initializer(&gather.input[0])
+        .filter(|t| t.dims.len() == 1)?;
+    let scales = ix.f32s(&table.name)?;
+    let group = gather.input.get(1)?;
+    // The group index is computed from t (never a constant), a scalar.
+    if ix.initializer(group).is_some() || scales.is_empty() || !scales.iter().all(|&v| v > 0.0) {
+        return None;
+    }
+    let unit = |n: &pb::NodeProto| -> Option<u8> {
+        let one = ix.f32s(n.input.get(1)?)?;
+        let z = n.input.get(2)?;
+        (ix.initializer(z)?.data_type == 2).then_some(())?;
+        let z = ix.bytes(z)?;
+        (one == [1.0] && z.len() == 1).then_some(z[0])
+    };
+    let (zq, zd) = (unit(q)?, unit(dq)?);
+    (zq == zd).then(|| ActQ {
+        x: div.input[0].clone(),
+        scale: scales[0],
+        zp: zq,
+        steps: Some((scales, group.clone())),
+    })
+}
+
+/// The scale of group `group` (a scalar integer tensor, the node's last input) among
+/// `scales`: a group outside the table means a time step outside S, which is an error.
+pub(crate) fn step_scale(scales: &[f32], group: &TValue, op: &str) -> TractResult<f32> {
+    // tract may carry this integer arithmetic as TDim (its symbolic integers).
+    let d = group.datum_type();
+    ensure!(
+        d.is_integer() || d == DatumType::TDim,
+        "{op}: the step-group index is {d:?}, not an integer"
+    );
+    let g = group.cast_to_scalar::<i64>()?;
+    select_step_scale(scales, g).map_err(|e| format_err!("{op}: {e}"))
+}
+
+/// The per-step scale a lowered node quantizes its input with at step group `group`
+/// (what the QDQ graph's `Gather(scales, group)` gives); a group outside the table means
+/// a time step outside S: an error, never a silent clamp.
+pub fn select_step_scale(scales: &[f32], group: i64) -> TractResult<f32> {
+    ensure!(
+        (0..scales.len() as i64).contains(&group),
+        "step group {group} outside the {} groups of the per-step scales: the time step is not in the model's set S",
+        scales.len()
+    );
+    Ok(scales[group as usize])
+}
+
 pub(crate) fn attr_int(n: &pb::NodeProto, name: &str, default: i64) -> i64 {
     n.attribute
         .iter()
@@ -339,7 +497,7 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     if n.op_type != "Conv" || n.input.len() < 2 {
         return None;
     }
-    let act = activation_qdq(ix, &n.input[0])?;
+    let act = activation_qdq_steps(ix, &n.input[0])?;
     let (w, w_scale) = {
         let dq = ix
             .producer(&n.input[1])
@@ -367,7 +525,6 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     if get("auto_pad").is_some_and(|a| a.s != b"NOTSET") {
         return None;
     }
-    let (x, a_scale, a_zp) = act;
     // 1-D convolutions (e.g. attention's QKV projections) run as 2-D ones of height 1:
     // their attributes are written in 2-D form.
     let conv1d = w.dims.len() == 3;
@@ -390,15 +547,12 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         name: format!("{}/int8", n.name),
         op_type: QCONV.into(),
         domain: "ai.tfmqc".into(),
-        input: vec![x],
+        input: act.inputs(),
         output: vec![n.output[0].clone()],
         ..Default::default()
     };
-    let mut a = vec![
-        float_attr("a_scale", a_scale),
-        int_attr("a_zero_point", a_zp as i64),
-        floats_attr("w_scale", w_scale),
-    ];
+    let mut a = act.attributes();
+    a.push(floats_attr("w_scale", w_scale));
     a.extend(bias.map(|b| floats_attr("bias", b)));
     for (name, default) in [
         ("pads", vec![0i64; 2 * spatial]),
@@ -413,4 +567,20 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         node,
         weight: Some(w.name.clone()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_group_outside_the_table_is_an_error_not_a_clamp() {
+        let scales = [0.5f32, 0.25, 0.125];
+        assert_eq!(select_step_scale(&scales, 0).unwrap(), 0.5);
+        assert_eq!(select_step_scale(&scales, 2).unwrap(), 0.125);
+        for g in [3, 7, -1] {
+            let e = select_step_scale(&scales, g).unwrap_err().to_string();
+            assert!(e.contains("not in the model's set S"), "{e}");
+        }
+    }
 }

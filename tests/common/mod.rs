@@ -350,11 +350,12 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, 
     for (out, op, nodes, reads) in cuts {
         let used: std::collections::HashSet<String> =
             nodes.iter().flat_map(|n| n.input.iter().cloned()).collect();
+        // f32, or the captured value's type (a per-step node's group index is an integer).
         let value_info = |name: &str, shape: Option<&[usize]>| pb::ValueInfoProto {
             name: name.into(),
             r#type: Some(pb::TypeProto {
                 value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: 1,
+                    elem_type: values.get(name).map_or(1, |v| v.dtype.onnx_code()),
                     shape: shape.map(|s| pb::TensorShapeProto {
                         dim: s
                             .iter()
