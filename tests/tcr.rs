@@ -37,8 +37,15 @@ fn tcr_keeps_the_float_function_of_every_denoiser() {
         };
         for &alpha in alphas {
             let mut balanced = model.clone();
-            let report =
-                reparameterize(&mut balanced, &[], alpha, std::slice::from_ref(&x), &[0]).unwrap();
+            let report = reparameterize(
+                &mut balanced,
+                &[],
+                &[],
+                alpha,
+                std::slice::from_ref(&x),
+                &[0],
+            )
+            .unwrap();
             assert!(!report.balanced.is_empty(), "{name}: nothing balanced");
             // The factors really move range (not all 1).
             assert!(
@@ -66,7 +73,7 @@ fn tcr_keeps_the_float_function_of_every_denoiser() {
 fn tcr_folds_into_the_group_norm_affine_where_it_can() {
     let mut model = tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap();
     let x = example_inputs("ddpm_digits");
-    let report = reparameterize(&mut model, &[], 0.5, &[x], &[0]).unwrap();
+    let report = reparameterize(&mut model, &[], &[], 0.5, &[x], &[0]).unwrap();
     let qkv = report
         .balanced
         .iter()
@@ -149,7 +156,8 @@ fn two_rewrites() -> (Model, Tensors) {
 fn tcr_rewrite_of_an_affine_and_of_a_silu() {
     let (model, x) = two_rewrites();
     let mut balanced = model.clone();
-    let report = reparameterize(&mut balanced, &[], 0.5, std::slice::from_ref(&x), &[0]).unwrap();
+    let report =
+        reparameterize(&mut balanced, &[], &[], 0.5, std::slice::from_ref(&x), &[0]).unwrap();
     let err = relative_error(&run(&model, &x), &run(&balanced, &x));
     assert!(err <= 1e-6, "relative error {err:.2e}");
     insta::with_settings!({snapshot_path => "../snapshots", prepend_module_to_snapshot => false}, {

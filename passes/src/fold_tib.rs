@@ -416,17 +416,11 @@ pub fn fold_tables(
     }
     // Nothing reads the index yet when no table does: keep it alive for the step-group
     // tables quantize adds later.
-    let protect = !any_table && keep_index;
-    if protect {
-        g.outputs.push(ValueInfo {
-            name: index.clone(),
-            ..Default::default()
-        });
-    }
-    g.remove_dead();
-    if protect {
-        g.outputs.pop();
-    }
+    let protect = match !any_table && keep_index {
+        true => vec![index.clone()],
+        false => vec![],
+    };
+    g.remove_dead_keeping(&protect);
     g.validate()?;
     set_metadata(model, tib, set);
     Ok(FoldReport {

@@ -146,8 +146,10 @@ impl Pass for Reparameterize {
             }
         }
         let before = (cx.model.clone(), cx.calibration.clone());
+        let keep_alive: Vec<String> = cx.step_index.iter().cloned().collect();
         let mut report = reparameterize(
             &mut cx.model,
+            &keep_alive,
             &cx.options.keep_float,
             cx.options.tcr_alpha,
             &cal.records,
@@ -460,6 +462,7 @@ fn affine_producer(
 /// function is unchanged up to rounding.
 pub fn reparameterize(
     model: &mut Model,
+    keep_alive: &[String],
     keep_float: &[String],
     alpha: f32,
     records: &[BTreeMap<String, Tensor>],
@@ -601,7 +604,9 @@ pub fn reparameterize(
             r_max: r.iter().copied().fold(0f32, f32::max),
         });
     }
-    g.remove_dead();
+    // The replaced affine nodes go; values a later pass reads (the step index of
+    // fold-tib, for per-step scales) stay even when nothing reads them yet.
+    g.remove_dead_keeping(keep_alive);
     Ok(report)
 }
 

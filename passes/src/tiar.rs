@@ -755,17 +755,13 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
     }
     // The replaced float weights go; the step index stays for step-group tables even
     // when nothing reads it yet.
-    let protect = cx.step_index.clone().filter(|_| keep_index);
-    if let Some(ix) = &protect {
-        g.outputs.push(crate::ir::ValueInfo {
-            name: ix.clone(),
-            ..Default::default()
-        });
-    }
-    g.remove_dead();
-    if protect.is_some() {
-        g.outputs.pop();
-    }
+    let protect: Vec<String> = cx
+        .step_index
+        .clone()
+        .filter(|_| keep_index)
+        .into_iter()
+        .collect();
+    g.remove_dead_keeping(&protect);
     g.validate()?;
 
     let frontier: Vec<FrontierChoice> = tib

@@ -545,6 +545,20 @@ impl Graph {
         self.topo_order().map(|_| ())
     }
 
+    /// [`Graph::remove_dead`], with the values `keep` (and what computes them) live too:
+    /// the step index fold-tib leaves for the per-step scale tables quantize adds later,
+    /// which nothing reads until then.
+    pub fn remove_dead_keeping(&mut self, keep: &[String]) -> (usize, usize) {
+        let n = self.outputs.len();
+        self.outputs.extend(keep.iter().map(|name| ValueInfo {
+            name: name.clone(),
+            ..Default::default()
+        }));
+        let removed = self.remove_dead();
+        self.outputs.truncate(n);
+        removed
+    }
+
     /// Removes nodes whose outputs nobody reads and initializers nobody uses.
     /// Returns (nodes removed, initializers removed).
     pub fn remove_dead(&mut self) -> (usize, usize) {
