@@ -197,7 +197,11 @@ fn denoiser_runs_external_data_weights_on_the_int8_kernels_as_the_qdq_graph_does
     assert_eq!(nodes.iter().filter(|n| n.1 != group_norm).count(), 256 + 32);
     // Every node > 60 dB; the unfused ones exact (> 100 dB) unless the QDQ reference meets
     // a rounding tie that tract's float evaluation resolves one ulp away (tests/int8.rs
-    // allows two such nodes).
+    // allows two such nodes). Per-step scales (FSC, on by default) quantize in the QDQ
+    // graph through Div(x, s), which tract computes one ulp off x/s on some elements: a
+    // few more nodes meet such a tie (measured: 3 of 288; tests/int8.rs
+    // `per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t` checks element
+    // by element that every difference is one of those).
     let attention = tfmqc_runtime::int8_attention::QATTENTION;
     let ties = nodes
         .iter()
@@ -207,8 +211,12 @@ fn denoiser_runs_external_data_weights_on_the_int8_kernels_as_the_qdq_graph_does
         assert!(*db > 60.0, "{name}: int8 vs QDQ {db:.1} dB");
     }
     assert!(
-        ties <= 2,
-        "{ties} nodes below 100 dB: more than rounding ties"
+        ties <= 4,
+        "{ties} nodes below 100 dB: more than rounding ties: {:?}",
+        nodes
+            .iter()
+            .filter(|(_, op, db)| op != attention && *db <= 100.0)
+            .collect::<Vec<_>>()
     );
     // The whole model as close to float as the QDQ graph is (within 1 dB, as in
     // tests/int8.rs: chained quantizers amplify rounding differences either way).
