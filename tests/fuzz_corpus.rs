@@ -131,14 +131,13 @@ fn external_data_inputs_give_a_result_or_one_error_line() {
     }
 }
 
-/// Calibration files go through `sample --cond` of a conditional model (the reader
-/// `--calib` uses too).
-#[test]
-fn calibration_inputs_give_a_result_or_one_error_line() {
-    let mut inputs = files("seeds/calib");
-    inputs.extend(files("regressions/calib_tensors"));
+/// Runs `tfmqc sample MODEL --steps 1 FLAG INPUT` for every committed seed and past crash
+/// of a target (the model a tiny one under fuzz/seeds/onnx): a result or one error line.
+fn sample_with_each(seeds: &str, regressions: &str, model: &str, flag: &str) {
+    let mut inputs = files(seeds);
+    inputs.extend(files(regressions));
     assert!(inputs.len() >= 5, "the seeds are committed: {inputs:?}");
-    let model = repo().join("fuzz/seeds/onnx/tiny_conditional.onnx");
+    let model = repo().join("fuzz/seeds/onnx").join(model);
     let dir = tmpdir();
     let png = dir.path().join("s.png");
     for input in &inputs {
@@ -149,32 +148,31 @@ fn calibration_inputs_give_a_result_or_one_error_line() {
             png.to_str().unwrap(),
             "--steps",
             "1",
-            "--cond",
+            flag,
             input.to_str().unwrap(),
         ];
         assert_clean(&args, input, &run(&args));
     }
 }
 
+/// Calibration files go through `sample --cond` of a conditional model (the reader
+/// `--calib` uses too).
+#[test]
+fn calibration_inputs_give_a_result_or_one_error_line() {
+    sample_with_each(
+        "seeds/calib",
+        "regressions/calib_tensors",
+        "tiny_conditional.onnx",
+        "--cond",
+    );
+}
+
 #[test]
 fn scheduler_inputs_give_a_result_or_one_error_line() {
-    let mut inputs = files("seeds/scheduler");
-    inputs.extend(files("regressions/scheduler_config"));
-    assert!(inputs.len() >= 5, "the seeds are committed: {inputs:?}");
-    let model = repo().join("fuzz/seeds/onnx/tiny_denoiser.onnx");
-    let dir = tmpdir();
-    let png = dir.path().join("s.png");
-    for input in &inputs {
-        let args = [
-            "sample",
-            model.to_str().unwrap(),
-            "-o",
-            png.to_str().unwrap(),
-            "--steps",
-            "1",
-            "--scheduler",
-            input.to_str().unwrap(),
-        ];
-        assert_clean(&args, input, &run(&args));
-    }
+    sample_with_each(
+        "seeds/scheduler",
+        "regressions/scheduler_config",
+        "tiny_denoiser.onnx",
+        "--scheduler",
+    );
 }
