@@ -14,8 +14,11 @@ mod onnx_external;
 mod onnx_import;
 mod scheduler_config;
 
+/// A target: its name and what it runs on each input.
+type Target = (&'static str, fn(&[u8]));
+
 /// The targets by name, as scripts/fuzz.sh lists them.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[Target] = &[
     ("onnx_import", onnx_import::run),
     ("onnx_external", onnx_external::run),
     ("denoiser_load", denoiser_load::run),
