@@ -331,7 +331,10 @@ pub fn decoded_size_bound(bytes: &[u8]) -> std::result::Result<u64, String> {
                 match f {
                     Field::Msg(child) => {
                         if open.len() >= NESTING_LIMIT {
-                            return Err(format!("messages nested more than {NESTING_LIMIT} deep"));
+                            // prost's own words first (what the error said before this check).
+                            return Err(format!(
+                                "recursion limit reached: messages nested more than {NESTING_LIMIT} deep"
+                            ));
                         }
                         // Its fields are read next, up to its end.
                         pos = start;
