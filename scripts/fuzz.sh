@@ -10,10 +10,12 @@
 # The engine is libFuzzer (the libfuzzer-sys crate, as cargo-fuzz uses it) built on
 # stable Rust: fuzz/rustc-sancov.sh adds SanitizerCoverage to the crates that read the
 # bytes, and everything else (tract) is the test build's own artifacts when
-# CARGO_TARGET_DIR is shared with `scripts/test.sh` (CI runs that first): the build
-# then compiles libFuzzer and our crates, where cargo-fuzz (RUSTC_BOOTSTRAP=1 for its
-# nightly flags) instruments and rebuilds all of tract: it had not finished after 19
-# minutes on this project's shared build machine. No sanitizer: the bugs looked for
+# CARGO_TARGET_DIR is shared with `scripts/test.sh` (CI runs that first; fuzz/Cargo.toml
+# keeps the two workspaces' features aligned so that it is): the build then compiles
+# libFuzzer, our crates and one binary holding every target (TFMQC_FUZZ_TARGET picks
+# one), where cargo-fuzz (RUSTC_BOOTSTRAP=1 for its nightly flags) instruments and
+# rebuilds all of tract: it had not finished after 19 minutes on this project's shared
+# build machine. No sanitizer: the bugs looked for
 # are panics, overflows (checked in our crates), aborts, allocations over libFuzzer's
 # limit and hangs.
 #
@@ -53,14 +55,14 @@ command -v c++ >/dev/null || {
 }
 start=$(date +%s)
 RUSTC_WRAPPER=$PWD/fuzz/rustc-sancov.sh CARGO_TARGET_DIR=$target_dir \
-  cargo build --release --manifest-path fuzz/Cargo.toml --bins >"$out/build.log" 2>&1 || {
+  cargo build --release --manifest-path fuzz/Cargo.toml --bin tfmqc-fuzz >"$out/build.log" 2>&1 || {
   tail -n 30 "$out/build.log" >&2
   echo "scripts/fuzz.sh: building the fuzz targets failed (log: $out/build.log)" >&2
   exit 2
 }
 echo "scripts/fuzz.sh: built the targets in $(( $(date +%s) - start )) s" >&2
 
-bin=$target_dir/release
+bin=$target_dir/release/tfmqc-fuzz
 failed=0
 for t in "${targets[@]}"; do
   corpus=$out/corpus/$t
@@ -73,7 +75,7 @@ for t in "${targets[@]}"; do
   # before it is allocated, so a 2 GiB allocation is a finding, not a slow run.
   # -timeout: an input that takes a minute (loading a seed UNet takes under a second)
   # is a hang worth a look.
-  if TFMQC_FUZZ_DIR=$out/work/$t "$bin/$t" -max_total_time="$secs" -timeout=60 -rss_limit_mb=2048 \
+  if TFMQC_FUZZ_TARGET=$t TFMQC_FUZZ_DIR=$out/work/$t "$bin" -max_total_time="$secs" -timeout=60 -rss_limit_mb=2048 \
     -print_final_stats=1 -artifact_prefix="$artifacts/" "${dirs[@]}" >"$log" 2>&1; then
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
     echo "target $t ok (${runs:-?} runs)"

@@ -6,8 +6,58 @@
 
 mod common;
 use common::*;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+use tfmqc_runtime::limits::{check_protobuf_size, decoded_size_bound};
+use tract_onnx::prelude::Framework;
+
+/// The system allocator, counting what a thread asks for while [`allocated_by`] runs on
+/// it: the decoding bound is checked against what prost really allocates.
+struct Counting;
+
+thread_local! {
+    static ALLOCATED: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+fn count(bytes: usize) {
+    let _ = ALLOCATED.try_with(|a| {
+        if let Some(n) = a.get() {
+            a.set(Some(n + bytes as u64));
+        }
+    });
+}
+
+// Safety: every call is System's; counting touches a const-initialized thread local only.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count(layout.size());
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count(layout.size());
+        unsafe { System.alloc_zeroed(layout) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count(new_size.saturating_sub(layout.size()));
+        unsafe { System.realloc(p, layout, new_size) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(p, layout) }
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// Bytes `f` allocates on this thread (reallocations count what they add).
+fn allocated_by<T>(f: impl FnOnce() -> T) -> (T, u64) {
+    ALLOCATED.with(|a| a.set(Some(0)));
+    let r = f();
+    (r, ALLOCATED.with(|a| a.replace(None)).unwrap_or(0))
+}
 
 /// Zero bytes of `w.data` beside every model (fuzz/fuzz_targets/common.rs): the
 /// skeleton seeds point their large initializers at its start.
@@ -174,5 +224,191 @@ fn scheduler_inputs_give_a_result_or_one_error_line() {
         "regressions/scheduler_config",
         "tiny_denoiser.onnx",
         "--scheduler",
+    );
+}
+
+/// Decoding `bytes` as tract does (its copy of the bytes, then prost): what it allocates.
+fn decode_allocation(bytes: &[u8]) -> (bool, u64) {
+    // Made outside: the framework's operator table is not decoding's.
+    let onnx = tract_onnx::onnx();
+    let (r, n) = allocated_by(|| onnx.proto_model_for_read(&mut &bytes[..]));
+    (r.is_ok(), n)
+}
+
+/// A ModelProto (ir_version 8) whose graph holds `n` empty NodeProtos: 2 bytes each.
+fn empty_nodes(n: usize) -> Vec<u8> {
+    let nodes: Vec<u8> = std::iter::repeat_n([0x0a, 0x00], n).flatten().collect();
+    [vec![0x08, 0x08], len_field(0x3a, &nodes)].concat() // ir_version = 8, graph (7)
+}
+
+/// The bound the importer and the runtime check before decoding (limits.rs) is above what
+/// prost allocates, on every seed and past finding that decodes and on real models; and
+/// real models are far from refused.
+#[test]
+fn protobuf_decoding_allocates_no_more_than_the_bound() {
+    let mut inputs = files("seeds/onnx");
+    inputs.extend(files("regressions/onnx_import"));
+    inputs.extend(files("regressions/denoiser_load"));
+    for m in ["ddpm_digits", "digits_cond", "conv3x3_64"] {
+        inputs.push(model_path(m));
+    }
+    let mut decoded = 0;
+    for input in &inputs {
+        let bytes = std::fs::read(input).unwrap();
+        let (ok, actual) = decode_allocation(&bytes);
+        let Ok(bound) = decoded_size_bound(&bytes) else {
+            assert!(!ok, "{input:?}: prost decodes what the bound refuses");
+            continue;
+        };
+        if !ok {
+            continue;
+        }
+        decoded += 1;
+        // tract's own copy of the bytes (read_to_end: up to twice their size) is not
+        // decoding's.
+        let copy = 2 * bytes.len() as u64 + 64;
+        assert!(
+            actual <= bound + copy,
+            "{input:?}: decoding allocated {actual} bytes, the bound says {bound}"
+        );
+        eprintln!(
+            "{}: {} bytes, decoding allocated {actual}, bound {bound}",
+            input.display(),
+            bytes.len()
+        );
+        assert!(check_protobuf_size(&bytes).is_ok(), "{input:?}");
+    }
+    assert!(decoded >= 8, "only {decoded} inputs decoded");
+}
+
+/// The amplification the check is for: 2 bytes on the wire, ~200 in memory. Measured at a
+/// size that decodes quickly, refused (before decoding) at one that would take gigabytes.
+#[test]
+fn many_empty_messages_are_refused_before_decoding() {
+    let small = empty_nodes(100_000);
+    let (ok, actual) = decode_allocation(&small);
+    assert!(ok);
+    let bound = decoded_size_bound(&small).unwrap();
+    assert!(
+        actual > 50 * small.len() as u64 && bound >= actual,
+        "{} bytes decode to {actual} (bound {bound})",
+        small.len()
+    );
+    assert!(check_protobuf_size(&small).is_ok(), "within the slack");
+
+    let big = empty_nodes(8 << 20); // 16 MiB on disk, ~3.5 GB decoded
+    let e = check_protobuf_size(&big).unwrap_err();
+    assert!(e.contains("could take up to"), "{e}");
+    let dir = tmpdir();
+    let m = dir.path().join("amplified.onnx");
+    std::fs::write(&m, &big).unwrap();
+    for args in [
+        vec!["inspect", m.to_str().unwrap()],
+        vec!["sample", m.to_str().unwrap(), "-o", "/dev/null"],
+    ] {
+        let res = run(&args);
+        assert_clean(&args, &m, &res);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(
+            res.status.code() == Some(1)
+                && err.contains("amplified.onnx")
+                && err.contains("could take up to"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// Malformed wire data and nesting past prost's limit are refused by the bound's own
+/// pass too (never a bound computed from a misread).
+#[test]
+fn the_bound_refuses_malformed_protobuf() {
+    assert!(
+        decoded_size_bound(&[0x3a, 0x10, 0x0a]).is_err(),
+        "length past the end"
+    );
+    assert!(decoded_size_bound(&[0x0f]).is_err(), "wire type 7");
+    assert!(
+        decoded_size_bound(&[0x08; 11]).is_err(),
+        "unterminated varint"
+    );
+    // A model whose graph's node's attribute holds a graph whose node ..., `levels` deep.
+    let nested = |levels: usize| {
+        let mut graph: Vec<u8> = vec![];
+        for _ in 0..levels {
+            let attribute = len_field(0x32, &graph); // AttributeProto.g (6)
+            let node = len_field(0x2a, &attribute); // NodeProto.attribute (5)
+            graph = len_field(0x0a, &node); // GraphProto.node (1)
+        }
+        [vec![0x08, 0x08], len_field(0x3a, &graph)].concat() // ir_version, graph (7)
+    };
+    // 3 messages a level: 90 deep decodes, 120 is past prost's limit of 100 for both.
+    assert!(decoded_size_bound(&nested(30)).is_ok());
+    assert!(decode_allocation(&nested(30)).0);
+    let e = decoded_size_bound(&nested(40)).unwrap_err();
+    assert!(e.contains("nested more than 100 deep"), "{e}");
+    assert!(!decode_allocation(&nested(40)).0);
+}
+
+/// A length-delimited field: its key byte, the payload's length, the payload.
+fn len_field(key: u8, payload: &[u8]) -> Vec<u8> {
+    let mut v = vec![key];
+    let mut len = payload.len() as u64;
+    while len >= 0x80 {
+        v.push(len as u8 | 0x80);
+        len >>= 7;
+    }
+    v.push(len as u8);
+    v.extend_from_slice(payload);
+    v
+}
+
+/// The crates a workspace resolves, as "name vX.Y.Z features" lines (`cargo tree`).
+fn resolved(manifest: &Path, workspace: bool) -> std::collections::BTreeSet<String> {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
+    cmd.args(["tree", "--locked", "--offline", "--manifest-path"])
+        .arg(manifest)
+        .args([
+            "-e",
+            "features,normal,build",
+            "--prefix",
+            "none",
+            "--no-dedupe",
+        ])
+        .args(["-f", "{p} {f}"]);
+    if workspace {
+        cmd.arg("--workspace");
+    }
+    let out = cmd.output().expect("cargo runs");
+    assert!(
+        out.status.success(),
+        "cargo tree: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains(" feature \"") && !l.starts_with("tfmqc"))
+        .map(|l| l.trim_end_matches(" (*)").to_string())
+        .collect()
+}
+
+/// The fuzz workspace resolves every crate it shares with the main one at the same
+/// version and features, so that scripts/fuzz.sh reuses the test build's tract instead of
+/// compiling it again (minutes: CI's fuzz step must stay under 2). Only what it adds
+/// (libFuzzer) and what it instruments on purpose (miniz_oxide 0.8) differ.
+#[test]
+fn the_fuzz_workspace_resolves_shared_crates_as_the_tests_do() {
+    let main = resolved(&repo().join("Cargo.toml"), true);
+    let fuzz = resolved(&repo().join("fuzz/Cargo.toml"), false);
+    let differ: Vec<&String> = fuzz
+        .difference(&main)
+        .filter(|l| {
+            !["arbitrary ", "libfuzzer-sys ", "miniz_oxide v0.8."]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "fuzz/ resolves these unlike the main workspace (align them in fuzz/Cargo.toml): {differ:?}"
     );
 }

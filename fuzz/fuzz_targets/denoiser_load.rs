@@ -2,18 +2,15 @@
 //! decoding, the model's metadata (time-step set, recorded scheduler), the int8 lowering
 //! (in place, as `load` does it) and tract's loading and optimization, with external
 //! data in a folder holding `w.data`.
-#![no_main]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use libfuzzer_sys::fuzz_target;
 use tfmqc_runtime::Denoiser;
 
-#[path = "common.rs"]
-mod common;
+use crate::common;
 
-fuzz_target!(|data: &[u8]| {
+pub fn run(data: &[u8]) {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(common::model_folder);
     let path = dir.join("fuzz.onnx");
@@ -21,4 +18,4 @@ fuzz_target!(|data: &[u8]| {
         return;
     }
     let _ = Denoiser::load(&path);
-});
+}

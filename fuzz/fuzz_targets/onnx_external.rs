@@ -3,19 +3,16 @@
 //! and locations come from the model, so the fuzzer drives reads past the end,
 //! overflowing offsets, paths that climb out of the folder and a symbolic link that
 //! leaves it (`out.data`).
-#![no_main]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use libfuzzer_sys::fuzz_target;
 use tfmqc_passes::ir::print;
 use tfmqc_passes::onnx;
 
-#[path = "common.rs"]
-mod common;
+use crate::common;
 
-fuzz_target!(|data: &[u8]| {
+pub fn run(data: &[u8]) {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(common::model_folder);
     let Some((head, rest)) = data.split_first_chunk::<4>() else {
@@ -32,4 +29,4 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(m) = onnx::decode(model, Some(dir)) {
         let _ = print::model_text(&m);
     }
-});
+}

@@ -2,19 +2,16 @@
 //! external data in a folder holding `w.data`), then the IR printer on what it imported
 //! (`tfmqc inspect`, `--print-after-all`) and the exporter. Any panic, overflow or abort
 //! is a bug: hostile bytes must give an error.
-#![no_main]
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use libfuzzer_sys::fuzz_target;
 use tfmqc_passes::ir::print;
 use tfmqc_passes::onnx;
 
-#[path = "common.rs"]
-mod common;
+use crate::common;
 
-fuzz_target!(|data: &[u8]| {
+pub fn run(data: &[u8]) {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     let dir = DIR.get_or_init(common::model_folder);
     if let Ok(model) = onnx::decode(data, Some(dir)) {
@@ -23,4 +20,4 @@ fuzz_target!(|data: &[u8]| {
         // What was imported can be written back (the `--passes none` round trip).
         let _ = onnx::encode(&model);
     }
-});
+}

@@ -1,12 +1,10 @@
 //! A diffusers scheduler_config.json (`--scheduler`, and the copy recorded in a compiled
 //! model's metadata), then what is computed from it: the noise schedule and every
 //! sampler's time steps and first updates at a few step counts.
-#![no_main]
 
-use libfuzzer_sys::fuzz_target;
 use tfmqc_runtime::{NoiseRng, Sampler, SamplerState, SchedulerConfig};
 
-fuzz_target!(|data: &[u8]| {
+pub fn run(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -30,4 +28,4 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
-});
+}

@@ -49,6 +49,8 @@ pub fn decode(bytes: &[u8], dir: Option<&Path>) -> Result<Model> {
     if bytes.is_empty() {
         return Err(not_onnx("the file is empty".into()));
     }
+    // Before decoding: a small file can declare gigabytes of empty messages.
+    tfmqc_runtime::limits::check_protobuf_size(bytes).map_err(not_onnx)?;
     let proto = pb::ModelProto::decode(bytes).map_err(|e| {
         not_onnx(format!(
             "protobuf decoding failed: {e}; truncated or not ONNX?"

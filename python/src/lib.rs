@@ -34,6 +34,22 @@ fn to_py(e: Error) -> PyErr {
     }
 }
 
+/// Runs `f`, a panic (a bug in tfmqc) becoming RuntimeError. Without it pyo3 raises
+/// `pyo3_runtime.PanicException`, a BaseException that `except Exception` does not
+/// catch; every function and method of the module runs its body here.
+fn guarded<T>(f: impl FnOnce() -> PyResult<T>) -> PyResult<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        Err(PyRuntimeError::new_err(format!(
+            "internal error (a bug in tfmqc; please report it): {what}"
+        )))
+    })
+}
+
 fn dtype(name: &str) -> Option<DatumType> {
     Some(match name {
         "float32" => DatumType::F32,
@@ -160,12 +176,14 @@ impl NativeDenoiser {
     #[new]
     #[pyo3(signature = (path, threads=None))]
     fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>) -> PyResult<Self> {
-        let threads = threads.unwrap_or_else(default_threads);
-        if threads == 0 {
-            return Err(PyValueError::new_err("threads must be at least 1"));
-        }
-        let inner = py.detach(|| Denoiser::load(&path)).map_err(to_py)?;
-        Ok(NativeDenoiser { inner, threads })
+        guarded(|| {
+            let threads = threads.unwrap_or_else(default_threads);
+            if threads == 0 {
+                return Err(PyValueError::new_err("threads must be at least 1"));
+            }
+            let inner = py.detach(|| Denoiser::load(&path)).map_err(to_py)?;
+            Ok(NativeDenoiser { inner, threads })
+        })
     }
 
     /// ε̂(x, t, cond) as float32.
@@ -176,14 +194,16 @@ impl NativeDenoiser {
         t: i64,
         cond: Vec<(String, Array)>,
     ) -> PyResult<Out<'py>> {
-        let x = tensor("the sample", &x, None)?;
-        let cond = self.conditioning(&cond, "conditioning input ")?;
-        let result = py.detach(|| {
-            let refs: Vec<(&str, Tensor)> =
-                cond.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-            tfmqc_runtime::with_threads(self.threads, || self.inner.denoise(&x, t, &refs))
-        });
-        out(py, &result.map_err(to_py)?)
+        guarded(|| {
+            let x = tensor("the sample", &x, None)?;
+            let cond = self.conditioning(&cond, "conditioning input ")?;
+            let result = py.detach(|| {
+                let refs: Vec<(&str, Tensor)> =
+                    cond.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                tfmqc_runtime::with_threads(self.threads, || self.inner.denoise(&x, t, &refs))
+            });
+            out(py, &result.map_err(to_py)?)
+        })
     }
 
     /// Samples `batch` images: seeded noise, then `steps` steps of `sampler`;
@@ -200,43 +220,49 @@ impl NativeDenoiser {
         sampler: &str,
         guidance: Option<(f32, Vec<(String, Array)>)>,
     ) -> PyResult<Out<'py>> {
-        let sampler: Sampler = sampler.parse().map_err(PyValueError::new_err)?;
-        let cond = self.conditioning(&cond, "conditioning input ")?;
-        let uncond = match &guidance {
-            Some((_, u)) => self.conditioning(u, "unconditional input ")?,
-            None => vec![],
-        };
-        let result = py.detach(|| {
-            let refs: Vec<(&str, Tensor)> =
-                cond.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
-            let urefs: Vec<(&str, Tensor)> = uncond
-                .iter()
-                .map(|(n, t)| (n.as_str(), t.clone()))
-                .collect();
-            let g = guidance.as_ref().map(|(scale, _)| Guidance {
-                scale: *scale,
-                uncond: &urefs,
+        guarded(|| {
+            let sampler: Sampler = sampler.parse().map_err(PyValueError::new_err)?;
+            let cond = self.conditioning(&cond, "conditioning input ")?;
+            let uncond = match &guidance {
+                Some((_, u)) => self.conditioning(u, "unconditional input ")?,
+                None => vec![],
+            };
+            let result = py.detach(|| {
+                let refs: Vec<(&str, Tensor)> =
+                    cond.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
+                let urefs: Vec<(&str, Tensor)> = uncond
+                    .iter()
+                    .map(|(n, t)| (n.as_str(), t.clone()))
+                    .collect();
+                let g = guidance.as_ref().map(|(scale, _)| Guidance {
+                    scale: *scale,
+                    uncond: &urefs,
+                });
+                tfmqc_runtime::with_threads(self.threads, || {
+                    self.inner
+                        .sample_with(seed, steps, &refs, batch, sampler, g, &mut |_, _| {})
+                })
             });
-            tfmqc_runtime::with_threads(self.threads, || {
-                self.inner
-                    .sample_with(seed, steps, &refs, batch, sampler, g, &mut |_, _| {})
-            })
-        });
-        out(py, &result.map_err(to_py)?)
+            out(py, &result.map_err(to_py)?)
+        })
     }
 
     /// The time-step set S, ascending (every training step when the model has no set).
-    fn timesteps(&self) -> Vec<i64> {
-        match self.inner.timesteps() {
-            Some(s) => s.to_vec(),
-            None => (0..self.inner.schedule().train_timesteps() as i64).collect(),
-        }
+    fn timesteps(&self) -> PyResult<Vec<i64>> {
+        guarded(|| {
+            Ok(match self.inner.timesteps() {
+                Some(s) => s.to_vec(),
+                None => (0..self.inner.schedule().train_timesteps() as i64).collect(),
+            })
+        })
     }
 
     /// The time steps `sampler` visits in `steps` steps, first to last.
     fn trajectory(&self, sampler: &str, steps: usize) -> PyResult<Vec<i64>> {
-        let sampler: Sampler = sampler.parse().map_err(PyValueError::new_err)?;
-        self.inner.trajectory(sampler, steps).map_err(to_py)
+        guarded(|| {
+            let sampler: Sampler = sampler.parse().map_err(PyValueError::new_err)?;
+            self.inner.trajectory(sampler, steps).map_err(to_py)
+        })
     }
 
     /// (name, role, dtype, shape) of every input, in the model's order: role `sample`, `timestep` or
@@ -286,23 +312,29 @@ impl NativeDenoiser {
 /// its engines with (the `tfmqc` script of this installation).
 #[pyfunction]
 #[pyo3(signature = (argv, exe=None))]
-fn main(py: Python<'_>, argv: Vec<OsString>, exe: Option<PathBuf>) -> u8 {
-    if let Some(exe) = exe {
-        tfmqc::set_self_exe(exe);
-    }
-    py.detach(|| tfmqc::main_with(argv))
+fn main(py: Python<'_>, argv: Vec<OsString>, exe: Option<PathBuf>) -> PyResult<u8> {
+    // tfmqc::main_with catches the command's panics itself (exit code 2); `guarded` is
+    // for anything around it.
+    guarded(|| {
+        if let Some(exe) = exe {
+            tfmqc::set_self_exe(exe);
+        }
+        Ok(py.detach(|| tfmqc::main_with(argv)))
+    })
 }
 
 /// Runs the command line on `argv` (the program name first); a failure raises ValueError
 /// (bad input, usage; exit code 1) or RuntimeError (tfmqc's fault; exit code 2).
 #[pyfunction]
 fn run(py: Python<'_>, argv: Vec<OsString>) -> PyResult<()> {
-    py.detach(|| tfmqc::run(argv)).map_err(|f| {
-        if f.code == 1 {
-            PyValueError::new_err(f.message)
-        } else {
-            PyRuntimeError::new_err(f.message)
-        }
+    guarded(|| {
+        py.detach(|| tfmqc::run(argv)).map_err(|f| {
+            if f.code == 1 {
+                PyValueError::new_err(f.message)
+            } else {
+                PyRuntimeError::new_err(f.message)
+            }
+        })
     })
 }
 

@@ -90,24 +90,39 @@ fn argument(message: impl Into<String>) -> Failure {
 
 /// Runs `f`, records its failure (or panic) for `tfmqc_last_error`, returns the status.
 fn status(f: impl FnOnce() -> Result<(), Failure>) -> tfmqc_status {
-    let (code, message) = match catch_unwind(AssertUnwindSafe(f)) {
-        Ok(Ok(())) => return TFMQC_OK,
-        Ok(Err(Failure(code, message))) => (code, message),
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            (
-                TFMQC_ERROR_PANIC,
-                format!("internal error (a bug in tfmqc; please report it): {what}"),
-            )
+    match guard(Err(TFMQC_ERROR_PANIC), || match f() {
+        Ok(()) => Ok(()),
+        Err(Failure(code, message)) => {
+            set_last_error(message);
+            Err(code)
         }
-    };
+    }) {
+        Ok(()) => TFMQC_OK,
+        Err(code) => code,
+    }
+}
+
+/// Runs `f`; a panic (a bug in tfmqc) is recorded for `tfmqc_last_error` and gives
+/// `fallback`. Every exported function goes through it or [`status`]: since Rust 1.81 a
+/// panic reaching an `extern "C"` function's end aborts the caller's process.
+fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
+    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        set_last_error(format!(
+            "internal error (a bug in tfmqc; please report it): {what}"
+        ));
+        fallback
+    })
+}
+
+fn set_last_error(message: String) {
     let message = CString::new(message.replace('\0', " ")).unwrap_or_default();
-    LAST_ERROR.with(|e| *e.borrow_mut() = message);
-    code
+    // try_with: during the thread's exit the slot may be gone; the message is lost then.
+    let _ = LAST_ERROR.try_with(|e| *e.borrow_mut() = message);
 }
 
 fn model_of<'a>(p: *const tfmqc_denoiser) -> Result<&'a tfmqc_denoiser, Failure> {
@@ -215,7 +230,11 @@ pub extern "C" fn tfmqc_version() -> *const c_char {
 /// the next failing call on this thread.
 #[no_mangle]
 pub extern "C" fn tfmqc_last_error() -> *const c_char {
-    LAST_ERROR.with(|e| e.borrow().as_ptr())
+    guard(c"".as_ptr(), || {
+        LAST_ERROR
+            .try_with(|e| e.borrow().as_ptr())
+            .unwrap_or(c"".as_ptr())
+    })
 }
 
 /// Loads a denoiser from an ONNX file into `*out` (free it with `tfmqc_free`).
@@ -260,7 +279,7 @@ pub unsafe extern "C" fn tfmqc_load(
 pub unsafe extern "C" fn tfmqc_free(model: *mut tfmqc_denoiser) {
     if !model.is_null() {
         // Safety: the handle came from Box::into_raw in tfmqc_load.
-        drop(unsafe { Box::from_raw(model) });
+        guard((), || drop(unsafe { Box::from_raw(model) }));
     }
 }
 
@@ -313,7 +332,9 @@ pub unsafe extern "C" fn tfmqc_sample_shape(
 /// `model` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn tfmqc_timestep_count(model: *const tfmqc_denoiser) -> usize {
-    model_of(model).map_or(0, |m| m.model.timestep_count())
+    guard(0, || {
+        model_of(model).map_or(0, |m| m.model.timestep_count())
+    })
 }
 
 /// Writes the time-step set S, ascending, to `out` (room for `capacity` values, at least
@@ -350,7 +371,7 @@ pub unsafe extern "C" fn tfmqc_timesteps(
 /// `model` is NULL or a live handle.
 #[no_mangle]
 pub unsafe extern "C" fn tfmqc_conditioning_count(model: *const tfmqc_denoiser) -> usize {
-    model_of(model).map_or(0, |m| m.conditioning.len())
+    guard(0, || model_of(model).map_or(0, |m| m.conditioning.len()))
 }
 
 /// The name of conditioning input `index` (NULL past the end); owned by the model.
@@ -362,10 +383,12 @@ pub unsafe extern "C" fn tfmqc_conditioning_name(
     model: *const tfmqc_denoiser,
     index: usize,
 ) -> *const c_char {
-    model_of(model)
-        .ok()
-        .and_then(|m| m.conditioning.get(index))
-        .map_or(std::ptr::null(), |n| n.as_ptr())
+    guard(std::ptr::null(), || {
+        model_of(model)
+            .ok()
+            .and_then(|m| m.conditioning.get(index))
+            .map_or(std::ptr::null(), |n| n.as_ptr())
+    })
 }
 
 /// The noise prediction for the batch `x` of shape `shape` [B, C, H, W] at time step `t`
@@ -442,4 +465,99 @@ pub unsafe extern "C" fn tfmqc_sample(
         })?;
         write(&images, out, out_len)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn last_error() -> String {
+        // Safety: tfmqc_last_error returns a NUL-terminated string.
+        unsafe { CStr::from_ptr(tfmqc_last_error()) }
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_panic_becomes_the_panic_status_with_its_message() {
+        let code = status(|| panic!("index out of bounds: the len is 3 but the index is 7"));
+        assert_eq!(code, TFMQC_ERROR_PANIC);
+        let e = last_error();
+        assert!(
+            e.starts_with("internal error (a bug in tfmqc; please report it)")
+                && e.contains("the index is 7"),
+            "{e}"
+        );
+        assert_eq!(
+            guard(17usize, || panic!("{}", String::from("formatted"))),
+            17
+        );
+        assert!(last_error().ends_with("formatted"));
+        // A failure keeps its own code; success leaves the last message alone.
+        assert_eq!(
+            status(|| Err(argument("bad"))),
+            TFMQC_ERROR_INVALID_ARGUMENT
+        );
+        assert_eq!(last_error(), "bad");
+        assert_eq!(status(|| Ok(())), TFMQC_OK);
+        assert_eq!(last_error(), "bad");
+    }
+
+    /// Every exported function's body runs under `status` or `guard` (or cannot panic:
+    /// `tfmqc_version` returns a constant): read from this file, so that a new function
+    /// without one fails here.
+    #[test]
+    fn every_exported_function_catches_panics() {
+        let source = include_str!("capi.rs");
+        let source = &source[..source.find("#[cfg(test)]").expect("this module")];
+        let mut checked = 0;
+        for item in source.split("#[no_mangle]").skip(1) {
+            let name = item
+                .split("fn ")
+                .nth(1)
+                .and_then(|s| s.split('(').next())
+                .expect("a function after #[no_mangle]");
+            let body = &item[item.find('{').expect("a body") + 1..];
+            let first = body.trim_start();
+            let wrapped = ["status(", "guard("].iter().any(|w| first.starts_with(w))
+                || (name == "tfmqc_free" && body.contains("guard((), ||"))
+                || name == "tfmqc_version";
+            assert!(wrapped, "{name} does not run under status() or guard()");
+            checked += 1;
+        }
+        assert!(checked >= 12, "only {checked} exported functions found");
+    }
+
+    #[test]
+    fn null_handles_and_arguments_are_errors_not_crashes() {
+        unsafe {
+            assert_eq!(tfmqc_timestep_count(std::ptr::null()), 0);
+            assert_eq!(tfmqc_conditioning_count(std::ptr::null()), 0);
+            assert!(tfmqc_conditioning_name(std::ptr::null(), 0).is_null());
+            tfmqc_free(std::ptr::null_mut());
+            let mut out = std::ptr::null_mut();
+            assert_eq!(
+                tfmqc_load(std::ptr::null(), &mut out),
+                TFMQC_ERROR_INVALID_ARGUMENT
+            );
+            assert_eq!(
+                tfmqc_load(c"/nonexistent/m.onnx".as_ptr(), std::ptr::null_mut()),
+                TFMQC_ERROR_INVALID_ARGUMENT
+            );
+            assert_eq!(
+                tfmqc_load(c"/nonexistent/m.onnx".as_ptr(), &mut out),
+                TFMQC_ERROR_IO
+            );
+            assert!(last_error().contains("/nonexistent/m.onnx"));
+            assert_eq!(
+                tfmqc_set_threads(std::ptr::null_mut(), 1),
+                TFMQC_ERROR_INVALID_ARGUMENT
+            );
+            let mut chw = [0usize; 3];
+            assert_eq!(
+                tfmqc_sample_shape(std::ptr::null(), chw.as_mut_ptr()),
+                TFMQC_ERROR_INVALID_ARGUMENT
+            );
+        }
+    }
 }

@@ -75,6 +75,8 @@ pub fn external_data_path(
 
 pub fn decode_proto(bytes: &[u8]) -> Result<pb::ModelProto> {
     use tract_onnx::tract_core::prelude::Framework;
+    crate::limits::check_protobuf_size(bytes)
+        .map_err(|e| Error::InvalidModel(format!("not a valid ONNX model: {e}")))?;
     tract_onnx::onnx()
         .proto_model_for_read(&mut &bytes[..])
         .map_err(|e| Error::InvalidModel(format!("not a valid ONNX model: {e:#}")))

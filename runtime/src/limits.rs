@@ -17,14 +17,40 @@ use crate::error::{Error, Result};
 pub const MAX_CONSTANT_ELEMENTS: u64 = 1 << 30;
 
 /// Refuses a model in which an op sized by constant inputs (ConstantOfShape, Expand,
-/// Tile, Range) would produce more than [`MAX_CONSTANT_ELEMENTS`] elements. Subgraphs
-/// (If / Loop / Scan bodies) are checked too, without recursion.
+/// Tile, Range) would produce more than [`MAX_CONSTANT_ELEMENTS`] elements, or a graph
+/// names an output it does not define (tract's parser looks each output up in a map of
+/// the graph's inputs, initializers and node outputs and panics on a missing one: found
+/// by the denoiser_load fuzz target, fuzz/regressions/denoiser_load/). Subgraphs (If /
+/// Loop / Scan bodies) are checked too, without recursion.
 pub fn check_constant_sizes(proto: &pb::ModelProto, name: &str) -> Result<()> {
     let Some(graph) = &proto.graph else {
         return Ok(());
     };
+    let prefix = if name.is_empty() {
+        String::new()
+    } else {
+        format!("{name}: ")
+    };
     let mut pending: Vec<&pb::GraphProto> = vec![graph];
     while let Some(g) = pending.pop() {
+        let defined: std::collections::HashSet<&str> = g
+            .input
+            .iter()
+            .map(|i| i.name.as_str())
+            .chain(g.initializer.iter().map(|t| t.name.as_str()))
+            .chain(
+                g.node
+                    .iter()
+                    .flat_map(|n| n.output.iter().map(String::as_str)),
+            )
+            .filter(|n| !n.is_empty())
+            .collect();
+        if let Some(o) = g.output.iter().find(|o| !defined.contains(o.name.as_str())) {
+            return Err(Error::InvalidModel(format!(
+                "{prefix}graph '{}': output '{}' is not an input, an initializer or a node's output",
+                g.name, o.name
+            )));
+        }
         // Constants visible in this graph: initializers and Constant nodes' tensors (an
         // outer graph's constants are not looked up: a conservative miss, not a wrong
         // refusal).
@@ -63,11 +89,6 @@ pub fn check_constant_sizes(proto: &pb::ModelProto, name: &str) -> Result<()> {
                 _ => None,
             };
             if let Some(e) = elements.filter(|&e| e > MAX_CONSTANT_ELEMENTS as u128) {
-                let prefix = if name.is_empty() {
-                    String::new()
-                } else {
-                    format!("{name}: ")
-                };
                 return Err(Error::InvalidModel(format!(
                     "{prefix}node '{}' ({}): its output would hold {e} elements, more than the {MAX_CONSTANT_ELEMENTS} a value computed at load time may have",
                     n.name, n.op_type
@@ -76,6 +97,269 @@ pub fn check_constant_sizes(proto: &pb::ModelProto, name: &str) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// How many times its own size decoding an ONNX file may take in memory (plus
+/// [`DECODE_SLACK_BYTES`]). Protobuf lets a small file declare many elements: an empty
+/// NodeProto is 2 bytes on the wire and about 200 in memory (twice that with a growing
+/// Vec), an empty AttributeProto ~2 KB, so a 10 MB file of them asks for gigabytes
+/// before any check on the decoded model can run. Real models decode to about their
+/// size (weights are raw bytes, copied once), plus names and attributes.
+pub const MAX_DECODE_AMPLIFICATION: u64 = 16;
+/// The memory any model may take decoding, whatever its size (its names, nodes, shapes).
+pub const DECODE_SLACK_BYTES: u64 = 256 << 20;
+
+/// Refuses ONNX bytes that protobuf decoding could turn into more than
+/// [`MAX_DECODE_AMPLIFICATION`] × their size + [`DECODE_SLACK_BYTES`] of memory, before
+/// decoding them (the compiler's importer and the runtime both call it). The bound is
+/// [`decoded_size_bound`]'s; the error says why, for "not a valid ONNX model: ...".
+pub fn check_protobuf_size(bytes: &[u8]) -> std::result::Result<(), String> {
+    let bound = decoded_size_bound(bytes)?;
+    let limit = (bytes.len() as u64)
+        .saturating_mul(MAX_DECODE_AMPLIFICATION)
+        .saturating_add(DECODE_SLACK_BYTES);
+    if bound > limit {
+        return Err(format!(
+            "decoding its {} bytes could take up to {bound} bytes of memory (more than {MAX_DECODE_AMPLIFICATION}× its size + {} MiB): it declares more empty messages or repeated values than a model holds",
+            bytes.len(),
+            DECODE_SLACK_BYTES >> 20
+        ));
+    }
+    Ok(())
+}
+
+/// The messages of ONNX's schema as tract's prost types declare them.
+#[derive(Clone, Copy, Debug)]
+enum Msg {
+    Model,
+    Graph,
+    Node,
+    Attribute,
+    ValueInfo,
+    Tensor,
+    Segment,
+    SparseTensor,
+    TensorShape,
+    Dimension,
+    Type,
+    TypeTensor,
+    OpsetId,
+    Function,
+    StringString,
+    TensorAnnotation,
+    TrainingInfo,
+}
+
+/// What a field decodes to: a message, a string or bytes, numbers (one per varint or
+/// fixed-width value, or packed in one length-delimited field), or nothing (a field
+/// number prost does not know: skipped).
+#[derive(Clone, Copy)]
+enum Field {
+    Msg(Msg),
+    Bytes,
+    Varint,
+    Fixed,
+    Unknown,
+}
+
+/// Field `tag` of message `m` (tract-onnx's src/prost/onnx.rs, the ONNX schema).
+fn field(m: Msg, tag: u64) -> Field {
+    use Field::{Bytes as B, Fixed as F, Msg as M, Unknown, Varint as V};
+    use Msg::*;
+    match (m, tag) {
+        (Model, 1 | 5) => V,
+        (Model, 2 | 3 | 4 | 6) => B,
+        (Model, 7) => M(Graph),
+        (Model, 8) => M(OpsetId),
+        (Model, 14) => M(StringString),
+        (Model, 20) => M(TrainingInfo),
+        (Model, 25) => M(Function),
+        (Graph, 1) => M(Node),
+        (Graph, 2 | 10) => B,
+        (Graph, 5) => M(Tensor),
+        (Graph, 15) => M(SparseTensor),
+        (Graph, 11..=13) => M(ValueInfo),
+        (Graph, 14) => M(TensorAnnotation),
+        (Node, 1..=4 | 6 | 7) => B,
+        (Node, 5) => M(Attribute),
+        (Attribute, 1 | 4 | 9 | 13 | 21) => B,
+        (Attribute, 3 | 8 | 20) => V,
+        (Attribute, 2 | 7) => F,
+        (Attribute, 5 | 10) => M(Tensor),
+        (Attribute, 6 | 11) => M(Graph),
+        (Attribute, 22 | 23) => M(SparseTensor),
+        (Attribute, 15) => M(Type),
+        (ValueInfo, 1 | 3) => B,
+        (ValueInfo, 2) => M(Type),
+        (Tensor, 1 | 2 | 5 | 7 | 11 | 14) => V,
+        (Tensor, 3) => M(Segment),
+        (Tensor, 4 | 10) => F,
+        (Tensor, 6 | 8 | 9 | 12) => B,
+        (Tensor, 13) => M(StringString),
+        (Segment, 1 | 2) => V,
+        (SparseTensor, 1 | 2) => M(Tensor),
+        (SparseTensor, 3) => V,
+        (TensorShape, 1) => M(Dimension),
+        (Dimension, 1) => V,
+        (Dimension, 2 | 3) => B,
+        (Type, 1) => M(TypeTensor),
+        (Type, 6) => B,
+        (TypeTensor, 1) => V,
+        (TypeTensor, 2) => M(TensorShape),
+        (OpsetId, 1) => B,
+        (OpsetId, 2) => V,
+        (Function, 1 | 4 | 5 | 6 | 8 | 10) => B,
+        (Function, 7) => M(Node),
+        (Function, 9) => M(OpsetId),
+        (StringString, 1 | 2) => B,
+        (TensorAnnotation, 1) => B,
+        (TensorAnnotation, 2) => M(StringString),
+        (TrainingInfo, 1 | 2) => M(Graph),
+        (TrainingInfo, 3 | 4) => M(StringString),
+        _ => Unknown,
+    }
+}
+
+/// Bytes of the decoded struct of `m`.
+fn struct_bytes(m: Msg) -> u64 {
+    use std::mem::size_of;
+    use Msg::*;
+    (match m {
+        Model => size_of::<pb::ModelProto>(),
+        Graph => size_of::<pb::GraphProto>(),
+        Node => size_of::<pb::NodeProto>(),
+        Attribute => size_of::<pb::AttributeProto>(),
+        ValueInfo => size_of::<pb::ValueInfoProto>(),
+        Tensor => size_of::<pb::TensorProto>(),
+        Segment => size_of::<pb::tensor_proto::Segment>(),
+        SparseTensor => size_of::<pb::SparseTensorProto>(),
+        TensorShape => size_of::<pb::TensorShapeProto>(),
+        Dimension => size_of::<pb::tensor_shape_proto::Dimension>(),
+        Type => size_of::<pb::TypeProto>(),
+        TypeTensor => size_of::<pb::type_proto::Tensor>(),
+        OpsetId => size_of::<pb::OperatorSetIdProto>(),
+        Function => size_of::<pb::FunctionProto>(),
+        StringString => size_of::<pb::StringStringEntryProto>(),
+        TensorAnnotation => size_of::<pb::TensorAnnotation>(),
+        TrainingInfo => size_of::<pb::TrainingInfoProto>(),
+    }) as u64
+}
+
+/// prost's nesting limit: deeper messages fail to decode.
+const NESTING_LIMIT: usize = 100;
+
+/// An upper bound on the heap and struct bytes prost allocates decoding `bytes` as a
+/// `pb::ModelProto`, from one pass over the wire format, without allocating (but a stack
+/// of at most [`NESTING_LIMIT`] open messages) and without recursion. Every field
+/// counts as if it were an element of a repeated field, in a Vec that doubled its
+/// capacity: twice its struct (messages), 24 bytes twice plus its length (strings and
+/// bytes), 8 bytes twice per number (16 per byte of a packed varint field, a value per
+/// byte at worst; twice its length for packed floats). An error for bytes prost would
+/// refuse too: a truncated field, a bad wire type, nesting too deep.
+pub fn decoded_size_bound(bytes: &[u8]) -> std::result::Result<u64, String> {
+    fn varint(b: &[u8], pos: &mut usize, end: usize) -> std::result::Result<u64, String> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            if *pos >= end {
+                return Err("a number runs past the end of its message".into());
+            }
+            let byte = b[*pos];
+            *pos += 1;
+            v |= u64::from(byte & 0x7f) << shift;
+            if byte < 0x80 {
+                return Ok(v);
+            }
+        }
+        Err("a number longer than 10 bytes".into())
+    }
+    fn skip(pos: &mut usize, n: u64, end: usize) -> std::result::Result<(), String> {
+        match usize::try_from(n).ok().and_then(|n| pos.checked_add(n)) {
+            Some(p) if p <= end => {
+                *pos = p;
+                Ok(())
+            }
+            _ => Err(format!(
+                "a field of {n} bytes runs past the end of its message"
+            )),
+        }
+    }
+    let mut total = struct_bytes(Msg::Model);
+    // Open messages: which, and where each ends.
+    let mut open: Vec<(Msg, usize)> = vec![(Msg::Model, bytes.len())];
+    // Open groups (wire types 3 and 4: unknown fields prost skips, and so do we).
+    let mut groups = 0usize;
+    let mut pos = 0;
+    while let Some(&(msg, end)) = open.last() {
+        if pos == end {
+            if groups > 0 {
+                return Err("a group is not closed".into());
+            }
+            open.pop();
+            continue;
+        }
+        let key = varint(bytes, &mut pos, end)?;
+        let (tag, wire) = (key >> 3, key & 7);
+        if tag == 0 || tag > u64::from(u32::MAX >> 3) {
+            return Err(format!("invalid field number {tag}"));
+        }
+        let f = if groups > 0 {
+            Field::Unknown
+        } else {
+            field(msg, tag)
+        };
+        let cost = match (wire, f) {
+            (0, _) => {
+                varint(bytes, &mut pos, end)?;
+                if matches!(f, Field::Varint) {
+                    16
+                } else {
+                    0
+                }
+            }
+            (1 | 5, _) => {
+                skip(&mut pos, if wire == 1 { 8 } else { 4 }, end)?;
+                if matches!(f, Field::Fixed) {
+                    16
+                } else {
+                    0
+                }
+            }
+            (2, _) => {
+                let len = varint(bytes, &mut pos, end)?;
+                let start = pos;
+                skip(&mut pos, len, end)?;
+                match f {
+                    Field::Msg(child) => {
+                        if open.len() >= NESTING_LIMIT {
+                            // prost's own words first (what the error said before this check).
+                            return Err(format!(
+                                "recursion limit reached: messages nested more than {NESTING_LIMIT} deep"
+                            ));
+                        }
+                        // Its fields are read next, up to its end.
+                        pos = start;
+                        open.push((child, start + len as usize));
+                        2 * struct_bytes(child)
+                    }
+                    Field::Bytes => 48 + len,
+                    Field::Varint => 16 * len,
+                    Field::Fixed => 2 * len,
+                    Field::Unknown => 0,
+                }
+            }
+            (3, _) => {
+                groups += 1;
+                0
+            }
+            (4, _) if groups > 0 => {
+                groups -= 1;
+                0
+            }
+            _ => return Err(format!("invalid wire type {wire} (field {tag})")),
+        };
+        total = total.saturating_add(cost);
+    }
+    Ok(total)
 }
 
 /// Product of dimensions as u128 (no overflow for any i64 list under 2^64 entries
@@ -208,6 +492,33 @@ mod tests {
         );
         let ok = model("ConstantOfShape", &["s"], vec![int64s("s", &[64, 64])]);
         assert!(check_constant_sizes(&ok, "m.onnx").is_ok());
+    }
+
+    #[test]
+    fn a_graph_output_nothing_defines_is_refused() {
+        // What the denoiser_load fuzz target found: tract's parser panicked on it.
+        let mut m = model("Mul", &["x", "x"], vec![]);
+        let g = m.graph.as_mut().unwrap();
+        g.output = vec![pb::ValueInfoProto {
+            name: "{".into(),
+            ..Default::default()
+        }];
+        let e = check_constant_sizes(&m, "m.onnx").unwrap_err().to_string();
+        assert!(e.contains("m.onnx: graph '': output '{' is not"), "{e}");
+        // Defined by a node, an input or an initializer: fine.
+        for defined in ["y", "x0", "s"] {
+            let mut ok = model("Mul", &["x", "x"], vec![int64s("s", &[1])]);
+            let g = ok.graph.as_mut().unwrap();
+            g.input = vec![pb::ValueInfoProto {
+                name: "x0".into(),
+                ..Default::default()
+            }];
+            g.output = vec![pb::ValueInfoProto {
+                name: defined.into(),
+                ..Default::default()
+            }];
+            assert!(check_constant_sizes(&ok, "").is_ok(), "{defined}");
+        }
     }
 
     #[test]

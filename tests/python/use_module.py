@@ -91,6 +91,43 @@ guided = dc.sample(seed=1, steps=10, cond={"encoder_hidden_states": h[:1]}, batc
                    guidance_scale=2.0, uncond={"encoder_hidden_states": np.zeros_like(h[:1])})
 assert guided.shape == (1, 1, 16, 16) and np.isfinite(guided).all()
 
+# Hostile inputs (issue #20): every failure is an Exception subclass (ValueError, OSError,
+# RuntimeError), never pyo3's PanicException (a BaseException) nor an abort. The fuzz
+# seeds and past findings are the files nobody meant to be models; a batch or a step count
+# that cannot be allocated, and arrays whose bytes do not match their shape, the calls.
+def expect_exception(what, call):
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 - any Exception is the point; BaseException is not
+        summary.setdefault("hostile", {})[what] = type(e).__name__
+        return
+    raise AssertionError(f"{what}: no exception")
+
+
+fuzz_files = []
+for folder in ("fuzz/seeds/onnx", "fuzz/regressions/onnx_import", "fuzz/regressions/denoiser_load"):
+    folder = os.path.join(repo, folder)
+    if os.path.isdir(folder):
+        fuzz_files += [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+loaded = 0
+for path in fuzz_files:
+    try:
+        m = tfmqc.Denoiser(path, threads=1)
+        loaded += 1
+        m.timesteps, m.inputs, m.sample_shape  # noqa: B018 - each is a native call
+    except Exception:  # noqa: BLE001
+        pass
+summary["fuzz_files"] = {"files": len(fuzz_files), "loaded": loaded}
+expect_exception("batch 2^60", lambda: d.sample(seed=0, steps=10, batch=1 << 60))
+expect_exception("steps 2^40", lambda: d.sample(seed=0, steps=1 << 40))
+expect_exception("threads 0", lambda: tfmqc.Denoiser(uncond_q, threads=0))
+expect_exception("unknown sampler", lambda: d.sample(seed=0, steps=10, sampler="nope"))
+expect_exception("shape beyond its bytes",
+                 lambda: d._native.denoise(("float32", [1 << 40, 1, 16, 16], b"\0" * 16), t, []))
+expect_exception("unknown dtype", lambda: d._native.denoise(("complex64", [1], b"\0" * 8), t, []))
+expect_exception("trajectory steps 0", lambda: d._native.trajectory("ddim", 0))
+expect_exception("run: bad model", lambda: tfmqc._tfmqc.run(["tfmqc", "inspect", fuzz_files[0]]))
+
 np.savez(os.path.join(work, "calls.npz"), x=x, t=np.int64(t), tc=np.int64(tc), h=h,
          uncond_positional=pos, uncond_keyword=out.sample, cond_positional=posc,
          cond_keyword=kwc.sample)
