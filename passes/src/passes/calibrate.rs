@@ -11,17 +11,19 @@ use std::collections::{BTreeMap, HashMap};
 
 use tfmqc_runtime::engine::Optimize;
 
-use crate::budget::{fit_calibration, CalibrationPlan, MemoryNeed, Part};
+use crate::analysis::budget::{fit_calibration, CalibrationPlan, MemoryNeed, Part};
+use crate::analysis::layer_inputs::{
+    reconstructable_layers, record_picks, LayerColumns, LayerInput,
+};
+use crate::analysis::targets::find_targets;
+use crate::analysis::trajectory::{find_sample_input, recorded_calls, Given, Plan};
+pub use crate::analysis::trajectory::{stand_in, timestep_tensor};
 use crate::error::{Error, Result};
-use crate::exec::Runner;
+use crate::ir::exec::Runner;
 use crate::ir::{Dim, Model, Tensor};
-use crate::layer_inputs::{reconstructable_layers, record_picks, LayerColumns, LayerInput};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
-use crate::pipeline::{Pass, PassContext};
-use crate::targets::find_targets;
-use crate::trajectory::{find_sample_input, recorded_calls, Given, Plan};
-pub use crate::trajectory::{stand_in, timestep_tensor};
+use crate::passes::{Pass, PassContext};
 
 pub struct Calibrate;
 
@@ -100,7 +102,7 @@ impl Pass for Calibrate {
         let targets = find_targets(&cx.model.graph, &cx.options.keep_float);
         let mut values = targets.activation_values();
         // The outputs of quantized Convs too: `--output-qdq` may quantize them.
-        for v in crate::quantize::output_qdq_values(&cx.model.graph, cx.options, &targets) {
+        for v in crate::passes::quantize::output_qdq_values(&cx.model.graph, cx.options, &targets) {
             if !values.contains(&v) {
                 values.push(v);
             }
@@ -185,7 +187,7 @@ fn observe_ranges(
     let mut ranges: Vec<Option<Range>> = vec![None; values.len()];
     let outputs = runner.run_observed(inputs, &mut |k, tensor| {
         let name = &values[k];
-        let v = crate::exec::f32_values(tensor, name)?;
+        let v = crate::ir::exec::f32_values(tensor, name)?;
         if let Some(tap) = &tap {
             // The rows of the kept samples (batch-major values), as if the model had run
             // on the evaluation record alone.
@@ -263,17 +265,17 @@ pub fn calibrate(
                 }
         }
     };
-    crate::budget::check_memory(
+    crate::analysis::budget::check_memory(
         &MemoryNeed {
             phase: "calibrate",
             parts: vec![
                 Part {
                     what: "float model in tract",
-                    bytes: crate::budget::initializer_bytes(model),
+                    bytes: crate::analysis::budget::initializer_bytes(model),
                 },
                 Part {
                     what: "activations of one call",
-                    bytes: crate::budget::activation_peak_bytes(model, batch_guess),
+                    bytes: crate::analysis::budget::activation_peak_bytes(model, batch_guess),
                 },
             ],
             lower_with: "--calib-batch 1 (models with a free batch size) or an export at a smaller sample size",
@@ -375,14 +377,14 @@ pub fn calibrate(
             }
             cal.budget_note = Some(format!(
                 "one call takes {}: {} trajectory batch(es) × {} steps fit --calib-budget {} (asked: {} × {}); give --calib-samples/--calib-steps to choose yourself",
-                crate::budget::human_duration(call_s),
+                crate::analysis::budget::human_duration(call_s),
                 batches,
                 plan.step_counts
                     .iter()
                     .map(|n| n.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
-                crate::budget::human_duration(options.calib_budget_s),
+                crate::analysis::budget::human_duration(options.calib_budget_s),
                 wanted.batches,
                 wanted.steps
             ));
@@ -444,8 +446,8 @@ pub fn calibrate(
     if ran < batches {
         let note = format!(
             "calibration stopped after {ran} of {batches} trajectory batches: calls took {} on average, more than planned, and the next batch would have passed --calib-budget {}",
-            crate::budget::human_duration(cal.call_seconds),
-            crate::budget::human_duration(options.calib_budget_s),
+            crate::analysis::budget::human_duration(cal.call_seconds),
+            crate::analysis::budget::human_duration(options.calib_budget_s),
         );
         cal.budget_note = Some(match cal.budget_note.take() {
             Some(first) => format!("{first}; {note}"),

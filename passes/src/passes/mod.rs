@@ -3,14 +3,21 @@
 //! have run before them (the analyses they read); the manager checks that and can dump
 //! the IR after every pass.
 
+pub mod calibrate;
+pub mod canonicalize;
+pub mod detect_tib;
+pub mod fold_tib;
+pub mod quantize;
+pub mod reparameterize;
+
 use std::time::{Duration, Instant};
 
-use crate::calibrate::Calibration;
+use crate::analysis::tib::TibAnalysis;
 use crate::error::{Error, Result};
 use crate::ir::Model;
 use crate::options::Options;
-use crate::quantize::QuantPlan;
-use crate::tib::TibAnalysis;
+use crate::passes::calibrate::Calibration;
+use crate::passes::quantize::QuantPlan;
 
 /// What passes share: the model, the options, and the analyses computed so far.
 pub struct PassContext<'a> {
@@ -21,11 +28,11 @@ pub struct PassContext<'a> {
     /// Set by `fold-tib`: the value holding each sample's position in S.
     pub step_index: Option<String>,
     /// Set by `fold-tib` under `--tib quant|auto` (TIAR and the table choices).
-    pub tiar: Option<crate::tiar::TiarReport>,
+    pub tiar: Option<crate::passes::fold_tib::tiar::TiarReport>,
     /// Set by `calibrate`.
     pub calibration: Option<Calibration>,
     /// Set by `reparameterize` when TCR ran.
-    pub tcr: Option<crate::reparameterize::TcrReport>,
+    pub tcr: Option<crate::passes::reparameterize::TcrReport>,
     /// Set by `reparameterize` when TCR ran: the float model it rewrote (the same
     /// function as the input; its activations are the ones quantize quantizes, which the
     /// report measures). Cheap: it shares its tensors' bytes with the pipeline's model.
@@ -78,12 +85,12 @@ pub trait Pass {
 /// Every pass tfmqc knows, in the order of the default pipeline.
 pub fn registry() -> Vec<Box<dyn Pass>> {
     vec![
-        Box::new(crate::canonicalize::Canonicalize),
-        Box::new(crate::detect_tib::DetectTib),
-        Box::new(crate::fold_tib::FoldTib),
-        Box::new(crate::calibrate::Calibrate),
-        Box::new(crate::reparameterize::Reparameterize),
-        Box::new(crate::quantize::Quantize),
+        Box::new(crate::passes::canonicalize::Canonicalize),
+        Box::new(crate::passes::detect_tib::DetectTib),
+        Box::new(crate::passes::fold_tib::FoldTib),
+        Box::new(crate::passes::calibrate::Calibrate),
+        Box::new(crate::passes::reparameterize::Reparameterize),
+        Box::new(crate::passes::quantize::Quantize),
     ]
 }
 

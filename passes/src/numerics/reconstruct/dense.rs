@@ -564,7 +564,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconstruct::Rng;
+    use crate::numerics::reconstruct::Rng;
 
     fn naive_nt(a: &[f64], b: &[f64], m: usize, n: usize, p: usize) -> Vec<f64> {
         let mut c = vec![0f64; m * n];
@@ -686,7 +686,7 @@ mod tests {
                         .sum::<f64>();
                 }
             }
-            let l_ref = crate::reconstruct::linalg::cholesky(&spd, n).unwrap();
+            let l_ref = crate::numerics::reconstruct::linalg::cholesky(&spd, n).unwrap();
             for threads in [1, 2] {
                 let mut l = spd.clone();
                 cholesky_in_place(&mut l, n, threads).unwrap();
@@ -712,7 +712,7 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_dense() {
-        let cpu = crate::quant::tests::thread_cpu;
+        let cpu = crate::numerics::quant::tests::thread_cpu;
         let mut rng = Rng::new(1);
         let (m, n, p) = (256, 256, 2048);
         let a: Vec<f64> = (0..m * p).map(|_| rng.normal()).collect();

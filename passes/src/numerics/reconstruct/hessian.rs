@@ -377,7 +377,7 @@ impl Hessian {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconstruct::Rng;
+    use crate::numerics::reconstruct::Rng;
 
     fn columns(k: usize, s: usize, seed: u64) -> Vec<f32> {
         let mut rng = Rng::new(seed);

@@ -33,12 +33,12 @@ use std::collections::{BTreeMap, HashMap};
 use serde::Serialize;
 use tfmqc_runtime::engine::Optimize;
 
+use crate::analysis::targets::find_targets;
 use crate::error::{Error, Result};
-use crate::exec::Runner;
+use crate::ir::exec::Runner;
 use crate::ir::{DType, Graph, Model, Tensor};
 use crate::options::Tcr;
-use crate::pipeline::{Pass, PassContext};
-use crate::targets::find_targets;
+use crate::passes::{Pass, PassContext};
 
 pub struct Reparameterize;
 
@@ -140,7 +140,7 @@ impl Pass for Reparameterize {
             if estimate > AUTO_MAX_SECONDS {
                 cx.note(format!(
                     "TCR off: --tcr auto would take about {} to measure (over {AUTO_MAX_SECONDS} s); --tcr on turns it on unmeasured",
-                    crate::budget::human_duration(estimate)
+                    crate::analysis::budget::human_duration(estimate)
                 ));
                 return Ok(());
             }
@@ -177,7 +177,7 @@ impl Pass for Reparameterize {
         );
         // The ranges and the layer inputs of the first calibration describe the model
         // before the rewrite.
-        crate::calibrate::Calibrate.run(cx)?;
+        crate::passes::calibrate::Calibrate.run(cx)?;
         cx.notes.insert(0, line);
         if mode == Tcr::Auto && !report.balanced.is_empty() {
             let off = trial_sqnr(&before.0, before.1.as_ref().expect("calibrated"), cx)?;
@@ -200,7 +200,11 @@ impl Pass for Reparameterize {
 /// Mean output SQNR (dB, over the steps) of `model` quantized with `cal` as the options
 /// say (no output Q/DQ pairs: their own search measures them), on the int8 runtime,
 /// against the float outputs calibration kept for its records.
-fn trial_sqnr(model: &Model, cal: &crate::calibrate::Calibration, cx: &PassContext) -> Result<f64> {
+fn trial_sqnr(
+    model: &Model,
+    cal: &crate::passes::calibrate::Calibration,
+    cx: &PassContext,
+) -> Result<f64> {
     if cal.record_outputs.len() != cal.records.len() {
         return Err(Error::pass(
             "reparameterize",
@@ -212,8 +216,14 @@ fn trial_sqnr(model: &Model, cal: &crate::calibrate::Calibration, cx: &PassConte
         output_qdq: crate::options::OutputQdq::None,
         ..cx.options.clone()
     };
-    crate::quantize::quantize(&mut m, &options, cal, cx.step_index.as_deref(), cx.progress)?;
-    let per_step = crate::evaluate::output_sqnr_against(
+    crate::passes::quantize::quantize(
+        &mut m,
+        &options,
+        cal,
+        cx.step_index.as_deref(),
+        cx.progress,
+    )?;
+    let per_step = crate::analysis::evaluate::output_sqnr_against(
         &m,
         &cal.records,
         &cal.record_steps,
@@ -500,7 +510,7 @@ pub fn reparameterize(
         for rec in records {
             let inputs = rec.clone().into_iter().collect();
             runner.run_observed(&inputs, &mut |k, t| {
-                let v = crate::exec::f32_values(t, &values[k])?;
+                let v = crate::ir::exec::f32_values(t, &values[k])?;
                 ranks[k] = t.shape().len();
                 channel_absmax(v, t.shape(), cands[&values[k]].0, &mut act[k])
             })?;

@@ -27,16 +27,18 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Serialize;
 
-use crate::calibrate::{Calibration, Range};
+use crate::analysis::layer_inputs::{LayerInput, Unfold};
+use crate::analysis::targets::{find_targets, Targets};
 use crate::error::{Error, Result};
 use crate::ir::{attr, DType, Graph, Model, Tensor};
-use crate::layer_inputs::{LayerInput, Unfold};
+use crate::numerics::quant::{
+    act_clip, act_params, act_params_u8, quantize_weight, sqnr_db, RangeSearch,
+};
+use crate::numerics::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options, OutputQdq, StepGroups};
-use crate::pipeline::{Pass, PassContext};
-use crate::quant::{act_clip, act_params, act_params_u8, quantize_weight, sqnr_db, RangeSearch};
-use crate::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
-use crate::targets::{find_targets, Targets};
+use crate::passes::calibrate::{Calibration, Range};
+use crate::passes::{Pass, PassContext};
 
 pub struct Quantize;
 
@@ -363,7 +365,7 @@ pub fn quantize(
         _ => HashMap::new(),
     };
     check_memory(model, options, &quantized, cal, &reconstructed)?;
-    crate::threads::set_cap(options.threads);
+    crate::numerics::threads::set_cap(options.threads);
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
         .node_indices()
@@ -389,7 +391,7 @@ pub fn quantize(
             0 => String::new(),
             n => format!(
                 ", about {} left",
-                crate::budget::human_duration(
+                crate::analysis::budget::human_duration(
                     clock.elapsed().as_secs_f64() / n as f64 * (quantized.len() - n) as f64
                 )
             ),
@@ -664,7 +666,10 @@ pub fn output_qdq_values(g: &Graph, options: &Options, targets: &Targets) -> Vec
 
 /// (node, output) of every quantized Conv with a weight and a quantized input whose
 /// output is not a graph output (onnxruntime does not fuse one that is).
-fn conv_outputs(g: &Graph, quantized: &[crate::targets::Target]) -> Vec<(String, String)> {
+fn conv_outputs(
+    g: &Graph,
+    quantized: &[crate::analysis::targets::Target],
+) -> Vec<(String, String)> {
     let by_name: HashMap<&str, _> = g
         .node_indices()
         .map(|ix| (g.node(ix).name.as_str(), ix))
@@ -701,7 +706,7 @@ fn dq_scale(g: &Graph, value: &str) -> Option<Vec<f32>> {
 /// onnxruntime fuses a Conv (QLinearConv) or Gemm (QGemm) only when every input comes from
 /// DequantizeLinear, the bias as int32. The bias moves by at most half a step of the
 /// accumulator (s_x · s_w[c] / 2). Returns how many were rewritten.
-fn int32_biases(g: &mut Graph, quantized: &[crate::targets::Target]) -> Result<usize> {
+fn int32_biases(g: &mut Graph, quantized: &[crate::analysis::targets::Target]) -> Result<usize> {
     let mut done = 0;
     for t in quantized {
         if !(t.op == "Conv" || t.op == "Gemm") || t.weight.is_none() {
@@ -807,7 +812,7 @@ fn output_qdq(
     model: &mut Model,
     options: &Options,
     cal: &Calibration,
-    quantized: &[crate::targets::Target],
+    quantized: &[crate::analysis::targets::Target],
     steps: &[i64],
     plan: &mut QuantPlan,
     progress: &dyn Fn(&str),
@@ -910,7 +915,8 @@ fn choose_output_qdq(
         let records: Vec<_> = on.iter().map(|&i| cal.records[i].clone()).collect();
         let steps: Vec<i64> = on.iter().map(|&i| cal.record_steps[i]).collect();
         let reference: Vec<Tensor> = on.iter().map(|&i| cal.record_outputs[i].clone()).collect();
-        let per_step = crate::evaluate::output_sqnr_against(&m, &records, &steps, &reference)?;
+        let per_step =
+            crate::analysis::evaluate::output_sqnr_against(&m, &records, &steps, &reference)?;
         Ok(per_step.iter().map(|s| s.sqnr_db).sum::<f64>() / per_step.len().max(1) as f64)
     };
     let measure = |chosen: &[usize]| measure_on(&pick, chosen);
@@ -920,7 +926,7 @@ fn choose_output_qdq(
     if cal.call_seconds * calls > OUTPUT_QDQ_MAX_SECONDS {
         return Ok(Err(format!(
             "no output Q/DQ: measuring the cost of each of {n} Convs would take over {} ({} calls of {:.1} s); --output-qdq all adds them all, at a cost in output SQNR",
-            crate::budget::human_duration(cal.call_seconds * calls),
+            crate::analysis::budget::human_duration(cal.call_seconds * calls),
             calls as u64,
             cal.call_seconds
         )));
@@ -931,7 +937,7 @@ fn choose_output_qdq(
     if estimate > OUTPUT_QDQ_MAX_SECONDS {
         return Ok(Err(format!(
             "no output Q/DQ: measuring the cost of each of {n} Convs would take about {} (over {OUTPUT_QDQ_MAX_SECONDS} s); --output-qdq all adds them all, at a cost in output SQNR",
-            crate::budget::human_duration(estimate)
+            crate::analysis::budget::human_duration(estimate)
         )));
     }
     let mut costs = vec![0f64; n];
@@ -992,7 +998,7 @@ fn activation_ranges(
         out.insert(a.clone(), r);
     }
     if options.act_range_mse && !options.baseline_minmax {
-        crate::clip_search::shrink_to_mse(model, cal, &mut out, members)?;
+        crate::analysis::clip_search::shrink_to_mse(model, cal, &mut out, members)?;
     }
     Ok(out)
 }
@@ -1036,7 +1042,7 @@ pub(crate) fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
 fn check_memory(
     model: &Model,
     options: &Options,
-    targets: &[crate::targets::Target],
+    targets: &[crate::analysis::targets::Target],
     cal: &Calibration,
     reconstructed: &HashMap<String, usize>,
 ) -> Result<()> {
@@ -1062,15 +1068,15 @@ fn check_memory(
         }
         layer_peak = layer_peak.max(need);
     }
-    crate::budget::check_memory(
-        &crate::budget::MemoryNeed {
+    crate::analysis::budget::check_memory(
+        &crate::analysis::budget::MemoryNeed {
             phase: "quantize",
             parts: vec![
-                crate::budget::Part {
+                crate::analysis::budget::Part {
                     what: "largest layer's rounding",
                     bytes: layer_peak,
                 },
-                crate::budget::Part {
+                crate::analysis::budget::Part {
                     what: "int8 weights",
                     bytes: int8,
                 },
@@ -1082,7 +1088,7 @@ fn check_memory(
 }
 
 /// The rounding of one weight against its layer's inputs `h` (never worse than RTN in
-/// [`crate::reconstruct::output_error`] with `h`: the block-diagonal error when `h` is
+/// [`crate::numerics::reconstruct::output_error`] with `h`: the block-diagonal error when `h` is
 /// blocked).
 fn reconstruct_weight(
     w: &[f32],
@@ -1091,10 +1097,12 @@ fn reconstruct_weight(
     scales: &[f32],
     options: &Options,
     h: &Hessian,
-) -> crate::reconstruct::Reconstructed {
-    use crate::reconstruct::{adaround_hessian, gptq, never_worse_than_rtn, AdaRoundOpts};
+) -> crate::numerics::reconstruct::Reconstructed {
+    use crate::numerics::reconstruct::{
+        adaround_hessian, gptq, never_worse_than_rtn, AdaRoundOpts,
+    };
     let (rows, n, k) = to_rows(w, shape, axis);
-    let qmax = crate::quant::weight_qmax(options.weight_bits) as i32;
+    let qmax = crate::numerics::quant::weight_qmax(options.weight_bits) as i32;
     let candidate = match options.reconstruct {
         Reconstruct::None => None,
         Reconstruct::Gptq => Some(gptq(&rows, n, k, h, scales, qmax, 0.01, 128)),
@@ -1222,7 +1230,7 @@ pub(crate) fn insert_qdq(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconstruct::{dequantize, gptq, output_error, rtn};
+    use crate::numerics::reconstruct::{dequantize, gptq, output_error, rtn};
 
     /// The cost of GPTQ on a block-diagonal H, layer by layer on real inputs: each weight
     /// layer of the model (W4, Lp scales) rounded by GPTQ with its exact H and with the
@@ -1240,17 +1248,17 @@ mod tests {
             let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../models")
                 .join(format!("{name}.onnx"));
-            let model = crate::onnx::load(&path).unwrap();
+            let model = crate::ir::onnx::load(&path).unwrap();
             let options = Options {
                 timesteps: Some("ddim:50".into()),
                 weight_bits: 4,
                 ..Options::default()
             };
-            let mut cx = crate::pipeline::PassContext::new(model, &options);
+            let mut cx = crate::passes::PassContext::new(model, &options);
             let passes =
-                crate::pipeline::parse_pipeline("canonicalize,detect-tib,fold-tib,calibrate")
+                crate::passes::parse_pipeline("canonicalize,detect-tib,fold-tib,calibrate")
                     .unwrap();
-            crate::pipeline::run_pipeline(&mut cx, &passes, &mut |_, _, _| Ok(())).unwrap();
+            crate::passes::run_pipeline(&mut cx, &passes, &mut |_, _, _| Ok(())).unwrap();
             let cal = cx.calibration.clone().unwrap();
             let columns = cal.layer_columns.clone().expect("layer inputs sampled");
             let quantized = find_targets(&cx.model.graph, &options.keep_float).quantized;
@@ -1260,7 +1268,7 @@ mod tests {
                 .enumerate()
                 .map(|(i, l)| (l.node.as_str(), i))
                 .collect();
-            let qmax = crate::quant::weight_qmax(4) as i32;
+            let qmax = crate::numerics::quant::weight_qmax(4) as i32;
             let (mut e_rtn, mut e_exact) = (0f64, 0f64);
             let mut e_blocked = vec![0f64; blocks.len()];
             let (mut layers, mut kmax) = (0, 0);

@@ -10,7 +10,7 @@
 //! activations passes the gradient straight through inside its range (STE) and stops it
 //! where the value is clipped.
 
-use crate::quant::fake_quant_u8;
+use crate::numerics::quant::fake_quant_u8;
 
 /// A row-major matrix; `rows == 1` broadcasts over rows and `width == 1` over columns.
 #[derive(Clone, Debug, PartialEq)]
@@ -479,7 +479,7 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconstruct::Rng;
+    use crate::numerics::reconstruct::Rng;
 
     fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| rng.normal() as f32 * scale).collect()
@@ -676,7 +676,7 @@ mod tests {
     fn rounding_variable_gradient_matches_finite_differences_through_the_network() {
         // ∂L/∂V = (∂L/∂Ŵ · s · clamp mask + ∂reg/∂h) · dh/dV, checked end to end on the
         // soft-rounded weights of every layer, regulariser on (after the warm-up).
-        use crate::reconstruct::{AdaRoundOpts, SoftRounding};
+        use crate::numerics::reconstruct::{AdaRoundOpts, SoftRounding};
         let mut rng = Rng::new(11);
         let net = small_net(&mut rng, None);
         let rows: Vec<usize> = (0..net.steps).collect();

@@ -1257,7 +1257,7 @@ fn threads_for(work: usize) -> usize {
     if work < (1 << 21) {
         return 1;
     }
-    crate::threads::available().min(MAX_THREADS)
+    crate::numerics::threads::available().min(MAX_THREADS)
 }
 
 /// Calls `f(first_row, rows)` on contiguous row chunks of `out` (rows of `len`), on
@@ -2081,7 +2081,7 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_gptq_sd_scale() {
-        let cpu = crate::quant::tests::process_cpu;
+        let cpu = crate::numerics::quant::tests::process_cpu;
         for (n, k) in [(1280usize, 11_520usize), (1280, 23_040)] {
             let mut rng = Rng::new(k as u64);
             let w: Vec<f32> = (0..n * k)
