@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tfmqc_runtime::engine::Optimize;
 
+use crate::analysis::quant_plan::QuantPlan;
 use crate::error::Result;
 use crate::ir::exec::Runner;
 use crate::ir::{Model, Tensor};
 use crate::numerics::quant::{act_clip, fake_quant_u8, sqnr_from_sums};
-use crate::passes::quantize::QuantPlan;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct StepSqnr {

@@ -661,7 +661,7 @@ pub(crate) mod tests {
 
     /// Deterministic test data: normal values with a few outliers (SplitMix64 + Box–Muller).
     fn channel(n: usize, seed: u64, outliers: usize) -> Vec<f32> {
-        let mut rng = crate::numerics::reconstruct::Rng::new(seed);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(seed);
         let mut v: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();
         for _ in 0..outliers {
             let i = rng.below(n);
@@ -673,7 +673,7 @@ pub(crate) mod tests {
     #[test]
     fn pow24_approx_is_within_its_bound() {
         let mut worst = 0f64;
-        let mut rng = crate::numerics::reconstruct::Rng::new(5);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(5);
         let mut check = |d: f32| {
             let exact = (d as f64).powf(LP_NORM);
             let approx = pow24_approx::<false>(d) as f64;
@@ -829,7 +829,7 @@ pub(crate) mod tests {
 
     #[test]
     fn weights_equal_the_reference_search_when_channels_are_short() {
-        let mut rng = crate::numerics::reconstruct::Rng::new(11);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(11);
         for (shape, axis) in [
             (vec![32usize, 16, 3, 3], 0),
             (vec![128usize, 64], 1),
@@ -891,7 +891,7 @@ pub(crate) mod tests {
 
     #[test]
     fn threads_give_the_same_weights_as_one_thread() {
-        let mut rng = crate::numerics::reconstruct::Rng::new(3);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(3);
         for (shape, axis) in [
             (vec![64usize, 40, 3, 3], 0),
             (vec![300usize, 70], 1),
@@ -920,7 +920,7 @@ pub(crate) mod tests {
     fn bench_lp_search_sd15() {
         let layers = super::sd15::layers();
         let total: usize = layers.iter().map(|l| l.n * l.k).sum();
-        let mut rng = crate::numerics::reconstruct::Rng::new(1);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(1);
         let (mut t1, mut t2, mut c2) = (0f64, 0f64, 0f64);
         let (mut short_w, mut long_w) = (0usize, 0usize);
         let (mut err_fast, mut err_ref, mut err_mm) = (0f64, 0f64, 0f64);

@@ -24,6 +24,7 @@
 //! Cholesky, solves, inverses) is the reference they are tested against.
 
 use std::thread;
+use tfmqc_runtime::rng::SplitMix64;
 
 pub(crate) mod dense;
 mod hessian;
@@ -853,7 +854,7 @@ impl<'a> AdaState<'a> {
     }
 
     /// `self.g = ∂L_rec/∂Ŵ` from `self.d`; returns L_rec.
-    fn rec_grad(&mut self, obj: &Objective, rng: &mut Rng) -> f64 {
+    fn rec_grad(&mut self, obj: &Objective, rng: &mut SplitMix64) -> f64 {
         let (n, k) = (self.n, self.k);
         match obj {
             Objective::Gram { hs } => {
@@ -939,7 +940,7 @@ impl<'a> AdaState<'a> {
     }
 
     fn run(&mut self, obj: &Objective, opts: &AdaRoundOpts) {
-        let mut rng = Rng::new(opts.seed);
+        let mut rng = SplitMix64::new(opts.seed);
         let iters = opts.iters;
         let warm = (opts.warmup.clamp(0.0, 1.0) as f64 * iters as f64) as usize;
         for it in 0..iters {
@@ -1211,41 +1212,6 @@ pub fn never_worse_than_rtn(
                 fell_back: false,
             }
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------
-// Small deterministic PRNG (mini-batch sampling; test data)
-// ---------------------------------------------------------------------------------------
-
-/// SplitMix64.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng(seed)
-    }
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in [0, 1).
-    pub fn uniform(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
-    }
-    /// Uniform integer in [0, n).
-    pub fn below(&mut self, n: usize) -> usize {
-        ((self.next_u64() as u128 * n as u128) >> 64) as usize
-    }
-    /// Standard normal (Box–Muller).
-    pub fn normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.uniform();
-        let u2 = self.uniform();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
     }
 }
 
@@ -1606,7 +1572,7 @@ mod tests {
     /// A random layer: W [n, k] with a few large weights, inputs X [k, s] correlated
     /// through a low-rank mix plus noise and per-feature offsets.
     fn layer(n: usize, k: usize, s: usize, rank: usize, seed: u64) -> (Vec<f32>, Vec<f32>) {
-        let mut rng = Rng::new(seed);
+        let mut rng = SplitMix64::new(seed);
         let w: Vec<f32> = (0..n * k)
             .map(|_| (rng.normal() * 0.1 / (k as f64).sqrt()) as f32)
             .collect();
@@ -1688,7 +1654,7 @@ mod tests {
         w[3] = scales[0] * 9.4;
         let mut ada = AdaState::new(&w, n, k, &scales, qmax);
         // Put every h strictly inside (0, 1), away from the kinks.
-        let mut rng = Rng::new(3);
+        let mut rng = SplitMix64::new(3);
         for e in ada.el.iter_mut() {
             let h = 0.1 + 0.8 * rng.uniform() as f32;
             let p = (h + 0.1) / 1.2;
@@ -1708,7 +1674,7 @@ mod tests {
             };
             let obj = Objective::new(&x, k, s, None, &opts);
             ada.forward();
-            let mut rng = Rng::new(0);
+            let mut rng = SplitMix64::new(0);
             ada.rec_grad(&obj, &mut rng);
             let mut g = vec![0f32; n * k];
             ada.grad_v(reg, &mut g);
@@ -1833,7 +1799,7 @@ mod tests {
     #[test]
     fn gptq_with_identity_hessian_is_rtn() {
         for (n, k, qmax, block) in [(7, 33, 7, 8), (16, 130, 127, 128), (3, 5, 1, 2)] {
-            let mut rng = Rng::new(n as u64 * 31 + k as u64);
+            let mut rng = SplitMix64::new(n as u64 * 31 + k as u64);
             let w: Vec<f32> = (0..n * k).map(|_| rng.normal() as f32).collect();
             let scales = minmax_scales(&w, n, k, qmax);
             let mut h = vec![0f64; k * k];
@@ -2083,7 +2049,7 @@ mod tests {
     fn bench_gptq_sd_scale() {
         let cpu = crate::numerics::quant::tests::process_cpu;
         for (n, k) in [(1280usize, 11_520usize), (1280, 23_040)] {
-            let mut rng = Rng::new(k as u64);
+            let mut rng = SplitMix64::new(k as u64);
             let w: Vec<f32> = (0..n * k)
                 .map(|_| (rng.normal() / (k as f64).sqrt()) as f32)
                 .collect();
@@ -2257,7 +2223,7 @@ mod tests {
 
     #[test]
     fn matmul_kernels_match_naive() {
-        let mut rng = Rng::new(8);
+        let mut rng = SplitMix64::new(8);
         for (m, p, q) in [
             (1, 1, 1),
             (5, 7, 9),
@@ -2337,7 +2303,7 @@ mod tests {
         assert!(cholesky(&[1.0, 2.0, 2.0, 1.0], 2).is_err());
         // Larger random SPD: inverse times A is the identity; invert_lower is exact.
         let n = 40;
-        let mut rng = Rng::new(1);
+        let mut rng = SplitMix64::new(1);
         let g: Vec<f64> = (0..n * n).map(|_| rng.normal()).collect();
         let mut spd = vec![0f64; n * n];
         for i in 0..n {
@@ -2378,7 +2344,7 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_kernels() {
-        let mut rng = Rng::new(1);
+        let mut rng = SplitMix64::new(1);
         for (m, p, q) in [(64, 576, 576), (256, 1152, 1152), (256, 256, 1152)] {
             let a: Vec<f32> = (0..m * p).map(|_| rng.normal() as f32).collect();
             let b: Vec<f32> = (0..p * q).map(|_| rng.normal() as f32).collect();
@@ -2410,7 +2376,7 @@ mod tests {
             let obj = Objective::new(&x, k, s, None, &opts);
             let mut ada = AdaState::new(&w, n, k, &scales, 7);
             ada.threads = 1;
-            let mut rng = Rng::new(0);
+            let mut rng = SplitMix64::new(0);
             let reg = Reg {
                 on: true,
                 lambda: 0.01,

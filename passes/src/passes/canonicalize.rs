@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use crate::error::{Error, Result};
 use crate::ir::exec::{dim_from_tract, dtype_from_tract, from_tract};
 use crate::ir::{Dim, Graph, Model, Node, Tensor, ValueInfo};
-use crate::passes::{Pass, PassContext};
+use crate::passes::{Analysis, Pass, PassContext};
 
 pub struct Canonicalize;
 
@@ -30,6 +30,10 @@ impl Pass for Canonicalize {
     }
     fn summary(&self) -> &'static str {
         "Constant nodes to initializers, constant folding, shape inference, dead code removal"
+    }
+    /// Folding and dead-code removal may remove the nodes and values they name.
+    fn invalidates(&self) -> &'static [Analysis] {
+        &[Analysis::Tib, Analysis::Calibration]
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
         let stats = canonicalize(&mut cx.model)?;

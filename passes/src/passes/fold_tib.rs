@@ -22,8 +22,8 @@ use crate::error::{Error, Result};
 use crate::ir::exec::Runner;
 use crate::ir::{attr, DType, Dim, Model, Node, Tensor, ValueInfo};
 use crate::numerics::table_quant::{self, TableChoice, TableForm, TablePrecision};
-use crate::options::{meta, timestep_set, TibMode};
-use crate::passes::{Pass, PassContext};
+use crate::options::{meta, timestep_set, Options, TibMode};
+use crate::passes::{Analysis, Pass, PassContext};
 
 pub struct FoldTib;
 
@@ -34,11 +34,11 @@ impl Pass for FoldTib {
     fn summary(&self) -> &'static str {
         "Replace the TIB by exact lookup tables over the time-step set S (--tib lut), or quantize it with TIAR (--tib quant|auto)"
     }
-    fn requires(&self) -> &'static [&'static str] {
-        &["detect-tib"]
+    fn requires(&self, _options: &Options) -> Vec<Analysis> {
+        vec![Analysis::Tib]
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
-        let tib = cx.tib.clone().expect("checked by requires");
+        let tib = cx.tib()?.clone();
         let set = timestep_set(&cx.model, cx.options)?;
         if cx.options.tib != TibMode::Lut {
             // --tib quant|auto: TIAR, then tables only where chosen (tiar.rs).

@@ -25,8 +25,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
-
 use crate::analysis::layer_inputs::{LayerInput, Unfold};
 use crate::analysis::targets::{find_targets, Targets};
 use crate::error::{Error, Result};
@@ -38,88 +36,19 @@ use crate::numerics::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options, OutputQdq, StepGroups};
 use crate::passes::calibrate::{Calibration, Range};
-use crate::passes::{Pass, PassContext};
+use crate::passes::{Analysis, Pass, PassContext};
+
+pub use crate::analysis::quant_plan::{
+    group_of, ActParams, LayerReport, OutputQdqChoice, QuantPlan,
+};
 
 pub struct Quantize;
-
-/// Activation quantization parameters of one value: one (scale, zero point) per group of
-/// consecutive steps of S (group of the step at position i: `i · groups.len() / |S|`).
-#[derive(Clone, Debug, Serialize)]
-pub struct ActParams {
-    pub value: String,
-    pub groups: Vec<(f32, u8)>,
-    /// Mean gain in quantization SNR over the visited steps of these groups against one
-    /// set of scales (dB, from the calibrated ranges); 0 with one group.
-    pub gain_db: f64,
-}
 
 /// `--step-groups auto`: an activation gets per-step scales only when they lower its
 /// quantization noise, averaged over the visited steps, by at least this (dB).
 pub const AUTO_GROUPS_MIN_GAIN_DB: f64 = 0.5;
 /// `--step-groups auto`: the coarsest grouping whose gain is within this of the finest's.
 pub const AUTO_GROUPS_SLACK_DB: f64 = 0.25;
-
-#[derive(Clone, Debug, Serialize)]
-pub struct LayerReport {
-    pub node: String,
-    pub op: String,
-    pub weight: Option<String>,
-    pub weight_sqnr_db: Option<f64>,
-    /// Output error ||ŴX − WX||² on the calibration inputs, round-to-nearest and after
-    /// reconstruction (when it ran), and the seconds it took.
-    pub output_error_rtn: Option<f64>,
-    pub output_error_reconstructed: Option<f64>,
-    pub reconstruct_seconds: Option<f64>,
-    pub activations: Vec<String>,
-}
-
-/// What quantize did, for reports and evaluation.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct QuantPlan {
-    pub weight_bits: u32,
-    pub act_bits: u32,
-    /// The most groups any activation has (1: every scale is constant).
-    pub step_groups: usize,
-    /// The time-step set S, in the order of fold-tib's index.
-    pub timesteps: Vec<i64>,
-    /// Activations with per-step scales.
-    pub per_step_activations: usize,
-    pub layers: Vec<LayerReport>,
-    pub activations: Vec<ActParams>,
-    pub kept_float: Vec<(String, String)>,
-    /// Conv and Gemm biases written as int32 with the product scale (what onnxruntime's
-    /// int8 fusion needs).
-    pub int32_biases: usize,
-    /// `--output-qdq`: the quantized Convs considered for a Q/DQ pair on their output.
-    pub output_qdq: Vec<OutputQdqChoice>,
-    /// How the output pairs were chosen (for the summary).
-    pub output_qdq_note: Option<String>,
-}
-
-/// One Conv considered by `--output-qdq`.
-#[derive(Clone, Debug, Serialize)]
-pub struct OutputQdqChoice {
-    pub node: String,
-    pub value: String,
-    /// Mean output SQNR (dB, calibration records) this pair alone costs (`auto` only).
-    pub cost_db: Option<f64>,
-    pub chosen: bool,
-}
-
-impl QuantPlan {
-    /// The (scale, zero point) `act` uses at step `t` (its first group for a `t` outside
-    /// S, which the quantized model refuses).
-    pub fn params_at(&self, act: &ActParams, t: i64) -> (f32, u8) {
-        let i = self.timesteps.iter().position(|&s| s == t).unwrap_or(0);
-        act.groups[group_of(i, act.groups.len(), self.timesteps.len().max(1))]
-    }
-}
-
-/// The group of the step at position `i` of S (|S| = `len`) among `groups` groups of
-/// consecutive steps — the integer arithmetic the graph does.
-pub fn group_of(i: usize, groups: usize, len: usize) -> usize {
-    i * groups / len
-}
 
 /// The steps of S (|S| = `set.len()`) in each of `groups` groups of consecutive steps.
 fn members(set: &[i64], groups: usize) -> Vec<Vec<i64>> {
@@ -203,11 +132,15 @@ impl Pass for Quantize {
     fn summary(&self) -> &'static str {
         "Per-channel weights with Lp range search; QDQ activations with FSC scales"
     }
-    fn requires(&self) -> &'static [&'static str] {
-        &["calibrate"]
+    fn requires(&self, options: &Options) -> Vec<Analysis> {
+        let mut needs = vec![Analysis::Calibration];
+        if crate::passes::quantize_needs_step_index(options) {
+            needs.push(Analysis::StepIndex);
+        }
+        needs
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
-        let cal = cx.calibration.clone().expect("checked by requires");
+        let cal = cx.calibration()?.clone();
         let plan = quantize(
             &mut cx.model,
             cx.options,

@@ -24,81 +24,21 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use serde::Serialize;
-
 use crate::analysis::tib::TibAnalysis;
 use crate::error::Result;
 use crate::ir::{attr, DType, Model, Tensor};
 use crate::numerics::quant::{act_params_u8, quantize_weight, weight_qmax, RangeSearch};
-use crate::numerics::reconstruct::{AdaRoundOpts, Rng, SoftRounding};
+use crate::numerics::reconstruct::{AdaRoundOpts, SoftRounding};
 use crate::numerics::tib_net::{cosine, Layer, Mat, Op, TibNet};
 use crate::options::{Options, TibMode};
 use crate::passes::fold_tib::{evaluate_tables, fold_tables};
 use crate::passes::PassContext;
+use tfmqc_runtime::rng::SplitMix64;
 
 /// Time steps per TIAR step when S is larger (sampled without replacement each step).
 const TIAR_BATCH: usize = 256;
 
-/// One TIB linear layer after TIAR.
-#[derive(Clone, Debug, Serialize)]
-pub struct TiarLayer {
-    pub node: String,
-    pub weight: String,
-    pub out_features: usize,
-    pub in_features: usize,
-    /// uint8 (scale, zero point) of its input; `None` with `--act-bits 32`.
-    pub act: Option<(f32, u8)>,
-    /// Roundings TIAR changed from round-to-nearest.
-    pub flipped: usize,
-    /// Quantized in the output (false: only tables read it).
-    pub in_output: bool,
-}
-
-/// One frontier value: the table or the quantized TIB, and what each costs.
-#[derive(Clone, Debug, Serialize)]
-pub struct FrontierChoice {
-    pub value: String,
-    /// `table` or `quantized`.
-    pub choice: String,
-    /// Bytes of its table `[|S|, ...]` (f32).
-    pub table_bytes: u64,
-    /// Temporal-feature error of the quantized TIB, round-to-nearest and after TIAR:
-    /// cosine similarity per t in S (order of `TiarReport::timesteps`), its minimum, and
-    /// the relative MSE Σ||ê − e||² / Σ||e||² over S.
-    pub cosine_rtn: Vec<f64>,
-    pub cosine_tiar: Vec<f64>,
-    pub cosine_min_rtn: f64,
-    pub cosine_min_tiar: f64,
-    pub rel_mse_rtn: f64,
-    pub rel_mse_tiar: f64,
-}
-
-/// What `--tib quant|auto` did (report JSON `tib`).
-#[derive(Clone, Debug, Serialize)]
-pub struct TiarReport {
-    pub mode: String,
-    pub timesteps: Vec<i64>,
-    pub weight_bits: u32,
-    pub act_bits: u32,
-    pub iters: usize,
-    /// TIAR's loss (mean over t of the summed squared frontier error) with
-    /// round-to-nearest weights and with TIAR's rounding (the one kept is the lower).
-    pub loss_rtn: f64,
-    pub loss_tiar: f64,
-    /// True when TIAR did not beat round-to-nearest and RTN was kept.
-    pub kept_rtn: bool,
-    pub seconds: f64,
-    /// The table budget (`--lut-budget`, else 10 % of `quantized_model_bytes`).
-    pub lut_budget_bytes: u64,
-    /// Estimated bytes of the quantized model without TIB tables: quantized weights at
-    /// one byte a value (as stored), every other initializer as it is.
-    pub quantized_model_bytes: u64,
-    pub table_bytes: u64,
-    pub layers: Vec<TiarLayer>,
-    pub frontier: Vec<FrontierChoice>,
-    /// Set when the TIB could not be quantized and was tabled instead.
-    pub fallback: Option<String>,
-}
+pub use crate::analysis::reports::{FrontierChoice, TiarLayer, TiarReport};
 
 /// A TIB op TIAR cannot differentiate (or a structure it cannot follow).
 #[derive(Debug)]
@@ -494,7 +434,7 @@ pub fn tiar(net: &TibNet, targets: &[Mat], qmax: i32, opts: &AdaRoundOpts) -> Ve
         .map(|l| SoftRounding::new(&l.w, l.n, l.k, &l.scales, qmax))
         .collect();
     let mut ws: Vec<Vec<f32>> = net.layers.iter().map(|l| vec![0.0; l.n * l.k]).collect();
-    let mut rng = Rng::new(opts.seed);
+    let mut rng = SplitMix64::new(opts.seed);
     let mut idx: Vec<usize> = (0..net.steps).collect();
     let batch = net.steps.min(TIAR_BATCH);
     let all_targets = batch == net.steps;
