@@ -507,6 +507,39 @@ pub fn sqnr_from_sums(signal: f64, noise: f64) -> f64 {
 /// The weight layers of a Stable-Diffusion-1.5 UNet (diffusers `UNet2DConditionModel`:
 /// block_out_channels 320/640/1280/1280, layers_per_block 2, cross_attention_dim 768),
 /// for benchmarks at SD scale on synthetic weights.
+/// The weight as rows [N out, K in] (the layout reconstruction works on).
+pub fn to_rows(w: &[f32], shape: &[usize], axis: usize) -> (Vec<f32>, usize, usize) {
+    let n = shape[axis];
+    let k = w.len() / n.max(1);
+    if axis == 0 {
+        return (w.to_vec(), n, k);
+    }
+    // [K, N] (Gemm without transB, MatMul): transpose.
+    let mut out = vec![0f32; w.len()];
+    for i in 0..k {
+        for j in 0..n {
+            out[j * k + i] = w[i * n + j];
+        }
+    }
+    (out, n, k)
+}
+
+/// Back from rows [N, K] to the weight's own layout.
+pub fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
+    if axis == 0 {
+        return q.to_vec();
+    }
+    let n = shape[axis];
+    let k = q.len() / n.max(1);
+    let mut out = vec![0i8; q.len()];
+    for j in 0..n {
+        for i in 0..k {
+            out[i * n + j] = q[j * k + i];
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod sd15 {
     /// One weight: `n` output channels, `k` inputs per channel, `area` = kernel h·w (1 for
@@ -948,7 +981,7 @@ pub(crate) mod tests {
             assert_eq!(a.scales, b.scales);
             // The reference on the first 4 channels of every 8th layer (rows of axis 0).
             if li % 8 == 0 {
-                let (rows, n, k) = crate::passes::quantize::to_rows(&w, &shape, axis);
+                let (rows, n, k) = to_rows(&w, &shape, axis);
                 let qmax = weight_qmax(8);
                 for c in 0..n.min(4) {
                     let v = &rows[c * k..(c + 1) * k];

@@ -333,7 +333,7 @@ pub fn build(
     for (node, w, shape, axis, bias, alpha) in layers_meta {
         let values = g.initializers[&w].to_f32_vec()?;
         let q = quantize_weight(&values, &shape, axis, options.weight_bits, RangeSearch::Lp);
-        let (rows, n, k) = crate::passes::quantize::to_rows(&values, &shape, axis);
+        let (rows, n, k) = crate::numerics::quant::to_rows(&values, &shape, axis);
         layers.push(Layer {
             node,
             n,
@@ -664,7 +664,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             in_output: present.is_some(),
         });
         let Some(ix) = present else { continue };
-        let ints = crate::passes::quantize::from_rows(&q_final[li], shape, *axis);
+        let ints = crate::numerics::quant::from_rows(&q_final[li], shape, *axis);
         let qi = g.add_initializer(
             &format!("{wname}_quantized"),
             Tensor::from_vec(shape.clone(), &ints),
