@@ -44,7 +44,8 @@ impl Pass for Calibrate {
         let targets = find_targets(&cx.model.graph, &cx.options.keep_float);
         let mut values = targets.activation_values();
         // The outputs of quantized Convs too: `--output-qdq` may quantize them.
-        for v in crate::passes::quantize::output_qdq_values(&cx.model.graph, cx.options, &targets) {
+        for v in crate::analysis::targets::output_qdq_values(&cx.model.graph, cx.options, &targets)
+        {
             if !values.contains(&v) {
                 values.push(v);
             }

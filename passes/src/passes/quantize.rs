@@ -25,6 +25,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::analysis::calibration::{Calibration, Range};
 use crate::analysis::layer_inputs::{LayerInput, Unfold};
 use crate::analysis::targets::{find_targets, Targets};
 use crate::error::{Error, Result};
@@ -35,14 +36,13 @@ use crate::numerics::quant::{
 use crate::numerics::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options, OutputQdq, StepGroups};
-use crate::passes::calibrate::{Calibration, Range};
 use crate::passes::{Analysis, Pass, PassContext};
 
 mod output_qdq;
 mod rewrite;
 
+pub use crate::analysis::targets::{conv_outputs, output_qdq_values};
 pub(crate) use crate::numerics::quant::{from_rows, to_rows};
-pub use output_qdq::output_qdq_values;
 use output_qdq::*;
 pub(crate) use rewrite::insert_qdq;
 use rewrite::*;

@@ -3,40 +3,6 @@
 
 use super::*;
 
-/// The outputs of the quantized Convs `--output-qdq` may quantize (calibration observes
-/// them): Convs with a quantized weight and input whose output is not a graph output.
-pub fn output_qdq_values(g: &Graph, options: &Options, targets: &Targets) -> Vec<String> {
-    if options.output_qdq == OutputQdq::None || options.act_bits != 8 || options.baseline_minmax {
-        return vec![];
-    }
-    conv_outputs(g, &targets.quantized)
-        .into_iter()
-        .map(|(_, y)| y)
-        .collect()
-}
-
-/// (node, output) of every quantized Conv with a weight and a quantized input whose
-/// output is not a graph output (onnxruntime does not fuse one that is).
-pub(super) fn conv_outputs(
-    g: &Graph,
-    quantized: &[crate::analysis::targets::Target],
-) -> Vec<(String, String)> {
-    let by_name: HashMap<&str, _> = g
-        .node_indices()
-        .map(|ix| (g.node(ix).name.as_str(), ix))
-        .collect();
-    quantized
-        .iter()
-        .filter(|t| t.op == "Conv" && t.weight.is_some() && !t.activations.is_empty())
-        .filter_map(|t| {
-            let y = by_name
-                .get(t.node.as_str())
-                .map(|&ix| g.node(ix).outputs[0].clone())?;
-            (!g.is_graph_output(&y)).then(|| (t.node.clone(), y))
-        })
-        .collect()
-}
-
 /// Puts a QuantizeLinear/DequantizeLinear pair on the output `y` of a quantized Conv and
 /// makes every reader of `y` read the dequantized value, so that the Conv's only reader
 /// is the QuantizeLinear (what onnxruntime's QDQ Conv fusion asks). When `y` is already
