@@ -398,7 +398,7 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     let passes = match (&args.passes, &args.quant.baseline) {
         (Some(spec), _) => pipeline::parse_pipeline(spec)?,
         // The baseline quantizes the same layers without the TIB treatment.
-        (None, Some(_)) => pipeline::parse_pipeline("canonicalize,detect-tib,calibrate,quantize")?,
+        (None, Some(_)) => pipeline::parse_pipeline(pipeline::BASELINE_PIPELINE)?,
         (None, None) => pipeline::parse_pipeline(&pipeline::default_pipeline().join(","))?,
     };
     if let Some(dir) = &args.dump_dir {
@@ -441,6 +441,10 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
     };
     let mut cx = PassContext::new(model, &opts);
     cx.progress = &show;
+    cx.dumps = pipeline::Dumps {
+        print_after_all: args.print_after_all,
+        dir: args.dump_dir.clone(),
+    };
     let total = passes.len();
     let mut step = 0;
     let mut phases: Vec<(String, f64)> = vec![("load".into(), start.elapsed().as_secs_f64())];
@@ -470,13 +474,6 @@ fn run_pipeline(args: &RunArgs) -> Result<(), Failure> {
             );
             for n in &cx.notes {
                 eprintln!("    {n}");
-            }
-            if args.print_after_all {
-                eprintln!("--- IR after {name} ---\n{}", print::model_text(&cx.model));
-            }
-            if let Some(dir) = &args.dump_dir {
-                let path = dir.join(format!("{step:02}-{name}.txt"));
-                onnx::write_atomic(&path, print::model_text(&cx.model).as_bytes())?;
             }
             Ok(())
         };

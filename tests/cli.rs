@@ -1,4 +1,5 @@
-//! The command line's public behaviour: --print-passes, --dump-dir, --print-after-all,
+//! The command line's public behaviour: --print-passes, --dump-dir (written by the pass
+//! manager: the input, the IR and each analysis after every pass), --print-after-all,
 //! inspect --json, --help.
 
 mod common;
@@ -48,14 +49,26 @@ fn dump_dir_holds_the_ir_after_each_pass() {
     assert_eq!(
         files,
         [
+            "00-input.txt",
             "01-canonicalize.txt",
+            "02-detect-tib.tib.txt",
             "02-detect-tib.txt",
+            "03-fold-tib.step-index.txt",
             "03-fold-tib.txt",
+            "04-calibrate.calibration.txt",
             "04-calibrate.txt",
             "05-reparameterize.txt",
+            "06-quantize.quant-plan.txt",
             "06-quantize.txt"
         ]
     );
+    // The manager writes each analysis as the pass that computed it left it.
+    let tib = std::fs::read_to_string(dumps.join("02-detect-tib.tib.txt")).unwrap();
+    assert!(tib.contains("time-step input: timestep"), "{tib}");
+    let plan = std::fs::read_to_string(dumps.join("06-quantize.quant-plan.txt")).unwrap();
+    assert!(plan.contains("\"weight_bits\": 8"), "{plan}");
+    let input = std::fs::read_to_string(dumps.join("00-input.txt")).unwrap();
+    assert!(!input.contains("tib/table"));
     let quantized = std::fs::read_to_string(dumps.join("06-quantize.txt")).unwrap();
     assert!(quantized.contains("= QuantizeLinear("), "{quantized}");
     let folded = std::fs::read_to_string(dumps.join("03-fold-tib.txt")).unwrap();

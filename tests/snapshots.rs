@@ -132,6 +132,26 @@ fn quantize_trained_ddpm() {
     snapshot("quantize_ddpm_digits", &print::model_text(&m));
 }
 
+/// The bytes of one whole output file (every pass of the default pipeline, TCR on, on
+/// the smallest trained model), as its length and FNV-1a hash: a refactoring that must
+/// not change what tfmqc writes (issue #18) is checked by this line staying put. The bytes
+/// depend on float summation order, so a CPU whose kernels round differently may give
+/// another hash; then this snapshot, not the code, is what to look at first.
+#[test]
+fn output_bytes_of_ddpm_digits() {
+    let dir = tmpdir();
+    let out = dir.path().join("q.onnx");
+    quantize_small("ddpm_digits", &out, "5", &["--tcr", "on"]);
+    let bytes = std::fs::read(&out).unwrap();
+    let fnv1a = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    });
+    snapshot(
+        "output_bytes_ddpm_digits",
+        &format!("{} bytes, FNV-1a 64 {fnv1a:016x}\n", bytes.len()),
+    );
+}
+
 /// The runtime's load-time lowering of the patterns it fuses, on a hand-built QDQ graph:
 /// diffusers' attention (`MatMul` Q·Kᵀ, `Mul` by a constant, `Softmax`, Q/DQ of P,
 /// `MatMul` P·V), guided-diffusion's (`Einsum` forms with P on the right of a transposed

@@ -1,32 +1,25 @@
-//! tfmqc-passes: the IR, ONNX import/export, and the compiler passes (one file each).
+//! tfmqc-passes: the compiler, by role (docs/LAYOUT.md):
+//! - `ir`: the IR, ONNX import/export, tensor files, running IR models on the runtime;
+//! - `passes`: the `Pass` trait, the registry and pipelines (the pass manager), one file
+//!   per pass;
+//! - `analysis`: the results passes hand on (TIB analysis, calibration, targets, …);
+//! - `numerics`: quantizers, range search, reconstruction, the TIB network.
 
-pub mod budget;
-pub mod calibrate;
-pub mod canonicalize;
-pub mod clip_search;
-pub mod detect_tib;
+pub mod analysis;
 pub mod error;
-pub mod evaluate;
-pub mod exec;
-pub mod fold_tib;
 pub mod ir;
-pub mod layer_inputs;
-pub mod npz;
-pub mod onnx;
+pub mod numerics;
 pub mod options;
-pub mod pipeline;
-pub mod quant;
-pub mod quantize;
-pub mod reconstruct;
-pub mod reparameterize;
-pub mod table_quant;
-pub mod targets;
-pub mod tensor_file;
-pub mod threads;
-pub mod tiar;
-pub mod tib;
-pub mod tib_net;
-pub mod trajectory;
+pub mod passes;
+
+// The modules' paths before the role folders (`tfmqc_passes::onnx`, `::quantize`, …), so
+// callers in the CLI, the Python module, tests and benches keep theirs.
+pub use analysis::{budget, clip_search, evaluate, layer_inputs, targets, tib, trajectory};
+pub use ir::{exec, npz, onnx, tensor_file};
+pub use numerics::{quant, reconstruct, table_quant, threads, tib_net};
+pub use passes as pipeline;
+pub use passes::fold_tib::tiar;
+pub use passes::{calibrate, canonicalize, detect_tib, fold_tib, quantize, reparameterize};
 
 pub use error::{Error, Result};
 pub use ir::{Model, Tensor};

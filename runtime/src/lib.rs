@@ -17,6 +17,7 @@ pub mod lower;
 #[cfg(test)]
 mod model_check_tests;
 pub mod observe;
+pub mod rng;
 pub mod sampler;
 pub mod schedule;
 pub mod scheduler;

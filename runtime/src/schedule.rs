@@ -1,6 +1,8 @@
 //! Noise schedules (β, ᾱ per training step) and the seeded noise every sampler draws
 //! from; the samplers themselves are in [`crate::sampler`].
 
+use crate::rng::{SplitMix64, GOLDEN_GAMMA};
+
 /// β schedule families used by diffusion models.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BetaSchedule {
@@ -128,32 +130,30 @@ impl Schedule {
     }
 }
 
-/// Deterministic Gaussian noise (SplitMix64 + Box–Muller): the same seed gives the same
-/// numbers on every platform and version, which a dependency would not promise.
+/// Deterministic Gaussian noise: [`SplitMix64`] (seeded with `seed ^ GOLDEN_GAMMA`) and
+/// Box–Muller pairs, the second value of each pair kept for the next call. The same seed
+/// gives the same numbers on every platform and version, which a dependency would not
+/// promise.
 pub struct NoiseRng {
-    state: u64,
+    rng: SplitMix64,
     spare: Option<f64>,
 }
 
 impl NoiseRng {
     pub fn new(seed: u64) -> NoiseRng {
         NoiseRng {
-            state: seed ^ 0x9e37_79b9_7f4a_7c15,
+            rng: SplitMix64::new(seed ^ GOLDEN_GAMMA),
             spare: None,
         }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.rng.next_u64()
     }
 
     /// Uniform in (0, 1).
     pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        self.rng.uniform_open()
     }
 
     pub fn normal(&mut self) -> f64 {

@@ -4,22 +4,8 @@
 /// Values above this (dB) mean "identical up to float noise"; JSON has no infinity.
 pub const DB_CAP: f64 = 200.0;
 
-/// cos∠(a, b) over all elements; 1 when both are zero.
-pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
-    let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
-    for (&x, &y) in a.iter().zip(b) {
-        ab += x as f64 * y as f64;
-        aa += (x as f64).powi(2);
-        bb += (y as f64).powi(2);
-    }
-    if aa == 0.0 && bb == 0.0 {
-        return 1.0;
-    }
-    if aa == 0.0 || bb == 0.0 {
-        return 0.0;
-    }
-    ab / (aa.sqrt() * bb.sqrt())
-}
+/// cos∠(a, b) over all elements: the compiler's (TIAR's) one, so both report the same.
+pub use tfmqc_passes::tib_net::cosine;
 
 /// Σ(a − b)² / Σa²: the error energy relative to the float value's energy.
 pub fn relative_mse(a: &[f32], b: &[f32]) -> f64 {

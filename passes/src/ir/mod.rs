@@ -2,10 +2,14 @@
 
 pub mod attr;
 pub mod bytes;
+pub mod exec;
 pub mod graph;
 pub mod model;
+pub mod npz;
+pub mod onnx;
 pub mod print;
 pub mod tensor;
+pub mod tensor_file;
 
 pub use bytes::{Bytes, FileSpan};
 pub use graph::{Dim, Edge, Graph, Node, ValueInfo};

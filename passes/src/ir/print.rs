@@ -193,7 +193,7 @@ fn attr_text(a: &pb::AttributeProto) -> String {
         T::Tensor => match a
             .t
             .as_ref()
-            .map(|t| crate::onnx::tensor_from_proto(t, None))
+            .map(|t| crate::ir::onnx::tensor_from_proto(t, None))
         {
             Some(Ok(t)) => format!("tensor{}", tensor_text(&t)),
             _ => "tensor<?>".into(),

@@ -8,9 +8,9 @@
 use std::collections::HashMap;
 
 use crate::error::{Error, Result};
-use crate::exec::{dim_from_tract, dtype_from_tract, from_tract};
+use crate::ir::exec::{dim_from_tract, dtype_from_tract, from_tract};
 use crate::ir::{Dim, Graph, Model, Node, Tensor, ValueInfo};
-use crate::pipeline::{Pass, PassContext};
+use crate::passes::{Analysis, Pass, PassContext};
 
 pub struct Canonicalize;
 
@@ -30,6 +30,10 @@ impl Pass for Canonicalize {
     }
     fn summary(&self) -> &'static str {
         "Constant nodes to initializers, constant folding, shape inference, dead code removal"
+    }
+    /// Folding and dead-code removal may remove the nodes and values they name.
+    fn invalidates(&self) -> &'static [Analysis] {
+        &[Analysis::Tib, Analysis::Calibration]
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
         let stats = canonicalize(&mut cx.model)?;
@@ -82,7 +86,7 @@ fn constant_value(n: &Node) -> Result<Tensor> {
             let t =
                 a.t.as_ref()
                     .ok_or_else(|| err("value attribute holds no tensor"))?;
-            crate::onnx::tensor_from_proto(t, None)?
+            crate::ir::onnx::tensor_from_proto(t, None)?
         }
         "value_float" => Tensor::scalar(a.f),
         "value_int" => Tensor::scalar(a.i),
@@ -111,10 +115,10 @@ fn constants_to_initializers(g: &mut Graph) -> Result<usize> {
 
 /// Replaces every node whose outputs are constant by initializers: those tract's analysis
 /// computed, and those whose inputs are all initializers (large weights are not values in
-/// the analysis — see [`crate::exec::value_facts`] — so e.g. a `Transpose` of a weight is
+/// the analysis — see [`crate::ir::exec::value_facts`] — so e.g. a `Transpose` of a weight is
 /// evaluated here, one node at a time, in the memory of that node).
 fn fold_constants(model: &mut Model) -> Result<usize> {
-    let facts = crate::exec::value_facts(model)?;
+    let facts = crate::ir::exec::value_facts(model)?;
     let mut folded = 0;
     for ix in model.graph.topo_order()? {
         let g = &model.graph;
@@ -146,7 +150,7 @@ fn fold_constants(model: &mut Model) -> Result<usize> {
                     && n.inputs
                         .iter()
                         .all(|i| i.is_empty() || g.initializers.contains_key(i));
-                if !all_constant || input_bytes <= crate::exec::ANALYSIS_CONST_BYTES {
+                if !all_constant || input_bytes <= crate::ir::exec::ANALYSIS_CONST_BYTES {
                     continue;
                 }
                 match evaluate_node(model, ix) {
@@ -194,14 +198,15 @@ fn evaluate_node(model: &Model, ix: petgraph::stable_graph::NodeIndex) -> Option
         ..Default::default()
     };
     let runner =
-        crate::exec::Runner::new(&single, None, tfmqc_runtime::engine::Optimize::Declutter).ok()?;
+        crate::ir::exec::Runner::new(&single, None, tfmqc_runtime::engine::Optimize::Declutter)
+            .ok()?;
     runner.run(&HashMap::new()).ok()
 }
 
 /// Records tract's type and shape of every intermediate value (and fills in graph
 /// inputs/outputs the file left untyped). Returns how many values are typed.
 pub fn infer_types(model: &mut Model) -> Result<usize> {
-    let facts = crate::exec::value_facts(model)?;
+    let facts = crate::ir::exec::value_facts(model)?;
     let g = &mut model.graph;
     // tract invents its own symbol names (`<Sym0>`); map them back to the file's names
     // through the graph inputs, whose dims are named in the file.

@@ -564,7 +564,7 @@ mod simd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconstruct::Rng;
+    use tfmqc_runtime::rng::SplitMix64;
 
     fn naive_nt(a: &[f64], b: &[f64], m: usize, n: usize, p: usize) -> Vec<f64> {
         let mut c = vec![0f64; m * n];
@@ -578,7 +578,7 @@ mod tests {
 
     #[test]
     fn nt_update_matches_naive_in_f32_and_f64() {
-        let mut rng = Rng::new(4);
+        let mut rng = SplitMix64::new(4);
         for (m, n, p) in [
             (1, 1, 1),
             (5, 3, 7),
@@ -613,7 +613,7 @@ mod tests {
 
     #[test]
     fn threads_and_lower_tiles_give_the_same_entries() {
-        let mut rng = Rng::new(9);
+        let mut rng = SplitMix64::new(9);
         let (m, p) = (203, 300);
         let a: Vec<f64> = (0..m * p).map(|_| rng.normal()).collect();
         let mut full = vec![0f64; m * m];
@@ -675,7 +675,7 @@ mod tests {
 
     #[test]
     fn blocked_cholesky_matches_the_reference() {
-        let mut rng = Rng::new(2);
+        let mut rng = SplitMix64::new(2);
         for n in [1, 3, 64, 65, 200] {
             let g: Vec<f64> = (0..n * (n + 5)).map(|_| rng.normal()).collect();
             let mut spd = vec![0f64; n * n];
@@ -686,7 +686,7 @@ mod tests {
                         .sum::<f64>();
                 }
             }
-            let l_ref = crate::reconstruct::linalg::cholesky(&spd, n).unwrap();
+            let l_ref = crate::numerics::reconstruct::linalg::cholesky(&spd, n).unwrap();
             for threads in [1, 2] {
                 let mut l = spd.clone();
                 cholesky_in_place(&mut l, n, threads).unwrap();
@@ -712,8 +712,8 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_dense() {
-        let cpu = crate::quant::tests::thread_cpu;
-        let mut rng = Rng::new(1);
+        let cpu = crate::numerics::quant::tests::thread_cpu;
+        let mut rng = SplitMix64::new(1);
         let (m, n, p) = (256, 256, 2048);
         let a: Vec<f64> = (0..m * p).map(|_| rng.normal()).collect();
         let b: Vec<f64> = (0..n * p).map(|_| rng.normal()).collect();

@@ -288,7 +288,7 @@ impl Given {
             return Ok(Given::default());
         };
         let file = path.display().to_string();
-        let tensors = crate::tensor_file::read_tensors(path)?;
+        let tensors = crate::ir::tensor_file::read_tensors(path)?;
         let inputs: Vec<&str> = model.graph.inputs.iter().map(|i| i.name.as_str()).collect();
         let known = |name: &str| inputs.contains(&name);
         let list = inputs.join(", ");
@@ -838,7 +838,7 @@ impl Plan {
                     0 => String::new(),
                     d => format!(
                         ", about {} left",
-                        crate::budget::human_duration(
+                        crate::analysis::budget::human_duration(
                             clock.elapsed().as_secs_f64() / d as f64 * (total_calls - d) as f64
                         )
                     ),
@@ -912,7 +912,7 @@ pub fn evaluation_records(
     }
     counts.reverse();
     plan.step_counts = counts;
-    let runner = crate::exec::Runner::new(model, None, tfmqc_runtime::engine::Optimize::Full)?;
+    let runner = crate::ir::exec::Runner::new(model, None, tfmqc_runtime::engine::Optimize::Full)?;
     let (mut records, mut steps, mut outputs) = (vec![], vec![], vec![]);
     plan.run(
         model,

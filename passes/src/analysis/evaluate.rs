@@ -6,11 +6,11 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use tfmqc_runtime::engine::Optimize;
 
+use crate::analysis::quant_plan::QuantPlan;
 use crate::error::Result;
-use crate::exec::Runner;
+use crate::ir::exec::Runner;
 use crate::ir::{Model, Tensor};
-use crate::quant::{act_clip, fake_quant_u8, sqnr_from_sums};
-use crate::quantize::QuantPlan;
+use crate::numerics::quant::{act_clip, fake_quant_u8, sqnr_from_sums};
 
 #[derive(Clone, Debug, Serialize)]
 pub struct StepSqnr {
@@ -60,7 +60,7 @@ pub fn output_sqnr_against(
 ) -> Result<Vec<StepSqnr>> {
     let out = vec![quant.graph.outputs[0].name.clone()];
     let b = Runner::int8(quant, Some(&out), Optimize::Full)?;
-    crate::budget::trace_memory("evaluate: quantized model on the int8 runtime");
+    crate::analysis::budget::trace_memory("evaluate: quantized model on the int8 runtime");
     let mut sums: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
     for ((inputs, &t), y) in records.iter().zip(steps).zip(reference) {
         let inputs = inputs.clone().into_iter().collect();
@@ -95,7 +95,7 @@ pub fn activation_sqnr(
     let names: Vec<String> = plan.activations.iter().map(|a| a.value.clone()).collect();
     // Observed while tract runs: no activation outlives its consumers.
     let runner = Runner::observing(float, &names, Optimize::Full)?;
-    crate::budget::trace_memory("evaluate: float model compiled for observation");
+    crate::analysis::budget::trace_memory("evaluate: float model compiled for observation");
     let mut sums = vec![(0f64, 0f64); names.len()];
     for (inputs, &t) in records.iter().zip(steps) {
         runner.run_observed(&inputs.clone().into_iter().collect(), &mut |k, value| {
@@ -104,7 +104,7 @@ pub fn activation_sqnr(
             let sum = &mut sums[k];
             // Below 8 bits the graph clips to the narrower grid before quantizing.
             let (lo, hi) = act_clip(scale, zp, plan.act_bits);
-            for &x in crate::exec::f32_values(value, &act.value)? {
+            for &x in crate::ir::exec::f32_values(value, &act.value)? {
                 sum.0 += (x as f64).powi(2);
                 sum.1 += ((x - fake_quant_u8(x.clamp(lo, hi), scale, zp)) as f64).powi(2);
             }

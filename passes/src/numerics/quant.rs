@@ -54,7 +54,7 @@ pub fn quantize_weight(
     search: RangeSearch,
 ) -> QuantizedWeight {
     let threads = if w.len() >= 1 << 16 {
-        crate::threads::available().min(8)
+        crate::numerics::threads::available().min(8)
     } else {
         1
     };
@@ -507,6 +507,39 @@ pub fn sqnr_from_sums(signal: f64, noise: f64) -> f64 {
 /// The weight layers of a Stable-Diffusion-1.5 UNet (diffusers `UNet2DConditionModel`:
 /// block_out_channels 320/640/1280/1280, layers_per_block 2, cross_attention_dim 768),
 /// for benchmarks at SD scale on synthetic weights.
+/// The weight as rows [N out, K in] (the layout reconstruction works on).
+pub fn to_rows(w: &[f32], shape: &[usize], axis: usize) -> (Vec<f32>, usize, usize) {
+    let n = shape[axis];
+    let k = w.len() / n.max(1);
+    if axis == 0 {
+        return (w.to_vec(), n, k);
+    }
+    // [K, N] (Gemm without transB, MatMul): transpose.
+    let mut out = vec![0f32; w.len()];
+    for i in 0..k {
+        for j in 0..n {
+            out[j * k + i] = w[i * n + j];
+        }
+    }
+    (out, n, k)
+}
+
+/// Back from rows [N, K] to the weight's own layout.
+pub fn from_rows(q: &[i8], shape: &[usize], axis: usize) -> Vec<i8> {
+    if axis == 0 {
+        return q.to_vec();
+    }
+    let n = shape[axis];
+    let k = q.len() / n.max(1);
+    let mut out = vec![0i8; q.len()];
+    for j in 0..n {
+        for i in 0..k {
+            out[i * n + j] = q[j * k + i];
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 pub(crate) mod sd15 {
     /// One weight: `n` output channels, `k` inputs per channel, `area` = kernel h·w (1 for
@@ -661,7 +694,7 @@ pub(crate) mod tests {
 
     /// Deterministic test data: normal values with a few outliers (SplitMix64 + Box–Muller).
     fn channel(n: usize, seed: u64, outliers: usize) -> Vec<f32> {
-        let mut rng = crate::reconstruct::Rng::new(seed);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(seed);
         let mut v: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();
         for _ in 0..outliers {
             let i = rng.below(n);
@@ -673,7 +706,7 @@ pub(crate) mod tests {
     #[test]
     fn pow24_approx_is_within_its_bound() {
         let mut worst = 0f64;
-        let mut rng = crate::reconstruct::Rng::new(5);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(5);
         let mut check = |d: f32| {
             let exact = (d as f64).powf(LP_NORM);
             let approx = pow24_approx::<false>(d) as f64;
@@ -829,7 +862,7 @@ pub(crate) mod tests {
 
     #[test]
     fn weights_equal_the_reference_search_when_channels_are_short() {
-        let mut rng = crate::reconstruct::Rng::new(11);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(11);
         for (shape, axis) in [
             (vec![32usize, 16, 3, 3], 0),
             (vec![128usize, 64], 1),
@@ -867,7 +900,7 @@ pub(crate) mod tests {
         paths.sort();
         let (mut tensors, mut weights, mut kmax) = (0, 0, 0);
         for path in paths {
-            let m = crate::onnx::load(&path).unwrap();
+            let m = crate::ir::onnx::load(&path).unwrap();
             for (name, t) in &m.graph.initializers {
                 if t.dtype != crate::ir::DType::F32 || t.shape.len() < 2 {
                     continue;
@@ -891,7 +924,7 @@ pub(crate) mod tests {
 
     #[test]
     fn threads_give_the_same_weights_as_one_thread() {
-        let mut rng = crate::reconstruct::Rng::new(3);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(3);
         for (shape, axis) in [
             (vec![64usize, 40, 3, 3], 0),
             (vec![300usize, 70], 1),
@@ -920,7 +953,7 @@ pub(crate) mod tests {
     fn bench_lp_search_sd15() {
         let layers = super::sd15::layers();
         let total: usize = layers.iter().map(|l| l.n * l.k).sum();
-        let mut rng = crate::reconstruct::Rng::new(1);
+        let mut rng = tfmqc_runtime::rng::SplitMix64::new(1);
         let (mut t1, mut t2, mut c2) = (0f64, 0f64, 0f64);
         let (mut short_w, mut long_w) = (0usize, 0usize);
         let (mut err_fast, mut err_ref, mut err_mm) = (0f64, 0f64, 0f64);
@@ -948,7 +981,7 @@ pub(crate) mod tests {
             assert_eq!(a.scales, b.scales);
             // The reference on the first 4 channels of every 8th layer (rows of axis 0).
             if li % 8 == 0 {
-                let (rows, n, k) = crate::quantize::to_rows(&w, &shape, axis);
+                let (rows, n, k) = to_rows(&w, &shape, axis);
                 let qmax = weight_qmax(8);
                 for c in 0..n.min(4) {
                     let v = &rows[c * k..(c + 1) * k];

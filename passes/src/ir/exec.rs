@@ -85,9 +85,9 @@ pub const ANALYSIS_CONST_BYTES: usize = 1 << 20;
 
 /// tract's facts (type, shape, constant value) of every value of `model`. Large weights
 /// are given to the analysis as typed inputs, not values (see
-/// [`crate::onnx::to_analysis_proto`]): nothing derived from them is constant here.
+/// [`crate::ir::onnx::to_analysis_proto`]): nothing derived from them is constant here.
 pub fn value_facts(model: &Model) -> Result<HashMap<String, tfmqc_runtime::ValueFact>> {
-    let proto = crate::onnx::to_analysis_proto(model, ANALYSIS_CONST_BYTES)?;
+    let proto = crate::ir::onnx::to_analysis_proto(model, ANALYSIS_CONST_BYTES)?;
     // A model asking for a constant beyond the limit is the user's (exit 1); what tract
     // cannot analyse after that is ours.
     tfmqc_runtime::limits::check_constant_sizes(&proto, "")?;
@@ -104,7 +104,7 @@ impl Runner {
     /// graph outputs. Weights that are views of an external-data file are handed to tract
     /// by reference (it reads them from the file), not copied into the proto first.
     pub fn new(model: &Model, outputs: Option<&[String]>, optimize: Optimize) -> Result<Runner> {
-        let (proto, dir) = crate::onnx::to_engine_proto(model)?;
+        let (proto, dir) = crate::ir::onnx::to_engine_proto(model)?;
         let dir = dir.map(|d| d.to_string_lossy().to_string());
         let engine = Engine::from_proto(&proto, dir.as_deref(), outputs, optimize)
             .map_err(|e| Error::Engine(e.to_string()))?;
@@ -115,7 +115,7 @@ impl Runner {
     /// observer of [`Runner::run_observed`] while it runs (streaming statistics: no
     /// intermediate value outlives its last consumer).
     pub fn observing(model: &Model, observe: &[String], optimize: Optimize) -> Result<Runner> {
-        let (proto, dir) = crate::onnx::to_engine_proto(model)?;
+        let (proto, dir) = crate::ir::onnx::to_engine_proto(model)?;
         let dir = dir.map(|d| d.to_string_lossy().to_string());
         let engine = Engine::from_proto_observing(&proto, dir.as_deref(), observe, optimize)
             .map_err(|e| Error::Engine(e.to_string()))?;
@@ -126,7 +126,7 @@ impl Runner {
     /// Gemms and MatMuls on the int8 kernels with their weights resident as int8 (tract
     /// would otherwise keep every weight dequantized to f32: 4x the bytes).
     pub fn int8(model: &Model, outputs: Option<&[String]>, optimize: Optimize) -> Result<Runner> {
-        let (proto, dir) = crate::onnx::to_engine_proto(model)?;
+        let (proto, dir) = crate::ir::onnx::to_engine_proto(model)?;
         let dir = dir.map(|d| d.to_string_lossy().to_string());
         let (engine, _) = Engine::from_owned_proto_int8(proto, dir.as_deref(), outputs, optimize)
             .map_err(|e| Error::Engine(e.to_string()))?;

@@ -10,7 +10,7 @@
 //! activations passes the gradient straight through inside its range (STE) and stops it
 //! where the value is clipped.
 
-use crate::quant::fake_quant_u8;
+use crate::numerics::quant::fake_quant_u8;
 
 /// A row-major matrix; `rows == 1` broadcasts over rows and `width == 1` over columns.
 #[derive(Clone, Debug, PartialEq)]
@@ -462,7 +462,8 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Cosine similarity of two equally long vectors (1 when both are zero).
+/// Cosine similarity of two equally long vectors, accumulated in f64: 1 when both are
+/// zero, 0 when one is. The one `cosine` of tfmqc (`tfmqc eval` reports it too).
 pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
     let (mut ab, mut aa, mut bb) = (0f64, 0f64, 0f64);
     for (&x, &y) in a.iter().zip(b) {
@@ -479,17 +480,17 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconstruct::Rng;
+    use tfmqc_runtime::rng::SplitMix64;
 
-    fn rand_vec(rng: &mut Rng, n: usize, scale: f32) -> Vec<f32> {
+    fn rand_vec(rng: &mut SplitMix64, n: usize, scale: f32) -> Vec<f32> {
         (0..n).map(|_| rng.normal() as f32 * scale).collect()
     }
 
     /// A TIB shaped like the models': sinusoid (given) → linear → SiLU → linear → SiLU →
     /// two projections, one reshaped, one behind a Concat with a given value and an Add.
-    fn small_net(rng: &mut Rng, act: Option<(f32, u8)>) -> TibNet {
+    fn small_net(rng: &mut SplitMix64, act: Option<(f32, u8)>) -> TibNet {
         let steps = 5;
-        let layer = |rng: &mut Rng, node: &str, n: usize, k: usize| Layer {
+        let layer = |rng: &mut SplitMix64, node: &str, n: usize, k: usize| Layer {
             node: node.into(),
             n,
             k,
@@ -566,7 +567,7 @@ mod tests {
 
     #[test]
     fn hand_written_gradients_match_finite_differences() {
-        let mut rng = Rng::new(7);
+        let mut rng = SplitMix64::new(7);
         let net = small_net(&mut rng, None);
         net.check().unwrap();
         let rows: Vec<usize> = (0..net.steps).collect();
@@ -611,8 +612,8 @@ mod tests {
     fn broadcast_sub_and_add_gradients_match_finite_differences() {
         // y = (x W₀ᵀ + b) − c, with c a per-column constant and x given; plus Add of two
         // dynamic values of different widths (width 1 broadcasts).
-        let mut rng = Rng::new(3);
-        let mk = |rng: &mut Rng, node: &str, n: usize, k: usize| Layer {
+        let mut rng = SplitMix64::new(3);
+        let mk = |rng: &mut SplitMix64, node: &str, n: usize, k: usize| Layer {
             node: node.into(),
             n,
             k,
@@ -676,8 +677,8 @@ mod tests {
     fn rounding_variable_gradient_matches_finite_differences_through_the_network() {
         // ∂L/∂V = (∂L/∂Ŵ · s · clamp mask + ∂reg/∂h) · dh/dV, checked end to end on the
         // soft-rounded weights of every layer, regulariser on (after the warm-up).
-        use crate::reconstruct::{AdaRoundOpts, SoftRounding};
-        let mut rng = Rng::new(11);
+        use crate::numerics::reconstruct::{AdaRoundOpts, SoftRounding};
+        let mut rng = SplitMix64::new(11);
         let net = small_net(&mut rng, None);
         let rows: Vec<usize> = (0..net.steps).collect();
         let w: Vec<Vec<f32>> = net.layers.iter().map(|l| l.w.clone()).collect();

@@ -7,83 +7,27 @@
 //! the number of steps, not with the number of samples. One batch per step is kept as
 //! evaluation records (reports, `--dump-calib`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 
 use tfmqc_runtime::engine::Optimize;
 
-use crate::budget::{fit_calibration, CalibrationPlan, MemoryNeed, Part};
+use crate::analysis::budget::{fit_calibration, CalibrationPlan, MemoryNeed, Part};
+use crate::analysis::layer_inputs::{
+    reconstructable_layers, record_picks, LayerColumns, LayerInput,
+};
+use crate::analysis::targets::find_targets;
+use crate::analysis::trajectory::{find_sample_input, recorded_calls, Given, Plan};
+pub use crate::analysis::trajectory::{stand_in, timestep_tensor};
 use crate::error::{Error, Result};
-use crate::exec::Runner;
+use crate::ir::exec::Runner;
 use crate::ir::{Dim, Model, Tensor};
-use crate::layer_inputs::{reconstructable_layers, record_picks, LayerColumns, LayerInput};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
-use crate::pipeline::{Pass, PassContext};
-use crate::targets::find_targets;
-use crate::trajectory::{find_sample_input, recorded_calls, Given, Plan};
-pub use crate::trajectory::{stand_in, timestep_tensor};
+use crate::passes::{Analysis, Pass, PassContext};
+
+pub use crate::analysis::calibration::{Calibration, Range, EMA_MOMENTUM};
 
 pub struct Calibrate;
-
-/// EMA momentum of the reference (TFMQ-DM / Q-Diffusion).
-pub const EMA_MOMENTUM: f32 = 0.95;
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct Range {
-    pub min: f32,
-    pub max: f32,
-}
-
-impl Range {
-    fn ema(self, batch: Range) -> Range {
-        let m = EMA_MOMENTUM;
-        Range {
-            min: m * self.min + (1.0 - m) * batch.min,
-            max: m * self.max + (1.0 - m) * batch.max,
-        }
-    }
-    fn union(self, o: Range) -> Range {
-        Range {
-            min: self.min.min(o.min),
-            max: self.max.max(o.max),
-        }
-    }
-}
-
-/// What calibration learned.
-#[derive(Clone, Debug, Default)]
-pub struct Calibration {
-    /// value → time step → EMA range.
-    pub per_step: BTreeMap<String, BTreeMap<i64, Range>>,
-    /// value → min/max over all calibration data.
-    pub global: BTreeMap<String, Range>,
-    /// Model inputs of the evaluation records (one batch per visited step).
-    pub records: Vec<BTreeMap<String, Tensor>>,
-    /// The time step of each record.
-    pub record_steps: Vec<i64>,
-    /// The float model's first output on each record, from the calibration runs (the
-    /// reference of the quality report, which then need not run the float model again).
-    pub record_outputs: Vec<Tensor>,
-    /// Mean seconds of one calibration call.
-    pub call_seconds: f64,
-    /// Inputs fed with seeded stand-ins (no --calib file gave them).
-    pub stand_ins: Vec<String>,
-    /// The graph input carrying the sample and the time step.
-    pub sample_input: String,
-    pub timestep_input: String,
-    pub batches: usize,
-    /// Sampled inputs of the layers weight reconstruction will round (spilled to a
-    /// temporary file), from the runs of the evaluation records; `None` when no
-    /// reconstruction was asked for.
-    pub layer_columns: Option<std::sync::Arc<LayerColumns>>,
-    /// How the calibration budget cut the trajectories, when it did.
-    pub budget_note: Option<String>,
-    /// What the trajectories were: `ddim at 50, 30, 25, 20 steps` (empty for recorded
-    /// calls).
-    pub trajectories: String,
-    /// Lines for the user (guidance's unconditional input, unused file entries, ...).
-    pub notes: Vec<String>,
-}
 
 impl Pass for Calibrate {
     fn name(&self) -> &'static str {
@@ -92,15 +36,16 @@ impl Pass for Calibrate {
     fn summary(&self) -> &'static str {
         "Finite Set Calibration: per-step activation ranges along the deployment sampler's trajectories"
     }
-    fn requires(&self) -> &'static [&'static str] {
-        &["detect-tib"]
+    fn requires(&self, _options: &Options) -> Vec<Analysis> {
+        vec![Analysis::Tib]
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
-        let tib = cx.tib.as_ref().expect("checked by requires");
+        let tib = cx.tib()?;
         let targets = find_targets(&cx.model.graph, &cx.options.keep_float);
         let mut values = targets.activation_values();
         // The outputs of quantized Convs too: `--output-qdq` may quantize them.
-        for v in crate::quantize::output_qdq_values(&cx.model.graph, cx.options, &targets) {
+        for v in crate::analysis::targets::output_qdq_values(&cx.model.graph, cx.options, &targets)
+        {
             if !values.contains(&v) {
                 values.push(v);
             }
@@ -185,7 +130,7 @@ fn observe_ranges(
     let mut ranges: Vec<Option<Range>> = vec![None; values.len()];
     let outputs = runner.run_observed(inputs, &mut |k, tensor| {
         let name = &values[k];
-        let v = crate::exec::f32_values(tensor, name)?;
+        let v = crate::ir::exec::f32_values(tensor, name)?;
         if let Some(tap) = &tap {
             // The rows of the kept samples (batch-major values), as if the model had run
             // on the evaluation record alone.
@@ -263,17 +208,17 @@ pub fn calibrate(
                 }
         }
     };
-    crate::budget::check_memory(
+    crate::analysis::budget::check_memory(
         &MemoryNeed {
             phase: "calibrate",
             parts: vec![
                 Part {
                     what: "float model in tract",
-                    bytes: crate::budget::initializer_bytes(model),
+                    bytes: crate::analysis::budget::initializer_bytes(model),
                 },
                 Part {
                     what: "activations of one call",
-                    bytes: crate::budget::activation_peak_bytes(model, batch_guess),
+                    bytes: crate::analysis::budget::activation_peak_bytes(model, batch_guess),
                 },
             ],
             lower_with: "--calib-batch 1 (models with a free batch size) or an export at a smaller sample size",
@@ -375,14 +320,14 @@ pub fn calibrate(
             }
             cal.budget_note = Some(format!(
                 "one call takes {}: {} trajectory batch(es) × {} steps fit --calib-budget {} (asked: {} × {}); give --calib-samples/--calib-steps to choose yourself",
-                crate::budget::human_duration(call_s),
+                crate::analysis::budget::human_duration(call_s),
                 batches,
                 plan.step_counts
                     .iter()
                     .map(|n| n.to_string())
                     .collect::<Vec<_>>()
                     .join(", "),
-                crate::budget::human_duration(options.calib_budget_s),
+                crate::analysis::budget::human_duration(options.calib_budget_s),
                 wanted.batches,
                 wanted.steps
             ));
@@ -444,8 +389,8 @@ pub fn calibrate(
     if ran < batches {
         let note = format!(
             "calibration stopped after {ran} of {batches} trajectory batches: calls took {} on average, more than planned, and the next batch would have passed --calib-budget {}",
-            crate::budget::human_duration(cal.call_seconds),
-            crate::budget::human_duration(options.calib_budget_s),
+            crate::analysis::budget::human_duration(cal.call_seconds),
+            crate::analysis::budget::human_duration(options.calib_budget_s),
         );
         cal.budget_note = Some(match cal.budget_note.take() {
             Some(first) => format!("{first}; {note}"),

@@ -4,7 +4,7 @@
 //!
 //! TIAR (TFMQ-DM): AdaRound of every TIB linear at once, the loss being the error of all
 //! TIB frontier values over every t in S, `(1/|S|) Σ_t Σ_i ||emb_i(t) − êmb_i(t)||²`, the
-//! gradient back-propagated by hand through the TIB's later layers ([`crate::tib_net`]).
+//! gradient back-propagated by hand through the TIB's later layers ([`crate::numerics::tib_net`]).
 //!
 //! 1. The TIB is cut out and run once by tract for all of S (fold-tib's
 //!    [`evaluate_tables`]): the float values before the first linear layer (the
@@ -24,81 +24,21 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
-use serde::Serialize;
-
+use crate::analysis::tib::TibAnalysis;
 use crate::error::Result;
-use crate::fold_tib::{evaluate_tables, fold_tables};
 use crate::ir::{attr, DType, Model, Tensor};
+use crate::numerics::quant::{act_params_u8, quantize_weight, weight_qmax, RangeSearch};
+use crate::numerics::reconstruct::{AdaRoundOpts, SoftRounding};
+use crate::numerics::tib_net::{cosine, Layer, Mat, Op, TibNet};
 use crate::options::{Options, TibMode};
-use crate::pipeline::PassContext;
-use crate::quant::{act_params_u8, quantize_weight, weight_qmax, RangeSearch};
-use crate::reconstruct::{AdaRoundOpts, Rng, SoftRounding};
-use crate::tib::TibAnalysis;
-use crate::tib_net::{cosine, Layer, Mat, Op, TibNet};
+use crate::passes::fold_tib::{evaluate_tables, fold_tables};
+use crate::passes::PassContext;
+use tfmqc_runtime::rng::SplitMix64;
 
 /// Time steps per TIAR step when S is larger (sampled without replacement each step).
 const TIAR_BATCH: usize = 256;
 
-/// One TIB linear layer after TIAR.
-#[derive(Clone, Debug, Serialize)]
-pub struct TiarLayer {
-    pub node: String,
-    pub weight: String,
-    pub out_features: usize,
-    pub in_features: usize,
-    /// uint8 (scale, zero point) of its input; `None` with `--act-bits 32`.
-    pub act: Option<(f32, u8)>,
-    /// Roundings TIAR changed from round-to-nearest.
-    pub flipped: usize,
-    /// Quantized in the output (false: only tables read it).
-    pub in_output: bool,
-}
-
-/// One frontier value: the table or the quantized TIB, and what each costs.
-#[derive(Clone, Debug, Serialize)]
-pub struct FrontierChoice {
-    pub value: String,
-    /// `table` or `quantized`.
-    pub choice: String,
-    /// Bytes of its table `[|S|, ...]` (f32).
-    pub table_bytes: u64,
-    /// Temporal-feature error of the quantized TIB, round-to-nearest and after TIAR:
-    /// cosine similarity per t in S (order of `TiarReport::timesteps`), its minimum, and
-    /// the relative MSE Σ||ê − e||² / Σ||e||² over S.
-    pub cosine_rtn: Vec<f64>,
-    pub cosine_tiar: Vec<f64>,
-    pub cosine_min_rtn: f64,
-    pub cosine_min_tiar: f64,
-    pub rel_mse_rtn: f64,
-    pub rel_mse_tiar: f64,
-}
-
-/// What `--tib quant|auto` did (report JSON `tib`).
-#[derive(Clone, Debug, Serialize)]
-pub struct TiarReport {
-    pub mode: String,
-    pub timesteps: Vec<i64>,
-    pub weight_bits: u32,
-    pub act_bits: u32,
-    pub iters: usize,
-    /// TIAR's loss (mean over t of the summed squared frontier error) with
-    /// round-to-nearest weights and with TIAR's rounding (the one kept is the lower).
-    pub loss_rtn: f64,
-    pub loss_tiar: f64,
-    /// True when TIAR did not beat round-to-nearest and RTN was kept.
-    pub kept_rtn: bool,
-    pub seconds: f64,
-    /// The table budget (`--lut-budget`, else 10 % of `quantized_model_bytes`).
-    pub lut_budget_bytes: u64,
-    /// Estimated bytes of the quantized model without TIB tables: quantized weights at
-    /// one byte a value (as stored), every other initializer as it is.
-    pub quantized_model_bytes: u64,
-    pub table_bytes: u64,
-    pub layers: Vec<TiarLayer>,
-    pub frontier: Vec<FrontierChoice>,
-    /// Set when the TIB could not be quantized and was tabled instead.
-    pub fallback: Option<String>,
-}
+pub use crate::analysis::reports::{FrontierChoice, TiarLayer, TiarReport};
 
 /// A TIB op TIAR cannot differentiate (or a structure it cannot follow).
 #[derive(Debug)]
@@ -351,7 +291,7 @@ pub fn build(
     let mut probe = tib.clone();
     probe.frontier = wanted
         .iter()
-        .map(|w| crate::tib::FrontierValue {
+        .map(|w| crate::analysis::tib::FrontierValue {
             name: w.clone(),
             ty: String::new(),
             joins: vec![],
@@ -393,7 +333,7 @@ pub fn build(
     for (node, w, shape, axis, bias, alpha) in layers_meta {
         let values = g.initializers[&w].to_f32_vec()?;
         let q = quantize_weight(&values, &shape, axis, options.weight_bits, RangeSearch::Lp);
-        let (rows, n, k) = crate::quantize::to_rows(&values, &shape, axis);
+        let (rows, n, k) = crate::numerics::quant::to_rows(&values, &shape, axis);
         layers.push(Layer {
             node,
             n,
@@ -473,7 +413,7 @@ pub fn build(
 fn rtn_ints(net: &TibNet, qmax: i32) -> Vec<Vec<i8>> {
     net.layers
         .iter()
-        .map(|l| crate::reconstruct::rtn(&l.w, l.n, l.k, &l.scales, qmax))
+        .map(|l| crate::numerics::reconstruct::rtn(&l.w, l.n, l.k, &l.scales, qmax))
         .collect()
 }
 
@@ -481,7 +421,7 @@ fn dequant(net: &TibNet, q: &[Vec<i8>]) -> Vec<Vec<f32>> {
     net.layers
         .iter()
         .zip(q)
-        .map(|(l, q)| crate::reconstruct::dequantize(q, l.n, l.k, &l.scales))
+        .map(|(l, q)| crate::numerics::reconstruct::dequantize(q, l.n, l.k, &l.scales))
         .collect()
 }
 
@@ -494,7 +434,7 @@ pub fn tiar(net: &TibNet, targets: &[Mat], qmax: i32, opts: &AdaRoundOpts) -> Ve
         .map(|l| SoftRounding::new(&l.w, l.n, l.k, &l.scales, qmax))
         .collect();
     let mut ws: Vec<Vec<f32>> = net.layers.iter().map(|l| vec![0.0; l.n * l.k]).collect();
-    let mut rng = Rng::new(opts.seed);
+    let mut rng = SplitMix64::new(opts.seed);
     let mut idx: Vec<usize> = (0..net.steps).collect();
     let batch = net.steps.min(TIAR_BATCH);
     let all_targets = batch == net.steps;
@@ -552,7 +492,7 @@ fn errors(net: &TibNet, targets: &[Mat], w: &[Vec<f32>]) -> (Vec<(Vec<f64>, f64)
 /// Estimated bytes of the quantized model without the TIB tables (see [`TiarReport`]).
 pub fn quantized_model_bytes(model: &Model, options: &Options) -> u64 {
     let g = &model.graph;
-    let targets = crate::targets::find_targets(g, &options.keep_float);
+    let targets = crate::analysis::targets::find_targets(g, &options.keep_float);
     let quantized: HashSet<&str> = targets
         .quantized
         .iter()
@@ -619,8 +559,12 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             let warning = format!("WARNING: --tib {mode_name}: {why}; the TIB is folded into tables instead (--tib lut)");
             eprintln!("tfmqc: {warning}");
             cx.note(warning.clone());
-            let report =
-                crate::fold_tib::fold_with(&mut cx.model, tib, set, options.table_precision)?;
+            let report = crate::passes::fold_tib::fold_with(
+                &mut cx.model,
+                tib,
+                set,
+                options.table_precision,
+            )?;
             cx.step_index = report.index_value.clone();
             cx.tiar = Some(TiarReport {
                 mode: mode_name.into(),
@@ -679,7 +623,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
     // A table costs what its stored form does (`--table-precision`).
     let bytes: Vec<u64> = tables
         .iter()
-        .map(|t| crate::fold_tib::table_choice(t, options.table_precision).map(|c| c.bytes))
+        .map(|t| crate::passes::fold_tib::table_choice(t, options.table_precision).map(|c| c.bytes))
         .collect::<Result<_>>()?;
     let rel: Vec<f64> = err_final.iter().map(|e| e.1).collect();
     let tabled = choose_tables(mode, &bytes, &rel, budget);
@@ -720,7 +664,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             in_output: present.is_some(),
         });
         let Some(ix) = present else { continue };
-        let ints = crate::quantize::from_rows(&q_final[li], shape, *axis);
+        let ints = crate::numerics::quant::from_rows(&q_final[li], shape, *axis);
         let qi = g.add_initializer(
             &format!("{wname}_quantized"),
             Tensor::from_vec(shape.clone(), &ints),
@@ -745,7 +689,8 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             let xdq = match act_dq.get(&x) {
                 Some(d) => d.clone(),
                 None => {
-                    let d = crate::quantize::insert_qdq(g, &x, &[params.0], params.1, None)?;
+                    let d =
+                        crate::passes::quantize::insert_qdq(g, &x, &[params.0], params.1, None)?;
                     act_dq.insert(x.clone(), d.clone());
                     d
                 }

@@ -13,10 +13,10 @@
 
 use std::collections::{HashMap, HashSet};
 
+use crate::analysis::tib::{FrontierValue, TibAnalysis};
 use crate::error::{Error, Result};
 use crate::ir::{Graph, Model};
-use crate::pipeline::{Pass, PassContext};
-use crate::tib::{FrontierValue, TibAnalysis};
+use crate::passes::{Pass, PassContext};
 
 pub struct DetectTib;
 
@@ -79,7 +79,7 @@ fn is_broadcast_identity(g: &Graph, n: &crate::ir::Node) -> bool {
             }
             // No value attribute means a float 0.
             let value = match p.attr("value").and_then(|a| a.t.as_ref()) {
-                Some(t) => crate::onnx::tensor_from_proto(t, None)
+                Some(t) => crate::ir::onnx::tensor_from_proto(t, None)
                     .ok()
                     .and_then(|t| t.to_f64_lossy().ok()),
                 None => Some(vec![0.0]),
@@ -140,7 +140,7 @@ impl Ranks<'_> {
             return Some(shape.len());
         }
         if self.facts.is_none() {
-            self.facts = Some(crate::exec::value_facts(self.model).unwrap_or_default());
+            self.facts = Some(crate::ir::exec::value_facts(self.model).unwrap_or_default());
         }
         self.facts.as_ref()?.get(v)?.shape.as_ref().map(|s| s.len())
     }
@@ -156,7 +156,7 @@ impl Ranks<'_> {
             Some(f) => {
                 let dt = f
                     .datum_type
-                    .and_then(crate::exec::dtype_from_tract)
+                    .and_then(crate::ir::exec::dtype_from_tract)
                     .map(|d| d.short())
                     .unwrap_or("?");
                 match &f.shape {

@@ -7,11 +7,11 @@ use std::collections::HashMap;
 
 use tfmqc_runtime::engine::Optimize;
 
-use crate::calibrate::{Calibration, Range};
+use crate::analysis::calibration::{Calibration, Range};
 use crate::error::Result;
-use crate::exec::Runner;
+use crate::ir::exec::Runner;
 use crate::ir::Model;
-use crate::quant::act_params_u8;
+use crate::numerics::quant::act_params_u8;
 
 const BINS: usize = 1024;
 /// Candidate clips: the range scaled by 1.00, 0.95, …, 0.50.

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use serde::Serialize;
 
 use crate::ir::Graph;
+use crate::options::{Options, OutputQdq};
 
 /// A weight input quantized per output channel.
 #[derive(Clone, Debug, Serialize)]
@@ -153,4 +154,35 @@ pub fn find_targets(g: &Graph, keep_float: &[String]) -> Targets {
         });
     }
     out
+}
+
+/// The outputs of the quantized Convs `--output-qdq` may quantize (calibration observes
+/// them): Convs with a quantized weight and input whose output is not a graph output.
+pub fn output_qdq_values(g: &Graph, options: &Options, targets: &Targets) -> Vec<String> {
+    if options.output_qdq == OutputQdq::None || options.act_bits != 8 || options.baseline_minmax {
+        return vec![];
+    }
+    conv_outputs(g, &targets.quantized)
+        .into_iter()
+        .map(|(_, y)| y)
+        .collect()
+}
+
+/// (node, output) of every quantized Conv with a weight and a quantized input whose
+/// output is not a graph output (onnxruntime does not fuse one that is).
+pub fn conv_outputs(g: &Graph, quantized: &[Target]) -> Vec<(String, String)> {
+    let by_name: std::collections::HashMap<&str, _> = g
+        .node_indices()
+        .map(|ix| (g.node(ix).name.as_str(), ix))
+        .collect();
+    quantized
+        .iter()
+        .filter(|t| t.op == "Conv" && t.weight.is_some() && !t.activations.is_empty())
+        .filter_map(|t| {
+            let y = by_name
+                .get(t.node.as_str())
+                .map(|&ix| g.node(ix).outputs[0].clone())?;
+            (!g.is_graph_output(&y)).then(|| (t.node.clone(), y))
+        })
+        .collect()
 }

@@ -30,15 +30,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::Serialize;
 use tfmqc_runtime::engine::Optimize;
 
+use crate::analysis::targets::find_targets;
 use crate::error::{Error, Result};
-use crate::exec::Runner;
+use crate::ir::exec::Runner;
 use crate::ir::{DType, Graph, Model, Tensor};
-use crate::options::Tcr;
-use crate::pipeline::{Pass, PassContext};
-use crate::targets::find_targets;
+use crate::options::{Options, Tcr};
+use crate::passes::{Analysis, Pass, PassContext};
 
 pub struct Reparameterize;
 
@@ -50,57 +49,7 @@ pub const DEFAULT_ALPHA: f32 = 0.5;
 /// active would otherwise get a factor that blows its weights up.
 const R_LIMIT: f32 = 1e4;
 
-/// One balanced activation.
-#[derive(Clone, Debug, Serialize)]
-pub struct Balanced {
-    /// The activation (before the rewrite).
-    pub value: String,
-    /// The layers reading it, whose weights took the factors.
-    pub layers: Vec<String>,
-    pub channels: usize,
-    /// Where 1/r went: `affine <node>` (folded into the producer) or `mul` (a new Mul).
-    pub folded_into: String,
-    /// max_c a_c / mean_c a_c before and after: how unequal the channels are.
-    pub spread_before: f32,
-    pub spread_after: f32,
-    /// Smallest and largest factor.
-    pub r_min: f32,
-    pub r_max: f32,
-}
-
-/// What TCR did (the `--report`'s `tcr`).
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct TcrReport {
-    pub alpha: f32,
-    pub balanced: Vec<Balanced>,
-    /// Records (model calls) the channel ranges were taken on, and their distinct steps.
-    pub records: usize,
-    pub steps: usize,
-    /// Whether the balanced model went on to quantize (`--tcr auto` may undo it).
-    pub applied: bool,
-    /// `--tcr auto`: mean output SQNR (dB) on the calibration records without and with
-    /// TCR, each model quantized as the options say (output Q/DQ aside).
-    pub auto_db: Option<(f64, f64)>,
-}
-
-impl TcrReport {
-    /// One line for the summary.
-    pub fn summary(&self) -> String {
-        let auto = match self.auto_db {
-            Some((off, on)) => format!(
-                "; auto: {:+.2} dB mean output SQNR on the calibration records ({off:.2} → {on:.2} dB)",
-                on - off
-            ),
-            None => String::new(),
-        };
-        format!(
-            "TCR: {} (α = {}, {} activations balanced{auto})",
-            if self.applied { "on" } else { "off" },
-            self.alpha,
-            self.balanced.len()
-        )
-    }
-}
+pub use crate::analysis::reports::{Balanced, TcrReport};
 
 /// `--tcr auto` keeps TCR when it gains at least this much mean output SQNR (dB): less
 /// is within the noise of a few records.
@@ -117,8 +66,8 @@ impl Pass for Reparameterize {
     fn summary(&self) -> &'static str {
         "TCAQ-DM's TCR (--tcr on|auto): per-channel balance of activations against weights over all time steps; recalibrates"
     }
-    fn requires(&self) -> &'static [&'static str] {
-        &["calibrate"]
+    fn requires(&self, _options: &Options) -> Vec<Analysis> {
+        vec![Analysis::Calibration]
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
         let mode = cx.options.tcr;
@@ -126,7 +75,10 @@ impl Pass for Reparameterize {
             cx.note("TCR off (--tcr on|auto turns it on; it needs quantized activations)");
             return Ok(());
         }
-        let cal = cx.calibration.as_ref().expect("checked by requires");
+        // The field, not `cx.calibration()`: the rewrite below borrows the model meanwhile.
+        let Some(cal) = cx.calibration.as_ref() else {
+            return Err(cx.needs(Analysis::Calibration));
+        };
         if mode == Tcr::Auto {
             // Calibrating again costs what calibrating did; each trial quantization
             // and its evaluation about one call per record.
@@ -140,7 +92,7 @@ impl Pass for Reparameterize {
             if estimate > AUTO_MAX_SECONDS {
                 cx.note(format!(
                     "TCR off: --tcr auto would take about {} to measure (over {AUTO_MAX_SECONDS} s); --tcr on turns it on unmeasured",
-                    crate::budget::human_duration(estimate)
+                    crate::analysis::budget::human_duration(estimate)
                 ));
                 return Ok(());
             }
@@ -177,7 +129,7 @@ impl Pass for Reparameterize {
         );
         // The ranges and the layer inputs of the first calibration describe the model
         // before the rewrite.
-        crate::calibrate::Calibrate.run(cx)?;
+        crate::passes::calibrate::Calibrate.run(cx)?;
         cx.notes.insert(0, line);
         if mode == Tcr::Auto && !report.balanced.is_empty() {
             let off = trial_sqnr(&before.0, before.1.as_ref().expect("calibrated"), cx)?;
@@ -200,7 +152,11 @@ impl Pass for Reparameterize {
 /// Mean output SQNR (dB, over the steps) of `model` quantized with `cal` as the options
 /// say (no output Q/DQ pairs: their own search measures them), on the int8 runtime,
 /// against the float outputs calibration kept for its records.
-fn trial_sqnr(model: &Model, cal: &crate::calibrate::Calibration, cx: &PassContext) -> Result<f64> {
+fn trial_sqnr(
+    model: &Model,
+    cal: &crate::passes::calibrate::Calibration,
+    cx: &PassContext,
+) -> Result<f64> {
     if cal.record_outputs.len() != cal.records.len() {
         return Err(Error::pass(
             "reparameterize",
@@ -212,8 +168,14 @@ fn trial_sqnr(model: &Model, cal: &crate::calibrate::Calibration, cx: &PassConte
         output_qdq: crate::options::OutputQdq::None,
         ..cx.options.clone()
     };
-    crate::quantize::quantize(&mut m, &options, cal, cx.step_index.as_deref(), cx.progress)?;
-    let per_step = crate::evaluate::output_sqnr_against(
+    crate::passes::quantize::quantize(
+        &mut m,
+        &options,
+        cal,
+        cx.step_index.as_deref(),
+        cx.progress,
+    )?;
+    let per_step = crate::analysis::evaluate::output_sqnr_against(
         &m,
         &cal.records,
         &cal.record_steps,
@@ -500,7 +462,7 @@ pub fn reparameterize(
         for rec in records {
             let inputs = rec.clone().into_iter().collect();
             runner.run_observed(&inputs, &mut |k, t| {
-                let v = crate::exec::f32_values(t, &values[k])?;
+                let v = crate::ir::exec::f32_values(t, &values[k])?;
                 ranks[k] = t.shape().len();
                 channel_absmax(v, t.shape(), cands[&values[k]].0, &mut act[k])
             })?;

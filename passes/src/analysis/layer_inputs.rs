@@ -14,10 +14,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::sync::Mutex;
 
+use crate::analysis::targets::Target;
 use crate::error::{Error, Result};
 use crate::ir::Model;
-use crate::reconstruct::{Hessian, HessianLayout};
-use crate::targets::Target;
+use crate::numerics::reconstruct::{Hessian, HessianLayout};
 
 /// At most this many records (spread over the steps) and columns per record: H is an
 /// average, and K² work per column adds up.
@@ -345,7 +345,7 @@ fn pick(n: usize, salt: u64, max: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconstruct::gram;
+    use crate::numerics::reconstruct::gram;
 
     fn rows_layer(k: usize) -> LayerInput {
         LayerInput {

@@ -15,13 +15,15 @@ use std::collections::HashMap;
 
 use tfmqc_runtime::engine::Optimize;
 
+pub mod tiar;
+
+use crate::analysis::tib::TibAnalysis;
 use crate::error::{Error, Result};
-use crate::exec::Runner;
+use crate::ir::exec::Runner;
 use crate::ir::{attr, DType, Dim, Model, Node, Tensor, ValueInfo};
-use crate::options::{meta, timestep_set, TibMode};
-use crate::pipeline::{Pass, PassContext};
-use crate::table_quant::{self, TableChoice, TableForm, TablePrecision};
-use crate::tib::TibAnalysis;
+use crate::numerics::table_quant::{self, TableChoice, TableForm, TablePrecision};
+use crate::options::{meta, timestep_set, Options, TibMode};
+use crate::passes::{Analysis, Pass, PassContext};
 
 pub struct FoldTib;
 
@@ -32,15 +34,15 @@ impl Pass for FoldTib {
     fn summary(&self) -> &'static str {
         "Replace the TIB by exact lookup tables over the time-step set S (--tib lut), or quantize it with TIAR (--tib quant|auto)"
     }
-    fn requires(&self) -> &'static [&'static str] {
-        &["detect-tib"]
+    fn requires(&self, _options: &Options) -> Vec<Analysis> {
+        vec![Analysis::Tib]
     }
     fn run(&self, cx: &mut PassContext) -> Result<()> {
-        let tib = cx.tib.clone().expect("checked by requires");
+        let tib = cx.tib()?.clone();
         let set = timestep_set(&cx.model, cx.options)?;
         if cx.options.tib != TibMode::Lut {
             // --tib quant|auto: TIAR, then tables only where chosen (tiar.rs).
-            return crate::tiar::run(cx, &tib, &set);
+            return crate::passes::fold_tib::tiar::run(cx, &tib, &set);
         }
         let report = fold_with(&mut cx.model, &tib, &set, cx.options.table_precision)?;
         cx.step_index = report.index_value.clone();
@@ -97,15 +99,15 @@ impl FoldReport {
 fn index_info(model: &Model, tib: &TibAnalysis) -> Result<ValueInfo> {
     let mut info = model.graph.info(&tib.index_value).unwrap_or_default();
     if info.dtype.is_none() || info.shape.is_none() {
-        let facts = crate::exec::value_facts(model)?;
+        let facts = crate::ir::exec::value_facts(model)?;
         if let Some(f) = facts.get(&tib.index_value) {
             info.dtype = info
                 .dtype
-                .or(f.datum_type.and_then(crate::exec::dtype_from_tract));
+                .or(f.datum_type.and_then(crate::ir::exec::dtype_from_tract));
             info.shape = info.shape.or(f
                 .shape
                 .as_ref()
-                .map(|s| s.iter().map(crate::exec::dim_from_tract).collect()));
+                .map(|s| s.iter().map(crate::ir::exec::dim_from_tract).collect()));
         }
     }
     info.name = tib.index_value.clone();
@@ -247,7 +249,7 @@ pub fn fold(model: &mut Model, tib: &TibAnalysis, set: &[i64]) -> Result<FoldRep
     fold_with(model, tib, set, TablePrecision::Fixed(TableForm::F32))
 }
 
-/// [`fold`] with the tables stored at `precision` ([`crate::table_quant`]).
+/// [`fold`] with the tables stored at `precision` ([`crate::numerics::table_quant`]).
 pub fn fold_with(
     model: &mut Model,
     tib: &TibAnalysis,

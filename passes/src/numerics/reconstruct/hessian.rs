@@ -377,10 +377,10 @@ impl Hessian {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reconstruct::Rng;
+    use tfmqc_runtime::rng::SplitMix64;
 
     fn columns(k: usize, s: usize, seed: u64) -> Vec<f32> {
-        let mut rng = Rng::new(seed);
+        let mut rng = SplitMix64::new(seed);
         let common: Vec<f64> = (0..s).map(|_| rng.normal()).collect();
         (0..k * s)
             .map(|i| (0.5 * common[i % s] + rng.normal() + 0.3) as f32)
