@@ -1,5 +1,5 @@
 //! Products of two quantized activations (attention's `Q·Kᵀ` and `softmax·V`) on the
-//! project's int8 GEMM, inside tract: the counterpart of [`crate::int8_gemm`] when neither
+//! project's int8 GEMM, inside tract: the counterpart of [`crate::ops::gemm`] when neither
 //! operand is a constant weight.
 //!
 //! ```text
@@ -17,9 +17,9 @@
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_ops::{activation_qdq, attr, float_attr, int_attr};
 use crate::kernels::int8::{matmul_quantize, Backend, QuantOperand};
 use crate::lower::{Index, Rewrite};
+use crate::ops::conv::{activation_qdq, attr, float_attr, int_attr};
 
 /// The op name of rewritten activation × activation products (domain `ai.tfmqc`).
 pub const QMATMUL: &str = "TfmqcQMatMul";

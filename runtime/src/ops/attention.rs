@@ -21,12 +21,12 @@
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_matmul::{batch_offset, broadcast, einsum_rank, product_form, split};
-use crate::int8_ops::{activation_qdq, attr, float_attr, int_attr};
 use crate::kernels::int8::{
     attention_quantize, AttentionOperand, AttentionShape, Backend, ProbQuant, ScoreScale,
 };
 use crate::lower::{Index, Rewrite};
+use crate::ops::conv::{activation_qdq, attr, float_attr, int_attr};
+use crate::ops::matmul::{batch_offset, broadcast, einsum_rank, product_form, split};
 
 /// The op name of fused attention nodes (domain `ai.tfmqc`).
 pub const QATTENTION: &str = "TfmqcQAttention";

@@ -1,5 +1,5 @@
 //! Quantized `Gemm` and `MatMul` with constant int8 weights on the project's int8 GEMM,
-//! inside tract (the counterpart of [`crate::int8_ops`] for convolutions).
+//! inside tract (the counterpart of [`crate::ops::conv`] for convolutions).
 //!
 //! ```text
 //! Gemm(DequantizeLinear(QuantizeLinear(x, s, z), s, z), DequantizeLinear(Wq, sw, 0), C)
@@ -15,12 +15,12 @@ use std::sync::Arc;
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_ops::{
+use crate::kernels::int8::{gemm_quantize, Backend, Dequant, Output, PackedWeights, WeightLayout};
+use crate::lower::{Index, Rewrite};
+use crate::ops::conv::{
     activation_qdq_steps, attr, attr_float, attr_int, floats_attr, int_attr, step_scale,
     step_scales, weight_bytes,
 };
-use crate::kernels::int8::{gemm_quantize, Backend, Dequant, Output, PackedWeights, WeightLayout};
-use crate::lower::{Index, Rewrite};
 use crate::tensor_data::as_i8;
 
 /// The op name of rewritten `Gemm` / `MatMul` nodes (domain `ai.tfmqc`).

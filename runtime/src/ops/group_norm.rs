@@ -17,9 +17,9 @@
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use crate::int8_ops::{attr, attr_float, attr_int, float_attr, floats_attr, int_attr, ints_attr};
 use crate::kernels::norm::{group_norm, GroupNorm};
 use crate::lower::{Index, Rewrite};
+use crate::ops::conv::{attr, attr_float, attr_int, float_attr, floats_attr, int_attr, ints_attr};
 
 /// The op name of fused group normalizations (domain `ai.tfmqc`).
 pub const GROUP_NORM: &str = "TfmqcGroupNorm";

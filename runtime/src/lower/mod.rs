@@ -1,5 +1,5 @@
 //! The int8 lowering as one graph rewrite: find every node the runtime runs on its own
-//! int8 ops ([`crate::int8_ops`], [`crate::int8_gemm`], [`crate::int8_matmul`] each match
+//! int8 ops ([`crate::ops::conv`], [`crate::ops::gemm`], [`crate::ops::matmul`] each match
 //! their pattern), replace it, and drop what the replaced nodes leave dead, so tract never
 //! loads it.
 //!
@@ -226,7 +226,8 @@ impl Plan {
         self.replaced
             .iter()
             .filter(|&(&i, &r)| {
-                self.live_nodes[i] && self.rewrites[r].node.op_type != crate::group_norm::GROUP_NORM
+                self.live_nodes[i]
+                    && self.rewrites[r].node.op_type != crate::ops::group_norm::GROUP_NORM
             })
             .count()
     }
@@ -245,11 +246,11 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
         // initializer, never a QuantizeLinear, so the two never both match).
         // Attention (`P·V` of a quantized softmax of a quantized product) before the
         // plain products: its score product is then left dead, unless read elsewhere.
-        let rewrite = crate::int8_ops::match_conv(&ix, n)
-            .or_else(|| crate::int8_gemm::match_gemm(&ix, n))
-            .or_else(|| crate::int8_attention::match_attention(&ix, n))
-            .or_else(|| crate::int8_matmul::match_matmul(&ix, n))
-            .or_else(|| crate::group_norm::match_group_norm(&ix, n));
+        let rewrite = crate::ops::conv::match_conv(&ix, n)
+            .or_else(|| crate::ops::gemm::match_gemm(&ix, n))
+            .or_else(|| crate::ops::attention::match_attention(&ix, n))
+            .or_else(|| crate::ops::matmul::match_matmul(&ix, n))
+            .or_else(|| crate::ops::group_norm::match_group_norm(&ix, n));
         if let Some(r) = rewrite {
             replaced.insert(i, rewrites.len());
             rewrites.push(r);
