@@ -2,6 +2,7 @@
 //!
 //! This crate depends on no compiler crate: an edge application links only it.
 
+pub mod attr;
 pub mod capi;
 pub mod denoiser;
 pub mod engine;
