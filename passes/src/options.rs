@@ -6,27 +6,8 @@ use tfmqc_runtime::SchedulerConfig;
 use crate::error::{Error, Result};
 use crate::ir::Model;
 
-/// Metadata keys tfmqc reads (written by model exporters or by tfmqc itself).
-pub mod meta {
-    pub const TRAIN_TIMESTEPS: &str = "diffusion.train_timesteps";
-    pub const BETA_SCHEDULE: &str = "diffusion.beta_schedule";
-    pub const BETA_START: &str = "diffusion.beta_start";
-    pub const BETA_END: &str = "diffusion.beta_end";
-    /// Written by tfmqc: the time-step set, comma-separated.
-    pub const TIMESTEPS: &str = "tfmqc.timesteps";
-    pub const TIMESTEP_INPUT: &str = "tfmqc.timestep_input";
-    pub const TIB_FRONTIER: &str = "tfmqc.tib.frontier";
-    pub const VERSION: &str = "tfmqc.version";
-    pub const PASSES: &str = "tfmqc.passes";
-    pub const OPTIONS: &str = "tfmqc.options";
-    pub const SCHEDULE: &str = "tfmqc.schedule";
-    pub const SEED: &str = "tfmqc.calibration_seed";
-    /// Written by tfmqc: the sampler calibration ran (`ddim`, `ddpm`, `euler`, `dpm++`)
-    /// and the step counts it calibrated at (comma-separated).
-    pub const SAMPLER: &str = "tfmqc.sampler";
-    pub const SAMPLING_STEPS: &str = "tfmqc.sampling_steps";
-    pub const PREDICTION_TYPE: &str = "diffusion.prediction_type";
-}
+/// Metadata keys tfmqc reads and writes: the runtime's table.
+pub use tfmqc_runtime::meta;
 
 /// The step counts the deployment samples with when `--sampling-steps` is not given.
 pub const DEFAULT_SAMPLING_STEPS: [usize; 4] = [20, 25, 30, 50];

@@ -10,6 +10,7 @@ pub mod error;
 pub mod kernels;
 pub mod limits;
 pub mod lower;
+pub mod meta;
 #[cfg(test)]
 mod model_check_tests;
 pub mod observe;
