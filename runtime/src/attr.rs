@@ -63,3 +63,24 @@ pub fn float_or(n: &pb::NodeProto, name: &str, default: f32) -> f32 {
         .find(|a| a.name == name)
         .map_or(default, |a| a.f)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builders_set_the_type_and_readers_fall_back_to_the_default() {
+        let n = pb::NodeProto {
+            attribute: vec![int("axis", -1), float("alpha", 0.5), ints("pads", [1, 2])],
+            ..Default::default()
+        };
+        assert_eq!(n.attribute[0].r#type, T::Int as i32);
+        assert_eq!(n.attribute[2].ints, [1, 2]);
+        assert_eq!(floats("w", vec![1.0]).r#type, T::Floats as i32);
+        assert_eq!(string("mode", "x").s, b"x");
+        assert_eq!(int_or(&n, "axis", 0), -1);
+        assert_eq!(int_or(&n, "group", 1), 1);
+        assert_eq!(float_or(&n, "alpha", 1.0), 0.5);
+        assert_eq!(float_or(&n, "beta", 1.0), 1.0);
+    }
+}
