@@ -781,7 +781,7 @@ fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
         for p in &nodes {
             let group = values[&p.group].to_i64_vec().unwrap()[0];
             groups.push(group);
-            let scale = tfmqc_runtime::ops::conv::select_step_scale(&p.scales, group).unwrap();
+            let scale = tfmqc_runtime::ops::select_step_scale(&p.scales, group).unwrap();
             let input = values[&p.x].to_f32_vec().unwrap();
             let mut kernel = vec![0u8; input.len()];
             quantize_u8(Backend::Auto, &input, scale, p.zp, &mut kernel);
