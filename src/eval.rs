@@ -10,7 +10,6 @@ mod metrics;
 pub mod plot;
 mod report;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
