@@ -20,7 +20,7 @@ use tfmqc_passes::ir::DType;
 use crate::{user_error, Failure};
 use child::{limit_memory, ort_python, ort_quantize_own, run_child, run_quantize};
 use report::{
-    BenchReport, Failed, Measured, OrtMeasured, Plan, Run, Skipped, WeightBytes, WorkerOutput,
+    BenchReport, Failed, Measured, Plan, Run, Skipped, Timing, WeightBytes, WorkerOutput,
 };
 pub use worker::worker;
 
@@ -513,7 +513,8 @@ fn measure_pair(
                 continue;
             }
         };
-        let loops = match measured.loop_runs {
+        let timing = &measured.timing;
+        let loops = match timing.loop_runs {
             0 if ctx.args.loop_runs.is_none() => format!(
                 "sampling loop skipped ({} steps would take over --budget {} s; --loop-runs 1 times one)",
                 ctx.args.steps, ctx.args.budget
@@ -522,10 +523,10 @@ fn measure_pair(
         };
         eprintln!(
             "tfmqc bench:   {} warm-up + {} timed calls, median {:.1} ms; {loops}; peak RSS {:.0} MB",
-            measured.warmup,
-            measured.runs,
-            measured.step_ms,
-            measured.peak_rss_mb.unwrap_or(f64::NAN)
+            timing.warmup,
+            timing.runs,
+            timing.step_ms,
+            timing.peak_rss_mb.unwrap_or(f64::NAN)
         );
         runs.push(Run {
             engine: engine.into(),
@@ -631,8 +632,8 @@ fn run_engine(
         let mut cmd = Command::new(ctx.python.expect("onnxruntime engines run with a python"));
         cmd.args(["-c", ORT_SCRIPT, &cfg]);
         limit_memory(&mut cmd, args.memory_limit)?;
-        let m: OrtMeasured = run_child(cmd, engine)?;
-        return Ok(Measured::of_ort(m, plan));
+        let timing: Timing = run_child(cmd, engine)?;
+        return Ok(Measured::of_ort(timing, plan));
     }
     let mut cmd = Command::new(ctx.exe);
     cmd.arg("bench-worker")

@@ -42,28 +42,10 @@ pub struct Int8Weights {
     pub f32: usize,
 }
 
-/// What scripts/bench_ort.py prints for one onnxruntime engine.
-#[derive(Deserialize, Clone, Debug)]
-pub struct OrtMeasured {
-    pub warmup: usize,
-    pub runs: usize,
-    pub step_ms: f64,
-    pub step_ms_min: f64,
-    pub loop_runs: usize,
-    pub loop_ms: Option<f64>,
-    pub base_rss_mb: Option<f64>,
-    pub load_rss_mb: Option<f64>,
-    pub peak_rss_mb: Option<f64>,
-    pub load_s: f64,
-}
-
-/// What one engine measured on one file.
+/// The timing and memory numbers every engine's process prints (scripts/bench_ort.py's
+/// whole line).
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct Measured {
-    pub batch: usize,
-    pub t: i64,
-    /// Steps of the sampling loop.
-    pub steps: usize,
+pub struct Timing {
     /// Untimed calls before the timed ones.
     pub warmup: usize,
     /// Timed calls.
@@ -82,6 +64,17 @@ pub struct Measured {
     /// before).
     pub load_rss_mb: Option<f64>,
     pub load_s: f64,
+}
+
+/// What one engine measured on one file.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Measured {
+    pub batch: usize,
+    pub t: i64,
+    /// Steps of the sampling loop.
+    pub steps: usize,
+    #[serde(flatten)]
+    pub timing: Timing,
     /// Nodes on the runtime's int8 ops; null for onnxruntime.
     pub int8_ops: Option<usize>,
     pub int8_weights: Option<Int8Weights>,
@@ -93,21 +86,12 @@ pub struct Measured {
 impl Measured {
     /// An onnxruntime engine's result: the batch, t and steps are those of the tract
     /// run whose inputs it repeated; it runs no int8 op of ours.
-    pub fn of_ort(m: OrtMeasured, plan: &Plan) -> Measured {
+    pub fn of_ort(timing: Timing, plan: &Plan) -> Measured {
         Measured {
             batch: plan.batch,
             t: plan.t,
             steps: plan.steps,
-            warmup: m.warmup,
-            runs: m.runs,
-            step_ms: m.step_ms,
-            step_ms_min: m.step_ms_min,
-            loop_runs: m.loop_runs,
-            loop_ms: m.loop_ms,
-            peak_rss_mb: m.peak_rss_mb,
-            base_rss_mb: m.base_rss_mb,
-            load_rss_mb: m.load_rss_mb,
-            load_s: m.load_s,
+            timing,
             int8_ops: None,
             int8_weights: None,
             profile: None,
@@ -258,7 +242,7 @@ pub fn ratios(runs: &[Run]) -> Vec<Ratio> {
         else {
             continue;
         };
-        let (rm, fm) = (&r.measured, &f.measured);
+        let (rm, fm) = (&r.measured.timing, &f.measured.timing);
         out.push(Ratio {
             engine: r.engine.clone(),
             model: r.model.clone(),
@@ -336,7 +320,7 @@ pub fn table(runs: &[Run]) -> String {
                 None => None,
             }
         };
-        let m = &r.measured;
+        let m = &r.measured.timing;
         let weights_mb = r.weight_bytes.total() as f64 / 1048576.0;
         s += &format!(
             "{:<22} {:<12} {:>3} {:>9} {:>6} {:>9} {:>6} {:>8} {:>6} {:>8} {:>6} {:>10} {:>6}\n",
@@ -373,16 +357,18 @@ mod tests {
                 batch: 1,
                 t: 500,
                 steps: 10,
-                warmup: 3,
-                runs: 5,
-                step_ms,
-                step_ms_min: step_ms,
-                loop_runs: loop_ms.is_some() as usize,
-                loop_ms,
-                peak_rss_mb: Some(100.0),
-                base_rss_mb: None,
-                load_rss_mb: None,
-                load_s: 0.1,
+                timing: Timing {
+                    warmup: 3,
+                    runs: 5,
+                    step_ms,
+                    step_ms_min: step_ms,
+                    loop_runs: loop_ms.is_some() as usize,
+                    loop_ms,
+                    peak_rss_mb: Some(100.0),
+                    base_rss_mb: None,
+                    load_rss_mb: None,
+                    load_s: 0.1,
+                },
                 int8_ops: None,
                 int8_weights: None,
                 profile: None,

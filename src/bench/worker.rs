@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tfmqc_runtime::{Denoiser, NoiseRng, Sampler, Tensor};
 
-use super::report::{Int8Weights, Measured, OpTime, PlanInputs, WorkerOutput};
+use super::report::{Int8Weights, Measured, OpTime, PlanInputs, Timing, WorkerOutput};
 use super::{fitting, WorkerArgs, SEED};
 use crate::{user_error, Failure};
 
@@ -214,16 +214,18 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
             batch,
             t,
             steps: trajectory.len(),
-            warmup,
-            runs,
-            step_ms,
-            step_ms_min: step_min.as_secs_f64() * 1e3,
-            loop_runs,
-            loop_ms: (!loops.is_empty()).then(|| median(loops)),
-            peak_rss_mb,
-            base_rss_mb: base,
-            load_rss_mb: anon.zip(loaded).map(|(b, l)| l - b),
-            load_s,
+            timing: Timing {
+                warmup,
+                runs,
+                step_ms,
+                step_ms_min: step_min.as_secs_f64() * 1e3,
+                loop_runs,
+                loop_ms: (!loops.is_empty()).then(|| median(loops)),
+                peak_rss_mb,
+                base_rss_mb: base,
+                load_rss_mb: anon.zip(loaded).map(|(b, l)| l - b),
+                load_s,
+            },
             int8_ops: Some(model.int8_ops()),
             int8_weights: Some(Int8Weights {
                 resident,
