@@ -4,16 +4,17 @@
 //! in a shipped feature space, plots, and one JSON object (docs/eval-json.md).
 
 mod check;
+mod figures;
 mod font;
 mod metrics;
 pub mod plot;
+mod report;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tfmqc_passes::calibrate::{stand_in, timestep_tensor};
 use tfmqc_passes::evaluate::output_sqnr_against;
 use tfmqc_passes::exec::{to_tract, Runner};
@@ -24,8 +25,12 @@ use tfmqc_runtime::engine::{read_proto, Optimize};
 use tfmqc_runtime::{pb, Denoiser, Guidance, NoiseRng, Sampler, SchedulerConfig};
 
 use crate::{user_error, Failure};
+use figures::write_plots;
 use metrics::DB_CAP;
-use plot::{Figure, Panel, Series, PALETTE};
+use report::{
+    EvalReport, FeatureError, FloatResult, QuantResult, SamplePsnr, Stats, StepDb, StepSqnr,
+    TemporalFeatures, Timesteps,
+};
 
 /// The choices `--help` states (docs/eval-json.md has the details).
 const NOTES: &str = "\
@@ -125,9 +130,6 @@ pub struct EvalArgs {
     beta_end: Option<f64>,
 }
 
-/// Samples shown per model in samples.png.
-const GRID_ROWS: usize = 8;
-
 fn fail(e: tfmqc_passes::Error) -> Failure {
     Failure::from(e)
 }
@@ -144,21 +146,6 @@ fn stem(p: &Path) -> String {
     name.strip_suffix(".onnx").unwrap_or(&name).to_string()
 }
 
-fn stats(v: &[f64]) -> Value {
-    if v.is_empty() {
-        return Value::Null;
-    }
-    let mut sorted = v.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mean = v.iter().sum::<f64>() / v.len() as f64;
-    json!({
-        "mean": mean,
-        "min": sorted[0],
-        "median": sorted[sorted.len() / 2],
-        "max": sorted[sorted.len() - 1],
-    })
-}
-
 struct Quant {
     path: PathBuf,
     label: String,
@@ -167,15 +154,148 @@ struct Quant {
     weights: check::WeightCheck,
 }
 
-/// Per QUANT and frontier value: cosine and relative MSE per t in S.
-struct FeatureError {
-    name: String,
-    cosine: Vec<f64>,
-    rel_mse: Vec<f64>,
+/// S, the sampler, the scheduler and the options every later step runs with.
+struct Setup {
+    /// FLOAT, with a tfmqc QUANT's scheduler in its metadata where no file is given.
+    float: Model,
+    opts: Options,
+    sampler: Sampler,
+    scheduler: SchedulerConfig,
+    set: Vec<i64>,
+    /// Where S came from.
+    s_source: String,
+    trajectory: Vec<i64>,
+}
+
+/// What the samplers produced: FLOAT's samples, each QUANT's, and their `[N, C, H, W]`.
+struct Samples {
+    float: Vec<f32>,
+    quant: Vec<Vec<f32>>,
+    dims: [usize; 4],
 }
 
 pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     let start = Instant::now();
+    check_args(args)?;
+    let (float, quants) = load(args)?;
+    let mut notes: Vec<String> = vec![];
+    let setup = resolve_setup(args, float, &quants)?;
+    let tib = tfmqc_passes::detect_tib::detect(&setup.float, args.timestep_input.as_deref());
+    let t_name = timestep_input(args, &setup.float, &tib)?;
+    let progress = |msg: &str| {
+        eprintln!(
+            "tfmqc eval: [{:6.1} s] {msg}",
+            start.elapsed().as_secs_f64()
+        )
+    };
+    progress(&format!(
+        "{} vs {} model(s); |S| = {} ({}); {} steps, {} samples, seed {}",
+        args.float.display(),
+        quants.len(),
+        setup.set.len(),
+        setup.s_source,
+        args.steps,
+        args.samples,
+        args.seed
+    ));
+
+    // 1. Temporal features: every TIB frontier value, per t in S.
+    let frontier: Vec<String> = match &tib {
+        Ok(t) => t.frontier.iter().map(|f| f.name.clone()).collect(),
+        Err(e) => {
+            notes.push(format!(
+                "no time-step block found on FLOAT ({e}): temporal-feature error skipped"
+            ));
+            vec![]
+        }
+    };
+    let features = temporal_features(
+        args, &setup, &quants, &frontier, &t_name, &progress, &mut notes,
+    )?;
+    // 2. Per-step output SQNR along float trajectories of the sampler.
+    progress(&format!(
+        "per-step output SQNR: float {} trajectories of {} steps",
+        setup.sampler, args.steps
+    ));
+    let given = tfmqc_passes::trajectory::Given::read(&setup.float, &setup.opts).map_err(fail)?;
+    let (step_sqnr, stand_ins) = step_sqnr(&setup, &quants, &given, &t_name, &mut notes)?;
+    // 3. End to end: the runtime's sampler, same seed, same trajectory.
+    progress(&format!(
+        "sampling: {} samples × {} {} steps per model",
+        args.samples, args.steps, setup.sampler
+    ));
+    let samples = sample_all(args, &setup, &quants, &given, &t_name)?;
+    let psnr = sample_psnr(&samples);
+    // 4. Fréchet distance in the feature space.
+    let fd = frechet_distance(args, &samples, &mut notes)?;
+
+    let quant_results: Vec<QuantResult> = quants
+        .into_iter()
+        .zip(features)
+        .zip(step_sqnr)
+        .zip(psnr)
+        .enumerate()
+        .map(|(k, (((q, temporal_features), sqnr), psnr))| QuantResult {
+            file: q.path.display().to_string(),
+            tfmqc_options: q
+                .model
+                .metadata_value(meta::OPTIONS)
+                .and_then(|o| serde_json::from_str::<Value>(o).ok()),
+            label: q.label,
+            tfmqc: q.tfmqc,
+            weight_check: q.weights,
+            temporal_features,
+            step_sqnr_db: StepSqnr::new(sqnr),
+            sample_psnr_db: SamplePsnr {
+                summary: Stats::of(&psnr),
+                per_sample: psnr,
+            },
+            fd: fd.as_ref().map(|f| f.1[k]),
+        })
+        .collect();
+    let plots = match &args.plots {
+        Some(dir) => Some(write_plots(dir, &quant_results, &setup.set, &samples)?),
+        None => None,
+    };
+    let result = EvalReport {
+        tool_version: env!("CARGO_PKG_VERSION"),
+        float: FloatResult {
+            file: args.float.display().to_string(),
+            fd: fd.as_ref().map(|f| f.0),
+        },
+        timestep_input: t_name,
+        timesteps: Timesteps {
+            source: setup.s_source,
+            values: setup.set,
+        },
+        schedule: setup.scheduler.to_json(),
+        sampler: setup.sampler.name(),
+        guidance_scale: args.guidance_scale,
+        steps: args.steps,
+        trajectory: setup.trajectory,
+        samples: args.samples,
+        seed: args.seed,
+        stand_in_inputs: stand_ins,
+        frontier,
+        fd_features: args.fd_features.as_ref().map(|p| p.display().to_string()),
+        quant: quant_results,
+        plots,
+        notes,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&result).expect("json"));
+    } else {
+        print!("{}", report::table(&result));
+    }
+    for n in &result.notes {
+        eprintln!("note: {n}");
+    }
+    progress(&format!("done in {:.1} s", start.elapsed().as_secs_f64()));
+    Ok(())
+}
+
+fn check_args(args: &EvalArgs) -> Result<(), Failure> {
     if args.samples == 0 {
         return Err(user_error(
             "--samples M must be at least 1 (M samples per model for the end-to-end comparison)",
@@ -191,6 +311,11 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             args.quant.len()
         )));
     }
+    Ok(())
+}
+
+/// FLOAT and each QUANT, checked to be the same model and a quantization of FLOAT.
+fn load(args: &EvalArgs) -> Result<(Model, Vec<Quant>), Failure> {
     let float = onnx::load(&args.float).map_err(fail)?;
     let mut quants = vec![];
     for (k, path) in args.quant.iter().enumerate() {
@@ -217,9 +342,12 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             weights,
         });
     }
-    let mut notes: Vec<String> = vec![];
+    Ok((float, quants))
+}
 
-    // S and the scheduler: the options, else what a tfmqc QUANT recorded, else FLOAT.
+/// S and the scheduler: the options, else what a tfmqc QUANT recorded, else FLOAT; the
+/// trajectory of `--steps` must stay in S, and S in each tfmqc QUANT's own set.
+fn resolve_setup(args: &EvalArgs, float: Model, quants: &[Quant]) -> Result<Setup, Failure> {
     let recorded = |key: &str| {
         quants
             .iter()
@@ -279,7 +407,7 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             set[set.len() - 1]
         )));
     }
-    for q in &quants {
+    for q in quants {
         if let Some(rec) = q.model.metadata_value(meta::TIMESTEPS) {
             let theirs = tfmqc_passes::options::parse_timesteps(rec, scheduler.num_train_timesteps)
                 .map_err(fail)?;
@@ -297,9 +425,25 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
     // Every later step reads S as an explicit list (a one-element list needs the comma).
     let spec: Vec<String> = set.iter().map(|t| t.to_string()).collect();
     opts.timesteps = Some(format!("{},", spec.join(",")));
+    Ok(Setup {
+        float,
+        opts,
+        sampler,
+        scheduler,
+        set,
+        s_source,
+        trajectory,
+    })
+}
 
-    let tib = tfmqc_passes::detect_tib::detect(&float, args.timestep_input.as_deref());
-    let t_name = match (&args.timestep_input, &tib) {
+/// The graph input carrying t: `--timestep-input`, else the detected TIB's, else
+/// FLOAT's metadata.
+fn timestep_input(
+    args: &EvalArgs,
+    float: &Model,
+    tib: &tfmqc_passes::Result<tfmqc_passes::tib::TibAnalysis>,
+) -> Result<String, Failure> {
+    Ok(match (&args.timestep_input, tib) {
         (Some(n), _) => n.clone(),
         (None, Ok(t)) => t.timestep_input.clone(),
         (None, Err(e)) => match float.metadata_value(meta::TIMESTEP_INPUT) {
@@ -311,35 +455,21 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
                 )))
             }
         },
-    };
-    let progress = |msg: &str| {
-        eprintln!(
-            "tfmqc eval: [{:6.1} s] {msg}",
-            start.elapsed().as_secs_f64()
-        )
-    };
-    progress(&format!(
-        "{} vs {} model(s); |S| = {} ({s_source}); {} steps, {} samples, seed {}",
-        args.float.display(),
-        quants.len(),
-        set.len(),
-        args.steps,
-        args.samples,
-        args.seed
-    ));
+    })
+}
 
-    // 1. Temporal features: every TIB frontier value, per t in S.
-    let frontier: Vec<String> = match &tib {
-        Ok(t) => t.frontier.iter().map(|f| f.name.clone()).collect(),
-        Err(e) => {
-            notes.push(format!(
-                "no time-step block found on FLOAT ({e}): temporal-feature error skipped"
-            ));
-            vec![]
-        }
-    };
-    let mut feature_errors: Vec<Vec<FeatureError>> = vec![];
-    let mut feature_missing: Vec<Vec<String>> = vec![];
+/// Per QUANT: cosine and relative MSE against FLOAT of each frontier value it has, per t
+/// in S (a value it lacks is noted and listed as missing).
+fn temporal_features(
+    args: &EvalArgs,
+    setup: &Setup,
+    quants: &[Quant],
+    frontier: &[String],
+    t_name: &str,
+    progress: &dyn Fn(&str),
+    notes: &mut Vec<String>,
+) -> Result<Vec<TemporalFeatures>, Failure> {
+    let set = &setup.set;
     let float_features = if frontier.is_empty() {
         None
     } else {
@@ -349,20 +479,19 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             set.len()
         ));
         Some(features_per_step(
-            &float, &frontier, &t_name, &set, args.seed,
+            &setup.float,
+            frontier,
+            t_name,
+            set,
+            args.seed,
         )?)
     };
-    for q in &quants {
-        let present: Vec<String> = frontier
+    let mut out = vec![];
+    for q in quants {
+        let (present, missing): (Vec<String>, Vec<String>) = frontier
             .iter()
-            .filter(|n| q.model.graph.producer(n).is_some())
             .cloned()
-            .collect();
-        let missing: Vec<String> = frontier
-            .iter()
-            .filter(|n| !present.contains(n))
-            .cloned()
-            .collect();
+            .partition(|n| q.model.graph.producer(n).is_some());
         if !missing.is_empty() {
             notes.push(format!(
                 "{}: no value named {} (the frontier of FLOAT's time-step block): skipped for it",
@@ -372,7 +501,7 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
         }
         let mut errs = vec![];
         if let (Some(ff), false) = (&float_features, present.is_empty()) {
-            let qf = features_per_step(&q.model, &present, &t_name, &set, args.seed)?;
+            let qf = features_per_step(&q.model, &present, t_name, set, args.seed)?;
             for (k, name) in present.iter().enumerate() {
                 let fk = frontier.iter().position(|n| n == name).expect("present");
                 let (mut cos, mut mse) = (vec![], vec![]);
@@ -387,18 +516,23 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
                 });
             }
         }
-        feature_errors.push(errs);
-        feature_missing.push(missing);
+        out.push(TemporalFeatures::new(errs, missing));
     }
+    Ok(out)
+}
 
-    // 2. Per-step output SQNR along float trajectories of the sampler (the pipeline's own
-    //    trajectory generator, guidance and stand-ins included).
-    progress(&format!(
-        "per-step output SQNR: float {sampler} trajectories of {} steps",
-        args.steps
-    ));
-    let given = tfmqc_passes::trajectory::Given::read(&float, &opts).map_err(fail)?;
-    let plan = tfmqc_passes::trajectory::Plan::new(&float, &opts, &t_name, &given, &set, 2)
+/// Per QUANT, the output SQNR at each step of float trajectories of the sampler (the
+/// pipeline's own trajectory generator, guidance and stand-ins included); and the inputs
+/// that took seeded stand-ins.
+fn step_sqnr(
+    setup: &Setup,
+    quants: &[Quant],
+    given: &tfmqc_passes::trajectory::Given,
+    t_name: &str,
+    notes: &mut Vec<String>,
+) -> Result<(Vec<Vec<StepDb>>, Vec<String>), Failure> {
+    let (float, opts) = (&setup.float, &setup.opts);
+    let plan = tfmqc_passes::trajectory::Plan::new(float, opts, t_name, given, &setup.set, 2)
         .map_err(fail)?;
     notes.extend(plan.notes.iter().cloned());
     let stand_ins = plan.stand_ins.clone();
@@ -408,27 +542,36 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             stand_ins.join(", ")
         ));
     }
-    let ev =
-        tfmqc_passes::trajectory::evaluation_records(&float, &opts, &t_name, usize::MAX, &|_| {})
-            .map_err(fail)?
-            .expect("no call limit");
-    let mut step_sqnr = vec![];
-    for q in &quants {
+    let ev = tfmqc_passes::trajectory::evaluation_records(float, opts, t_name, usize::MAX, &|_| {})
+        .map_err(fail)?
+        .expect("no call limit");
+    let mut out = vec![];
+    for q in quants {
         let s = output_sqnr_against(&q.model, &ev.records, &ev.steps, &ev.outputs).map_err(fail)?;
-        step_sqnr.push(
+        out.push(
             s.into_iter()
-                .map(|x| (x.t, x.sqnr_db.min(DB_CAP)))
-                .collect::<Vec<_>>(),
+                .map(|x| StepDb {
+                    t: x.t,
+                    db: x.sqnr_db.min(DB_CAP),
+                })
+                .collect(),
         );
     }
+    Ok((out, stand_ins))
+}
 
-    // 3. End to end: the runtime's sampler, same seed, same trajectory.
-    progress(&format!(
-        "sampling: {} samples × {} {sampler} steps per model",
-        args.samples, args.steps
-    ));
-    let float_den = denoiser(&args.float, &set, &scheduler, &t_name)?;
-    let (cond, uncond) = conditioning(&float, &float_den, &given, &opts, args.samples)?;
+/// `--samples` samples of FLOAT and of each QUANT from the runtime's sampler, the same
+/// seed and trajectory for all.
+fn sample_all(
+    args: &EvalArgs,
+    setup: &Setup,
+    quants: &[Quant],
+    given: &tfmqc_passes::trajectory::Given,
+    t_name: &str,
+) -> Result<Samples, Failure> {
+    let (set, scheduler) = (&setup.set, &setup.scheduler);
+    let float_den = denoiser(&args.float, set, scheduler, t_name)?;
+    let (cond, uncond) = conditioning(&setup.float, &float_den, given, &setup.opts, args.samples)?;
     let cond_ref: Vec<(&str, tfmqc_runtime::Tensor)> =
         cond.iter().map(|(n, t)| (n.as_str(), t.clone())).collect();
     let uncond_ref: Vec<(&str, tfmqc_runtime::Tensor)> = uncond
@@ -442,7 +585,7 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
                 args.steps,
                 &cond_ref,
                 args.samples,
-                sampler,
+                setup.sampler,
                 args.guidance_scale.map(|scale| Guidance {
                     scale,
                     uncond: &uncond_ref,
@@ -460,148 +603,65 @@ pub fn run(args: &EvalArgs) -> Result<(), Failure> {
             .collect();
         Ok((v, dims))
     };
-    let (float_samples, dims) = sample(&float_den, &args.float)?;
+    let (float, dims) = sample(&float_den, &args.float)?;
     drop(float_den);
-    let per_sample: usize = dims[1..].iter().product();
-    let mut quant_samples = vec![];
-    let mut psnr = vec![];
-    for q in &quants {
-        let d = denoiser(&q.path, &set, &scheduler, &t_name)?;
-        let (v, _) = sample(&d, &q.path)?;
-        psnr.push(
-            (0..dims[0])
-                .map(|s| {
-                    let r = s * per_sample..(s + 1) * per_sample;
-                    metrics::psnr(&float_samples[r.clone()], &v[r])
-                })
-                .collect::<Vec<_>>(),
-        );
-        quant_samples.push(v);
+    let mut quant = vec![];
+    for q in quants {
+        let d = denoiser(&q.path, set, scheduler, t_name)?;
+        quant.push(sample(&d, &q.path)?.0);
     }
+    Ok(Samples { float, quant, dims })
+}
 
-    // 4. Fréchet distance in the feature space.
-    let mut fd: Option<(f64, Vec<f64>)> = None;
-    match (&args.fd_features, &args.fd_ref) {
-        (Some(model), Some(reference)) => {
-            if args.samples < 2 {
-                notes.push("Fréchet distance skipped: it needs --samples ≥ 2".into());
-            } else {
-                let mut all = vec![&float_samples];
-                all.extend(quant_samples.iter());
-                match frechet(model, reference, &args.fd_output, dims, &all)? {
-                    Ok(v) => {
-                        if args.samples < 256 {
-                            notes.push(format!(
-                                "Fréchet distance from {} samples: biased upwards at small M (models/README.md: 3.48 for the float digits model at M = 1024); compare the columns, not the absolute value",
-                                args.samples
-                            ));
-                        }
-                        fd = Some((v[0], v[1..].to_vec()));
-                    }
-                    Err(why) => notes.push(format!("Fréchet distance skipped: {why}")),
-                }
-            }
-        }
-        _ => notes.push(
-            "Fréchet distance skipped: give --fd-features ONNX --fd-ref JSON (e.g. models/digits_features.onnx, models/digits_features_ref.json)".into(),
-        ),
-    }
-
-    // The result.
-    let sqnr_stats = |v: &[(i64, f64)]| {
-        let db: Vec<f64> = v.iter().map(|x| x.1).collect();
-        stats(&db)
-    };
-    let feature_summary = |errs: &[FeatureError]| {
-        if errs.is_empty() {
-            return Value::Null;
-        }
-        let cos: Vec<f64> = errs.iter().flat_map(|e| e.cosine.iter().copied()).collect();
-        let mse: Vec<f64> = errs
-            .iter()
-            .flat_map(|e| e.rel_mse.iter().copied())
-            .collect();
-        json!({"cosine": stats(&cos), "rel_mse": stats(&mse)})
-    };
-    let quant_json: Vec<Value> = quants
+/// Per QUANT, the PSNR of each sample against FLOAT's sample of the same noise.
+fn sample_psnr(s: &Samples) -> Vec<Vec<f64>> {
+    let per_sample: usize = s.dims[1..].iter().product();
+    s.quant
         .iter()
-        .enumerate()
-        .map(|(k, q)| {
-            json!({
-                "file": q.path.display().to_string(),
-                "label": q.label,
-                "tfmqc": q.tfmqc,
-                // How a tfmqc file was made (its `tfmqc.options` metadata), else null.
-                "tfmqc_options": q.model.metadata_value(meta::OPTIONS)
-                    .and_then(|o| serde_json::from_str::<Value>(o).ok()),
-                "weight_check": q.weights,
-                "temporal_features": {
-                    "summary": feature_summary(&feature_errors[k]),
-                    "missing": feature_missing[k],
-                    "values": feature_errors[k].iter().map(|e| json!({
-                        "name": e.name,
-                        "cosine": e.cosine,
-                        "rel_mse": e.rel_mse,
-                    })).collect::<Vec<_>>(),
-                },
-                "step_sqnr_db": {
-                    "summary": sqnr_stats(&step_sqnr[k]),
-                    "per_step": step_sqnr[k].iter().map(|(t, db)| json!({"t": t, "db": db})).collect::<Vec<_>>(),
-                },
-                "sample_psnr_db": {
-                    "summary": stats(&psnr[k]),
-                    "per_sample": psnr[k],
-                },
-                "fd": fd.as_ref().map(|f| f.1[k]),
-            })
+        .map(|v| {
+            (0..s.dims[0])
+                .map(|k| {
+                    let r = k * per_sample..(k + 1) * per_sample;
+                    metrics::psnr(&s.float[r.clone()], &v[r])
+                })
+                .collect()
         })
-        .collect();
-    let mut plots_json = Value::Null;
-    if let Some(dir) = &args.plots {
-        plots_json = write_plots(
-            dir,
-            &quants,
-            &set,
-            &feature_errors,
-            &step_sqnr,
-            &float_samples,
-            &quant_samples,
-            dims,
-        )?;
+        .collect()
+}
+
+/// FLOAT's and each QUANT's Fréchet distance, or `None` with a note saying why not.
+fn frechet_distance(
+    args: &EvalArgs,
+    samples: &Samples,
+    notes: &mut Vec<String>,
+) -> Result<Option<(f64, Vec<f64>)>, Failure> {
+    let (Some(model), Some(reference)) = (&args.fd_features, &args.fd_ref) else {
+        notes.push(
+            "Fréchet distance skipped: give --fd-features ONNX --fd-ref JSON (e.g. models/digits_features.onnx, models/digits_features_ref.json)".into(),
+        );
+        return Ok(None);
+    };
+    if args.samples < 2 {
+        notes.push("Fréchet distance skipped: it needs --samples ≥ 2".into());
+        return Ok(None);
     }
-    let result = json!({
-        "tool_version": env!("CARGO_PKG_VERSION"),
-        "float": {
-            "file": args.float.display().to_string(),
-            "fd": fd.as_ref().map(|f| f.0),
-        },
-        "timestep_input": t_name,
-        "timesteps": {"source": s_source, "values": set},
-        "schedule": scheduler.to_json(),
-        "sampler": sampler.name(),
-        "guidance_scale": args.guidance_scale,
-        "steps": args.steps,
-        "trajectory": trajectory,
-        "samples": args.samples,
-        "seed": args.seed,
-        "stand_in_inputs": stand_ins,
-        "frontier": frontier,
-        "fd_features": args.fd_features.as_ref().map(|p| p.display().to_string()),
-        "quant": quant_json,
-        "plots": plots_json,
-        "notes": notes,
-        "seconds": start.elapsed().as_secs_f64(),
-    });
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&result).expect("json"));
-    } else {
-        print!("{}", table(&result));
+    let mut all = vec![&samples.float];
+    all.extend(samples.quant.iter());
+    match frechet(model, reference, &args.fd_output, samples.dims, &all)? {
+        Ok(v) => {
+            if args.samples < 256 {
+                notes.push(format!(
+                    "Fréchet distance from {} samples: biased upwards at small M (models/README.md: 3.48 for the float digits model at M = 1024); compare the columns, not the absolute value",
+                    args.samples
+                ));
+            }
+            Ok(Some((v[0], v[1..].to_vec())))
+        }
+        Err(why) => {
+            notes.push(format!("Fréchet distance skipped: {why}"));
+            Ok(None)
+        }
     }
-    for n in &notes {
-        eprintln!("note: {n}");
-    }
-    progress(&format!("done in {:.1} s", start.elapsed().as_secs_f64()));
-    Ok(())
 }
 
 /// A denoiser for the runtime's sampler with S, the schedule and the time-step input
@@ -834,236 +894,4 @@ fn frechet(
         out.push(reference.frechet(&m, &c));
     }
     Ok(Ok(out))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn write_plots(
-    dir: &Path,
-    quants: &[Quant],
-    set: &[i64],
-    feature_errors: &[Vec<FeatureError>],
-    step_sqnr: &[Vec<(i64, f64)>],
-    float_samples: &[f32],
-    quant_samples: &[Vec<f32>],
-    dims: [usize; 4],
-) -> Result<Value, Failure> {
-    std::fs::create_dir_all(dir).map_err(|e| user_error(format!("{}: {e}", dir.display())))?;
-    let write = |name: &str, bytes: &[u8]| -> Result<String, Failure> {
-        let p = dir.join(name);
-        onnx::write_atomic(&p, bytes).map_err(fail)?;
-        Ok(p.display().to_string())
-    };
-    let mut files = BTreeMap::new();
-    let color = |k: usize| PALETTE[k % PALETTE.len()];
-    if feature_errors.iter().any(|e| !e.is_empty()) {
-        // Mean over the frontier values at each t (the JSON has each value).
-        let mean_at = |errs: &[FeatureError], f: &dyn Fn(&FeatureError) -> &Vec<f64>| {
-            set.iter()
-                .enumerate()
-                .map(|(i, &t)| {
-                    let v: f64 = errs.iter().map(|e| f(e)[i]).sum::<f64>() / errs.len() as f64;
-                    (t as f64, v)
-                })
-                .collect::<Vec<_>>()
-        };
-        let mut cos = vec![];
-        let mut mse = vec![];
-        for (k, (q, errs)) in quants.iter().zip(feature_errors).enumerate() {
-            if errs.is_empty() {
-                continue;
-            }
-            cos.push(Series {
-                label: q.label.clone(),
-                color: color(k),
-                points: mean_at(errs, &|e| &e.cosine),
-            });
-            mse.push(Series {
-                label: q.label.clone(),
-                color: color(k),
-                points: mean_at(errs, &|e| &e.rel_mse),
-            });
-        }
-        let n_values = feature_errors.iter().map(|e| e.len()).max().unwrap_or(0);
-        let fig = Figure {
-            title: "Temporal features: quantized vs float".into(),
-            note: Some(format!(
-                "Mean over the {n_values} TIB frontier values (the temporal features) at each time step t in S. An exact table (tfmqc --tib lut) has cosine 1 and relative MSE 0, drawn on the bottom edge."
-            )),
-            panels: vec![
-                Panel {
-                    y_label: "cosine similarity".into(),
-                    x_label: "time step t".into(),
-                    log_y: false,
-                    y_range: None,
-                    series: cos,
-                },
-                Panel {
-                    y_label: "relative MSE (log)".into(),
-                    x_label: "time step t".into(),
-                    log_y: true,
-                    y_range: None,
-                    series: mse,
-                },
-            ],
-        };
-        files.insert(
-            "temporal_features_svg",
-            write("temporal_features.svg", fig.svg().as_bytes())?,
-        );
-        files.insert(
-            "temporal_features_png",
-            write("temporal_features.png", &fig.png())?,
-        );
-    }
-    let series: Vec<Series> = quants
-        .iter()
-        .zip(step_sqnr)
-        .enumerate()
-        .map(|(k, (q, s))| Series {
-            label: q.label.clone(),
-            color: color(k),
-            points: s.iter().map(|&(t, db)| (t as f64, db)).collect(),
-        })
-        .collect();
-    let fig = Figure {
-        title: "Denoiser output SQNR per step".into(),
-        note: Some("SQNR = 10 log10(sum y^2 / sum (y - yq)^2) of the noise prediction, on the inputs of float DDIM trajectories.".into()),
-        panels: vec![Panel {
-            y_label: "output SQNR (dB)".into(),
-            x_label: "time step t".into(),
-            log_y: false,
-            y_range: None,
-            series,
-        }],
-    };
-    files.insert(
-        "step_sqnr_svg",
-        write("step_sqnr.svg", fig.svg().as_bytes())?,
-    );
-    files.insert("step_sqnr_png", write("step_sqnr.png", &fig.png())?);
-    let labels: Vec<&str> = std::iter::once("float")
-        .chain(quants.iter().map(|q| q.label.as_str()))
-        .collect();
-    let mut columns = vec![float_samples];
-    columns.extend(quant_samples.iter().map(|v| v.as_slice()));
-    files.insert(
-        "samples_png",
-        write("samples.png", &samples_grid(&columns, &labels, dims))?,
-    );
-    Ok(json!(files))
-}
-
-/// Columns float | QUANT... of the first GRID_ROWS samples, ×4, with a label on top of
-/// each column; 3 channels as RGB, else the first channel in grey (as `tfmqc sample`).
-fn samples_grid(columns: &[&[f32]], labels: &[&str], [n, c, h, w]: [usize; 4]) -> Vec<u8> {
-    const SCALE: usize = 4;
-    const GAP: usize = 6;
-    const HEAD: usize = 20;
-    let rows = n.min(GRID_ROWS);
-    let cell_w = (w * SCALE).max(
-        labels
-            .iter()
-            .map(|l| font::text_width(l, 1))
-            .max()
-            .unwrap_or(0)
-            + 4,
-    );
-    let width = columns.len() * (cell_w + GAP) + GAP;
-    let height = HEAD + rows * (h * SCALE + GAP) + GAP;
-    let mut canvas = plot::Canvas {
-        px: vec![255; width * height * 3],
-        w: width,
-        h: height,
-    };
-    let level = |v: f32| (((v.clamp(-1.0, 1.0) + 1.0) * 127.5).round()) as u8;
-    for (k, col) in columns.iter().enumerate() {
-        let x0 = GAP + k * (cell_w + GAP);
-        canvas.text(
-            (x0 + cell_w / 2) as f64,
-            (HEAD / 2) as f64,
-            labels[k],
-            1,
-            1,
-            false,
-            [30, 30, 30],
-        );
-        let ox = x0 + (cell_w - w * SCALE) / 2;
-        for s in 0..rows {
-            let oy = HEAD + s * (h * SCALE + GAP);
-            for y in 0..h * SCALE {
-                for x in 0..w * SCALE {
-                    let at = |ch: usize| col[((s * c + ch) * h + y / SCALE) * w + x / SCALE];
-                    let rgb = if c == 3 {
-                        [level(at(0)), level(at(1)), level(at(2))]
-                    } else {
-                        let g = level(at(0));
-                        [g, g, g]
-                    };
-                    canvas.put((ox + x) as i64, (oy + y) as i64, rgb);
-                }
-            }
-        }
-    }
-    plot::encode_png(&canvas.px, width, height)
-}
-
-fn fmt(v: Option<f64>, decimals: usize) -> String {
-    match v {
-        Some(x) => format!("{x:.decimals$}"),
-        None => "-".into(),
-    }
-}
-
-/// The human table: one row per model.
-fn table(r: &Value) -> String {
-    let get = |v: &Value, path: &[&str]| -> Option<f64> {
-        let mut cur = v;
-        for p in path {
-            cur = cur.get(p)?;
-        }
-        cur.as_f64()
-    };
-    let mut s = format!(
-        "{:<34} {:>18} {:>15} {:>17} {:>8}\n",
-        "model", "TF cosine mean/min", "step SQNR dB", "sample PSNR dB", "FD"
-    );
-    s.push_str(&format!(
-        "{:<34} {:>18} {:>15} {:>17} {:>8}\n",
-        "float",
-        "-",
-        "-",
-        "-",
-        fmt(get(r, &["float", "fd"]), 2)
-    ));
-    for q in r["quant"].as_array().into_iter().flatten() {
-        let tf = &q["temporal_features"]["summary"]["cosine"];
-        let tf = if tf.is_null() {
-            "n/a".to_string()
-        } else {
-            format!(
-                "{}/{}",
-                fmt(get(tf, &["mean"]), 4),
-                fmt(get(tf, &["min"]), 4)
-            )
-        };
-        let sq = &q["step_sqnr_db"]["summary"];
-        let ps = &q["sample_psnr_db"]["summary"];
-        s.push_str(&format!(
-            "{:<34} {:>18} {:>15} {:>17} {:>8}\n",
-            q["label"].as_str().unwrap_or(""),
-            tf,
-            format!(
-                "{}/{}",
-                fmt(get(sq, &["mean"]), 1),
-                fmt(get(sq, &["min"]), 1)
-            ),
-            format!(
-                "{}/{}",
-                fmt(get(ps, &["mean"]), 1),
-                fmt(get(ps, &["min"]), 1)
-            ),
-            fmt(get(q, &["fd"]), 2)
-        ));
-    }
-    s
 }

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use tfmqc_passes::ir::print;
-use tfmqc_passes::options::meta;
+use tfmqc_passes::options::{meta, OutputQdq, Reconstruct, Tcr, TibMode};
 use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
@@ -118,16 +118,16 @@ struct QuantArgs {
     /// `auto` (the default) quantizes with and without and keeps TCR where it raises the
     /// mean output SQNR on the calibration records by at least 0.1 dB (said in the
     /// summary); it stays off, unmeasured, where that would take over 5 minutes.
-    #[arg(long, value_name = "on|off|auto", value_parser = ["on", "off", "auto"])]
-    tcr: Option<String>,
+    #[arg(long, value_enum, value_name = "on|off|auto")]
+    tcr: Option<Tcr>,
     /// α of TCR's balance: 0 only equalizes the weights' channel ranges, 1 moves each
     /// activation channel's range entirely into the weights.
     #[arg(long, default_value_t = tfmqc_passes::reparameterize::DEFAULT_ALPHA, value_name = "A")]
     tcr_alpha: f32,
     /// TCAQ-DM as a whole (default: auto, as --tcr). TCR is what tfmqc implements of it
     /// so far (DAQ and PAR are not there yet); `--tcr` overrides it.
-    #[arg(long, value_name = "on|off|auto", value_parser = ["on", "off", "auto"])]
-    tcaq: Option<String>,
+    #[arg(long, value_enum, value_name = "on|off|auto")]
+    tcaq: Option<Tcr>,
     /// Finite Set Calibration granularity: activation scales per group of consecutive
     /// time steps. auto = per activation, the grouping whose measured gain is worth it
     /// (one set where per-step scales gain nothing); N = N groups for every activation;
@@ -210,8 +210,8 @@ struct QuantArgs {
     /// Weight rounding: `gptq` (Hessian-based, against each layer's calibration inputs;
     /// never worse than round-to-nearest on them), `adaround` (layer-wise AdaRound,
     /// slower), or `none` (round to nearest).
-    #[arg(long, default_value = "gptq", value_parser = ["none", "gptq", "adaround"])]
-    reconstruct: String,
+    #[arg(long, value_enum, default_value_t = Reconstruct::Gptq)]
+    reconstruct: Reconstruct,
     /// QuantizeLinear/DequantizeLinear pairs on the outputs of quantized Convs, which
     /// onnxruntime needs to run a Conv on its int8 kernel (QLinearConv) and which cost
     /// one more 8-bit rounding each: `auto` adds them, cheapest first by the output SQNR
@@ -220,8 +220,8 @@ struct QuantArgs {
     /// `all` on every quantized Conv; `none` on none. Biases of quantized Conv and Gemm
     /// become int32 with the product scale either way (onnxruntime's fusion needs that
     /// too; the values stay within half a step of the float bias).
-    #[arg(long, default_value = "auto", value_parser = ["none", "auto", "all"])]
-    output_qdq: String,
+    #[arg(long, value_enum, default_value_t = OutputQdq::Auto)]
+    output_qdq: OutputQdq,
     /// dB of mean output SQNR (on the calibration records) that `--output-qdq auto` may
     /// spend.
     #[arg(long, default_value_t = 0.1, value_name = "DB")]
@@ -232,8 +232,8 @@ struct QuantArgs {
     /// The time-step block: `lut` (exact tables over S), `quant` (quantized, rounding
     /// reconstructed by TIAR against the temporal features over all of S), or `auto`
     /// (per temporal feature: the table, unless the tables pass --lut-budget).
-    #[arg(long, default_value = "lut", value_parser = ["lut", "quant", "auto"])]
-    tib: String,
+    #[arg(long, value_enum, default_value_t = TibMode::Lut)]
+    tib: TibMode,
     /// Bytes the TIB tables may take with `--tib auto` (default: 10 % of the quantized
     /// model's bytes).
     #[arg(long, value_name = "BYTES")]
@@ -314,11 +314,7 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
     if let Some(q) = q {
         o.weight_bits = q.weight_bits;
         o.act_bits = q.act_bits;
-        o.tcr = match q.tcr.as_deref().or(q.tcaq.as_deref()) {
-            Some("on") => tfmqc_passes::options::Tcr::On,
-            Some("off") => tfmqc_passes::options::Tcr::Off,
-            _ => tfmqc_passes::options::Tcr::Auto,
-        };
+        o.tcr = q.tcr.or(q.tcaq).unwrap_or(Tcr::Auto);
         o.tcr_alpha = q.tcr_alpha;
         o.step_groups = q
             .step_groups
@@ -344,28 +340,16 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
         o.keep_float = q.keep_float.clone();
         o.baseline_minmax = q.baseline.is_some();
         o.act_range_mse = q.act_range == "mse";
-        o.reconstruct = match q.reconstruct.as_str() {
-            "none" => tfmqc_passes::options::Reconstruct::None,
-            "adaround" => tfmqc_passes::options::Reconstruct::AdaRound,
-            _ => tfmqc_passes::options::Reconstruct::Gptq,
-        };
+        o.reconstruct = q.reconstruct;
         o.adaround_iters = q.adaround_iters;
-        o.output_qdq = match q.output_qdq.as_str() {
-            "none" => tfmqc_passes::options::OutputQdq::None,
-            "all" => tfmqc_passes::options::OutputQdq::All,
-            _ => tfmqc_passes::options::OutputQdq::Auto,
-        };
+        o.output_qdq = q.output_qdq;
         if !(q.output_qdq_budget.is_finite() && q.output_qdq_budget >= 0.0) {
             return Err(user_error(
                 "--output-qdq-budget must be a number of dB, at least 0",
             ));
         }
         o.output_qdq_budget_db = q.output_qdq_budget;
-        o.tib = match q.tib.as_str() {
-            "quant" => tfmqc_passes::options::TibMode::Quant,
-            "auto" => tfmqc_passes::options::TibMode::Auto,
-            _ => tfmqc_passes::options::TibMode::Lut,
-        };
+        o.tib = q.tib;
         o.lut_budget = q.lut_budget;
         o.table_precision = q.table_precision.parse().map_err(user_error)?;
         o.tiar_iters = q.tiar_iters;
@@ -805,5 +789,45 @@ mod tests {
             f.message
         );
         assert!(catch_internal(|| Ok(())).is_ok());
+    }
+
+    #[test]
+    fn the_options_metadata_records_every_option_by_its_command_line_name() {
+        let cli = Cli::try_parse_from([
+            "tfmqc",
+            "m.onnx",
+            "-o",
+            "q.onnx",
+            "--reconstruct",
+            "adaround",
+            "--adaround-iters",
+            "7",
+            "--tib",
+            "quant",
+            "--tiar-iters",
+            "9",
+            "--tcaq",
+            "off",
+            "--output-qdq",
+            "none",
+        ])
+        .unwrap();
+        let o = options(&cli.run.tib, Some(&cli.run.quant)).unwrap();
+        let v = report::options_json(&o);
+        assert_eq!(v["reconstruct"], "adaround");
+        assert_eq!(v["adaround_iters"], 7);
+        assert_eq!(v["tib"], "quant");
+        assert_eq!(v["tiar_iters"], 9);
+        assert_eq!(v["tcr"], "off");
+        assert_eq!(v["output_qdq"], "none");
+        assert_eq!(v["table_precision"], "auto");
+        assert_eq!(v["step_groups"], "auto");
+        assert_eq!(v["sampler"], "ddim");
+        assert_eq!(v["act_range"], "ema");
+        assert!(v["baseline"].is_null() && v["sampling_steps"].is_null());
+        // Limits of the compiling machine leave the output bytes alone: not recorded.
+        assert!(v.get("threads").is_none() && v.get("max_memory").is_none());
+        let bad = Cli::try_parse_from(["tfmqc", "m.onnx", "--reconstruct", "ada-round"]);
+        assert!(bad.is_err());
     }
 }

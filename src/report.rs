@@ -15,35 +15,10 @@ use tfmqc_passes::pipeline::PassContext;
 use tfmqc_passes::quantize::{LayerReport, QuantPlan};
 use tfmqc_passes::{Options, Result};
 
+/// Every option that shapes the output, as the `tfmqc.options` metadata and the report's
+/// `options` record them ([`Options`]' serialization; keys in name order).
 pub fn options_json(o: &Options) -> serde_json::Value {
-    serde_json::json!({
-        "timesteps": o.timesteps,
-        "timestep_input": o.timestep_input,
-        "weight_bits": o.weight_bits,
-        "act_bits": o.act_bits,
-        "tcr": format!("{:?}", o.tcr).to_lowercase(),
-        "tcr_alpha": o.tcr_alpha,
-        "step_groups": o.step_groups.to_string(),
-        "calib": o.calib.as_ref().map(|p| p.display().to_string()),
-        "scheduler": o.scheduler.as_ref().map(|p| p.display().to_string()),
-        "sampler": o.sampler.name(),
-        "sampling_steps": match &o.sampling_steps {
-            None => serde_json::Value::Null,
-            Some(tfmqc_passes::options::SamplingSteps::All) => "all".into(),
-            Some(tfmqc_passes::options::SamplingSteps::Counts(c)) => c.clone().into(),
-        },
-        "guidance_scale": o.guidance_scale,
-        "calib_samples": o.calib_samples,
-        "calib_steps": o.calib_steps,
-        "seed": o.seed,
-        "keep_float": o.keep_float,
-        "baseline": if o.baseline_minmax { Some("minmax") } else { None },
-        "act_range": if o.act_range_mse { "mse" } else { "ema" },
-        "reconstruct": format!("{:?}", o.reconstruct).to_lowercase(),
-        "output_qdq": format!("{:?}", o.output_qdq).to_lowercase(),
-        "tib": format!("{:?}", o.tib).to_lowercase(),
-        "lut_budget": o.lut_budget,
-    })
+    serde_json::to_value(o).expect("options serialize")
 }
 
 /// Writes the calibration's evaluation records as `NNNNN/<input>` tensors (what

@@ -150,8 +150,8 @@ fn output_qdq_convs_fuse_in_onnxruntime_and_lower_exactly() {
 /// is [`ATTENTION_DB`] (its integer parts are checked bit for bit in the kernel tests).
 fn assert_lowered_nodes_match(model: &str, q: &std::path::Path, x: &Tensors) -> usize {
     let nodes = lowered_nodes_vs_qdq(q, x);
-    let attention = tfmqc_runtime::int8_attention::QATTENTION;
-    let group_norm = tfmqc_runtime::group_norm::GROUP_NORM;
+    let attention = tfmqc_runtime::ops::attention::QATTENTION;
+    let group_norm = tfmqc_runtime::ops::group_norm::GROUP_NORM;
     type Node = (String, String, f64);
     let (norms, int8): (Vec<&Node>, Vec<&Node>) = nodes.iter().partition(|n| n.1 == group_norm);
     let (fused, products): (Vec<&Node>, Vec<&Node>) = int8.iter().partition(|n| n.1 == attention);
@@ -333,8 +333,8 @@ fn int8_conv1d_and_gemm_lowering_matches_the_qdq_graph() {
             })
             .count()
     };
-    let qconv = tfmqc_runtime::int8_ops::QCONV;
-    let qgemm = tfmqc_runtime::int8_gemm::QGEMM;
+    let qconv = tfmqc_runtime::ops::conv::QCONV;
+    let qgemm = tfmqc_runtime::ops::gemm::QGEMM;
     let ops = |op: &str| {
         lowered
             .graph
@@ -345,8 +345,8 @@ fn int8_conv1d_and_gemm_lowering_matches_the_qdq_graph() {
             .filter(|n| n.op_type == op)
             .count()
     };
-    let qmatmul = tfmqc_runtime::int8_matmul::QMATMUL;
-    let qattention = tfmqc_runtime::int8_attention::QATTENTION;
+    let qmatmul = tfmqc_runtime::ops::matmul::QMATMUL;
+    let qattention = tfmqc_runtime::ops::attention::QATTENTION;
     // The 12 attention Einsums (`bct,bcs->bts`, softmax, `bts,bcs->bct`: P on the left,
     // output transposed) fuse into 6 attention nodes.
     assert_eq!(
@@ -491,8 +491,8 @@ fn int8_attention_matmuls_match_the_qdq_graph() {
     // (Q·Kᵀ, softmax, P's quantizer and P·V), no product of two activations left over.
     assert_eq!(
         (
-            ops(tfmqc_runtime::int8_attention::QATTENTION),
-            ops(tfmqc_runtime::int8_matmul::QMATMUL),
+            ops(tfmqc_runtime::ops::attention::QATTENTION),
+            ops(tfmqc_runtime::ops::matmul::QMATMUL),
             ops("Softmax")
         ),
         (8, 0, 0)
@@ -781,7 +781,7 @@ fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
         for p in &nodes {
             let group = values[&p.group].to_i64_vec().unwrap()[0];
             groups.push(group);
-            let scale = tfmqc_runtime::int8_ops::select_step_scale(&p.scales, group).unwrap();
+            let scale = tfmqc_runtime::ops::select_step_scale(&p.scales, group).unwrap();
             let input = values[&p.x].to_f32_vec().unwrap();
             let mut kernel = vec![0u8; input.len()];
             quantize_u8(Backend::Auto, &input, scale, p.zp, &mut kernel);

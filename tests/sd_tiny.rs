@@ -125,7 +125,7 @@ fn lowering_leaves_tract_no_weight_to_load_and_moves_references_not_bytes() {
         .filter(|n| {
             n.op_type == "QuantizeLinear"
                 && producer(&n.input[0])
-                    .is_some_and(|p| p.op_type == tfmqc_runtime::int8_ops::QCONV)
+                    .is_some_and(|p| p.op_type == tfmqc_runtime::ops::conv::QCONV)
         })
         .count();
     let dq_of_pairs = g
@@ -193,7 +193,7 @@ fn denoiser_runs_external_data_weights_on_the_int8_kernels_as_the_qdq_graph_does
     // Fused attention nodes hold a float softmax computed otherwise than tract's, which
     // moves a code of P by one step near a rounding boundary (tests/int8.rs: 60 dB bar).
     let nodes = lowered_nodes_vs_qdq(q, &x);
-    let group_norm = tfmqc_runtime::group_norm::GROUP_NORM;
+    let group_norm = tfmqc_runtime::ops::group_norm::GROUP_NORM;
     assert_eq!(nodes.iter().filter(|n| n.1 != group_norm).count(), 256 + 32);
     // Every node > 60 dB; the unfused ones exact (> 100 dB) unless the QDQ reference meets
     // a rounding tie that tract's float evaluation resolves one ulp away (tests/int8.rs
@@ -202,7 +202,7 @@ fn denoiser_runs_external_data_weights_on_the_int8_kernels_as_the_qdq_graph_does
     // few more nodes meet such a tie (measured: 3 of 288; tests/int8.rs
     // `per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t` checks element
     // by element that every difference is one of those).
-    let attention = tfmqc_runtime::int8_attention::QATTENTION;
+    let attention = tfmqc_runtime::ops::attention::QATTENTION;
     let ties = nodes
         .iter()
         .filter(|(_, op, db)| op != attention && *db <= 100.0)

@@ -6,27 +6,8 @@ use tfmqc_runtime::SchedulerConfig;
 use crate::error::{Error, Result};
 use crate::ir::Model;
 
-/// Metadata keys tfmqc reads (written by model exporters or by tfmqc itself).
-pub mod meta {
-    pub const TRAIN_TIMESTEPS: &str = "diffusion.train_timesteps";
-    pub const BETA_SCHEDULE: &str = "diffusion.beta_schedule";
-    pub const BETA_START: &str = "diffusion.beta_start";
-    pub const BETA_END: &str = "diffusion.beta_end";
-    /// Written by tfmqc: the time-step set, comma-separated.
-    pub const TIMESTEPS: &str = "tfmqc.timesteps";
-    pub const TIMESTEP_INPUT: &str = "tfmqc.timestep_input";
-    pub const TIB_FRONTIER: &str = "tfmqc.tib.frontier";
-    pub const VERSION: &str = "tfmqc.version";
-    pub const PASSES: &str = "tfmqc.passes";
-    pub const OPTIONS: &str = "tfmqc.options";
-    pub const SCHEDULE: &str = "tfmqc.schedule";
-    pub const SEED: &str = "tfmqc.calibration_seed";
-    /// Written by tfmqc: the sampler calibration ran (`ddim`, `ddpm`, `euler`, `dpm++`)
-    /// and the step counts it calibrated at (comma-separated).
-    pub const SAMPLER: &str = "tfmqc.sampler";
-    pub const SAMPLING_STEPS: &str = "tfmqc.sampling_steps";
-    pub const PREDICTION_TYPE: &str = "diffusion.prediction_type";
-}
+/// Metadata keys tfmqc reads and writes: the runtime's table.
+pub use tfmqc_runtime::meta;
 
 /// The step counts the deployment samples with when `--sampling-steps` is not given.
 pub const DEFAULT_SAMPLING_STEPS: [usize; 4] = [20, 25, 30, 50];
@@ -66,13 +47,15 @@ impl std::str::FromStr for SamplingSteps {
 }
 
 /// Weight-rounding reconstruction of the quantized layers (`--reconstruct`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Reconstruct {
     /// Round to nearest.
     None,
     /// GPTQ: Hessian-based rounding, one Cholesky per layer.
     Gptq,
     /// Layer-wise AdaRound with closed-form gradients.
+    #[value(name = "adaround")]
     AdaRound,
 }
 
@@ -80,7 +63,8 @@ pub enum Reconstruct {
 /// (`--output-qdq`): onnxruntime fuses a Conv into its int8 kernel (QLinearConv) only
 /// when its output passes through QuantizeLinear, at the cost of one more 8-bit rounding
 /// of that output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum OutputQdq {
     /// No output pairs (biases still become int32, which Gemm and MatMul fusion needs).
     None,
@@ -93,7 +77,8 @@ pub enum OutputQdq {
 
 /// TCAQ-DM's timestep-channel joint reparameterization (`--tcr`, the `reparameterize`
 /// pass).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Tcr {
     Off,
     On,
@@ -150,7 +135,8 @@ impl std::str::FromStr for StepGroups {
 }
 
 /// What becomes of the Temporal Information Block (`--tib`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TibMode {
     /// Exact tables `[|S|, ...]` for every frontier value (fold-tib).
     Lut,
@@ -163,8 +149,9 @@ pub enum TibMode {
 }
 
 /// Options every pass may read. The CLI fills them; `Default` gives the documented
-/// defaults.
-#[derive(Clone, Debug)]
+/// defaults. Serialized, they are what a compiled model records of how it was made (its
+/// `tfmqc.options` metadata and the report's `options`).
+#[derive(Clone, Debug, serde::Serialize)]
 pub struct Options {
     /// `--timesteps`: `1000`, `ddim:50` or an explicit list. `None`: metadata, else 1000.
     pub timesteps: Option<String>,
@@ -175,14 +162,17 @@ pub struct Options {
     /// `--act-bits`: 8, 6 or 4 (held in uint8), or 32 for weight-only quantization.
     pub act_bits: u32,
     /// `--step-groups`: FSC granularity (default: chosen per activation).
+    #[serde(serialize_with = "ser::display")]
     pub step_groups: StepGroups,
     /// `--calib`: recorded inputs (.safetensors or .npz) instead of generated ones.
     pub calib: Option<std::path::PathBuf>,
     /// `--scheduler`: the deployment's diffusers scheduler_config.json.
     pub scheduler: Option<std::path::PathBuf>,
     /// `--sampler`: the sampling algorithm calibration runs (the deployment's).
+    #[serde(serialize_with = "ser::sampler")]
     pub sampler: Sampler,
     /// `--sampling-steps`; `None`: [`DEFAULT_SAMPLING_STEPS`].
+    #[serde(serialize_with = "ser::sampling_steps")]
     pub sampling_steps: Option<SamplingSteps>,
     /// `--guidance-scale`: classifier-free guidance during calibration.
     pub guidance_scale: Option<f32>,
@@ -197,9 +187,11 @@ pub struct Options {
     /// `--keep-float`: node-name substrings left in float.
     pub keep_float: Vec<String>,
     /// `--baseline minmax`: plain min-max PTQ of the same layers, for comparisons.
+    #[serde(rename = "baseline", serialize_with = "ser::baseline")]
     pub baseline_minmax: bool,
     /// `--act-range mse`: shrink each activation range to minimise the quantization MSE
     /// on the calibration records (default: the EMA min/max as the reference does).
+    #[serde(rename = "act_range", serialize_with = "ser::act_range")]
     pub act_range_mse: bool,
     /// `--reconstruct`: weight rounding against each layer's calibration inputs.
     pub reconstruct: Reconstruct,
@@ -217,6 +209,7 @@ pub struct Options {
     pub lut_budget: Option<u64>,
     /// `--table-precision`: how temporal-feature tables are stored (f32, f16, int8 rows,
     /// or per table by measured error: [`crate::table_quant`]).
+    #[serde(serialize_with = "ser::table_precision")]
     pub table_precision: crate::table_quant::TablePrecision,
     /// `--tiar-iters`: Adam steps of TIAR.
     pub tiar_iters: usize,
@@ -226,6 +219,9 @@ pub struct Options {
     pub beta_start: Option<f64>,
     pub beta_end: Option<f64>,
     /// `--max-memory`: bytes a phase may plan to hold; `None`: the memory available.
+    /// (Not recorded: like `threads`, a limit of the machine that compiled the model,
+    /// which leaves its bytes unchanged.)
+    #[serde(skip)]
     pub max_memory: Option<u64>,
     /// `--calib-budget`: seconds of model calls calibration may spend when the user did
     /// not fix `--calib-samples` / `--calib-steps` (then `calib_adaptive`).
@@ -239,7 +235,57 @@ pub struct Options {
     pub tcr_alpha: f32,
     /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
     /// (Model calls take theirs from the caller's `tfmqc_runtime::with_threads`.)
+    #[serde(skip)]
     pub threads: usize,
+}
+
+/// How the option values that are not plain data are recorded: by the names the
+/// command line gives them.
+mod ser {
+    use serde::Serializer;
+
+    use super::{Sampler, SamplingSteps};
+    use crate::table_quant::TablePrecision;
+
+    pub fn display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn sampler<S: Serializer>(v: &Sampler, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(v.name())
+    }
+
+    /// `null` (the default counts), `"all"`, or the counts.
+    pub fn sampling_steps<S: Serializer>(
+        v: &Option<SamplingSteps>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        match v {
+            None => s.serialize_none(),
+            Some(SamplingSteps::All) => s.serialize_str("all"),
+            Some(SamplingSteps::Counts(c)) => s.collect_seq(c),
+        }
+    }
+
+    /// `"minmax"` or `null`, as `--baseline` takes it.
+    pub fn baseline<S: Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            true => s.serialize_str("minmax"),
+            false => s.serialize_none(),
+        }
+    }
+
+    /// `"mse"` or `"ema"`, as `--act-range` takes it.
+    pub fn act_range<S: Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if *v { "mse" } else { "ema" })
+    }
+
+    pub fn table_precision<S: Serializer>(v: &TablePrecision, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            TablePrecision::Auto => s.serialize_str("auto"),
+            TablePrecision::Fixed(f) => s.serialize_str(f.name()),
+        }
+    }
 }
 
 impl Default for Options {

@@ -24,16 +24,10 @@ use tract_onnx::prelude::{DatumType, Tensor};
 
 use crate::engine::{read_proto, Engine, Optimize};
 use crate::error::{Error, Result};
+use crate::meta;
 use crate::sampler::{self, Sampler, SamplerState};
 use crate::schedule::{NoiseRng, Schedule};
 use crate::scheduler::SchedulerConfig;
-
-/// Metadata keys read here (written by model exporters or by tfmqc).
-mod meta {
-    pub const TIMESTEPS: &str = "tfmqc.timesteps";
-    pub const TIMESTEP_INPUT: &str = "tfmqc.timestep_input";
-    pub const SAMPLE_SHAPE: &str = "diffusion.sample_shape";
-}
 
 /// One graph input: its name, element type and dims (`None`: symbolic or unknown).
 #[derive(Clone, Debug)]
@@ -938,12 +932,12 @@ mod tests {
     #[test]
     fn the_scheduler_is_read_from_metadata_in_both_forms() {
         let old = r#"{"beta_end":0.012,"beta_schedule":"scaled-linear","beta_start":0.00085,"train_timesteps":1000}"#;
-        let m = |k: &str| (k == crate::scheduler::META_SCHEDULE).then(|| old.to_string());
+        let m = |k: &str| (k == meta::SCHEDULE).then(|| old.to_string());
         let s = SchedulerConfig::from_metadata(&m, "").unwrap();
         assert_eq!(s.beta_schedule, crate::BetaSchedule::ScaledLinear);
         assert_eq!(s.beta_end, 0.012);
         let new = r#"{"num_train_timesteps":1000,"beta_schedule":"scaled_linear","beta_start":0.00085,"beta_end":0.012,"prediction_type":"v_prediction","clip_sample":false,"steps_offset":1}"#;
-        let m = |k: &str| (k == crate::scheduler::META_SCHEDULE).then(|| new.to_string());
+        let m = |k: &str| (k == meta::SCHEDULE).then(|| new.to_string());
         let s = SchedulerConfig::from_metadata(&m, "").unwrap();
         assert_eq!(s.prediction_type, crate::PredictionType::VPrediction);
         assert_eq!((s.clip_sample, s.steps_offset), (false, 1));
@@ -953,14 +947,14 @@ mod tests {
             SchedulerConfig::default()
         );
         let keys = |k: &str| match k {
-            "diffusion.beta_schedule" => Some("cosine".to_string()),
-            "diffusion.prediction_type" => Some("sample".to_string()),
+            meta::BETA_SCHEDULE => Some("cosine".to_string()),
+            meta::PREDICTION_TYPE => Some("sample".to_string()),
             _ => None,
         };
         let s = SchedulerConfig::from_metadata(&keys, "").unwrap();
         assert_eq!(s.beta_schedule, crate::BetaSchedule::Cosine);
         assert_eq!(s.prediction_type, crate::PredictionType::Sample);
-        let bad = |k: &str| (k == "diffusion.prediction_type").then(|| "flow".to_string());
+        let bad = |k: &str| (k == meta::PREDICTION_TYPE).then(|| "flow".to_string());
         let e = SchedulerConfig::from_metadata(&bad, "m.onnx")
             .unwrap_err()
             .to_string();

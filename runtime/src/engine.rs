@@ -175,21 +175,21 @@ impl Engine {
         if int8 {
             framework
                 .op_register
-                .insert(crate::int8_ops::QCONV, crate::int8_ops::build_qconv);
+                .insert(crate::ops::conv::QCONV, crate::ops::conv::build_qconv);
             framework
                 .op_register
-                .insert(crate::int8_gemm::QGEMM, crate::int8_gemm::build_qgemm);
+                .insert(crate::ops::gemm::QGEMM, crate::ops::gemm::build_qgemm);
             framework.op_register.insert(
-                crate::int8_matmul::QMATMUL,
-                crate::int8_matmul::build_qmatmul,
+                crate::ops::matmul::QMATMUL,
+                crate::ops::matmul::build_qmatmul,
             );
             framework.op_register.insert(
-                crate::int8_attention::QATTENTION,
-                crate::int8_attention::build_qattention,
+                crate::ops::attention::QATTENTION,
+                crate::ops::attention::build_qattention,
             );
             framework.op_register.insert(
-                crate::group_norm::GROUP_NORM,
-                crate::group_norm::build_group_norm,
+                crate::ops::group_norm::GROUP_NORM,
+                crate::ops::group_norm::build_group_norm,
             );
         }
         let parsed = framework
@@ -269,9 +269,9 @@ impl Engine {
         }
         let mut int8_weights = (0, 0);
         for node in typed.nodes() {
-            let bytes = if let Some(op) = node.op_as::<crate::int8_ops::QConv>() {
+            let bytes = if let Some(op) = node.op_as::<crate::ops::conv::QConv>() {
                 op.weight_bytes()
-            } else if let Some(op) = node.op_as::<crate::int8_gemm::QGemm>() {
+            } else if let Some(op) = node.op_as::<crate::ops::gemm::QGemm>() {
                 op.weight_bytes()
             } else {
                 continue;

@@ -2,21 +2,19 @@
 //!
 //! This crate depends on no compiler crate: an edge application links only it.
 
+pub mod attr;
 pub mod capi;
 pub mod denoiser;
 pub mod engine;
 pub mod error;
-pub mod group_norm;
-pub mod int8_attention;
-pub mod int8_gemm;
-pub mod int8_matmul;
-pub mod int8_ops;
 pub mod kernels;
 pub mod limits;
 pub mod lower;
+pub mod meta;
 #[cfg(test)]
 mod model_check_tests;
 pub mod observe;
+pub mod ops;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;

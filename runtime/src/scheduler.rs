@@ -14,10 +14,8 @@
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
+use crate::meta;
 use crate::schedule::{BetaSchedule, Schedule};
-
-/// The metadata key holding the scheduler of a compiled model.
-pub const META_SCHEDULE: &str = "tfmqc.schedule";
 
 /// What the denoiser predicts (diffusers' `prediction_type`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -516,16 +514,16 @@ impl SchedulerConfig {
                 format!("{model}: metadata {key}")
             }
         };
-        if let Some(json) = meta(META_SCHEDULE) {
-            return SchedulerConfig::from_json(&json, &source(META_SCHEDULE));
+        if let Some(json) = meta(meta::SCHEDULE) {
+            return SchedulerConfig::from_json(&json, &source(meta::SCHEDULE));
         }
         let mut map = Map::new();
         for (meta_key, key) in [
-            ("diffusion.train_timesteps", "num_train_timesteps"),
-            ("diffusion.beta_schedule", "beta_schedule"),
-            ("diffusion.beta_start", "beta_start"),
-            ("diffusion.beta_end", "beta_end"),
-            ("diffusion.prediction_type", "prediction_type"),
+            (meta::TRAIN_TIMESTEPS, "num_train_timesteps"),
+            (meta::BETA_SCHEDULE, "beta_schedule"),
+            (meta::BETA_START, "beta_start"),
+            (meta::BETA_END, "beta_end"),
+            (meta::PREDICTION_TYPE, "prediction_type"),
         ] {
             if let Some(v) = meta(meta_key) {
                 map.insert(key.to_string(), Value::String(v.trim().to_string()));

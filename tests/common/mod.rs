@@ -401,7 +401,7 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, 
         let (int8, n) =
             tfmqc_runtime::Engine::from_proto_int8(&cut, dir.as_deref(), None, full).unwrap();
         // (Fused group norms are float: not counted among int8 nodes.)
-        let int8_nodes = (op != tfmqc_runtime::group_norm::GROUP_NORM) as usize;
+        let int8_nodes = (op != tfmqc_runtime::ops::group_norm::GROUP_NORM) as usize;
         assert_eq!(n, int8_nodes, "{out}: the cut-out node is lowered");
         let db = sqnr_db(
             &tract_run_engine(&qdq, &feed),

@@ -311,15 +311,11 @@ impl Tensor {
                 .collect(),
             F16 => d
                 .chunks_exact(2)
-                .map(|c| f64::from(f16_to_f32(u16::from_le_bytes([c[0], c[1]]))))
+                .map(|c| f64::from(half::f16::from_le_bytes([c[0], c[1]]).to_f32()))
                 .collect(),
             BF16 => d
                 .chunks_exact(2)
-                .map(|c| {
-                    f64::from(f32::from_bits(
-                        (u16::from_le_bytes([c[0], c[1]]) as u32) << 16,
-                    ))
-                })
+                .map(|c| f64::from(half::bf16::from_le_bytes([c[0], c[1]]).to_f32()))
                 .collect(),
             I4 | U4 => {
                 let mut out = Vec::with_capacity(self.numel());
@@ -365,25 +361,6 @@ impl Tensor {
     }
 }
 
-/// IEEE half → single, exact (every f16 is representable as f32).
-pub fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h >> 15) as u32) << 31;
-    let exp = ((h >> 10) & 0x1f) as u32;
-    let frac = (h & 0x3ff) as u32;
-    let bits = match (exp, frac) {
-        (0, 0) => sign,
-        (0, f) => {
-            // subnormal: renormalize
-            let shift = f.leading_zeros() - 21;
-            let frac = (f << shift) & 0x3ff;
-            sign | ((113 - shift) << 23) | (frac << 13)
-        }
-        (0x1f, f) => sign | 0x7f80_0000 | (f << 13),
-        (e, f) => sign | ((e + 112) << 23) | (f << 13),
-    };
-    f32::from_bits(bits)
-}
-
 /// Elements of a tensor of `shape`; `None` when the product overflows a `usize`. A
 /// zero dimension makes it 0 whatever the others declare (ONNX allows empty tensors).
 pub fn checked_numel(shape: &[usize]) -> Option<usize> {
@@ -398,12 +375,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn f16_conversion_matches_known_values() {
-        assert_eq!(f16_to_f32(0x3c00), 1.0);
-        assert_eq!(f16_to_f32(0xc000), -2.0);
-        assert_eq!(f16_to_f32(0x0001), 5.960_464_5e-8);
-        assert!(f16_to_f32(0x7e00).is_nan());
-        assert_eq!(f16_to_f32(0x7c00), f32::INFINITY);
+    fn half_precision_tensors_read_as_numbers() {
+        let read = |dtype, bits: &[u16]| {
+            let bytes: Vec<u8> = bits.iter().flat_map(|b| b.to_le_bytes()).collect();
+            Tensor::from_raw(dtype, vec![bits.len()], bytes)
+                .unwrap()
+                .to_f64_lossy()
+                .unwrap()
+        };
+        let h = read(DType::F16, &[0x3c00, 0xc000, 0x0001, 0x7e00, 0x7c00]);
+        assert_eq!(h[..3], [1.0, -2.0, 2f64.powi(-24)]);
+        assert!(h[3].is_nan());
+        assert_eq!(h[4], f64::INFINITY);
+        let b = read(DType::BF16, &[0x3f80, 0xc000, 0x7f80]);
+        assert_eq!(b, [1.0, -2.0, f64::INFINITY]);
     }
 
     #[test]

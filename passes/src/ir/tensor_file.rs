@@ -106,7 +106,7 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
             .map_err(|e| Error::invalid(format!("tensor '{name}': {e}")))?;
         views.push((name.clone(), view));
     }
-    let bytes = safetensors::serialize(views, &None)
+    let bytes = safetensors::serialize(views, None)
         .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
     crate::onnx::write_atomic(path, &bytes)
 }

@@ -17,7 +17,7 @@
 //! ```
 //!
 //! Every op is standard (onnxruntime and tract load it); the runtime's int8 kernels read
-//! the group index as an input and quantize with `s[g]` ([`tfmqc_runtime::int8_ops`]).
+//! the group index as an input and quantize with `s[g]` ([`tfmqc_runtime::ops::conv`]).
 //! A `t` outside S gives an index ≥ |S|, so `g ≥ G`, which the Gather and the runtime
 //! refuse. Only activations every reader of which is a weight product (Conv, Gemm,
 //! MatMul with a constant weight) get per-step scales: the runtime's fused attention

@@ -1,7 +1,7 @@
 //! The int8 lowering as one graph rewrite: find every node the runtime runs on its own
-//! int8 ops ([`crate::int8_ops`], [`crate::int8_gemm`], [`crate::int8_matmul`] each match
-//! their pattern), replace it, and drop what the replaced nodes leave dead, so tract never
-//! loads it.
+//! ops ([`crate::ops`]; the submodules here each match one op's pattern and write its
+//! node), replace it, and drop what the replaced nodes leave dead, so tract never loads
+//! it.
 //!
 //! Memory is the point at SD scale (860M weights): the int8 weights must not pass
 //! through tract as constants (tract loads every initializer of the graph it is given,
@@ -12,6 +12,13 @@
 //! weight stays a reference to its file there, and the op builder packs it straight from
 //! a memory map of that file. The Q/DQ nodes and scale / weight initializers only the
 //! replaced nodes read are removed.
+
+mod attention;
+mod conv;
+mod gemm;
+mod group_norm;
+mod matmul;
+mod qdq;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -226,7 +233,8 @@ impl Plan {
         self.replaced
             .iter()
             .filter(|&(&i, &r)| {
-                self.live_nodes[i] && self.rewrites[r].node.op_type != crate::group_norm::GROUP_NORM
+                self.live_nodes[i]
+                    && self.rewrites[r].node.op_type != crate::ops::group_norm::GROUP_NORM
             })
             .count()
     }
@@ -245,11 +253,11 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
         // initializer, never a QuantizeLinear, so the two never both match).
         // Attention (`P·V` of a quantized softmax of a quantized product) before the
         // plain products: its score product is then left dead, unless read elsewhere.
-        let rewrite = crate::int8_ops::match_conv(&ix, n)
-            .or_else(|| crate::int8_gemm::match_gemm(&ix, n))
-            .or_else(|| crate::int8_attention::match_attention(&ix, n))
-            .or_else(|| crate::int8_matmul::match_matmul(&ix, n))
-            .or_else(|| crate::group_norm::match_group_norm(&ix, n));
+        let rewrite = conv::match_conv(&ix, n)
+            .or_else(|| gemm::match_gemm(&ix, n))
+            .or_else(|| attention::match_attention(&ix, n))
+            .or_else(|| matmul::match_matmul(&ix, n))
+            .or_else(|| group_norm::match_group_norm(&ix, n));
         if let Some(r) = rewrite {
             replaced.insert(i, rewrites.len());
             rewrites.push(r);
