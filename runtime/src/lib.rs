@@ -17,6 +17,8 @@ pub mod lower;
 #[cfg(test)]
 mod model_check_tests;
 pub mod observe;
+pub mod prescale;
+pub mod requant;
 pub mod sampler;
 pub mod schedule;
 pub mod scheduler;

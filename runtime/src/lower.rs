@@ -250,8 +250,11 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
             .or_else(|| crate::int8_attention::match_attention(&ix, n))
             .or_else(|| crate::int8_matmul::match_matmul(&ix, n))
             .or_else(|| crate::group_norm::match_group_norm(&ix, n));
-        if let Some(r) = rewrite {
-            replaced.insert(i, rewrites.len());
+        if let Some(mut r) = rewrite {
+            // A Conv / Gemm with an output Q/DQ pair replaces the pair's DequantizeLinear
+            // (`crate::requant`); the Conv is then left dead.
+            let at = crate::requant::fuse_output_pair(&ix, &mut r).unwrap_or(i);
+            replaced.insert(at, rewrites.len());
             rewrites.push(r);
         }
     }
