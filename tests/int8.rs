@@ -727,7 +727,23 @@ fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
             .find(|a| a.name == "a_zero_point")
             .unwrap()
             .i as u8;
-        let (x, group) = (n.input[0].clone(), n.input[1].clone());
+        let (mut x, group) = (n.input[0].clone(), n.input[1].clone());
+        // Channel factors folded into the node (runtime/src/prescale.rs): the graph
+        // divides Mul(x, r) by the step's scale; that product is what is quantized.
+        if n.attribute.iter().any(|a| a.name == "a_prescale") {
+            let mul = g
+                .node
+                .iter()
+                .find(|m| {
+                    m.op_type == "Mul"
+                        && m.input.contains(&x)
+                        && g.node
+                            .iter()
+                            .any(|d| d.op_type == "Div" && d.input[0] == m.output[0])
+                })
+                .unwrap_or_else(|| panic!("{}: no Mul({x}, r) before its Div", n.name));
+            x = mul.output[0].clone();
+        }
         // x → Div → QuantizeLinear: the quotient and the codes.
         let q = g
             .node

@@ -289,6 +289,69 @@ pub fn sqnr_db(reference: &Tensors, other: &Tensors) -> f64 {
 /// quantization step, and the quantizers after it grow that (a known property of the
 /// QDQ graph itself, see int8.rs).
 pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, f64)> {
+    let (cuts, dir) = lowered_node_cuts(q, inputs);
+    let full = tfmqc_runtime::Optimize::Full;
+    let mut results = vec![];
+    for NodeCut {
+        out,
+        op,
+        lowered,
+        model: cut,
+        feed,
+    } in cuts
+    {
+        // A node with a fused output pair is compared before the pair (the Conv's or
+        // Gemm's own output, the pair left to tract): an exact integer product and
+        // float sums of the QDQ reference round an output code apart where a value sits
+        // at its rounding boundary. The pair itself is checked exact against the unfused
+        // lowering in tests/requant.rs.
+        let before_pair: Option<Vec<String>> = tfmqc_runtime::ops::requant::output_pair(&lowered)
+            .map(|_| {
+                let g = cut.graph.as_ref().unwrap();
+                let conv = g
+                    .node
+                    .iter()
+                    .find(|n| n.op_type == "Conv" || n.op_type == "Gemm");
+                vec![conv.expect("a Conv or Gemm before the pair").output[0].clone()]
+            });
+        let outputs = before_pair.as_deref();
+        // External-data weights stay references to the model's data file.
+        let qdq = tfmqc_runtime::Engine::from_proto(&cut, dir.as_deref(), outputs, full).unwrap();
+        let lower = || tfmqc_runtime::Engine::from_proto_int8(&cut, dir.as_deref(), outputs, full);
+        let (int8, n) = match outputs {
+            Some(_) => tfmqc_runtime::ops::requant::unfused(lower),
+            None => lower(),
+        }
+        .unwrap();
+        // (Fused group norms are float: not counted among int8 nodes.)
+        let int8_nodes = (op != tfmqc_runtime::ops::group_norm::GROUP_NORM) as usize;
+        assert_eq!(n, int8_nodes, "{out}: the cut-out node is lowered");
+        let db = sqnr_db(
+            &tract_run_engine(&qdq, &feed),
+            &tract_run_engine(&int8, &feed),
+        );
+        results.push((out, op, db));
+    }
+    results
+}
+
+/// One node the runtime lowers, cut out of the QDQ graph ([`lowered_node_cuts`]).
+pub struct NodeCut {
+    /// The value it writes, and its op type once lowered.
+    pub out: String,
+    pub op: String,
+    /// The lowered node as it is in the lowered model (its attributes say what it fuses).
+    pub lowered: tfmqc_runtime::pb::NodeProto,
+    /// The QDQ nodes it replaces, as a model from the values it reads to `out`.
+    pub model: tfmqc_runtime::pb::ModelProto,
+    /// The values it reads when the whole model runs (in tract, as the QDQ graph).
+    pub feed: Tensors,
+}
+
+/// Every node the runtime lowers to its int8 ops, cut out of `q` with its Q/DQ inputs
+/// (see [`lowered_nodes_vs_qdq`]), with what it reads when the model runs on `inputs`;
+/// and the folder external data is read from.
+pub fn lowered_node_cuts(q: &Path, inputs: &Tensors) -> (Vec<NodeCut>, Option<String>) {
     use tfmqc_runtime::pb;
     let proto = tfmqc_runtime::engine::read_proto(q).unwrap();
     let g = proto.graph.as_ref().unwrap();
@@ -306,6 +369,17 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, 
         .filter(|n| n.domain == "ai.tfmqc")
         .map(|n| (n.output[0].clone(), n.op_type.clone(), n.input.clone()))
         .collect();
+    let lowered_node = |out: &str| {
+        lowered
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .find(|n| n.output[0] == out)
+            .unwrap()
+            .clone()
+    };
     let producer = |v: &str| g.node.iter().find(|p| p.output.iter().any(|o| o == v));
     let is_init = |v: &str| g.initializer.iter().any(|t| t.name == v);
     // Per lowered node: the nodes of the QDQ graph it replaces (from its output back to
@@ -325,8 +399,11 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, 
             {
                 continue;
             }
+            // (A Conv / Gemm with a fused output pair writes the pair's output: the
+            // cut reaches it through the pair.)
+            let pair = tfmqc_runtime::ops::requant::output_pair(&lowered_node(out)).is_some();
             assert!(
-                !["Relu", "Conv", "Gemm"].contains(&node.op_type.as_str()) || v == *out,
+                !["Relu", "Conv", "Gemm"].contains(&node.op_type.as_str()) || v == *out || pair,
                 "{out}: the cut reaches {} {}",
                 node.op_type,
                 node.name
@@ -396,18 +473,13 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, 
             .iter()
             .map(|r| (r.clone(), values[r].clone()))
             .collect();
-        // External-data weights stay references to the model's data file.
-        let qdq = tfmqc_runtime::Engine::from_proto(&cut, dir.as_deref(), None, full).unwrap();
-        let (int8, n) =
-            tfmqc_runtime::Engine::from_proto_int8(&cut, dir.as_deref(), None, full).unwrap();
-        // (Fused group norms are float: not counted among int8 nodes.)
-        let int8_nodes = (op != tfmqc_runtime::ops::group_norm::GROUP_NORM) as usize;
-        assert_eq!(n, int8_nodes, "{out}: the cut-out node is lowered");
-        let db = sqnr_db(
-            &tract_run_engine(&qdq, &feed),
-            &tract_run_engine(&int8, &feed),
-        );
-        results.push((out, op, db));
+        results.push(NodeCut {
+            lowered: lowered_node(&out),
+            out,
+            op,
+            model: cut,
+            feed,
+        });
     }
-    results
+    (results, dir)
 }

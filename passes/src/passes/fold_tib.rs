@@ -365,7 +365,7 @@ pub fn fold_tables(
             "Unsqueeze",
             vec![t.clone()],
             "tib/t_column",
-            vec![attr::ints("axes", &[-1])],
+            vec![attr::ints("axes", [-1])],
         )?
     };
     let eq = g.add_op("Equal", vec![unsq, steps.clone()], "tib/matches", vec![])?;

@@ -50,6 +50,7 @@ mod gemm;
 mod micro;
 mod pack;
 pub(crate) mod par;
+mod prescale;
 mod sink;
 
 #[cfg(test)]
@@ -59,6 +60,7 @@ pub use attention::{attention_quantize, AttentionOperand, AttentionShape, ProbQu
 pub use conv::{conv2d, conv2d_quantize, conv2d_u8i8};
 pub use gemm::{gemm, gemm_quantize, gemm_u8i8, gemm_u8i8_f32, matmul_quantize, QuantOperand};
 pub use pack::{ConvGeometry, PackedConvWeights, PackedWeights, Packing, WeightLayout};
+pub use prescale::quantize_channels_u8;
 
 /// Rows of the micro-kernel tile (broadcast side).
 pub(crate) const MR: usize = 6;
@@ -343,6 +345,15 @@ pub enum Output<'a> {
         scale: f32,
         zero_point: i8,
     },
+    /// Dequantized, requantized to u8 codes with `scale` / `zero_point` and dequantized
+    /// back: `(q - zero_point) · scale` in f32, what an ONNX QuantizeLinear →
+    /// DequantizeLinear pair on the output computes, without its two passes.
+    Requant {
+        out: &'a mut [f32],
+        dequant: Dequant<'a>,
+        scale: f32,
+        zero_point: u8,
+    },
 }
 
 impl Output<'_> {
@@ -352,6 +363,7 @@ impl Output<'_> {
             Output::F32 { out, .. } => out.len(),
             Output::U8 { out, .. } => out.len(),
             Output::I8 { out, .. } => out.len(),
+            Output::Requant { out, .. } => out.len(),
         }
     }
 }

@@ -14,7 +14,7 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     if n.op_type != "Conv" || n.input.len() < 2 {
         return None;
     }
-    let act = activation_qdq_steps(ix, &n.input[0])?;
+    let mut act = activation_qdq_steps(ix, &n.input[0])?;
     let (w, w_scale) = {
         let dq = ix
             .producer(&n.input[1])
@@ -60,6 +60,10 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     } else {
         w_scale
     };
+    let group = get("group").map(|a| a.i).unwrap_or(1);
+    // A per-channel constant Mul before the quantizer (TCR) is folded in.
+    let channels = w.dims[1] as usize * group.max(1) as usize;
+    let prescale = super::prescale::fold_channel_scale(ix, &mut act, channels, w.dims.len());
     let mut node = pb::NodeProto {
         name: format!("{}/int8", n.name),
         op_type: QCONV.into(),
@@ -78,7 +82,8 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     ] {
         a.push(attr::ints(name, ints(name, default)));
     }
-    a.push(attr::int("group", get("group").map(|a| a.i).unwrap_or(1)));
+    a.push(attr::int("group", group));
+    a.extend(prescale);
     node.attribute = a;
     Some(Rewrite {
         node,

@@ -18,7 +18,9 @@ mod conv;
 mod gemm;
 mod group_norm;
 mod matmul;
+mod prescale;
 mod qdq;
+mod requant;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -258,8 +260,11 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
             .or_else(|| attention::match_attention(&ix, n))
             .or_else(|| matmul::match_matmul(&ix, n))
             .or_else(|| group_norm::match_group_norm(&ix, n));
-        if let Some(r) = rewrite {
-            replaced.insert(i, rewrites.len());
+        if let Some(mut r) = rewrite {
+            // A Conv / Gemm with an output Q/DQ pair replaces the pair's DequantizeLinear
+            // (`crate::ops::requant`); the Conv is then left dead.
+            let at = requant::fuse_output_pair(&ix, &mut r).unwrap_or(i);
+            replaced.insert(at, rewrites.len());
             rewrites.push(r);
         }
     }

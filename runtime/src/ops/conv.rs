@@ -18,9 +18,7 @@ use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{attr, step_scale, step_scales, weight_bytes};
-use crate::kernels::int8::{
-    conv2d_quantize, Backend, ConvGeometry, Dequant, Output, PackedConvWeights,
-};
+use crate::kernels::int8::{conv2d_quantize, Backend, ConvGeometry, Dequant, PackedConvWeights};
 use crate::tensor_data::as_i8;
 
 /// The op name our rewritten nodes carry (domain `ai.tfmqc`).
@@ -39,6 +37,12 @@ pub struct QConv {
     pub geometry: ConvGeometry,
     /// A 1-D convolution (`[N, C, L]` input), run as a 2-D one of height 1.
     pub conv1d: bool,
+    /// An output Q/DQ pair (scale, zero point) fused into the kernel's store
+    /// ([`super::requant`]).
+    pub out_q: Option<(f32, u8)>,
+    /// Per-input-channel factors the input is multiplied by before it is quantized
+    /// ([`super::prescale`]).
+    pub prescale: Option<Arc<Vec<f32>>>,
 }
 
 impl PartialEq for QConv {
@@ -137,24 +141,37 @@ impl EvalOp for QConv {
         let nchw = self.nchw(shape)?;
         let out_shape = self.output_shape(shape)?;
         let mut out = Tensor::zero::<f32>(&out_shape)?;
-        // QuantizeLinear (round half to even, saturate) fused into the kernel's widening
-        // pass: no u8 copy of the input.
-        conv2d_quantize(
-            Backend::Auto,
-            x,
-            nchw,
+        let mut plain_out = out.try_as_plain_ram_mut()?;
+        let out_f32 = plain_out.as_slice_mut::<f32>()?;
+        let dequant = Dequant {
             a_scale,
-            self.a_zero_point,
-            &self.weights,
-            Output::F32 {
-                out: out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-                dequant: Dequant {
-                    a_scale,
-                    w_scale: &self.w_scale,
-                    bias: self.bias.as_deref().map(|b| b.as_slice()),
-                },
-            },
-        );
+            w_scale: &self.w_scale,
+            bias: self.bias.as_deref().map(|b| b.as_slice()),
+        };
+        let output = super::requant::output(self.out_q, out_f32, dequant);
+        if let Some(r) = &self.prescale {
+            super::prescale::conv2d_prescaled(
+                x,
+                nchw,
+                r,
+                a_scale,
+                self.a_zero_point,
+                &self.weights,
+                output,
+            )?;
+        } else {
+            // QuantizeLinear (round half to even, saturate) fused into the kernel's
+            // widening pass: no u8 copy of the input.
+            conv2d_quantize(
+                Backend::Auto,
+                x,
+                nchw,
+                a_scale,
+                self.a_zero_point,
+                &self.weights,
+                output,
+            );
+        }
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -237,6 +254,10 @@ pub fn build_qconv(
         out_channels: dims[0],
         geometry,
         conv1d,
+        out_q: super::requant::output_pair(node),
+        prescale: attr(node, super::prescale::A_PRESCALE)
+            .ok()
+            .map(|a| Arc::new(a.floats.clone())),
     };
     Ok((
         tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qconv_rules),

@@ -16,7 +16,7 @@ use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{attr, step_scale, step_scales, weight_bytes};
-use crate::kernels::int8::{gemm_quantize, Backend, Dequant, Output, PackedWeights, WeightLayout};
+use crate::kernels::int8::{gemm_quantize, Backend, Dequant, PackedWeights, WeightLayout};
 use crate::tensor_data::as_i8;
 
 /// The op name of rewritten `Gemm` / `MatMul` nodes (domain `ai.tfmqc`).
@@ -31,6 +31,9 @@ pub struct QGemm {
     pub weights: Arc<PackedWeights>,
     pub w_scale: Arc<Vec<f32>>,
     pub bias: Option<Arc<Vec<f32>>>,
+    /// An output Q/DQ pair (scale, zero point) fused into the kernel's store
+    /// ([`super::requant`]).
+    pub out_q: Option<(f32, u8)>,
 }
 
 impl PartialEq for QGemm {
@@ -95,6 +98,14 @@ impl EvalOp for QGemm {
         let out_shape = self.output_shape(input.shape())?;
         let k = self.weights.k();
         let mut out = Tensor::zero::<f32>(&out_shape)?;
+        let mut plain_out = out.try_as_plain_ram_mut()?;
+        let out_f32 = plain_out.as_slice_mut::<f32>()?;
+        let dequant = Dequant {
+            a_scale,
+            w_scale: &self.w_scale,
+            bias: self.bias.as_deref().map(|b| b.as_slice()),
+        };
+        let output = super::requant::output(self.out_q, out_f32, dequant);
         gemm_quantize(
             Backend::Auto,
             x,
@@ -103,14 +114,7 @@ impl EvalOp for QGemm {
             a_scale,
             self.a_zero_point,
             &self.weights,
-            Output::F32 {
-                out: out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-                dequant: Dequant {
-                    a_scale,
-                    w_scale: &self.w_scale,
-                    bias: self.bias.as_deref().map(|b| b.as_slice()),
-                },
-            },
+            output,
         );
         Ok(tvec!(out.into_tvalue()))
     }
@@ -184,6 +188,7 @@ pub fn build_qgemm(
         weights: Arc::new(weights),
         w_scale: Arc::new(w_scale),
         bias,
+        out_q: super::requant::output_pair(node),
     };
     Ok((
         tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qgemm_rules),

@@ -9,6 +9,8 @@ pub mod conv;
 pub mod gemm;
 pub mod group_norm;
 pub mod matmul;
+pub mod prescale;
+pub mod requant;
 
 use std::sync::Arc;
 

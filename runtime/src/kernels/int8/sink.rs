@@ -15,6 +15,8 @@ pub(crate) enum Channel {
 pub(crate) enum QOut<'a> {
     U8(Shared<'a, u8>),
     I8(Shared<'a, i8>),
+    /// u8 codes stored dequantized: `(q - zp) · out_scale`.
+    Requant(Shared<'a, f32>),
 }
 
 /// The output of a driver. Several threads store through one `Sink`, each to its own
@@ -100,6 +102,18 @@ impl<'a> Sink<'a> {
                 out_scale: scale,
                 zp: zero_point as i32,
             },
+            Output::Requant {
+                out,
+                dequant,
+                scale,
+                zero_point,
+            } => Sink::Quant {
+                out: QOut::Requant(Shared::new(out)),
+                scale: combined_scales(&dequant, channels),
+                bias: dequant.bias,
+                out_scale: scale,
+                zp: zero_point as i32,
+            },
         }
     }
 
@@ -131,6 +145,12 @@ impl<'a> Sink<'a> {
                     QOut::I8(out) => dequant_run(out.range(dst, n), acc, scale, *bias, ch, |v| {
                         quantize(v, os, zp, -128, 127) as i8
                     }),
+                    // As tract's DequantizeLinear: the centered code times the scale.
+                    QOut::Requant(out) => {
+                        dequant_run(out.range(dst, n), acc, scale, *bias, ch, |v| {
+                            (quantize(v, os, zp, 0, 255) - zp) as f32 * os
+                        })
+                    }
                 }
             }
         }

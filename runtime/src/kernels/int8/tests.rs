@@ -1179,3 +1179,104 @@ fn softmax_codes_match_an_exact_softmax() {
     }
     eprintln!("{differ} of {total} codes one step off the exact softmax's");
 }
+
+/// The requantizing store of an output Q/DQ pair (`Output::Requant`) writes what the f32
+/// store followed by ONNX QuantizeLinear (round half to even, saturate) and
+/// DequantizeLinear gives, bit for bit, on every backend and packing — including
+/// saturated values (an output scale too small for the range) and exact ties.
+#[test]
+fn requant_store_is_f32_store_then_quantize_dequantize() {
+    let mut rng = Rng(SplitMix64::new(41));
+    for case in 0..40 {
+        let geom = ConvGeometry {
+            kernel: [rng.range(1, 3), rng.range(1, 3)],
+            strides: [1, rng.range(1, 2)],
+            pads: [1, 1, 0, 1],
+            dilations: [1, 1],
+            groups: 1,
+        };
+        let (nb, c, oc) = (rng.range(1, 2), rng.range(1, 9), rng.range(1, 20));
+        let (h, wd) = (rng.range(3, 12), rng.range(3, 12));
+        let (ho, wo) = geom.output_hw(h, wd).unwrap();
+        let shape = [nb, c, h, wd];
+        let x = rng.bytes_u8(nb * c * h * wd);
+        let w = rng.bytes_i8(oc * c * geom.kernel[0] * geom.kernel[1]);
+        let zp = rng.byte();
+        let w_scale: Vec<f32> = (0..oc).map(|o| 0.5f32.powi(o as i32 % 7 + 6)).collect();
+        let bias: Vec<f32> = (0..oc).map(|o| o as f32 * 0.25 - 1.0).collect();
+        // Powers of two: many values land exactly on a rounding tie.
+        let (a_scale, out_scale) = (0.5f32.powi(3), [0.5f32.powi(2), 1e-3][case % 2]);
+        let out_zp = rng.byte();
+        for (be, pk) in setups() {
+            let pw = PackedConvWeights::pack_with(pk, &w, oc, c, geom, &[] as &[i8]);
+            let dequant = Dequant {
+                a_scale,
+                w_scale: &w_scale,
+                bias: Some(&bias),
+            };
+            let n = nb * oc * ho * wo;
+            let mut f = vec![0f32; n];
+            conv2d(
+                be,
+                &x,
+                shape,
+                zp,
+                &pw,
+                Output::F32 {
+                    out: &mut f,
+                    dequant,
+                },
+            );
+            let mut r = vec![f32::NAN; n];
+            let out = Output::Requant {
+                out: &mut r,
+                dequant,
+                scale: out_scale,
+                zero_point: out_zp,
+            };
+            conv2d(be, &x, shape, zp, &pw, out);
+            for (i, (&v, &got)) in f.iter().zip(&r).enumerate() {
+                let q = ((v / out_scale).round_ties_even() + out_zp as f32).clamp(0.0, 255.0);
+                let want = (q - out_zp as f32) * out_scale;
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{be:?} case {case} [{i}]: {v}"
+                );
+            }
+        }
+    }
+}
+
+/// `quantize_channels_u8` is ONNX `Mul` by a per-channel constant then `QuantizeLinear`:
+/// the product rounded to f32, then divided and rounded half to even.
+#[test]
+fn quantize_channels_is_mul_then_quantize_linear() {
+    let mut rng = Rng(SplitMix64::new(43));
+    for case in 0..30 {
+        let (nb, c, plane) = (rng.range(1, 3), rng.range(1, 7), rng.range(0, 70));
+        let r: Vec<f32> = (0..c)
+            .map(|_| (rng.below(4000) as f32 - 1000.0) / 997.0)
+            .collect();
+        let x: Vec<f32> = (0..nb * c * plane)
+            .map(|i| match i % 5 {
+                // Exact ties after the product for r = ±1-ish and a power-of-two scale.
+                0 => (rng.below(512) as f32 - 256.0) * 0.5 + 0.25,
+                _ => (rng.below(1 << 20) as f32 - 524288.0) / 1024.0,
+            })
+            .collect();
+        let (scale, zp) = ([0.5f32, 0.037, 3.0][case % 3], rng.byte());
+        let m: Vec<f32> = x
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * r[(i / plane.max(1)) % c])
+            .collect();
+        let mut want = vec![0u8; m.len()];
+        quantize_u8(Backend::Portable, &m, scale, zp, &mut want);
+        for (be, _) in setups() {
+            let mut got = vec![0u8; x.len()];
+            quantize_channels_u8(be, &x, c, plane, &r, scale, zp, &mut got);
+            assert_eq!(got, want, "{be:?} case {case}");
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! Fusions into the int8 convolutions' quantizers (runtime/src/requant.rs: an output
+//! Q/DQ pair stored by the kernel's epilogue; runtime/src/prescale.rs: TCR's per-channel
+//! `Mul` before the input quantizer), checked exact against the unfused lowering on every
+//! fused node of real models.
+
+mod common;
+use common::*;
+
+use tfmqc_runtime::ops::{prescale::A_PRESCALE, requant};
+
+/// ONNX QuantizeLinear (round half to even, saturate to u8) then DequantizeLinear.
+fn qdq(v: f32, scale: f32, zp: u8) -> f32 {
+    let q = ((v / scale).round_ties_even() + zp as f32).clamp(0.0, 255.0);
+    (q - zp as f32) * scale
+}
+
+/// Every node of `q` with a fused output pair or folded channel factors, run on what it
+/// reads in the model, against the same node lowered with the fusions off
+/// ([`requant::unfused`]: the int8 kernel with an f32 output, then tract's Mul /
+/// QuantizeLinear / DequantizeLinear):
+/// - channel factors only: bit-identical outputs (both quantize `x · r[c]` rounded to f32);
+/// - an output pair: bit-identical to ONNX QuantizeLinear → DequantizeLinear of the
+///   unfused node's f32 output, computed here (round half to even). tract's own
+///   QuantizeLinear in the unfused graph rounds exact ties (`v / s = k + ½`) away from
+///   zero, so it may differ from the fused node there only; those values are counted.
+///
+/// Returns (nodes with an output pair, nodes with channel factors, ties).
+fn assert_fused_nodes_exact(model: &str, q: &std::path::Path) -> (usize, usize, usize) {
+    let full = tfmqc_runtime::Optimize::Full;
+    let mut x = example_inputs(model);
+    // Time steps of the compiled set S (ddim:10: t = 100·k).
+    use tfmqc_passes::ir::Tensor;
+    if let Some(t) = x.get_mut("timesteps") {
+        *t = Tensor::from_vec(vec![2], &[100f32, 500.0]);
+    }
+    if let Some(t) = x.get_mut("timestep") {
+        *t = Tensor::from_vec(vec![2], &[100i64, 500]);
+    }
+    let (cuts, dir) = lowered_node_cuts(q, &x);
+    let (mut pairs, mut prescaled, mut ties) = (0, 0, 0);
+    for cut in cuts {
+        let pair = requant::output_pair(&cut.lowered);
+        let pre = cut.lowered.attribute.iter().any(|a| a.name == A_PRESCALE);
+        if pair.is_none() && !pre {
+            continue;
+        }
+        let (fused, _) =
+            tfmqc_runtime::Engine::from_proto_int8(&cut.model, dir.as_deref(), None, full).unwrap();
+        let fused = tract_run_engine(&fused, &cut.feed);
+        let got = fused[&cut.out].to_f32_vec().unwrap();
+        let g = cut.model.graph.as_ref().unwrap();
+        match pair {
+            None => {
+                prescaled += 1;
+                let (plain, _) = requant::unfused(|| {
+                    tfmqc_runtime::Engine::from_proto_int8(&cut.model, dir.as_deref(), None, full)
+                })
+                .unwrap();
+                let want = tract_run_engine(&plain, &cut.feed);
+                assert_bit_exact(&format!("{model} {}", cut.out), &want, &fused);
+            }
+            Some((scale, zp)) => {
+                pairs += 1;
+                prescaled += pre as usize;
+                // The unfused node's f32 output: what the pair's QuantizeLinear reads.
+                let conv = g
+                    .node
+                    .iter()
+                    .find(|n| n.op_type == "Conv" || n.op_type == "Gemm")
+                    .unwrap();
+                let names = vec![conv.output[0].clone(), cut.out.clone()];
+                let (plain, _) = requant::unfused(|| {
+                    tfmqc_runtime::Engine::from_proto_int8(
+                        &cut.model,
+                        dir.as_deref(),
+                        Some(&names),
+                        full,
+                    )
+                })
+                .unwrap();
+                let plain = tract_run_engine(&plain, &cut.feed);
+                let raw = plain[&names[0]].to_f32_vec().unwrap();
+                let tract_qdq = plain[&names[1]].to_f32_vec().unwrap();
+                assert_eq!(raw.len(), got.len());
+                for (i, (&v, &y)) in raw.iter().zip(&got).enumerate() {
+                    let want = qdq(v, scale, zp);
+                    assert!(
+                        want.to_bits() == y.to_bits(),
+                        "{model} {}[{i}]: fused {y} vs QuantizeLinear/DequantizeLinear of {v}: {want}",
+                        cut.out
+                    );
+                    if tract_qdq[i].to_bits() != y.to_bits() {
+                        let t = v / scale;
+                        assert_eq!(t - t.floor(), 0.5, "{model} {}[{i}]: not a tie", cut.out);
+                        ties += 1;
+                    }
+                }
+            }
+        }
+    }
+    (pairs, prescaled, ties)
+}
+
+/// guided_unet with TCR (per-channel factors before most convolutions' quantizers) and an
+/// output pair on every quantized Conv, and with the factors alone; ddpm_digits with the
+/// pairs and without TCR. Per-step scales on (the default).
+#[test]
+fn fused_requantization_and_channel_factors_match_the_unfused_lowering_exactly() {
+    let dir = tmpdir();
+    for (model, tcr, pairs_on) in [
+        ("guided_unet", "on", "all"),
+        ("ddpm_digits", "off", "all"),
+        // Channel factors alone (no output pair): bit-identical outputs.
+        ("guided_unet", "on", "none"),
+    ] {
+        let q = dir.path().join(format!("{model}.{pairs_on}.q.onnx"));
+        quantize_small(model, &q, "10", &["--output-qdq", pairs_on, "--tcr", tcr]);
+        let (pairs, prescaled, ties) = assert_fused_nodes_exact(model, &q);
+        eprintln!(
+            "{model}: {pairs} nodes with a fused output pair, {prescaled} with folded channel \
+             factors, all exact; {ties} exact ties where tract's QuantizeLinear rounds away"
+        );
+        if pairs_on == "all" {
+            assert!(pairs >= 20, "{model}: only {pairs} output pairs fused");
+        }
+        if tcr == "on" {
+            assert!(
+                prescaled >= 20,
+                "{model}: only {prescaled} channel factors folded"
+            );
+        }
+    }
+}
