@@ -17,7 +17,6 @@
 
 use tract_onnx::tract_hir::internal::*;
 
-use super::conv::QCONV;
 use crate::kernels::int8::{conv2d, quantize_channels_u8, Backend, Output, PackedConvWeights};
 
 /// The attribute holding the folded per-channel factors.
@@ -45,7 +44,7 @@ pub(crate) fn conv2d_prescaled(
 ) -> TractResult<()> {
     ensure!(
         r.len() == nchw[1],
-        "{QCONV}: {} channel factors for {} input channels",
+        "a_prescale: {} channel factors for {} input channels",
         r.len(),
         nchw[1]
     );
