@@ -728,7 +728,7 @@ fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
             .unwrap()
             .i as u8;
         let (mut x, group) = (n.input[0].clone(), n.input[1].clone());
-        // Channel factors folded into the node (runtime/src/prescale.rs): the graph
+        // Channel factors folded into the node (runtime/src/ops/prescale.rs): the graph
         // divides Mul(x, r) by the step's scale; that product is what is quantized.
         if n.attribute.iter().any(|a| a.name == "a_prescale") {
             let mul = g

@@ -1,5 +1,5 @@
-//! Fusions into the int8 convolutions' quantizers (runtime/src/requant.rs: an output
-//! Q/DQ pair stored by the kernel's epilogue; runtime/src/prescale.rs: TCR's per-channel
+//! Fusions into the int8 convolutions' quantizers (runtime/src/ops/requant.rs: an output
+//! Q/DQ pair stored by the kernel's epilogue; runtime/src/ops/prescale.rs: TCR's per-channel
 //! `Mul` before the input quantizer), checked exact against the unfused lowering on every
 //! fused node of real models.
 
