@@ -15,6 +15,7 @@ pub mod meta;
 mod model_check_tests;
 pub mod observe;
 pub mod ops;
+mod ranks;
 pub mod rng;
 pub mod sampler;
 pub mod schedule;

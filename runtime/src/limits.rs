@@ -69,6 +69,7 @@ pub fn check_constant_sizes(proto: &pb::ModelProto, name: &str) -> Result<()> {
                 }
             }
         }
+        check_gather_indices(g, &konst, &prefix)?;
         for n in &g.node {
             for a in &n.attribute {
                 pending.extend(a.g.iter());
@@ -94,6 +95,83 @@ pub fn check_constant_sizes(proto: &pb::ModelProto, name: &str) -> Result<()> {
                     n.name, n.op_type
                 )));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a `Gather` whose constant indices (or axis) fall outside its data where the
+/// data's extent is known: the data is a constant, or the output of `Shape` on a value
+/// of known rank (see [`crate::ranks`]). tract evaluates such a Gather while loading and
+/// indexes without a bounds check (a panic inside tract: found by the denoiser_load
+/// fuzz target, fuzz/regressions/denoiser_load/gather_index_beyond_shape.onnx).
+fn check_gather_indices<'a>(
+    g: &'a pb::GraphProto,
+    konst: &HashMap<&'a str, &'a pb::TensorProto>,
+    prefix: &str,
+) -> Result<()> {
+    let ranks = crate::ranks::ranks(g, konst, ints);
+    let shape_nodes: HashMap<&str, &pb::NodeProto> = g
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Shape")
+        .filter_map(|n| Some((n.output.first()?.as_str(), n)))
+        .collect();
+    for n in g.node.iter().filter(|n| n.op_type == "Gather") {
+        let (Some(data), Some(indices)) = (n.input.first(), n.input.get(1)) else {
+            continue;
+        };
+        let refuse = |what: String| {
+            Err(Error::InvalidModel(format!(
+                "{prefix}node '{}' (Gather): {what}",
+                n.name
+            )))
+        };
+        let axis = n
+            .attribute
+            .iter()
+            .find(|a| a.name == "axis")
+            .map_or(0, |a| a.i);
+        let Some(&rank) = ranks.get(data.as_str()) else {
+            continue;
+        };
+        let rank = rank as i64;
+        if axis < -rank || axis >= rank {
+            return refuse(format!(
+                "axis {axis} is outside the {rank} axes of its input '{data}'"
+            ));
+        }
+        let axis = axis.rem_euclid(rank.max(1)) as usize;
+        // Extent of the gathered axis, where known.
+        let extent: Option<i64> = if let Some(t) = konst.get(data.as_str()) {
+            t.dims.get(axis).copied()
+        } else if let Some(shape) = shape_nodes.get(data.as_str()) {
+            // Shape's output is 1-D: its length is the input's rank, cut by the
+            // optional start/end attributes (opset 15), clamped as the spec says.
+            shape
+                .input
+                .first()
+                .and_then(|x| ranks.get(x.as_str()))
+                .map(|&r| {
+                    let r = r as i64;
+                    let clamp = |v: i64| if v < 0 { (v + r).max(0) } else { v.min(r) };
+                    let attr = |name: &str| shape.attribute.iter().find(|a| a.name == name);
+                    let start = attr("start").map_or(0, |a| clamp(a.i));
+                    let end = attr("end").map_or(r, |a| clamp(a.i));
+                    (end - start).max(0)
+                })
+        } else {
+            None
+        };
+        let (Some(extent), Some(values)) =
+            (extent, konst.get(indices.as_str()).and_then(|t| ints(t)))
+        else {
+            continue;
+        };
+        if let Some(i) = values.iter().find(|&&i| i < -extent || i >= extent) {
+            return refuse(format!(
+                "index {i} is outside the {extent} entries of axis {axis} of its input '{data}'"
+            ));
         }
     }
     Ok(())
@@ -544,5 +622,87 @@ mod tests {
             vec![scalar("a", 0), scalar("b", 1000), scalar("c", 1)],
         );
         assert!(check_constant_sizes(&small, "").is_ok());
+    }
+
+    /// `Gather(Shape(x), [index])` after `x = Conv(input)`, the input declared with
+    /// `rank` dimensions, as the fuzz finding had it.
+    fn gather_of_shape(rank: usize, index: i64) -> pb::ModelProto {
+        let node = |op: &str, inputs: &[&str], output: &str| pb::NodeProto {
+            name: format!("{op}_node"),
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        };
+        let dims = (0..rank)
+            .map(|_| pb::tensor_shape_proto::Dimension::default())
+            .collect();
+        let tensor = pb::type_proto::Tensor {
+            elem_type: 1,
+            shape: Some(pb::TensorShapeProto { dim: dims }),
+        };
+        let scalar = pb::TensorProto {
+            dims: vec![],
+            ..int64s("i", &[index])
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            graph: Some(pb::GraphProto {
+                input: vec![pb::ValueInfoProto {
+                    name: "x".into(),
+                    r#type: Some(pb::TypeProto {
+                        value: Some(pb::type_proto::Value::TensorType(tensor)),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                node: vec![
+                    node("Conv", &["x", "w"], "c"),
+                    node("Add", &["c", "c"], "a"),
+                    node("Shape", &["a"], "s"),
+                    node("Gather", &["s", "i"], "y"),
+                ],
+                initializer: vec![scalar],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_gather_beyond_a_known_shape_is_refused() {
+        // What the denoiser_load fuzz target found: tract's analysis evaluated
+        // Gather(Shape(x), 57) on a rank-4 x and indexed out of bounds.
+        let e = check_constant_sizes(&gather_of_shape(4, 57), "m.onnx")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m.onnx: node 'Gather_node' (Gather): index 57 is outside the 4 entries"),
+            "{e}"
+        );
+        assert!(check_constant_sizes(&gather_of_shape(4, -5), "").is_err());
+        for ok in [0, 3, -1, -4] {
+            assert!(
+                check_constant_sizes(&gather_of_shape(4, ok), "").is_ok(),
+                "{ok}"
+            );
+        }
+        // Rank unknown (no declared shape): nothing is refused on a guess.
+        let mut unknown = gather_of_shape(4, 57);
+        unknown.graph.as_mut().unwrap().input[0].r#type = None;
+        assert!(check_constant_sizes(&unknown, "").is_ok());
+        // A constant's own extent counts too.
+        let mut konst = model("Gather", &["d", "i"], vec![int64s("d", &[1, 2, 3])]);
+        konst
+            .graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .push(int64s("i", &[3]));
+        let e = check_constant_sizes(&konst, "").unwrap_err().to_string();
+        assert!(
+            e.contains("index 3 is outside the 3 entries of axis 0"),
+            "{e}"
+        );
     }
 }
