@@ -15,8 +15,25 @@ use std::collections::HashMap;
 
 use tract_onnx::pb;
 
-/// Rank of each value whose rank is known, by name.
-pub(crate) type Ranks<'a> = HashMap<&'a str, usize>;
+/// What is known of a graph's values, by name: the rank of each value whose rank is
+/// known, and the length of each 1-D value whose length is known (shape vectors, whose
+/// length is the rank of what `Reshape`, `Expand` or `ConstantOfShape` make of them).
+#[derive(Default)]
+pub(crate) struct Ranks<'a> {
+    pub rank: HashMap<&'a str, usize>,
+    pub len: HashMap<&'a str, usize>,
+}
+
+/// Entries of `Shape(x)` for an x of rank `rank`: all of them, or those between the
+/// optional `start` and `end` attributes (opset 15), clamped as the spec says.
+pub(crate) fn shape_len(shape: &pb::NodeProto, rank: usize) -> usize {
+    let r = rank as i64;
+    let clamp = |v: i64| if v < 0 { (v + r).max(0) } else { v.min(r) };
+    let attr = |name: &str| shape.attribute.iter().find(|a| a.name == name);
+    let start = attr("start").map_or(0, |a| clamp(a.i));
+    let end = attr("end").map_or(r, |a| clamp(a.i));
+    (end - start).max(0) as usize
+}
 
 /// Ops whose (first) output has the rank of their first input.
 const SAME_RANK: &[&str] = &[
@@ -106,14 +123,16 @@ const BROADCAST: &[&str] = &[
     "Xor",
 ];
 
-/// The known ranks of `g`'s values; `konst` holds its constants (initializers and
-/// Constant nodes' tensors), `ints` reads a small integer constant.
+/// The known ranks (and shape-vector lengths) of `g`'s values; `konst` holds its
+/// constants (initializers and Constant nodes' tensors), `ints` reads a small integer
+/// constant.
 pub(crate) fn ranks<'a>(
     g: &'a pb::GraphProto,
     konst: &HashMap<&'a str, &'a pb::TensorProto>,
     ints: impl Fn(&pb::TensorProto) -> Option<Vec<i64>>,
 ) -> Ranks<'a> {
-    let mut rank: Ranks<'a> = HashMap::new();
+    let mut rank: HashMap<&'a str, usize> = HashMap::new();
+    let mut len: HashMap<&'a str, usize> = HashMap::new();
     for i in &g.input {
         let shape = i
             .r#type
@@ -129,11 +148,15 @@ pub(crate) fn ranks<'a>(
     }
     for (name, t) in konst {
         rank.insert(name, t.dims.len());
+        if let [n] = t.dims[..] {
+            len.insert(name, n.max(0) as usize);
+        }
     }
     for n in &g.node {
         let input = |k: usize| n.input.get(k).map(String::as_str).filter(|s| !s.is_empty());
         let rank_of = |k: usize| input(k).and_then(|i| rank.get(i)).copied();
         let konst_ints = |k: usize| input(k).and_then(|i| konst.get(i)).and_then(|t| ints(t));
+        let len_of = |k: usize| input(k).and_then(|i| len.get(i)).copied();
         let attr_ints = |name: &str| {
             n.attribute
                 .iter()
@@ -170,15 +193,13 @@ pub(crate) fn ranks<'a>(
                         _ => None,
                     }
                 }
-                "Reshape" => konst_ints(1).map(|s| s.len()),
-                "Expand" => match (rank_of(0), konst_ints(1)) {
-                    (Some(r), Some(s)) => Some(r.max(s.len())),
+                // A shape vector's length is the rank of what is made with it.
+                "Reshape" => len_of(1),
+                "Expand" => match (rank_of(0), len_of(1)) {
+                    (Some(r), Some(s)) => Some(r.max(s)),
                     _ => None,
                 },
-                "ConstantOfShape" => input(0).and_then(|i| konst.get(i)).and_then(|t| {
-                    // A 1-D shape tensor: its length is the output's rank.
-                    (t.dims.len() == 1).then(|| t.dims[0].max(0) as usize)
-                }),
+                "ConstantOfShape" => len_of(0),
                 "Unsqueeze" => {
                     let added = attr_ints("axes").or_else(|| konst_ints(1).map(|a| a.len()));
                     match (rank_of(0), added) {
@@ -215,12 +236,80 @@ pub(crate) fn ranks<'a>(
                 _ => None,
             }
         };
+        // Lengths of shape vectors, through the ops exports build them with.
+        let length = match op {
+            "Shape" => rank_of(0).map(|r| shape_len(n, r)),
+            "Cast" | "Identity" | "Abs" | "Neg" => len_of(0),
+            // Unsqueeze(scalar, [0]): a one-entry vector.
+            "Unsqueeze" => (out == Some(1) && rank_of(0) == Some(0)).then_some(1),
+            "Concat" if out == Some(1) => (0..n.input.len())
+                .filter(|&k| input(k).is_some())
+                .map(len_of)
+                .try_fold(0usize, |sum, l| l.map(|l| sum + l)),
+            "Gather" if out == Some(1) => konst_ints(1).map(|i| i.len()),
+            _ => None,
+        };
         if let Some(r) = out {
             let outputs = if op == "Split" { n.output.len() } else { 1 };
             for o in n.output.iter().take(outputs).filter(|o| !o.is_empty()) {
                 rank.insert(o.as_str(), r);
             }
         }
+        if let (Some(l), Some(o)) = (length, n.output.first().filter(|o| !o.is_empty())) {
+            len.insert(o.as_str(), l);
+        }
     }
-    rank
+    Ranks { rank, len }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(op: &str, inputs: &[&str], outputs: &[&str]) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: outputs.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn konst(name: &str, dims: &[i64]) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn ranks_follow_the_op_rules_and_stay_unknown_without_one() {
+        let g = pb::GraphProto {
+            initializer: vec![konst("v", &[5]), konst("s0", &[]), konst("m", &[2, 3, 4])],
+            node: vec![
+                node("MatMul", &["v", "s0"], &["vs"]), // 1 × 0: invalid, not an underflow
+                node("MatMul", &["v", "m"], &["vm"]),
+                node("Split", &["m"], &["p", "q"]),
+                node("Shape", &["m"], &["sm"]),
+                node("Unsqueeze", &["s0", "s0"], &["u"]),
+                node("Concat", &["sm", "v"], &["cat"]),
+                node("Reshape", &["m", "cat"], &["r"]),
+                node("TopK", &["m"], &["t"]),
+                node("Relu", &["t"], &["rt"]),
+            ],
+            ..Default::default()
+        };
+        let k: HashMap<&str, &pb::TensorProto> =
+            g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+        let r = ranks(&g, &k, |_| None);
+        assert_eq!(r.rank.get("vs"), None);
+        assert_eq!(r.rank["vm"], 2);
+        assert_eq!((r.rank["p"], r.rank["q"]), (3, 3));
+        assert_eq!((r.rank["sm"], r.len["sm"]), (1, 3));
+        assert_eq!(r.len["cat"], 8);
+        assert_eq!(r.rank["r"], 8);
+        assert_eq!((r.rank.get("t"), r.rank.get("rt")), (None, None));
+    }
 }
