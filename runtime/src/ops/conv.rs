@@ -209,15 +209,22 @@ pub fn build_qconv(
     node: &pb::NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
     let ints = |n: &str| -> TractResult<Vec<usize>> {
-        Ok(attr(node, n)?.ints.iter().map(|&v| v as usize).collect())
+        attr(node, n)?
+            .ints
+            .iter()
+            .map(|&v| {
+                usize::try_from(v)
+                    .map_err(|_| format_err!("{QCONV} '{}': {n} holds {v}", node.name))
+            })
+            .collect()
     };
     let w = attr(node, "weight")?
         .t
         .as_ref()
         .ok_or_else(|| format_err!("weight is not a tensor"))?;
-    let dims: Vec<usize> = w.dims.iter().map(|&d| d as usize).collect();
+    let dims: Vec<usize> = w.dims.iter().map(|&d| d.max(0) as usize).collect();
     ensure!(
-        (dims.len() == 3 || dims.len() == 4) && w.data_type == 3,
+        (dims.len() == 3 || dims.len() == 4) && w.data_type == 3 && w.dims.iter().all(|&d| d >= 1),
         "{QCONV} '{}': weight must be int8 [O, C/g, kh, kw] or [O, C/g, k]",
         node.name
     );
@@ -241,8 +248,13 @@ pub fn build_qconv(
         strides: [s[0], s[1]],
         pads: [p[0], p[1], p[2], p[3]],
         dilations: [d[0], d[1]],
-        groups: attr(node, "group")?.i as usize,
+        groups: usize::try_from(attr(node, "group")?.i).unwrap_or(0),
     };
+    // A file can say anything here (the node may be written by hand, not by our
+    // lowering): refuse what the packing would assert on.
+    if let Err(e) = geometry.check(dims[0], dims[1], values.len()) {
+        bail!("{QCONV} '{}': {e}", node.name);
+    }
     let bias = attr(node, "bias").ok().map(|a| Arc::new(a.floats.clone()));
     let op = QConv {
         a_scale: attr(node, "a_scale")?.f,

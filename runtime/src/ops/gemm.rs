@@ -155,14 +155,20 @@ pub fn build_qgemm(
         .as_ref()
         .ok_or_else(|| format_err!("{QGEMM} '{}': weight is not a tensor", node.name))?;
     ensure!(
-        w.dims.len() == 2 && w.data_type == 3,
-        "{QGEMM} '{}': weight must be a 2-D int8 tensor",
+        w.dims.len() == 2 && w.data_type == 3 && w.dims.iter().all(|&d| d >= 1),
+        "{QGEMM} '{}': weight must be a non-empty 2-D int8 tensor",
         node.name
     );
     let (d0, d1) = (w.dims[0] as usize, w.dims[1] as usize);
     // Packed straight from the proto or the mapped external-data file (no copy).
     let bytes = weight_bytes(ctx, node, w)?;
     let values = as_i8(&bytes);
+    ensure!(
+        d0.checked_mul(d1) == Some(values.len()),
+        "{QGEMM} '{}': {} weights for [{d0}, {d1}]",
+        node.name,
+        values.len()
+    );
     // trans_b = 1: W[N, K] (Gemm transB=1); 0: W[K, N] (MatMul, Gemm transB=0).
     let weights = if find("trans_b")?.i == 1 {
         PackedWeights::pack_general(values, WeightLayout::NK, d0, d1, &[])

@@ -401,20 +401,52 @@ impl ConvGeometry {
         Some((ho, wo))
     }
 
-    fn validate(&self) {
-        assert!(
-            self.kernel[0] >= 1 && self.kernel[1] >= 1,
-            "int8 conv: empty kernel"
-        );
-        assert!(
-            self.strides[0] >= 1 && self.strides[1] >= 1,
-            "int8 conv: stride 0"
-        );
-        assert!(
-            self.dilations[0] >= 1 && self.dilations[1] >= 1,
-            "int8 conv: dilation 0"
-        );
-        assert!(self.groups >= 1, "int8 conv: 0 groups");
+    /// Why this geometry cannot pack `weight_len` weights of `out_channels` output
+    /// channels with `in_per_group` input channels per group, if it cannot: what a
+    /// loader checks before [`PackedConvWeights::pack`], whose asserts are the same.
+    pub fn check(
+        &self,
+        out_channels: usize,
+        in_per_group: usize,
+        weight_len: usize,
+    ) -> Result<(), String> {
+        // Bounds far above any real conv keep the window arithmetic from overflowing.
+        const LIMIT: usize = 1 << 16;
+        let [kh, kw] = self.kernel;
+        let within = |v: &[usize]| v.iter().all(|&x| x <= LIMIT);
+        if kh < 1 || kw < 1 {
+            Err("empty kernel".into())
+        } else if self.strides.contains(&0) {
+            Err("stride 0".into())
+        } else if self.dilations.contains(&0) {
+            Err("dilation 0".into())
+        } else if self.groups < 1 {
+            Err("0 groups".into())
+        } else if !(within(&self.kernel)
+            && within(&self.strides)
+            && within(&self.dilations)
+            && within(&self.pads))
+        {
+            Err(format!(
+                "kernel {:?}, strides {:?}, dilations {:?} or pads {:?} beyond {LIMIT}",
+                self.kernel, self.strides, self.dilations, self.pads
+            ))
+        } else if !out_channels.is_multiple_of(self.groups) {
+            Err(format!(
+                "{out_channels} output channels are not a multiple of {} groups",
+                self.groups
+            ))
+        } else if out_channels
+            .checked_mul(in_per_group)
+            .and_then(|n| n.checked_mul(kh * kw))
+            != Some(weight_len)
+        {
+            Err(format!(
+                "{weight_len} weights for [{out_channels}, {in_per_group}, {kh}, {kw}]"
+            ))
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -464,19 +496,12 @@ impl PackedConvWeights {
         geom: ConvGeometry,
         zero_points: &[T],
     ) -> Self {
-        geom.validate();
+        if let Err(e) = geom.check(out_channels, in_per_group, w.len()) {
+            panic!("int8 conv: {e}");
+        }
         let g = geom.groups;
-        assert!(
-            out_channels.is_multiple_of(g),
-            "int8 conv: out channels not a multiple of groups"
-        );
         let [kh, kw] = geom.kernel;
         let taps = kh * kw;
-        assert_eq!(
-            w.len(),
-            out_channels * in_per_group * taps,
-            "int8 conv: weight length"
-        );
         let og = out_channels / g;
         let at = |o: usize, c: usize, t: usize| -> i32 {
             if c >= in_per_group {

@@ -1280,3 +1280,30 @@ fn quantize_channels_is_mul_then_quantize_linear() {
         }
     }
 }
+
+/// What a loader refuses before packing (the denoiser_load fuzz target found a
+/// hand-written `TfmqcQConv` with dilation 0 reaching the packing's assert).
+#[test]
+fn conv_geometry_check_names_what_cannot_pack() {
+    let ok = ConvGeometry::new(3, 3);
+    assert_eq!(ok.check(8, 4, 8 * 4 * 9), Ok(()));
+    let with = |f: fn(&mut ConvGeometry)| {
+        let mut g = ok;
+        f(&mut g);
+        g.check(8, 4, 8 * 4 * 9).unwrap_err()
+    };
+    assert_eq!(with(|g| g.dilations = [0, 1]), "dilation 0");
+    assert_eq!(with(|g| g.strides = [1, 0]), "stride 0");
+    assert_eq!(with(|g| g.kernel = [0, 3]), "empty kernel");
+    assert_eq!(with(|g| g.groups = 0), "0 groups");
+    assert_eq!(
+        with(|g| g.groups = 3),
+        "8 output channels are not a multiple of 3 groups"
+    );
+    assert!(with(|g| g.pads = [usize::MAX, 0, 0, 0]).contains("beyond"));
+    assert_eq!(
+        ok.check(8, 4, 10).unwrap_err(),
+        "10 weights for [8, 4, 3, 3]"
+    );
+    assert!(ok.check(usize::MAX, 4, 10).is_err());
+}
