@@ -1255,6 +1255,12 @@ fn quantize_channels_is_mul_then_quantize_linear() {
     let mut rng = Rng(SplitMix64::new(43));
     for case in 0..30 {
         let (nb, c, plane) = (rng.range(1, 3), rng.range(1, 7), rng.range(0, 70));
+        // Every fourth case: factors on the last axis (`plane = 1`, a Gemm input's rows).
+        let (nb, c, plane) = if case % 4 == 0 {
+            (rng.range(1, 9), rng.range(1, 70), 1)
+        } else {
+            (nb, c, plane)
+        };
         let r: Vec<f32> = (0..c)
             .map(|_| (rng.below(4000) as f32 - 1000.0) / 997.0)
             .collect();
