@@ -1111,16 +1111,20 @@ fn fused_attention_equals_the_unfused_products() {
             }
         }
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        for be in backends() {
+        // Short heads (D, Dv ≤ SHORT_HEAD) run as loops over the keys unless forced off:
+        // both ways give the unfused products' bits.
+        for (be, short) in backends().into_iter().flat_map(|b| [(b, false), (b, true)]) {
             for threads in [1, 3] {
                 let mut got = vec![0f32; want.len()];
-                multithread_tract_scope(Executor::multithread(threads), || {
-                    attention_quantize(be, q, k, v, sc, p, shape, &offsets, &mut got, to)
+                attention::with_short_heads(short, || {
+                    multithread_tract_scope(Executor::multithread(threads), || {
+                        attention_quantize(be, q, k, v, sc, p, shape, &offsets, &mut got, to)
+                    })
                 });
                 assert_eq!(
                     bits(&got),
                     bits(&want),
-                    "{be:?} {threads} threads {shape:?} q_t={tq} k_t={tk} v_t={tv} out_t={to} {sc:?}"
+                    "{be:?} short={short} {threads} threads {shape:?} q_t={tq} k_t={tk} v_t={tv} out_t={to} {sc:?}"
                 );
             }
         }
