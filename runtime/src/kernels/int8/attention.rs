@@ -87,6 +87,8 @@ thread_local! {
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// Set by [`with_short_heads`] (tests): the short-head path forced on or off.
     static SHORT_HEADS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Set by [`with_short_heads`] (tests): its narrow-row form forced on or off.
+    static NARROW_ROWS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
 }
 
 /// Head sizes (`D` and `Dv`) up to which the products run as f32 / i32 loops over the exact
@@ -111,17 +113,21 @@ fn short_heads_enabled() -> bool {
     })
 }
 
-/// Runs `f` with the short-head path of [`attention_quantize`] forced on or off for the
-/// calls made on this thread (the exactness tests compare the two).
+/// Runs `f` with the short-head path of [`attention_quantize`] (and its narrow-row form)
+/// forced on or off for the calls made on this thread (the exactness tests compare them).
 #[cfg(test)]
-pub(crate) fn with_short_heads<R>(on: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<bool>);
+pub(crate) fn with_short_heads<R>(on: bool, narrow: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<bool>, Option<bool>);
     impl Drop for Restore {
         fn drop(&mut self) {
             SHORT_HEADS.set(self.0);
+            NARROW_ROWS.set(self.1);
         }
     }
-    let _restore = Restore(SHORT_HEADS.replace(Some(on)));
+    let _restore = Restore(
+        SHORT_HEADS.replace(Some(on)),
+        NARROW_ROWS.replace(Some(narrow)),
+    );
     f()
 }
 
@@ -444,6 +450,10 @@ impl ShortRows<'_> {
         let score_scale = qs * u.k_scale;
         let out_scale = u.p.scale * u.v_scale;
         let zp = u.p.zero_point as i32;
+        if n < LANES && narrow_enabled() {
+            self.run_narrow(out, dv, score_scale, out_scale);
+            return;
+        }
         let (s, codes, p) = (&mut s[..n], &mut codes[..n], &mut p[..n]);
         let mut qc = [0f32; SHORT_HEAD];
         for (qrow, orow) in
@@ -483,6 +493,100 @@ impl ShortRows<'_> {
             }
             for (o, vrow) in orow.iter_mut().zip(self.vc.chunks_exact(n)) {
                 *o = dot_i32(p, vrow) as f32 * out_scale;
+            }
+        }
+    }
+}
+
+/// Query rows per group of [`ShortRows::run_narrow`] (one row a lane).
+const GROUP: usize = 16;
+
+/// Whether rows of fewer than `LANES` keys go [`GROUP`] at a time:
+/// `TFMQC_NARROW_ROWS=0` turns it off (read once per process); the tests set it with
+/// `with_short_heads`.
+fn narrow_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    NARROW_ROWS.get().unwrap_or_else(|| {
+        *ON.get_or_init(|| std::env::var("TFMQC_NARROW_ROWS").as_deref() != Ok("0"))
+    })
+}
+
+impl ShortRows<'_> {
+    /// [`ShortRows::run`] for rows of fewer than `LANES` keys (cross-attention on a short
+    /// conditioning: 8 tokens in the diffusers test UNets), where a row's softmax alone
+    /// would run scalar: [`GROUP`] query rows at a time, one a lane, every step of each
+    /// row in the order [`ShortRows::run`] and [`softmax_rows`] take (scores summed over
+    /// the channels from +0, max and sum of the exps in key order, the same quantizer of
+    /// P, integer `P·V`), so the bits are the same.
+    #[inline(always)]
+    fn run_narrow(&self, out: &mut [f32], dv: usize, score_scale: f32, out_scale: f32) {
+        let u = self.unit;
+        let (n, d) = (u.n, u.d);
+        let (qs, zq) = (u.q_quant.0, u.q_quant.1 as i32);
+        let zp = u.p.zero_point as i32;
+        // s[j][lane]: the scores, then the exps, of key j; pc[j][lane]: P's centered code.
+        let mut s = [[0f32; GROUP]; LANES];
+        let mut pc = [[0i32; GROUP]; LANES];
+        for (qb, ob) in u.q.chunks(GROUP * d).zip(out.chunks_mut(GROUP * dv)) {
+            let g = qb.len() / d;
+            // Lanes past the last row compute on zeros and are not stored.
+            let mut qc = [[0f32; GROUP]; SHORT_HEAD];
+            for (l, qrow) in qb.chunks_exact(d).enumerate() {
+                for (c, &x) in qrow.iter().enumerate() {
+                    qc[c][l] = (quantize(x, qs, zq, 0, 255) - zq) as f32;
+                }
+            }
+            for (j, sj) in s[..n].iter_mut().enumerate() {
+                let mut a = [0f32; GROUP];
+                for (c, qcc) in qc[..d].iter().enumerate() {
+                    let kv = self.kc[c * n + j];
+                    for l in 0..GROUP {
+                        a[l] += qcc[l] * kv;
+                    }
+                }
+                for l in 0..GROUP {
+                    sj[l] = a[l] * score_scale;
+                }
+            }
+            match u.score {
+                ScoreScale::None => {}
+                ScoreScale::Mul(c) => s[..n].iter_mut().flatten().for_each(|x| *x *= c),
+                ScoreScale::Div(c) => s[..n].iter_mut().flatten().for_each(|x| *x /= c),
+            }
+            let mut max = [f32::NEG_INFINITY; GROUP];
+            for sj in &s[..n] {
+                for l in 0..GROUP {
+                    max[l] = max[l].max(sj[l]);
+                }
+            }
+            let mut sum = [0f32; GROUP];
+            for sj in s[..n].iter_mut() {
+                for l in 0..GROUP {
+                    let e = exp_nonpositive(sj[l] - max[l]);
+                    sj[l] = e;
+                    sum[l] += e;
+                }
+            }
+            let mut to_code = [0f32; GROUP];
+            for l in 0..GROUP {
+                to_code[l] = 1.0 / sum[l] / u.p.scale;
+            }
+            for (sj, pj) in s[..n].iter().zip(pc[..n].iter_mut()) {
+                for l in 0..GROUP {
+                    pj[l] = quantize(sj[l] * to_code[l], 1.0, zp, 0, 255) - zp;
+                }
+            }
+            for c in 0..dv {
+                let mut acc = [0i32; GROUP];
+                for (j, pj) in pc[..n].iter().enumerate() {
+                    let v = self.vc[c * n + j];
+                    for l in 0..GROUP {
+                        acc[l] = acc[l].wrapping_add(pj[l].wrapping_mul(v));
+                    }
+                }
+                for (l, &a) in acc[..g].iter().enumerate() {
+                    ob[l * dv + c] = a as f32 * out_scale;
+                }
             }
         }
     }

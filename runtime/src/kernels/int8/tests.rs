@@ -1072,6 +1072,13 @@ fn fused_attention_equals_the_unfused_products() {
         let heads = rng.range(1, 3);
         let (m, n) = (rng.range(1, 70), rng.range(1, 300));
         let (d, dv) = (rng.range(1, 20), rng.range(1, 20));
+        // Every fourth case: short heads and fewer keys than the softmax's lanes (a short
+        // conditioning: the narrow-row path).
+        let (n, d, dv) = if case % 4 == 3 {
+            (n % 31 + 1, d % 8 + 1, dv % 8 + 1)
+        } else {
+            (n, d, dv)
+        };
         let sc = match case % 3 {
             0 => ScoreScale::None,
             1 => ScoreScale::Mul(0.37),
@@ -1113,10 +1120,11 @@ fn fused_attention_equals_the_unfused_products() {
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
         // Short heads (D, Dv ≤ SHORT_HEAD) run as loops over the keys unless forced off:
         // both ways give the unfused products' bits.
-        for (be, short) in backends().into_iter().flat_map(|b| [(b, false), (b, true)]) {
+        let paths = [(false, false), (true, false), (true, true)];
+        for (be, (short, narrow)) in backends().into_iter().flat_map(|b| paths.map(|p| (b, p))) {
             for threads in [1, 3] {
                 let mut got = vec![0f32; want.len()];
-                attention::with_short_heads(short, || {
+                attention::with_short_heads(short, narrow, || {
                     multithread_tract_scope(Executor::multithread(threads), || {
                         attention_quantize(be, q, k, v, sc, p, shape, &offsets, &mut got, to)
                     })
@@ -1124,7 +1132,7 @@ fn fused_attention_equals_the_unfused_products() {
                 assert_eq!(
                     bits(&got),
                     bits(&want),
-                    "{be:?} short={short} {threads} threads {shape:?} q_t={tq} k_t={tk} v_t={tv} out_t={to} {sc:?}"
+                    "{be:?} short={short} narrow={narrow} {threads} threads {shape:?} q_t={tq} k_t={tk} v_t={tv} out_t={to} {sc:?}"
                 );
             }
         }
