@@ -24,26 +24,35 @@ fn qdq(v: f32, scale: f32, zp: u8) -> f32 {
 ///   QuantizeLinear in the unfused graph rounds exact ties (`v / s = k + ½`) away from
 ///   zero, so it may differ from the fused node there only; those values are counted.
 ///
-/// Returns (nodes with an output pair, nodes with channel factors, ties).
-fn assert_fused_nodes_exact(model: &str, q: &std::path::Path) -> (usize, usize, usize) {
+/// Returns (nodes with an output pair, nodes with channel factors, of which linear
+/// layers (`TfmqcQGemm`), ties).
+fn assert_fused_nodes_exact(model: &str, q: &std::path::Path) -> (usize, usize, usize, usize) {
     let full = tfmqc_runtime::Optimize::Full;
     let mut x = example_inputs(model);
     // Time steps of the compiled set S (ddim:10: t = 100·k).
-    use tfmqc_passes::ir::Tensor;
-    if let Some(t) = x.get_mut("timesteps") {
-        *t = Tensor::from_vec(vec![2], &[100f32, 500.0]);
-    }
-    if let Some(t) = x.get_mut("timestep") {
-        *t = Tensor::from_vec(vec![2], &[100i64, 500]);
+    use tfmqc_passes::ir::{DType, Tensor};
+    // In the example's own dtype and shape (a batch of two, or a scalar: unet2d_cond).
+    for name in ["timesteps", "timestep"] {
+        if let Some(t) = x.get_mut(name) {
+            let ts = [100.0, 500.0][..t.shape.iter().product::<usize>().min(2)].to_vec();
+            let shape = t.shape.clone();
+            *t = match t.dtype {
+                DType::I64 => {
+                    Tensor::from_vec(shape, &ts.iter().map(|&v| v as i64).collect::<Vec<_>>())
+                }
+                _ => Tensor::from_vec(shape, &ts.iter().map(|&v| v as f32).collect::<Vec<_>>()),
+            };
+        }
     }
     let (cuts, dir) = lowered_node_cuts(q, &x);
-    let (mut pairs, mut prescaled, mut ties) = (0, 0, 0);
+    let (mut pairs, mut prescaled, mut linear, mut ties) = (0, 0, 0, 0);
     for cut in cuts {
         let pair = requant::output_pair(&cut.lowered);
         let pre = cut.lowered.attribute.iter().any(|a| a.name == A_PRESCALE);
         if pair.is_none() && !pre {
             continue;
         }
+        linear += (pre && cut.lowered.op_type == "TfmqcQGemm") as usize;
         let (fused, _) =
             tfmqc_runtime::Engine::from_proto_int8(&cut.model, dir.as_deref(), None, full).unwrap();
         let fused = tract_run_engine(&fused, &cut.feed);
@@ -98,7 +107,7 @@ fn assert_fused_nodes_exact(model: &str, q: &std::path::Path) -> (usize, usize, 
             }
         }
     }
-    (pairs, prescaled, ties)
+    (pairs, prescaled, linear, ties)
 }
 
 /// guided_unet with TCR (per-channel factors before most convolutions' quantizers) and an
@@ -112,14 +121,24 @@ fn fused_requantization_and_channel_factors_match_the_unfused_lowering_exactly()
         ("ddpm_digits", "off", "all"),
         // Channel factors alone (no output pair): bit-identical outputs.
         ("guided_unet", "on", "none"),
+        // Factors before linear layers too (the transformer blocks' projections and
+        // feed-forward: `Mul(x, r[K])` before a Gemm / MatMul).
+        ("unet2d_cond", "on", "none"),
     ] {
         let q = dir.path().join(format!("{model}.{pairs_on}.q.onnx"));
         quantize_small(model, &q, "10", &["--output-qdq", pairs_on, "--tcr", tcr]);
-        let (pairs, prescaled, ties) = assert_fused_nodes_exact(model, &q);
+        let (pairs, prescaled, linear, ties) = assert_fused_nodes_exact(model, &q);
         eprintln!(
             "{model}: {pairs} nodes with a fused output pair, {prescaled} with folded channel \
-             factors, all exact; {ties} exact ties where tract's QuantizeLinear rounds away"
+             factors ({linear} linear layers), all exact; {ties} exact ties where tract's \
+             QuantizeLinear rounds away"
         );
+        if model == "unet2d_cond" {
+            assert!(
+                linear >= 10,
+                "{model}: only {linear} linear layers' factors folded"
+            );
+        }
         if pairs_on == "all" {
             assert!(pairs >= 20, "{model}: only {pairs} output pairs fused");
         }

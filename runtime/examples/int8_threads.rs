@@ -173,6 +173,9 @@ fn main() {
     // Fused attention over [B*H] heads: q [M, D], k [N, D], v [N, D].
     for &(bh, t, d) in &[
         (16usize, 256usize, 4usize),
+        (16, 256, 8),
+        (16, 256, 16),
+        (16, 64, 8),
         (8, 256, 32),
         (16, 1024, 40),
         (16, 4096, 40),
@@ -194,7 +197,7 @@ fn main() {
         report(
             &format!("attention {bh}x[{t}x{d}]"),
             2 * bh * t * t * d,
-            runs.min(3),
+            if t >= 1024 { runs.min(3) } else { runs },
             &mut || {
                 attention_quantize(
                     b,

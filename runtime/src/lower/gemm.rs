@@ -20,7 +20,7 @@ pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         return None;
     }
     let trans_b = gemm && attr::int_or(n, "transB", 0) == 1;
-    let act = activation_qdq_steps(ix, &n.input[0])?;
+    let mut act = activation_qdq_steps(ix, &n.input[0])?;
     let (w, w_scale) = {
         let dq = ix
             .producer(&n.input[1])
@@ -68,6 +68,10 @@ pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
             }
         }
     };
+    // A constant Mul by one factor per input column before the quantizer (TCR) is folded
+    // in.
+    let k = w.dims[if trans_b { 1 } else { 0 }] as usize;
+    let prescale = super::prescale::fold_last_axis_scale(ix, &mut act, k);
     let mut node = pb::NodeProto {
         name: format!("{}/int8", n.name),
         op_type: QGEMM.into(),
@@ -80,6 +84,7 @@ pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
     node.attribute.extend(act.attributes());
     node.attribute.push(attr::floats("w_scale", w_scale));
     node.attribute.extend(bias.map(|b| attr::floats("bias", b)));
+    node.attribute.extend(prescale);
     Some(Rewrite {
         node,
         weight: Some(w.name.clone()),

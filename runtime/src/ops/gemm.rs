@@ -34,6 +34,9 @@ pub struct QGemm {
     /// An output Q/DQ pair (scale, zero point) fused into the kernel's store
     /// ([`super::requant`]).
     pub out_q: Option<(f32, u8)>,
+    /// Factors on the input's last axis it is multiplied by before it is quantized
+    /// ([`super::prescale`]).
+    pub prescale: Option<Arc<Vec<f32>>>,
 }
 
 impl PartialEq for QGemm {
@@ -106,16 +109,30 @@ impl EvalOp for QGemm {
             bias: self.bias.as_deref().map(|b| b.as_slice()),
         };
         let output = super::requant::output(self.out_q, out_f32, dequant);
-        gemm_quantize(
-            Backend::Auto,
-            x,
-            x.len() / k.max(1),
-            k,
-            a_scale,
-            self.a_zero_point,
-            &self.weights,
-            output,
-        );
+        let m = x.len() / k.max(1);
+        if let Some(r) = &self.prescale {
+            super::prescale::gemm_prescaled(
+                x,
+                m,
+                k,
+                r,
+                a_scale,
+                self.a_zero_point,
+                &self.weights,
+                output,
+            )?;
+        } else {
+            gemm_quantize(
+                Backend::Auto,
+                x,
+                m,
+                k,
+                a_scale,
+                self.a_zero_point,
+                &self.weights,
+                output,
+            );
+        }
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -195,6 +212,9 @@ pub fn build_qgemm(
         w_scale: Arc::new(w_scale),
         bias,
         out_q: super::requant::output_pair(node),
+        prescale: find(super::prescale::A_PRESCALE)
+            .ok()
+            .map(|a| Arc::new(a.floats.clone())),
     };
     Ok((
         tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qgemm_rules),

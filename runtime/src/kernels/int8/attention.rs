@@ -81,8 +81,62 @@ pub(crate) fn block_rows(n: usize) -> usize {
 }
 
 thread_local! {
-    /// A unit's scores and codes of P, kept per thread between calls.
-    static SCRATCH: RefCell<(Vec<f32>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// A unit's scores and codes of P (and, on the short-head path, one row of centered
+    /// codes), kept per thread between calls.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<u8>, Vec<i32>)> =
+        const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
+    /// Set by [`with_short_heads`] (tests): the short-head path forced on or off.
+    static SHORT_HEADS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+    /// Set by [`with_short_heads`] (tests): its narrow-row form forced on or off.
+    static NARROW_ROWS: std::cell::Cell<Option<bool>> = const { std::cell::Cell::new(None) };
+}
+
+/// Head sizes (`D` and `Dv`) up to which the products run as f32 / i32 loops over the exact
+/// centered codes instead of the int8 GEMM. With 4–8 channels a head, the GEMM's 6×16
+/// tiles are mostly padding and its per-tile driver work (widening, correction, store)
+/// costs more than the few multiply-adds a score: the loops compute one row of scores
+/// as `D` f32 multiply-adds a key (integers below 2²⁴: exact), and a row of `P·V` as `Dv`
+/// i32 multiply-adds a key, vectorized over the keys. Measured (`examples/int8_threads`,
+/// 16 heads × 256 tokens, 1 thread, AVX-512 VNNI, min of 60): D = 4 1.23 ms vs the
+/// GEMM's 1.73, D = 8 1.65 vs 1.82, D = 16 2.45 vs 1.96 — so up to 8.
+pub const SHORT_HEAD: usize = 8;
+
+/// Keys up to which `P·V`'s i32 sums cannot overflow (each product is at most 255²).
+const SHORT_HEAD_MAX_N: usize = (i32::MAX as usize) / (255 * 255);
+
+/// Whether the short-head path is on: `TFMQC_SHORT_HEADS=0` turns it off (read once per
+/// process), [`with_short_heads`] overrides it on the calling thread.
+fn short_heads_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    SHORT_HEADS.get().unwrap_or_else(|| {
+        *ON.get_or_init(|| std::env::var("TFMQC_SHORT_HEADS").as_deref() != Ok("0"))
+    })
+}
+
+/// Runs `f` with the short-head path of [`attention_quantize`] (and its narrow-row form)
+/// forced on or off for the calls made on this thread (the exactness tests compare them).
+#[cfg(test)]
+pub(crate) fn with_short_heads<R>(on: bool, narrow: bool, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<bool>, Option<bool>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SHORT_HEADS.set(self.0);
+            NARROW_ROWS.set(self.1);
+        }
+    }
+    let _restore = Restore(
+        SHORT_HEADS.replace(Some(on)),
+        NARROW_ROWS.replace(Some(narrow)),
+    );
+    f()
+}
+
+/// One head's prepared `Kᵀ` and `V`: packed for the int8 GEMM, or (short heads) as
+/// centered codes, `Kᵀ[D, N]` in f32 and `Vᵀ[Dv, N]` in i32, rows over the keys.
+#[derive(Clone)]
+enum HeadOperands {
+    Gemm(PackedWeights, PackedWeights),
+    Short(Vec<f32>, Vec<i32>),
 }
 
 /// `out = DQ(Q(softmax(score(DQ(Q(q)) · DQ(Q(kᵀ)))))) · DQ(Q(v))` per head (see the module
@@ -134,33 +188,58 @@ pub fn attention_quantize(
     }
     // Work in multiply-adds, the softmax of a score counted as SOFTMAX_MACS of them.
     let split = par::worth_splitting(heads * m * n * (d + dv + SOFTMAX_MACS));
-    // Per head: Kᵀ and V quantized and packed (the vector sides of the two products), and
-    // Q row-major.
-    let mut packed: Vec<Option<(PackedWeights, PackedWeights, Vec<f32>)>> = vec![None; heads];
+    let short = short_heads_enabled()
+        && (1..=SHORT_HEAD).contains(&d)
+        && dv <= SHORT_HEAD
+        && n <= SHORT_HEAD_MAX_N;
+    // Per head: Kᵀ and V quantized and packed (the vector sides of the two products), or
+    // their centered codes for the short-head loops, and Q row-major.
+    let mut packed: Vec<Option<(HeadOperands, Vec<f32>)>> = vec![None; heads];
     {
         let slots = Shared::new(&mut packed);
         par::for_each(heads, split, |h| {
             let [qo, ko, vo] = offset(h);
+            // Kᵀ[c, j] and V[j, c] as stored.
             let (ks, ns) = if k.transposed { (1, d) } else { (n, 1) };
-            let kp = PackedWeights::quantize_f32(
-                &k.values[ko..ko + n * d],
-                d,
-                n,
-                ks,
-                ns,
-                k.scale,
-                k.zero_point,
-            );
-            let (ks, ns) = if v.transposed { (1, n) } else { (dv, 1) };
-            let vp = PackedWeights::quantize_f32(
-                &v.values[vo..vo + n * dv],
-                n,
-                dv,
-                ks,
-                ns,
-                v.scale,
-                v.zero_point,
-            );
+            let (vks, vns) = if v.transposed { (1, n) } else { (dv, 1) };
+            let ops = if short {
+                let kv = &k.values[ko..ko + n * d];
+                let (kz, vz) = (k.zero_point as i32, v.zero_point as i32);
+                let mut kc = vec![0f32; d * n];
+                for (c, row) in kc.chunks_exact_mut(n.max(1)).enumerate() {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = (quantize(kv[c * ks + j * ns], k.scale, kz, 0, 255) - kz) as f32;
+                    }
+                }
+                let vv = &v.values[vo..vo + n * dv];
+                let mut vc = vec![0i32; dv * n];
+                for (c, row) in vc.chunks_exact_mut(n.max(1)).enumerate() {
+                    for (j, x) in row.iter_mut().enumerate() {
+                        *x = quantize(vv[j * vks + c * vns], v.scale, vz, 0, 255) - vz;
+                    }
+                }
+                HeadOperands::Short(kc, vc)
+            } else {
+                let kp = PackedWeights::quantize_f32(
+                    &k.values[ko..ko + n * d],
+                    d,
+                    n,
+                    ks,
+                    ns,
+                    k.scale,
+                    k.zero_point,
+                );
+                let vp = PackedWeights::quantize_f32(
+                    &v.values[vo..vo + n * dv],
+                    n,
+                    dv,
+                    vks,
+                    vns,
+                    v.scale,
+                    v.zero_point,
+                );
+                HeadOperands::Gemm(kp, vp)
+            };
             let qt = if q.transposed {
                 let src = &q.values[qo..qo + m * d];
                 let mut t = vec![0f32; m * d];
@@ -174,7 +253,7 @@ pub fn attention_quantize(
                 Vec::new()
             };
             // SAFETY: each h writes its own slot.
-            unsafe { slots.range(h, 1)[0] = Some((kp, vp, qt)) };
+            unsafe { slots.range(h, 1)[0] = Some((ops, qt)) };
         });
     }
     let mb = block_rows(n);
@@ -183,7 +262,7 @@ pub fn attention_quantize(
     let isa = backend.isa();
     par::for_each(heads * blocks, split, |u| {
         let (h, rb) = (u / blocks, u % blocks);
-        let (kp, vp, qt) = packed[h].as_ref().expect("packed above");
+        let (ops, qt) = packed[h].as_ref().expect("packed above");
         let q_rows = if q.transposed {
             &qt[..]
         } else {
@@ -197,9 +276,8 @@ pub fn attention_quantize(
             isa,
             q: &q_rows[m0 * d..(m0 + rows) * d],
             q_quant: (q.scale, q.zero_point),
-            k: kp,
+            ops,
             k_scale: k.scale,
-            v: vp,
             v_scale: v.scale,
             score,
             p,
@@ -208,13 +286,16 @@ pub fn attention_quantize(
             d,
         };
         SCRATCH.with(|s| {
-            let (scores, codes) = &mut *s.borrow_mut();
-            scores.resize(rows * n, 0.0);
-            codes.resize(rows * n, 0);
+            let (scores, codes, centered) = &mut *s.borrow_mut();
+            // The short-head loops go a row at a time.
+            let held = if short { n } else { rows * n };
+            scores.resize(held, 0.0);
+            codes.resize(held, 0);
+            centered.resize(if short { n } else { 0 }, 0);
             let base = h * m * dv;
             if out_transposed {
                 let mut o = vec![0f32; rows * dv];
-                unit.run(scores, codes, &mut o);
+                unit.run(scores, codes, centered, &mut o);
                 for c in 0..dv {
                     // SAFETY: units write disjoint (head, column, row block) ranges.
                     let col = unsafe { dest.range(base + c * m + m0, rows) };
@@ -225,7 +306,7 @@ pub fn attention_quantize(
             } else {
                 // SAFETY: units write disjoint (head, row block) ranges.
                 let o = unsafe { dest.range(base + m0 * dv, rows * dv) };
-                unit.run(scores, codes, o);
+                unit.run(scores, codes, centered, o);
             }
         });
     });
@@ -237,9 +318,8 @@ struct Unit<'a> {
     isa: Isa,
     q: &'a [f32],
     q_quant: (f32, u8),
-    k: &'a PackedWeights,
+    ops: &'a HeadOperands,
     k_scale: f32,
-    v: &'a PackedWeights,
     v_scale: f32,
     score: ScoreScale,
     p: ProbQuant,
@@ -249,8 +329,25 @@ struct Unit<'a> {
 }
 
 impl Unit<'_> {
-    /// `scores` and `codes` hold `rows × n`; `out` gets `rows × dv`.
-    fn run(&self, scores: &mut [f32], codes: &mut [u8], out: &mut [f32]) {
+    /// `scores` and `codes` hold `rows × n` (short heads: `n`, and `centered` `n`);
+    /// `out` gets `rows × dv`.
+    fn run(&self, scores: &mut [f32], codes: &mut [u8], centered: &mut [i32], out: &mut [f32]) {
+        let (kp, vp) = match self.ops {
+            HeadOperands::Gemm(kp, vp) => (kp, vp),
+            HeadOperands::Short(kc, vc) => {
+                let rows = ShortRows { unit: self, kc, vc };
+                match self.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX-512 F only when detected.
+                    Isa::Avx512Vnni => unsafe { rows.run_avx512(scores, codes, centered, out) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX2 only when detected.
+                    Isa::Avx2 => unsafe { rows.run_avx2(scores, codes, centered, out) },
+                    _ => rows.run(scores, codes, centered, out),
+                }
+                return;
+            }
+        };
         let (qs, qz) = self.q_quant;
         let zq = qz as i32;
         // 1. Q·Kᵀ, exactly as `matmul_quantize` computes it.
@@ -261,7 +358,7 @@ impl Unit<'_> {
             self.d,
             move |x: f32| quantize(x, qs, zq, 0, 255) - zq,
             zq,
-            self.k,
+            kp,
             Output::F32 {
                 out: scores,
                 dequant: Dequant {
@@ -293,7 +390,7 @@ impl Unit<'_> {
             self.n,
             move |c: u8| c as i32 - zp,
             zp,
-            self.v,
+            vp,
             Output::F32 {
                 out,
                 dequant: Dequant {
@@ -305,6 +402,212 @@ impl Unit<'_> {
             false,
         );
     }
+}
+
+/// One unit of a short-head call: the products as loops over the keys.
+struct ShortRows<'a> {
+    unit: &'a Unit<'a>,
+    /// Centered codes of `Kᵀ[D, N]`.
+    kc: &'a [f32],
+    /// Centered codes of `Vᵀ[Dv, N]`.
+    vc: &'a [i32],
+}
+
+impl ShortRows<'_> {
+    /// [`ShortRows::run`] compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F (and AVX2).
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,avx512f")]
+    unsafe fn run_avx512(&self, s: &mut [f32], c: &mut [u8], p: &mut [i32], out: &mut [f32]) {
+        self.run(s, c, p, out)
+    }
+
+    /// [`ShortRows::run`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(&self, s: &mut [f32], c: &mut [u8], p: &mut [i32], out: &mut [f32]) {
+        self.run(s, c, p, out)
+    }
+
+    /// Row by row: the scores `Σ_c q̃[c]·k̃[c, j]` in f32 (integers below 2²⁴ at every
+    /// partial sum, so exactly the GEMM's i32 accumulator), dequantized as the GEMM's
+    /// store does (`acc · (sq · sk)`); the same softmax and quantizer of P as the GEMM
+    /// path ([`softmax_rows`] on one row); `Σ_j p̃[j]·ṽ[c, j]` in i32, dequantized as
+    /// `acc · (sp · sv)`. Bit-identical to the GEMM path.
+    #[inline(always)]
+    fn run(&self, s: &mut [f32], codes: &mut [u8], p: &mut [i32], out: &mut [f32]) {
+        let u = self.unit;
+        let (n, d) = (u.n, u.d);
+        let dv = out.len() / u.rows.max(1);
+        let (qs, qz) = u.q_quant;
+        let zq = qz as i32;
+        // As `combined_scales`: one f32 product.
+        let score_scale = qs * u.k_scale;
+        let out_scale = u.p.scale * u.v_scale;
+        let zp = u.p.zero_point as i32;
+        if n < LANES && narrow_enabled() {
+            self.run_narrow(out, dv, score_scale, out_scale);
+            return;
+        }
+        let (s, codes, p) = (&mut s[..n], &mut codes[..n], &mut p[..n]);
+        let mut qc = [0f32; SHORT_HEAD];
+        for (qrow, orow) in
+            u.q.chunks_exact(d.max(1))
+                .zip(out.chunks_exact_mut(dv.max(1)))
+        {
+            for (c, &x) in qc.iter_mut().zip(qrow) {
+                *c = (quantize(x, qs, zq, 0, 255) - zq) as f32;
+            }
+            // `LANES` keys at a time, summed over the head's channels in registers (fixed
+            // widths, so the loops vectorize), then the last keys one by one.
+            let whole = n / LANES * LANES;
+            for (jc, sv) in s[..whole].chunks_exact_mut(LANES).enumerate() {
+                let mut acc = [0f32; LANES];
+                for (c, &qv) in qc[..d].iter().enumerate() {
+                    let krow: &[f32; LANES] = self.kc[c * n + jc * LANES..][..LANES]
+                        .try_into()
+                        .expect("LANES keys");
+                    for l in 0..LANES {
+                        acc[l] += qv * krow[l];
+                    }
+                }
+                for l in 0..LANES {
+                    sv[l] = acc[l] * score_scale;
+                }
+            }
+            for (j, o) in s.iter_mut().enumerate().skip(whole) {
+                let mut a = 0f32;
+                for (c, &qv) in qc[..d].iter().enumerate() {
+                    a += qv * self.kc[c * n + j];
+                }
+                *o = a * score_scale;
+            }
+            softmax_rows(s, codes, n, u.score, u.p);
+            for (a, &c) in p.iter_mut().zip(codes.iter()) {
+                *a = c as i32 - zp;
+            }
+            for (o, vrow) in orow.iter_mut().zip(self.vc.chunks_exact(n)) {
+                *o = dot_i32(p, vrow) as f32 * out_scale;
+            }
+        }
+    }
+}
+
+/// Query rows per group of [`ShortRows::run_narrow`] (one row a lane).
+const GROUP: usize = 16;
+
+/// Whether rows of fewer than `LANES` keys go [`GROUP`] at a time:
+/// `TFMQC_NARROW_ROWS=0` turns it off (read once per process); the tests set it with
+/// `with_short_heads`.
+fn narrow_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    NARROW_ROWS.get().unwrap_or_else(|| {
+        *ON.get_or_init(|| std::env::var("TFMQC_NARROW_ROWS").as_deref() != Ok("0"))
+    })
+}
+
+impl ShortRows<'_> {
+    /// [`ShortRows::run`] for rows of fewer than `LANES` keys (cross-attention on a short
+    /// conditioning: 8 tokens in the diffusers test UNets), where a row's softmax alone
+    /// would run scalar: [`GROUP`] query rows at a time, one a lane, every step of each
+    /// row in the order [`ShortRows::run`] and [`softmax_rows`] take (scores summed over
+    /// the channels from +0, max and sum of the exps in key order, the same quantizer of
+    /// P, integer `P·V`), so the bits are the same.
+    #[inline(always)]
+    fn run_narrow(&self, out: &mut [f32], dv: usize, score_scale: f32, out_scale: f32) {
+        let u = self.unit;
+        let (n, d) = (u.n, u.d);
+        let (qs, zq) = (u.q_quant.0, u.q_quant.1 as i32);
+        let zp = u.p.zero_point as i32;
+        // s[j][lane]: the scores, then the exps, of key j; pc[j][lane]: P's centered code.
+        let mut s = [[0f32; GROUP]; LANES];
+        let mut pc = [[0i32; GROUP]; LANES];
+        for (qb, ob) in u.q.chunks(GROUP * d).zip(out.chunks_mut(GROUP * dv)) {
+            let g = qb.len() / d;
+            // Lanes past the last row compute on zeros and are not stored.
+            let mut qc = [[0f32; GROUP]; SHORT_HEAD];
+            for (l, qrow) in qb.chunks_exact(d).enumerate() {
+                for (c, &x) in qrow.iter().enumerate() {
+                    qc[c][l] = (quantize(x, qs, zq, 0, 255) - zq) as f32;
+                }
+            }
+            for (j, sj) in s[..n].iter_mut().enumerate() {
+                let mut a = [0f32; GROUP];
+                for (c, qcc) in qc[..d].iter().enumerate() {
+                    let kv = self.kc[c * n + j];
+                    for l in 0..GROUP {
+                        a[l] += qcc[l] * kv;
+                    }
+                }
+                for l in 0..GROUP {
+                    sj[l] = a[l] * score_scale;
+                }
+            }
+            match u.score {
+                ScoreScale::None => {}
+                ScoreScale::Mul(c) => s[..n].iter_mut().flatten().for_each(|x| *x *= c),
+                ScoreScale::Div(c) => s[..n].iter_mut().flatten().for_each(|x| *x /= c),
+            }
+            let mut max = [f32::NEG_INFINITY; GROUP];
+            for sj in &s[..n] {
+                for l in 0..GROUP {
+                    max[l] = max[l].max(sj[l]);
+                }
+            }
+            let mut sum = [0f32; GROUP];
+            for sj in s[..n].iter_mut() {
+                for l in 0..GROUP {
+                    let e = exp_nonpositive(sj[l] - max[l]);
+                    sj[l] = e;
+                    sum[l] += e;
+                }
+            }
+            let mut to_code = [0f32; GROUP];
+            for l in 0..GROUP {
+                to_code[l] = 1.0 / sum[l] / u.p.scale;
+            }
+            for (sj, pj) in s[..n].iter().zip(pc[..n].iter_mut()) {
+                for l in 0..GROUP {
+                    pj[l] = quantize(sj[l] * to_code[l], 1.0, zp, 0, 255) - zp;
+                }
+            }
+            for c in 0..dv {
+                let mut acc = [0i32; GROUP];
+                for (j, pj) in pc[..n].iter().enumerate() {
+                    let v = self.vc[c * n + j];
+                    for l in 0..GROUP {
+                        acc[l] = acc[l].wrapping_add(pj[l].wrapping_mul(v));
+                    }
+                }
+                for (l, &a) in acc[..g].iter().enumerate() {
+                    ob[l * dv + c] = a as f32 * out_scale;
+                }
+            }
+        }
+    }
+}
+
+/// `Σ a[j]·b[j]` in i32 (wrapping: the callers' sums fit), in `LANES` partial sums.
+#[inline(always)]
+fn dot_i32(a: &[i32], b: &[i32]) -> i32 {
+    let mut acc = [0i32; LANES];
+    let mut ia = a.chunks_exact(LANES);
+    let mut ib = b.chunks_exact(LANES);
+    for (x, y) in (&mut ia).zip(&mut ib) {
+        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
+            *s = s.wrapping_add(x.wrapping_mul(y));
+        }
+    }
+    let mut r = acc.iter().fold(0i32, |s, &x| s.wrapping_add(x));
+    for (&x, &y) in ia.remainder().iter().zip(ib.remainder()) {
+        r = r.wrapping_add(x.wrapping_mul(y));
+    }
+    r
 }
 
 /// [`softmax_rows`] compiled for AVX-512 (its loops vectorize 16 wide).

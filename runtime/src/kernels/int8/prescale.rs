@@ -6,7 +6,8 @@ use super::Backend;
 use super::Isa;
 
 /// `out = QuantizeLinear(x · r[c], scale, zero_point)` for an NCHW-like `x` of `channels`
-/// channels of `plane` values each (`x.len()` a multiple of `channels · plane`): ONNX
+/// channels of `plane` values each (`x.len()` a multiple of `channels · plane`; `plane = 1`
+/// is a row-major `[.., channels]` input with its factors on the last axis): ONNX
 /// `Mul` by a per-channel constant, then `QuantizeLinear` (round half to even, saturate),
 /// bit for bit — the product is rounded to f32 before the division, as the two nodes do
 /// — in one pass that writes u8 instead of the f32 product. Vectorized on AVX2.
@@ -34,6 +35,17 @@ pub fn quantize_channels_u8(
     #[inline(always)]
     fn run(x: &[f32], plane: usize, r: &[f32], scale: f32, zp: i32, out: &mut [u8]) {
         if plane == 0 {
+            return;
+        }
+        if plane == 1 {
+            // Factors on the last axis (a Gemm/MatMul input `[.., K]`): row by row, so
+            // the loop over a row vectorizes.
+            let c = r.len();
+            for (xs, os) in x.chunks_exact(c).zip(out.chunks_exact_mut(c)) {
+                for ((o, &v), &rc) in os.iter_mut().zip(xs).zip(r) {
+                    *o = quantize(v * rc, scale, zp, 0, 255) as u8;
+                }
+            }
             return;
         }
         for (i, (xs, os)) in x

@@ -1072,6 +1072,13 @@ fn fused_attention_equals_the_unfused_products() {
         let heads = rng.range(1, 3);
         let (m, n) = (rng.range(1, 70), rng.range(1, 300));
         let (d, dv) = (rng.range(1, 20), rng.range(1, 20));
+        // Every fourth case: short heads and fewer keys than the softmax's lanes (a short
+        // conditioning: the narrow-row path).
+        let (n, d, dv) = if case % 4 == 3 {
+            (n % 31 + 1, d % 8 + 1, dv % 8 + 1)
+        } else {
+            (n, d, dv)
+        };
         let sc = match case % 3 {
             0 => ScoreScale::None,
             1 => ScoreScale::Mul(0.37),
@@ -1111,16 +1118,21 @@ fn fused_attention_equals_the_unfused_products() {
             }
         }
         let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-        for be in backends() {
+        // Short heads (D, Dv ≤ SHORT_HEAD) run as loops over the keys unless forced off:
+        // both ways give the unfused products' bits.
+        let paths = [(false, false), (true, false), (true, true)];
+        for (be, (short, narrow)) in backends().into_iter().flat_map(|b| paths.map(|p| (b, p))) {
             for threads in [1, 3] {
                 let mut got = vec![0f32; want.len()];
-                multithread_tract_scope(Executor::multithread(threads), || {
-                    attention_quantize(be, q, k, v, sc, p, shape, &offsets, &mut got, to)
+                attention::with_short_heads(short, narrow, || {
+                    multithread_tract_scope(Executor::multithread(threads), || {
+                        attention_quantize(be, q, k, v, sc, p, shape, &offsets, &mut got, to)
+                    })
                 });
                 assert_eq!(
                     bits(&got),
                     bits(&want),
-                    "{be:?} {threads} threads {shape:?} q_t={tq} k_t={tk} v_t={tv} out_t={to} {sc:?}"
+                    "{be:?} short={short} narrow={narrow} {threads} threads {shape:?} q_t={tq} k_t={tk} v_t={tv} out_t={to} {sc:?}"
                 );
             }
         }
@@ -1255,6 +1267,12 @@ fn quantize_channels_is_mul_then_quantize_linear() {
     let mut rng = Rng(SplitMix64::new(43));
     for case in 0..30 {
         let (nb, c, plane) = (rng.range(1, 3), rng.range(1, 7), rng.range(0, 70));
+        // Every fourth case: factors on the last axis (`plane = 1`, a Gemm input's rows).
+        let (nb, c, plane) = if case % 4 == 0 {
+            (rng.range(1, 9), rng.range(1, 70), 1)
+        } else {
+            (nb, c, plane)
+        };
         let r: Vec<f32> = (0..c)
             .map(|_| (rng.below(4000) as f32 - 1000.0) / 997.0)
             .collect();
