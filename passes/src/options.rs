@@ -88,14 +88,18 @@ pub enum Tcr {
     Auto,
 }
 
+/// The default exponent α of TCR's `r_c = a_c^α / w_c^(1−α)` (`--tcr-alpha`; measured:
+/// see BENCHMARKS.md, "TCAQ"). Here with the other defaults, so the options need no pass.
+pub const DEFAULT_TCR_ALPHA: f32 = 0.5;
+
 /// Finite Set Calibration granularity (`--step-groups`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepGroups {
     /// Per activation, the coarsest grouping of the steps of S (1, 2, 4, … groups of
     /// consecutive steps, up to one per visited step) whose measured gain in quantization
-    /// noise over the steps is within [`crate::quantize::AUTO_GROUPS_SLACK_DB`] of the
-    /// finest; one set of scales where per-step ones gain less than
-    /// [`crate::quantize::AUTO_GROUPS_MIN_GAIN_DB`].
+    /// noise over the steps is within `quantize`'s `AUTO_GROUPS_SLACK_DB` of the
+    /// finest; one set of scales where per-step ones gain less than its
+    /// `AUTO_GROUPS_MIN_GAIN_DB`.
     Auto,
     /// `N` groups of consecutive steps for every activation; 1 = one set of scales
     /// (constant Q/DQ, what onnxruntime fuses into its int8 kernels).
@@ -208,9 +212,9 @@ pub struct Options {
     /// the quantized model's bytes.
     pub lut_budget: Option<u64>,
     /// `--table-precision`: how temporal-feature tables are stored (f32, f16, int8 rows,
-    /// or per table by measured error: [`crate::table_quant`]).
+    /// or per table by measured error: [`crate::numerics::table_quant`]).
     #[serde(serialize_with = "ser::table_precision")]
-    pub table_precision: crate::table_quant::TablePrecision,
+    pub table_precision: crate::numerics::table_quant::TablePrecision,
     /// `--tiar-iters`: Adam steps of TIAR.
     pub tiar_iters: usize,
     /// Noise schedule overrides, applied over the scheduler configuration.
@@ -245,7 +249,7 @@ mod ser {
     use serde::Serializer;
 
     use super::{Sampler, SamplingSteps};
-    use crate::table_quant::TablePrecision;
+    use crate::numerics::table_quant::TablePrecision;
 
     pub fn display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
@@ -314,7 +318,7 @@ impl Default for Options {
             adaround_iters: 2000,
             tib: TibMode::Lut,
             lut_budget: None,
-            table_precision: crate::table_quant::TablePrecision::Auto,
+            table_precision: crate::numerics::table_quant::TablePrecision::Auto,
             tiar_iters: 2000,
             schedule: None,
             train_timesteps: None,
@@ -324,7 +328,7 @@ impl Default for Options {
             calib_budget_s: 1200.0,
             calib_adaptive: false,
             tcr: Tcr::Auto,
-            tcr_alpha: crate::reparameterize::DEFAULT_ALPHA,
+            tcr_alpha: DEFAULT_TCR_ALPHA,
             threads: 0,
         }
     }

@@ -42,9 +42,9 @@ mod output_qdq;
 mod rewrite;
 
 pub use crate::analysis::targets::{conv_outputs, output_qdq_values};
+pub(crate) use crate::ir::qdq::insert_qdq;
 pub(crate) use crate::numerics::quant::{from_rows, to_rows};
 use output_qdq::*;
-pub(crate) use rewrite::insert_qdq;
 use rewrite::*;
 
 pub use crate::analysis::quant_plan::{

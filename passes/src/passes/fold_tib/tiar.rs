@@ -24,14 +24,15 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use super::tables::{evaluate_tables, fold_tables, fold_with, table_choice};
 use crate::analysis::tib::TibAnalysis;
 use crate::error::Result;
+use crate::ir::qdq::insert_qdq;
 use crate::ir::{attr, DType, Model, Tensor};
 use crate::numerics::quant::{act_params_u8, quantize_weight, weight_qmax, RangeSearch};
 use crate::numerics::reconstruct::{AdaRoundOpts, SoftRounding};
 use crate::numerics::tib_net::{cosine, Layer, Mat, Op, TibNet};
 use crate::options::{Options, TibMode};
-use crate::passes::fold_tib::{evaluate_tables, fold_tables};
 use crate::passes::PassContext;
 use tfmqc_runtime::rng::SplitMix64;
 
@@ -559,12 +560,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             let warning = format!("WARNING: --tib {mode_name}: {why}; the TIB is folded into tables instead (--tib lut)");
             eprintln!("tfmqc: {warning}");
             cx.note(warning.clone());
-            let report = crate::passes::fold_tib::fold_with(
-                &mut cx.model,
-                tib,
-                set,
-                options.table_precision,
-            )?;
+            let report = fold_with(&mut cx.model, tib, set, options.table_precision)?;
             cx.step_index = report.index_value.clone();
             cx.tiar = Some(TiarReport {
                 mode: mode_name.into(),
@@ -623,7 +619,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
     // A table costs what its stored form does (`--table-precision`).
     let bytes: Vec<u64> = tables
         .iter()
-        .map(|t| crate::passes::fold_tib::table_choice(t, options.table_precision).map(|c| c.bytes))
+        .map(|t| table_choice(t, options.table_precision).map(|c| c.bytes))
         .collect::<Result<_>>()?;
     let rel: Vec<f64> = err_final.iter().map(|e| e.1).collect();
     let tabled = choose_tables(mode, &bytes, &rel, budget);
@@ -689,8 +685,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             let xdq = match act_dq.get(&x) {
                 Some(d) => d.clone(),
                 None => {
-                    let d =
-                        crate::passes::quantize::insert_qdq(g, &x, &[params.0], params.1, None)?;
+                    let d = insert_qdq(g, &x, &[params.0], params.1, None)?;
                     act_dq.insert(x.clone(), d.clone());
                     d
                 }
