@@ -543,3 +543,80 @@ fn tiar_on_a_synthetic_denoiser() {
         &passes_on_synthetic("detect-tib,fold-tib", &options),
     );
 }
+
+/// The numbers behind the synthetic snapshot: after every pass of the default pipeline
+/// (the options of [`every_pass_on_a_synthetic_denoiser`]) the graph still computes the
+/// float model at a time step of S (t = 300), each pass within its stated tolerance
+/// (max |Δ| over max |y|): the analyses and canonicalize change nothing (1e-6 from the
+/// model before them);
+/// fold-tib's tables are stored at `--table-precision auto` (here f16: 1e-3, the
+/// embedding is added to features of magnitude ~10); TCR moves range between
+/// activations and weights only (1e-5 over the folded model); quantize (W8A8, per-step
+/// scales, every output pair) stays above 30 dB SQNR.
+#[test]
+fn every_pass_on_the_synthetic_denoiser_keeps_its_function() {
+    use tfmqc_passes::exec::Runner;
+    use tfmqc_passes::pipeline::{default_pipeline, parse_pipeline, run_pipeline, PassContext};
+    let options = tfmqc_passes::Options {
+        timesteps: Some("ddim:10".into()),
+        calib_samples: 2,
+        calib_steps: Some(10),
+        calib_adaptive: false,
+        tcr: tfmqc_passes::options::Tcr::On,
+        output_qdq: tfmqc_passes::options::OutputQdq::All,
+        ..Default::default()
+    };
+    let x: Vec<f32> = (0..32).map(|i| ((i as f32) * 0.41).cos()).collect();
+    let inputs: Tensors = [
+        ("x".to_string(), Tensor::from_vec(vec![1, 2, 4, 4], &x)),
+        ("t".to_string(), Tensor::from_vec(vec![1], &[300i64])),
+    ]
+    .into_iter()
+    .collect();
+    let run = |m: &Model| -> Tensors {
+        let out = Runner::new(m, None, tfmqc_runtime::Optimize::Full)
+            .unwrap()
+            .run(&inputs.clone().into_iter().collect())
+            .unwrap();
+        m.graph
+            .outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .zip(out)
+            .collect()
+    };
+    let float = run(&synthetic_denoiser());
+    let mut cx = PassContext::new(synthetic_denoiser(), &options);
+    let mut folded = None;
+    let mut seen = vec![];
+    run_pipeline(
+        &mut cx,
+        &parse_pipeline(&default_pipeline().join(",")).unwrap(),
+        &mut |name, cx, _| {
+            let y = run(&cx.model);
+            let (err, db) = (relative_error(&float, &y), sqnr_db(&float, &y));
+            match name {
+                "canonicalize" | "detect-tib" => assert!(err <= 1e-6, "{name}: {err}"),
+                "calibrate" => {
+                    let err = relative_error(folded.as_ref().expect("fold-tib ran"), &y);
+                    assert!(err <= 1e-6, "{name}: {err}")
+                }
+                "fold-tib" => {
+                    assert!(err <= 1e-3, "{name}: {err}");
+                    folded = Some(y);
+                }
+                "reparameterize" => {
+                    let err = relative_error(folded.as_ref().expect("fold-tib ran"), &y);
+                    assert!(err <= 1e-5, "{name}: {err}")
+                }
+                "quantize" => assert!(db >= 30.0, "{name}: {db} dB"),
+                other => panic!("a pass this test does not know: {other}"),
+            }
+            seen.push(format!("{name}: {err:.2e} ({db:.1} dB)"));
+            Ok(())
+        },
+    )
+    .unwrap();
+    eprintln!("{}", seen.join("\n"));
+    assert_eq!(seen.len(), 6);
+}
