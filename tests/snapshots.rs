@@ -503,6 +503,21 @@ fn passes_on_synthetic(pipeline: &str, options: &tfmqc_passes::Options) -> Strin
     text
 }
 
+/// The options the synthetic denoiser is compiled with: S = ddim:10, two calibration
+/// trajectories of 10 steps, TCR on, every output Q/DQ pair (what `auto` would choose
+/// depends on the time it takes).
+fn synthetic_options() -> tfmqc_passes::Options {
+    tfmqc_passes::Options {
+        timesteps: Some("ddim:10".into()),
+        calib_samples: 2,
+        calib_steps: Some(10),
+        calib_adaptive: false,
+        tcr: tfmqc_passes::options::Tcr::On,
+        output_qdq: tfmqc_passes::options::OutputQdq::All,
+        ..Default::default()
+    }
+}
+
 /// Every pass of the default pipeline (TCR on, every output Q/DQ pair, S = ddim:10) on
 /// the synthetic denoiser, each followed by the analyses it computed: canonicalize
 /// (nothing to do), detect-tib (the TIB analysis), fold-tib (the sinusoid and Gemm become
@@ -511,15 +526,7 @@ fn passes_on_synthetic(pipeline: &str, options: &tfmqc_passes::Options) -> Strin
 /// weights, inputs with per-step scales, and outputs behind Q/DQ; conv_in stays float).
 #[test]
 fn every_pass_on_a_synthetic_denoiser() {
-    let options = tfmqc_passes::Options {
-        timesteps: Some("ddim:10".into()),
-        calib_samples: 2,
-        calib_steps: Some(10),
-        calib_adaptive: false,
-        tcr: tfmqc_passes::options::Tcr::On,
-        output_qdq: tfmqc_passes::options::OutputQdq::All,
-        ..Default::default()
-    };
+    let options = synthetic_options();
     let pipeline = tfmqc_passes::pipeline::default_pipeline().join(",");
     snapshot(
         "passes_synthetic_denoiser",
@@ -557,15 +564,7 @@ fn tiar_on_a_synthetic_denoiser() {
 fn every_pass_on_the_synthetic_denoiser_keeps_its_function() {
     use tfmqc_passes::exec::Runner;
     use tfmqc_passes::pipeline::{default_pipeline, parse_pipeline, run_pipeline, PassContext};
-    let options = tfmqc_passes::Options {
-        timesteps: Some("ddim:10".into()),
-        calib_samples: 2,
-        calib_steps: Some(10),
-        calib_adaptive: false,
-        tcr: tfmqc_passes::options::Tcr::On,
-        output_qdq: tfmqc_passes::options::OutputQdq::All,
-        ..Default::default()
-    };
+    let options = synthetic_options();
     let x: Vec<f32> = (0..32).map(|i| ((i as f32) * 0.41).cos()).collect();
     let inputs: Tensors = [
         ("x".to_string(), Tensor::from_vec(vec![1, 2, 4, 4], &x)),

@@ -316,16 +316,21 @@ fn fit_to_budget(
         "one call takes {}: {} trajectory batch(es) × {} steps fit --calib-budget {} (asked: {} × {}); give --calib-samples/--calib-steps to choose yourself",
         crate::analysis::budget::human_duration(call_s),
         fit.batches,
-        plan.step_counts
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        step_counts_text(plan),
         crate::analysis::budget::human_duration(options.calib_budget_s),
         wanted.batches,
         wanted.steps
     ));
     Ok(fit.batches)
+}
+
+/// "50, 20": the step counts of the planned trajectories.
+fn step_counts_text(plan: &Plan) -> String {
+    plan.step_counts
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// "ddim at 50, 20 steps, guidance 7.5": the trajectories calibration ran (the report's
@@ -334,11 +339,7 @@ fn trajectories_text(plan: &Plan) -> String {
     format!(
         "{} at {} steps{}",
         plan.sampler,
-        plan.step_counts
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
+        step_counts_text(plan),
         plan.guidance
             .map(|g| format!(", guidance {g}"))
             .unwrap_or_default()

@@ -651,55 +651,76 @@ pub fn choose_tables(mode: TibMode, bytes: &[u64], rel_err: &[f64], budget: u64)
     }
 }
 
-/// The `fold-tib` pass under `--tib quant|auto`.
-pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
+/// What [`run`] knows before TIAR: its mode's name, when it started, the tables' byte
+/// budget and the quantized model's size it derives from.
+struct RunSetup {
+    mode_name: &'static str,
+    start: Instant,
+    budget: u64,
+    model_bytes: u64,
+}
+
+/// `--tib quant|auto` on a TIB TIAR cannot follow: warn, naming why, and fold every
+/// frontier value into a table (`--tib lut`); the report records the fallback.
+fn fold_instead(
+    cx: &mut PassContext,
+    tib: &TibAnalysis,
+    set: &[i64],
+    setup: &RunSetup,
+    why: String,
+) -> Result<()> {
     let options = cx.options;
-    let start = Instant::now();
-    let mode = options.tib;
-    let mode_name = if mode == TibMode::Auto {
-        "auto"
-    } else {
-        "quant"
-    };
-    let model_bytes = quantized_model_bytes(&cx.model, options);
-    let budget = options.lut_budget.unwrap_or(model_bytes / 10);
-    let keep_index = options.step_groups.per_step();
-    let built = match build(&cx.model, tib, set, options)? {
-        Ok(b) => b,
-        Err(Unsupported(why)) => {
-            let warning = format!("WARNING: --tib {mode_name}: {why}; the TIB is folded into tables instead (--tib lut)");
-            eprintln!("tfmqc: {warning}");
-            cx.note(warning.clone());
-            let report = fold_with(&mut cx.model, tib, set, options.table_precision)?;
-            cx.step_index = report.index_value.clone();
-            cx.tiar = Some(TiarReport {
-                mode: mode_name.into(),
-                timesteps: set.to_vec(),
-                weight_bits: options.weight_bits,
-                act_bits: options.act_bits,
-                iters: 0,
-                loss_rtn: 0.0,
-                loss_tiar: 0.0,
-                kept_rtn: false,
-                seconds: start.elapsed().as_secs_f64(),
-                lut_budget_bytes: budget,
-                quantized_model_bytes: model_bytes,
-                table_bytes: report.table_bytes as u64,
-                layers: vec![],
-                frontier: vec![],
-                fallback: Some(why),
-            });
-            return Ok(());
-        }
-    };
-    let Built {
-        net,
-        tables,
-        targets,
-        weights,
-    } = built;
+    let warning = format!(
+        "WARNING: --tib {}: {why}; the TIB is folded into tables instead (--tib lut)",
+        setup.mode_name
+    );
+    eprintln!("tfmqc: {warning}");
+    cx.note(warning.clone());
+    let report = fold_with(&mut cx.model, tib, set, options.table_precision)?;
+    cx.step_index = report.index_value.clone();
+    cx.tiar = Some(TiarReport {
+        mode: setup.mode_name.into(),
+        timesteps: set.to_vec(),
+        weight_bits: options.weight_bits,
+        act_bits: options.act_bits,
+        iters: 0,
+        loss_rtn: 0.0,
+        loss_tiar: 0.0,
+        kept_rtn: false,
+        seconds: setup.start.elapsed().as_secs_f64(),
+        lut_budget_bytes: setup.budget,
+        quantized_model_bytes: setup.model_bytes,
+        table_bytes: report.table_bytes as u64,
+        layers: vec![],
+        frontier: vec![],
+        fallback: Some(why),
+    });
+    Ok(())
+}
+
+/// The rounding TIAR chose and how it compares with round-to-nearest: per layer the
+/// integers of both, per frontier value `(cosine per step, relative MSE)` of both.
+struct Rounding {
+    iters: usize,
+    q_rtn: Vec<Vec<i8>>,
+    q_final: Vec<Vec<i8>>,
+    err_rtn: Vec<(Vec<f64>, f64)>,
+    err_final: Vec<(Vec<f64>, f64)>,
+    loss_rtn: f64,
+    loss_tiar: f64,
+    kept_rtn: bool,
+}
+
+/// Rounds every TIB layer by TIAR and keeps it unless round-to-nearest is better on
+/// TIAR's own loss.
+fn round_layers(
+    net: &TibNet,
+    targets: &[Mat],
+    options: &Options,
+    progress: &dyn Fn(&str),
+) -> Rounding {
     let qmax = weight_qmax(options.weight_bits) as i32;
-    let q_rtn = rtn_ints(&net, qmax);
+    let q_rtn = rtn_ints(net, qmax);
     let ada = AdaRoundOpts {
         iters: options.tiar_iters,
         // The reference's lr 1e-3 is meant for 20k steps; in 2000 (ddpm_digits, W4A8,
@@ -709,54 +730,53 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
         seed: options.seed ^ 0x71a2,
         ..Default::default()
     };
-    (cx.progress)(&format!(
+    progress(&format!(
         "fold-tib: TIAR over {} layers, {} time steps, {} steps",
         net.layers.len(),
         net.steps,
         ada.iters
     ));
-    let q_tiar = tiar(&net, &targets, qmax, &ada);
-    let (err_rtn, loss_rtn) = errors(&net, &targets, &dequant(&net, &q_rtn));
-    let (err_tiar, loss_tiar) = errors(&net, &targets, &dequant(&net, &q_tiar));
+    let q_tiar = tiar(net, targets, qmax, &ada);
+    let (err_rtn, loss_rtn) = errors(net, targets, &dequant(net, &q_rtn));
+    let (err_tiar, loss_tiar) = errors(net, targets, &dequant(net, &q_tiar));
     // Never worse than round-to-nearest on TIAR's own loss.
     let kept_rtn = !loss_tiar.is_finite() || loss_tiar > loss_rtn;
     let (q_final, err_final) = if kept_rtn {
         (q_rtn.clone(), err_rtn.clone())
     } else {
-        (q_tiar.clone(), err_tiar.clone())
+        (q_tiar, err_tiar)
     };
+    Rounding {
+        iters: ada.iters,
+        q_rtn,
+        q_final,
+        err_rtn,
+        err_final,
+        loss_rtn,
+        loss_tiar,
+        kept_rtn,
+    }
+}
 
-    // A table costs what its stored form does (`--table-precision`).
-    let bytes: Vec<u64> = tables
-        .iter()
-        .map(|t| table_choice(t, options.table_precision).map(|c| c.bytes))
-        .collect::<Result<_>>()?;
-    let rel: Vec<f64> = err_final.iter().map(|e| e.1).collect();
-    let tabled = choose_tables(mode, &bytes, &rel, budget);
-    let fold = fold_tables(
-        &mut cx.model,
-        tib,
-        set,
-        tables,
-        &tabled,
-        keep_index,
-        options.table_precision,
-    )?;
-    cx.step_index = fold.index_value.clone();
-    let tabled = fold.tabled;
-
-    // Quantize the layers the computed frontier values still read.
-    let g = &mut cx.model.graph;
+/// The layers the computed frontier values still read get DequantizeLinear weights (the
+/// chosen integers, the Lp scales) and, at `--act-bits 8`, a Q/DQ pair on their input
+/// (one per input value); the report's line per layer, present or folded away.
+fn quantize_layers(
+    g: &mut crate::ir::Graph,
+    net: &TibNet,
+    weights: &[LayerWeight],
+    rounding: &Rounding,
+) -> Result<Vec<TiarLayer>> {
     let by_name: HashMap<String, _> = g
         .node_indices()
         .map(|ix| (g.node(ix).name.clone(), ix))
         .collect();
     let mut act_dq: HashMap<String, String> = HashMap::new();
     let mut layer_reports = vec![];
-    for (li, (l, (wname, shape, axis))) in net.layers.iter().zip(&weights).enumerate() {
-        let flipped = q_final[li]
+    for (li, (l, (wname, shape, axis))) in net.layers.iter().zip(weights).enumerate() {
+        let flipped = rounding.q_final[li]
             .iter()
-            .zip(&q_rtn[li])
+            .zip(&rounding.q_rtn[li])
             .filter(|(a, b)| a != b)
             .count();
         let present = by_name.get(&l.node).copied();
@@ -770,7 +790,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             in_output: present.is_some(),
         });
         let Some(ix) = present else { continue };
-        let ints = crate::numerics::quant::from_rows(&q_final[li], shape, *axis);
+        let ints = crate::numerics::quant::from_rows(&rounding.q_final[li], shape, *axis);
         let qi = g.add_initializer(
             &format!("{wname}_quantized"),
             Tensor::from_vec(shape.clone(), &ints),
@@ -803,19 +823,19 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             g.set_input(ix, 0, &xdq);
         }
     }
-    // The replaced float weights go; the step index stays for step-group tables even
-    // when nothing reads it yet.
-    let protect: Vec<String> = cx
-        .step_index
-        .clone()
-        .filter(|_| keep_index)
-        .into_iter()
-        .collect();
-    g.remove_dead_keeping(&protect);
-    g.validate()?;
+    Ok(layer_reports)
+}
 
-    let frontier: Vec<FrontierChoice> = tib
-        .frontier
+/// The report's line per frontier value: table or quantized, its table's bytes, and its
+/// error under both roundings.
+fn frontier_choices(
+    tib: &TibAnalysis,
+    tabled: &[bool],
+    bytes: &[u64],
+    rounding: &Rounding,
+) -> Vec<FrontierChoice> {
+    let (err_rtn, err_final) = (&rounding.err_rtn, &rounding.err_final);
+    tib.frontier
         .iter()
         .enumerate()
         .map(|(i, f)| {
@@ -832,26 +852,91 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
                 cosine_tiar: err_final[i].0.clone(),
             }
         })
+        .collect()
+}
+
+/// The `fold-tib` pass under `--tib quant|auto`: the TIB as a network ([`build`]; tables
+/// instead where TIAR cannot follow it, [`fold_instead`]), its rounding
+/// ([`round_layers`]), tables for the frontier values chosen ([`choose_tables`]), the
+/// layers the others still read quantized ([`quantize_layers`]), and the report.
+pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
+    let options = cx.options;
+    let mode = options.tib;
+    let model_bytes = quantized_model_bytes(&cx.model, options);
+    let setup = RunSetup {
+        mode_name: if mode == TibMode::Auto {
+            "auto"
+        } else {
+            "quant"
+        },
+        start: Instant::now(),
+        budget: options.lut_budget.unwrap_or(model_bytes / 10),
+        model_bytes,
+    };
+    let keep_index = options.step_groups.per_step();
+    let Built {
+        net,
+        tables,
+        targets,
+        weights,
+    } = match build(&cx.model, tib, set, options)? {
+        Ok(b) => b,
+        Err(Unsupported(why)) => return fold_instead(cx, tib, set, &setup, why),
+    };
+    let rounding = round_layers(&net, &targets, options, cx.progress);
+
+    // A table costs what its stored form does (`--table-precision`).
+    let bytes: Vec<u64> = tables
+        .iter()
+        .map(|t| table_choice(t, options.table_precision).map(|c| c.bytes))
+        .collect::<Result<_>>()?;
+    let rel: Vec<f64> = rounding.err_final.iter().map(|e| e.1).collect();
+    let tabled = choose_tables(mode, &bytes, &rel, setup.budget);
+    let fold = fold_tables(
+        &mut cx.model,
+        tib,
+        set,
+        tables,
+        &tabled,
+        keep_index,
+        options.table_precision,
+    )?;
+    cx.step_index = fold.index_value.clone();
+    let tabled = fold.tabled;
+
+    let g = &mut cx.model.graph;
+    let layers = quantize_layers(g, &net, &weights, &rounding)?;
+    // The replaced float weights go; the step index stays for step-group tables even
+    // when nothing reads it yet.
+    let protect: Vec<String> = cx
+        .step_index
+        .clone()
+        .filter(|_| keep_index)
+        .into_iter()
         .collect();
+    g.remove_dead_keeping(&protect);
+    g.validate()?;
+
+    let frontier = frontier_choices(tib, &tabled, &bytes, &rounding);
     let table_bytes: u64 = frontier
         .iter()
         .filter(|f| f.choice == "table")
         .map(|f| f.table_bytes)
         .sum();
     let report = TiarReport {
-        mode: mode_name.into(),
+        mode: setup.mode_name.into(),
         timesteps: set.to_vec(),
         weight_bits: options.weight_bits,
         act_bits: options.act_bits,
-        iters: ada.iters,
-        loss_rtn,
-        loss_tiar,
-        kept_rtn,
-        seconds: start.elapsed().as_secs_f64(),
-        lut_budget_bytes: budget,
-        quantized_model_bytes: model_bytes,
+        iters: rounding.iters,
+        loss_rtn: rounding.loss_rtn,
+        loss_tiar: rounding.loss_tiar,
+        kept_rtn: rounding.kept_rtn,
+        seconds: setup.start.elapsed().as_secs_f64(),
+        lut_budget_bytes: setup.budget,
+        quantized_model_bytes: setup.model_bytes,
         table_bytes,
-        layers: layer_reports,
+        layers,
         frontier,
         fallback: None,
     };
