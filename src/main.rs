@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use clap::{Args, Parser, Subcommand};
 use tfmqc_passes::ir::print;
-use tfmqc_passes::options::{meta, OutputQdq, Reconstruct, Tcr, TibMode};
+use tfmqc_passes::numerics::table_quant::TablePrecision;
+use tfmqc_passes::options::{meta, ActRange, Baseline, OutputQdq, Reconstruct, Tcr, TibMode};
 use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
@@ -201,12 +202,12 @@ struct QuantArgs {
     keep_float: Vec<String>,
     /// `minmax`: plain min-max PTQ of the same layers, for comparisons (no TIB folding,
     /// one set of global min/max scales, round-to-nearest weights).
-    #[arg(long, value_name = "KIND", value_parser = ["minmax"])]
-    baseline: Option<String>,
+    #[arg(long, value_name = "KIND", value_enum)]
+    baseline: Option<Baseline>,
     /// Activation ranges: `ema` (per-step EMA of min/max, as the reference) or `mse`
     /// (then shrunk to the clip minimising the quantization MSE on calibration data).
-    #[arg(long, default_value = "ema", value_parser = ["ema", "mse"])]
-    act_range: String,
+    #[arg(long, value_enum, default_value_t = ActRange::Ema)]
+    act_range: ActRange,
     /// Weight rounding: `gptq` (Hessian-based, against each layer's calibration inputs;
     /// never worse than round-to-nearest on them), `adaround` (layer-wise AdaRound,
     /// slower), or `none` (round to nearest).
@@ -241,8 +242,8 @@ struct QuantArgs {
     /// How the temporal-feature tables are stored: `auto` (per table, the fewest bytes
     /// whose measured error stays within relative MSE 1e-4 and row cosine 0.9999: int8
     /// with a scale per t, else f16, else f32), or `f32` (exact), `f16`, `int8`.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "f32", "f16", "int8"])]
-    table_precision: String,
+    #[arg(long, value_enum, default_value_t = TablePrecision::Auto)]
+    table_precision: TablePrecision,
     /// TIAR's Adam steps (`--tib quant|auto`).
     #[arg(long, default_value_t = 2000, value_name = "N")]
     tiar_iters: usize,
@@ -338,8 +339,8 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
         o.threads = q.threads.unwrap_or(0);
         o.seed = q.seed;
         o.keep_float = q.keep_float.clone();
-        o.baseline_minmax = q.baseline.is_some();
-        o.act_range_mse = q.act_range == "mse";
+        o.baseline_minmax = q.baseline == Some(Baseline::MinMax);
+        o.act_range_mse = q.act_range == ActRange::Mse;
         o.reconstruct = q.reconstruct;
         o.adaround_iters = q.adaround_iters;
         o.output_qdq = q.output_qdq;
@@ -351,7 +352,7 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
         o.output_qdq_budget_db = q.output_qdq_budget;
         o.tib = q.tib;
         o.lut_budget = q.lut_budget;
-        o.table_precision = q.table_precision.parse().map_err(user_error)?;
+        o.table_precision = q.table_precision;
         o.tiar_iters = q.tiar_iters;
         o.schedule = q.schedule.clone();
         o.train_timesteps = q.train_timesteps;

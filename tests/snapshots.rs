@@ -1,6 +1,8 @@
-//! Snapshot tests of the IR text: `inspect` of every model, canonicalize's output, the
-//! graph after fold-tib for each model family. Snapshots live in snapshots/ and are read
-//! like code: a change in them is a change in what the compiler does.
+//! Snapshot tests of the IR text: `inspect` of every model; what canonicalize, fold-tib
+//! (one model per family) and quantize change in real models, as a summary line and the
+//! rewritten region (`print::rewrite_text`), and small hand-built graphs before and
+//! after each pass. Snapshots live in snapshots/ and are read like code: a change in them
+//! is a change in what the compiler does.
 
 mod common;
 use common::*;
@@ -84,14 +86,25 @@ fn canonicalize_synthetic_graph() {
     );
 }
 
-#[test]
-fn canonicalize_trained_ddpm() {
-    let mut m = tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap();
-    tfmqc_passes::canonicalize::canonicalize(&mut m).unwrap();
-    snapshot("canonicalize_ddpm_digits", &print::model_text(&m));
+/// A model as loaded, with the types of its values inferred (as the reader sees them).
+fn typed(path: &std::path::Path) -> Model {
+    let mut m = tfmqc_passes::onnx::load(path).unwrap();
+    tfmqc_passes::canonicalize::infer_types(&mut m).unwrap();
+    m
 }
 
-/// The graph after detect-tib + fold-tib (S = ddim:50), one model per family.
+#[test]
+fn canonicalize_trained_ddpm() {
+    let before = typed(&model_path("ddpm_digits"));
+    let mut m = before.clone();
+    tfmqc_passes::canonicalize::canonicalize(&mut m).unwrap();
+    snapshot(
+        "canonicalize_ddpm_digits",
+        &print::rewrite_text(&before, &m),
+    );
+}
+
+/// What detect-tib + fold-tib (S = ddim:50) change, one model per family.
 #[test]
 fn fold_tib_each_family() {
     let dir = tmpdir();
@@ -112,24 +125,49 @@ fn fold_tib_each_family() {
             "--timesteps",
             "ddim:50",
         ]);
-        let mut m = tfmqc_passes::onnx::load(&out).unwrap();
-        tfmqc_passes::canonicalize::infer_types(&mut m).unwrap(); // types for the reader
-        snapshot(&format!("fold_tib_{name}"), &print::model_text(&m));
+        snapshot(
+            &format!("fold_tib_{name}"),
+            &print::rewrite_text(&typed(&model_path(name)), &typed(&out)),
+        );
     }
 }
 
-/// The default quantized graph (W8A8) of the trained model: weights behind
-/// DequantizeLinear, activations behind QuantizeLinear/DequantizeLinear — constant scales,
-/// or per-step ones (FSC, `--step-groups auto`): a scale table gathered at the step group
-/// `index · G / |S|` around a unit-scale pair.
+/// What quantize (W8A8, the default options but S = ddim:10, 2 calibration
+/// trajectories of 10 steps, TCR off) changes in the trained model after the passes
+/// before it: weights behind DequantizeLinear, activations behind
+/// QuantizeLinear/DequantizeLinear — constant scales, or per-step ones (FSC,
+/// `--step-groups auto`): a scale table gathered at the step group `index · G / |S|`
+/// around a unit-scale pair.
 #[test]
 fn quantize_trained_ddpm() {
-    let dir = tmpdir();
-    let out = dir.path().join("q.onnx");
-    quantize_small("ddpm_digits", &out, "10", &[]);
-    let mut m = tfmqc_passes::onnx::load(&out).unwrap();
-    tfmqc_passes::canonicalize::infer_types(&mut m).unwrap();
-    snapshot("quantize_ddpm_digits", &print::model_text(&m));
+    use tfmqc_passes::pipeline::{default_pipeline, parse_pipeline, run_pipeline, PassContext};
+    let options = tfmqc_passes::Options {
+        timesteps: Some("ddim:10".into()),
+        calib_samples: 2,
+        calib_steps: Some(10),
+        calib_adaptive: false,
+        tcr: tfmqc_passes::options::Tcr::Off,
+        ..Default::default()
+    };
+    let model = tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap();
+    let mut cx = PassContext::new(model, &options);
+    let passes = parse_pipeline(&default_pipeline().join(",")).unwrap();
+    let mut before = None;
+    run_pipeline(&mut cx, &passes, &mut |name, cx, _| {
+        if name != "quantize" {
+            before = Some(cx.model.clone());
+        }
+        Ok(())
+    })
+    .unwrap();
+    let mut before = before.expect("passes before quantize");
+    let mut after = cx.model.clone();
+    tfmqc_passes::canonicalize::infer_types(&mut before).unwrap();
+    tfmqc_passes::canonicalize::infer_types(&mut after).unwrap();
+    snapshot(
+        "quantize_ddpm_digits",
+        &print::rewrite_text(&before, &after),
+    );
 }
 
 /// The bytes of one whole output file (every pass of the default pipeline, TCR on, on
@@ -330,4 +368,254 @@ fn g_inputs(path: &std::path::Path) -> Tensors {
             (i.name.clone(), Tensor::from_vec(shape, &vals))
         })
         .collect()
+}
+
+/// A small denoiser with every part the passes handle: a sinusoidal time-step embedding
+/// through a Gemm and SiLU (the TIB), added to the features of a middle Conv between
+/// the input and output Convs (which stay float), and the input added back to the
+/// prediction (so that it stays near x and the sampler's trajectories stay bounded, as a
+/// trained denoiser's do). x: f32[1,2,4,4], t: i64[1].
+fn synthetic_denoiser() -> Model {
+    let mut g = Graph::new("synthetic_denoiser");
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![Dim::Known(1), Dim::Known(2), Dim::Known(4), Dim::Known(4)],
+    ));
+    g.inputs
+        .push(ValueInfo::new("t", DType::I64, vec![Dim::Known(1)]));
+    g.outputs.push(ValueInfo::new(
+        "y",
+        DType::F32,
+        vec![Dim::Known(1), Dim::Known(2), Dim::Known(4), Dim::Known(4)],
+    ));
+    // Fixed, varied weights (no generator: the snapshot shows them).
+    let w = |n: usize, k: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * k).sin() * 0.5).collect() };
+    let mut init = |name: &str, shape: Vec<usize>, v: Vec<f32>| {
+        g.initializers
+            .insert(name.into(), Tensor::from_vec(shape, &v));
+    };
+    init("freqs", vec![1, 4], vec![1.0, 0.1, 0.01, 0.001]);
+    init("emb.w", vec![8, 2], w(16, 0.7));
+    init("emb.b", vec![2], vec![0.1, -0.1]);
+    init("conv_in.w", vec![2, 2, 3, 3], w(36, 0.37));
+    init("conv_mid.w", vec![2, 2, 3, 3], w(36, 0.53));
+    init("conv_mid.b", vec![2], vec![0.05, -0.02]);
+    init(
+        "conv_out.w",
+        vec![2, 2, 3, 3],
+        w(36, 0.29).iter().map(|v| v * 0.1).collect(),
+    );
+    g.initializers
+        .insert("axes".into(), Tensor::from_vec(vec![1], &[1i64]));
+    g.initializers.insert(
+        "emb_shape".into(),
+        Tensor::from_vec(vec![4], &[1i64, 2, 1, 1]),
+    );
+    let n = node;
+    let conv = |name: &str, ins: &[&str], out: &str| {
+        n(name, "Conv", ins, out)
+            .with_attr(attr::ints("kernel_shape", [3, 3]))
+            .with_attr(attr::ints("pads", [1, 1, 1, 1]))
+    };
+    for nd in [
+        n("t_f", "Cast", &["t"], "t_f").with_attr(attr::int("to", 1)),
+        n("t_col", "Unsqueeze", &["t_f", "axes"], "t_col"),
+        n("arg", "Mul", &["t_col", "freqs"], "arg"),
+        n("sin", "Sin", &["arg"], "sin"),
+        n("cos", "Cos", &["arg"], "cos"),
+        n("sinusoid", "Concat", &["sin", "cos"], "sinusoid").with_attr(attr::int("axis", 1)),
+        n("emb", "Gemm", &["sinusoid", "emb.w", "emb.b"], "emb"),
+        n("emb_sig", "Sigmoid", &["emb"], "emb_sig"),
+        n("emb_silu", "Mul", &["emb", "emb_sig"], "emb_silu"),
+        n("emb_4d", "Reshape", &["emb_silu", "emb_shape"], "emb_4d"),
+        conv("conv_in", &["x", "conv_in.w"], "h0"),
+        conv("conv_mid", &["h0", "conv_mid.w", "conv_mid.b"], "h1"),
+        n("add_emb", "Add", &["h1", "emb_4d"], "h2"),
+        n("relu", "Relu", &["h2"], "h3"),
+        conv("conv_out", &["h3", "conv_out.w"], "h4"),
+        n("residual", "Add", &["h4", "x"], "y"),
+    ] {
+        g.add_node(nd).unwrap();
+    }
+    Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 17)],
+        graph: g,
+        ..Default::default()
+    }
+}
+
+/// Runs `pipeline` on the synthetic denoiser and writes, per pass, what it changed
+/// (`print::rewrite_text`) and the text of each analysis it computed (as `--dump-dir`
+/// writes them): every pass's before and after on one small graph.
+fn passes_on_synthetic(pipeline: &str, options: &tfmqc_passes::Options) -> String {
+    use tfmqc_passes::pipeline::{parse_pipeline, run_pipeline, Dumps, PassContext};
+    let dir = tmpdir();
+    let first = synthetic_denoiser();
+    let mut cx = PassContext::new(first.clone(), options);
+    cx.dumps = Dumps {
+        print_after_all: false,
+        dir: Some(dir.path().to_path_buf()),
+    };
+    let mut prev = first;
+    tfmqc_passes::canonicalize::infer_types(&mut prev).unwrap();
+    let mut text = format!("{}\n", print::model_text(&prev));
+    let mut rewrites = vec![];
+    run_pipeline(
+        &mut cx,
+        &parse_pipeline(pipeline).unwrap(),
+        &mut |name, cx, _| {
+            let mut now = cx.model.clone();
+            tfmqc_passes::canonicalize::infer_types(&mut now).unwrap();
+            rewrites.push(format!("=== {name}\n{}", print::rewrite_text(&prev, &now)));
+            prev = now;
+            Ok(())
+        },
+    )
+    .unwrap();
+    // The manager writes each pass's analyses after this callback: read them once all
+    // ran, and put each under its pass.
+    let mut files: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|f| f.matches('.').count() == 2)
+        .collect();
+    files.sort();
+    for (i, rewrite) in rewrites.iter().enumerate() {
+        text += rewrite;
+        for f in files
+            .iter()
+            .filter(|f| f.starts_with(&format!("{:02}-", i + 1)))
+        {
+            // Wall-clock times are the machine's, not the compiler's: not compared.
+            let body: String = std::fs::read_to_string(dir.path().join(f))
+                .unwrap()
+                .lines()
+                .map(|l| match l.split_once("seconds\": ") {
+                    Some((key, _)) => format!("{key}seconds\": (time)\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            text += &format!("--- {f}\n{body}");
+        }
+    }
+    text
+}
+
+/// The options the synthetic denoiser is compiled with: S = ddim:10, two calibration
+/// trajectories of 10 steps, TCR on, every output Q/DQ pair (what `auto` would choose
+/// depends on the time it takes).
+fn synthetic_options() -> tfmqc_passes::Options {
+    tfmqc_passes::Options {
+        timesteps: Some("ddim:10".into()),
+        calib_samples: 2,
+        calib_steps: Some(10),
+        calib_adaptive: false,
+        tcr: tfmqc_passes::options::Tcr::On,
+        output_qdq: tfmqc_passes::options::OutputQdq::All,
+        ..Default::default()
+    }
+}
+
+/// Every pass of the default pipeline (TCR on, every output Q/DQ pair, S = ddim:10) on
+/// the synthetic denoiser, each followed by the analyses it computed: canonicalize
+/// (nothing to do), detect-tib (the TIB analysis), fold-tib (the sinusoid and Gemm become
+/// a table gathered at the step index), calibrate (its ranges), reparameterize (the
+/// inputs of conv_mid and conv_out balanced through a Mul; recalibrated), quantize (their
+/// weights, inputs with per-step scales, and outputs behind Q/DQ; conv_in stays float).
+#[test]
+fn every_pass_on_a_synthetic_denoiser() {
+    let options = synthetic_options();
+    let pipeline = tfmqc_passes::pipeline::default_pipeline().join(",");
+    snapshot(
+        "passes_synthetic_denoiser",
+        &passes_on_synthetic(&pipeline, &options),
+    );
+}
+
+/// fold-tib under `--tib quant` (TIAR, W4, 20 steps) on the synthetic denoiser: the
+/// TIB's Gemm gets a DequantizeLinear weight and a Q/DQ input; no table.
+#[test]
+fn tiar_on_a_synthetic_denoiser() {
+    let options = tfmqc_passes::Options {
+        timesteps: Some("ddim:10".into()),
+        tib: tfmqc_passes::options::TibMode::Quant,
+        weight_bits: 4,
+        tiar_iters: 20,
+        ..Default::default()
+    };
+    snapshot(
+        "tiar_synthetic_denoiser",
+        &passes_on_synthetic("detect-tib,fold-tib", &options),
+    );
+}
+
+/// The numbers behind the synthetic snapshot: after every pass of the default pipeline
+/// (the options of [`every_pass_on_a_synthetic_denoiser`]) the graph still computes the
+/// float model at a time step of S (t = 300), each pass within its stated tolerance
+/// (max |Δ| over max |y|): the analyses and canonicalize change nothing (1e-6 from the
+/// model before them);
+/// fold-tib's tables are stored at `--table-precision auto` (here f16: 1e-3, the
+/// embedding is added to features of magnitude ~10); TCR moves range between
+/// activations and weights only (1e-5 over the folded model); quantize (W8A8, per-step
+/// scales, every output pair) stays above 30 dB SQNR.
+#[test]
+fn every_pass_on_the_synthetic_denoiser_keeps_its_function() {
+    use tfmqc_passes::exec::Runner;
+    use tfmqc_passes::pipeline::{default_pipeline, parse_pipeline, run_pipeline, PassContext};
+    let options = synthetic_options();
+    let x: Vec<f32> = (0..32).map(|i| ((i as f32) * 0.41).cos()).collect();
+    let inputs: Tensors = [
+        ("x".to_string(), Tensor::from_vec(vec![1, 2, 4, 4], &x)),
+        ("t".to_string(), Tensor::from_vec(vec![1], &[300i64])),
+    ]
+    .into_iter()
+    .collect();
+    let run = |m: &Model| -> Tensors {
+        let out = Runner::new(m, None, tfmqc_runtime::Optimize::Full)
+            .unwrap()
+            .run(&inputs.clone().into_iter().collect())
+            .unwrap();
+        m.graph
+            .outputs
+            .iter()
+            .map(|o| o.name.clone())
+            .zip(out)
+            .collect()
+    };
+    let float = run(&synthetic_denoiser());
+    let mut cx = PassContext::new(synthetic_denoiser(), &options);
+    let mut folded = None;
+    let mut seen = vec![];
+    run_pipeline(
+        &mut cx,
+        &parse_pipeline(&default_pipeline().join(",")).unwrap(),
+        &mut |name, cx, _| {
+            let y = run(&cx.model);
+            let (err, db) = (relative_error(&float, &y), sqnr_db(&float, &y));
+            match name {
+                "canonicalize" | "detect-tib" => assert!(err <= 1e-6, "{name}: {err}"),
+                "calibrate" => {
+                    let err = relative_error(folded.as_ref().expect("fold-tib ran"), &y);
+                    assert!(err <= 1e-6, "{name}: {err}")
+                }
+                "fold-tib" => {
+                    assert!(err <= 1e-3, "{name}: {err}");
+                    folded = Some(y);
+                }
+                "reparameterize" => {
+                    let err = relative_error(folded.as_ref().expect("fold-tib ran"), &y);
+                    assert!(err <= 1e-5, "{name}: {err}")
+                }
+                "quantize" => assert!(db >= 30.0, "{name}: {db} dB"),
+                other => panic!("a pass this test does not know: {other}"),
+            }
+            seen.push(format!("{name}: {err:.2e} ({db:.1} dB)"));
+            Ok(())
+        },
+    )
+    .unwrap();
+    eprintln!("{}", seen.join("\n"));
+    assert_eq!(seen.len(), 6);
 }

@@ -88,14 +88,59 @@ pub enum Tcr {
     Auto,
 }
 
+/// `--baseline`: a plain PTQ of the same layers, for comparisons. `Options` keeps it as
+/// the flag `baseline_minmax` (the one kind there is), which every pass reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Baseline {
+    /// Min-max PTQ: no TIB folding, one set of global min/max scales, round-to-nearest
+    /// weights.
+    #[value(name = "minmax")]
+    MinMax,
+}
+
+impl Baseline {
+    /// The value `Options::baseline_minmax` stands for (`None`: no baseline).
+    pub fn from_flag(minmax: bool) -> Option<Baseline> {
+        minmax.then_some(Baseline::MinMax)
+    }
+}
+
+/// `--act-range`: how an activation's range is taken from its calibration statistics.
+/// `Options` keeps it as the flag `act_range_mse`, which `quantize` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActRange {
+    /// The per-step EMA of min/max, as the reference does.
+    Ema,
+    /// The EMA range shrunk to the clip minimising the quantization MSE on the
+    /// calibration records.
+    Mse,
+}
+
+impl ActRange {
+    /// The value `Options::act_range_mse` stands for.
+    pub fn from_flag(mse: bool) -> ActRange {
+        if mse {
+            ActRange::Mse
+        } else {
+            ActRange::Ema
+        }
+    }
+}
+
+/// The default exponent α of TCR's `r_c = a_c^α / w_c^(1−α)` (`--tcr-alpha`; measured:
+/// see BENCHMARKS.md, "TCAQ"). Here with the other defaults, so the options need no pass.
+pub const DEFAULT_TCR_ALPHA: f32 = 0.5;
+
 /// Finite Set Calibration granularity (`--step-groups`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepGroups {
     /// Per activation, the coarsest grouping of the steps of S (1, 2, 4, … groups of
     /// consecutive steps, up to one per visited step) whose measured gain in quantization
-    /// noise over the steps is within [`crate::quantize::AUTO_GROUPS_SLACK_DB`] of the
-    /// finest; one set of scales where per-step ones gain less than
-    /// [`crate::quantize::AUTO_GROUPS_MIN_GAIN_DB`].
+    /// noise over the steps is within `quantize`'s `AUTO_GROUPS_SLACK_DB` of the
+    /// finest; one set of scales where per-step ones gain less than its
+    /// `AUTO_GROUPS_MIN_GAIN_DB`.
     Auto,
     /// `N` groups of consecutive steps for every activation; 1 = one set of scales
     /// (constant Q/DQ, what onnxruntime fuses into its int8 kernels).
@@ -208,9 +253,8 @@ pub struct Options {
     /// the quantized model's bytes.
     pub lut_budget: Option<u64>,
     /// `--table-precision`: how temporal-feature tables are stored (f32, f16, int8 rows,
-    /// or per table by measured error: [`crate::table_quant`]).
-    #[serde(serialize_with = "ser::table_precision")]
-    pub table_precision: crate::table_quant::TablePrecision,
+    /// or per table by measured error: [`crate::numerics::table_quant`]).
+    pub table_precision: crate::numerics::table_quant::TablePrecision,
     /// `--tiar-iters`: Adam steps of TIAR.
     pub tiar_iters: usize,
     /// Noise schedule overrides, applied over the scheduler configuration.
@@ -244,8 +288,7 @@ pub struct Options {
 mod ser {
     use serde::Serializer;
 
-    use super::{Sampler, SamplingSteps};
-    use crate::table_quant::TablePrecision;
+    use super::{ActRange, Baseline, Sampler, SamplingSteps};
 
     pub fn display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
@@ -269,22 +312,12 @@ mod ser {
 
     /// `"minmax"` or `null`, as `--baseline` takes it.
     pub fn baseline<S: Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            true => s.serialize_str("minmax"),
-            false => s.serialize_none(),
-        }
+        serde::Serialize::serialize(&Baseline::from_flag(*v), s)
     }
 
     /// `"mse"` or `"ema"`, as `--act-range` takes it.
     pub fn act_range<S: Serializer>(v: &bool, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(if *v { "mse" } else { "ema" })
-    }
-
-    pub fn table_precision<S: Serializer>(v: &TablePrecision, s: S) -> Result<S::Ok, S::Error> {
-        match v {
-            TablePrecision::Auto => s.serialize_str("auto"),
-            TablePrecision::Fixed(f) => s.serialize_str(f.name()),
-        }
+        serde::Serialize::serialize(&ActRange::from_flag(*v), s)
     }
 }
 
@@ -314,7 +347,7 @@ impl Default for Options {
             adaround_iters: 2000,
             tib: TibMode::Lut,
             lut_budget: None,
-            table_precision: crate::table_quant::TablePrecision::Auto,
+            table_precision: crate::numerics::table_quant::TablePrecision::Auto,
             tiar_iters: 2000,
             schedule: None,
             train_timesteps: None,
@@ -324,7 +357,7 @@ impl Default for Options {
             calib_budget_s: 1200.0,
             calib_adaptive: false,
             tcr: Tcr::Auto,
-            tcr_alpha: crate::reparameterize::DEFAULT_ALPHA,
+            tcr_alpha: DEFAULT_TCR_ALPHA,
             threads: 0,
         }
     }

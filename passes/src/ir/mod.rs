@@ -8,6 +8,7 @@ pub mod model;
 pub mod npz;
 pub mod onnx;
 pub mod print;
+pub mod qdq;
 pub mod tensor;
 pub mod tensor_file;
 

@@ -68,11 +68,15 @@ pub fn model_summary(m: &Model) -> String {
 
 /// The graph body: one line per node.
 pub fn graph_text(g: &Graph) -> String {
-    let mut s = String::new();
-    let order = match g.topo_order() {
-        Ok(o) => o,
-        Err(e) => return format!("<unprintable graph: {e}>\n"),
-    };
+    match node_lines(g) {
+        Ok(lines) => lines.into_iter().map(|(_, l)| l + "\n").collect(),
+        Err(e) => format!("<unprintable graph: {e}>\n"),
+    }
+}
+
+/// Each node's name and its line, in topological order.
+fn node_lines(g: &Graph) -> crate::error::Result<Vec<(String, String)>> {
+    let order = g.topo_order()?;
     // `Graph::info` scans the graph's inputs and outputs per lookup: a file may have as
     // many of them as nodes, so they are indexed once here.
     let io: std::collections::HashMap<&str, &crate::ir::ValueInfo> = g
@@ -82,6 +86,7 @@ pub fn graph_text(g: &Graph) -> String {
         .chain(g.inputs.iter().rev())
         .map(|v| (v.name.as_str(), v))
         .collect();
+    let mut lines = Vec::with_capacity(order.len());
     for ix in order {
         let n = g.node(ix);
         let outs: Vec<String> = n
@@ -119,7 +124,119 @@ pub fn graph_text(g: &Graph) -> String {
         } else {
             format!(" {{{}}}", attrs.join(", "))
         };
-        let _ = writeln!(s, "{} = {op}({}){attrs}", outs.join(", "), ins.join(", "));
+        lines.push((
+            n.name.clone(),
+            format!("{} = {op}({}){attrs}", outs.join(", "), ins.join(", ")),
+        ));
+    }
+    Ok(lines)
+}
+
+/// What a rewrite changed, for snapshots that should show a pass's work and not the
+/// whole model: a summary line (nodes and initializers before and after, how many nodes
+/// were removed, added, changed), the metadata it set, the graph inputs and outputs when
+/// they changed, then the region: the removed nodes (`-`) as they were, and in the new
+/// topological order the added (`+`) and changed (`~`, after the old line `-`) nodes with
+/// their direct neighbours (` `: the producers of their inputs and the readers of their
+/// outputs), so each change is seen where it joins the unchanged graph. Nodes are matched
+/// by name.
+pub fn rewrite_text(before: &Model, after: &Model) -> String {
+    let (Ok(old), Ok(new)) = (node_lines(&before.graph), node_lines(&after.graph)) else {
+        return "<unprintable graph>\n".into();
+    };
+    let old_by: std::collections::HashMap<&str, &str> =
+        old.iter().map(|(n, l)| (n.as_str(), l.as_str())).collect();
+    let new_by: std::collections::HashMap<&str, &str> =
+        new.iter().map(|(n, l)| (n.as_str(), l.as_str())).collect();
+    let removed: Vec<&(String, String)> = old
+        .iter()
+        .filter(|(n, _)| !new_by.contains_key(n.as_str()))
+        .collect();
+    let added = new
+        .iter()
+        .filter(|(n, _)| !old_by.contains_key(n.as_str()))
+        .count();
+    let changed = new
+        .iter()
+        .filter(|(n, l)| old_by.get(n.as_str()).is_some_and(|o| o != l))
+        .count();
+    let (gb, ga) = (&before.graph, &after.graph);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "rewrite: {} → {} nodes ({} removed, {added} added, {changed} changed), {} → {} initializers",
+        old.len(),
+        new.len(),
+        removed.len(),
+        gb.initializers.len(),
+        ga.initializers.len()
+    );
+    for (k, v) in &after.metadata {
+        if !before.metadata.iter().any(|(bk, bv)| bk == k && bv == v) {
+            let _ = writeln!(s, "metadata: {k} = {}", truncate(v, 100));
+        }
+    }
+    let io = |g: &Graph| -> Vec<String> {
+        g.inputs
+            .iter()
+            .map(|v| format!("input {}: {}", v.name, v.type_string()))
+            .chain(
+                g.outputs
+                    .iter()
+                    .map(|v| format!("output {}: {}", v.name, v.type_string())),
+            )
+            .collect()
+    };
+    let (io_old, io_new) = (io(gb), io(ga));
+    if io_old != io_new {
+        for l in io_old.iter().filter(|l| !io_new.contains(l)) {
+            let _ = writeln!(s, "- {l}");
+        }
+        for l in io_new.iter().filter(|l| !io_old.contains(l)) {
+            let _ = writeln!(s, "+ {l}");
+        }
+    }
+    for (_, l) in &removed {
+        let _ = writeln!(s, "- {l}");
+    }
+    // The touched nodes of the new graph, and the names of the values they read and
+    // write: a node reading or writing one of those is a neighbour.
+    let touched: std::collections::HashSet<&str> = new
+        .iter()
+        .filter(|(n, l)| old_by.get(n.as_str()) != Some(&l.as_str()))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    let mut reads = std::collections::HashSet::new();
+    let mut writes = std::collections::HashSet::new();
+    for ix in ga.node_indices() {
+        let n = ga.node(ix);
+        if touched.contains(n.name.as_str()) {
+            reads.extend(n.inputs.iter().filter(|i| !i.is_empty()).cloned());
+            writes.extend(n.outputs.iter().filter(|o| !o.is_empty()).cloned());
+        }
+    }
+    let neighbours: std::collections::HashSet<String> = ga
+        .node_indices()
+        .map(|ix| ga.node(ix))
+        .filter(|n| {
+            n.outputs.iter().any(|o| reads.contains(o))
+                || n.inputs.iter().any(|i| writes.contains(i))
+        })
+        .map(|n| n.name.clone())
+        .collect();
+    for (n, l) in &new {
+        match old_by.get(n.as_str()) {
+            None => {
+                let _ = writeln!(s, "+ {l}");
+            }
+            Some(o) if *o != l.as_str() => {
+                let _ = writeln!(s, "- {o}\n~ {l}");
+            }
+            Some(_) if neighbours.contains(n) => {
+                let _ = writeln!(s, "  {l}");
+            }
+            Some(_) => {}
+        }
     }
     s
 }

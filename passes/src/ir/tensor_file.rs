@@ -56,8 +56,8 @@ pub fn read_tensors(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 
 /// [`read_tensors`] on bytes already read; `path` names the file in errors.
 pub fn tensors_from_bytes(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, Tensor>> {
-    if crate::npz::is_zip(bytes) {
-        return crate::npz::read_npz(path, bytes);
+    if crate::ir::npz::is_zip(bytes) {
+        return crate::ir::npz::read_npz(path, bytes);
     }
     safetensors_from_bytes(path, bytes)
 }
@@ -108,5 +108,5 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>) -> Res
     }
     let bytes = safetensors::serialize(views, None)
         .map_err(|e| Error::invalid(format!("{}: {e}", path.display())))?;
-    crate::onnx::write_atomic(path, &bytes)
+    crate::ir::onnx::write_atomic(path, &bytes)
 }

@@ -41,10 +41,43 @@ impl TableForm {
 }
 
 /// `--table-precision`: one form for every table, or the choice per frontier value.
+/// Parsed by clap and recorded by serde under the names the command line gives it
+/// (`auto`, `f32`, `f16`, `int8`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TablePrecision {
     Auto,
     Fixed(TableForm),
+}
+
+impl TablePrecision {
+    /// The command line's name of the value.
+    pub fn name(self) -> &'static str {
+        match self {
+            TablePrecision::Auto => "auto",
+            TablePrecision::Fixed(f) => f.name(),
+        }
+    }
+}
+
+// By hand: a derive takes unit variants only, and `Fixed` carries its form.
+impl clap::ValueEnum for TablePrecision {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            TablePrecision::Auto,
+            TablePrecision::Fixed(TableForm::F32),
+            TablePrecision::Fixed(TableForm::F16),
+            TablePrecision::Fixed(TableForm::Int8),
+        ]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.name()))
+    }
+}
+
+impl Serialize for TablePrecision {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
 }
 
 impl std::str::FromStr for TablePrecision {

@@ -16,11 +16,11 @@ use crate::analysis::layer_inputs::{
     reconstructable_layers, record_picks, LayerColumns, LayerInput,
 };
 use crate::analysis::targets::find_targets;
-use crate::analysis::trajectory::{find_sample_input, recorded_calls, Given, Plan};
+use crate::analysis::trajectory::{find_sample_input, recorded_calls, Call, Given, Plan};
 pub use crate::analysis::trajectory::{stand_in, timestep_tensor};
 use crate::error::{Error, Result};
 use crate::ir::exec::Runner;
-use crate::ir::{Dim, Model, Tensor};
+use crate::ir::{Dim, Model, Tensor, ValueInfo};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options};
 use crate::passes::{Analysis, Pass, PassContext};
@@ -175,28 +175,42 @@ fn observe_ranges(
     })
 }
 
-/// Observes `values` (activation names) along calibration trajectories.
-pub fn calibrate(
-    model: &Model,
-    options: &Options,
-    t_name: &str,
-    values: &[String],
-    layers: Vec<LayerInput>,
-    progress: &dyn Fn(&str),
-) -> Result<Calibration> {
-    let g = &model.graph;
-    let set = timestep_set(model, options)?;
-    if !g.inputs.iter().any(|i| i.name == t_name) {
-        return Err(Error::pass(
-            "calibrate",
-            format!("the model has no time-step input '{t_name}'"),
-        ));
-    }
-    let sample = find_sample_input(model, t_name)?;
+/// The float model planned in tract with `values` observed: each run folds the values'
+/// ranges into the calibration.
+struct Observer<'a> {
+    runner: Runner,
+    values: &'a [String],
+}
 
-    // The prediction is the graph output; the activations are observed while tract
-    // runs, each folded into its range as soon as it is computed (an SD-class UNet's
-    // attention scores alone would not fit in memory all at once).
+impl Observer<'_> {
+    /// Runs one call at step `t`, folds each value's range into `cal` (an EMA per step,
+    /// the union over all steps), and returns the graph outputs.
+    fn observe(
+        &self,
+        cal: &mut Calibration,
+        t: i64,
+        inputs: &HashMap<String, Tensor>,
+        tap: Option<ColumnTap>,
+    ) -> Result<Vec<Tensor>> {
+        let batch = observe_ranges(&self.runner, self.values, inputs, t, tap)?;
+        for (name, batch) in self.values.iter().zip(batch.outputs_ranges) {
+            let steps = cal.per_step.entry(name.clone()).or_default();
+            let r = steps.get(&t).map(|r| r.ema(batch)).unwrap_or(batch);
+            steps.insert(t, r);
+            let gl = cal
+                .global
+                .get(name)
+                .map(|r| r.union(batch))
+                .unwrap_or(batch);
+            cal.global.insert(name.clone(), gl);
+        }
+        Ok(batch.outputs)
+    }
+}
+
+/// Stops before tract plans the model when the float weights and one call's activations
+/// do not fit `--max-memory` (the batch from the sample input, else the options').
+fn check_calibration_memory(model: &Model, options: &Options, sample: &ValueInfo) -> Result<()> {
     let batch_guess = match sample.shape.as_deref() {
         Some([Dim::Known(b), ..]) => *b as usize,
         _ => {
@@ -224,76 +238,130 @@ pub fn calibrate(
             lower_with: "--calib-batch 1 (models with a free batch size) or an export at a smaller sample size",
         },
         options.max_memory,
-    )?;
-    progress("calibrate: planning the float model in tract");
-    let runner = Runner::observing(model, values, Optimize::Full)?;
-    let mut cal = Calibration {
-        sample_input: sample.name.clone(),
-        timestep_input: t_name.to_string(),
-        ..Default::default()
-    };
-    let observe = |cal: &mut Calibration,
-                   t: i64,
-                   inputs: &HashMap<String, Tensor>,
-                   tap: Option<ColumnTap>| {
-        let batch = observe_ranges(&runner, values, inputs, t, tap)?;
-        for (name, batch) in values.iter().zip(batch.outputs_ranges) {
-            let steps = cal.per_step.entry(name.clone()).or_default();
-            let r = steps.get(&t).map(|r| r.ema(batch)).unwrap_or(batch);
-            steps.insert(t, r);
-            let gl = cal
-                .global
-                .get(name)
-                .map(|r| r.union(batch))
-                .unwrap_or(batch);
-            cal.global.insert(name.clone(), gl);
-        }
-        Ok::<Vec<Tensor>, Error>(batch.outputs)
-    };
+    )
+}
 
-    let given = Given::read(model, options)?;
-
-    // Recorded calls (`NNNNN/<input>` keys, or inputs stacked by name): no generation.
-    if let Some(calls) = recorded_calls(model, &given, t_name, &set)? {
-        let picks = record_picks(calls.len());
-        let store = match layers.is_empty() {
-            true => None,
-            false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
-        };
-        let clock = std::time::Instant::now();
-        let total = calls.len();
-        for (call, pick) in calls.into_iter().zip(picks) {
-            progress(&format!(
-                "calibrate: recorded call {}/{total}",
-                call.batch + 1
-            ));
-            let tap = store.as_ref().zip(pick).map(|(store, salt)| ColumnTap {
-                store,
-                salt,
-                keep: call.kept_prefix(),
-            });
-            let outs = observe(&mut cal, call.t, &call.inputs, tap)?;
-            cal.record_outputs.extend(outs.into_iter().next());
-            cal.records.push(call.record()?);
-            cal.record_steps.push(call.t);
-            cal.batches += 1;
-        }
-        cal.call_seconds = clock.elapsed().as_secs_f64() / cal.batches.max(1) as f64;
-        cal.layer_columns = store.map(std::sync::Arc::new);
-        return Ok(cal);
+/// Calibration over recorded calls (`NNNNN/<input>` keys, or inputs stacked by name):
+/// every call is observed and kept as an evaluation record; nothing is generated.
+fn calibrate_recorded(
+    observer: &Observer,
+    mut cal: Calibration,
+    calls: Vec<Call>,
+    layers: Vec<LayerInput>,
+    progress: &dyn Fn(&str),
+) -> Result<Calibration> {
+    let picks = record_picks(calls.len());
+    let store = match layers.is_empty() {
+        true => None,
+        false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
+    };
+    let clock = std::time::Instant::now();
+    let total = calls.len();
+    for (call, pick) in calls.into_iter().zip(picks) {
+        progress(&format!(
+            "calibrate: recorded call {}/{total}",
+            call.batch + 1
+        ));
+        let tap = store.as_ref().zip(pick).map(|(store, salt)| ColumnTap {
+            store,
+            salt,
+            keep: call.kept_prefix(),
+        });
+        let outs = observer.observe(&mut cal, call.t, &call.inputs, tap)?;
+        cal.record_outputs.extend(outs.into_iter().next());
+        cal.records.push(call.record()?);
+        cal.record_steps.push(call.t);
+        cal.batches += 1;
     }
+    cal.call_seconds = clock.elapsed().as_secs_f64() / cal.batches.max(1) as f64;
+    cal.layer_columns = store.map(std::sync::Arc::new);
+    Ok(cal)
+}
 
-    // Generated trajectories of the deployment sampler; batch b runs the b-th step count
-    // (cycling, largest first), so the evaluation records of batch 0 hold every step of
-    // the longest trajectory.
-    let mut plan = Plan::new(
-        model,
-        options,
-        t_name,
-        &given,
-        &set,
-        options.calib_batch.min(options.calib_samples),
+/// `--calib-adaptive`: one probe call tells what a call costs; the trajectory batches
+/// and the longest step count are cut to fit `--calib-budget` before they run (said in
+/// the calibration's budget note). Returns the batches to run.
+fn fit_to_budget(
+    observer: &Observer,
+    cal: &mut Calibration,
+    plan: &mut Plan,
+    model: &Model,
+    options: &Options,
+    set: &[i64],
+    batches: usize,
+) -> Result<usize> {
+    let probe = plan.first_call(model, options.seed)?;
+    let clock = std::time::Instant::now();
+    observe_ranges(
+        &observer.runner,
+        observer.values,
+        &probe.inputs,
+        probe.t,
+        None,
     )?;
+    let call_s = clock.elapsed().as_secs_f64();
+    let longest = plan.step_counts[0];
+    let wanted = CalibrationPlan {
+        batches,
+        steps: longest,
+    };
+    let fit = fit_calibration(wanted, call_s, options.calib_budget_s);
+    if fit == wanted {
+        return Ok(batches);
+    }
+    if fit.steps < longest {
+        plan.step_counts = options.step_counts_within(model, set, fit.steps)?;
+    }
+    cal.budget_note = Some(format!(
+        "one call takes {}: {} trajectory batch(es) × {} steps fit --calib-budget {} (asked: {} × {}); give --calib-samples/--calib-steps to choose yourself",
+        crate::analysis::budget::human_duration(call_s),
+        fit.batches,
+        step_counts_text(plan),
+        crate::analysis::budget::human_duration(options.calib_budget_s),
+        wanted.batches,
+        wanted.steps
+    ));
+    Ok(fit.batches)
+}
+
+/// "50, 20": the step counts of the planned trajectories.
+fn step_counts_text(plan: &Plan) -> String {
+    plan.step_counts
+        .iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// "ddim at 50, 20 steps, guidance 7.5": the trajectories calibration ran (the report's
+/// line).
+fn trajectories_text(plan: &Plan) -> String {
+    format!(
+        "{} at {} steps{}",
+        plan.sampler,
+        step_counts_text(plan),
+        plan.guidance
+            .map(|g| format!(", guidance {g}"))
+            .unwrap_or_default()
+    )
+}
+
+/// Calibration along generated trajectories of the deployment sampler; batch b runs the
+/// b-th step count (cycling, largest first), so the evaluation records of batch 0 hold
+/// every step of the longest trajectory, and the layer inputs come from its runs.
+// The model, its options and S, as `calibrate` was given them; a struct for them would
+// only carry them one call further.
+#[allow(clippy::too_many_arguments)]
+fn calibrate_generated(
+    observer: &Observer,
+    mut cal: Calibration,
+    mut plan: Plan,
+    model: &Model,
+    options: &Options,
+    set: &[i64],
+    layers: Vec<LayerInput>,
+    progress: &dyn Fn(&str),
+) -> Result<Calibration> {
     cal.stand_ins = plan.stand_ins.clone();
     cal.notes = plan.notes.clone();
     let mut batches = options
@@ -301,50 +369,9 @@ pub fn calibrate(
         .div_ceil(plan.images)
         .max(plan.step_counts.len().min(options.calib_samples));
     if options.calib_adaptive {
-        // One call tells what a call costs: fit the trajectories to the budget before
-        // they run.
-        let probe = plan.first_call(model, options.seed)?;
-        let clock = std::time::Instant::now();
-        observe_ranges(&runner, values, &probe.inputs, probe.t, None)?;
-        let call_s = clock.elapsed().as_secs_f64();
-        let longest = plan.step_counts[0];
-        let wanted = CalibrationPlan {
-            batches,
-            steps: longest,
-        };
-        let fit = fit_calibration(wanted, call_s, options.calib_budget_s);
-        if fit != wanted {
-            batches = fit.batches;
-            if fit.steps < longest {
-                plan.step_counts = options.step_counts_within(model, &set, fit.steps)?;
-            }
-            cal.budget_note = Some(format!(
-                "one call takes {}: {} trajectory batch(es) × {} steps fit --calib-budget {} (asked: {} × {}); give --calib-samples/--calib-steps to choose yourself",
-                crate::analysis::budget::human_duration(call_s),
-                batches,
-                plan.step_counts
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect::<Vec<_>>()
-                    .join(", "),
-                crate::analysis::budget::human_duration(options.calib_budget_s),
-                wanted.batches,
-                wanted.steps
-            ));
-        }
+        batches = fit_to_budget(observer, &mut cal, &mut plan, model, options, set, batches)?;
     }
-    cal.trajectories = format!(
-        "{} at {} steps{}",
-        plan.sampler,
-        plan.step_counts
-            .iter()
-            .map(|n| n.to_string())
-            .collect::<Vec<_>>()
-            .join(", "),
-        plan.guidance
-            .map(|g| format!(", guidance {g}"))
-            .unwrap_or_default()
-    );
+    cal.trajectories = trajectories_text(&plan);
     // Layer inputs come from the first batch's runs, cut to its evaluation records.
     let picks = record_picks(plan.step_counts[0]);
     let store = match layers.is_empty() {
@@ -372,7 +399,7 @@ pub fn calibrate(
                 }),
                 _ => None,
             };
-            let mut outs = observe(&mut cal, call.t, &call.inputs, tap)?;
+            let mut outs = observer.observe(&mut cal, call.t, &call.inputs, tap)?;
             calls += 1;
             if call.batch == 0 {
                 cal.records.push(call.record()?);
@@ -399,4 +426,53 @@ pub fn calibrate(
     }
     cal.layer_columns = store.map(std::sync::Arc::new);
     Ok(cal)
+}
+
+/// Observes `values` (activation names) along calibration trajectories: over recorded
+/// calls when the calibration data holds them ([`calibrate_recorded`]), else along
+/// generated ones ([`calibrate_generated`]).
+pub fn calibrate(
+    model: &Model,
+    options: &Options,
+    t_name: &str,
+    values: &[String],
+    layers: Vec<LayerInput>,
+    progress: &dyn Fn(&str),
+) -> Result<Calibration> {
+    let g = &model.graph;
+    let set = timestep_set(model, options)?;
+    if !g.inputs.iter().any(|i| i.name == t_name) {
+        return Err(Error::pass(
+            "calibrate",
+            format!("the model has no time-step input '{t_name}'"),
+        ));
+    }
+    let sample = find_sample_input(model, t_name)?;
+    // The prediction is the graph output; the activations are observed while tract
+    // runs, each folded into its range as soon as it is computed (an SD-class UNet's
+    // attention scores alone would not fit in memory all at once).
+    check_calibration_memory(model, options, &sample)?;
+    progress("calibrate: planning the float model in tract");
+    let observer = Observer {
+        runner: Runner::observing(model, values, Optimize::Full)?,
+        values,
+    };
+    let cal = Calibration {
+        sample_input: sample.name.clone(),
+        timestep_input: t_name.to_string(),
+        ..Default::default()
+    };
+    let given = Given::read(model, options)?;
+    if let Some(calls) = recorded_calls(model, &given, t_name, &set)? {
+        return calibrate_recorded(&observer, cal, calls, layers, progress);
+    }
+    let plan = Plan::new(
+        model,
+        options,
+        t_name,
+        &given,
+        &set,
+        options.calib_batch.min(options.calib_samples),
+    )?;
+    calibrate_generated(&observer, cal, plan, model, options, &set, layers, progress)
 }

@@ -15,6 +15,8 @@ use std::collections::{HashMap, HashSet};
 
 use crate::analysis::tib::{FrontierValue, TibAnalysis};
 use crate::error::{Error, Result};
+use petgraph::stable_graph::NodeIndex;
+
 use crate::ir::{Graph, Model};
 use crate::passes::{Pass, PassContext};
 
@@ -113,7 +115,7 @@ fn data_dependents(
 }
 
 /// Values computable from initializers and constant-producing nodes alone.
-fn static_values(g: &Graph, order: &[petgraph::stable_graph::NodeIndex]) -> HashSet<String> {
+fn static_values(g: &Graph, order: &[NodeIndex]) -> HashSet<String> {
     let mut set: HashSet<String> = g.initializers.keys().cloned().collect();
     for &ix in order {
         let n = g.node(ix);
@@ -175,97 +177,100 @@ impl Ranks<'_> {
     }
 }
 
-pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis> {
-    let g = &model.graph;
-    let order = g.topo_order()?;
-    let inputs: Vec<String> = g.inputs.iter().map(|i| i.name.clone()).collect();
-    let deps: Vec<HashSet<String>> = inputs
-        .iter()
-        .map(|i| data_dependents(g, &order, i))
-        .collect();
-    let only_from = |k: usize| -> HashSet<String> {
-        deps[k]
+/// For each graph input, the values computed from it (whatever else they read).
+struct Dependents<'a> {
+    g: &'a Graph,
+    order: &'a [NodeIndex],
+    inputs: Vec<String>,
+    deps: Vec<HashSet<String>>,
+}
+
+impl Dependents<'_> {
+    /// The values that depend on input `k` and on no other input (its TIB candidate).
+    fn only_from(&self, k: usize) -> HashSet<String> {
+        self.deps[k]
             .iter()
             .filter(|v| {
-                deps.iter()
+                self.deps
+                    .iter()
                     .enumerate()
                     .all(|(j, d)| j == k || !d.contains(*v))
             })
             .cloned()
             .collect()
-    };
-    let reaches_sinusoid = |tib: &HashSet<String>| {
-        order.iter().any(|&ix| {
-            let n = g.node(ix);
+    }
+
+    /// Whether some Sin/Cos reads only `tib` and constants (a sinusoidal embedding of
+    /// that input alone).
+    fn reaches_sinusoid(&self, tib: &HashSet<String>) -> bool {
+        self.order.iter().any(|&ix| {
+            let n = self.g.node(ix);
             (n.is_onnx_op("Sin") || n.is_onnx_op("Cos"))
                 && n.inputs
                     .iter()
-                    .all(|i| tib.contains(i) || !deps.iter().any(|d| d.contains(i)))
+                    .all(|i| tib.contains(i) || !self.deps.iter().any(|d| d.contains(i)))
                 && n.inputs.iter().any(|i| tib.contains(i))
         })
-    };
+    }
 
-    let (k, found_by) = match override_input {
-        Some(name) => {
+    /// The time-step input (its position among the inputs) and how it was found: named
+    /// by `--timestep-input`, else the (first) input whose values alone reach Sin/Cos.
+    fn timestep_input(&self, override_input: Option<&str>) -> Result<(usize, String)> {
+        let (g, inputs) = (self.g, &self.inputs);
+        if let Some(name) = override_input {
             let k = inputs.iter().position(|i| i == name).ok_or_else(|| {
                 Error::invalid(format!(
                     "--timestep-input '{name}' is not a graph input (inputs: {})",
                     inputs.join(", ")
                 ))
             })?;
-            (k, "given by --timestep-input".to_string())
+            return Ok((k, "given by --timestep-input".to_string()));
         }
-        None => {
-            let candidates: Vec<usize> = (0..inputs.len())
-                .filter(|&k| reaches_sinusoid(&only_from(k)))
-                .collect();
-            match candidates.as_slice() {
-                [] => {
-                    let any_sin = order
-                        .iter()
-                        .any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
-                    let why = if any_sin {
-                        "no graph input reaches Sin/Cos on its own (the sinusoidal embedding mixes several inputs or is constant)"
-                    } else {
-                        "the graph has no Sin/Cos: no sinusoidal time-step embedding"
-                    };
-                    return Err(Error::pass(
-                        "detect-tib",
-                        format!("no time-step input found: {why} (inputs: {}); name it with --timestep-input NAME", inputs.join(", ")),
-                    ));
-                }
-                [k] => (
+        let candidates: Vec<usize> = (0..inputs.len())
+            .filter(|&k| self.reaches_sinusoid(&self.only_from(k)))
+            .collect();
+        match candidates.as_slice() {
+            [] => {
+                let any_sin = self
+                    .order
+                    .iter()
+                    .any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
+                let why = if any_sin {
+                    "no graph input reaches Sin/Cos on its own (the sinusoidal embedding mixes several inputs or is constant)"
+                } else {
+                    "the graph has no Sin/Cos: no sinusoidal time-step embedding"
+                };
+                Err(Error::pass(
+                    "detect-tib",
+                    format!("no time-step input found: {why} (inputs: {}); name it with --timestep-input NAME", inputs.join(", ")),
+                ))
+            }
+            [k] => Ok((
+                *k,
+                format!(
+                    "detected: its values alone reach Sin/Cos, dtype {}",
+                    g.inputs[*k].type_string()
+                ),
+            )),
+            [k, ..] => {
+                let names: Vec<&str> = candidates.iter().map(|&c| inputs[c].as_str()).collect();
+                Ok((
                     *k,
                     format!(
-                        "detected: its values alone reach Sin/Cos, dtype {}",
-                        g.inputs[*k].type_string()
+                        "detected: first of {} inputs reaching Sin/Cos alone ({})",
+                        names.len(),
+                        names.join(", ")
                     ),
-                ),
-                [k, ..] => {
-                    let names: Vec<&str> = candidates.iter().map(|&c| inputs[c].as_str()).collect();
-                    (
-                        *k,
-                        format!(
-                            "detected: first of {} inputs reaching Sin/Cos alone ({})",
-                            names.len(),
-                            names.join(", ")
-                        ),
-                    )
-                }
+                ))
             }
         }
-    };
-    let t = inputs[k].clone();
-    let tib = only_from(k);
-    let statics = static_values(g, &order);
-    let mut ranks = Ranks {
-        g,
-        facts: None,
-        model,
-    };
+    }
+}
 
-    // The index value: follow the chain of list-preserving ops while it stays rank ≤ 1.
-    let mut index = t.clone();
+/// The index value: from `t`, the chain of list-preserving ops while it stays in the TIB
+/// at rank ≤ 1 (what the tables are indexed by; later values are per-step tables).
+fn index_value(g: &Graph, tib: &HashSet<String>, ranks: &mut Ranks, t: &str) -> String {
+    let mut index = t.to_string();
     loop {
         let readers: Vec<_> = g
             .consumers(&index)
@@ -290,12 +295,21 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
         }
         index = out;
     }
+    index
+}
 
-    // The fold region: nodes computable from the index value and constants.
-    let mut region: HashSet<String> = HashSet::from([index.clone()]);
+/// The fold region: the nodes (in order) computable from the index value and constants,
+/// deterministic and without subgraphs; by name and as a set.
+fn fold_region(
+    g: &Graph,
+    order: &[NodeIndex],
+    index: &str,
+    statics: &HashSet<String>,
+) -> (Vec<String>, HashSet<NodeIndex>) {
+    let mut region: HashSet<String> = HashSet::from([index.to_string()]);
     let mut fold_nodes = vec![];
     let mut fold_set = HashSet::new();
-    for &ix in &order {
+    for &ix in order {
         let n = g.node(ix);
         // The chain up to the index value is upstream of it, so never in the region.
         if !n.implicit_inputs().is_empty() || NONDETERMINISTIC.contains(&n.op_type.as_str()) {
@@ -312,19 +326,19 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
             fold_set.insert(ix);
         }
     }
-    let has_sinusoid = fold_set
-        .iter()
-        .any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
-    if !has_sinusoid {
-        return Err(Error::pass(
-            "detect-tib",
-            format!("input '{t}' does not reach a Sin/Cos through constant-only ops from '{index}': no foldable time embedding"),
-        ));
-    }
+    (fold_nodes, fold_set)
+}
 
-    // The frontier: region values read outside the region (or graph outputs).
+/// The frontier: the region's values read outside it (or graph outputs), with who reads
+/// them: what the tables replace.
+fn frontier(
+    g: &Graph,
+    order: &[NodeIndex],
+    fold_set: &HashSet<NodeIndex>,
+    ranks: &mut Ranks,
+) -> Vec<FrontierValue> {
     let mut frontier = vec![];
-    for &ix in &order {
+    for &ix in order {
         if !fold_set.contains(&ix) {
             continue;
         }
@@ -348,6 +362,47 @@ pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis
             }
         }
     }
+    frontier
+}
+
+/// Finds the time-step input and the TIB: the input ([`Dependents::timestep_input`]),
+/// the index value ([`index_value`]), the foldable region ([`fold_region`], which must
+/// hold the sinusoid) and its frontier ([`frontier`]).
+pub fn detect(model: &Model, override_input: Option<&str>) -> Result<TibAnalysis> {
+    let g = &model.graph;
+    let order = g.topo_order()?;
+    let inputs: Vec<String> = g.inputs.iter().map(|i| i.name.clone()).collect();
+    let deps: Vec<HashSet<String>> = inputs
+        .iter()
+        .map(|i| data_dependents(g, &order, i))
+        .collect();
+    let dependents = Dependents {
+        g,
+        order: &order,
+        inputs,
+        deps,
+    };
+    let (k, found_by) = dependents.timestep_input(override_input)?;
+    let t = dependents.inputs[k].clone();
+    let tib = dependents.only_from(k);
+    let statics = static_values(g, &order);
+    let mut ranks = Ranks {
+        g,
+        facts: None,
+        model,
+    };
+    let index = index_value(g, &tib, &mut ranks, &t);
+    let (fold_nodes, fold_set) = fold_region(g, &order, &index, &statics);
+    let has_sinusoid = fold_set
+        .iter()
+        .any(|&ix| g.node(ix).is_onnx_op("Sin") || g.node(ix).is_onnx_op("Cos"));
+    if !has_sinusoid {
+        return Err(Error::pass(
+            "detect-tib",
+            format!("input '{t}' does not reach a Sin/Cos through constant-only ops from '{index}': no foldable time embedding"),
+        ));
+    }
+    let frontier = frontier(g, &order, &fold_set, &mut ranks);
     let tib_nodes = order
         .iter()
         .filter(|&&ix| {

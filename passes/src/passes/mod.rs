@@ -322,6 +322,27 @@ pub(crate) fn quantize_needs_step_index(options: &Options) -> bool {
     matches!(options.step_groups, StepGroups::Fixed(n) if n > 1) && !options.baseline_minmax
 }
 
+/// Calibrates `cx.model` again, for a pass whose rewrite changed the activations the
+/// calibration measured (reparameterize under `--tcr`). Through the manager, so that no
+/// pass file imports another's.
+pub(crate) fn recalibrate(cx: &mut PassContext) -> Result<()> {
+    calibrate::Calibrate.run(cx)
+}
+
+/// A copy of `model` quantized as `options` say with `cal`, for a pass's trial run
+/// (reparameterize's `--tcr auto` measures the model with and without its rewrite).
+pub(crate) fn quantized_copy(
+    model: &Model,
+    options: &Options,
+    cal: &Calibration,
+    step_index: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<Model> {
+    let mut m = model.clone();
+    quantize::quantize(&mut m, options, cal, step_index, progress)?;
+    Ok(m)
+}
+
 /// Called after each pass with its name, the context and the time it took.
 pub type AfterPass<'h> = dyn FnMut(&str, &PassContext, Duration) -> Result<()> + 'h;
 

@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::analysis::calibration::{Calibration, Range};
 use crate::analysis::layer_inputs::{LayerInput, Unfold};
-use crate::analysis::targets::{find_targets, Targets};
+use crate::analysis::targets::{find_targets, Target, Targets};
 use crate::error::{Error, Result};
 use crate::ir::{attr, DType, Graph, Model, Tensor};
 use crate::numerics::quant::{
@@ -42,9 +42,9 @@ mod output_qdq;
 mod rewrite;
 
 pub use crate::analysis::targets::{conv_outputs, output_qdq_values};
+pub(crate) use crate::ir::qdq::insert_qdq;
 pub(crate) use crate::numerics::quant::{from_rows, to_rows};
 use output_qdq::*;
-pub(crate) use rewrite::insert_qdq;
 use rewrite::*;
 
 pub use crate::analysis::quant_plan::{
@@ -216,13 +216,8 @@ fn group_range(cal: &Calibration, value: &str, steps: &[i64], baseline: bool) ->
         .expect("at least one step"))
 }
 
-pub fn quantize(
-    model: &mut Model,
-    options: &Options,
-    cal: &Calibration,
-    step_index: Option<&str>,
-    progress: &dyn Fn(&str),
-) -> Result<QuantPlan> {
+/// Per-channel DequantizeLinear (the weights' form) is opset 13's.
+fn check_opset(model: &Model) -> Result<()> {
     if model.onnx_opset() < 13 {
         return Err(Error::pass(
             "quantize",
@@ -232,7 +227,16 @@ pub fn quantize(
             ),
         ));
     }
-    let set = timestep_set(model, options)?;
+    Ok(())
+}
+
+/// The number of step groups `--step-groups N` asks for (capped at |S|), `None` under
+/// `auto` or 1; refused when N > 1 has no step index to gather at.
+fn explicit_groups(
+    options: &Options,
+    set: &[i64],
+    step_index: Option<&str>,
+) -> Result<Option<usize>> {
     let explicit = match options.step_groups {
         StepGroups::Fixed(n) if n > 1 => Some(n.min(set.len())),
         _ => None,
@@ -243,20 +247,21 @@ pub fn quantize(
             "--step-groups > 1 needs the step index of fold-tib (run fold-tib before quantize)",
         ));
     }
-    // Per-step scales need the step index (no TIB folded: one set of scales).
-    let per_step = !options.baseline_minmax
-        && options.act_bits == 8
-        && options.step_groups.per_step()
-        && step_index.is_some();
-    let search = if options.baseline_minmax {
-        RangeSearch::MinMax
-    } else {
-        RangeSearch::Lp
-    };
-    let Targets {
-        quantized,
-        kept_float,
-    } = find_targets(&model.graph, &options.keep_float);
+    Ok(explicit)
+}
+
+/// The activations to quantize (in the order their layers come) and the ranges of each
+/// one's step groups: one group unless per-step scales are on for it (`explicit` groups,
+/// or [`auto_groups`] per activation).
+fn plan_activation_groups(
+    model: &Model,
+    options: &Options,
+    cal: &Calibration,
+    quantized: &[Target],
+    set: &[i64],
+    per_step: bool,
+    explicit: Option<usize>,
+) -> Result<ActivationGroups> {
     let mut acts: Vec<String> = vec![];
     for a in quantized.iter().flat_map(|t| t.activations.iter()) {
         if !acts.contains(a) {
@@ -276,7 +281,7 @@ pub fn quantize(
             let g = match (per_step && !constant_only.contains(a), explicit) {
                 (false, _) => 1,
                 (true, Some(n)) => n,
-                (true, None) => auto_groups(cal, a, &set)?,
+                (true, None) => auto_groups(cal, a, set)?,
             };
             Ok((a.clone(), g))
         })
@@ -292,12 +297,33 @@ pub fn quantize(
             .cloned()
             .collect();
         let steps = match explicit {
-            Some(_) => members(&set, n),
-            None => smoothed_members(&set, n),
+            Some(_) => members(set, n),
+            None => smoothed_members(set, n),
         };
         ranges.extend(activation_ranges(model, cal, &these, &steps, options)?);
     }
-    let reconstructed: HashMap<String, usize> = match &cal.layer_columns {
+    Ok(ActivationGroups {
+        acts,
+        ranges,
+        step_groups: distinct.last().copied().unwrap_or(1),
+    })
+}
+
+/// What [`plan_activation_groups`] chose.
+struct ActivationGroups {
+    /// The activations to quantize, in the order their layers come.
+    acts: Vec<String>,
+    /// The range of each activation's step groups.
+    ranges: HashMap<String, Vec<Range>>,
+    /// The largest number of groups any activation got.
+    step_groups: usize,
+}
+
+/// The weight layers whose rounding is reconstructed against their inputs (by node, the
+/// index of the layer's columns in the calibration); none for the baseline or
+/// `--reconstruct none`.
+fn reconstructed_layers(cal: &Calibration, options: &Options) -> HashMap<String, usize> {
+    match &cal.layer_columns {
         Some(c) if !options.baseline_minmax && options.reconstruct != Reconstruct::None => c
             .layers()
             .iter()
@@ -305,45 +331,224 @@ pub fn quantize(
             .map(|(i, l)| (l.node.clone(), i))
             .collect(),
         _ => HashMap::new(),
+    }
+}
+
+/// The graph rewrite of [`quantize`], layer by layer: what it has inserted so far (a
+/// weight or activation read by several layers is quantized once) and what it reads.
+struct LayerRewrite<'a> {
+    options: &'a Options,
+    cal: &'a Calibration,
+    set: &'a [i64],
+    step_index: Option<&'a str>,
+    search: RangeSearch,
+    ranges: HashMap<String, Vec<Range>>,
+    /// Each activation's range over all steps (the one set of scales the gain compares
+    /// against).
+    all_steps: HashMap<String, Range>,
+    reconstructed: HashMap<String, usize>,
+    dequantized_weights: HashMap<String, String>,
+    dequantized_acts: BTreeMap<String, String>,
+    /// The group index of each grouping, built once when first needed.
+    group_index: HashMap<usize, String>,
+    step_scalar: Option<String>,
+}
+
+impl LayerRewrite<'_> {
+    /// The dequantized value standing for weight `w` of `target` (quantized per output
+    /// channel, its rounding reconstructed where planned), filling `layer`'s weight
+    /// measurements the first time.
+    fn weight(
+        &mut self,
+        g: &mut Graph,
+        target: &Target,
+        w: &crate::analysis::targets::WeightInput,
+        layer: &mut LayerReport,
+    ) -> Result<String> {
+        if let Some(dq) = self.dequantized_weights.get(&w.name) {
+            return Ok(dq.clone());
+        }
+        let options = self.options;
+        let t = &g.initializers[&w.name];
+        let values = t.to_vec::<f32>()?;
+        let shape = t.shape.clone();
+        let mut q = quantize_weight(&values, &shape, w.axis, options.weight_bits, self.search);
+        if let (Some(&li), Some(columns)) = (
+            self.reconstructed.get(&target.node),
+            &self.cal.layer_columns,
+        ) {
+            let start = std::time::Instant::now();
+            let layer_input = &columns.layers()[li];
+            let h = columns.gram(li, &hessian_layout(layer_input, hessian_block()))?;
+            let r = reconstruct_weight(&values, &shape, w.axis, &q.scales, options, &h);
+            layer.output_error_rtn = Some(r.rtn_error);
+            layer.output_error_reconstructed = Some(r.error);
+            layer.reconstruct_seconds = Some(start.elapsed().as_secs_f64());
+            q.values = from_rows(&r.q, &shape, w.axis);
+        }
+        layer.weight_sqnr_db = Some(sqnr_db(&values, &q.dequantize(&shape)));
+        // Read once: a view of the model's data file need not stay resident.
+        t.data.release_pages();
+        let channels = q.scales.len();
+        let qi = g.add_initializer(
+            &format!("{}_quantized", w.name),
+            Tensor::from_vec(shape, &q.values),
+        );
+        let sc = g.add_initializer(
+            &format!("{}_scale", w.name),
+            Tensor::from_vec(vec![channels], &q.scales),
+        );
+        let zp = g.add_initializer(
+            &format!("{}_zero_point", w.name),
+            Tensor::from_vec(vec![channels], &vec![0i8; channels]),
+        );
+        let dq = g.add_op(
+            "DequantizeLinear",
+            vec![qi, sc, zp],
+            &format!("{}_dequantized", w.name),
+            vec![attr::int("axis", w.axis as i64)],
+        )?;
+        self.dequantized_weights.insert(w.name.clone(), dq.clone());
+        Ok(dq)
+    }
+
+    /// The dequantized value standing for activation `a`: a Q/DQ pair with one scale or
+    /// a scale per step group gathered at the group index, recorded in `plan`.
+    fn activation(&mut self, g: &mut Graph, a: &str, plan: &mut QuantPlan) -> Result<String> {
+        if let Some(dq) = self.dequantized_acts.get(a) {
+            return Ok(dq.clone());
+        }
+        let options = self.options;
+        // Below 8 bits one set of scales (per-step ones are 8-bit only), on the narrower
+        // grid, behind a Clip that keeps values on it.
+        let (scales, zp) = match options.act_bits {
+            8 => shared_zero_point_params(&self.ranges[a]),
+            bits => {
+                let r = &self.ranges[a][0];
+                let (s, z) = act_params(r.min, r.max, bits);
+                (vec![s], z)
+            }
+        };
+        let input = narrow_to_bits(g, a, &scales, zp, options.act_bits)?;
+        let group = match scales.len() {
+            1 => None,
+            n => Some(self.group_index(g, n)?),
+        };
+        let dq = insert_qdq(g, &input, &scales, zp, group.as_deref())?;
+        let one = act_params_u8(self.all_steps[a].min, self.all_steps[a].max).0;
+        let visited = visited_positions(self.cal, a, self.set);
+        plan.activations.push(ActParams {
+            value: a.to_string(),
+            groups: scales.iter().map(|&s| (s, zp)).collect(),
+            gain_db: match scales.len() {
+                1 => 0.0,
+                _ => gain_db(&scales, one, &visited, self.set.len()),
+            },
+        });
+        if scales.len() > 1 {
+            plan.per_step_activations += 1;
+        }
+        self.dequantized_acts.insert(a.to_string(), dq.clone());
+        Ok(dq)
+    }
+
+    /// The value holding the group (of `n`) of the batch's step, built the first time a
+    /// grouping is needed, on one step scalar shared by all groupings.
+    fn group_index(&mut self, g: &mut Graph, n: usize) -> Result<String> {
+        if let Some(v) = self.group_index.get(&n) {
+            return Ok(v.clone());
+        }
+        if self.step_scalar.is_none() {
+            let index = self.step_index.expect("checked: per-step");
+            self.step_scalar = Some(add_step_scalar(g, index)?);
+        }
+        let first = self.step_scalar.as_deref().expect("just set");
+        let v = add_group_index(g, first, n, self.set.len())?;
+        self.group_index.insert(n, v.clone());
+        Ok(v)
+    }
+}
+
+/// "quantize: layer i/n (node), about T left" for the progress line.
+fn layer_progress(done: usize, total: usize, node: &str, clock: std::time::Instant) -> String {
+    let eta = match done {
+        0 => String::new(),
+        n => format!(
+            ", about {} left",
+            crate::analysis::budget::human_duration(
+                clock.elapsed().as_secs_f64() / n as f64 * (total - n) as f64
+            )
+        ),
     };
+    format!("quantize: layer {}/{total} ({node}){eta}", done + 1)
+}
+
+/// Quantizes `model` in place (weights, activations, then int32 biases and the output
+/// Q/DQ pairs) with the ranges of `cal`; the plan says what was done. The steps: check
+/// what the options ask for ([`explicit_groups`]), choose each activation's step groups
+/// and ranges ([`plan_activation_groups`]), check memory, rewrite layer by layer
+/// ([`LayerRewrite`]), then the int8 fusions onnxruntime wants.
+pub fn quantize(
+    model: &mut Model,
+    options: &Options,
+    cal: &Calibration,
+    step_index: Option<&str>,
+    progress: &dyn Fn(&str),
+) -> Result<QuantPlan> {
+    check_opset(model)?;
+    let set = timestep_set(model, options)?;
+    let explicit = explicit_groups(options, &set, step_index)?;
+    // Per-step scales need the step index (no TIB folded: one set of scales).
+    let per_step = !options.baseline_minmax
+        && options.act_bits == 8
+        && options.step_groups.per_step()
+        && step_index.is_some();
+    let Targets {
+        quantized,
+        kept_float,
+    } = find_targets(&model.graph, &options.keep_float);
+    let ActivationGroups {
+        acts,
+        ranges,
+        step_groups,
+    } = plan_activation_groups(model, options, cal, &quantized, &set, per_step, explicit)?;
+    let reconstructed = reconstructed_layers(cal, options);
     check_memory(model, options, &quantized, cal, &reconstructed)?;
     crate::numerics::threads::set_cap(options.threads);
+    let mut plan = QuantPlan {
+        weight_bits: options.weight_bits,
+        act_bits: options.act_bits,
+        step_groups,
+        timesteps: set.clone(),
+        kept_float,
+        ..Default::default()
+    };
+    let mut rw = LayerRewrite {
+        options,
+        cal,
+        set: &set,
+        step_index,
+        search: if options.baseline_minmax {
+            RangeSearch::MinMax
+        } else {
+            RangeSearch::Lp
+        },
+        ranges,
+        all_steps: group_range_all(cal, &acts, &set, options.baseline_minmax)?,
+        reconstructed,
+        dequantized_weights: HashMap::new(),
+        dequantized_acts: BTreeMap::new(),
+        group_index: HashMap::new(),
+        step_scalar: None,
+    };
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
         .node_indices()
         .map(|ix| (g.node(ix).name.clone(), ix))
         .collect();
-    let mut plan = QuantPlan {
-        weight_bits: options.weight_bits,
-        act_bits: options.act_bits,
-        step_groups: distinct.last().copied().unwrap_or(1),
-        timesteps: set.clone(),
-        kept_float,
-        ..Default::default()
-    };
-    // The group index of each grouping, built once when first needed.
-    let mut group_index: HashMap<usize, String> = HashMap::new();
-    let mut step_scalar: Option<String> = None;
-    let all_steps = group_range_all(cal, &acts, &set, options.baseline_minmax)?;
-    let mut dequantized_weights: HashMap<String, String> = HashMap::new();
-    let mut dequantized_acts: BTreeMap<String, String> = BTreeMap::new();
     let clock = std::time::Instant::now();
     for (done, target) in quantized.iter().enumerate() {
-        let eta = match done {
-            0 => String::new(),
-            n => format!(
-                ", about {} left",
-                crate::analysis::budget::human_duration(
-                    clock.elapsed().as_secs_f64() / n as f64 * (quantized.len() - n) as f64
-                )
-            ),
-        };
-        progress(&format!(
-            "quantize: layer {}/{} ({}){eta}",
-            done + 1,
-            quantized.len(),
-            target.node
-        ));
+        progress(&layer_progress(done, quantized.len(), &target.node, clock));
         let ix = by_name[&target.node];
         let mut layer = LayerReport {
             node: target.node.clone(),
@@ -356,109 +561,15 @@ pub fn quantize(
             activations: vec![],
         };
         if let Some(w) = &target.weight {
-            let t = &g.initializers[&w.name];
-            if t.dtype == DType::F32 {
-                let dq = match dequantized_weights.get(&w.name) {
-                    Some(dq) => dq.clone(),
-                    None => {
-                        let values = t.to_vec::<f32>()?;
-                        let shape = t.shape.clone();
-                        let mut q =
-                            quantize_weight(&values, &shape, w.axis, options.weight_bits, search);
-                        if let (Some(&li), Some(columns)) =
-                            (reconstructed.get(&target.node), &cal.layer_columns)
-                        {
-                            let start = std::time::Instant::now();
-                            let layer_input = &columns.layers()[li];
-                            let h =
-                                columns.gram(li, &hessian_layout(layer_input, hessian_block()))?;
-                            let r =
-                                reconstruct_weight(&values, &shape, w.axis, &q.scales, options, &h);
-                            layer.output_error_rtn = Some(r.rtn_error);
-                            layer.output_error_reconstructed = Some(r.error);
-                            layer.reconstruct_seconds = Some(start.elapsed().as_secs_f64());
-                            q.values = from_rows(&r.q, &shape, w.axis);
-                        }
-                        layer.weight_sqnr_db = Some(sqnr_db(&values, &q.dequantize(&shape)));
-                        // Read once: a view of the model's data file need not stay resident.
-                        t.data.release_pages();
-                        let channels = q.scales.len();
-                        let qi = g.add_initializer(
-                            &format!("{}_quantized", w.name),
-                            Tensor::from_vec(shape, &q.values),
-                        );
-                        let sc = g.add_initializer(
-                            &format!("{}_scale", w.name),
-                            Tensor::from_vec(vec![channels], &q.scales),
-                        );
-                        let zp = g.add_initializer(
-                            &format!("{}_zero_point", w.name),
-                            Tensor::from_vec(vec![channels], &vec![0i8; channels]),
-                        );
-                        let dq = g.add_op(
-                            "DequantizeLinear",
-                            vec![qi, sc, zp],
-                            &format!("{}_dequantized", w.name),
-                            vec![attr::int("axis", w.axis as i64)],
-                        )?;
-                        dequantized_weights.insert(w.name.clone(), dq.clone());
-                        dq
-                    }
-                };
+            if g.initializers[&w.name].dtype == DType::F32 {
+                let dq = rw.weight(g, target, w, &mut layer)?;
                 g.set_input(ix, w.slot, &dq);
                 layer.weight = Some(w.name.clone());
             }
         }
         if options.act_bits <= 8 {
             for a in &target.activations {
-                let dq = match dequantized_acts.get(a) {
-                    Some(dq) => dq.clone(),
-                    None => {
-                        // Below 8 bits one set of scales (per-step ones are 8-bit only),
-                        // on the narrower grid, behind a Clip that keeps values on it.
-                        let (scales, zp) = match options.act_bits {
-                            8 => shared_zero_point_params(&ranges[a]),
-                            bits => {
-                                let r = &ranges[a][0];
-                                let (s, z) = act_params(r.min, r.max, bits);
-                                (vec![s], z)
-                            }
-                        };
-                        let input = narrow_to_bits(g, a, &scales, zp, options.act_bits)?;
-                        let group = match scales.len() {
-                            1 => None,
-                            n => Some(match group_index.get(&n) {
-                                Some(v) => v.clone(),
-                                None => {
-                                    if step_scalar.is_none() {
-                                        let index = step_index.expect("checked: per-step");
-                                        step_scalar = Some(add_step_scalar(g, index)?);
-                                    }
-                                    let first = step_scalar.as_deref().expect("just set");
-                                    let v = add_group_index(g, first, n, set.len())?;
-                                    group_index.insert(n, v.clone());
-                                    v
-                                }
-                            }),
-                        };
-                        let dq = insert_qdq(g, &input, &scales, zp, group.as_deref())?;
-                        let one = act_params_u8(all_steps[a].min, all_steps[a].max).0;
-                        let visited = visited_positions(cal, a, &set);
-                        plan.activations.push(ActParams {
-                            value: a.clone(),
-                            groups: scales.iter().map(|&s| (s, zp)).collect(),
-                            gain_db: match scales.len() {
-                                1 => 0.0,
-                                _ => gain_db(&scales, one, &visited, set.len()),
-                            },
-                        });
-                        if scales.len() > 1 {
-                            plan.per_step_activations += 1;
-                        }
-                        dequantized_acts.insert(a.clone(), dq.clone());
-                        dq
-                    }
-                };
+                let dq = rw.activation(g, a, &mut plan)?;
                 let slots: Vec<usize> = g
                     .node(ix)
                     .inputs

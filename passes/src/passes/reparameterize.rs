@@ -41,9 +41,8 @@ use crate::passes::{Analysis, Pass, PassContext};
 
 pub struct Reparameterize;
 
-/// The default exponent α of `r_c = a_c^α / w_c^(1−α)` (measured: see BENCHMARKS.md,
-/// "TCAQ").
-pub const DEFAULT_ALPHA: f32 = 0.5;
+/// The default exponent α of `r_c = a_c^α / w_c^(1−α)` (kept with the options' defaults).
+pub use crate::options::DEFAULT_TCR_ALPHA as DEFAULT_ALPHA;
 
 /// Factors are kept within [1/R_LIMIT, R_LIMIT]: a channel that is (nearly) never
 /// active would otherwise get a factor that blows its weights up.
@@ -129,7 +128,7 @@ impl Pass for Reparameterize {
         );
         // The ranges and the layer inputs of the first calibration describe the model
         // before the rewrite.
-        crate::passes::calibrate::Calibrate.run(cx)?;
+        crate::passes::recalibrate(cx)?;
         cx.notes.insert(0, line);
         if mode == Tcr::Auto && !report.balanced.is_empty() {
             let off = trial_sqnr(&before.0, before.1.as_ref().expect("calibrated"), cx)?;
@@ -154,7 +153,7 @@ impl Pass for Reparameterize {
 /// against the float outputs calibration kept for its records.
 fn trial_sqnr(
     model: &Model,
-    cal: &crate::passes::calibrate::Calibration,
+    cal: &crate::analysis::calibration::Calibration,
     cx: &PassContext,
 ) -> Result<f64> {
     if cal.record_outputs.len() != cal.records.len() {
@@ -163,18 +162,12 @@ fn trial_sqnr(
             "--tcr auto needs the float outputs of the calibration records",
         ));
     }
-    let mut m = model.clone();
     let options = crate::options::Options {
         output_qdq: crate::options::OutputQdq::None,
         ..cx.options.clone()
     };
-    crate::passes::quantize::quantize(
-        &mut m,
-        &options,
-        cal,
-        cx.step_index.as_deref(),
-        cx.progress,
-    )?;
+    let m =
+        crate::passes::quantized_copy(model, &options, cal, cx.step_index.as_deref(), cx.progress)?;
     let per_step = crate::analysis::evaluate::output_sqnr_against(
         &m,
         &cal.records,

@@ -24,14 +24,15 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
+use super::tables::{evaluate_tables, fold_tables, fold_with, table_choice};
 use crate::analysis::tib::TibAnalysis;
 use crate::error::Result;
+use crate::ir::qdq::insert_qdq;
 use crate::ir::{attr, DType, Model, Tensor};
 use crate::numerics::quant::{act_params_u8, quantize_weight, weight_qmax, RangeSearch};
 use crate::numerics::reconstruct::{AdaRoundOpts, SoftRounding};
 use crate::numerics::tib_net::{cosine, Layer, Mat, Op, TibNet};
 use crate::options::{Options, TibMode};
-use crate::passes::fold_tib::{evaluate_tables, fold_tables};
 use crate::passes::PassContext;
 use tfmqc_runtime::rng::SplitMix64;
 
@@ -52,8 +53,11 @@ pub struct Built {
     /// Float frontier values as matrices (the TIAR targets).
     pub targets: Vec<Mat>,
     /// Per layer: weight initializer, its shape and output-channel axis.
-    pub weights: Vec<(String, Vec<usize>, usize)>,
+    pub weights: Vec<LayerWeight>,
 }
+
+/// A TIB layer's weight initializer, its shape and output-channel axis.
+pub type LayerWeight = (String, Vec<usize>, usize);
 
 fn unsupported(msg: String) -> std::result::Result<Built, Unsupported> {
     Err(Unsupported(msg))
@@ -92,197 +96,245 @@ fn linear_weight(
     }
 }
 
-/// Builds the network of the TIB from the linear layers on: ops, given values, layers
-/// (float weights, scales, activation ranges), and checks its float pass against tract.
-pub fn build(
+/// A linear layer found while tracing: node, weight initializer, its shape and
+/// output-channel axis, the folded bias (`beta · C`) and Gemm's `alpha`.
+type LayerMeta = (String, String, Vec<usize>, usize, Option<Vec<f32>>, f32);
+
+/// The TIB from its first linear layer on, traced into [`TibNet`] ops: what the network
+/// computes (`dynamic`), what it reads without computing (`read_static`: values tract
+/// gives it; `constants`), and the linear layers. Slots are numbered in the order values
+/// are first met, so the network is the same on every run.
+#[derive(Default)]
+struct Trace {
+    slots: HashMap<String, usize>,
+    dynamic: HashSet<String>,
+    ops: Vec<Op>,
+    layers: Vec<LayerMeta>,
+    read_static: Vec<String>,
+    constants: Vec<(String, Mat)>,
+}
+
+impl Trace {
+    fn slot(&mut self, v: &str) -> usize {
+        let n = self.slots.len();
+        *self.slots.entry(v.to_string()).or_insert(n)
+    }
+
+    /// The slot of `v`, an input of node `n`: a value the network computes, a constant
+    /// (which must broadcast per time step), or a value tract computes for it.
+    fn operand(
+        &mut self,
+        g: &crate::ir::Graph,
+        n: &crate::ir::Node,
+        v: &str,
+    ) -> std::result::Result<usize, Unsupported> {
+        if !self.dynamic.contains(v) {
+            if g.initializers.contains_key(v) {
+                let m = constant_mat(g, v).ok_or_else(|| {
+                    Unsupported(format!(
+                        "node '{}' ({}) reads constant '{v}' whose shape does not broadcast per time step",
+                        n.name, n.op_type
+                    ))
+                })?;
+                if !self.constants.iter().any(|(c, _)| c == v) {
+                    self.constants.push((v.to_string(), m));
+                }
+            } else if !self.read_static.iter().any(|s| s == v) {
+                self.read_static.push(v.to_string());
+            }
+        }
+        Ok(self.slot(v))
+    }
+
+    /// Node `n`, a linear layer with weight `w` (output channels on `axis`), as one
+    /// `Linear` op, or `Linear` then `Add` when its bias is a computed value.
+    fn linear(
+        &mut self,
+        g: &crate::ir::Graph,
+        n: &crate::ir::Node,
+        (w, axis): (String, usize),
+        y: usize,
+    ) -> std::result::Result<(), Unsupported> {
+        let out = &n.outputs[0];
+        let x = self.operand(g, n, &n.inputs[0])?;
+        let shape = g.initializers[&w].shape.clone();
+        let nout = shape[axis];
+        let mut bias = None;
+        let alpha = n.attr_float("alpha").unwrap_or(1.0);
+        let mut extra_add = None;
+        if let Some(c) = n.inputs.get(2).filter(|c| !c.is_empty()) {
+            let beta = n.attr_float("beta").unwrap_or(1.0);
+            match g.initializers.get(c).and_then(|t| t.to_f32_vec().ok()) {
+                Some(b) if b.len() == nout || b.len() == 1 => {
+                    let b: Vec<f32> = (0..nout)
+                        .map(|j| beta * b[if b.len() == 1 { 0 } else { j }])
+                        .collect();
+                    bias = Some(b);
+                }
+                _ if beta == 1.0 && !g.initializers.contains_key(c) => {
+                    extra_add = Some(self.operand(g, n, c)?);
+                }
+                _ => {
+                    return Err(Unsupported(format!(
+                        "Gemm '{}': bias '{c}' is neither a per-output constant nor a value",
+                        n.name
+                    )))
+                }
+            }
+        }
+        let layer = self.layers.len();
+        self.layers
+            .push((n.name.clone(), w, shape, axis, bias, alpha));
+        match extra_add {
+            None => self.ops.push(Op::Linear { x, y, layer }),
+            Some(c) => {
+                let tmp = self.slot(&format!("{out}#matmul"));
+                self.ops.push(Op::Linear { x, y: tmp, layer });
+                self.ops.push(Op::Add { a: tmp, b: c, y });
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `n`, after a linear layer and not one itself, as the [`Op`] TIAR has a
+    /// gradient for; anything else is [`Unsupported`] (the TIB is then tabled).
+    fn elementwise(
+        &mut self,
+        g: &crate::ir::Graph,
+        n: &crate::ir::Node,
+        y: usize,
+    ) -> std::result::Result<(), Unsupported> {
+        let data: Vec<&String> = n.inputs.iter().filter(|i| !i.is_empty()).collect();
+        let op = match n.op_type.as_str() {
+            "Sigmoid" => Op::Sigmoid {
+                x: self.operand(g, n, data[0])?,
+                y,
+            },
+            op @ ("Mul" | "Add" | "Sub") if data.len() == 2 => {
+                let a = self.operand(g, n, data[0])?;
+                let b = self.operand(g, n, data[1])?;
+                match op {
+                    "Mul" => Op::Mul { a, b, y },
+                    "Add" => Op::Add { a, b, y },
+                    _ => Op::Sub { a, b, y },
+                }
+            }
+            "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity" => Op::Copy {
+                x: self.operand(g, n, data[0])?,
+                y,
+            },
+            "Cast" if n.attr_int("to") == Some(DType::F32.onnx_code() as i64) => Op::Copy {
+                x: self.operand(g, n, data[0])?,
+                y,
+            },
+            "Concat" => {
+                // Per-row concatenation is the op only when the axis is the last
+                // non-unit one; the float check against tract catches the rest, but
+                // refuse the batch axis outright.
+                if n.attr_int("axis").unwrap_or(0) == 0 {
+                    return Err(Unsupported(format!(
+                        "Concat '{}' along the batch axis",
+                        n.name
+                    )));
+                }
+                let mut xs = vec![];
+                for d in &data {
+                    xs.push(self.operand(g, n, d)?);
+                }
+                Op::Concat { xs, y }
+            }
+            _ => {
+                return Err(Unsupported(format!(
+                    "node '{}' ({}) after a TIB linear layer: TIAR has no gradient for {}",
+                    n.name, n.op_type, n.op_type
+                )))
+            }
+        };
+        self.ops.push(op);
+        Ok(())
+    }
+}
+
+/// A constant as a `[1, width]` matrix when it broadcasts per time step (every axis but
+/// the last of size 1); `None` otherwise.
+fn constant_mat(g: &crate::ir::Graph, name: &str) -> Option<Mat> {
+    let t = g.initializers.get(name)?;
+    if t.dtype != DType::F32 {
+        return None;
+    }
+    let v = t.to_f32_vec().ok()?;
+    let lead_ones = t.shape.len() <= 1 || t.shape[..t.shape.len() - 1].iter().all(|&d| d == 1);
+    lead_ones.then(|| Mat::new(1, v.len(), v))
+}
+
+/// Step 1 of [`build`]: walks the TIB's nodes in order from the first linear layer on
+/// (earlier nodes only feed it: tract computes them) and traces them into ops.
+fn trace(
     model: &Model,
     tib: &TibAnalysis,
-    set: &[i64],
     options: &Options,
-) -> Result<std::result::Result<Built, Unsupported>> {
+) -> std::result::Result<Trace, Unsupported> {
     let g = &model.graph;
     let by_name: HashMap<&str, _> = g
         .node_indices()
         .map(|ix| (g.node(ix).name.as_str(), ix))
         .collect();
-    let steps = set.len();
-    let mut slots: HashMap<String, usize> = HashMap::new();
-    let slot_of = |v: &str, slots: &mut HashMap<String, usize>| -> usize {
-        let n = slots.len();
-        *slots.entry(v.to_string()).or_insert(n)
-    };
-    let mut dynamic: HashSet<String> = HashSet::new();
-    let mut ops = vec![];
-    let mut layers_meta = vec![]; // (node name, weight name, shape, axis, bias, alpha)
-                                  // Values the network reads but does not compute: computed by tract, or constants.
-    let mut read_static: Vec<String> = vec![];
-    let mut constants: Vec<(String, Mat)> = vec![];
-    let constant_mat = |name: &str| -> Option<Mat> {
-        let t = g.initializers.get(name)?;
-        if t.dtype != DType::F32 {
-            return None;
-        }
-        let v = t.to_f32_vec().ok()?;
-        let lead_ones = t.shape.len() <= 1 || t.shape[..t.shape.len() - 1].iter().all(|&d| d == 1);
-        lead_ones.then(|| Mat::new(1, v.len(), v))
-    };
+    let mut t = Trace::default();
     for name in &tib.fold_nodes {
         let Some(&ix) = by_name.get(name.as_str()) else {
             continue;
         };
         let n = g.node(ix);
         let linear = linear_weight(model, n, &options.keep_float);
-        let reads_dynamic = n.inputs.iter().any(|i| dynamic.contains(i));
-        if linear.is_none() && !reads_dynamic {
+        if linear.is_none() && !n.inputs.iter().any(|i| t.dynamic.contains(i)) {
             continue;
         }
-        let out = n.outputs[0].clone();
-        // An input: a dynamic value, a constant, or a value tract computes.
-        let mut operand = |v: &str,
-                           slots: &mut HashMap<String, usize>|
-         -> std::result::Result<usize, Unsupported> {
-            if !dynamic.contains(v) {
-                if g.initializers.contains_key(v) {
-                    let m = constant_mat(v).ok_or_else(|| {
-                        Unsupported(format!(
-                            "node '{}' ({}) reads constant '{v}' whose shape does not broadcast per time step",
-                            n.name, n.op_type
-                        ))
-                    })?;
-                    if !constants.iter().any(|(c, _)| c == v) {
-                        constants.push((v.to_string(), m));
-                    }
-                } else if !read_static.iter().any(|s| s == v) {
-                    read_static.push(v.to_string());
-                }
-            }
-            Ok(slot_of(v, slots))
-        };
-        macro_rules! try_op {
-            ($e:expr) => {
-                match $e {
-                    Ok(v) => v,
-                    Err(e) => return Ok(Err(e)),
-                }
-            };
-        }
-        let op = n.op_type.as_str();
-        let y = slot_of(&out, &mut slots);
-        if let Some((w, axis)) = linear {
-            let x = try_op!(operand(&n.inputs[0], &mut slots));
-            let shape = g.initializers[&w].shape.clone();
-            let nout = shape[axis];
-            let mut bias = None;
-            let alpha = n.attr_float("alpha").unwrap_or(1.0);
-            let mut extra_add = None;
-            if let Some(c) = n.inputs.get(2).filter(|c| !c.is_empty()) {
-                let beta = n.attr_float("beta").unwrap_or(1.0);
-                match g.initializers.get(c).and_then(|t| t.to_f32_vec().ok()) {
-                    Some(b) if b.len() == nout || b.len() == 1 => {
-                        let b: Vec<f32> = (0..nout)
-                            .map(|j| beta * b[if b.len() == 1 { 0 } else { j }])
-                            .collect();
-                        bias = Some(b);
-                    }
-                    _ if beta == 1.0 && !g.initializers.contains_key(c) => {
-                        extra_add = Some(try_op!(operand(c, &mut slots)));
-                    }
-                    _ => {
-                        return Ok(unsupported(format!(
-                            "Gemm '{}': bias '{c}' is neither a per-output constant nor a value",
-                            n.name
-                        )))
-                    }
-                }
-            }
-            let layer = layers_meta.len();
-            layers_meta.push((n.name.clone(), w, shape, axis, bias, alpha));
-            match extra_add {
-                None => ops.push(Op::Linear { x, y, layer }),
-                Some(c) => {
-                    let tmp = slot_of(&format!("{out}#matmul"), &mut slots);
-                    ops.push(Op::Linear { x, y: tmp, layer });
-                    ops.push(Op::Add { a: tmp, b: c, y });
-                }
-            }
-        } else {
-            let data: Vec<&String> = n.inputs.iter().filter(|i| !i.is_empty()).collect();
-            let new_op = match op {
-                "Sigmoid" => Op::Sigmoid {
-                    x: try_op!(operand(data[0], &mut slots)),
-                    y,
-                },
-                "Mul" | "Add" | "Sub" if data.len() == 2 => {
-                    let a = try_op!(operand(data[0], &mut slots));
-                    let b = try_op!(operand(data[1], &mut slots));
-                    match op {
-                        "Mul" => Op::Mul { a, b, y },
-                        "Add" => Op::Add { a, b, y },
-                        _ => Op::Sub { a, b, y },
-                    }
-                }
-                "Reshape" | "Unsqueeze" | "Squeeze" | "Flatten" | "Identity" => Op::Copy {
-                    x: try_op!(operand(data[0], &mut slots)),
-                    y,
-                },
-                "Cast" if n.attr_int("to") == Some(DType::F32.onnx_code() as i64) => Op::Copy {
-                    x: try_op!(operand(data[0], &mut slots)),
-                    y,
-                },
-                "Concat" => {
-                    // Per-row concatenation is the op only when the axis is the last
-                    // non-unit one; the float check against tract below catches the rest,
-                    // but refuse the batch axis outright.
-                    let axis = n.attr_int("axis").unwrap_or(0);
-                    if axis == 0 {
-                        return Ok(unsupported(format!(
-                            "Concat '{}' along the batch axis",
-                            n.name
-                        )));
-                    }
-                    let mut xs = vec![];
-                    for d in &data {
-                        xs.push(try_op!(operand(d, &mut slots)));
-                    }
-                    Op::Concat { xs, y }
-                }
-                _ => {
-                    return Ok(unsupported(format!(
-                        "node '{}' ({}) after a TIB linear layer: TIAR has no gradient for {}",
-                        n.name, n.op_type, n.op_type
-                    )))
-                }
-            };
-            ops.push(new_op);
+        let y = t.slot(&n.outputs[0]);
+        match linear {
+            Some(w) => t.linear(g, n, w, y)?,
+            None => t.elementwise(g, n, y)?,
         }
         if n.outputs.iter().filter(|o| !o.is_empty()).count() != 1 {
-            return Ok(unsupported(format!(
+            return Err(Unsupported(format!(
                 "node '{}' ({}) has several outputs",
                 n.name, n.op_type
             )));
         }
-        dynamic.insert(out);
+        t.dynamic.insert(n.outputs[0].clone());
     }
-    if layers_meta.is_empty() {
-        return Ok(unsupported(
+    if t.layers.is_empty() {
+        return Err(Unsupported(
             "the TIB has no Gemm/MatMul with a constant weight to quantize".into(),
         ));
     }
     // Frontier values not downstream of any layer are given (exact either way).
     for f in &tib.frontier {
-        if !dynamic.contains(&f.name) && !read_static.contains(&f.name) {
-            read_static.push(f.name.clone());
+        if !t.dynamic.contains(&f.name) && !t.read_static.contains(&f.name) {
+            t.read_static.push(f.name.clone());
         }
     }
-    let dyn_values: Vec<String> = {
-        let mut v: Vec<String> = dynamic.iter().cloned().collect();
-        v.sort();
-        v
-    };
-    // One tract run over S for everything: given values, every dynamic value (reference
-    // for the check), the frontier (targets and tables).
-    let mut wanted: Vec<String> = read_static.clone();
-    wanted.extend(dyn_values.iter().cloned());
+    Ok(t)
+}
+
+/// What one tract run over S gives [`build`]: each value the network reads or computes as
+/// a `[|S|, width]` matrix, and the frontier values' tables.
+struct Evaluated {
+    float: HashMap<String, Mat>,
+    tables: Vec<Tensor>,
+}
+
+/// Step 2 of [`build`]: one tract run over S for everything: the given values, every
+/// computed value (the reference for the float check), the frontier (targets, tables).
+fn evaluate(
+    model: &Model,
+    tib: &TibAnalysis,
+    set: &[i64],
+    trace: &Trace,
+    computed: &[String],
+) -> Result<std::result::Result<Evaluated, Unsupported>> {
+    let steps = set.len();
+    let mut wanted: Vec<String> = trace.read_static.clone();
+    wanted.extend(computed.iter().cloned());
     for f in &tib.frontier {
         if !wanted.contains(&f.name) {
             wanted.push(f.name.clone());
@@ -301,16 +353,16 @@ pub fn build(
     let mut float: HashMap<String, Mat> = HashMap::new();
     for (name, t) in wanted.iter().zip(&evaluated) {
         let Ok(v) = t.to_f32_vec() else {
-            return Ok(unsupported(format!(
+            return Ok(Err(Unsupported(format!(
                 "TIB value '{name}' is not f32 ({})",
                 t.dtype
-            )));
+            ))));
         };
         if t.shape.first() != Some(&steps) || v.len() % steps != 0 {
-            return Ok(unsupported(format!(
+            return Ok(Err(Unsupported(format!(
                 "TIB value '{name}' has no per-step leading axis ({:?})",
                 t.shape
-            )));
+            ))));
         }
         let width = v.len() / steps;
         float.insert(name.clone(), Mat::new(steps, width, v));
@@ -320,19 +372,33 @@ pub fn build(
         .iter()
         .map(|f| evaluated[wanted.iter().position(|w| *w == f.name).expect("wanted")].clone())
         .collect();
+    Ok(Ok(Evaluated { float, tables }))
+}
 
+/// Step 3 of [`build`]: the network, its layers' weights as rows with their Lp-searched
+/// per-channel scales (as `quantize` chooses them), and per layer the weight
+/// initializer, its shape and axis (for the rewrite).
+fn network(
+    model: &Model,
+    tib: &TibAnalysis,
+    steps: usize,
+    trace: Trace,
+    float: &HashMap<String, Mat>,
+    weight_bits: u32,
+) -> Result<(TibNet, Vec<LayerWeight>)> {
+    let g = &model.graph;
     let mut given: Vec<(usize, Mat)> = vec![];
-    for v in &read_static {
-        given.push((slots[v], float[v].clone()));
+    for v in &trace.read_static {
+        given.push((trace.slots[v], float[v].clone()));
     }
-    for (c, m) in constants {
-        given.push((slots[&c], m));
+    for (c, m) in trace.constants {
+        given.push((trace.slots[&c], m));
     }
     let mut layers = vec![];
     let mut weights = vec![];
-    for (node, w, shape, axis, bias, alpha) in layers_meta {
+    for (node, w, shape, axis, bias, alpha) in trace.layers {
         let values = g.initializers[&w].to_f32_vec()?;
-        let q = quantize_weight(&values, &shape, axis, options.weight_bits, RangeSearch::Lp);
+        let q = quantize_weight(&values, &shape, axis, weight_bits, RangeSearch::Lp);
         let (rows, n, k) = crate::numerics::quant::to_rows(&values, &shape, axis);
         layers.push(Layer {
             node,
@@ -346,25 +412,27 @@ pub fn build(
         });
         weights.push((w, shape, axis));
     }
-    let outputs = tib.frontier.iter().map(|f| slots[&f.name]).collect();
-    let mut net = TibNet {
-        slots: slots.len(),
+    let outputs = tib.frontier.iter().map(|f| trace.slots[&f.name]).collect();
+    let net = TibNet {
+        slots: trace.slots.len(),
         given,
-        ops,
+        ops: trace.ops,
         layers,
         outputs,
         steps,
     };
-    if let Err(e) = net.check() {
-        return Ok(unsupported(format!(
-            "the TIB's shapes do not follow per time step: {e}"
-        )));
-    }
-    // The network's float pass must reproduce tract's values.
-    let all: Vec<usize> = (0..steps).collect();
-    let wf: Vec<Vec<f32>> = net.layers.iter().map(|l| l.w.clone()).collect();
-    let values = net.forward(&wf, &all);
-    for name in &dyn_values {
+    Ok((net, weights))
+}
+
+/// Step 4 of [`build`]: the network's float pass must reproduce tract's values (within
+/// 1e-4 of each value's largest magnitude), else some op moved data across time steps.
+fn check_float_pass(
+    values: &[Option<Mat>],
+    slots: &HashMap<String, usize>,
+    float: &HashMap<String, Mat>,
+    computed: &[String],
+) -> std::result::Result<(), Unsupported> {
+    for name in computed {
         let (Some(ours), Some(theirs)) = (values[slots[name]].as_ref(), float.get(name)) else {
             continue;
         };
@@ -376,25 +444,68 @@ pub fn build(
                 .zip(&theirs.data)
                 .any(|(a, b)| (a - b).abs() > 1e-4 * scale);
         if bad {
-            return Ok(unsupported(format!(
+            return Err(Unsupported(format!(
                 "TIAR's float pass does not reproduce TIB value '{name}' (a reshape or concat that moves data across time steps?)"
             )));
         }
     }
-    // Activation ranges: each layer's float input over all of S.
-    if options.act_bits == 8 {
-        for op in &net.ops {
-            if let Op::Linear { x, layer, .. } = op {
-                let m = values[*x].as_ref().expect("forward");
-                let (lo, hi) = m
-                    .data
-                    .iter()
-                    .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
-                        (a.min(v), b.max(v))
-                    });
-                net.layers[*layer].act = Some(act_params_u8(lo, hi));
-            }
+    Ok(())
+}
+
+/// Step 5 of [`build`]: under `--act-bits 8`, each layer's input range over all of S
+/// (exact: the TIB is t-only), for its static activation scale.
+fn set_act_ranges(net: &mut TibNet, values: &[Option<Mat>]) {
+    for op in &net.ops {
+        if let Op::Linear { x, layer, .. } = op {
+            let m = values[*x].as_ref().expect("forward");
+            let (lo, hi) = m
+                .data
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| {
+                    (a.min(v), b.max(v))
+                });
+            net.layers[*layer].act = Some(act_params_u8(lo, hi));
         }
+    }
+}
+
+/// Builds the network of the TIB from the linear layers on: ops, given values, layers
+/// (float weights, scales, activation ranges), and checks its float pass against tract.
+/// `Ok(Err(_))` when TIAR cannot follow the TIB (the caller tables it instead).
+pub fn build(
+    model: &Model,
+    tib: &TibAnalysis,
+    set: &[i64],
+    options: &Options,
+) -> Result<std::result::Result<Built, Unsupported>> {
+    let trace = match trace(model, tib, options) {
+        Ok(t) => t,
+        Err(e) => return Ok(Err(e)),
+    };
+    let computed: Vec<String> = {
+        let mut v: Vec<String> = trace.dynamic.iter().cloned().collect();
+        v.sort();
+        v
+    };
+    let Evaluated { float, tables } = match evaluate(model, tib, set, &trace, &computed)? {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    let slots = trace.slots.clone();
+    let (mut net, weights) = network(model, tib, set.len(), trace, &float, options.weight_bits)?;
+    if let Err(e) = net.check() {
+        return Ok(unsupported(format!(
+            "the TIB's shapes do not follow per time step: {e}"
+        )));
+    }
+    let all: Vec<usize> = (0..set.len()).collect();
+    let wf: Vec<Vec<f32>> = net.layers.iter().map(|l| l.w.clone()).collect();
+    let values = net.forward(&wf, &all);
+    if let Err(e) = check_float_pass(&values, &slots, &float, &computed) {
+        return Ok(Err(e));
+    }
+    if options.act_bits == 8 {
+        set_act_ranges(&mut net, &values);
     }
     let targets = tib
         .frontier
@@ -540,60 +651,76 @@ pub fn choose_tables(mode: TibMode, bytes: &[u64], rel_err: &[f64], budget: u64)
     }
 }
 
-/// The `fold-tib` pass under `--tib quant|auto`.
-pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
+/// What [`run`] knows before TIAR: its mode's name, when it started, the tables' byte
+/// budget and the quantized model's size it derives from.
+struct RunSetup {
+    mode_name: &'static str,
+    start: Instant,
+    budget: u64,
+    model_bytes: u64,
+}
+
+/// `--tib quant|auto` on a TIB TIAR cannot follow: warn, naming why, and fold every
+/// frontier value into a table (`--tib lut`); the report records the fallback.
+fn fold_instead(
+    cx: &mut PassContext,
+    tib: &TibAnalysis,
+    set: &[i64],
+    setup: &RunSetup,
+    why: String,
+) -> Result<()> {
     let options = cx.options;
-    let start = Instant::now();
-    let mode = options.tib;
-    let mode_name = if mode == TibMode::Auto {
-        "auto"
-    } else {
-        "quant"
-    };
-    let model_bytes = quantized_model_bytes(&cx.model, options);
-    let budget = options.lut_budget.unwrap_or(model_bytes / 10);
-    let keep_index = options.step_groups.per_step();
-    let built = match build(&cx.model, tib, set, options)? {
-        Ok(b) => b,
-        Err(Unsupported(why)) => {
-            let warning = format!("WARNING: --tib {mode_name}: {why}; the TIB is folded into tables instead (--tib lut)");
-            eprintln!("tfmqc: {warning}");
-            cx.note(warning.clone());
-            let report = crate::passes::fold_tib::fold_with(
-                &mut cx.model,
-                tib,
-                set,
-                options.table_precision,
-            )?;
-            cx.step_index = report.index_value.clone();
-            cx.tiar = Some(TiarReport {
-                mode: mode_name.into(),
-                timesteps: set.to_vec(),
-                weight_bits: options.weight_bits,
-                act_bits: options.act_bits,
-                iters: 0,
-                loss_rtn: 0.0,
-                loss_tiar: 0.0,
-                kept_rtn: false,
-                seconds: start.elapsed().as_secs_f64(),
-                lut_budget_bytes: budget,
-                quantized_model_bytes: model_bytes,
-                table_bytes: report.table_bytes as u64,
-                layers: vec![],
-                frontier: vec![],
-                fallback: Some(why),
-            });
-            return Ok(());
-        }
-    };
-    let Built {
-        net,
-        tables,
-        targets,
-        weights,
-    } = built;
+    let warning = format!(
+        "WARNING: --tib {}: {why}; the TIB is folded into tables instead (--tib lut)",
+        setup.mode_name
+    );
+    eprintln!("tfmqc: {warning}");
+    cx.note(warning.clone());
+    let report = fold_with(&mut cx.model, tib, set, options.table_precision)?;
+    cx.step_index = report.index_value.clone();
+    cx.tiar = Some(TiarReport {
+        mode: setup.mode_name.into(),
+        timesteps: set.to_vec(),
+        weight_bits: options.weight_bits,
+        act_bits: options.act_bits,
+        iters: 0,
+        loss_rtn: 0.0,
+        loss_tiar: 0.0,
+        kept_rtn: false,
+        seconds: setup.start.elapsed().as_secs_f64(),
+        lut_budget_bytes: setup.budget,
+        quantized_model_bytes: setup.model_bytes,
+        table_bytes: report.table_bytes as u64,
+        layers: vec![],
+        frontier: vec![],
+        fallback: Some(why),
+    });
+    Ok(())
+}
+
+/// The rounding TIAR chose and how it compares with round-to-nearest: per layer the
+/// integers of both, per frontier value `(cosine per step, relative MSE)` of both.
+struct Rounding {
+    iters: usize,
+    q_rtn: Vec<Vec<i8>>,
+    q_final: Vec<Vec<i8>>,
+    err_rtn: Vec<(Vec<f64>, f64)>,
+    err_final: Vec<(Vec<f64>, f64)>,
+    loss_rtn: f64,
+    loss_tiar: f64,
+    kept_rtn: bool,
+}
+
+/// Rounds every TIB layer by TIAR and keeps it unless round-to-nearest is better on
+/// TIAR's own loss.
+fn round_layers(
+    net: &TibNet,
+    targets: &[Mat],
+    options: &Options,
+    progress: &dyn Fn(&str),
+) -> Rounding {
     let qmax = weight_qmax(options.weight_bits) as i32;
-    let q_rtn = rtn_ints(&net, qmax);
+    let q_rtn = rtn_ints(net, qmax);
     let ada = AdaRoundOpts {
         iters: options.tiar_iters,
         // The reference's lr 1e-3 is meant for 20k steps; in 2000 (ddpm_digits, W4A8,
@@ -603,54 +730,53 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
         seed: options.seed ^ 0x71a2,
         ..Default::default()
     };
-    (cx.progress)(&format!(
+    progress(&format!(
         "fold-tib: TIAR over {} layers, {} time steps, {} steps",
         net.layers.len(),
         net.steps,
         ada.iters
     ));
-    let q_tiar = tiar(&net, &targets, qmax, &ada);
-    let (err_rtn, loss_rtn) = errors(&net, &targets, &dequant(&net, &q_rtn));
-    let (err_tiar, loss_tiar) = errors(&net, &targets, &dequant(&net, &q_tiar));
+    let q_tiar = tiar(net, targets, qmax, &ada);
+    let (err_rtn, loss_rtn) = errors(net, targets, &dequant(net, &q_rtn));
+    let (err_tiar, loss_tiar) = errors(net, targets, &dequant(net, &q_tiar));
     // Never worse than round-to-nearest on TIAR's own loss.
     let kept_rtn = !loss_tiar.is_finite() || loss_tiar > loss_rtn;
     let (q_final, err_final) = if kept_rtn {
         (q_rtn.clone(), err_rtn.clone())
     } else {
-        (q_tiar.clone(), err_tiar.clone())
+        (q_tiar, err_tiar)
     };
+    Rounding {
+        iters: ada.iters,
+        q_rtn,
+        q_final,
+        err_rtn,
+        err_final,
+        loss_rtn,
+        loss_tiar,
+        kept_rtn,
+    }
+}
 
-    // A table costs what its stored form does (`--table-precision`).
-    let bytes: Vec<u64> = tables
-        .iter()
-        .map(|t| crate::passes::fold_tib::table_choice(t, options.table_precision).map(|c| c.bytes))
-        .collect::<Result<_>>()?;
-    let rel: Vec<f64> = err_final.iter().map(|e| e.1).collect();
-    let tabled = choose_tables(mode, &bytes, &rel, budget);
-    let fold = fold_tables(
-        &mut cx.model,
-        tib,
-        set,
-        tables,
-        &tabled,
-        keep_index,
-        options.table_precision,
-    )?;
-    cx.step_index = fold.index_value.clone();
-    let tabled = fold.tabled;
-
-    // Quantize the layers the computed frontier values still read.
-    let g = &mut cx.model.graph;
+/// The layers the computed frontier values still read get DequantizeLinear weights (the
+/// chosen integers, the Lp scales) and, at `--act-bits 8`, a Q/DQ pair on their input
+/// (one per input value); the report's line per layer, present or folded away.
+fn quantize_layers(
+    g: &mut crate::ir::Graph,
+    net: &TibNet,
+    weights: &[LayerWeight],
+    rounding: &Rounding,
+) -> Result<Vec<TiarLayer>> {
     let by_name: HashMap<String, _> = g
         .node_indices()
         .map(|ix| (g.node(ix).name.clone(), ix))
         .collect();
     let mut act_dq: HashMap<String, String> = HashMap::new();
     let mut layer_reports = vec![];
-    for (li, (l, (wname, shape, axis))) in net.layers.iter().zip(&weights).enumerate() {
-        let flipped = q_final[li]
+    for (li, (l, (wname, shape, axis))) in net.layers.iter().zip(weights).enumerate() {
+        let flipped = rounding.q_final[li]
             .iter()
-            .zip(&q_rtn[li])
+            .zip(&rounding.q_rtn[li])
             .filter(|(a, b)| a != b)
             .count();
         let present = by_name.get(&l.node).copied();
@@ -664,7 +790,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             in_output: present.is_some(),
         });
         let Some(ix) = present else { continue };
-        let ints = crate::numerics::quant::from_rows(&q_final[li], shape, *axis);
+        let ints = crate::numerics::quant::from_rows(&rounding.q_final[li], shape, *axis);
         let qi = g.add_initializer(
             &format!("{wname}_quantized"),
             Tensor::from_vec(shape.clone(), &ints),
@@ -689,8 +815,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             let xdq = match act_dq.get(&x) {
                 Some(d) => d.clone(),
                 None => {
-                    let d =
-                        crate::passes::quantize::insert_qdq(g, &x, &[params.0], params.1, None)?;
+                    let d = insert_qdq(g, &x, &[params.0], params.1, None)?;
                     act_dq.insert(x.clone(), d.clone());
                     d
                 }
@@ -698,19 +823,19 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             g.set_input(ix, 0, &xdq);
         }
     }
-    // The replaced float weights go; the step index stays for step-group tables even
-    // when nothing reads it yet.
-    let protect: Vec<String> = cx
-        .step_index
-        .clone()
-        .filter(|_| keep_index)
-        .into_iter()
-        .collect();
-    g.remove_dead_keeping(&protect);
-    g.validate()?;
+    Ok(layer_reports)
+}
 
-    let frontier: Vec<FrontierChoice> = tib
-        .frontier
+/// The report's line per frontier value: table or quantized, its table's bytes, and its
+/// error under both roundings.
+fn frontier_choices(
+    tib: &TibAnalysis,
+    tabled: &[bool],
+    bytes: &[u64],
+    rounding: &Rounding,
+) -> Vec<FrontierChoice> {
+    let (err_rtn, err_final) = (&rounding.err_rtn, &rounding.err_final);
+    tib.frontier
         .iter()
         .enumerate()
         .map(|(i, f)| {
@@ -727,26 +852,91 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
                 cosine_tiar: err_final[i].0.clone(),
             }
         })
+        .collect()
+}
+
+/// The `fold-tib` pass under `--tib quant|auto`: the TIB as a network ([`build`]; tables
+/// instead where TIAR cannot follow it, [`fold_instead`]), its rounding
+/// ([`round_layers`]), tables for the frontier values chosen ([`choose_tables`]), the
+/// layers the others still read quantized ([`quantize_layers`]), and the report.
+pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
+    let options = cx.options;
+    let mode = options.tib;
+    let model_bytes = quantized_model_bytes(&cx.model, options);
+    let setup = RunSetup {
+        mode_name: if mode == TibMode::Auto {
+            "auto"
+        } else {
+            "quant"
+        },
+        start: Instant::now(),
+        budget: options.lut_budget.unwrap_or(model_bytes / 10),
+        model_bytes,
+    };
+    let keep_index = options.step_groups.per_step();
+    let Built {
+        net,
+        tables,
+        targets,
+        weights,
+    } = match build(&cx.model, tib, set, options)? {
+        Ok(b) => b,
+        Err(Unsupported(why)) => return fold_instead(cx, tib, set, &setup, why),
+    };
+    let rounding = round_layers(&net, &targets, options, cx.progress);
+
+    // A table costs what its stored form does (`--table-precision`).
+    let bytes: Vec<u64> = tables
+        .iter()
+        .map(|t| table_choice(t, options.table_precision).map(|c| c.bytes))
+        .collect::<Result<_>>()?;
+    let rel: Vec<f64> = rounding.err_final.iter().map(|e| e.1).collect();
+    let tabled = choose_tables(mode, &bytes, &rel, setup.budget);
+    let fold = fold_tables(
+        &mut cx.model,
+        tib,
+        set,
+        tables,
+        &tabled,
+        keep_index,
+        options.table_precision,
+    )?;
+    cx.step_index = fold.index_value.clone();
+    let tabled = fold.tabled;
+
+    let g = &mut cx.model.graph;
+    let layers = quantize_layers(g, &net, &weights, &rounding)?;
+    // The replaced float weights go; the step index stays for step-group tables even
+    // when nothing reads it yet.
+    let protect: Vec<String> = cx
+        .step_index
+        .clone()
+        .filter(|_| keep_index)
+        .into_iter()
         .collect();
+    g.remove_dead_keeping(&protect);
+    g.validate()?;
+
+    let frontier = frontier_choices(tib, &tabled, &bytes, &rounding);
     let table_bytes: u64 = frontier
         .iter()
         .filter(|f| f.choice == "table")
         .map(|f| f.table_bytes)
         .sum();
     let report = TiarReport {
-        mode: mode_name.into(),
+        mode: setup.mode_name.into(),
         timesteps: set.to_vec(),
         weight_bits: options.weight_bits,
         act_bits: options.act_bits,
-        iters: ada.iters,
-        loss_rtn,
-        loss_tiar,
-        kept_rtn,
-        seconds: start.elapsed().as_secs_f64(),
-        lut_budget_bytes: budget,
-        quantized_model_bytes: model_bytes,
+        iters: rounding.iters,
+        loss_rtn: rounding.loss_rtn,
+        loss_tiar: rounding.loss_tiar,
+        kept_rtn: rounding.kept_rtn,
+        seconds: setup.start.elapsed().as_secs_f64(),
+        lut_budget_bytes: setup.budget,
+        quantized_model_bytes: setup.model_bytes,
         table_bytes,
-        layers: layer_reports,
+        layers,
         frontier,
         fallback: None,
     };
