@@ -59,8 +59,9 @@ impl Pass for Calibrate {
         } else {
             vec![]
         };
-        let cal = calibrate(
+        let cal = calibrate_driven(
             &cx.model,
+            cx.par_driver.as_ref(),
             cx.options,
             &tib.timestep_input,
             &values,
@@ -178,6 +179,22 @@ fn observe_ranges(
 /// Observes `values` (activation names) along calibration trajectories.
 pub fn calibrate(
     model: &Model,
+    options: &Options,
+    t_name: &str,
+    values: &[String],
+    layers: Vec<LayerInput>,
+    progress: &dyn Fn(&str),
+) -> Result<Calibration> {
+    calibrate_driven(model, None, options, t_name, values, layers, progress)
+}
+
+/// [`calibrate`], with the generated trajectories driven by `driver`'s predictions when
+/// given (PAR: the quantized model, run on the int8 runtime, walks its own trajectories;
+/// `model`, the float one, is observed at the inputs it visits and its outputs are the
+/// records' references). Recorded calls are the same either way.
+pub fn calibrate_driven(
+    model: &Model,
+    driver: Option<&Model>,
     options: &Options,
     t_name: &str,
     values: &[String],
@@ -351,6 +368,9 @@ pub fn calibrate(
         true => None,
         false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
     };
+    let driver = driver
+        .map(|d| Runner::int8(d, Some(&[d.graph.outputs[0].name.clone()]), Optimize::Full))
+        .transpose()?;
     let clock = std::time::Instant::now();
     let mut calls = 0usize;
     // The budget is checked again between batches: one call's time (the probe) is a
@@ -381,6 +401,9 @@ pub fn calibrate(
             }
             if call.step == 0 {
                 cal.batches += 1;
+            }
+            if let Some(d) = &driver {
+                return Ok(d.run(&call.inputs)?.swap_remove(0));
             }
             Ok(outs.swap_remove(0))
         },

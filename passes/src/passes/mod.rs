@@ -67,6 +67,9 @@ pub struct PassContext<'a> {
     pub balanced_float: Option<Model>,
     /// Set by `quantize`.
     pub quant: Option<QuantPlan>,
+    /// PAR: the quantized model whose predictions drive calibration's trajectories
+    /// (`calibrate` observes `model` at the inputs it visits).
+    pub par_driver: Option<Model>,
     /// Names of the passes that have run, in order.
     pub done: Vec<&'static str>,
     /// One line per notable finding, shown to the user after the pass.
@@ -100,6 +103,7 @@ impl<'a> PassContext<'a> {
             tcr: None,
             balanced_float: None,
             quant: None,
+            par_driver: None,
             done: vec![],
             notes: vec![],
             progress: &|_| {},
