@@ -3,10 +3,13 @@
 //! `calibrate` to `quantize` again.
 //!
 //! - **DAQ** (`--daq`): per post-softmax activation, the uniform quantizer quantize gave
-//!   it or a log2 one, whichever fits the values of the calibration records better (mean
-//!   SQNR over the calibrated steps). The log2 quantizer is standard ONNX:
-//!   `q = Clip(Round(−log2(p / s)), 0, 2^b − 1)`, `p̂ = s · 2^−q`, written
-//!   `Clip(Round(Mul(Log(Div(p, s)), −1/ln 2)), 0, L)` and `Mul(Pow(2, Neg(q)), s)`.
+//!   it or a logarithmic one, whichever fits the values of the calibration records better
+//!   (mean SQNR over the calibrated steps). The logarithmic quantizers have k = 1 (log2)
+//!   or k = 2 (log√2) levels per octave: `q = Clip(Round(−k·log2(p / s)), 0, 2^b − 1)`,
+//!   `p̂ = s · 2^(−q/k)`, in standard ONNX `Clip(Round(Mul(Log(Div(p, s)), −k/ln 2)), 0,
+//!   L)` and `Mul(Pow(2, Mul(Neg(q), 1/k)), s)`. (Base 2 alone rounds every value to
+//!   within a factor √2: about 14 dB SQNR whatever the bits, below 8-bit uniform; √2
+//!   halves the steps in the log domain at the cost of half the range.)
 //!   The runtime runs these ops as tract does (the fused int8 attention matches only a
 //!   uniform Q/DQ on P, so a log2 P leaves that attention unfused).
 //! - **PAR** (`--par ROUNDS`): each round re-runs calibration along the trajectories the
@@ -56,10 +59,13 @@ pub struct DaqChoice {
     pub value: String,
     /// Mean over the calibrated steps of the activation's quantization SQNR (dB).
     pub uniform_db: f64,
+    /// Log2 (k = 1) and log√2 (k = 2).
     pub log2_db: f64,
-    /// Whether the log2 quantizer was chosen.
+    pub log_sqrt2_db: f64,
+    /// Whether a logarithmic quantizer was chosen, and its levels per octave k.
     pub log2: bool,
-    /// s of the log2 quantizer (the calibrated maximum).
+    pub steps_per_octave: u32,
+    /// s of the logarithmic quantizer (the calibrated maximum).
     pub scale: f32,
 }
 
@@ -80,7 +86,7 @@ impl TcaqReport {
         if !self.daq.is_empty() {
             let log2 = self.daq.iter().filter(|c| c.log2).count();
             out.push(format!(
-                "DAQ: {log2} of {} post-softmax activations fit a log2 quantizer better{}",
+                "DAQ: {log2} of {} post-softmax activations fit a logarithmic quantizer better{}",
                 self.daq.len(),
                 match (self.daq_auto_db, self.daq_applied) {
                     (Some((off, on)), applied) => format!(
@@ -96,11 +102,16 @@ impl TcaqReport {
             ));
             for c in &self.daq {
                 out.push(format!(
-                    "  {}: uniform {:.1} dB, log2 {:.1} dB → {}",
+                    "  {}: uniform {:.1} dB, log2 {:.1} dB, log√2 {:.1} dB → {}",
                     c.value,
                     c.uniform_db,
                     c.log2_db,
-                    if c.log2 { "log2" } else { "uniform" }
+                    c.log_sqrt2_db,
+                    match (c.log2, c.steps_per_octave) {
+                        (false, _) => "uniform",
+                        (true, 1) => "log2",
+                        _ => "log√2",
+                    }
                 ));
             }
         }
@@ -309,19 +320,20 @@ fn restore(cx: &mut PassContext, s: State) {
     ) = s;
 }
 
-/// The log2 quantizer of one value, `s · 2^−clip(round(−log2(x / s)), 0, L)` with
-/// L = 2^bits − 1 (x ≤ 0 → the smallest level), as the graph computes it up to the
-/// rounding of `log2` (the graph divides ln by ln 2).
-pub fn fake_quant_log2(x: f32, s: f32, bits: u32) -> f32 {
+/// The logarithmic quantizer of one value with k levels per octave,
+/// `s · 2^(−clip(round(−k·log2(x / s)), 0, L)/k)` with L = 2^bits − 1 (x ≤ 0 → the
+/// smallest level), as the graph computes it up to the rounding of `log2` (the graph
+/// multiplies ln by −k/ln 2).
+pub fn fake_quant_log2(x: f32, s: f32, bits: u32, k: u32) -> f32 {
     let levels = act_levels(bits);
     let q = if x > 0.0 {
-        ((x / s).ln() * (-1.0 / std::f32::consts::LN_2))
+        ((x / s).ln() * (-(k as f32) / std::f32::consts::LN_2))
             .round_ties_even()
             .clamp(0.0, levels)
     } else {
         levels
     };
-    s * (-q).exp2()
+    s * (-q / k as f32).exp2()
 }
 
 /// DAQ on the quantized model in `cx` (see the module notes); fills `report.daq`.
@@ -363,8 +375,8 @@ fn daq(
                 .unwrap_or(1.0)
         })
         .collect();
-    // Per value and step: (signal, uniform noise, log2 noise).
-    let mut sums: Vec<BTreeMap<i64, (f64, f64, f64)>> = vec![BTreeMap::new(); names.len()];
+    // Per value and step: signal, then the noise of uniform, log2 and log√2.
+    let mut sums: Vec<BTreeMap<i64, [f64; 4]>> = vec![BTreeMap::new(); names.len()];
     let runner = Runner::observing(pre_quant, &names, Optimize::Full)?;
     for (inputs, &t) in cal.records.iter().zip(&cal.record_steps) {
         runner.run_observed(&inputs.clone().into_iter().collect(), &mut |k, value| {
@@ -372,17 +384,18 @@ fn daq(
             let (lo, hi) = act_clip(scale, zp, plan.act_bits);
             let e = sums[k].entry(t).or_default();
             for &x in crate::ir::exec::f32_values(value, &names[k])? {
-                e.0 += (x as f64).powi(2);
-                e.1 += ((x - fake_quant_u8(x.clamp(lo, hi), scale, zp)) as f64).powi(2);
-                e.2 += ((x - fake_quant_log2(x, scales[k], plan.act_bits)) as f64).powi(2);
+                e[0] += (x as f64).powi(2);
+                e[1] += ((x - fake_quant_u8(x.clamp(lo, hi), scale, zp)) as f64).powi(2);
+                e[2] += ((x - fake_quant_log2(x, scales[k], plan.act_bits, 1)) as f64).powi(2);
+                e[3] += ((x - fake_quant_log2(x, scales[k], plan.act_bits, 2)) as f64).powi(2);
             }
             Ok(())
         })?;
     }
-    let mean = |s: &BTreeMap<i64, (f64, f64, f64)>, log2: bool| {
+    let mean = |s: &BTreeMap<i64, [f64; 4]>, which: usize| {
         let v: Vec<f64> = s
             .values()
-            .map(|&(x, u, l)| sqnr_from_sums(x, if log2 { l } else { u }).min(200.0))
+            .map(|e| sqnr_from_sums(e[0], e[which]).min(200.0))
             .collect();
         v.iter().sum::<f64>() / v.len().max(1) as f64
     };
@@ -391,12 +404,14 @@ fn daq(
         .zip(&sums)
         .zip(&scales)
         .map(|((n, s), &scale)| {
-            let (u, l) = (mean(s, false), mean(s, true));
+            let (u, l1, l2) = (mean(s, 1), mean(s, 2), mean(s, 3));
             DaqChoice {
                 value: n.clone(),
                 uniform_db: u,
-                log2_db: l,
-                log2: l > u,
+                log2_db: l1,
+                log_sqrt2_db: l2,
+                log2: l1.max(l2) > u,
+                steps_per_octave: if l2 > l1 { 2 } else { 1 },
                 scale,
             }
         })
@@ -408,7 +423,13 @@ fn daq(
     let mut m = cx.model.clone();
     let keep: Vec<String> = cx.step_index.iter().cloned().collect();
     for c in &chosen {
-        replace_quantizer(&mut m.graph, &c.value, c.scale, plan.act_bits)?;
+        replace_quantizer(
+            &mut m.graph,
+            &c.value,
+            c.scale,
+            plan.act_bits,
+            c.steps_per_octave,
+        )?;
     }
     m.graph.remove_dead_keeping(&keep);
     if o.daq == Daq::Auto {
@@ -430,30 +451,42 @@ fn daq(
     Ok(())
 }
 
-/// Replaces quantize's Q/DQ of `value` (its `<value>_dequantized` output, see
-/// `quantize::insert_qdq`) by the log2 quantizer; returns the new value.
-pub fn replace_quantizer(g: &mut Graph, value: &str, scale: f32, bits: u32) -> Result<String> {
+/// Replaces quantize's Q/DQ of `value` (its `<value>[_clipped]_dequantized` output,
+/// see `quantize::insert_qdq`) by the logarithmic quantizer with `k` levels per octave;
+/// returns the new value.
+pub fn replace_quantizer(
+    g: &mut Graph,
+    value: &str,
+    scale: f32,
+    bits: u32,
+    k: u32,
+) -> Result<String> {
     let base = value.trim_start_matches('/');
-    let dq = format!("{base}_dequantized");
-    if g.producer(&dq).is_none() {
+    // Below 8 bits quantize clips first (`<value>_clipped`) and quantizes the clipped
+    // value.
+    let names = [
+        format!("{base}_dequantized"),
+        format!("{base}_clipped_dequantized"),
+    ];
+    let Some(dq) = names.iter().find(|n| g.producer(n).is_some()).cloned() else {
         return Err(Error::pass(
             "quantize",
-            format!("DAQ: '{value}' has no quantizer '{dq}' to replace"),
+            format!("DAQ: '{value}' has no quantizer '{}' to replace", names[0]),
         ));
-    }
-    let new = log2_quantizer(g, value, scale, bits)?;
+    };
+    let new = log2_quantizer(g, value, scale, bits, k)?;
     g.replace_uses(&dq, &new);
     Ok(new)
 }
 
-/// Adds `s · 2^−clip(round(−log2(value / s)), 0, 2^bits − 1)` in standard ONNX ops;
-/// returns the quantized value's name (its codes are `<base>_log2_codes`).
-pub fn log2_quantizer(g: &mut Graph, value: &str, scale: f32, bits: u32) -> Result<String> {
+/// Adds `s · 2^(−clip(round(−k·log2(value / s)), 0, 2^bits − 1)/k)` in standard ONNX
+/// ops; returns the quantized value's name (its codes are `<base>_log2_codes`).
+pub fn log2_quantizer(g: &mut Graph, value: &str, scale: f32, bits: u32, k: u32) -> Result<String> {
     let base = value.trim_start_matches('/');
     let s = g.add_initializer(&format!("{base}_log2_scale"), Tensor::scalar(scale));
-    let k = g.add_initializer(
-        &format!("{base}_log2_neg_inv_ln2"),
-        Tensor::scalar(-1.0 / std::f32::consts::LN_2),
+    let factor = g.add_initializer(
+        &format!("{base}_log2_neg_k_inv_ln2"),
+        Tensor::scalar(-(k as f32) / std::f32::consts::LN_2),
     );
     let lo = g.add_initializer(&format!("{base}_log2_min"), Tensor::scalar(0f32));
     let hi = g.add_initializer(
@@ -468,7 +501,12 @@ pub fn log2_quantizer(g: &mut Graph, value: &str, scale: f32, bits: u32) -> Resu
         vec![],
     )?;
     let l = g.add_op("Log", vec![r], &format!("{base}_log2_ln"), vec![])?;
-    let e = g.add_op("Mul", vec![l, k], &format!("{base}_log2_exponent"), vec![])?;
+    let e = g.add_op(
+        "Mul",
+        vec![l, factor],
+        &format!("{base}_log2_exponent"),
+        vec![],
+    )?;
     let q = g.add_op("Round", vec![e], &format!("{base}_log2_rounded"), vec![])?;
     let c = g.add_op(
         "Clip",
@@ -476,7 +514,14 @@ pub fn log2_quantizer(g: &mut Graph, value: &str, scale: f32, bits: u32) -> Resu
         &format!("{base}_log2_codes"),
         vec![],
     )?;
-    let n = g.add_op("Neg", vec![c], &format!("{base}_log2_neg"), vec![])?;
+    let mut n = g.add_op("Neg", vec![c], &format!("{base}_log2_neg"), vec![])?;
+    if k > 1 {
+        let inv = g.add_initializer(
+            &format!("{base}_log2_inv_k"),
+            Tensor::scalar(1.0 / k as f32),
+        );
+        n = g.add_op("Mul", vec![n, inv], &format!("{base}_log2_exp2"), vec![])?;
+    }
     let p = g.add_op("Pow", vec![two, n], &format!("{base}_log2_power"), vec![])?;
     g.add_op(
         "Mul",
@@ -492,10 +537,14 @@ mod tests {
 
     #[test]
     fn log2_levels_are_powers_of_two_of_the_scale() {
-        assert_eq!(fake_quant_log2(1.0, 1.0, 4), 1.0);
-        assert_eq!(fake_quant_log2(0.26, 1.0, 4), 0.25);
-        assert_eq!(fake_quant_log2(0.0, 1.0, 4), 2f32.powi(-15));
-        assert_eq!(fake_quant_log2(1e-9, 1.0, 4), 2f32.powi(-15));
-        assert_eq!(fake_quant_log2(0.3, 0.6, 8), 0.3);
+        assert_eq!(fake_quant_log2(1.0, 1.0, 4, 1), 1.0);
+        assert_eq!(fake_quant_log2(0.26, 1.0, 4, 1), 0.25);
+        assert_eq!(fake_quant_log2(0.0, 1.0, 4, 1), 2f32.powi(-15));
+        assert_eq!(fake_quant_log2(1e-9, 1.0, 4, 1), 2f32.powi(-15));
+        assert_eq!(fake_quant_log2(0.3, 0.6, 8, 1), 0.3);
+        // log√2: half-octave levels, half the range.
+        assert_eq!(fake_quant_log2(0.5, 1.0, 4, 2), 0.5);
+        assert!((fake_quant_log2(0.7, 1.0, 4, 2) - 0.5f32.sqrt()).abs() < 1e-7);
+        assert!((fake_quant_log2(0.0, 1.0, 4, 2) - 2f32.powf(-7.5)).abs() < 1e-9);
     }
 }
