@@ -131,11 +131,12 @@ struct QuantArgs {
     #[arg(long, value_enum, value_name = "on|off|auto")]
     tcaq: Option<Tcr>,
     /// TCAQ-DM's dynamically adaptive quantizer of post-softmax activations: per softmax
-    /// output, the uniform quantizer or a log2 one (p̂ = s·2^−q, q = clip(round(−log2(p/s)),
-    /// 0, 2^b − 1), standard ONNX ops), whichever fits the calibration records' values
-    /// better (mean SQNR over the steps); the choice per layer is in the summary. `auto`
-    /// keeps the choices only where they raise the held-out output SQNR by 0.1 dB. A log2
-    /// P runs unfused in the runtime (tract's ops), not in its int8 attention.
+    /// output, the uniform quantizer or a logarithmic one, log2 or log√2 (p̂ = s·2^(−q/k),
+    /// q = clip(round(−k·log2(p/s)), 0, 2^b − 1), k = 1 or 2; standard ONNX ops),
+    /// whichever fits the calibration records' values best (mean SQNR over the steps);
+    /// the choice per layer is in the summary. `auto` keeps the choices only where they
+    /// raise the held-out output SQNR by 0.1 dB. A log-quantized P runs unfused in the
+    /// runtime (tract's ops), not in its int8 attention.
     #[arg(long, value_enum, value_name = "on|off|auto")]
     daq: Option<Daq>,
     /// Rounds of TCAQ-DM's progressively aligned reconstruction: calibration again along
