@@ -11,7 +11,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use tfmqc_passes::ir::print;
 use tfmqc_passes::numerics::table_quant::TablePrecision;
-use tfmqc_passes::options::{meta, ActRange, Baseline, OutputQdq, Reconstruct, Tcr, TibMode};
+use tfmqc_passes::options::{meta, ActRange, Baseline, Daq, OutputQdq, Reconstruct, Tcr, TibMode};
 use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
@@ -125,10 +125,29 @@ struct QuantArgs {
     /// activation channel's range entirely into the weights.
     #[arg(long, default_value_t = tfmqc_passes::reparameterize::DEFAULT_ALPHA, value_name = "A")]
     tcr_alpha: f32,
-    /// TCAQ-DM as a whole (default: auto, as --tcr). TCR is what tfmqc implements of it
-    /// so far (DAQ and PAR are not there yet); `--tcr` overrides it.
+    /// TCAQ-DM as a whole: TCR, DAQ and PAR together. `on`: --tcr on --daq on --par 1;
+    /// `auto`: --tcr auto --daq auto --par 1 (each kept only where the built-in
+    /// evaluation measures a gain, said in the summary); `off`: none. Without it: --tcr
+    /// auto, --daq off, --par 0. --tcr, --daq and --par override it one by one.
     #[arg(long, value_enum, value_name = "on|off|auto")]
     tcaq: Option<Tcr>,
+    /// TCAQ-DM's dynamically adaptive quantizer of post-softmax activations: per softmax
+    /// output, the uniform quantizer or a logarithmic one, log2 or log√2 (p̂ = s·2^(−q/k),
+    /// q = clip(round(−k·log2(p/s)), 0, 2^b − 1), k = 1 or 2; standard ONNX ops),
+    /// whichever fits the calibration records' values best (mean SQNR over the steps);
+    /// the choice per layer is in the summary. `auto` keeps the choices only where they
+    /// raise the held-out output SQNR by 0.1 dB. A log-quantized P runs unfused in the
+    /// runtime (tract's ops), not in its int8 attention.
+    #[arg(long, value_enum, value_name = "on|off|auto")]
+    daq: Option<Daq>,
+    /// Rounds of TCAQ-DM's progressively aligned reconstruction: calibration again along
+    /// the quantized model's own trajectories (same sampler and seeds, the quantized model
+    /// on the int8 runtime driving the sampler, the float model observed at the inputs it
+    /// visits), then TCR and quantization (with --reconstruct) against the float outputs
+    /// there. Each round's held-out output SQNR is in the summary and --report; the best
+    /// round is kept (0 = without PAR).
+    #[arg(long, value_name = "ROUNDS")]
+    par: Option<usize>,
     /// Finite Set Calibration granularity: activation scales per group of consecutive
     /// time steps. auto = per activation, the grouping whose measured gain is worth it
     /// (one set where per-step scales gain nothing); N = N groups for every activation;
@@ -316,6 +335,15 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
         o.weight_bits = q.weight_bits;
         o.act_bits = q.act_bits;
         o.tcr = q.tcr.or(q.tcaq).unwrap_or(Tcr::Auto);
+        o.daq = q.daq.unwrap_or(match q.tcaq {
+            None | Some(Tcr::Off) => Daq::Off,
+            Some(Tcr::On) => Daq::On,
+            Some(Tcr::Auto) => Daq::Auto,
+        });
+        o.par_rounds = q.par.unwrap_or(match q.tcaq {
+            None | Some(Tcr::Off) => 0,
+            Some(Tcr::On | Tcr::Auto) => 1,
+        });
         o.tcr_alpha = q.tcr_alpha;
         o.step_groups = q
             .step_groups
@@ -820,6 +848,8 @@ mod tests {
         assert_eq!(v["tib"], "quant");
         assert_eq!(v["tiar_iters"], 9);
         assert_eq!(v["tcr"], "off");
+        assert_eq!(v["daq"], "off");
+        assert_eq!(v["par"], 0);
         assert_eq!(v["output_qdq"], "none");
         assert_eq!(v["table_precision"], "auto");
         assert_eq!(v["step_groups"], "auto");

@@ -244,6 +244,9 @@ pub struct Report {
     /// `--tcr on`: the activations TCR balanced, where each factor went, the channel
     /// spread before and after.
     pub tcr: Option<tfmqc_passes::reparameterize::TcrReport>,
+    /// `--daq`, `--par`: DAQ's choice per post-softmax activation with its measured fit,
+    /// and PAR's held-out output SQNR per round (round 0: before PAR) and the round kept.
+    pub tcaq: Option<tfmqc_passes::pipeline::tcaq::TcaqReport>,
 }
 
 impl Report {
@@ -311,6 +314,7 @@ impl Report {
             peak_rss_per_phase: peaks.to_vec(),
             tib: cx.tiar.clone(),
             tcr: cx.tcr.clone(),
+            tcaq: cx.tcaq.clone(),
         }
     }
 
@@ -362,6 +366,11 @@ impl Report {
         }
         if let Some(t) = &self.tcr {
             s.push_str(&format!("  {}\n", t.summary()));
+        }
+        if let Some(t) = &self.tcaq {
+            for line in t.lines() {
+                s.push_str(&format!("  {line}\n"));
+            }
         }
         let phases: Vec<String> = self
             .seconds_per_phase

@@ -133,6 +133,20 @@ impl ActRange {
 /// see BENCHMARKS.md, "TCAQ"). Here with the other defaults, so the options need no pass.
 pub const DEFAULT_TCR_ALPHA: f32 = 0.5;
 
+/// TCAQ-DM's dynamically adaptive quantizer of post-softmax activations (`--daq`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Daq {
+    /// Every softmax output keeps quantize's uniform quantizer.
+    Off,
+    /// Per softmax output, the uniform or the log2 quantizer, whichever fits the
+    /// calibration records' values better (mean SQNR over the calibrated steps).
+    On,
+    /// As `on`, kept only where it raises the mean held-out output SQNR of the whole
+    /// model (said in the summary).
+    Auto,
+}
+
 /// Finite Set Calibration granularity (`--step-groups`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepGroups {
@@ -277,6 +291,11 @@ pub struct Options {
     pub tcr: Tcr,
     /// `--tcr-alpha`: α of TCR's balance `r = a^α / w^(1−α)`.
     pub tcr_alpha: f32,
+    /// `--daq`: TCAQ-DM's adaptive quantizer of post-softmax activations.
+    pub daq: Daq,
+    /// `--par`: rounds of TCAQ-DM's progressively aligned reconstruction (0: none).
+    #[serde(rename = "par")]
+    pub par_rounds: usize,
     /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
     /// (Model calls take theirs from the caller's `tfmqc_runtime::with_threads`.)
     #[serde(skip)]
@@ -358,6 +377,8 @@ impl Default for Options {
             calib_adaptive: false,
             tcr: Tcr::Auto,
             tcr_alpha: DEFAULT_TCR_ALPHA,
+            daq: Daq::Off,
+            par_rounds: 0,
             threads: 0,
         }
     }

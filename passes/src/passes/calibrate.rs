@@ -59,8 +59,9 @@ impl Pass for Calibrate {
         } else {
             vec![]
         };
-        let cal = calibrate(
+        let cal = calibrate_driven(
             &cx.model,
+            cx.par_driver.as_ref(),
             cx.options,
             &tib.timestep_input,
             &values,
@@ -348,12 +349,14 @@ fn trajectories_text(plan: &Plan) -> String {
 
 /// Calibration along generated trajectories of the deployment sampler; batch b runs the
 /// b-th step count (cycling, largest first), so the evaluation records of batch 0 hold
-/// every step of the longest trajectory, and the layer inputs come from its runs.
+/// every step of the longest trajectory, and the layer inputs come from its runs. With
+/// a `driver` (PAR), its predictions move the sampler instead of the observed model's.
 // The model, its options and S, as `calibrate` was given them; a struct for them would
 // only carry them one call further.
 #[allow(clippy::too_many_arguments)]
 fn calibrate_generated(
     observer: &Observer,
+    driver: Option<&Model>,
     mut cal: Calibration,
     mut plan: Plan,
     model: &Model,
@@ -378,6 +381,9 @@ fn calibrate_generated(
         true => None,
         false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
     };
+    let driver = driver
+        .map(|d| Runner::int8(d, Some(&[d.graph.outputs[0].name.clone()]), Optimize::Full))
+        .transpose()?;
     let clock = std::time::Instant::now();
     let mut calls = 0usize;
     // The budget is checked again between batches: one call's time (the probe) is a
@@ -409,6 +415,9 @@ fn calibrate_generated(
             if call.step == 0 {
                 cal.batches += 1;
             }
+            if let Some(d) = &driver {
+                return Ok(d.run(&call.inputs)?.swap_remove(0));
+            }
             Ok(outs.swap_remove(0))
         },
     )?;
@@ -433,6 +442,22 @@ fn calibrate_generated(
 /// generated ones ([`calibrate_generated`]).
 pub fn calibrate(
     model: &Model,
+    options: &Options,
+    t_name: &str,
+    values: &[String],
+    layers: Vec<LayerInput>,
+    progress: &dyn Fn(&str),
+) -> Result<Calibration> {
+    calibrate_driven(model, None, options, t_name, values, layers, progress)
+}
+
+/// [`calibrate`], with the generated trajectories driven by `driver`'s predictions when
+/// given (PAR: the quantized model, run on the int8 runtime, walks its own trajectories;
+/// `model`, the float one, is observed at the inputs it visits and its outputs are the
+/// records' references). Recorded calls are the same either way.
+pub fn calibrate_driven(
+    model: &Model,
+    driver: Option<&Model>,
     options: &Options,
     t_name: &str,
     values: &[String],
@@ -474,5 +499,7 @@ pub fn calibrate(
         &set,
         options.calib_batch.min(options.calib_samples),
     )?;
-    calibrate_generated(&observer, cal, plan, model, options, &set, layers, progress)
+    calibrate_generated(
+        &observer, driver, cal, plan, model, options, &set, layers, progress,
+    )
 }

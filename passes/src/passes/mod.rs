@@ -13,6 +13,7 @@ pub mod detect_tib;
 pub mod fold_tib;
 pub mod quantize;
 pub mod reparameterize;
+pub mod tcaq;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -67,6 +68,11 @@ pub struct PassContext<'a> {
     pub balanced_float: Option<Model>,
     /// Set by `quantize`.
     pub quant: Option<QuantPlan>,
+    /// PAR: the quantized model whose predictions drive calibration's trajectories
+    /// (`calibrate` observes `model` at the inputs it visits).
+    pub par_driver: Option<Model>,
+    /// Set after `quantize` when DAQ or PAR ran ([`tcaq::finish`]).
+    pub tcaq: Option<tcaq::TcaqReport>,
     /// Names of the passes that have run, in order.
     pub done: Vec<&'static str>,
     /// One line per notable finding, shown to the user after the pass.
@@ -100,6 +106,8 @@ impl<'a> PassContext<'a> {
             tcr: None,
             balanced_float: None,
             quant: None,
+            par_driver: None,
+            tcaq: None,
             done: vec![],
             notes: vec![],
             progress: &|_| {},
@@ -174,6 +182,9 @@ impl<'a> PassContext<'a> {
         }
         if let Some(p) = &self.quant {
             out.push(("quant-plan", json(p)));
+        }
+        if let Some(r) = &self.tcaq {
+            out.push(("tcaq", json(r)));
         }
         out
     }
@@ -360,8 +371,19 @@ pub fn run_pipeline(
             print::model_text(&cx.model).as_bytes(),
         )?;
     }
+    // DAQ and PAR (after quantize) start again from the model calibrate read, and DAQ
+    // measures the float model quantize read.
+    let tcaq = tcaq::wanted(cx);
+    let mut float_at_calibrate: Option<(usize, Model)> = None;
+    let mut pre_quant: Option<Model> = None;
     for (i, pass) in passes.iter().enumerate() {
         let name = pass.name();
+        if tcaq && name == "calibrate" && float_at_calibrate.is_none() {
+            float_at_calibrate = Some((i, cx.model.clone()));
+        }
+        if tcaq && name == "quantize" {
+            pre_quant = Some(cx.model.clone());
+        }
         // Checked for the whole pipeline above; a pass may still not produce what it
         // names (fold-tib leaves no step index when it folds no table).
         for req in pass.requires(cx.options) {
@@ -378,7 +400,12 @@ pub fn run_pipeline(
         let start = Instant::now();
         cx.notes.clear();
         cx.current = name;
-        let ran = pass.run(cx);
+        let mut ran = pass.run(cx);
+        if let (true, Ok(()), Some((from, float)), Some(pre)) =
+            (name == "quantize", &ran, &float_at_calibrate, &pre_quant)
+        {
+            ran = tcaq::finish(cx, float, pre, &passes[*from..=i]);
+        }
         cx.current = "";
         ran.map_err(|e| in_pass(name, e))?;
         for &a in pass.invalidates() {
