@@ -56,7 +56,7 @@ pub struct Quality {
 fn evaluation_picks(cal: &Calibration, options: &Options) -> Vec<usize> {
     let n = cal.records.len();
     // A quantized call in tract (QDQ graph) plus a float call observing activations.
-    let per_record = 2.5 * cal.call_seconds;
+    let per_record = 2.5 * cal.call_work_seconds;
     let fit = if per_record > 0.0 {
         (options.calib_budget_s / 4.0 / per_record).floor() as usize
     } else {
@@ -122,7 +122,7 @@ pub fn measure(
         options.max_memory,
     )?;
     // Held-out trajectories: a float call to make each record, a quantized one to judge it.
-    let per_call = 2.5 * cal.call_seconds;
+    let per_call = 2.5 * cal.call_work_seconds;
     let affordable = if per_call > 0.0 {
         (options.calib_budget_s / 4.0 / per_call).floor() as usize
     } else {

@@ -233,6 +233,53 @@ pub fn fit_calibration(wanted: CalibrationPlan, call_s: f64, budget_s: f64) -> C
     }
 }
 
+/// CPU seconds this process has run (user + system, every thread), where the platform
+/// says.
+pub fn cpu_seconds() -> Option<f64> {
+    let mut usage = std::mem::MaybeUninit::<libc::rusage>::uninit();
+    // SAFETY: getrusage writes the struct it is given and nothing else.
+    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: rc == 0: the call filled it.
+    let u = unsafe { usage.assume_init() };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 * 1e-6;
+    Some(secs(u.ru_utime) + secs(u.ru_stime))
+}
+
+/// A clock of the work done rather than of the time passed, for the decisions that
+/// skip costly trials (`--tcr auto`, `--output-qdq auto`, the held-out evaluation's
+/// size): the process's CPU seconds since [`WorkClock::start`] over the threads it may
+/// use ([`crate::numerics::threads::available`]), i.e. about the wall-clock seconds on this
+/// machine with nothing else running. Wall-clock time grew 3–5× on a shared build
+/// machine, so the same command wrote different files depending on the load (a trial
+/// skipped "over 300 s"); CPU time barely moves with other processes' load. Where the
+/// platform gives no CPU time, wall-clock seconds.
+pub struct WorkClock {
+    wall: std::time::Instant,
+    cpu: Option<f64>,
+}
+
+impl WorkClock {
+    pub fn start() -> WorkClock {
+        WorkClock {
+            wall: std::time::Instant::now(),
+            cpu: cpu_seconds(),
+        }
+    }
+
+    /// Work seconds since the start (see [`WorkClock`]).
+    pub fn seconds(&self) -> f64 {
+        match (self.cpu, cpu_seconds()) {
+            (Some(start), Some(now)) => {
+                (now - start).max(0.0) / crate::numerics::threads::available().max(1) as f64
+            }
+            _ => self.wall.elapsed().as_secs_f64(),
+        }
+    }
+}
+
 /// `12 min`, `45 s`, `1.5 h`: a duration for progress lines.
 pub fn human_duration(seconds: f64) -> String {
     if seconds < 90.0 {
@@ -247,6 +294,24 @@ pub fn human_duration(seconds: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_work_clock_counts_work_not_waiting() {
+        let clock = WorkClock::start();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let slept = clock.seconds();
+        // Sleeping is no work: well under the 0.3 s that passed (where CPU time exists).
+        if cpu_seconds().is_some() {
+            assert!(slept < 0.1, "{slept}");
+        }
+        let clock = WorkClock::start();
+        let mut x = 0u64;
+        let t = std::time::Instant::now();
+        while t.elapsed().as_secs_f64() < 0.3 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        assert!(clock.seconds() > 0.0, "{x}");
+    }
 
     #[test]
     fn sizes_parse_with_units() {

@@ -45,8 +45,12 @@ pub struct Calibration {
     /// The float model's first output on each record, from the calibration runs (the
     /// reference of the quality report, which then need not run the float model again).
     pub record_outputs: Vec<Tensor>,
-    /// Mean seconds of one calibration call.
+    /// Mean seconds of one calibration call (wall clock: what the user waits).
     pub call_seconds: f64,
+    /// Mean work seconds of one calibration call ([`crate::analysis::budget::WorkClock`]):
+    /// what the `auto` trials decide on, so that the machine's load does not change the
+    /// output.
+    pub call_work_seconds: f64,
     /// Inputs fed with seeded stand-ins (no --calib file gave them).
     pub stand_ins: Vec<String>,
     /// The graph input carrying the sample and the time step.

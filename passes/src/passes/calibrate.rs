@@ -257,6 +257,7 @@ fn calibrate_recorded(
         false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
     };
     let clock = std::time::Instant::now();
+    let work = crate::analysis::budget::WorkClock::start();
     let total = calls.len();
     for (call, pick) in calls.into_iter().zip(picks) {
         progress(&format!(
@@ -275,6 +276,7 @@ fn calibrate_recorded(
         cal.batches += 1;
     }
     cal.call_seconds = clock.elapsed().as_secs_f64() / cal.batches.max(1) as f64;
+    cal.call_work_seconds = work.seconds() / cal.batches.max(1) as f64;
     cal.layer_columns = store.map(std::sync::Arc::new);
     Ok(cal)
 }
@@ -385,6 +387,7 @@ fn calibrate_generated(
         .map(|d| Runner::int8(d, Some(&[d.graph.outputs[0].name.clone()]), Optimize::Full))
         .transpose()?;
     let clock = std::time::Instant::now();
+    let work = crate::analysis::budget::WorkClock::start();
     let mut calls = 0usize;
     // The budget is checked again between batches: one call's time (the probe) is a
     // noisy estimate on a busy machine (SD-1.5 at latent 64 once took 1836 s against a
@@ -422,6 +425,7 @@ fn calibrate_generated(
         },
     )?;
     cal.call_seconds = clock.elapsed().as_secs_f64() / calls.max(1) as f64;
+    cal.call_work_seconds = work.seconds() / calls.max(1) as f64;
     if ran < batches {
         let note = format!(
             "calibration stopped after {ran} of {batches} trajectory batches: calls took {} on average, more than planned, and the next batch would have passed --calib-budget {}",

@@ -55,7 +55,8 @@ pub use crate::analysis::reports::{Balanced, TcrReport};
 pub const AUTO_MIN_GAIN_DB: f64 = 0.1;
 
 /// `--tcr auto` does not measure (and leaves TCR off) when calibrating again and
-/// quantizing twice would take longer than this, estimated from calibration's calls.
+/// quantizing twice would take longer than this, estimated from calibration's calls in
+/// work seconds (`Calibration::call_work_seconds`), so that the load does not decide.
 pub const AUTO_MAX_SECONDS: f64 = 300.0;
 
 impl Pass for Reparameterize {
@@ -87,7 +88,7 @@ impl Pass for Reparameterize {
             } else {
                 cal.batches.max(1) * cal.records.len()
             } as f64;
-            let estimate = cal.call_seconds * (calls + 4.0 * cal.records.len() as f64);
+            let estimate = cal.call_work_seconds * (calls + 4.0 * cal.records.len() as f64);
             if estimate > AUTO_MAX_SECONDS {
                 cx.note(format!(
                     "TCR off: --tcr auto would take about {} to measure (over {AUTO_MAX_SECONDS} s); --tcr on turns it on unmeasured",

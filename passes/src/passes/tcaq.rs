@@ -166,7 +166,7 @@ impl Eval {
 fn held_out(cx: &PassContext, float: &Model) -> Result<Eval> {
     let cal = cx.calibration()?;
     let t_name = cx.tib()?.timestep_input.clone();
-    let per_call = 2.5 * cal.call_seconds;
+    let per_call = 2.5 * cal.call_work_seconds;
     let affordable = if per_call > 0.0 {
         (cx.options.calib_budget_s / 4.0 / per_call).floor() as usize
     } else {

@@ -34,7 +34,8 @@ pub(super) fn add_output_qdq(g: &mut Graph, y: &str, params: (f32, u8)) -> Resul
 }
 
 /// Longest the per-layer measurements of `--output-qdq auto` may take (seconds,
-/// estimated from the first measurement); beyond, no output pairs are added.
+/// estimated from the first measurement in work seconds, which the machine's load does not
+/// change: [`crate::analysis::budget::WorkClock`]); beyond, no output pairs are added.
 pub(super) const OUTPUT_QDQ_MAX_SECONDS: f64 = 300.0;
 /// Calibration records `--output-qdq auto` measures on (evenly spread over the steps).
 pub(super) const OUTPUT_QDQ_RECORDS: usize = 16;
@@ -156,17 +157,18 @@ pub(super) fn choose_output_qdq(
     // From calibration's call time first: at SD scale even one measurement (a plan of the
     // whole model and 16 calls) is minutes, and the per-Conv loop hours.
     let calls = (k * (n + 2) + 2 * total) as f64;
-    if cal.call_seconds * calls > OUTPUT_QDQ_MAX_SECONDS {
+    if cal.call_work_seconds * calls > OUTPUT_QDQ_MAX_SECONDS {
         return Ok(Err(format!(
             "no output Q/DQ: measuring the cost of each of {n} Convs would take over {} ({} calls of {:.1} s); --output-qdq all adds them all, at a cost in output SQNR",
-            crate::analysis::budget::human_duration(cal.call_seconds * calls),
+            crate::analysis::budget::human_duration(cal.call_work_seconds * calls),
             calls as u64,
-            cal.call_seconds
+            cal.call_work_seconds
         )));
     }
-    let clock = std::time::Instant::now();
+    // Work seconds, not wall-clock ones: see WorkClock.
+    let clock = crate::analysis::budget::WorkClock::start();
     let base = measure(&[])?;
-    let estimate = clock.elapsed().as_secs_f64() * (n + 2 + 2 * total / k) as f64;
+    let estimate = clock.seconds() * (n + 2 + 2 * total / k) as f64;
     if estimate > OUTPUT_QDQ_MAX_SECONDS {
         return Ok(Err(format!(
             "no output Q/DQ: measuring the cost of each of {n} Convs would take about {} (over {OUTPUT_QDQ_MAX_SECONDS} s); --output-qdq all adds them all, at a cost in output SQNR",
