@@ -246,7 +246,11 @@ pub(crate) fn ranks<'a>(
                 .filter(|&k| input(k).is_some())
                 .map(len_of)
                 .try_fold(0usize, |sum, l| l.map(|l| sum + l)),
-            "Gather" if out == Some(1) => konst_ints(1).map(|i| i.len()),
+            // Entries picked from a vector by a 1-D list of indices (from a matrix, the
+            // length would be the other axis's: unknown here).
+            "Gather" if rank_of(0) == Some(1) && rank_of(1) == Some(1) => {
+                konst_ints(1).map(|i| i.len())
+            }
             _ => None,
         };
         if let Some(r) = out {
@@ -287,7 +291,13 @@ mod tests {
     #[test]
     fn ranks_follow_the_op_rules_and_stay_unknown_without_one() {
         let g = pb::GraphProto {
-            initializer: vec![konst("v", &[5]), konst("s0", &[]), konst("m", &[2, 3, 4])],
+            initializer: vec![
+                konst("v", &[5]),
+                konst("s0", &[]),
+                konst("m", &[2, 3, 4]),
+                konst("m2", &[3, 5]),
+                konst("s0i", &[]),
+            ],
             node: vec![
                 node("MatMul", &["v", "s0"], &["vs"]), // 1 × 0: invalid, not an underflow
                 node("MatMul", &["v", "m"], &["vm"]),
@@ -296,6 +306,7 @@ mod tests {
                 node("Unsqueeze", &["s0", "s0"], &["u"]),
                 node("Concat", &["sm", "v"], &["cat"]),
                 node("Reshape", &["m", "cat"], &["r"]),
+                node("Gather", &["m2", "s0i"], &["row"]), // [3, 5] by a scalar: [5]
                 node("TopK", &["m"], &["t"]),
                 node("Relu", &["t"], &["rt"]),
             ],
@@ -303,7 +314,8 @@ mod tests {
         };
         let k: HashMap<&str, &pb::TensorProto> =
             g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
-        let r = ranks(&g, &k, |_| None);
+        // Only the scalar index reads as integers here.
+        let r = ranks(&g, &k, |t| (t.name == "s0i").then(|| vec![0]));
         assert_eq!(r.rank.get("vs"), None);
         assert_eq!(r.rank["vm"], 2);
         assert_eq!((r.rank["p"], r.rank["q"]), (3, 3));
@@ -311,5 +323,7 @@ mod tests {
         assert_eq!(r.len["cat"], 8);
         assert_eq!(r.rank["r"], 8);
         assert_eq!((r.rank.get("t"), r.rank.get("rt")), (None, None));
+        // A row of a matrix is a vector whose length is not the indices' count.
+        assert_eq!((r.rank["row"], r.len.get("row")), (1, None));
     }
 }
