@@ -85,8 +85,10 @@ const SEED: u64 = 0;
 /// `scale_tables` (per-step activation scales), `other`, as `tfmqc --report`'s
 /// `bytes_by_kind`), `int8_ops` and `int8_weights` (`resident`: bytes the runtime's int8
 /// nodes hold, packed, with scales and biases; `f32`: the same weights in f32; null for
-/// onnxruntime), `resident_by_kind` (bytes the runtime holds after loading:
-/// `int8_weights`, `tables`, `scale_tables`, `other` constants; null for onnxruntime); `runs_per_step` (--runs, null when adaptive), `budget_s`; `failed`,
+/// onnxruntime), `resident_by_kind` (bytes the tract plan holds after loading:
+/// `int8_weights` (the int8 nodes', with their scales and per-step scale tables),
+/// `tables`, `scale_tables` and `other` constants; weights tract packed into its own
+/// float kernels are not constants and are in `load_rss_mb` only; null for onnxruntime); `runs_per_step` (--runs, null when adaptive), `budget_s`; `failed`,
 /// one per engine run that failed (`engine`, `model`, `file`, `threads`, `reason`);
 /// `ratios`, one per non-reference run, against
 /// tract-float of the same model and thread count: `step_speedup`, `loop_speedup`

@@ -454,18 +454,22 @@ impl Engine {
 
 /// The time one node of a plan took in [`Engine::profile`].
 /// Bytes a planned model holds, by kind of tensor: the int8 nodes' packed weights (with
-/// their scales and biases) and the constants tract keeps, named as the compiler writes
-/// them (`tib/table/…` time-step tables; `fsc/…` or `…_scales` per-step scale tables).
-/// What `tfmqc bench --json` reports beside the file's bytes by kind.
+/// their scales, biases and per-step scale tables) and the constants the plan keeps as
+/// constants, named as the compiler writes them (`tib/table/…` time-step tables; `fsc/…`
+/// or `…_scales` per-step scale tables). Weights tract packs into its own float kernels
+/// (the float model's convolutions and matrix products) are no constants any more and
+/// are not counted: the process's resident memory after loading covers them. What
+/// `tfmqc bench --json` reports beside the file's bytes by kind.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ResidentBytes {
-    /// Packed weights of the nodes on the int8 kernels.
+    /// Packed weights of the nodes on the int8 kernels, with their scales, biases and
+    /// per-step scale tables.
     pub int8_weights: usize,
     /// Temporal-feature tables.
     pub tables: usize,
     /// Per-step activation scale tables and the step-group index.
     pub scale_tables: usize,
-    /// Every other constant: weights left in float, biases, shapes.
+    /// Every other constant: biases, shapes, weights of ops tract did not pack.
     pub other: usize,
 }
 

@@ -108,8 +108,9 @@ impl Measured {
 
 /// Bytes the runtime's planned model holds by kind of tensor
 /// ([`tfmqc_runtime::engine::ResidentBytes`]): the int8 nodes' packed weights (with
-/// scales and biases), the time-step tables, the per-step scale tables, every other
-/// constant (weights left in float, biases, shapes).
+/// scales, biases and per-step scale tables), the time-step tables, the per-step scale
+/// tables left as constants, every other constant (biases, shapes, weights of ops tract
+/// did not pack into its float kernels).
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
 pub struct ResidentByKind {
     pub int8_weights: usize,
