@@ -81,9 +81,14 @@ const SEED: u64 = 0;
 /// (VmHWM of the engine's own process), `base_rss_mb` (VmRSS before loading: the
 /// binary or interpreter), `load_rss_mb` (anonymous RSS the loaded model holds: RssAnon
 /// after loading, free heap released, minus before), `load_s`, `weight_bytes` (initializers of the file: `float`,
-/// `int8`, `other`), `int8_ops` and `int8_weights` (`resident`: bytes the runtime's int8
+/// `int8`, `other`, and `by_kind`: `weights_int`, `float`, `tables` (time-step tables),
+/// `scale_tables` (per-step activation scales), `other`, as `tfmqc --report`'s
+/// `bytes_by_kind`), `int8_ops` and `int8_weights` (`resident`: bytes the runtime's int8
 /// nodes hold, packed, with scales and biases; `f32`: the same weights in f32; null for
-/// onnxruntime); `runs_per_step` (--runs, null when adaptive), `budget_s`; `failed`,
+/// onnxruntime), `resident_by_kind` (bytes the tract plan holds after loading:
+/// `int8_weights` (the int8 nodes', with their scales and per-step scale tables),
+/// `tables`, `scale_tables` and `other` constants; weights tract packed into its own
+/// float kernels are not constants and are in `load_rss_mb` only; null for onnxruntime); `runs_per_step` (--runs, null when adaptive), `budget_s`; `failed`,
 /// one per engine run that failed (`engine`, `model`, `file`, `threads`, `reason`);
 /// `ratios`, one per non-reference run, against
 /// tract-float of the same model and thread count: `step_speedup`, `loop_speedup`
@@ -213,7 +218,12 @@ fn weight_bytes(model: &tfmqc_passes::Model) -> WeightBytes {
             _ => other += n,
         }
     }
-    WeightBytes { float, int8, other }
+    WeightBytes {
+        float,
+        int8,
+        other,
+        by_kind: crate::report::BytesByKind::of(&model.graph),
+    }
 }
 
 fn qdq_nodes(model: &tfmqc_passes::Model) -> usize {

@@ -403,7 +403,7 @@ impl Report {
 }
 
 /// Initializer bytes of a model by kind of tensor (what the file spends its bytes on).
-#[derive(Serialize, Default, Debug, Clone, PartialEq)]
+#[derive(Serialize, serde::Deserialize, Default, Debug, Clone, Copy, PartialEq)]
 pub struct BytesByKind {
     /// Integer weights behind DequantizeLinear (int8, or 4-bit values stored as int8).
     pub weights_int: u64,

@@ -95,6 +95,39 @@ fn bench_json_has_one_run_per_engine_with_ratios_against_tract_float() {
     // Weights: the float file holds f32 weights, the quantized one int8 weights.
     assert_eq!(float["weight_bytes"]["int8"], 0);
     assert!(int8["weight_bytes"]["int8"].as_u64().unwrap() > 0);
+    // The same bytes by kind (as --report's bytes_by_kind): the quantized file's integer
+    // weights, its time-step tables (ddpm_digits folds its time embedding), nothing of
+    // either in the float file; the kinds add up to the file's initializers.
+    let u = |v: &Value| v.as_u64().unwrap();
+    for r in [float, int8] {
+        let (w, k) = (&r["weight_bytes"], &r["weight_bytes"]["by_kind"]);
+        let kinds = ["weights_int", "float", "tables", "scale_tables", "other"];
+        assert_eq!(
+            kinds.iter().map(|n| u(&k[n])).sum::<u64>(),
+            u(&w["float"]) + u(&w["int8"]) + u(&w["other"]),
+            "{w}"
+        );
+    }
+    let by_kind = &int8["weight_bytes"]["by_kind"];
+    assert!(
+        u(&by_kind["weights_int"]) > 0 && u(&by_kind["tables"]) > 0,
+        "{by_kind}"
+    );
+    let float_kind = &float["weight_bytes"]["by_kind"];
+    assert_eq!(
+        (u(&float_kind["weights_int"]), u(&float_kind["tables"])),
+        (0, 0)
+    );
+    // Resident after loading: the int8 nodes' packed weights are int8_weights.resident;
+    // the tables stay constants the plan holds; the float model holds no int8 weights.
+    let res = &int8["resident_by_kind"];
+    assert_eq!(
+        res["int8_weights"], int8["int8_weights"]["resident"],
+        "{res}"
+    );
+    assert!(u(&res["tables"]) > 0, "{res}");
+    assert_eq!(float["resident_by_kind"]["int8_weights"], 0);
+    assert!(u(&float["resident_by_kind"]["other"]) > 0);
     let r = &v["ratios"][0];
     assert_eq!(r["engine"], "tfmqc-int8");
     let speedup = r["step_speedup"].as_f64().unwrap();

@@ -25,6 +25,7 @@ pub enum Optimize {
 pub struct Engine {
     plan: Arc<TypedSimplePlan>,
     int8_weights: (usize, usize),
+    resident: ResidentBytes,
     input_names: Vec<String>,
     output_names: Vec<String>,
     /// Values shown to [`Engine::run_observing`]'s observer: the plan's outlet of each,
@@ -268,23 +269,30 @@ impl Engine {
                 .map_err(|e| engine_err("selecting outputs", e))?;
         }
         let mut int8_weights = (0, 0);
+        let mut resident = ResidentBytes::default();
         for node in typed.nodes() {
             let bytes = if let Some(op) = node.op_as::<crate::ops::conv::QConv>() {
                 op.weight_bytes()
             } else if let Some(op) = node.op_as::<crate::ops::gemm::QGemm>() {
                 op.weight_bytes()
             } else {
+                if let Some(k) = node.op_as::<tract_onnx::tract_core::ops::konst::Const>() {
+                    let v = k.val();
+                    resident.add_const(&node.name, v.len() * v.datum_type().size_of());
+                }
                 continue;
             };
             int8_weights.0 += bytes.0;
             int8_weights.1 += bytes.1;
         }
+        resident.int8_weights = int8_weights.0;
         let plan = typed
             .into_runnable()
             .map_err(|e| engine_err("planning the model", e))?;
         Ok(Engine {
             plan,
             int8_weights,
+            resident,
             input_names,
             output_names,
             observed,
@@ -296,6 +304,11 @@ impl Engine {
     /// bytes of the same weights in f32)`, both including scales / bias.
     pub fn int8_weight_bytes(&self) -> (usize, usize) {
         self.int8_weights
+    }
+
+    /// Bytes the planned model holds by kind of tensor ([`ResidentBytes`]).
+    pub fn resident_bytes(&self) -> ResidentBytes {
+        self.resident
     }
 
     pub fn input_names(&self) -> &[String] {
@@ -440,6 +453,55 @@ impl Engine {
 }
 
 /// The time one node of a plan took in [`Engine::profile`].
+/// Bytes a planned model holds, by kind of tensor: the int8 nodes' packed weights (with
+/// their scales, biases and per-step scale tables) and the constants the plan keeps as
+/// constants, named as the compiler writes them (`tib/table/…` time-step tables; `fsc/…`
+/// or `…_scales` per-step scale tables). Weights tract packs into its own float kernels
+/// (the float model's convolutions and matrix products) are no constants any more and
+/// are not counted: the process's resident memory after loading covers them. What
+/// `tfmqc bench --json` reports beside the file's bytes by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResidentBytes {
+    /// Packed weights of the nodes on the int8 kernels, with their scales, biases and
+    /// per-step scale tables.
+    pub int8_weights: usize,
+    /// Temporal-feature tables.
+    pub tables: usize,
+    /// Per-step activation scale tables and the step-group index.
+    pub scale_tables: usize,
+    /// Every other constant: biases, shapes, weights of ops tract did not pack.
+    pub other: usize,
+}
+
+impl ResidentBytes {
+    fn add_const(&mut self, name: &str, bytes: usize) {
+        let slot = match const_kind(name) {
+            ConstKind::Table => &mut self.tables,
+            ConstKind::ScaleTable => &mut self.scale_tables,
+            ConstKind::Other => &mut self.other,
+        };
+        *slot += bytes;
+    }
+}
+
+enum ConstKind {
+    Table,
+    ScaleTable,
+    Other,
+}
+
+/// A constant's kind by its name; tract names a constant after the initializer it comes
+/// from, and a folded one after the node it replaced (`…_scales.…`).
+fn const_kind(name: &str) -> ConstKind {
+    if name.starts_with("tib/table/") {
+        ConstKind::Table
+    } else if name.starts_with("fsc/") || name.contains("_scales") {
+        ConstKind::ScaleTable
+    } else {
+        ConstKind::Other
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct NodeTime {
     /// The node's name in tract's plan (ONNX node name, or one tract derived from it).

@@ -25,6 +25,9 @@ pub struct WeightBytes {
     pub float: usize,
     pub int8: usize,
     pub other: usize,
+    /// The same bytes by what the tensors are (as `tfmqc --report`'s `bytes_by_kind`):
+    /// integer weights, float tensors, time-step tables, per-step scale tables, other.
+    pub by_kind: crate::report::BytesByKind,
 }
 
 impl WeightBytes {
@@ -78,6 +81,9 @@ pub struct Measured {
     /// Nodes on the runtime's int8 ops; null for onnxruntime.
     pub int8_ops: Option<usize>,
     pub int8_weights: Option<Int8Weights>,
+    /// Bytes the runtime holds after loading, by kind of tensor; null for onnxruntime.
+    #[serde(default)]
+    pub resident_by_kind: Option<ResidentByKind>,
     /// Time per op kind (tract runs under `--profile` only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile: Option<Vec<OpTime>>,
@@ -94,7 +100,32 @@ impl Measured {
             timing,
             int8_ops: None,
             int8_weights: None,
+            resident_by_kind: None,
             profile: None,
+        }
+    }
+}
+
+/// Bytes the runtime's planned model holds by kind of tensor
+/// ([`tfmqc_runtime::engine::ResidentBytes`]): the int8 nodes' packed weights (with
+/// scales, biases and per-step scale tables), the time-step tables, the per-step scale
+/// tables left as constants, every other constant (biases, shapes, weights of ops tract
+/// did not pack into its float kernels).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq)]
+pub struct ResidentByKind {
+    pub int8_weights: usize,
+    pub tables: usize,
+    pub scale_tables: usize,
+    pub other: usize,
+}
+
+impl From<tfmqc_runtime::engine::ResidentBytes> for ResidentByKind {
+    fn from(r: tfmqc_runtime::engine::ResidentBytes) -> ResidentByKind {
+        ResidentByKind {
+            int8_weights: r.int8_weights,
+            tables: r.tables,
+            scale_tables: r.scale_tables,
+            other: r.other,
         }
     }
 }
@@ -371,12 +402,14 @@ mod tests {
                 },
                 int8_ops: None,
                 int8_weights: None,
+                resident_by_kind: None,
                 profile: None,
             },
             weight_bytes: WeightBytes {
                 float: float_bytes,
                 int8: 0,
                 other: 8,
+                by_kind: Default::default(),
             },
         }
     }

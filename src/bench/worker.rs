@@ -231,6 +231,7 @@ pub fn worker(args: &WorkerArgs) -> Result<(), Failure> {
                 resident,
                 f32: as_f32,
             }),
+            resident_by_kind: Some(model.engine().resident_bytes().into()),
             profile,
         },
         // For the onnxruntime runs of the same model.

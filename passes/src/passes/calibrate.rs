@@ -184,8 +184,8 @@ struct Observer<'a> {
 }
 
 impl Observer<'_> {
-    /// Runs one call at step `t`, folds each value's range into `cal` (an EMA per step,
-    /// the union over all steps), and returns the graph outputs.
+    /// Runs one call at step `t`, folds each value's range into `cal` (an EMA and a union
+    /// per step, the union over all steps), and returns the graph outputs.
     fn observe(
         &self,
         cal: &mut Calibration,
@@ -198,6 +198,9 @@ impl Observer<'_> {
             let steps = cal.per_step.entry(name.clone()).or_default();
             let r = steps.get(&t).map(|r| r.ema(batch)).unwrap_or(batch);
             steps.insert(t, r);
+            let union = cal.per_step_union.entry(name.clone()).or_default();
+            let u = union.get(&t).map(|r| r.union(batch)).unwrap_or(batch);
+            union.insert(t, u);
             let gl = cal
                 .global
                 .get(name)

@@ -184,7 +184,8 @@ impl Pass for Quantize {
     }
 }
 
-/// The activation range of one value for one group of steps.
+/// The activation range of one value for one group of steps: the union of the steps' EMA
+/// ranges (global min/max for the baseline), what one set of scales calibrates on.
 fn group_range(cal: &Calibration, value: &str, steps: &[i64], baseline: bool) -> Result<Range> {
     if baseline {
         return cal
@@ -193,8 +194,31 @@ fn group_range(cal: &Calibration, value: &str, steps: &[i64], baseline: bool) ->
             .copied()
             .ok_or_else(|| Error::pass("quantize", format!("no calibration data for '{value}'")));
     }
-    let per_step = cal
-        .per_step
+    range_over(&cal.per_step, value, steps)
+}
+
+/// The range of one value for one of several step groups: the union of the steps'
+/// batch-union ranges ([`Calibration::per_step_union`]). A group covers a few steps that
+/// a few batches visited; the EMA of those batches is the first one's extremes, which
+/// other trajectories pass (clipped), while one set of scales spans every step and so
+/// many batches that the EMA suffices there.
+fn step_group_range(cal: &Calibration, value: &str, steps: &[i64]) -> Result<Range> {
+    // A calibration made before the union was recorded (none today) falls back to the EMA.
+    let source = if cal.per_step_union.contains_key(value) {
+        &cal.per_step_union
+    } else {
+        &cal.per_step
+    };
+    range_over(source, value, steps)
+}
+
+/// The union of `value`'s per-step ranges over `steps`.
+fn range_over(
+    source: &BTreeMap<String, BTreeMap<i64, Range>>,
+    value: &str,
+    steps: &[i64],
+) -> Result<Range> {
+    let per_step = source
         .get(value)
         .ok_or_else(|| Error::pass("quantize", format!("no calibration data for '{value}'")))?;
     let in_group: Vec<Range> = steps
@@ -207,13 +231,10 @@ fn group_range(cal: &Calibration, value: &str, steps: &[i64], baseline: bool) ->
     } else {
         in_group
     };
-    Ok(ranges
+    ranges
         .into_iter()
-        .reduce(|a, b| Range {
-            min: a.min.min(b.min),
-            max: a.max.max(b.max),
-        })
-        .expect("at least one step"))
+        .reduce(|a, b| a.union(b))
+        .ok_or_else(|| Error::pass("quantize", format!("no calibrated step for '{value}'")))
 }
 
 /// Per-channel DequantizeLinear (the weights' form) is opset 13's.
@@ -636,7 +657,7 @@ fn auto_groups(cal: &Calibration, value: &str, set: &[i64]) -> Result<usize> {
     let gain = |n: usize| -> Result<f64> {
         let ranges: Vec<Range> = smoothed_members(set, n)
             .iter()
-            .map(|m| group_range(cal, value, m, false))
+            .map(|m| step_group_range(cal, value, m))
             .collect::<Result<_>>()?;
         Ok(gain_db(
             &shared_zero_point_params(&ranges).0,
@@ -672,7 +693,11 @@ fn activation_ranges(
     for a in acts {
         let r = members
             .iter()
-            .map(|steps| group_range(cal, a, steps, options.baseline_minmax))
+            .map(|steps| match members.len() {
+                1 => group_range(cal, a, steps, options.baseline_minmax),
+                _ if options.baseline_minmax => group_range(cal, a, steps, true),
+                _ => step_group_range(cal, a, steps),
+            })
             .collect::<Result<_>>()?;
         out.insert(a.clone(), r);
     }
@@ -791,6 +816,34 @@ pub(crate) fn hessian_layout(layer: &LayerInput, block: usize) -> HessianLayout 
 mod tests {
     use super::*;
     use crate::numerics::reconstruct::{dequantize, gptq, output_error, rtn};
+
+    /// Step groups calibrate on every batch's extremes at their steps; one set of scales
+    /// keeps the EMA (`--step-groups 1` is what it was). At t = 1 the second batch went
+    /// past the first, which the EMA barely moved toward.
+    #[test]
+    fn step_groups_take_the_union_of_the_batches_and_one_set_the_ema() {
+        let r = |min: f32, max: f32| Range { min, max };
+        let mut cal = Calibration::default();
+        let first = r(-1.0, 1.0);
+        let second = r(-1.0, 3.0);
+        let ema: BTreeMap<i64, Range> =
+            [(0, r(-0.5, 0.5)), (1, first.ema(second)), (2, r(-2.0, 2.0))].into();
+        let union: BTreeMap<i64, Range> = [
+            (0, r(-0.5, 0.5)),
+            (1, first.union(second)),
+            (2, r(-2.0, 2.0)),
+        ]
+        .into();
+        cal.per_step.insert("x".into(), ema);
+        cal.per_step_union.insert("x".into(), union);
+        let one = group_range(&cal, "x", &[0, 1], false).unwrap();
+        assert!((one.max - 1.1).abs() < 1e-6, "{one:?}");
+        let group = step_group_range(&cal, "x", &[0, 1]).unwrap();
+        assert_eq!(group, r(-1.0, 3.0));
+        // A group no step of which was visited takes every visited step's range.
+        assert_eq!(step_group_range(&cal, "x", &[7]).unwrap(), r(-2.0, 3.0));
+        assert!(step_group_range(&cal, "y", &[0]).is_err());
+    }
 
     /// The cost of GPTQ on a block-diagonal H, layer by layer on real inputs: each weight
     /// layer of the model (W4, Lp scales) rounded by GPTQ with its exact H and with the
