@@ -90,8 +90,8 @@ const fn nib(b: u8) -> i32 {
     (((b & 0x0f) as i8) << 4 >> 4) as i32
 }
 
-/// Byte `b` of [`Store::I4Pairs`] as the i16 pair the kernels read (one lookup a pair:
-/// unpacking runs once per block and panel, inside the GEMM loop).
+/// Byte `b` of [`Store::I4Pairs`] as the i16 pair the kernels read (big-endian targets;
+/// little-endian ones unpack straight into the words' bytes).
 static I4_PAIR: [i32; 256] = {
     let mut t = [0i32; 256];
     let mut b = 0;
@@ -103,7 +103,8 @@ static I4_PAIR: [i32; 256] = {
     t
 };
 
-/// Byte `b` of [`Store::I4Quads`] as two s8 bytes (low nibble's value in the low byte).
+/// Byte `b` of [`Store::I4Quads`] as two s8 bytes (low nibble's value in the low byte;
+/// big-endian targets).
 static I4_BYTES: [u16; 256] = {
     let mut t = [0u16; 256];
     let mut b = 0;
@@ -223,17 +224,43 @@ impl Store {
             }
             Store::I4Pairs(v) => {
                 scratch.resize(len, 0);
-                for (d, &b) in scratch.iter_mut().zip(&v[start..start + len]) {
-                    *d = I4_PAIR[b as usize];
+                let src = &v[start..start + len];
+                if cfg!(target_endian = "little") {
+                    // A pair word is its two i16 halves in memory, low first: unpacked
+                    // as a strided store LLVM vectorizes.
+                    // SAFETY: `len` i32 words are `2 * len` i16s, same memory, aligned.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut i16, 2 * len)
+                    };
+                    for (d, &b) in dst.chunks_exact_mut(2).zip(src) {
+                        d[0] = (((b << 4) as i8) >> 4) as i16;
+                        d[1] = ((b as i8) >> 4) as i16;
+                    }
+                } else {
+                    for (d, &b) in scratch.iter_mut().zip(src) {
+                        *d = I4_PAIR[b as usize];
+                    }
                 }
                 scratch
             }
             Store::I4Quads(v) => {
                 scratch.resize(len, 0);
                 let src = &v[2 * start..2 * (start + len)];
-                for (d, b) in scratch.iter_mut().zip(src.chunks_exact(2)) {
-                    let (lo, hi) = (I4_BYTES[b[0] as usize], I4_BYTES[b[1] as usize]);
-                    *d = ((lo as u32) | ((hi as u32) << 16)) as i32;
+                if cfg!(target_endian = "little") {
+                    // A quad word is its four s8 bytes in memory, in order.
+                    // SAFETY: `len` i32 words are `4 * len` bytes, same memory.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut i8, 4 * len)
+                    };
+                    for (d, &b) in dst.chunks_exact_mut(2).zip(src) {
+                        d[0] = ((b << 4) as i8) >> 4;
+                        d[1] = (b as i8) >> 4;
+                    }
+                } else {
+                    for (d, b) in scratch.iter_mut().zip(src.chunks_exact(2)) {
+                        let (lo, hi) = (I4_BYTES[b[0] as usize], I4_BYTES[b[1] as usize]);
+                        *d = ((lo as u32) | ((hi as u32) << 16)) as i32;
+                    }
                 }
                 scratch
             }
