@@ -85,7 +85,10 @@ pub fn decode_proto(bytes: &[u8]) -> Result<pb::ModelProto> {
 impl Engine {
     /// Loads a model file. `outputs`: value names to return instead of the graph outputs.
     pub fn load(path: &Path, outputs: Option<&[String]>, optimize: Optimize) -> Result<Engine> {
-        let proto = read_proto(path)?;
+        let mut proto = read_proto(path)?;
+        // Widened here, in the proto we own, so `build` need not copy the model.
+        crate::int4::widen_int4_initializers(&mut proto, path.parent())
+            .map_err(Error::InvalidModel)?;
         let dir = path.parent().map(|d| d.to_string_lossy().to_string());
         Engine::from_proto(&proto, dir.as_deref(), outputs, optimize)
     }
@@ -129,8 +132,10 @@ impl Engine {
         outputs: Option<&[String]>,
         optimize: Optimize,
     ) -> Result<(Engine, usize)> {
-        let (lowered, count) =
+        let (mut lowered, count) =
             crate::lower::lowered_int8(proto, model_dir.map(Path::new), outputs.unwrap_or(&[]))?;
+        crate::int4::widen_int4_initializers(&mut lowered, model_dir.map(Path::new))
+            .map_err(Error::InvalidModel)?;
         Ok((
             Engine::build(&lowered, model_dir, outputs, &[], optimize, true)?,
             count,

@@ -107,3 +107,85 @@ pub fn pack_int4_weights(model: &mut Model) -> Result<Int4Packing> {
     g.remove_dead();
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ir::{attr, Dim, Graph, Node, ValueInfo};
+
+    /// `y_i = MatMul(x, DequantizeLinear(w_i, s, zp_i))` for each weight given.
+    fn model(weights: &[(&str, Vec<i8>)]) -> Model {
+        let mut g = Graph::new("m");
+        g.inputs.push(ValueInfo::new(
+            "x",
+            DType::F32,
+            vec![Dim::Known(1), Dim::Known(3)],
+        ));
+        g.initializers
+            .insert("s".into(), Tensor::from_vec(vec![2], &[0.5f32, 0.25]));
+        for (name, w) in weights {
+            g.initializers
+                .insert((*name).into(), Tensor::from_vec(vec![3, 2], w));
+            let zp = format!("{name}_zp");
+            g.initializers
+                .insert(zp.clone(), Tensor::from_vec(vec![2], &[0i8, 0]));
+            let dq = format!("{name}_dq");
+            let y = format!("{name}_y");
+            g.add_node(
+                Node::new(
+                    format!("{name}/dq"),
+                    "DequantizeLinear",
+                    vec![(*name).into(), "s".into(), zp],
+                    vec![dq.clone()],
+                )
+                .with_attr(attr::int("axis", 1)),
+            )
+            .unwrap();
+            g.add_node(Node::new(
+                format!("{name}/mm"),
+                "MatMul",
+                vec!["x".into(), dq],
+                vec![y.clone()],
+            ))
+            .unwrap();
+            g.outputs.push(ValueInfo {
+                name: y,
+                ..Default::default()
+            });
+        }
+        Model {
+            ir_version: 8,
+            opsets: vec![(String::new(), 17)],
+            graph: g,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn weights_in_int4_range_are_packed_and_the_opset_raised() {
+        let mut m = model(&[
+            ("a", vec![-8, 7, 0, 1, -1, 3]),
+            ("b", vec![8, 0, 0, 0, 0, 0]),
+        ]);
+        let p = pack_int4_weights(&mut m).unwrap();
+        assert_eq!(p.weights, 1);
+        assert_eq!((p.bytes_int8, p.bytes_int4), (6, 3));
+        let g = &m.graph;
+        let a = &g.initializers["a"];
+        assert_eq!(a.dtype, DType::I4);
+        assert_eq!(a.to_f64_lossy().unwrap(), vec![-8., 7., 0., 1., -1., 3.]);
+        assert_eq!(g.initializers["a_zp"].dtype, DType::I4);
+        // 8 leaves int4: that weight keeps its int8 form (valid at opset 21 too).
+        assert_eq!(g.initializers["b"].dtype, DType::I8);
+        assert_eq!(g.initializers["b_zp"].dtype, DType::I8);
+        assert_eq!(m.onnx_opset(), INT4_OPSET);
+        assert!(m.ir_version >= opset::INT4_IR_VERSION);
+    }
+
+    #[test]
+    fn nothing_to_pack_leaves_the_model_alone() {
+        let mut m = model(&[("b", vec![8, 0, 0, 0, 0, 0])]);
+        assert_eq!(pack_int4_weights(&mut m).unwrap(), Int4Packing::default());
+        assert_eq!(m.onnx_opset(), 17);
+    }
+}
