@@ -11,7 +11,9 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 use tfmqc_passes::ir::print;
 use tfmqc_passes::numerics::table_quant::TablePrecision;
-use tfmqc_passes::options::{meta, ActRange, Baseline, Daq, OutputQdq, Reconstruct, Tcr, TibMode};
+use tfmqc_passes::options::{
+    meta, ActRange, Baseline, Daq, Int4Storage, OutputQdq, Reconstruct, Tcr, TibMode,
+};
 use tfmqc_passes::pipeline::{self, PassContext};
 use tfmqc_passes::{onnx, Error, Options};
 
@@ -104,10 +106,17 @@ struct TibArgs {
 
 #[derive(Args, Debug)]
 struct QuantArgs {
-    /// Weight bits: 8, 6 or 4 (symmetric levels ±(2^(b−1) − 1) stored as int8: tract and
-    /// onnxruntime's QDQ paths refuse int4 tensors; the file is as large as at 8 bits).
+    /// Weight bits: 8, 6 or 4 (symmetric levels ±(2^(b−1) − 1); 8 and 6 stored as int8,
+    /// 4 as packed ONNX INT4 under --int4-storage packed).
     #[arg(long, default_value_t = 8, value_name = "4|6|8")]
     weight_bits: u32,
+    /// The file form of 4-bit weights: `packed`, ONNX INT4 (two a byte) behind opset-21
+    /// DequantizeLinear, the model's opset raised to 21 (Reduce* axes and Split rewritten
+    /// to their opset-18 form; onnxruntime ≥ 1.18 and tfmqc's runtime read it); `int8`,
+    /// the same levels in int8 initializers at the model's opset, twice the bytes, for
+    /// readers without INT4 (tract alone refuses it).
+    #[arg(long, value_enum, default_value = "packed", value_name = "packed|int8")]
+    int4_storage: Int4Storage,
     /// Activation bits: 8, 6 or 4 (levels 0..2^b − 1 in uint8 Q/DQ, behind a Clip to
     /// that grid below 8 bits), or 32 for weight-only quantization.
     #[arg(long, default_value_t = 8, value_name = "4|6|8|32")]
@@ -333,6 +342,7 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
     };
     if let Some(q) = q {
         o.weight_bits = q.weight_bits;
+        o.int4_storage = q.int4_storage;
         o.act_bits = q.act_bits;
         o.tcr = q.tcr.or(q.tcaq).unwrap_or(Tcr::Auto);
         o.daq = q.daq.unwrap_or(match q.tcaq {

@@ -619,3 +619,98 @@ fn every_pass_on_the_synthetic_denoiser_keeps_its_function() {
     eprintln!("{}", seen.join("\n"));
     assert_eq!(seen.len(), 6);
 }
+
+/// What raising the opset to 21 (packed INT4 weights) rewrites: a reduction's `axes`
+/// attribute becomes an input, an equal Split gets `num_outputs`, RoiAlign keeps its
+/// opset-10 coordinates and GridSample its mode under the new spelling; ops whose meaning
+/// did not change stay as they are.
+#[test]
+fn opset_upgrade_to_21() {
+    let mut g = Graph::new("opset");
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![Dim::Known(1), Dim::Known(4), Dim::Known(2), Dim::Known(2)],
+    ));
+    for o in ["mean", "a", "b", "roi", "grid", "y"] {
+        g.outputs.push(ValueInfo {
+            name: o.into(),
+            ..Default::default()
+        });
+    }
+    g.initializers.insert(
+        "rois".into(),
+        Tensor::from_vec(vec![1, 4], &[0f32, 0., 1., 1.]),
+    );
+    g.initializers
+        .insert("batch".into(), Tensor::from_vec(vec![1], &[0i64]));
+    g.initializers.insert(
+        "coords".into(),
+        Tensor::from_vec(vec![1, 1, 1, 2], &[0f32, 0.]),
+    );
+    let n = node;
+    g.add_node(
+        n("reduce", "ReduceMean", &["x"], "mean")
+            .with_attr(attr::ints("axes", vec![2, 3]))
+            .with_attr(attr::int("keepdims", 1)),
+    )
+    .unwrap();
+    let mut split = n("split", "Split", &["x"], "a").with_attr(attr::int("axis", 1));
+    split.outputs.push("b".into());
+    g.add_node(split).unwrap();
+    g.add_node(n("roi_align", "RoiAlign", &["x", "rois", "batch"], "roi"))
+        .unwrap();
+    g.add_node(n("sample", "GridSample", &["x", "coords"], "grid"))
+        .unwrap();
+    g.add_node(n("relu", "Relu", &["x"], "y")).unwrap();
+    let before = Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 13)],
+        graph: g,
+        ..Default::default()
+    };
+    let mut after = before.clone();
+    let notes = tfmqc_passes::ir::opset::upgrade(&mut after, 21).unwrap();
+    snapshot(
+        "opset_upgrade_to_21",
+        &format!(
+            "{}\n--- opset {} → {}, IR {} → {}\n{}",
+            notes.join("\n"),
+            before.onnx_opset(),
+            after.onnx_opset(),
+            before.ir_version,
+            after.ir_version,
+            print::model_text(&after)
+        ),
+    );
+}
+
+#[test]
+fn opset_upgrade_refuses_group_normalization_and_leaves_the_model() {
+    let mut g = Graph::new("gn");
+    g.inputs.push(ValueInfo::new(
+        "x",
+        DType::F32,
+        vec![Dim::Known(1), Dim::Known(4)],
+    ));
+    g.outputs.push(ValueInfo {
+        name: "y".into(),
+        ..Default::default()
+    });
+    g.add_node(
+        node("gn", "GroupNormalization", &["x", "s", "b"], "y")
+            .with_attr(attr::int("num_groups", 2)),
+    )
+    .unwrap();
+    let mut m = Model {
+        ir_version: 8,
+        opsets: vec![(String::new(), 18)],
+        graph: g,
+        ..Default::default()
+    };
+    let e = tfmqc_passes::ir::opset::upgrade(&mut m, 21)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("GroupNormalization"), "{e}");
+    assert_eq!(m.onnx_opset(), 18);
+}

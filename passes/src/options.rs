@@ -147,6 +147,18 @@ pub enum Daq {
     Auto,
 }
 
+/// How weights of ≤ 4 bits are stored in the file (`--int4-storage`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Int4Storage {
+    /// ONNX INT4 (two values a byte) behind opset-21 `DequantizeLinear`; the model's
+    /// opset is raised to 21 (`ir::opset`). onnxruntime ≥ 1.18 and tfmqc's runtime read it.
+    Packed,
+    /// The 4-bit levels in int8 initializers, at the model's own opset: twice the bytes,
+    /// for consumers that cannot read INT4 or opset 21.
+    Int8,
+}
+
 /// Finite Set Calibration granularity (`--step-groups`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StepGroups {
@@ -216,8 +228,10 @@ pub struct Options {
     pub timesteps: Option<String>,
     /// `--timestep-input`: skip detection and use this graph input.
     pub timestep_input: Option<String>,
-    /// `--weight-bits`: 8, 6 or 4 (held in int8 either way).
+    /// `--weight-bits`: 8, 6 or 4 (4 is packed as INT4 under [`Int4Storage::Packed`]).
     pub weight_bits: u32,
+    /// `--int4-storage`: the file form of 4-bit weights.
+    pub int4_storage: Int4Storage,
     /// `--act-bits`: 8, 6 or 4 (held in uint8), or 32 for weight-only quantization.
     pub act_bits: u32,
     /// `--step-groups`: FSC granularity (default: chosen per activation).
@@ -346,6 +360,7 @@ impl Default for Options {
             timesteps: None,
             timestep_input: None,
             weight_bits: 8,
+            int4_storage: Int4Storage::Packed,
             act_bits: 8,
             step_groups: StepGroups::Auto,
             calib: None,

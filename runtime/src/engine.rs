@@ -86,7 +86,10 @@ pub fn decode_proto(bytes: &[u8]) -> Result<pb::ModelProto> {
 impl Engine {
     /// Loads a model file. `outputs`: value names to return instead of the graph outputs.
     pub fn load(path: &Path, outputs: Option<&[String]>, optimize: Optimize) -> Result<Engine> {
-        let proto = read_proto(path)?;
+        let mut proto = read_proto(path)?;
+        // Widened here, in the proto we own, so `build` need not copy the model.
+        crate::int4::widen_int4_initializers(&mut proto, path.parent())
+            .map_err(Error::InvalidModel)?;
         let dir = path.parent().map(|d| d.to_string_lossy().to_string());
         Engine::from_proto(&proto, dir.as_deref(), outputs, optimize)
     }
@@ -130,8 +133,10 @@ impl Engine {
         outputs: Option<&[String]>,
         optimize: Optimize,
     ) -> Result<(Engine, usize)> {
-        let (lowered, count) =
+        let (mut lowered, count) =
             crate::lower::lowered_int8(proto, model_dir.map(Path::new), outputs.unwrap_or(&[]))?;
+        crate::int4::widen_int4_initializers(&mut lowered, model_dir.map(Path::new))
+            .map_err(Error::InvalidModel)?;
         Ok((
             Engine::build(&lowered, model_dir, outputs, &[], optimize, true)?,
             count,
@@ -149,6 +154,9 @@ impl Engine {
     ) -> Result<(Engine, usize)> {
         let count =
             crate::lower::lower_int8(&mut proto, model_dir.map(Path::new), outputs.unwrap_or(&[]))?;
+        // In place here, so `build` need not copy the model.
+        crate::int4::widen_int4_initializers(&mut proto, model_dir.map(Path::new))
+            .map_err(Error::InvalidModel)?;
         Ok((
             Engine::build(&proto, model_dir, outputs, &[], optimize, true)?,
             count,
@@ -172,6 +180,19 @@ impl Engine {
         int8: bool,
     ) -> Result<Engine> {
         crate::limits::check_constant_sizes(proto, "")?;
+        // tract cannot load 4-bit tensors: what it loads gets them widened to 8 bits (the
+        // same values; a copy of the model only when it has some). The int8 ops' own
+        // weights left the graph in the lowering and stay packed.
+        let widened;
+        let proto = if crate::int4::has_int4_initializers(proto) {
+            let mut p = proto.clone();
+            crate::int4::widen_int4_initializers(&mut p, model_dir.map(Path::new))
+                .map_err(Error::InvalidModel)?;
+            widened = p;
+            &widened
+        } else {
+            proto
+        };
         let mut framework = tract_onnx::onnx();
         if int8 {
             framework
@@ -525,6 +546,15 @@ pub struct ValueFact {
 /// value. Analysis errors are tolerated: what could be inferred is returned.
 pub fn value_facts(proto: &pb::ModelProto) -> Result<HashMap<String, ValueFact>> {
     crate::limits::check_constant_sizes(proto, "")?;
+    let widened;
+    let proto = if crate::int4::has_int4_initializers(proto) {
+        let mut p = proto.clone();
+        crate::int4::widen_int4_initializers(&mut p, None).map_err(Error::InvalidModel)?;
+        widened = p;
+        &widened
+    } else {
+        proto
+    };
     let parsed = tract_onnx::onnx()
         .parse(proto, None)
         .map_err(|e| Error::InvalidModel(format!("tract cannot load the model: {e:#}")))?;

@@ -7,6 +7,7 @@ pub mod capi;
 pub mod denoiser;
 pub mod engine;
 pub mod error;
+pub mod int4;
 pub mod kernels;
 pub mod limits;
 pub mod lower;

@@ -136,12 +136,19 @@ pub(crate) fn tensor_bytes<'a>(
     model_dir: Option<&Path>,
     maps: Option<&mut DataFiles>,
 ) -> Result<TensorBytes<'a>, String> {
-    let elem = element_size(t.data_type)
-        .ok_or_else(|| format!("tensor '{}': unsupported data type {}", t.name, t.data_type))?;
+    // 4-bit types (ONNX INT4 / UINT4) pack two values a byte: the bytes are the packed
+    // ones, [`crate::int4`] reads them.
+    let four_bit = crate::int4::is_4bit(t);
+    let elem = match four_bit {
+        true => Some(1),
+        false => element_size(t.data_type),
+    }
+    .ok_or_else(|| format!("tensor '{}': unsupported data type {}", t.name, t.data_type))?;
     let count = t.dims.iter().try_fold(1usize, |n, &d| {
         usize::try_from(d).ok().and_then(|d| n.checked_mul(d))
     });
     let want = count
+        .map(|n| if four_bit { n.div_ceil(2) } else { n })
         .and_then(|n| n.checked_mul(elem))
         .ok_or_else(|| format!("tensor '{}': bad dims {:?}", t.name, t.dims))?;
     let bytes = if !t.raw_data.is_empty() {
@@ -187,6 +194,8 @@ pub(crate) fn tensor_bytes<'a>(
     } else {
         use pb::tensor_proto::DataType as D;
         let typed: Vec<u8> = match D::try_from(t.data_type) {
+            // The typed form of 4-bit data holds one packed byte an int32.
+            _ if four_bit => t.int32_data.iter().map(|&v| v as u8).collect(),
             Ok(D::Float) => t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect(),
             Ok(D::Int8 | D::Uint8 | D::Bool) => t.int32_data.iter().map(|&v| v as u8).collect(),
             Ok(D::Int32) => t.int32_data.iter().flat_map(|v| v.to_le_bytes()).collect(),

@@ -49,6 +49,9 @@ pub struct QuantPlan {
     pub output_qdq: Vec<OutputQdqChoice>,
     /// How the output pairs were chosen (for the summary).
     pub output_qdq_note: Option<String>,
+    /// Weights packed as ONNX INT4 (`--weight-bits 4 --int4-storage packed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub int4: Option<crate::passes::quantize::int4::Int4Packing>,
 }
 
 /// One Conv considered by `--output-qdq`.

@@ -7,6 +7,7 @@ pub mod graph;
 pub mod model;
 pub mod npz;
 pub mod onnx;
+pub mod opset;
 pub mod print;
 pub mod qdq;
 pub mod tensor;

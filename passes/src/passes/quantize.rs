@@ -38,6 +38,7 @@ use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options, OutputQdq, StepGroups};
 use crate::passes::{Analysis, Pass, PassContext};
 
+pub mod int4;
 mod output_qdq;
 mod rewrite;
 
@@ -614,6 +615,10 @@ pub fn quantize(
         plan.int32_biases = int32_biases(&mut model.graph, &quantized)?;
         output_qdq(model, options, cal, &quantized, &set, &mut plan, progress)?;
         model.graph.remove_dead();
+    }
+    // Last: the steps above read the weights in their int8 form (the same values).
+    if options.weight_bits <= 4 && options.int4_storage == crate::options::Int4Storage::Packed {
+        plan.int4 = Some(int4::pack_int4_weights(model)?);
     }
     Ok(plan)
 }

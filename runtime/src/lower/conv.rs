@@ -20,9 +20,9 @@ pub(crate) fn match_conv(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
             .producer(&n.input[1])
             .filter(|p| p.op_type == "DequantizeLinear")?;
         // [O, C/g, kh, kw] or, for a 1-D convolution, [O, C/g, k].
-        let w = ix
-            .initializer(&dq.input[0])
-            .filter(|t| t.data_type == 3 && (t.dims.len() == 3 || t.dims.len() == 4))?;
+        let w = ix.initializer(&dq.input[0]).filter(|t| {
+            crate::ops::is_int8_or_int4(t) && (t.dims.len() == 3 || t.dims.len() == 4)
+        })?;
         let scale = ix.f32s(dq.input.get(1)?)?;
         let zero = match dq.input.get(2).filter(|z| !z.is_empty()) {
             Some(z) => ix.bytes(z)?,

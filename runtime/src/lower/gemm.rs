@@ -27,7 +27,7 @@ pub(crate) fn match_gemm(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
             .filter(|p| p.op_type == "DequantizeLinear")?;
         let w = ix
             .initializer(&dq.input[0])
-            .filter(|t| t.data_type == 3 && t.dims.len() == 2)?;
+            .filter(|t| crate::ops::is_int8_or_int4(t) && t.dims.len() == 2)?;
         let scale = ix.f32s(dq.input.get(1)?)?;
         let zero = match dq.input.get(2).filter(|z| !z.is_empty()) {
             Some(z) => ix.bytes(z)?,

@@ -17,9 +17,8 @@ use std::sync::Arc;
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use super::{attr, step_scale, step_scales, weight_bytes};
+use super::{attr, is_int8_or_int4, step_scale, step_scales, weight_i8};
 use crate::kernels::int8::{conv2d_quantize, Backend, ConvGeometry, Dequant, PackedConvWeights};
-use crate::tensor_data::as_i8;
 
 /// The op name our rewritten nodes carry (domain `ai.tfmqc`).
 pub const QCONV: &str = "TfmqcQConv";
@@ -224,15 +223,17 @@ pub fn build_qconv(
         .ok_or_else(|| format_err!("weight is not a tensor"))?;
     let dims: Vec<usize> = w.dims.iter().map(|&d| d.max(0) as usize).collect();
     ensure!(
-        (dims.len() == 3 || dims.len() == 4) && w.data_type == 3 && w.dims.iter().all(|&d| d >= 1),
-        "{QCONV} '{}': weight must be int8 [O, C/g, kh, kw] or [O, C/g, k]",
+        (dims.len() == 3 || dims.len() == 4)
+            && is_int8_or_int4(w)
+            && w.dims.iter().all(|&d| d >= 1),
+        "{QCONV} '{}': weight must be int8 or int4 [O, C/g, kh, kw] or [O, C/g, k]",
         node.name
     );
     let conv1d = dims.len() == 3;
     // Straight from the proto or a memory map of the external-data file into the packed
     // form: no copy of the weight, and the map is dropped once it is packed.
-    let bytes = weight_bytes(ctx, node, w)?;
-    let values = as_i8(&bytes);
+    let weight = weight_i8(ctx, node, w)?;
+    let values = weight.values();
     let (p, s, d) = (ints("pads")?, ints("strides")?, ints("dilations")?);
     ensure!(
         p.len() == 4 && s.len() == 2 && d.len() == 2,
@@ -260,7 +261,14 @@ pub fn build_qconv(
         a_scale: attr(node, "a_scale")?.f,
         a_zero_point: attr(node, "a_zero_point")?.i as u8,
         a_scales: step_scales(node)?,
-        weights: Arc::new(PackedConvWeights::pack(values, dims[0], dims[1], geometry)),
+        weights: Arc::new({
+            let packed = PackedConvWeights::pack(values, dims[0], dims[1], geometry);
+            // An INT4 file's weights stay resident at 4 bits.
+            match weight.int4() {
+                true => packed.into_nibbles(),
+                false => packed,
+            }
+        }),
         w_scale: Arc::new(attr(node, "w_scale")?.floats.clone()),
         bias,
         out_channels: dims[0],

@@ -15,9 +15,8 @@ use std::sync::Arc;
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
-use super::{attr, step_scale, step_scales, weight_bytes};
+use super::{attr, is_int8_or_int4, step_scale, step_scales, weight_i8};
 use crate::kernels::int8::{gemm_quantize, Backend, Dequant, PackedWeights, WeightLayout};
-use crate::tensor_data::as_i8;
 
 /// The op name of rewritten `Gemm` / `MatMul` nodes (domain `ai.tfmqc`).
 pub const QGEMM: &str = "TfmqcQGemm";
@@ -172,14 +171,14 @@ pub fn build_qgemm(
         .as_ref()
         .ok_or_else(|| format_err!("{QGEMM} '{}': weight is not a tensor", node.name))?;
     ensure!(
-        w.dims.len() == 2 && w.data_type == 3 && w.dims.iter().all(|&d| d >= 1),
-        "{QGEMM} '{}': weight must be a non-empty 2-D int8 tensor",
+        w.dims.len() == 2 && is_int8_or_int4(w) && w.dims.iter().all(|&d| d >= 1),
+        "{QGEMM} '{}': weight must be a non-empty 2-D int8 or int4 tensor",
         node.name
     );
     let (d0, d1) = (w.dims[0] as usize, w.dims[1] as usize);
     // Packed straight from the proto or the mapped external-data file (no copy).
-    let bytes = weight_bytes(ctx, node, w)?;
-    let values = as_i8(&bytes);
+    let weight = weight_i8(ctx, node, w)?;
+    let values = weight.values();
     ensure!(
         d0.checked_mul(d1) == Some(values.len()),
         "{QGEMM} '{}': {} weights for [{d0}, {d1}]",
@@ -191,6 +190,11 @@ pub fn build_qgemm(
         PackedWeights::pack_general(values, WeightLayout::NK, d0, d1, &[])
     } else {
         PackedWeights::pack_general(values, WeightLayout::KN, d1, d0, &[])
+    };
+    // An INT4 file's weights stay resident at 4 bits.
+    let weights = match weight.int4() {
+        true => weights.into_nibbles(),
+        false => weights,
     };
     let w_scale = find("w_scale")?.floats.clone();
     let n = weights.n();

@@ -60,6 +60,47 @@ pub(crate) fn weight_bytes<'a>(
         .map_err(|e| format_err!("{} '{}': {e}", node.op_type, node.name))
 }
 
+/// The values of an int8 op's `weight` tensor attribute: INT8 as the bytes are (no
+/// copy), INT4 unpacked to i8 for the packing, which then keeps them resident at 4 bits
+/// again ([`WeightI8::int4`]).
+pub(crate) struct WeightI8<'a> {
+    bytes: TensorBytes<'a>,
+    unpacked: Option<Vec<i8>>,
+}
+
+impl WeightI8<'_> {
+    pub fn values(&self) -> &[i8] {
+        match &self.unpacked {
+            Some(v) => v,
+            None => crate::tensor_data::as_i8(&self.bytes),
+        }
+    }
+
+    /// Whether the file stored the weight at 4 bits.
+    pub fn int4(&self) -> bool {
+        self.unpacked.is_some()
+    }
+}
+
+/// Whether `w` is a weight the int8 ops take: INT8, or INT4 (ONNX data type 22).
+pub(crate) fn is_int8_or_int4(w: &pb::TensorProto) -> bool {
+    w.data_type == pb::tensor_proto::DataType::Int8 as i32 || w.data_type == crate::int4::INT4
+}
+
+/// [`weight_bytes`] as i8 values, INT4 unpacked.
+pub(crate) fn weight_i8<'a>(
+    ctx: &tract_onnx::model::ParsingContext,
+    node: &pb::NodeProto,
+    w: &'a pb::TensorProto,
+) -> TractResult<WeightI8<'a>> {
+    let bytes = weight_bytes(ctx, node, w)?;
+    let unpacked = (w.data_type == crate::int4::INT4).then(|| {
+        let count = w.dims.iter().map(|&d| d.max(0) as usize).product();
+        crate::int4::unpack_i4(&bytes, count)
+    });
+    Ok(WeightI8 { bytes, unpacked })
+}
+
 /// The scale of group `group` (a scalar integer tensor, the node's last input) among
 /// `scales`: a group outside the table means a time step outside S, which is an error.
 pub(crate) fn step_scale(scales: &[f32], group: &TValue, op: &str) -> TractResult<f32> {

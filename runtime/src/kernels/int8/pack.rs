@@ -77,7 +77,44 @@ enum Store {
     /// s8 values four a word (quads: a word a lane; octets: two), reduction order in
     /// little-endian byte order.
     Quads(Vec<i32>),
+    /// [`Store::I8Pairs`] at 4 bits (weights read from an ONNX INT4 file): pair `i` is
+    /// byte `i`, first value in the low nibble. Widened per block like i8 pairs.
+    I4Pairs(Vec<u8>),
+    /// [`Store::Quads`] at 4 bits: word `i` is bytes `2i`, `2i + 1`, values in nibble
+    /// order (low first). Unpacked per block into the s8 words the kernels read.
+    I4Quads(Vec<u8>),
 }
+
+/// Signed value of the low nibble of `b`.
+const fn nib(b: u8) -> i32 {
+    (((b & 0x0f) as i8) << 4 >> 4) as i32
+}
+
+/// Byte `b` of [`Store::I4Pairs`] as the i16 pair the kernels read (big-endian targets;
+/// little-endian ones unpack straight into the words' bytes).
+static I4_PAIR: [i32; 256] = {
+    let mut t = [0i32; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (lo, hi) = (nib(b as u8), nib((b as u8) >> 4));
+        t[b] = ((lo as u16 as u32) | ((hi as u16 as u32) << 16)) as i32;
+        b += 1;
+    }
+    t
+};
+
+/// Byte `b` of [`Store::I4Quads`] as two s8 bytes (low nibble's value in the low byte;
+/// big-endian targets).
+static I4_BYTES: [u16; 256] = {
+    let mut t = [0u16; 256];
+    let mut b = 0;
+    while b < 256 {
+        let (lo, hi) = (nib(b as u8), nib((b as u8) >> 4));
+        t[b] = (lo as i8 as u8 as u16) | ((hi as i8 as u8 as u16) << 8);
+        b += 1;
+    }
+    t
+};
 
 /// Whether every value fits in i8.
 fn fits_i8(values: &[i32]) -> bool {
@@ -137,12 +174,42 @@ impl Store {
     fn resident_bytes(&self) -> usize {
         match self {
             Store::I8Pairs(v) => v.len(),
+            Store::I4Pairs(v) | Store::I4Quads(v) => v.len(),
             Store::I16Pairs(v) | Store::Quads(v) => v.len() * std::mem::size_of::<i32>(),
         }
     }
 
+    /// The same groups at 4 bits, when every value fits −8..=7 (else `self`): what
+    /// weights read from an INT4 file keep resident. The kernels see identical words
+    /// ([`Store::block`] unpacks them), so results are bit-exact with the 8-bit store.
+    fn into_nibbles(self) -> Store {
+        let pack = |values: &[i8]| crate::int4::pack_i4(values);
+        match self {
+            Store::I8Pairs(v) => match pack(&v) {
+                Some(b) => Store::I4Pairs(b),
+                None => Store::I8Pairs(v),
+            },
+            Store::Quads(v) => {
+                let bytes: Vec<i8> = v
+                    .iter()
+                    .flat_map(|w| w.to_le_bytes())
+                    .map(|b| b as i8)
+                    .collect();
+                match pack(&bytes) {
+                    Some(b) => Store::I4Quads(b),
+                    None => Store::Quads(v),
+                }
+            }
+            other => other,
+        }
+    }
+
+    fn is_nibbles(&self) -> bool {
+        matches!(self, Store::I4Pairs(_) | Store::I4Quads(_))
+    }
+
     /// Groups `start .. start + len` as the kernel reads them: borrowed when stored so,
-    /// else (i8 pairs) widened into `scratch` (resized as needed).
+    /// else (i8 pairs, 4-bit stores) widened into `scratch` (resized as needed).
     #[inline(always)]
     fn block<'s>(&'s self, start: usize, len: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
         match self {
@@ -152,6 +219,48 @@ impl Store {
                 let src = &v[2 * start..2 * (start + len)];
                 for (d, p) in scratch.iter_mut().zip(src.chunks_exact(2)) {
                     *d = pair(p[0] as i32, p[1] as i32);
+                }
+                scratch
+            }
+            Store::I4Pairs(v) => {
+                scratch.resize(len, 0);
+                let src = &v[start..start + len];
+                if cfg!(target_endian = "little") {
+                    // A pair word is its two i16 halves in memory, low first: unpacked
+                    // as a strided store LLVM vectorizes.
+                    // SAFETY: `len` i32 words are `2 * len` i16s, same memory, aligned.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut i16, 2 * len)
+                    };
+                    for (d, &b) in dst.chunks_exact_mut(2).zip(src) {
+                        d[0] = (((b << 4) as i8) >> 4) as i16;
+                        d[1] = ((b as i8) >> 4) as i16;
+                    }
+                } else {
+                    for (d, &b) in scratch.iter_mut().zip(src) {
+                        *d = I4_PAIR[b as usize];
+                    }
+                }
+                scratch
+            }
+            Store::I4Quads(v) => {
+                scratch.resize(len, 0);
+                let src = &v[2 * start..2 * (start + len)];
+                if cfg!(target_endian = "little") {
+                    // A quad word is its four s8 bytes in memory, in order.
+                    // SAFETY: `len` i32 words are `4 * len` bytes, same memory.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(scratch.as_mut_ptr() as *mut i8, 4 * len)
+                    };
+                    for (d, &b) in dst.chunks_exact_mut(2).zip(src) {
+                        d[0] = ((b << 4) as i8) >> 4;
+                        d[1] = (b as i8) >> 4;
+                    }
+                } else {
+                    for (d, b) in scratch.iter_mut().zip(src.chunks_exact(2)) {
+                        let (lo, hi) = (I4_BYTES[b[0] as usize], I4_BYTES[b[1] as usize]);
+                        *d = ((lo as u32) | ((hi as u32) << 16)) as i32;
+                    }
                 }
                 scratch
             }
@@ -340,13 +449,28 @@ impl PackedWeights {
     }
 
     /// Bytes the packed weights occupy in memory (i8 values, or i16 when centering needs
-    /// them; panels padded to `NR`, the reduction to the packing's width).
+    /// them, or 4-bit ones after [`PackedWeights::into_nibbles`]; panels padded to `NR`,
+    /// the reduction to the packing's width).
     pub fn resident_bytes(&self) -> usize {
         self.data.resident_bytes()
     }
 
+    /// The same weights kept resident at 4 bits, two a byte, when every centered value
+    /// fits −8..=7 (weights from an ONNX INT4 file); unchanged otherwise. The kernels
+    /// unpack a block of panels at a time into the words they read now, so results are
+    /// bit-exact with the 8-bit form.
+    pub fn into_nibbles(mut self) -> Self {
+        self.data = self.data.into_nibbles();
+        self
+    }
+
+    /// Whether the weights are resident at 4 bits ([`PackedWeights::into_nibbles`]).
+    pub fn is_nibbles(&self) -> bool {
+        self.data.is_nibbles()
+    }
+
     /// Steps `s0 .. s0 + sl` of panel `np` as the kernel reads them: `sl * NR` lanes
-    /// (of [`Packing::words`] words each), widened into `scratch` when stored as i8 pairs.
+    /// (of [`Packing::words`] words each), widened into `scratch` when stored as i8 pairs or 4-bit.
     pub(crate) fn panel_block<'s>(
         &'s self,
         np: usize,
@@ -576,9 +700,21 @@ impl PackedConvWeights {
     }
 
     /// Bytes the packed weights occupy in memory (i8 values, or i16 when centering needs
-    /// them; panels padded to `MR`, channels to the packing's width).
+    /// them, or 4-bit ones after [`PackedConvWeights::into_nibbles`]; panels padded to
+    /// `MR`, channels to the packing's width).
     pub fn resident_bytes(&self) -> usize {
         self.data.resident_bytes()
+    }
+
+    /// [`PackedWeights::into_nibbles`] for conv weights: unpacked per call and group.
+    pub fn into_nibbles(mut self) -> Self {
+        self.data = self.data.into_nibbles();
+        self
+    }
+
+    /// Whether the weights are resident at 4 bits.
+    pub fn is_nibbles(&self) -> bool {
+        self.data.is_nibbles()
     }
 
     pub(crate) fn opanels(&self) -> usize {
@@ -587,7 +723,7 @@ impl PackedConvWeights {
 
     /// The panels of group `g` as the kernel reads them, panel `op` at
     /// `op * kh*kw*csteps*MR` lanes (of [`Packing::words`] words each), widened into
-    /// `scratch` when stored as i8 pairs.
+    /// `scratch` when stored as i8 pairs or 4-bit.
     pub(crate) fn group_panels<'s>(&'s self, g: usize, scratch: &'s mut Vec<i32>) -> &'s [i32] {
         let len = self.opanels
             * self.geom.kernel[0]

@@ -1325,3 +1325,98 @@ fn conv_geometry_check_names_what_cannot_pack() {
     );
     assert!(ok.check(usize::MAX, 4, 10).is_err());
 }
+
+/// Random weights in int4's range −8..=7, the ends over-represented.
+fn int4_weights(rng: &mut Rng, n: usize) -> Vec<i8> {
+    (0..n)
+        .map(|_| match rng.below(4) {
+            0 => rng.pick(&[-8i8, 7]),
+            _ => (rng.below(16) as i8) - 8,
+        })
+        .collect()
+}
+
+#[test]
+fn gemm_with_weights_resident_at_4_bits_is_bit_exact() {
+    // Odd K and N (a padded nibble at the end of a panel), several reduction blocks and
+    // row chunks, NK and KN layouts, on every kernel this CPU runs.
+    let mut rng = Rng(SplitMix64::new(41));
+    for (m, k, n) in [
+        (1, 1, 1),
+        (3, 7, 5),
+        (13, 33, 17),
+        (64, 255, 40),
+        (7, 2050, 16),
+        (131, 4097, 5),
+    ] {
+        let a = rng.bytes_u8(m * k);
+        let w = int4_weights(&mut rng, n * k);
+        let wt: Vec<i8> = (0..k * n).map(|i| w[(i % n) * k + i / n]).collect();
+        let zp = rng.byte();
+        let want = as_i32(&gemm_ref(&a, m, k, zp, &w, n, &[] as &[i8]));
+        for (be, pk) in setups() {
+            let full = PackedWeights::pack_with(pk, &w, WeightLayout::NK, n, k, &[] as &[i8]);
+            let nk = full.clone().into_nibbles();
+            let kn = PackedWeights::pack_with(pk, &wt, WeightLayout::KN, n, k, &[] as &[i8])
+                .into_nibbles();
+            assert!(nk.is_nibbles() && kn.is_nibbles(), "{pk:?}");
+            assert!(
+                nk.resident_bytes() * 2 <= full.resident_bytes() + 1,
+                "{pk:?}"
+            );
+            for pw in [&nk, &kn] {
+                let mut out = vec![0i32; m * n];
+                gemm(be, &a, m, k, zp, pw, Output::I32(&mut out));
+                assert_eq!(out, want, "{be:?} {pk:?} m={m} k={k} n={n}");
+            }
+        }
+    }
+}
+
+#[test]
+fn conv_with_weights_resident_at_4_bits_is_bit_exact() {
+    let mut rng = Rng(SplitMix64::new(43));
+    for (g, cg, og, kh, kw, h, wd) in [
+        (1, 3, 5, 3, 3, 7, 6),
+        (1, 17, 9, 1, 1, 5, 5),
+        (2, 5, 3, 3, 1, 6, 4),
+        (1, 64, 32, 3, 3, 8, 8),
+    ] {
+        let geom = ConvGeometry {
+            kernel: [kh, kw],
+            strides: [1, 1],
+            pads: [1, 0, 1, 0],
+            dilations: [1, 1],
+            groups: g,
+        };
+        let (c, oc) = (cg * g, og * g);
+        let shape = [2, c, h, wd];
+        let x = rng.bytes_u8(2 * c * h * wd);
+        let w = int4_weights(&mut rng, oc * cg * kh * kw);
+        let zp = rng.byte();
+        let (want, ho, wo) = conv_ref(&x, shape, zp, &w, oc, &[] as &[i8], &geom);
+        let want = as_i32(&want);
+        for (be, pk) in setups() {
+            let full = PackedConvWeights::pack_with(pk, &w, oc, cg, geom, &[] as &[i8]);
+            let pw = full.clone().into_nibbles();
+            assert!(pw.is_nibbles(), "{pk:?}");
+            assert!(
+                pw.resident_bytes() * 2 <= full.resident_bytes() + 1,
+                "{pk:?}"
+            );
+            let mut out = vec![-1i32; 2 * oc * ho * wo];
+            conv2d(be, &x, shape, zp, &pw, Output::I32(&mut out));
+            assert_eq!(out, want, "{be:?} {pk:?} {geom:?} oc={oc}");
+        }
+    }
+}
+
+#[test]
+fn weights_beyond_int4_stay_at_8_bits() {
+    let w: Vec<i8> = vec![8, -8, 0, 1];
+    for (_, pk) in setups() {
+        let p =
+            PackedWeights::pack_with(pk, &w, WeightLayout::NK, 2, 2, &[] as &[i8]).into_nibbles();
+        assert!(!p.is_nibbles(), "{pk:?}");
+    }
+}
