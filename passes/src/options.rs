@@ -399,12 +399,6 @@ impl Options {
                 self.act_bits
             )));
         }
-        if self.act_bits < 8 && matches!(self.step_groups, StepGroups::Fixed(n) if n > 1) {
-            return Err(Error::invalid(format!(
-                "--act-bits {} with --step-groups {}: activations below 8 bits take one set of scales for now (--step-groups 1)",
-                self.act_bits, self.step_groups
-            )));
-        }
         if !(0.0..=1.0).contains(&self.tcr_alpha) {
             return Err(Error::invalid(format!(
                 "--tcr-alpha {}: between 0 and 1",
