@@ -628,7 +628,9 @@ fn int8_lowering_matches_the_qdq_graph_at_narrow_bits() {
         let table = |v: &str| {
             let (p, _) = g.producer(v).expect("a Gather");
             assert!(g.node(p).is_onnx_op("Gather"), "{v}");
-            g.initializers[&g.node(p).inputs[0]].to_vec::<f32>().unwrap()
+            g.initializers[&g.node(p).inputs[0]]
+                .to_vec::<f32>()
+                .unwrap()
         };
         for ix in g.node_indices() {
             let n = g.node(ix);
@@ -644,12 +646,21 @@ fn int8_lowering_matches_the_qdq_graph_at_narrow_bits() {
                     assert_eq!(s, 1.0, "{}", n.name);
                     let (mp, _) = g.producer(&clip.inputs[0]).expect("a Max");
                     let max = g.node(mp);
-                    assert!(max.is_onnx_op("Max"), "{} is fed by {}", n.name, max.op_type);
+                    assert!(
+                        max.is_onnx_op("Max"),
+                        "{} is fed by {}",
+                        n.name,
+                        max.op_type
+                    );
                     let (np, _) = g.producer(&max.inputs[0]).expect("a Min");
                     let min = g.node(np);
                     assert!(min.is_onnx_op("Min"), "{}", n.name);
                     per_step += 1;
-                    (table(&max.inputs[1]), table(&min.inputs[1]), table(&clip.inputs[1]))
+                    (
+                        table(&max.inputs[1]),
+                        table(&min.inputs[1]),
+                        table(&clip.inputs[1]),
+                    )
                 } else {
                     assert!(
                         clip.is_onnx_op("Clip"),
