@@ -30,10 +30,10 @@ samples=${TCAQ_SAMPLES:-8}
 par=${TCAQ_PAR:-2}
 declare -A variant=(
   [none]="--tcr off --daq off --par 0"
-  [tcr]="--tcr on --daq off --par 0"
+  [tcr]="--tcr on --tcr-alpha auto --daq off --par 0"
   [daq]="--tcr off --daq on --par 0"
   [par]="--tcr off --daq off --par $par"
-  [all]="--tcr on --daq on --par $par"
+  [all]="--tcr on --tcr-alpha auto --daq on --par $par"
 )
 order=(none tcr daq par all)
 for m in "${models[@]}"; do
@@ -80,6 +80,9 @@ for m in models:
             means[v] = r["output_sqnr_mean_db"]
             extra = ""
             t = r.get("tcaq") or {}
+            tc = r.get("tcr") or {}
+            if v in ("tcr", "all") and tc.get("applied") and tc.get("alpha") is not None:
+                extra += f" α{tc['alpha']:g}"
             if v in ("par", "all") and t.get("par_kept") is not None:
                 extra += f" (r{t['par_kept']})"
             if v in ("daq", "all") and t.get("daq"):
