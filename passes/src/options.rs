@@ -329,7 +329,7 @@ pub struct Options {
     /// `reparameterize` pass).
     pub tcr: Tcr,
     /// `--tcr-alpha`: α of TCR's balance `r = a^α / w^(1−α)`, or `auto` (per activation).
-    #[serde(serialize_with = "ser::display")]
+    #[serde(serialize_with = "ser::tcr_alpha")]
     pub tcr_alpha: TcrAlpha,
     /// `--daq`: TCAQ-DM's adaptive quantizer of post-softmax activations.
     pub daq: Daq,
@@ -351,6 +351,14 @@ mod ser {
 
     pub fn display<T: std::fmt::Display, S: Serializer>(v: &T, s: S) -> Result<S::Ok, S::Error> {
         s.collect_str(v)
+    }
+
+    /// A number as before `auto` existed (files record it), else `"auto"`.
+    pub fn tcr_alpha<S: Serializer>(v: &super::TcrAlpha, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            super::TcrAlpha::Fixed(a) => s.serialize_f32(*a),
+            super::TcrAlpha::Auto => s.serialize_str("auto"),
+        }
     }
 
     pub fn sampler<S: Serializer>(v: &Sampler, s: S) -> Result<S::Ok, S::Error> {
