@@ -4,9 +4,8 @@
 # reduced calibration (the machine is slow) and measured twice:
 #   - per-step denoiser output SQNR against float on the compile's held-out
 #     trajectories (`output_sqnr_mean_db` / `output_sqnr_min_db` of --report);
-#   - sample PSNR against the float samples (`tfmqc eval`, runtime sampler, int8 kernels)
-#     for the variants without TCR: eval's check that QUANT quantizes FLOAT compares
-#     weights one to one, and TCR's are rescaled per input channel (it refuses them).
+#   - sample PSNR against the float samples (`tfmqc eval`, runtime sampler, int8 kernels);
+#     eval fits TCR's per-input-channel factors before checking that QUANT quantizes FLOAT.
 # Prints the markdown table on stdout; files, logs and JSON go to ${TCAQ_DIR:-/tmp/tcaq-ablation}.
 #
 #   scripts/ablation_tcaq.sh [TFMQC] [MODELS...]
@@ -31,10 +30,10 @@ samples=${TCAQ_SAMPLES:-8}
 par=${TCAQ_PAR:-2}
 declare -A variant=(
   [none]="--tcr off --daq off --par 0"
-  [tcr]="--tcr on --daq off --par 0"
+  [tcr]="--tcr on --tcr-alpha auto --daq off --par 0"
   [daq]="--tcr off --daq on --par 0"
   [par]="--tcr off --daq off --par $par"
-  [all]="--tcr on --daq on --par $par"
+  [all]="--tcr on --tcr-alpha auto --daq on --par $par"
 )
 order=(none tcr daq par all)
 for m in "${models[@]}"; do
@@ -49,7 +48,7 @@ for m in "${models[@]}"; do
       tag=$m.w$w.a$a.$v
       case " ${TCAQ_VARIANTS:-${order[*]}} " in
         *" $v "*) ;;
-        *) case $v in tcr|all) ;; *) files+=("$dir/$tag.onnx") labels+=(--label "$v") ;; esac
+        *) files+=("$dir/$tag.onnx") labels+=(--label "$v")
            continue ;;
       esac
       # shellcheck disable=SC2086
@@ -59,7 +58,7 @@ for m in "${models[@]}"; do
         echo "FAILED: $tag (see $dir/$tag.log)" >&2
         exit 1
       fi
-      case $v in tcr|all) ;; *) files+=("$dir/$tag.onnx") labels+=(--label "$v") ;; esac
+      files+=("$dir/$tag.onnx") labels+=(--label "$v")
     done
     "$bin" eval "models/$m.onnx" "${files[@]}" "${labels[@]}" --steps 20 --samples "$samples" \
       --seed 0 --json "${extra[@]}" > "$dir/$m.w$w.a$a.eval.json" 2> "$dir/$m.w$w.a$a.eval.log"
@@ -81,6 +80,9 @@ for m in models:
             means[v] = r["output_sqnr_mean_db"]
             extra = ""
             t = r.get("tcaq") or {}
+            tc = r.get("tcr") or {}
+            if v in ("tcr", "all") and tc.get("applied") and tc.get("alpha") is not None:
+                extra += f" α{tc['alpha']:g}"
             if v in ("par", "all") and t.get("par_kept") is not None:
                 extra += f" (r{t['par_kept']})"
             if v in ("daq", "all") and t.get("daq"):

@@ -44,7 +44,8 @@ a value of that name is skipped for it, with a note. Conditioning inputs come fr
 --fd-features and --fd-ref and is skipped (with a note) without them or when the samples
 do not fit the feature model. A QUANT must have FLOAT's inputs and outputs, and every
 weight it feeds to Conv/Gemm/MatMul (dequantized) within relative error 0.5 of a
-same-shaped FLOAT weight; otherwise eval stops with exit code 1.
+same-shaped FLOAT weight (a tfmqc file made with TCR: after fitting one factor per input
+channel, its reparameterization); otherwise eval stops with exit code 1.
 
 Example:
   tfmqc eval models/ddpm_digits.onnx q8.onnx q4.onnx --steps 50 --samples 64 \\
@@ -314,7 +315,17 @@ fn check_args(args: &EvalArgs) -> Result<(), Failure> {
     Ok(())
 }
 
-/// FLOAT and each QUANT, checked to be the same model and a quantization of FLOAT.
+/// Whether `model` is a tfmqc file whose recorded options ran TCR (`tcr` on or auto):
+/// its weights may be rescaled per input channel against FLOAT's.
+fn tcr_rescaled(model: &Model) -> bool {
+    model
+        .metadata_value(meta::OPTIONS)
+        .and_then(|o| serde_json::from_str::<Value>(o).ok())
+        .and_then(|o| o.get("tcr").and_then(|t| t.as_str()).map(|t| t != "off"))
+        .unwrap_or(false)
+}
+
+/// FLOAT and each QUANT, checked to be the same model and a quantization of FLOAT (TCR files: up to per-input-channel factors).
 fn load(args: &EvalArgs) -> Result<(Model, Vec<Quant>), Failure> {
     let float = onnx::load(&args.float).map_err(fail)?;
     let mut quants = vec![];
@@ -327,13 +338,14 @@ fn load(args: &EvalArgs) -> Result<(Model, Vec<Quant>), Failure> {
                 path.display()
             ))
         })?;
-        let weights = check::weights_match(&float, &model).map_err(|why| {
-            user_error(format!(
-                "{} is not a quantization of {}: {why}",
-                path.display(),
-                args.float.display()
-            ))
-        })?;
+        let weights =
+            check::weights_match(&float, &model, tcr_rescaled(&model)).map_err(|why| {
+                user_error(format!(
+                    "{} is not a quantization of {}: {why}",
+                    path.display(),
+                    args.float.display()
+                ))
+            })?;
         quants.push(Quant {
             path: path.clone(),
             label: args.label.get(k).cloned().unwrap_or_else(|| stem(path)),

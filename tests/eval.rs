@@ -217,6 +217,62 @@ fn a_model_with_other_weights_is_not_a_quantization() {
 }
 
 #[test]
+fn a_tcr_file_is_a_quantization_up_to_its_channel_factors() {
+    // TCR multiplies each input channel of a weight by a factor: matched one to one, W4
+    // weights rescaled that way are far from FLOAT's (the check refused them); eval
+    // fits the factors for files whose recorded options ran TCR.
+    let dir = tmpdir();
+    let q = dir.path().join("tcr.onnx");
+    quantize_small(
+        "ddpm_digits",
+        &q,
+        "5",
+        &[
+            "--tcr",
+            "on",
+            "--weight-bits",
+            "4",
+            "--act-bits",
+            "4",
+            "--reconstruct",
+            "none",
+        ],
+    );
+    let out = tfmqc_ok(&[
+        "eval",
+        model_path("ddpm_digits").to_str().unwrap(),
+        q.to_str().unwrap(),
+        "--steps",
+        "5",
+        "--samples",
+        "1",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let check = &v["quant"][0]["weight_check"];
+    assert!(check["quantized"].as_u64().unwrap() > 0, "{check}");
+    assert!(check["max_rel_error"].as_f64().unwrap() < 0.5, "{check}");
+    assert!(v["quant"][0]["sample_psnr_db"]["summary"]["mean"].is_number());
+    // The same file without its tfmqc metadata is checked one to one: refused.
+    let mut m = tfmqc_passes::onnx::load(&q).unwrap();
+    m.metadata.retain(|(k, _)| !k.starts_with("tfmqc."));
+    let plain = dir.path().join("plain.onnx");
+    tfmqc_passes::onnx::save(&m, &plain).unwrap();
+    let err = eval_fails(&[
+        "eval",
+        model_path("ddpm_digits").to_str().unwrap(),
+        plain.to_str().unwrap(),
+        "--timesteps",
+        "ddim:10",
+        "--steps",
+        "5",
+        "--samples",
+        "1",
+    ]);
+    assert!(err.contains("is not a quantization of"), "{err}");
+}
+
+#[test]
 fn zero_samples_and_missing_files_are_user_errors() {
     let f = model_path("ddpm_digits");
     let f = f.to_str().unwrap();

@@ -590,7 +590,8 @@ fn int8_activation_matmul_forms_match_the_qdq_graph() {
 
 /// Narrower bit widths run on the same int8 kernels: at W4A4 and W6A6 (levels held in
 /// int8 weights and uint8 activations, a Clip to the narrower grid in front of each
-/// activation's QuantizeLinear) and with TCR's balanced weights and Muls, every
+/// activation's QuantizeLinear, per step group where the scales are) and with TCR's
+/// balanced weights and Muls, every
 /// quantized Conv is lowered, each lowered node computes what its QDQ form does, and the
 /// codes stay on the narrower grid: activation zero points within 0..2^b − 1 behind a
 /// Clip to exactly that interval, weights within ±(2^(b−1) − 1).
@@ -622,24 +623,59 @@ fn int8_lowering_matches_the_qdq_graph_at_narrow_bits() {
         let g = &m.graph;
         let levels = (1u32 << bits) - 1;
         let mut pairs = 0;
+        let mut per_step = 0;
+        // The table a Gather picks from.
+        let table = |v: &str| {
+            let (p, _) = g.producer(v).expect("a Gather");
+            assert!(g.node(p).is_onnx_op("Gather"), "{v}");
+            g.initializers[&g.node(p).inputs[0]]
+                .to_vec::<f32>()
+                .unwrap()
+        };
         for ix in g.node_indices() {
             let n = g.node(ix);
             if n.is_onnx_op("QuantizeLinear") {
                 let s = g.initializers[&n.inputs[1]].to_vec::<f32>().unwrap()[0];
                 let z = g.initializers[&n.inputs[2]].data[0] as u32;
                 assert!(z <= levels, "{}: zero point {z} at {bits} bits", n.name);
-                let (p, _) = g.producer(&n.inputs[0]).expect("a Clip feeds it");
+                let (p, _) = g.producer(&n.inputs[0]).expect("a Clip or Div feeds it");
                 let clip = g.node(p);
-                assert!(
-                    clip.is_onnx_op("Clip"),
-                    "{} is fed by {}",
-                    n.name,
-                    clip.op_type
-                );
-                let lo = g.initializers[&clip.inputs[1]].to_vec::<f32>().unwrap()[0];
-                let hi = g.initializers[&clip.inputs[2]].to_vec::<f32>().unwrap()[0];
-                assert_eq!(((lo / s).round() + z as f32) as u32, 0, "{}", n.name);
-                assert_eq!(((hi / s).round() + z as f32) as u32, levels, "{}", n.name);
+                // Per-step scales (FSC): Q(Div(Max(Min(x, hi[g]), lo[g]), s[g]), 1, z),
+                // each group's bounds on its own grid.
+                let (lo, hi, scales) = if clip.is_onnx_op("Div") {
+                    assert_eq!(s, 1.0, "{}", n.name);
+                    let (mp, _) = g.producer(&clip.inputs[0]).expect("a Max");
+                    let max = g.node(mp);
+                    assert!(
+                        max.is_onnx_op("Max"),
+                        "{} is fed by {}",
+                        n.name,
+                        max.op_type
+                    );
+                    let (np, _) = g.producer(&max.inputs[0]).expect("a Min");
+                    let min = g.node(np);
+                    assert!(min.is_onnx_op("Min"), "{}", n.name);
+                    per_step += 1;
+                    (
+                        table(&max.inputs[1]),
+                        table(&min.inputs[1]),
+                        table(&clip.inputs[1]),
+                    )
+                } else {
+                    assert!(
+                        clip.is_onnx_op("Clip"),
+                        "{} is fed by {}",
+                        n.name,
+                        clip.op_type
+                    );
+                    let lo = g.initializers[&clip.inputs[1]].to_vec::<f32>().unwrap();
+                    let hi = g.initializers[&clip.inputs[2]].to_vec::<f32>().unwrap();
+                    (lo, hi, vec![s])
+                };
+                for ((lo, hi), s) in lo.iter().zip(&hi).zip(&scales) {
+                    assert_eq!(((lo / s).round() + z as f32) as u32, 0, "{}", n.name);
+                    assert_eq!(((hi / s).round() + z as f32) as u32, levels, "{}", n.name);
+                }
                 pairs += 1;
             }
             if n.is_onnx_op("DequantizeLinear") {
@@ -656,6 +692,8 @@ fn int8_lowering_matches_the_qdq_graph_at_narrow_bits() {
             }
         }
         assert!(pairs >= 25, "{pairs} activation quantizers at {bits} bits");
+        // FSC below 8 bits: some activations take per-step scales (`--step-groups auto`).
+        assert!(per_step > 0, "no per-step scales at {bits} bits");
         let x = example_inputs("ddpm_digits");
         let (_, lowered) =
             tfmqc_runtime::Engine::load_int8(&q, tfmqc_runtime::Optimize::Full).unwrap();

@@ -64,11 +64,13 @@ fn par_rounds_are_reproducible_with_the_same_seed() {
     let kept = t["par_kept"].as_u64().unwrap() as usize;
     let best = means.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(means[kept], best, "{means:?}, kept {kept}");
-    // The summary's SQNR is that of the round kept, on the same held-out trajectories
-    // (made by the loaded float model there, by the folded one, tables in int8 rows,
-    // in PAR: within a few hundredths of a dB).
+    // The round is chosen on held-out sets of PAR's own seeds, not on the trajectory the
+    // summary then measures (which would choose and measure on the same images).
+    let chosen_on = t["evaluated_on"].as_str().unwrap();
+    assert!(chosen_on.starts_with("4 sets of"), "{chosen_on}");
+    assert_ne!(reports[0]["evaluated_on"].as_str().unwrap(), chosen_on);
     let summary = reports[0]["output_sqnr_mean_db"].as_f64().unwrap();
-    assert!((summary - best).abs() < 0.1, "{summary} vs {best}");
+    assert!(summary.is_finite() && summary > 0.0, "{summary}");
 }
 
 /// DAQ's logarithmic quantizers of the trained DDPM's post-softmax activation, in the QDQ
@@ -248,7 +250,7 @@ fn help_documents_daq_par_and_tcaq() {
         "--daq <on|off|auto>",
         "--par <ROUNDS>",
         "--tcaq <on|off|auto>",
-        "--tcr on --daq on --par 1",
+        "--tcr on --tcr-alpha auto --daq on --par 1",
         "log2",
     ] {
         assert!(text.contains(word), "{word} in --help:\n{text}");

@@ -202,6 +202,60 @@ fn tcr_on_the_command_line() {
         .all(|a| a["sqnr_db"].as_f64().unwrap() > 20.0));
 }
 
+/// `--tcr-alpha auto` tries every α of the grid (a rewrite, calibration and trial
+/// quantization each) and keeps the one with the best trial SQNR, as the report and the
+/// summary say; a bad value is a user error.
+#[test]
+fn tcr_alpha_auto_keeps_the_best_trial() {
+    let dir = tmpdir();
+    let out = dir.path().join("q.onnx");
+    let report = dir.path().join("r.json");
+    let run = quantize_small(
+        "ddpm_digits",
+        &out,
+        "5",
+        &[
+            "--tcr",
+            "on",
+            "--tcr-alpha",
+            "auto",
+            "--weight-bits",
+            "4",
+            "--act-bits",
+            "4",
+            "--reconstruct",
+            "none",
+            "--report",
+            report.to_str().unwrap(),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let rep: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(rep["options"]["tcr_alpha"], "auto");
+    let trials = rep["tcr"]["alpha_trials"].as_array().expect("alpha trials");
+    let grid = tfmqc_passes::options::TCR_ALPHA_GRID;
+    assert_eq!(trials.len(), grid.len());
+    let best = trials
+        .iter()
+        .max_by(|a, b| a[1].as_f64().unwrap().total_cmp(&b[1].as_f64().unwrap()))
+        .unwrap();
+    let alpha = rep["tcr"]["alpha"].as_f64().unwrap();
+    assert_eq!(alpha, best[0].as_f64().unwrap(), "{trials:?}");
+    assert!(stderr.contains("by --tcr-alpha auto"), "{stderr}");
+    // One rewrite line: the kept α's (the trials' notes are dropped).
+    assert_eq!(stderr.matches("recalibrating").count(), 1, "{stderr}");
+
+    let err = tfmqc(&[
+        model_path("ddpm_digits").to_str().unwrap(),
+        "-o",
+        out.to_str().unwrap(),
+        "--tcr-alpha",
+        "1.5",
+    ]);
+    assert_eq!(err.status.code(), Some(1), "{err:?}");
+    assert!(String::from_utf8_lossy(&err.stderr).contains("auto, or a number between 0 and 1"));
+}
+
 /// `--tcr auto` (the default) measures both ways on the calibration records and keeps
 /// the better by at least 0.1 dB, as the report and the summary say; `--tcaq off` turns
 /// it off without measuring.

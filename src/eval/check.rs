@@ -143,6 +143,46 @@ fn rel_error(reference: &[f32], got: &[f32]) -> f64 {
     }
 }
 
+/// [`rel_error`] after scaling each slice of `reference` along `axis` (an input channel) by
+/// the factor that fits `got` best (least squares): how TCR's `W' = W · r` compares with
+/// its float weight, whose factors r the file does not record.
+fn rel_error_rescaled(reference: &[f32], got: &[f32], shape: &[usize], axis: usize) -> f64 {
+    let c = shape[axis];
+    let inner: usize = shape[axis + 1..].iter().product();
+    let (mut rg, mut rr) = (vec![0f64; c], vec![0f64; c]);
+    for (i, (&a, &b)) in reference.iter().zip(got).enumerate() {
+        let k = (i / inner) % c;
+        rg[k] += a as f64 * b as f64;
+        rr[k] += (a as f64).powi(2);
+    }
+    let factor: Vec<f64> = rg
+        .iter()
+        .zip(&rr)
+        .map(|(g, r)| if *r > 0.0 { g / r } else { 0.0 })
+        .collect();
+    let (mut e, mut s) = (0f64, 0f64);
+    for (i, (&a, &b)) in reference.iter().zip(got).enumerate() {
+        let a = a as f64 * factor[(i / inner) % c];
+        e += (a - b as f64).powi(2);
+        s += (b as f64).powi(2);
+    }
+    if e == 0.0 {
+        0.0
+    } else {
+        (e / s.max(f64::MIN_POSITIVE)).sqrt()
+    }
+}
+
+/// The input-channel axes a weight of `shape` may have been rescaled along by TCR: 1 for
+/// a Conv's `[O, I, ...]`, either axis of a 2-D Gemm/MatMul weight.
+fn input_axes(shape: &[usize]) -> &'static [usize] {
+    if shape.len() == 2 {
+        &[0, 1]
+    } else {
+        &[1]
+    }
+}
+
 /// A weight as a Conv/Gemm/MatMul reads it: (value name, shape, values, the
 /// DequantizeLinear node it came through).
 type Weight = (String, Vec<usize>, Vec<f32>, Option<String>);
@@ -195,8 +235,12 @@ fn weights(m: &Model) -> Vec<Weight> {
     out
 }
 
-/// Matches every weight of QUANT with the closest same-shaped weight of FLOAT.
-pub fn weights_match(float: &Model, quant: &Model) -> Result<WeightCheck, String> {
+/// Matches every weight of QUANT with the closest same-shaped weight of FLOAT. With
+/// `rescaled` (a tfmqc file made with TCR, which multiplies each input channel of a
+/// weight by a factor and divides its activation by it), each FLOAT weight is first
+/// fitted per input channel to the QUANT weight: the factors are the reparameterization,
+/// what is left is quantization error.
+pub fn weights_match(float: &Model, quant: &Model, rescaled: bool) -> Result<WeightCheck, String> {
     let mut by_shape: HashMap<Vec<usize>, Vec<(String, Vec<f32>)>> = HashMap::new();
     for (name, shape, v, _) in weights(float) {
         by_shape.entry(shape).or_default().push((name, v));
@@ -237,8 +281,18 @@ pub fn weights_match(float: &Model, quant: &Model) -> Result<WeightCheck, String
             return Err(format!("{what} has no weight of the same shape in FLOAT"));
         }
         let mut best: Option<(f64, &str)> = None;
+        let error = |reference: &[f32]| {
+            let plain = rel_error(reference, &v);
+            if !rescaled {
+                return plain;
+            }
+            input_axes(&shape)
+                .iter()
+                .map(|&axis| rel_error_rescaled(reference, &v, &shape, axis))
+                .fold(plain, f64::min)
+        };
         for c in candidates.drain(..) {
-            let e = rel_error(&c.1, &v);
+            let e = error(&c.1);
             if best.is_none_or(|b| e < b.0) {
                 best = Some((e, &c.0));
             }
@@ -247,7 +301,7 @@ pub fn weights_match(float: &Model, quant: &Model) -> Result<WeightCheck, String
             let (r, k) = (shape[0], shape[1]);
             // c is [k, r]; compare c^T with v.
             let ct: Vec<f32> = (0..r * k).map(|i| c.1[(i % k) * r + i / k]).collect();
-            let e = rel_error(&ct, &v);
+            let e = error(&ct);
             if best.is_none_or(|b| e < b.0) {
                 best = Some((e, &c.0));
             }
@@ -288,5 +342,16 @@ mod tests {
         // A scale that does not fit the axis is not a weight we can read.
         let s3 = Tensor::from_vec(vec![3], &[1f32, 1.0, 1.0]);
         assert!(dequantize(&x, &s3, None, 0).is_none());
+    }
+
+    #[test]
+    fn rescaled_input_channels_fit_their_factors() {
+        // [O=2, I=2, 1, 1]; QUANT multiplies input channel 0 by 4 and channel 1 by 0.5.
+        let w = [1f32, 2.0, -3.0, 4.0];
+        let q = [4f32, 1.0, -12.0, 2.0];
+        assert!(rel_error(&w, &q) > 1.0);
+        assert!(rel_error_rescaled(&w, &q, &[2, 2, 1, 1], 1) < 1e-12);
+        // Along the other axis the factors do not fit.
+        assert!(rel_error_rescaled(&w, &q, &[2, 2, 1, 1], 0) > 0.1);
     }
 }

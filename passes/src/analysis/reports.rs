@@ -95,6 +95,10 @@ pub struct TcrReport {
     /// `--tcr auto`: mean output SQNR (dB) on the calibration records without and with
     /// TCR, each model quantized as the options say (output Q/DQ aside).
     pub auto_db: Option<(f64, f64)>,
+    /// `--tcr-alpha auto`: each α tried and its mean output SQNR (dB) on the calibration
+    /// records, measured as `auto_db`; `alpha` is the best.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub alpha_trials: Vec<(f32, f64)>,
 }
 
 impl TcrReport {
@@ -107,10 +111,20 @@ impl TcrReport {
             ),
             None => String::new(),
         };
+        let alpha = match self.alpha_trials.as_slice() {
+            [] => self.alpha.to_string(),
+            t => format!(
+                "{}, the best by --tcr-alpha auto of {}",
+                self.alpha,
+                t.iter()
+                    .map(|(a, db)| format!("{a}: {db:.2} dB"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         format!(
-            "TCR: {} (α = {}, {} activations balanced{auto})",
+            "TCR: {} (α = {alpha}, {} activations balanced{auto})",
             if self.applied { "on" } else { "off" },
-            self.alpha,
             self.balanced.len()
         )
     }

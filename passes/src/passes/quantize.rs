@@ -92,8 +92,15 @@ fn smoothed_members(set: &[i64], groups: usize) -> Vec<Vec<i64>> {
 /// constant zero point): the zero point minimising the summed squared scales, i.e. the
 /// quantization noise over the groups; with one group, [`act_params_u8`].
 pub fn shared_zero_point_params(ranges: &[Range]) -> (Vec<f32>, u8) {
+    shared_zero_point_params_bits(ranges, 8)
+}
+
+/// [`shared_zero_point_params`] on the `bits`-bit grid (levels 0..2^bits − 1): per-step
+/// scales below 8 bits share their zero point the same way.
+pub fn shared_zero_point_params_bits(ranges: &[Range], bits: u32) -> (Vec<f32>, u8) {
+    let top = crate::numerics::quant::act_levels(bits) as i32;
     if ranges.len() == 1 {
-        let (s, z) = act_params_u8(ranges[0].min, ranges[0].max);
+        let (s, z) = act_params(ranges[0].min, ranges[0].max, bits);
         return (vec![s], z);
     }
     let scales_for = |z: u8| -> Vec<f32> {
@@ -102,7 +109,7 @@ pub fn shared_zero_point_params(ranges: &[Range]) -> (Vec<f32>, u8) {
             .map(|r| {
                 let (min, max) = (r.min.min(0.0), r.max.max(0.0));
                 let up = if max > 0.0 {
-                    max / (255 - z as i32) as f32
+                    max / (top - z as i32) as f32
                 } else {
                     0.0
                 };
@@ -112,9 +119,9 @@ pub fn shared_zero_point_params(ranges: &[Range]) -> (Vec<f32>, u8) {
             .collect()
     };
     let cost = |s: &[f32]| s.iter().map(|&v| (v as f64).powi(2)).sum::<f64>();
-    // z = 0 cannot hold a negative minimum, z = 255 not a positive maximum (infinite
+    // z = 0 cannot hold a negative minimum, z = top not a positive maximum (infinite
     // scales, never the best unless the ranges are all one-sided).
-    let best = (0..=255u8)
+    let best = (0..=top as u8)
         .map(|z| (z, scales_for(z)))
         .filter(|(_, s)| s.iter().all(|v| v.is_finite()))
         .min_by(|a, b| cost(&a.1).total_cmp(&cost(&b.1)))
@@ -441,21 +448,14 @@ impl LayerRewrite<'_> {
             return Ok(dq.clone());
         }
         let options = self.options;
-        // Below 8 bits one set of scales (per-step ones are 8-bit only), on the narrower
-        // grid, behind a Clip that keeps values on it.
-        let (scales, zp) = match options.act_bits {
-            8 => shared_zero_point_params(&self.ranges[a]),
-            bits => {
-                let r = &self.ranges[a][0];
-                let (s, z) = act_params(r.min, r.max, bits);
-                (vec![s], z)
-            }
-        };
-        let input = narrow_to_bits(g, a, &scales, zp, options.act_bits)?;
+        // Below 8 bits on the narrower grid, behind a clip that keeps values on it (per
+        // step group when the scales are).
+        let (scales, zp) = shared_zero_point_params_bits(&self.ranges[a], options.act_bits);
         let group = match scales.len() {
             1 => None,
             n => Some(self.group_index(g, n)?),
         };
+        let input = narrow_to_bits(g, a, &scales, zp, options.act_bits, group.as_deref())?;
         let dq = insert_qdq(g, &input, &scales, zp, group.as_deref())?;
         let one = act_params_u8(self.all_steps[a].min, self.all_steps[a].max).0;
         let visited = visited_positions(self.cal, a, self.set);
@@ -522,7 +522,7 @@ pub fn quantize(
     let explicit = explicit_groups(options, &set, step_index)?;
     // Per-step scales need the step index (no TIB folded: one set of scales).
     let per_step = !options.baseline_minmax
-        && options.act_bits == 8
+        && options.act_bits <= 8
         && options.step_groups.per_step()
         && step_index.is_some();
     let Targets {

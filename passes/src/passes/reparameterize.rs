@@ -36,7 +36,7 @@ use crate::analysis::targets::find_targets;
 use crate::error::{Error, Result};
 use crate::ir::exec::Runner;
 use crate::ir::{DType, Graph, Model, Tensor};
-use crate::options::{Options, Tcr};
+use crate::options::{Options, Tcr, TcrAlpha, TCR_ALPHA_GRID};
 use crate::passes::{Analysis, Pass, PassContext};
 
 pub struct Reparameterize;
@@ -97,43 +97,88 @@ impl Pass for Reparameterize {
                 return Ok(());
             }
         }
+        let alphas: Vec<f32> = match cx.options.tcr_alpha {
+            TcrAlpha::Fixed(a) => vec![a],
+            TcrAlpha::Auto => {
+                // Each α: the rewrite, calibrating again and a trial quantization.
+                let calls = if cal.trajectories.is_empty() {
+                    cal.batches
+                } else {
+                    cal.batches.max(1) * cal.records.len()
+                } as f64;
+                let estimate = TCR_ALPHA_GRID.len() as f64
+                    * cal.call_work_seconds
+                    * (calls + 4.0 * cal.records.len() as f64);
+                if estimate > AUTO_MAX_SECONDS {
+                    cx.note(format!(
+                        "TCR: --tcr-alpha auto would take about {} to measure (over {AUTO_MAX_SECONDS} s); α = {DEFAULT_ALPHA}",
+                        crate::analysis::budget::human_duration(estimate)
+                    ));
+                    vec![DEFAULT_ALPHA]
+                } else {
+                    TCR_ALPHA_GRID.to_vec()
+                }
+            }
+        };
         let before = (cx.model.clone(), cx.calibration.clone());
+        let notes = cx.notes.clone();
         let keep_alive: Vec<String> = cx.step_index.iter().cloned().collect();
-        let mut report = reparameterize(
-            &mut cx.model,
-            &keep_alive,
-            &cx.options.keep_float,
-            cx.options.tcr_alpha,
-            &cal.records,
-            &cal.record_steps,
-        )?;
-        let folded = report
-            .balanced
-            .iter()
-            .filter(|b| b.folded_into != "mul")
-            .count();
-        let (sb, sa) = report.balanced.iter().fold((0f32, 0f32), |(a, b), x| {
-            (a + x.spread_before, b + x.spread_after)
-        });
-        let n = report.balanced.len().max(1) as f32;
-        let line = format!(
-            "TCR (α = {}): {} activations balanced ({} folded into their affine producer, {} through a new Mul) from {} records over {} steps; channel spread max/mean {:.1} → {:.1} (mean over activations); recalibrating",
-            report.alpha,
-            report.balanced.len(),
-            folded,
-            report.balanced.len() - folded,
-            report.records,
-            report.steps,
-            sb / n,
-            sa / n,
+        // Per α: the balanced model, its calibration, report, notes and trial SQNR.
+        type Trial = (
+            Model,
+            Option<crate::analysis::calibration::Calibration>,
+            TcrReport,
+            Vec<String>,
+            Option<f64>,
         );
-        // The ranges and the layer inputs of the first calibration describe the model
-        // before the rewrite.
-        crate::passes::recalibrate(cx)?;
-        cx.notes.insert(0, line);
+        let mut best: Option<Trial> = None;
+        let mut trials = vec![];
+        for &alpha in &alphas {
+            (cx.model, cx.calibration) = before.clone();
+            cx.notes = notes.clone();
+            let cal = cx.calibration.as_ref().expect("calibrated");
+            let report = reparameterize(
+                &mut cx.model,
+                &keep_alive,
+                &cx.options.keep_float,
+                alpha,
+                &cal.records,
+                &cal.record_steps,
+            )?;
+            // The ranges and the layer inputs of the first calibration describe the
+            // model before the rewrite.
+            crate::passes::recalibrate(cx)?;
+            cx.notes.insert(0, tcr_line(&report));
+            let sqnr = match alphas.len() {
+                1 => None,
+                _ => {
+                    let cal = cx.calibration.as_ref().expect("calibrated");
+                    let db = trial_sqnr(&cx.model, cal, cx)?;
+                    trials.push((alpha, db));
+                    Some(db)
+                }
+            };
+            if best.as_ref().is_none_or(|b| {
+                sqnr.unwrap_or(f64::NEG_INFINITY) > b.4.unwrap_or(f64::NEG_INFINITY)
+            }) {
+                best = Some((
+                    cx.model.clone(),
+                    cx.calibration.clone(),
+                    report,
+                    cx.notes.clone(),
+                    sqnr,
+                ));
+            }
+        }
+        let (model, calibration, mut report, kept_notes, best_db) = best.expect("at least one α");
+        (cx.model, cx.calibration, cx.notes) = (model, calibration, kept_notes);
+        report.alpha_trials = trials;
         if mode == Tcr::Auto && !report.balanced.is_empty() {
             let off = trial_sqnr(&before.0, before.1.as_ref().expect("calibrated"), cx)?;
-            let on = trial_sqnr(&cx.model, cx.calibration.as_ref().expect("calibrated"), cx)?;
+            let on = match best_db {
+                Some(db) => db,
+                None => trial_sqnr(&cx.model, cx.calibration.as_ref().expect("calibrated"), cx)?,
+            };
             report.auto_db = Some((off, on));
             if on - off < AUTO_MIN_GAIN_DB {
                 (cx.model, cx.calibration) = before;
@@ -147,6 +192,30 @@ impl Pass for Reparameterize {
         cx.tcr = Some(report);
         Ok(())
     }
+}
+
+/// The note saying what one rewrite did.
+fn tcr_line(report: &TcrReport) -> String {
+    let folded = report
+        .balanced
+        .iter()
+        .filter(|b| b.folded_into != "mul")
+        .count();
+    let (sb, sa) = report.balanced.iter().fold((0f32, 0f32), |(a, b), x| {
+        (a + x.spread_before, b + x.spread_after)
+    });
+    let n = report.balanced.len().max(1) as f32;
+    format!(
+        "TCR (α = {}): {} activations balanced ({} folded into their affine producer, {} through a new Mul) from {} records over {} steps; channel spread max/mean {:.1} → {:.1} (mean over activations); recalibrating",
+        report.alpha,
+        report.balanced.len(),
+        folded,
+        report.balanced.len() - folded,
+        report.records,
+        report.steps,
+        sb / n,
+        sa / n,
+    )
 }
 
 /// Mean output SQNR (dB, over the steps) of `model` quantized with `cal` as the options

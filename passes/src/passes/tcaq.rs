@@ -30,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::ir::exec::Runner;
 use crate::ir::{Graph, Model, Tensor};
 use crate::numerics::quant::{act_clip, act_levels, fake_quant_u8, sqnr_from_sums};
-use crate::options::Daq;
+use crate::options::{Daq, Options};
 use crate::passes::{Pass, PassContext};
 
 /// `--daq auto` keeps the log2 quantizers when they raise the mean held-out output SQNR
@@ -161,24 +161,73 @@ impl Eval {
     }
 }
 
-/// The held-out trajectories the report evaluates on (another seed than calibration's,
-/// as many as a quarter of `--calib-budget` allows), else the calibration records.
+/// Held-out trajectory sets DAQ and PAR choose on: each as many trajectories as the
+/// report's evaluation (one of 2 images with one `--calib-steps`), with seeds of their
+/// own. One set alone measured PAR's rounds within its noise (a few tenths of a dB), and
+/// the report's own set would both choose the round and measure it.
+pub const CHOICE_SETS: u64 = 4;
+
+/// Held-out trajectories (seeds other than calibration's and the report's, as many as a
+/// quarter of `--calib-budget` allows, up to [`CHOICE_SETS`] sets), else the calibration
+/// records.
 fn held_out(cx: &PassContext, float: &Model) -> Result<Eval> {
     let cal = cx.calibration()?;
     let t_name = cx.tib()?.timestep_input.clone();
     let per_call = 2.5 * cal.call_work_seconds;
-    let affordable = if per_call > 0.0 {
+    let mut affordable = if per_call > 0.0 {
         (cx.options.calib_budget_s / 4.0 / per_call).floor() as usize
     } else {
         usize::MAX
     };
-    let held = crate::analysis::trajectory::evaluation_records(
-        float,
-        cx.options,
-        &t_name,
-        affordable,
-        cx.progress,
-    );
+    let mut sets: Vec<crate::analysis::trajectory::EvaluationRecords> = vec![];
+    for k in 1..=CHOICE_SETS {
+        let options = Options {
+            seed: cx
+                .options
+                .seed
+                .wrapping_add(k.wrapping_mul(0x9e37_79b9_7f4a_7c15)),
+            ..cx.options.clone()
+        };
+        match crate::analysis::trajectory::evaluation_records(
+            float,
+            &options,
+            &t_name,
+            affordable,
+            cx.progress,
+        ) {
+            Ok(Some(h)) => {
+                affordable = affordable.saturating_sub(h.records.len());
+                sets.push(h);
+            }
+            Ok(None) => break,
+            Err(e) if sets.is_empty() => return held_from(cx, Err(e)),
+            Err(_) => break,
+        }
+    }
+    let n = sets.len();
+    let merged = sets.into_iter().reduce(|mut a, b| {
+        a.records.extend(b.records);
+        a.steps.extend(b.steps);
+        a.outputs.extend(b.outputs);
+        a
+    });
+    held_from(
+        cx,
+        Ok(merged.map(|mut h| {
+            if n > 1 {
+                h.what = format!("{n} sets of {}", h.what);
+            }
+            h
+        })),
+    )
+}
+
+/// The held-out records of [`held_out`], or the calibration records when there are none.
+fn held_from(
+    cx: &PassContext,
+    held: Result<Option<crate::analysis::trajectory::EvaluationRecords>>,
+) -> Result<Eval> {
+    let cal = cx.calibration()?;
     match held {
         Ok(Some(h)) => Ok(Eval {
             records: h.records,

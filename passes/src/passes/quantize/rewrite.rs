@@ -141,29 +141,54 @@ pub(super) fn int32_biases(
     Ok(done)
 }
 
-/// Below 8 bits, a Clip to the interval the narrower quantizer represents, so that the
+/// Below 8 bits, a clip to the interval the narrower quantizer represents, so that the
 /// uint8 QuantizeLinear behind it (which saturates only at 0 and 255) stays on the
 /// `bits`-bit grid for values beyond the calibrated range; returns the value to
-/// quantize. (One set of scales only: `Options::validate` refuses narrower activations
-/// with step groups.)
+/// quantize. One scale: a constant Clip. Scales per step group: the group's bounds
+/// gathered at `group` (the index the scales are gathered at), as `Max(Min(x, hi[g]),
+/// lo[g])` (Min/Max take tensor bounds in every runtime; the quantizer after it keeps
+/// the per-step form the runtime lowers).
 pub(super) fn narrow_to_bits(
     g: &mut Graph,
     value: &str,
     scales: &[f32],
     zp: u8,
     bits: u32,
+    group: Option<&str>,
 ) -> Result<String> {
-    if bits >= 8 || scales.len() != 1 {
+    if bits >= 8 {
         return Ok(value.to_string());
     }
-    let (lo, hi) = act_clip(scales[0], zp, bits);
     let base = value.trim_start_matches('/');
-    let lo = g.add_initializer(&format!("{base}_clip_min"), Tensor::scalar(lo));
-    let hi = g.add_initializer(&format!("{base}_clip_max"), Tensor::scalar(hi));
-    g.add_op(
-        "Clip",
-        vec![value.to_string(), lo, hi],
-        &format!("{base}_clipped"),
+    let (Some(group), true) = (group, scales.len() > 1) else {
+        let (lo, hi) = act_clip(scales[0], zp, bits);
+        let lo = g.add_initializer(&format!("{base}_clip_min"), Tensor::scalar(lo));
+        let hi = g.add_initializer(&format!("{base}_clip_max"), Tensor::scalar(hi));
+        return g.add_op(
+            "Clip",
+            vec![value.to_string(), lo, hi],
+            &format!("{base}_clipped"),
+            vec![],
+        );
+    };
+    let (lo, hi): (Vec<f32>, Vec<f32>) = scales.iter().map(|&s| act_clip(s, zp, bits)).unzip();
+    let mut bound = |name: &str, v: Vec<f32>| -> Result<String> {
+        let n = v.len();
+        let t = g.add_initializer(&format!("{base}_{name}s"), Tensor::from_vec(vec![n], &v));
+        g.add_op(
+            "Gather",
+            vec![t, group.to_string()],
+            &format!("{base}_{name}"),
+            vec![attr::int("axis", 0)],
+        )
+    };
+    let lo = bound("clip_min", lo)?;
+    let hi = bound("clip_max", hi)?;
+    let below = g.add_op(
+        "Min",
+        vec![value.to_string(), hi],
+        &format!("{base}_below_max"),
         vec![],
-    )
+    )?;
+    g.add_op("Max", vec![below, lo], &format!("{base}_clipped"), vec![])
 }
