@@ -842,7 +842,15 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let n_int = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let mut poly: f32 = 1.0 / 5040.0;
-    for c in [1.0 / 720.0, 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
         poly = poly.mul_add(r, c);
     }
     let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
