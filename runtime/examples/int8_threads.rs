@@ -171,18 +171,22 @@ fn main() {
         );
     }
     // Fused attention over [B*H] heads: q [M, D], k [N, D], v [N, D].
-    for &(bh, t, d) in &[
-        (16usize, 256usize, 4usize),
-        (16, 256, 8),
-        (16, 256, 16),
-        (16, 64, 8),
-        (8, 256, 32),
-        (16, 1024, 40),
-        (16, 4096, 40),
+    // (sd_tiny: 16 × 256 tokens with 2-channel heads, and its 77-token cross-attention.)
+    for &(bh, t, nk, d) in &[
+        (16usize, 256usize, 256usize, 2usize),
+        (16, 256, 77, 2),
+        (16, 64, 77, 4),
+        (16, 256, 256, 4),
+        (16, 256, 256, 8),
+        (16, 256, 256, 16),
+        (16, 64, 64, 8),
+        (8, 256, 256, 32),
+        (16, 1024, 1024, 40),
+        (16, 4096, 4096, 40),
     ] {
         let q = vals(bh * t * d, 0.37);
-        let k = vals(bh * t * d, 0.29);
-        let v = vals(bh * t * d, 0.13);
+        let k = vals(bh * nk * d, 0.29);
+        let v = vals(bh * nk * d, 0.13);
         let mut out = vec![0f32; bh * t * d];
         let opnd = |v: &[f32], transposed: bool| AttentionOperand {
             values: unsafe { std::slice::from_raw_parts(v.as_ptr(), v.len()) },
@@ -191,12 +195,12 @@ fn main() {
             zero_point: 128,
         };
         let (qo, ko, vo) = (opnd(&q, false), opnd(&k, true), opnd(&v, false));
-        if bh * t * t * d > 4_000_000_000 && runs > 2 {
+        if bh * t * nk * d > 4_000_000_000 && runs > 2 {
             continue;
         }
         report(
-            &format!("attention {bh}x[{t}x{d}]"),
-            2 * bh * t * t * d,
+            &format!("attention {bh}x[{t}x{nk}x{d}]"),
+            2 * bh * t * nk * d,
             if t >= 1024 { runs.min(3) } else { runs },
             &mut || {
                 attention_quantize(
@@ -212,7 +216,7 @@ fn main() {
                     AttentionShape {
                         heads: bh,
                         m: t,
-                        n: t,
+                        n: nk,
                         d,
                         dv: d,
                     },

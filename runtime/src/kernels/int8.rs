@@ -233,7 +233,8 @@ fn auto_isa() -> Isa {
 fn avx2_available() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        std::is_x86_feature_detected!("avx2")
+        // FMA too: the attention's softmax runs fused multiply-adds on this path.
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

@@ -81,8 +81,8 @@ pub(crate) fn block_rows(n: usize) -> usize {
 }
 
 thread_local! {
-    /// A unit's scores and codes of P (and, on the short-head path, one row of centered
-    /// codes), kept per thread between calls.
+    /// A unit's scores and codes of P (on the short-head path: one padded row of scores
+    /// and of centered codes), kept per thread between calls.
     static SCRATCH: RefCell<(Vec<f32>, Vec<u8>, Vec<i32>)> =
         const { RefCell::new((Vec::new(), Vec::new(), Vec::new())) };
     /// Set by [`with_short_heads`] (tests): the short-head path forced on or off.
@@ -205,16 +205,19 @@ pub fn attention_quantize(
             let ops = if short {
                 let kv = &k.values[ko..ko + n * d];
                 let (kz, vz) = (k.zero_point as i32, v.zero_point as i32);
-                let mut kc = vec![0f32; d * n];
-                for (c, row) in kc.chunks_exact_mut(n.max(1)).enumerate() {
-                    for (j, x) in row.iter_mut().enumerate() {
+                // Rows padded to whole LANES with zeros: the loops over the keys then have
+                // no scalar tail (a padded key scores 0 and weighs 0 in P·V).
+                let stride = short_stride(n);
+                let mut kc = vec![0f32; d * stride];
+                for (c, row) in kc.chunks_exact_mut(stride).enumerate() {
+                    for (j, x) in row[..n].iter_mut().enumerate() {
                         *x = (quantize(kv[c * ks + j * ns], k.scale, kz, 0, 255) - kz) as f32;
                     }
                 }
                 let vv = &v.values[vo..vo + n * dv];
-                let mut vc = vec![0i32; dv * n];
-                for (c, row) in vc.chunks_exact_mut(n.max(1)).enumerate() {
-                    for (j, x) in row.iter_mut().enumerate() {
+                let mut vc = vec![0i32; dv * stride];
+                for (c, row) in vc.chunks_exact_mut(stride).enumerate() {
+                    for (j, x) in row[..n].iter_mut().enumerate() {
                         *x = quantize(vv[j * vks + c * vns], v.scale, vz, 0, 255) - vz;
                     }
                 }
@@ -287,11 +290,11 @@ pub fn attention_quantize(
         };
         SCRATCH.with(|s| {
             let (scores, codes, centered) = &mut *s.borrow_mut();
-            // The short-head loops go a row at a time.
-            let held = if short { n } else { rows * n };
+            // The short-head loops go a row at a time (of padded length).
+            let held = if short { short_stride(n) } else { rows * n };
             scores.resize(held, 0.0);
-            codes.resize(held, 0);
-            centered.resize(if short { n } else { 0 }, 0);
+            codes.resize(if short { 0 } else { held }, 0);
+            centered.resize(if short { held } else { 0 }, 0);
             let base = h * m * dv;
             if out_transposed {
                 let mut o = vec![0f32; rows * dv];
@@ -329,21 +332,26 @@ struct Unit<'a> {
 }
 
 impl Unit<'_> {
-    /// `scores` and `codes` hold `rows × n` (short heads: `n`, and `centered` `n`);
-    /// `out` gets `rows × dv`.
+    /// `scores` and `codes` hold `rows × n` (short heads: `scores` one padded row,
+    /// [`short_stride`]); `out` gets `rows × dv`.
     fn run(&self, scores: &mut [f32], codes: &mut [u8], centered: &mut [i32], out: &mut [f32]) {
         let (kp, vp) = match self.ops {
             HeadOperands::Gemm(kp, vp) => (kp, vp),
             HeadOperands::Short(kc, vc) => {
-                let rows = ShortRows { unit: self, kc, vc };
+                let rows = ShortRows {
+                    unit: self,
+                    kc,
+                    vc,
+                    stride: short_stride(self.n),
+                };
                 match self.isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX-512 F only when detected.
-                    Isa::Avx512Vnni => unsafe { rows.run_avx512(scores, codes, centered, out) },
+                    Isa::Avx512Vnni => unsafe { rows.run_avx512(scores, centered, out) },
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX2 only when detected.
-                    Isa::Avx2 => unsafe { rows.run_avx2(scores, codes, centered, out) },
-                    _ => rows.run(scores, codes, centered, out),
+                    Isa::Avx2 => unsafe { rows.run_avx2(scores, centered, out) },
+                    _ => rows.run(scores, centered, out),
                 }
                 return;
             }
@@ -404,57 +412,90 @@ impl Unit<'_> {
     }
 }
 
+/// Row stride of the short-head path's centered codes and scores: `n` keys padded to
+/// whole [`LANES`].
+fn short_stride(n: usize) -> usize {
+    n.max(1).next_multiple_of(LANES)
+}
+
 /// One unit of a short-head call: the products as loops over the keys.
 struct ShortRows<'a> {
     unit: &'a Unit<'a>,
-    /// Centered codes of `Kᵀ[D, N]`.
+    /// Centered codes of `Kᵀ[D, N]`, rows of `stride` (zeros past `N`).
     kc: &'a [f32],
-    /// Centered codes of `Vᵀ[Dv, N]`.
+    /// Centered codes of `Vᵀ[Dv, N]`, rows of `stride` (zeros past `N`).
     vc: &'a [i32],
+    stride: usize,
 }
 
 impl ShortRows<'_> {
     /// [`ShortRows::run`] compiled for AVX-512.
     ///
     /// # Safety
-    /// The CPU must support AVX-512 F (and AVX2).
+    /// The CPU must support AVX-512 F (and AVX2, FMA).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,avx512f")]
-    unsafe fn run_avx512(&self, s: &mut [f32], c: &mut [u8], p: &mut [i32], out: &mut [f32]) {
-        self.run(s, c, p, out)
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn run_avx512(&self, s: &mut [f32], p: &mut [i32], out: &mut [f32]) {
+        self.run(s, p, out)
     }
 
     /// [`ShortRows::run`] compiled for AVX2.
     ///
     /// # Safety
-    /// The CPU must support AVX2.
+    /// The CPU must support AVX2 and FMA.
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(&self, s: &mut [f32], c: &mut [u8], p: &mut [i32], out: &mut [f32]) {
-        self.run(s, c, p, out)
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, s: &mut [f32], p: &mut [i32], out: &mut [f32]) {
+        self.run(s, p, out)
     }
 
-    /// Row by row: the scores `Σ_c q̃[c]·k̃[c, j]` in f32 (integers below 2²⁴ at every
-    /// partial sum, so exactly the GEMM's i32 accumulator), dequantized as the GEMM's
-    /// store does (`acc · (sq · sk)`); the same softmax and quantizer of P as the GEMM
-    /// path ([`softmax_rows`] on one row); `Σ_j p̃[j]·ṽ[c, j]` in i32, dequantized as
+    /// Row by row, in three passes over the (padded) keys: the scores `Σ_c q̃[c]·k̃[c, j]`
+    /// in f32 (integers below 2²⁴ at every partial sum, so exactly the GEMM's i32
+    /// accumulator), dequantized as the GEMM's store does (`acc · (sq · sk)`), then the
+    /// graph's score scale, with the row's maximum taken on the way; [`exp_sum`], as
+    /// [`softmax_rows`] calls it; P's codes by [`softmax_rows`]' quantizer, each
+    /// centered code multiplied straight into `Dv` i32 sums `Σ_j p̃[j]·ṽ[c, j]`
+    /// (exact: the order of integer sums does not matter), dequantized as
     /// `acc · (sp · sv)`. Bit-identical to the GEMM path.
     #[inline(always)]
-    fn run(&self, s: &mut [f32], codes: &mut [u8], p: &mut [i32], out: &mut [f32]) {
+    fn run(&self, s: &mut [f32], p: &mut [i32], out: &mut [f32]) {
         let u = self.unit;
         let (n, d) = (u.n, u.d);
         let dv = out.len() / u.rows.max(1);
-        let (qs, qz) = u.q_quant;
-        let zq = qz as i32;
         // As `combined_scales`: one f32 product.
-        let score_scale = qs * u.k_scale;
+        let score_scale = u.q_quant.0 * u.k_scale;
         let out_scale = u.p.scale * u.v_scale;
-        let zp = u.p.zero_point as i32;
         if n < LANES && narrow_enabled() {
             self.run_narrow(out, dv, score_scale, out_scale);
             return;
         }
-        let (s, codes, p) = (&mut s[..n], &mut codes[..n], &mut p[..n]);
+        // The score scale applied as `softmax_rows` applies it (chosen once, not per key).
+        match u.score {
+            ScoreScale::None => self.rows(s, p, out, d, dv, score_scale, out_scale, |x| x),
+            ScoreScale::Mul(c) => self.rows(s, p, out, d, dv, score_scale, out_scale, |x| x * c),
+            ScoreScale::Div(c) => self.rows(s, p, out, d, dv, score_scale, out_scale, |x| x / c),
+        }
+    }
+
+    /// [`ShortRows::run`]'s rows, with the graph's score scale `scale`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    fn rows(
+        &self,
+        s: &mut [f32],
+        p: &mut [i32],
+        out: &mut [f32],
+        d: usize,
+        dv: usize,
+        score_scale: f32,
+        out_scale: f32,
+        scale: impl Fn(f32) -> f32,
+    ) {
+        let u = self.unit;
+        let (n, stride) = (u.n, self.stride);
+        let (qs, zq) = (u.q_quant.0, u.q_quant.1 as i32);
+        let zp = u.p.zero_point as i32;
+        let (s, p) = (&mut s[..stride], &mut p[..stride]);
         let mut qc = [0f32; SHORT_HEAD];
         for (qrow, orow) in
             u.q.chunks_exact(d.max(1))
@@ -464,38 +505,66 @@ impl ShortRows<'_> {
                 *c = (quantize(x, qs, zq, 0, 255) - zq) as f32;
             }
             // `LANES` keys at a time, summed over the head's channels in registers (fixed
-            // widths, so the loops vectorize), then the last keys one by one.
-            let whole = n / LANES * LANES;
-            for (jc, sv) in s[..whole].chunks_exact_mut(LANES).enumerate() {
-                let mut acc = [0f32; LANES];
-                for (c, &qv) in qc[..d].iter().enumerate() {
-                    let krow: &[f32; LANES] = self.kc[c * n + jc * LANES..][..LANES]
-                        .try_into()
-                        .expect("LANES keys");
-                    for l in 0..LANES {
-                        acc[l] += qv * krow[l];
-                    }
-                }
+            // widths, so the loops vectorize), the maximum taken on the way (padded keys
+            // left out).
+            let mut mx = [f32::NEG_INFINITY; LANES];
+            for (jc, sv) in s.chunks_exact_mut(LANES).enumerate() {
+                let k = &self.kc[jc * LANES..];
+                // The channel count as a constant: with a run-time count the compiler
+                // kept `acc` on the stack, written in pieces and read whole (a
+                // store-forwarding stall every chunk).
+                let acc = match d {
+                    1 => score_chunk::<1>(&qc, k, stride),
+                    2 => score_chunk::<2>(&qc, k, stride),
+                    3 => score_chunk::<3>(&qc, k, stride),
+                    4 => score_chunk::<4>(&qc, k, stride),
+                    5 => score_chunk::<5>(&qc, k, stride),
+                    6 => score_chunk::<6>(&qc, k, stride),
+                    7 => score_chunk::<7>(&qc, k, stride),
+                    _ => score_chunk::<8>(&qc, k, stride),
+                };
+                let valid = n - jc * LANES;
                 for l in 0..LANES {
-                    sv[l] = acc[l] * score_scale;
+                    let x = scale(acc[l] * score_scale);
+                    sv[l] = x;
+                    mx[l] = mx[l].max(if l < valid { x } else { f32::NEG_INFINITY });
                 }
             }
-            for (j, o) in s.iter_mut().enumerate().skip(whole) {
-                let mut a = 0f32;
-                for (c, &qv) in qc[..d].iter().enumerate() {
-                    a += qv * self.kc[c * n + j];
-                }
-                *o = a * score_scale;
+            let sum = exp_sum_padded(s, n, lane_max(mx));
+            let to_code = 1.0 / sum / u.p.scale;
+            // P's centered codes (a padded key's meets a zero of V).
+            for (x, c) in s.iter().zip(p.iter_mut()) {
+                *c = quantize(x * to_code, 1.0, zp, 0, 255) - zp;
             }
-            softmax_rows(s, codes, n, u.score, u.p);
-            for (a, &c) in p.iter_mut().zip(codes.iter()) {
-                *a = c as i32 - zp;
-            }
-            for (o, vrow) in orow.iter_mut().zip(self.vc.chunks_exact(n)) {
+            for (o, vrow) in orow.iter_mut().zip(self.vc.chunks_exact(stride)) {
                 *o = dot_i32(p, vrow) as f32 * out_scale;
             }
         }
     }
+}
+
+/// `LANES` scores before scaling: `Σ_c qc[c]·k[c·stride + l]` for `c` in `0..D`, from
+/// +0 in channel order (the GEMM path's exact i32 sums, see [`ShortRows::run`]).
+#[inline(always)]
+fn score_chunk<const D: usize>(qc: &[f32; SHORT_HEAD], k: &[f32], stride: usize) -> [f32; LANES] {
+    let mut acc = [0f32; LANES];
+    for (c, &qv) in qc[..D].iter().enumerate() {
+        let krow: &[f32; LANES] = k[c * stride..][..LANES].try_into().expect("LANES keys");
+        for l in 0..LANES {
+            acc[l] += qv * krow[l];
+        }
+    }
+    acc
+}
+
+/// `Σ a[j]·b[j]` in i32 (wrapping: the callers' sums fit; integer sums are exact in any
+/// order, so this is left as a plain reduction for the compiler to vectorize: explicit
+/// `LANES`-wide partial sums made it vectorize across chunks with gathers instead).
+#[inline(always)]
+fn dot_i32(a: &[i32], b: &[i32]) -> i32 {
+    a.iter()
+        .zip(b)
+        .fold(0i32, |s, (&x, &y)| s.wrapping_add(x.wrapping_mul(y)))
 }
 
 /// Query rows per group of [`ShortRows::run_narrow`] (one row a lane).
@@ -539,7 +608,7 @@ impl ShortRows<'_> {
             for (j, sj) in s[..n].iter_mut().enumerate() {
                 let mut a = [0f32; GROUP];
                 for (c, qcc) in qc[..d].iter().enumerate() {
-                    let kv = self.kc[c * n + j];
+                    let kv = self.kc[c * self.stride + j];
                     for l in 0..GROUP {
                         a[l] += qcc[l] * kv;
                     }
@@ -559,17 +628,28 @@ impl ShortRows<'_> {
                     max[l] = max[l].max(sj[l]);
                 }
             }
-            let mut sum = [0f32; GROUP];
             for sj in s[..n].iter_mut() {
                 for l in 0..GROUP {
-                    let e = exp_nonpositive(sj[l] - max[l]);
-                    sj[l] = e;
-                    sum[l] += e;
+                    sj[l] = exp_nonpositive(sj[l] - max[l]);
                 }
+            }
+            // The sum of each row's exps in `lane_sum`'s order: key j in partial sum j,
+            // zeros past the last key, then halves added pairwise.
+            let mut t = [[0f32; GROUP]; LANES];
+            t[..n].copy_from_slice(&s[..n]);
+            let mut w = LANES / 2;
+            while w > 0 {
+                let (lo, hi) = t.split_at_mut(w);
+                for (a, b) in lo.iter_mut().zip(&hi[..w]) {
+                    for l in 0..GROUP {
+                        a[l] += b[l];
+                    }
+                }
+                w /= 2;
             }
             let mut to_code = [0f32; GROUP];
             for l in 0..GROUP {
-                to_code[l] = 1.0 / sum[l] / u.p.scale;
+                to_code[l] = 1.0 / t[0][l] / u.p.scale;
             }
             for (sj, pj) in s[..n].iter().zip(pc[..n].iter_mut()) {
                 for l in 0..GROUP {
@@ -579,7 +659,7 @@ impl ShortRows<'_> {
             for c in 0..dv {
                 let mut acc = [0i32; GROUP];
                 for (j, pj) in pc[..n].iter().enumerate() {
-                    let v = self.vc[c * n + j];
+                    let v = self.vc[c * self.stride + j];
                     for l in 0..GROUP {
                         acc[l] = acc[l].wrapping_add(pj[l].wrapping_mul(v));
                     }
@@ -592,30 +672,12 @@ impl ShortRows<'_> {
     }
 }
 
-/// `Σ a[j]·b[j]` in i32 (wrapping: the callers' sums fit), in `LANES` partial sums.
-#[inline(always)]
-fn dot_i32(a: &[i32], b: &[i32]) -> i32 {
-    let mut acc = [0i32; LANES];
-    let mut ia = a.chunks_exact(LANES);
-    let mut ib = b.chunks_exact(LANES);
-    for (x, y) in (&mut ia).zip(&mut ib) {
-        for ((s, &x), &y) in acc.iter_mut().zip(x).zip(y) {
-            *s = s.wrapping_add(x.wrapping_mul(y));
-        }
-    }
-    let mut r = acc.iter().fold(0i32, |s, &x| s.wrapping_add(x));
-    for (&x, &y) in ia.remainder().iter().zip(ib.remainder()) {
-        r = r.wrapping_add(x.wrapping_mul(y));
-    }
-    r
-}
-
 /// [`softmax_rows`] compiled for AVX-512 (its loops vectorize 16 wide).
 ///
 /// # Safety
-/// The CPU must support AVX-512 F (and AVX2).
+/// The CPU must support AVX-512 F (and AVX2, FMA).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,avx512f")]
+#[target_feature(enable = "avx2,fma,avx512f")]
 unsafe fn softmax_rows_avx512(s: &mut [f32], c: &mut [u8], n: usize, sc: ScoreScale, p: ProbQuant) {
     softmax_rows(s, c, n, sc, p)
 }
@@ -623,9 +685,9 @@ unsafe fn softmax_rows_avx512(s: &mut [f32], c: &mut [u8], n: usize, sc: ScoreSc
 /// [`softmax_rows`] compiled for AVX2.
 ///
 /// # Safety
-/// The CPU must support AVX2.
+/// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn softmax_rows_avx2(s: &mut [f32], c: &mut [u8], n: usize, sc: ScoreScale, p: ProbQuant) {
     softmax_rows(s, c, n, sc, p)
 }
@@ -662,6 +724,8 @@ pub(crate) fn softmax_rows(
     }
 }
 
+/// The maximum of `row` (exact in any order); the last partial `LANES` go through a
+/// padded chunk so that no scalar loop is left.
 #[inline(always)]
 fn row_max(row: &[f32]) -> f32 {
     let mut m = [f32::NEG_INFINITY; LANES];
@@ -671,15 +735,47 @@ fn row_max(row: &[f32]) -> f32 {
             *a = a.max(x);
         }
     }
-    let mut r = m.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for &x in it.remainder() {
-        r = r.max(x);
+    let tail = it.remainder();
+    let mut buf = [f32::NEG_INFINITY; LANES];
+    buf[..tail.len()].copy_from_slice(tail);
+    for (a, &x) in m.iter_mut().zip(&buf) {
+        *a = a.max(x);
     }
-    r
+    lane_max(m)
 }
 
-/// Replaces each `x` of `row` by `exp(x − max)` and returns their sum (in `LANES` partial
-/// sums, then in order).
+/// The maximum of `LANES` values (exact in any order: halves pairwise, as vectors).
+#[inline(always)]
+fn lane_max(mut m: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            m[l] = m[l].max(m[l + w]);
+        }
+        w /= 2;
+    }
+    m[0]
+}
+
+/// The sum of `LANES` partial sums: halves added pairwise (`l + w` into `l`, `w` = 16,
+/// 8, 4, 2, 1), a few vector adds where a sum in order is 32 dependent scalar adds.
+/// [`ShortRows::run_narrow`] sums its rows' exps in this order.
+#[inline(always)]
+fn lane_sum(mut a: [f32; LANES]) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            a[l] += a[l + w];
+        }
+        w /= 2;
+    }
+    a[0]
+}
+
+/// Replaces each `x` of `row` by `exp(x − max)` and returns their sum: key `j` is added
+/// into partial sum `j % LANES` (the last partial chunk too, through a padded chunk, so
+/// its exps vectorize), then [`lane_sum`]. For fewer than `LANES` keys this is
+/// [`lane_sum`] of the exps, as [`ShortRows::run_narrow`] adds them.
 #[inline(always)]
 fn exp_sum(row: &mut [f32], max: f32) -> f32 {
     let mut acc = [0f32; LANES];
@@ -690,18 +786,47 @@ fn exp_sum(row: &mut [f32], max: f32) -> f32 {
             *a += *x;
         }
     }
-    let mut tail = 0f32;
-    for x in it.into_remainder() {
-        *x = exp_nonpositive(*x - max);
-        tail += *x;
+    let tail = it.into_remainder();
+    if !tail.is_empty() {
+        let t = tail.len();
+        let mut buf = [0f32; LANES];
+        buf[..t].copy_from_slice(tail);
+        for (l, (a, x)) in acc.iter_mut().zip(buf.iter_mut()).enumerate() {
+            let e = exp_nonpositive(*x - max);
+            *x = e;
+            // `+ 0.0` leaves a (non-negative) partial sum as it is.
+            *a += if l < t { e } else { 0.0 };
+        }
+        tail.copy_from_slice(&buf[..t]);
     }
-    acc.iter().sum::<f32>() + tail
+    lane_sum(acc)
+}
+
+/// [`exp_sum`] of `row[..n]` where `row` is padded to whole `LANES` (what is past `n` is
+/// overwritten and left out of the sum): the same partial sums and result, without the
+/// copies through a padded chunk.
+#[inline(always)]
+fn exp_sum_padded(row: &mut [f32], n: usize, max: f32) -> f32 {
+    let mut acc = [0f32; LANES];
+    for (jc, c) in row.chunks_exact_mut(LANES).enumerate() {
+        let valid = n.saturating_sub(jc * LANES);
+        for (l, (a, x)) in acc.iter_mut().zip(c.iter_mut()).enumerate() {
+            let e = exp_nonpositive(*x - max);
+            *x = e;
+            // `+ 0.0` leaves a (non-negative) partial sum as it is.
+            *a += if l < valid { e } else { 0.0 };
+        }
+    }
+    lane_sum(acc)
 }
 
 /// `exp(x)` for `x ≤ 0` (within ~2 ulp; `x < −87` gives `exp(−87)`, ~1.6e-38, which no
 /// 8-bit quantizer of a probability tells from 0): `2ⁿ · e^r` with `n = round(x / ln 2)`,
 /// `|r| ≤ ln 2 / 2`, `e^r` by its degree-7 Taylor polynomial. Branch-free, so the loops
-/// around it vectorize.
+/// around it vectorize. Its multiply-adds are fused (`mul_add`: one rounding, the same
+/// bits on every CPU, hardware FMA where the callers enable it — the AVX2 / AVX-512 paths
+/// and arm64 — and libm's `fmaf` elsewhere): half the operations and latency of the
+/// polynomial, which is most of the short-head attention's time.
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
@@ -712,16 +837,22 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     let x = x.clamp(-87.0, 0.0);
     // Round to nearest through the mantissa of `t` (|x · log2 e| < 2²²), and read the
     // integer back from its bits: no float-to-int conversion (which does not vectorize).
-    let t = x * LOG2E + ROUND;
+    let t = x.mul_add(LOG2E, ROUND);
     let n = t - ROUND;
     let n_int = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    let r = (x - n * LN2_HI) - n * LN2_LO;
-    let poly = 1.0
-        + r * (1.0
-            + r * (0.5
-                + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0
-                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let mut poly: f32 = 1.0 / 5040.0;
+    for c in [
+        1.0 / 720.0,
+        1.0 / 120.0,
+        1.0 / 24.0,
+        1.0 / 6.0,
+        0.5,
+        1.0,
+        1.0,
+    ] {
+        poly = poly.mul_add(r, c);
+    }
     let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
     poly * two_n
 }
