@@ -11,12 +11,10 @@
 
 use tract_onnx::pb;
 
+// The 4-bit data types and their test live with the other storage facts in tensor_data
+// (which must size 4-bit tensors without reading them); re-exported here.
+pub use crate::tensor_data::{is_4bit, INT4, UINT4};
 use crate::tensor_data::{tensor_bytes, DataFiles};
-
-/// ONNX `TensorProto.DataType` INT4.
-pub const INT4: i32 = 22;
-/// ONNX `TensorProto.DataType` UINT4.
-pub const UINT4: i32 = 21;
 
 /// Packs signed values in −8..=7 two a byte, low nibble first; `None` if one leaves that
 /// range (the caller keeps its int8 form).
@@ -62,11 +60,6 @@ pub fn unpack_u4(bytes: &[u8], count: usize) -> Vec<u8> {
     }
     out.truncate(count);
     out
-}
-
-/// Whether `t` is a 4-bit tensor (INT4 or UINT4).
-pub fn is_4bit(t: &pb::TensorProto) -> bool {
-    t.data_type == INT4 || t.data_type == UINT4
 }
 
 /// Whether any initializer of `proto`'s main graph is 4-bit.

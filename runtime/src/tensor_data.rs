@@ -15,6 +15,17 @@ use std::sync::Arc;
 
 use tract_onnx::pb;
 
+/// ONNX `TensorProto.DataType` INT4 (opset 21: two signed 4-bit values a byte, low
+/// nibble first; [`crate::int4`] packs and unpacks them).
+pub const INT4: i32 = 22;
+/// ONNX `TensorProto.DataType` UINT4.
+pub const UINT4: i32 = 21;
+
+/// Whether `t` is a 4-bit tensor (INT4 or UINT4).
+pub fn is_4bit(t: &pb::TensorProto) -> bool {
+    t.data_type == INT4 || t.data_type == UINT4
+}
+
 /// Bytes of one tensor element of ONNX data type `data_type`, when it has a fixed size.
 pub(crate) fn element_size(data_type: i32) -> Option<usize> {
     use pb::tensor_proto::DataType as D;
@@ -138,7 +149,7 @@ pub(crate) fn tensor_bytes<'a>(
 ) -> Result<TensorBytes<'a>, String> {
     // 4-bit types (ONNX INT4 / UINT4) pack two values a byte: the bytes are the packed
     // ones, [`crate::int4`] reads them.
-    let four_bit = crate::int4::is_4bit(t);
+    let four_bit = is_4bit(t);
     let elem = match four_bit {
         true => Some(1),
         false => element_size(t.data_type),
