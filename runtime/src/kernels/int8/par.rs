@@ -16,9 +16,24 @@ use tract_linalg::multithread::{current_tract_executor, Executor};
 /// than on 1 when every layer split).
 pub(crate) const MIN_PARALLEL_WORK: usize = 1 << 24;
 
+/// [`MIN_PARALLEL_WORK`], or `TFMQC_MIN_PARALLEL_WORK` (multiply-adds) when set: the
+/// threshold is measured per machine, and benchmarks set it from outside. Read once.
+fn min_parallel_work() -> usize {
+    static MIN: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MIN.get_or_init(|| parse_min_parallel_work(std::env::var("TFMQC_MIN_PARALLEL_WORK").ok()))
+}
+
+/// The threshold a `TFMQC_MIN_PARALLEL_WORK` value asks for; the default when it is
+/// unset or not a number.
+fn parse_min_parallel_work(value: Option<String>) -> usize {
+    value
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(MIN_PARALLEL_WORK)
+}
+
 /// Whether a call of `work` multiply-adds splits over the pool.
 pub(crate) fn worth_splitting(work: usize) -> bool {
-    work >= MIN_PARALLEL_WORK && threads() > 1
+    work >= min_parallel_work() && threads() > 1
 }
 
 /// Runs `f(i)` for every `i` in `0..n`, on the threads of tract's current executor when
@@ -77,5 +92,21 @@ impl<'a, T> Shared<'a, T> {
             "int8: output range out of bounds"
         );
         std::slice::from_raw_parts_mut(self.ptr.add(start), n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_split_threshold_is_the_default_unless_a_number_overrides_it() {
+        assert_eq!(parse_min_parallel_work(None), MIN_PARALLEL_WORK);
+        assert_eq!(parse_min_parallel_work(Some("65536".into())), 65536);
+        assert_eq!(parse_min_parallel_work(Some(" 1024 ".into())), 1024);
+        assert_eq!(
+            parse_min_parallel_work(Some("many".into())),
+            MIN_PARALLEL_WORK
+        );
     }
 }
