@@ -133,7 +133,8 @@ impl ActRange {
 /// see BENCHMARKS.md, "TCAQ"). Here with the other defaults, so the options need no pass.
 pub const DEFAULT_TCR_ALPHA: f32 = 0.5;
 
-/// TCR's α (`--tcr-alpha`): one for every activation, or chosen per activation.
+/// TCR's α (`--tcr-alpha`): a given one, or the best of a grid for the model (one α for
+/// every activation either way).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum TcrAlpha {
     /// `--tcr-alpha A`: `r = a^A / w^(1−A)` for every activation.
@@ -342,7 +343,8 @@ pub struct Options {
     /// `--tcr`: TCAQ-DM's timestep-channel joint reparameterization (the
     /// `reparameterize` pass).
     pub tcr: Tcr,
-    /// `--tcr-alpha`: α of TCR's balance `r = a^α / w^(1−α)`, or `auto` (per activation).
+    /// `--tcr-alpha`: α of TCR's balance `r = a^α / w^(1−α)`, or `auto` (the best of
+    /// [`TCR_ALPHA_GRID`] for the model).
     #[serde(serialize_with = "ser::tcr_alpha")]
     pub tcr_alpha: TcrAlpha,
     /// `--daq`: TCAQ-DM's adaptive quantizer of post-softmax activations.
