@@ -1,3 +1,4 @@
 //! Numeric kernels of the runtime (plain Rust on slices, no tract types).
+pub(crate) mod expf;
 pub mod int8;
 pub mod norm;

@@ -116,37 +116,15 @@ fn sum_f64(x: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     total
 }
 
-/// `exp(x)` for any f32 (clamped to `[−87, 88]`: ~1.6e-38 .. ~1.7e38), within 2 ulp.
-/// Multiply-adds fused (`mul_add`: hardware FMA on the AVX2 path and arm64, libm's
-/// `fmaf` elsewhere, the same bits everywhere): half the polynomial's operations and
-/// latency, most of the SiLU's time.
+/// `exp(x)` for any f32 (clamped to `[−87, 88]`: ~1.6e-38 .. ~1.7e38), within 2 ulp, by
+/// [`crate::kernels::expf`]: its fused polynomial is most of the SiLU's time.
 #[inline(always)]
 pub(crate) fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³
-    let x = x.clamp(-87.0, 88.0);
-    let t = x.mul_add(LOG2E, ROUND);
-    let n = t - ROUND;
-    let n_int = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut poly: f32 = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        poly = poly.mul_add(r, c);
-    }
+    use crate::kernels::expf::{pow2, reduced};
+    let (poly, n) = reduced(x.clamp(-87.0, 88.0));
     // 2ⁿ as two factors, so that n = 128 (x near 88.7) does not overflow the exponent.
-    let half = n_int >> 1;
-    let f = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
-    poly * f(half) * f(n_int - half)
+    let half = n >> 1;
+    poly * pow2(half) * pow2(n - half)
 }
 
 #[cfg(test)]

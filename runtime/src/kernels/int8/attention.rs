@@ -821,38 +821,11 @@ fn exp_sum_padded(row: &mut [f32], n: usize, max: f32) -> f32 {
 }
 
 /// `exp(x)` for `x ≤ 0` (within ~2 ulp; `x < −87` gives `exp(−87)`, ~1.6e-38, which no
-/// 8-bit quantizer of a probability tells from 0): `2ⁿ · e^r` with `n = round(x / ln 2)`,
-/// `|r| ≤ ln 2 / 2`, `e^r` by its degree-7 Taylor polynomial. Branch-free, so the loops
-/// around it vectorize. Its multiply-adds are fused (`mul_add`: one rounding, the same
-/// bits on every CPU, hardware FMA where the callers enable it — the AVX2 / AVX-512 paths
-/// and arm64 — and libm's `fmaf` elsewhere): half the operations and latency of the
-/// polynomial, which is most of the short-head attention's time.
+/// 8-bit quantizer of a probability tells from 0), by [`crate::kernels::expf`]: its
+/// fused polynomial is most of the short-head attention's time. 2ⁿ in one factor (n ≥
+/// −126 here).
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    // ln 2 = LN2_HI + LN2_LO, LN2_HI with few mantissa bits, so that n · LN2_HI is exact.
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUND: f32 = 12_582_912.0; // 1.5 · 2²³
-    let x = x.clamp(-87.0, 0.0);
-    // Round to nearest through the mantissa of `t` (|x · log2 e| < 2²²), and read the
-    // integer back from its bits: no float-to-int conversion (which does not vectorize).
-    let t = x.mul_add(LOG2E, ROUND);
-    let n = t - ROUND;
-    let n_int = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
-    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
-    let mut poly: f32 = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        poly = poly.mul_add(r, c);
-    }
-    let two_n = f32::from_bits(((n_int + 127) as u32) << 23);
-    poly * two_n
+    let (poly, n) = crate::kernels::expf::reduced(x.clamp(-87.0, 0.0));
+    poly * crate::kernels::expf::pow2(n)
 }
