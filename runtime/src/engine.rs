@@ -473,7 +473,6 @@ impl Engine {
     }
 }
 
-/// The time one node of a plan took in [`Engine::profile`].
 /// Bytes a planned model holds, by kind of tensor: the int8 nodes' packed weights (with
 /// their scales, biases and per-step scale tables) and the constants the plan keeps as
 /// constants, named as the compiler writes them (`tib/table/…` time-step tables; `fsc/…`
@@ -523,6 +522,7 @@ fn const_kind(name: &str) -> ConstKind {
     }
 }
 
+/// The time one node of a plan took in [`Engine::profile`].
 #[derive(Clone, Debug)]
 pub struct NodeTime {
     /// The node's name in tract's plan (ONNX node name, or one tract derived from it).
