@@ -1,10 +1,11 @@
-//! Times the int8 kernels (conv, GEMM, product of two activations, fused attention) at
-//! 1 and 2 threads over a range of sizes, to place the work threshold above which a call
-//! splits over the pool (`kernels::int8::par`). Minimum of several runs: the numbers are
-//! meant for a shared machine.
+//! Times the int8 kernels (conv, GEMM, product of two activations, fused attention) and
+//! the fused group norm at 1 and 2 threads over a range of sizes, to place each kind's
+//! work threshold above which a call splits (`kernels::int8::par`). Minimum of several
+//! runs: the numbers are meant for a shared machine. The 2-thread runs follow each other,
+//! as the ops of a step do, so the worker spins between them.
 //!
 //! ```text
-//! cargo run --release -p tfmqc-runtime --example int8_threads [-- RUNS]
+//! cargo run --release -p tfmqc-runtime --example int8_threads [-- RUNS [FILTER]]
 //! ```
 //!
 //! `TFMQC_MIN_PARALLEL_WORK=0` makes every call split (to see what splitting a small call
@@ -17,6 +18,7 @@ use tfmqc_runtime::kernels::int8::{
     AttentionShape, Backend, ConvGeometry, Dequant, Output, PackedConvWeights, PackedWeights,
     ProbQuant, QuantOperand, ScoreScale,
 };
+use tfmqc_runtime::kernels::norm::{group_norm, GroupNorm};
 use tfmqc_runtime::with_threads;
 
 thread_local! {
@@ -47,7 +49,7 @@ fn report(what: &str, work: usize, runs: usize, f: &mut dyn FnMut()) {
     let t1 = time(runs, 1, f);
     let t2 = time(runs, 2, f);
     println!(
-        "{what:<44} {:>8.1} MMAC  1t {t1:>9.3} ms  2t {t2:>9.3} ms  x{:.2}",
+        "{what:<44} {:>8.3} MMAC  1t {t1:>9.3} ms  2t {t2:>9.3} ms  x{:.2}",
         work as f64 / 1e6,
         t1 / t2
     );
@@ -64,7 +66,12 @@ fn main() {
     println!("int8 backend {:?}", Backend::detect());
     // Convolutions: [N, C, H, W], C -> O, 3x3 pad 1.
     for &(n, c, o, h) in &[
-        (1usize, 64usize, 64usize, 16usize),
+        (1usize, 16usize, 16usize, 8usize),
+        (1, 32, 32, 8),
+        (1, 32, 32, 16),
+        (1, 64, 64, 8),
+        (1, 32, 32, 28),
+        (1, 64, 64, 16),
         (1, 128, 128, 16),
         (1, 64, 64, 32),
         (2, 128, 128, 32),
@@ -108,6 +115,9 @@ fn main() {
     }
     // GEMMs (projections): [M, K] x [K, N].
     for &(m, k, n) in &[
+        (64usize, 32usize, 32usize),
+        (64, 64, 64),
+        (128, 64, 64),
         (256usize, 64usize, 64usize),
         (256, 256, 256),
         (1024, 320, 320),
@@ -173,6 +183,10 @@ fn main() {
     // Fused attention over [B*H] heads: q [M, D], k [N, D], v [N, D].
     // (sd_tiny: 16 × 256 tokens with 2-channel heads, and its 77-token cross-attention.)
     for &(bh, t, nk, d) in &[
+        (1usize, 64usize, 64usize, 32usize),
+        (4, 64, 64, 16),
+        (1, 256, 256, 32),
+        (4, 256, 256, 16),
         (16usize, 256usize, 256usize, 2usize),
         (16, 256, 77, 2),
         (16, 64, 77, 4),
@@ -225,6 +239,36 @@ fn main() {
                     false,
                 )
             },
+        );
+    }
+    // Group norm + SiLU over [N, C, S] in 32 groups (the float op fused before convs).
+    for &(n, c, s) in &[
+        (1usize, 32usize, 64usize),
+        (1, 64, 64),
+        (1, 64, 256),
+        (1, 128, 256),
+        (1, 64, 1024),
+        (2, 128, 1024),
+        (2, 320, 1024),
+    ] {
+        let x = vals(n * c * s, 0.37);
+        let ones = vec![1f32; c];
+        let zeros = vec![0f32; c];
+        let p = GroupNorm {
+            groups: 32,
+            epsilon: 1e-5,
+            group_scale: &ones[..32],
+            group_bias: &zeros[..32],
+            gamma: &ones,
+            beta: &zeros,
+            silu: true,
+        };
+        let mut out = vec![0f32; n * c * s];
+        report(
+            &format!("group_norm n{n} c{c} s{s}"),
+            n * c * s,
+            runs,
+            &mut || group_norm(&x, n, c, s, &p, &mut out),
         );
     }
 }

@@ -20,9 +20,6 @@ pub struct GroupNorm<'a> {
     pub silu: bool,
 }
 
-/// Elements below which a call stays on the calling thread.
-const MIN_PARALLEL_ELEMENTS: usize = 1 << 18;
-
 /// `out = silu?(((x − μ) / √(σ² + ε) · s_g + b_g) · γ_c + β_c)` over `x[N, C, S]`
 /// (`S` = spatial positions), `μ`, `σ²` per (image, group of `C / G` channels); the
 /// statistics are accumulated in f64. Units of (image, group) do not depend on the thread
@@ -40,7 +37,7 @@ pub fn group_norm(x: &[f32], n: usize, c: usize, s: usize, p: &GroupNorm, out: &
     let cg = c / g;
     let len = cg * s;
     let dst = Shared::new(out);
-    let split = x.len() >= MIN_PARALLEL_ELEMENTS && par::threads() > 1;
+    let split = par::worth_splitting(par::Kind::Norm, x.len());
     par::for_each(n * g, split, |u| {
         let (b, gi) = (u / g, u % g);
         let start = (b * c + gi * cg) * s;
@@ -192,7 +189,9 @@ mod tests {
                 out
             };
             let one = multithread_tract_scope(Executor::SingleThread, run);
-            let three = multithread_tract_scope(Executor::multithread(3), run);
+            let three = multithread_tract_scope(Executor::multithread(3), || {
+                crate::kernels::int8::par::split_everything(run)
+            });
             assert!(
                 one.iter()
                     .zip(&three)

@@ -187,7 +187,10 @@ pub fn attention_quantize(
         return;
     }
     // Work in multiply-adds, the softmax of a score counted as SOFTMAX_MACS of them.
-    let split = par::worth_splitting(heads * m * n * (d + dv + SOFTMAX_MACS));
+    let split = par::worth_splitting(
+        par::Kind::Attention,
+        heads * m * n * (d + dv + SOFTMAX_MACS),
+    );
     let short = short_heads_enabled()
         && (1..=SHORT_HEAD).contains(&d)
         && dv <= SHORT_HEAD

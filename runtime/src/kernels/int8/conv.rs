@@ -116,7 +116,17 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     let mut wide = Vec::new();
     // Multiply-adds of one (image, group).
     let work = plan.og * plan.cg * plan.taps.len() * plan.npos;
-    let split = par::worth_splitting(work);
+    let split = par::worth_splitting(par::Kind::Conv, work);
+    // Tiles per chunk: at most TILE_CHUNK, the chunks of equal size (18 tiles run as 9 + 9,
+    // not 16 + 2, which would leave one thread of two idle), and at least two chunks when
+    // the call splits (the halves are then whole chunks). A tile's values do not depend on
+    // its chunk.
+    let mut chunks = plan.ntiles.div_ceil(TILE_CHUNK);
+    if split {
+        chunks = chunks.max(2).min(plan.ntiles);
+    }
+    let chunk = plan.ntiles.div_ceil(chunks.max(1)).max(1);
+    let chunks = plan.ntiles.div_ceil(chunk);
     for b in 0..nb {
         for gi in 0..g {
             // Weights resident as i8 pairs are widened once per call and group (each
@@ -139,7 +149,7 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
             // Implicit GEMM: tile rows = output channels, columns = positions on pitch wq;
             // units = (chunk of tiles, panel of output channels), disjoint outputs.
             let opanels = w.opanels();
-            let units = plan.ntiles.div_ceil(TILE_CHUNK) * opanels;
+            let units = chunks * opanels;
             par::for_each(units, split, |u| {
                 let (tc, op) = (u / opanels, u % opanels);
                 let ops = Operands {
@@ -150,10 +160,10 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: Avx2 (or better) only when detected; units store to disjoint outputs.
                     Isa::Avx2 | Isa::Avx512Vnni => unsafe {
-                        unit_avx2(&plan, &ops, b, gi, tc, op, &sink)
+                        unit_avx2(&plan, &ops, b, gi, (tc, chunk), op, &sink)
                     },
                     // SAFETY: units store to disjoint outputs.
-                    _ => unsafe { unit(&plan, &ops, b, gi, tc, op, &sink) },
+                    _ => unsafe { unit(&plan, &ops, b, gi, (tc, chunk), op, &sink) },
                 }
             });
         }
@@ -392,24 +402,33 @@ unsafe fn unit_avx2(
     ops: &Operands,
     b: usize,
     gi: usize,
-    tc: usize,
+    tc: (usize, usize),
     op: usize,
     sink: &Sink,
 ) {
     unit(p, ops, b, gi, tc, op, sink)
 }
 
-/// Output channels of panel `op` of group `gi` at the positions of tile chunk `tc`.
+/// Output channels of panel `op` of group `gi` at the positions of tile chunk `tc.0` (of
+/// `tc.1` tiles).
 ///
 /// # Safety
 /// No other thread may store the same (image, channels, positions) at the same time.
 #[inline(always)]
-unsafe fn unit(p: &Plan, ops: &Operands, b: usize, gi: usize, tc: usize, op: usize, sink: &Sink) {
+unsafe fn unit(
+    p: &Plan,
+    ops: &Operands,
+    b: usize,
+    gi: usize,
+    (tc, chunk): (usize, usize),
+    op: usize,
+    sink: &Sink,
+) {
     let mut tile = [0i32; MR * NR];
     let (a, buf) = (ops.weights, ops.planes);
     let rows = (p.og - op * MR).min(MR);
-    let t0 = tc * TILE_CHUNK;
-    for t in t0..(t0 + TILE_CHUNK).min(p.ntiles) {
+    let t0 = tc * chunk;
+    for t in t0..(t0 + chunk).min(p.ntiles) {
         let p0 = t * NR;
         let args = KernelArgs {
             a,

@@ -153,7 +153,7 @@ pub(crate) fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     let words = w.packing().words();
     let mc_cache = (CHUNK_BYTES / 4 / (kcs * words)).clamp(MR, 64 * MR) / MR * MR;
     // Enough chunks to keep every thread busy.
-    let split = parallel && par::worth_splitting(m * n * k);
+    let split = parallel && par::worth_splitting(par::Kind::Gemm, m * n * k);
     let threads = if split { par::threads() } else { 1 };
     let mc = mc_cache.min(m.div_ceil(threads).div_ceil(MR) * MR);
     let bl = Blocking {

@@ -827,7 +827,8 @@ fn gemm_quantize_equals_quantize_then_gemm() {
     }
 }
 
-/// Results are bit-identical whatever the number of threads of tract's executor.
+/// Results are bit-identical whatever the number of threads of tract's executor, every
+/// call split.
 #[test]
 fn thread_count_does_not_change_results() {
     use tract_linalg::multithread::{multithread_tract_scope, Executor};
@@ -871,7 +872,10 @@ fn thread_count_does_not_change_results() {
     };
     let single = multithread_tract_scope(Executor::SingleThread, run);
     for threads in [2, 3] {
-        let multi = multithread_tract_scope(Executor::multithread(threads), run);
+        // Every call split (the default thresholds keep these shapes whole).
+        let multi = multithread_tract_scope(Executor::multithread(threads), || {
+            par::split_everything(run)
+        });
         assert!(multi == single, "{threads} threads differ from 1");
     }
 }
@@ -1126,7 +1130,9 @@ fn fused_attention_equals_the_unfused_products() {
                 let mut got = vec![0f32; want.len()];
                 attention::with_short_heads(short, narrow, || {
                     multithread_tract_scope(Executor::multithread(threads), || {
-                        attention_quantize(be, q, k, v, sc, p, shape, &offsets, &mut got, to)
+                        par::split_everything(|| {
+                            attention_quantize(be, q, k, v, sc, p, shape, &offsets, &mut got, to)
+                        })
                     })
                 });
                 assert_eq!(
