@@ -1,5 +1,7 @@
-//! Thread count of a computation: tract's float kernels and the int8 kernels both split
-//! their work over tract's executor (a rayon pool), so one setting drives the two.
+//! Thread count of a computation: tract's float kernels split their work over tract's
+//! executor (a rayon pool), and the int8 kernels over the calling thread and `threads − 1`
+//! workers of their own (`kernels::int8::par`) sized by the same executor, so one setting
+//! drives the two.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -12,7 +14,8 @@ static POOLS: Mutex<Option<HashMap<usize, Executor>>> = Mutex::new(None);
 /// Runs `f` (any model calls: [`crate::Engine::run`], [`crate::Denoiser::denoise`], a
 /// whole sampling loop) with tract's kernels and the int8 kernels on `threads` threads of
 /// a pool shared by every call with the same count; `threads <= 1` runs on the calling
-/// thread only. Results are bit-identical for any thread count.
+/// thread only. Results are bit-identical for any thread count. The int8 kernels' workers
+/// wait about 200 µs for the next op after each (yielding their core), then sleep.
 ///
 /// ```no_run
 /// # fn main() -> tfmqc_runtime::Result<()> {
