@@ -61,6 +61,12 @@ fn par_rounds_are_reproducible_with_the_same_seed() {
         .all(|r| !r["per_step"].as_array().unwrap().is_empty()));
     // The rounds recalibrated on other trajectories: their models differ from round 0's.
     assert!(means[1] != means[0], "{means:?}");
+    // Each round rounded the weights against the previous round's quantized layer inputs
+    // (sampled next to the float ones at the same positions).
+    for r in &rounds[1..] {
+        assert!(r["aligned_layers"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_eq!(rounds[0]["aligned_layers"], 0);
     let kept = t["par_kept"].as_u64().unwrap() as usize;
     let best = means.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(means[kept], best, "{means:?}, kept {kept}");
