@@ -152,6 +152,12 @@ struct QuantArgs {
     /// runtime (tract's ops), not in its int8 attention.
     #[arg(long, value_enum, value_name = "on|off|auto")]
     daq: Option<Daq>,
+    /// Q-Diffusion's shortcut splitting (TFMQ-DM keeps it) below 8-bit activations: a
+    /// Conv reading a channel Concat (a UNet up block's skip connection) becomes one Conv
+    /// per concatenated input, summed, so that each part takes its own activation and
+    /// weight scales (the same float function; the `split-concat` pass). Default: on.
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    split_concat: Option<String>,
     /// Rounds of TCAQ-DM's progressively aligned reconstruction: calibration again along
     /// the quantized model's own trajectories (same sampler and seeds, the quantized model
     /// on the int8 runtime driving the sampler, the float model observed at the inputs it
@@ -353,6 +359,7 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
             Some(Tcr::On) => Daq::On,
             Some(Tcr::Auto) => Daq::Auto,
         });
+        o.split_concat = q.split_concat.as_deref() != Some("off");
         o.par_rounds = q.par.unwrap_or(match q.tcaq {
             None | Some(Tcr::Off) => 0,
             Some(Tcr::On | Tcr::Auto) => 1,
