@@ -161,9 +161,11 @@ struct QuantArgs {
     /// Rounds of TCAQ-DM's progressively aligned reconstruction: calibration again along
     /// the quantized model's own trajectories (same sampler and seeds, the quantized model
     /// on the int8 runtime driving the sampler, the float model observed at the inputs it
-    /// visits), then TCR and quantization (with --reconstruct) against the float outputs
-    /// there. Each round's held-out output SQNR is in the summary and --report; the best
-    /// round is kept (0 = without PAR).
+    /// visits, the quantized model's QDQ graph too at the positions whose layer inputs are
+    /// sampled), then quantization with GPTQ rounding each layer against the quantized
+    /// model's own inputs of it (TCR stays the first round's). Each round's held-out
+    /// output SQNR is in the summary and --report; the best round is kept (0 = without
+    /// PAR).
     #[arg(long, value_name = "ROUNDS")]
     par: Option<usize>,
     /// Finite Set Calibration granularity: activation scales per group of consecutive
