@@ -13,7 +13,7 @@
 # TCAQ_VARIANTS="daq all" compiles only those variants again (the others' files in
 # TCAQ_DIR are reused; sample PSNR is measured again on every file); TCAQ_PAR sets the
 # rounds of --par (default 2), TCAQ_SAMPLES the samples of the PSNR (default 8);
-# TCAQ_BITS="4,4" runs only those bit widths (default: 8,8 6,6 4,8 4,4).
+# TCAQ_BITS="4,4" runs (and tabulates) only those bit widths (default: 8,8 6,6 4,8 4,4).
 #
 # Runs from the repository root.
 set -euo pipefail
@@ -64,14 +64,15 @@ for m in "${models[@]}"; do
       --seed 0 --json "${extra[@]}" > "$dir/$m.w$w.a$a.eval.json" 2> "$dir/$m.w$w.a$a.eval.log"
   done
 done
-python3 - "$dir" "${models[@]}" <<'PY'
-import json, sys
+TCAQ_BITS=${TCAQ_BITS:-8,8 6,6 4,8 4,4} python3 - "$dir" "${models[@]}" <<'PY'
+import json, os, sys
 d, models = sys.argv[1], sys.argv[2:]
+bits = [tuple(int(b) for b in wa.split(",")) for wa in os.environ["TCAQ_BITS"].split()]
 order = ["none", "tcr", "daq", "par", "all"]
 print("| model | bits | " + " | ".join(order) + " | all − none |")
 print("| --- | --- | " + " | ".join("---" for _ in order) + " | --- |")
 for m in models:
-    for w, a in [(8, 8), (6, 6), (4, 8), (4, 4)]:
+    for w, a in bits:
         ev = json.load(open(f"{d}/{m}.w{w}.a{a}.eval.json"))
         psnr = {q["label"]: q["sample_psnr_db"]["summary"]["mean"] for q in ev["quant"]}
         cells, means = [], {}

@@ -152,12 +152,20 @@ struct QuantArgs {
     /// runtime (tract's ops), not in its int8 attention.
     #[arg(long, value_enum, value_name = "on|off|auto")]
     daq: Option<Daq>,
+    /// Q-Diffusion's shortcut splitting (TFMQ-DM keeps it) below 8-bit activations: a
+    /// Conv reading a channel Concat (a UNet up block's skip connection) becomes one Conv
+    /// per concatenated input, summed, so that each part takes its own activation and
+    /// weight scales (the same float function; the `split-concat` pass). Default: on.
+    #[arg(long, value_name = "on|off", value_parser = ["on", "off"])]
+    split_concat: Option<String>,
     /// Rounds of TCAQ-DM's progressively aligned reconstruction: calibration again along
     /// the quantized model's own trajectories (same sampler and seeds, the quantized model
     /// on the int8 runtime driving the sampler, the float model observed at the inputs it
-    /// visits), then TCR and quantization (with --reconstruct) against the float outputs
-    /// there. Each round's held-out output SQNR is in the summary and --report; the best
-    /// round is kept (0 = without PAR).
+    /// visits, the quantized model's QDQ graph too at the positions whose layer inputs are
+    /// sampled), then quantization with GPTQ rounding each layer against the quantized
+    /// model's own inputs of it (TCR stays the first round's). Each round's held-out
+    /// output SQNR is in the summary and --report; the best round is kept (0 = without
+    /// PAR).
     #[arg(long, value_name = "ROUNDS")]
     par: Option<usize>,
     /// Finite Set Calibration granularity: activation scales per group of consecutive
@@ -236,9 +244,12 @@ struct QuantArgs {
     #[arg(long, value_name = "KIND", value_enum)]
     baseline: Option<Baseline>,
     /// Activation ranges: `ema` (per-step EMA of min/max, as the reference) or `mse`
-    /// (then shrunk to the clip minimising the quantization MSE on calibration data).
-    #[arg(long, value_enum, default_value_t = ActRange::Ema)]
-    act_range: ActRange,
+    /// (then shrunk to the clip minimising the quantization MSE on calibration data, as
+    /// TFMQ-DM's activation quantizers are). Default: `ema` at 8 bits, `mse` below
+    /// (+0.4 … +1.1 dB mean step SQNR at W4A4 and W6A6 on the trained models,
+    /// BENCHMARKS.md).
+    #[arg(long, value_enum)]
+    act_range: Option<ActRange>,
     /// Weight rounding: `gptq` (Hessian-based, against each layer's calibration inputs;
     /// never worse than round-to-nearest on them), `adaround` (layer-wise AdaRound,
     /// slower), or `none` (round to nearest).
@@ -353,6 +364,7 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
             Some(Tcr::On) => Daq::On,
             Some(Tcr::Auto) => Daq::Auto,
         });
+        o.split_concat = q.split_concat.as_deref() != Some("off");
         o.par_rounds = q.par.unwrap_or(match q.tcaq {
             None | Some(Tcr::Off) => 0,
             Some(Tcr::On | Tcr::Auto) => 1,
@@ -389,7 +401,10 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
         o.seed = q.seed;
         o.keep_float = q.keep_float.clone();
         o.baseline_minmax = q.baseline == Some(Baseline::MinMax);
-        o.act_range_mse = q.act_range == ActRange::Mse;
+        o.act_range_mse = match q.act_range {
+            Some(r) => r == ActRange::Mse,
+            None => q.act_bits < 8,
+        };
         o.reconstruct = q.reconstruct;
         o.adaround_iters = q.adaround_iters;
         o.output_qdq = q.output_qdq;

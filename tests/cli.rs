@@ -13,6 +13,7 @@ fn print_passes_lists_every_pass_with_a_summary() {
         "canonicalize",
         "detect-tib",
         "fold-tib",
+        "split-concat",
         "calibrate",
         "reparameterize",
         "quantize",
@@ -26,7 +27,7 @@ fn print_passes_lists_every_pass_with_a_summary() {
     assert!(err.contains("fold-tib") && err.contains("(after detect-tib)"));
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
-        "canonicalize,detect-tib,fold-tib,calibrate,reparameterize,quantize"
+        "canonicalize,detect-tib,fold-tib,split-concat,calibrate,reparameterize,quantize"
     );
 }
 
@@ -55,21 +56,22 @@ fn dump_dir_holds_the_ir_after_each_pass() {
             "02-detect-tib.txt",
             "03-fold-tib.step-index.txt",
             "03-fold-tib.txt",
-            "04-calibrate.calibration.txt",
-            "04-calibrate.txt",
-            "05-reparameterize.txt",
-            "06-quantize.quant-plan.txt",
-            "06-quantize.txt"
+            "04-split-concat.txt",
+            "05-calibrate.calibration.txt",
+            "05-calibrate.txt",
+            "06-reparameterize.txt",
+            "07-quantize.quant-plan.txt",
+            "07-quantize.txt"
         ]
     );
     // The manager writes each analysis as the pass that computed it left it.
     let tib = std::fs::read_to_string(dumps.join("02-detect-tib.tib.txt")).unwrap();
     assert!(tib.contains("time-step input: timestep"), "{tib}");
-    let plan = std::fs::read_to_string(dumps.join("06-quantize.quant-plan.txt")).unwrap();
+    let plan = std::fs::read_to_string(dumps.join("07-quantize.quant-plan.txt")).unwrap();
     assert!(plan.contains("\"weight_bits\": 8"), "{plan}");
     let input = std::fs::read_to_string(dumps.join("00-input.txt")).unwrap();
     assert!(!input.contains("tib/table"));
-    let quantized = std::fs::read_to_string(dumps.join("06-quantize.txt")).unwrap();
+    let quantized = std::fs::read_to_string(dumps.join("07-quantize.txt")).unwrap();
     assert!(quantized.contains("= QuantizeLinear("), "{quantized}");
     let folded = std::fs::read_to_string(dumps.join("03-fold-tib.txt")).unwrap();
     assert!(folded.contains("= Gather(@tib/table/"), "{folded}");

@@ -1,6 +1,8 @@
 //! TCAQ-DM's DAQ and PAR (`--daq`, `--par`, `--tcaq`): PAR's rounds are reproducible
 //! with the same seed and reported per round; DAQ's log2 quantizer runs exactly in the
 //! runtime against the QDQ graph; the command line reports DAQ's choice per layer.
+//! Q-Diffusion's shortcut splitting (`split-concat`, on below 8-bit activations) keeps
+//! the float function.
 
 mod common;
 use common::*;
@@ -61,6 +63,12 @@ fn par_rounds_are_reproducible_with_the_same_seed() {
         .all(|r| !r["per_step"].as_array().unwrap().is_empty()));
     // The rounds recalibrated on other trajectories: their models differ from round 0's.
     assert!(means[1] != means[0], "{means:?}");
+    // Each round rounded the weights against the previous round's quantized layer inputs
+    // (sampled next to the float ones at the same positions).
+    for r in &rounds[1..] {
+        assert!(r["aligned_layers"].as_u64().unwrap() > 0, "{r}");
+    }
+    assert_eq!(rounds[0]["aligned_layers"], 0);
     let kept = t["par_kept"].as_u64().unwrap() as usize;
     let best = means.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     assert_eq!(means[kept], best, "{means:?}, kept {kept}");
@@ -254,5 +262,62 @@ fn help_documents_daq_par_and_tcaq() {
         "log2",
     ] {
         assert!(text.contains(word), "{word} in --help:\n{text}");
+    }
+}
+
+/// `split-concat` rewrites each Conv reading a channel Concat into one Conv per part
+/// summed by Adds: on every denoiser in models/ the outputs stay within 1e-5 of the
+/// float model's (max |Δ| relative to max |y|); ddpm_digits' three up-block skip convs
+/// are the ones split, and a `--keep-float` pattern leaves its Conv whole.
+#[test]
+fn split_concat_keeps_the_float_function() {
+    use tfmqc_passes::split_concat::split_concat_convs;
+    let run = |model: &tfmqc_passes::Model, inputs: &Tensors| -> Tensors {
+        let names: Vec<String> = model.graph.outputs.iter().map(|o| o.name.clone()).collect();
+        let out = Runner::new(model, None, Optimize::Full)
+            .unwrap()
+            .run(&inputs.clone().into_iter().collect())
+            .unwrap();
+        names.into_iter().zip(out).collect()
+    };
+    for name in denoisers() {
+        // Canonicalized, as the pipeline runs it: the Concat inputs' shapes are known.
+        let options = tfmqc_passes::Options::default();
+        let mut cx = tfmqc_passes::pipeline::PassContext::new(
+            tfmqc_passes::onnx::load(&model_path(&name)).unwrap(),
+            &options,
+        );
+        tfmqc_passes::pipeline::run_pipeline(
+            &mut cx,
+            &tfmqc_passes::pipeline::parse_pipeline("canonicalize").unwrap(),
+            &mut |_, _, _| Ok(()),
+        )
+        .unwrap();
+        let model = cx.model;
+        let x = example_inputs(&name);
+        let mut split = model.clone();
+        let done = split_concat_convs(&mut split.graph, &[]).unwrap();
+        split.graph.validate().unwrap();
+        if name == "ddpm_digits" {
+            let mut sorted = done.clone();
+            sorted.sort();
+            assert_eq!(
+                sorted,
+                ["/up1/skip/Conv", "/up2/skip/Conv", "/up3/skip/Conv"],
+                "{name}"
+            );
+            let mut kept = model.clone();
+            let some = split_concat_convs(&mut kept.graph, &["/up1/skip".to_string()]).unwrap();
+            assert_eq!(some.len(), 2);
+        }
+        if done.is_empty() {
+            continue;
+        }
+        let err = relative_error(&run(&model, &x), &run(&split, &x));
+        eprintln!(
+            "{name}: {} Convs split, relative error {err:.2e}",
+            done.len()
+        );
+        assert!(err <= 1e-5, "{name}: relative error {err:.2e}");
     }
 }

@@ -19,7 +19,9 @@ pub use ir::{exec, npz, onnx, tensor_file};
 pub use numerics::{quant, reconstruct, table_quant, threads, tib_net};
 pub use passes as pipeline;
 pub use passes::fold_tib::tiar;
-pub use passes::{calibrate, canonicalize, detect_tib, fold_tib, quantize, reparameterize};
+pub use passes::{
+    calibrate, canonicalize, detect_tib, fold_tib, quantize, reparameterize, split_concat,
+};
 
 pub use error::{Error, Result};
 pub use ir::{Model, Tensor};

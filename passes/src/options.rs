@@ -352,6 +352,11 @@ pub struct Options {
     /// `--par`: rounds of TCAQ-DM's progressively aligned reconstruction (0: none).
     #[serde(rename = "par")]
     pub par_rounds: usize,
+    /// `--split-concat`: Q-Diffusion's shortcut splitting below 8-bit activations (the
+    /// `split-concat` pass). Recorded only when off (the default is on), so that files and
+    /// reports of compiles that do not split stay as they were.
+    #[serde(skip_serializing_if = "is_true")]
+    pub split_concat: bool,
     /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
     /// (Model calls take theirs from the caller's `tfmqc_runtime::with_threads`.)
     #[serde(skip)]
@@ -444,6 +449,7 @@ impl Default for Options {
             tcr_alpha: TcrAlpha::Fixed(DEFAULT_TCR_ALPHA),
             daq: Daq::Off,
             par_rounds: 0,
+            split_concat: true,
             threads: 0,
         }
     }
@@ -736,6 +742,11 @@ pub fn timestep_set(model: &Model, options: &Options) -> Result<Vec<i64>> {
     }
     let (set, _) = sampler::covered_timesteps(&config, &Sampler::ALL, &counts);
     Ok(set)
+}
+
+/// serde's `skip_serializing_if` for fields recorded only when off.
+fn is_true(b: &bool) -> bool {
+    *b
 }
 
 #[cfg(test)]

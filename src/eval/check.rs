@@ -260,6 +260,28 @@ pub fn weights_match(float: &Model, quant: &Model, rescaled: bool) -> Result<Wei
     let mut check = WeightCheck::default();
     let mut sum_q = 0.0;
     for (name, shape, v, dq) in weights(quant) {
+        // A Conv weight split along its input channels (`split-concat`): every run of
+        // as many input channels of a FLOAT Conv weight with the same output channels
+        // and kernel.
+        let mut slices: Vec<(String, Vec<f32>)> = vec![];
+        if shape.len() == 4 {
+            for (fs, list) in &by_shape {
+                if fs.len() != 4 || fs[0] != shape[0] || fs[2..] != shape[2..] || fs[1] <= shape[1]
+                {
+                    continue;
+                }
+                let (o, c, ci, kk) = (fs[0], fs[1], shape[1], fs[2] * fs[3]);
+                for (fname, fv) in list {
+                    for c0 in 0..=c - ci {
+                        let mut slice = Vec::with_capacity(o * ci * kk);
+                        for r in 0..o {
+                            slice.extend_from_slice(&fv[(r * c + c0) * kk..(r * c + c0 + ci) * kk]);
+                        }
+                        slices.push((format!("{fname}[:, {c0}..{}]", c0 + ci), slice));
+                    }
+                }
+            }
+        }
         let mut candidates: Vec<&(String, Vec<f32>)> = by_shape
             .get(&shape)
             .map(|l| l.iter().collect())
@@ -277,9 +299,10 @@ pub fn weights_match(float: &Model, quant: &Model, rescaled: bool) -> Result<Wei
             }
             None => format!("float weight '{name}' {shape:?}"),
         };
-        if candidates.is_empty() && t_candidates.is_empty() {
+        if candidates.is_empty() && t_candidates.is_empty() && slices.is_empty() {
             return Err(format!("{what} has no weight of the same shape in FLOAT"));
         }
+        candidates.extend(slices.iter());
         let mut best: Option<(f64, &str)> = None;
         let error = |reference: &[f32]| {
             let plain = rel_error(reference, &v);
@@ -342,6 +365,51 @@ mod tests {
         // A scale that does not fit the axis is not a weight we can read.
         let s3 = Tensor::from_vec(vec![3], &[1f32, 1.0, 1.0]);
         assert!(dequantize(&x, &s3, None, 0).is_none());
+    }
+
+    /// split-concat's Conv weights are runs of a FLOAT weight's input channels.
+    #[test]
+    fn split_conv_weights_match_slices_of_the_float_weight() {
+        use tfmqc_passes::ir::{Graph, Node};
+        let model = |weights: &[(&str, Vec<usize>, Vec<f32>)]| {
+            let mut g = Graph::new("g");
+            for (i, (name, shape, v)) in weights.iter().enumerate() {
+                g.initializers
+                    .insert(name.to_string(), Tensor::from_vec(shape.clone(), v));
+                g.add_node(Node::new(
+                    format!("conv{i}"),
+                    "Conv",
+                    vec![format!("x{i}"), name.to_string()],
+                    vec![format!("y{i}")],
+                ))
+                .unwrap();
+            }
+            Model {
+                graph: g,
+                ..Default::default()
+            }
+        };
+        let w: Vec<f32> = (0..8).map(|i| i as f32 - 3.5).collect();
+        let float = model(&[("w", vec![2, 4, 1, 1], w.clone())]);
+        let slice = |c0: usize, c1: usize| -> Vec<f32> {
+            (0..2)
+                .flat_map(|r| w[r * 4 + c0..r * 4 + c1].to_vec())
+                .collect()
+        };
+        let split = model(&[
+            ("w_split0", vec![2, 1, 1, 1], slice(0, 1)),
+            ("w_split1", vec![2, 3, 1, 1], slice(1, 4)),
+        ]);
+        let check = weights_match(&float, &split, false).unwrap();
+        assert_eq!(check.weights, 2);
+        assert!(check.max_rel_error < 1e-12);
+        // A weight that is no run of input channels still fails.
+        let other = model(&[(
+            "w_split1",
+            vec![2, 3, 1, 1],
+            vec![9.0, -9.0, 1.0, 0.0, 5.0, 2.0],
+        )]);
+        assert!(weights_match(&float, &other, false).is_err());
     }
 
     #[test]

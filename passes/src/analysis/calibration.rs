@@ -67,6 +67,10 @@ pub struct Calibration {
     /// temporary file), from the runs of the evaluation records; `None` when no
     /// reconstruction was asked for.
     pub layer_columns: Option<std::sync::Arc<LayerColumns>>,
+    /// PAR: the quantized model's (the driver's) inputs of the same layers, in the same
+    /// order, sampled at the same positions of the same runs as `layer_columns`; GPTQ then
+    /// reconstructs each layer reading them against the float layer's output.
+    pub quant_layer_columns: Option<std::sync::Arc<LayerColumns>>,
     /// How the calibration budget cut the trajectories, when it did.
     pub budget_note: Option<String>,
     /// What the trajectories were: `ddim at 50, 30, 25, 20 steps` (empty for recorded

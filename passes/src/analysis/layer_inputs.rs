@@ -233,32 +233,76 @@ impl LayerColumns {
     /// were observed, held as `layout` says (with its column count). Reads one layer's
     /// columns only.
     pub fn gram(&self, li: usize, layout: &HessianLayout) -> Result<Hessian> {
-        use std::os::unix::fs::FileExt;
         let k = self.layers[li].k;
         let mut spill = self.spill.lock().expect("no panics while holding it");
-        let io = |e: std::io::Error| {
-            Error::pass(
-                "quantize",
-                format!("reading layer inputs from the temporary file: {e}"),
-            )
-        };
-        spill.out.flush().map_err(io)?;
+        spill.out.flush().map_err(spill_io)?;
         let mut acc = Hessian::new(k, layout);
         for &(offset, s) in &spill.chunks[li] {
-            let mut bytes = vec![0u8; k * s * 4];
-            spill
-                .out
-                .get_ref()
-                .read_exact_at(&mut bytes, offset)
-                .map_err(io)?;
-            let x: Vec<f32> = bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect();
+            let x = read_chunk(&spill, offset, k * s)?;
             acc.accumulate(&x, s);
         }
         Ok(acc)
     }
+
+    /// PAR's aligned reconstruction of layer `li`: `quant` holds the quantized model's
+    /// inputs of the same layers (same order) sampled at the same positions of the same
+    /// runs; returns their exact `H̃ = X̃ X̃ᵀ` and `C = X X̃ᵀ` (K×K) with this store's X.
+    /// `None` when `quant` did not sample that layer at every chunk this store did.
+    pub fn aligned(&self, li: usize, quant: &LayerColumns) -> Result<Option<(Hessian, Vec<f64>)>> {
+        let k = self.layers[li].k;
+        let (mut a, mut b) = (
+            self.spill.lock().expect("no panics while holding it"),
+            quant.spill.lock().expect("no panics while holding it"),
+        );
+        let pairs: Vec<((u64, usize), (u64, usize))> = match b.chunks.get(li) {
+            Some(xb)
+                if quant.layers.get(li).is_some_and(|l| l.k == k)
+                    && !a.chunks[li].is_empty()
+                    && a.chunks[li].len() == xb.len()
+                    && a.chunks[li].iter().zip(xb).all(|(p, q)| p.1 == q.1) =>
+            {
+                a.chunks[li]
+                    .iter()
+                    .copied()
+                    .zip(xb.iter().copied())
+                    .collect()
+            }
+            _ => return Ok(None),
+        };
+        a.out.flush().map_err(spill_io)?;
+        b.out.flush().map_err(spill_io)?;
+        let mut h = Hessian::new(k, &HessianLayout::exact());
+        let mut c = vec![0f64; k * k];
+        for ((oa, s), (ob, _)) in pairs {
+            let x = read_chunk(&a, oa, k * s)?;
+            let xq = read_chunk(&b, ob, k * s)?;
+            h.accumulate(&xq, s);
+            crate::numerics::reconstruct::add_cross_gram(&x, &xq, k, s, &mut c);
+        }
+        Ok(Some((h, c)))
+    }
+}
+
+fn spill_io(e: std::io::Error) -> Error {
+    Error::pass(
+        "quantize",
+        format!("reading layer inputs from the temporary file: {e}"),
+    )
+}
+
+/// `len` f32 values spilled at `offset` (the writer flushed).
+fn read_chunk(spill: &Spill, offset: u64, len: usize) -> Result<Vec<f32>> {
+    use std::os::unix::fs::FileExt;
+    let mut bytes = vec![0u8; len * 4];
+    spill
+        .out
+        .get_ref()
+        .read_exact_at(&mut bytes, offset)
+        .map_err(spill_io)?;
+    Ok(bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect())
 }
 
 /// X [K, S] for one record, at most `max_columns` columns (evenly strided).

@@ -52,6 +52,10 @@ pub struct QuantPlan {
     /// Weights packed as ONNX INT4 (`--weight-bits 4 --int4-storage packed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub int4: Option<crate::passes::quantize::int4::Int4Packing>,
+    /// PAR: layers whose rounding was reconstructed reading the quantized model's inputs
+    /// (the round's report says it).
+    #[serde(skip)]
+    pub par_aligned_layers: usize,
 }
 
 /// One Conv considered by `--output-qdq`.

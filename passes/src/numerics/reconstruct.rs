@@ -301,6 +301,91 @@ fn quadratic_rows<T: dense::Real>(
 }
 
 // ---------------------------------------------------------------------------------------
+// Aligned reconstruction (PAR with the quantized model's inputs)
+// ---------------------------------------------------------------------------------------
+
+/// Adds `X X̃ᵀ` (K×K, f64, row-major: `c[i, j] += Σ_s x[i, s] · x̃[j, s]`) of two
+/// [K, S] row-major inputs at the same positions to `c`: f32 products over chunks of
+/// [`GRAM_CHUNK`] columns, summed in f64, as [`gram`] does.
+pub fn add_cross_gram(x: &[f32], xq: &[f32], k: usize, s: usize, c: &mut [f64]) {
+    assert_eq!(x.len(), k * s);
+    assert_eq!(xq.len(), k * s);
+    assert_eq!(c.len(), k * k);
+    let mut c0 = 0;
+    while c0 < s {
+        let c1 = (c0 + GRAM_CHUNK).min(s);
+        let w = c1 - c0;
+        let mut a = vec![0f32; k * w];
+        let mut bt = vec![0f32; w * k];
+        for i in 0..k {
+            a[i * w..(i + 1) * w].copy_from_slice(&x[i * s + c0..i * s + c1]);
+            for (j, &v) in xq[i * s + c0..i * s + c1].iter().enumerate() {
+                bt[j * k + i] = v;
+            }
+        }
+        let mut part = vec![0f32; k * k];
+        matmul_nn(&a, &bt, &mut part, k, w, k, threads_for(k * k * w));
+        for (cv, &pv) in c.iter_mut().zip(&part) {
+            *cv += pv as f64;
+        }
+        c0 = c1;
+    }
+}
+
+/// The float-equivalent weights of a layer whose inputs are the quantized model's:
+/// `W' = argmin ‖W X − W' X̃‖² + λ‖W' − W‖²` = `W (C + λI)(H̃ + λI)⁻¹` with
+/// `H̃ = X̃ X̃ᵀ`, `C = X X̃ᵀ` (`h` and `c`, K×K) and `λ = damp · mean(diag H̃)`. Since
+/// `‖W X − Ŵ X̃‖² = ‖(W' − Ŵ) X̃‖² + const` (λ = 0), rounding `W'` against `H̃` (GPTQ)
+/// minimises the error against the float layer's output while the layer reads the
+/// quantized model's inputs. The ridge term pulls toward W, not toward 0: where X̃
+/// carries little energy (a direction the samples do not span), W' stays W. `w` is
+/// [N, K] row-major; `None` when `H̃ + λI` is not positive definite.
+pub fn aligned_target(
+    w: &[f32],
+    n: usize,
+    k: usize,
+    h: &[f64],
+    c: &[f64],
+    damp: f64,
+) -> Option<Vec<f32>> {
+    assert_eq!(w.len(), n * k);
+    assert_eq!(h.len(), k * k);
+    assert_eq!(c.len(), k * k);
+    if k == 0 {
+        return Some(vec![]);
+    }
+    let mean_diag = (0..k).map(|i| h[i * k + i]).sum::<f64>() / k as f64;
+    let lambda = (damp * mean_diag).max(f64::MIN_POSITIVE);
+    let mut a = h.to_vec();
+    let mut cl = c.to_vec();
+    for i in 0..k {
+        a[i * k + i] += lambda;
+        cl[i * k + i] += lambda;
+    }
+    let l = linalg::cholesky(&a, k).ok()?;
+    let mut out = vec![0f32; n * k];
+    par_rows(&mut out, k, threads_for(n * k * k), |r0, rows| {
+        for (ri, dst) in rows.chunks_mut(k).enumerate() {
+            let wr = &w[(r0 + ri) * k..(r0 + ri + 1) * k];
+            // b = w (C + λI); w' solves w' (H̃ + λI) = b, i.e. (H̃ + λI) w'ᵀ = bᵀ.
+            let mut b = vec![0f64; k];
+            for (i, &wv) in wr.iter().enumerate() {
+                if wv != 0.0 {
+                    let wv = wv as f64;
+                    for (bv, &cv) in b.iter_mut().zip(&cl[i * k..(i + 1) * k]) {
+                        *bv += wv * cv;
+                    }
+                }
+            }
+            for (d, v) in dst.iter_mut().zip(linalg::cholesky_solve(&l, k, &b)) {
+                *d = v as f32;
+            }
+        }
+    });
+    out.iter().all(|v| v.is_finite()).then_some(out)
+}
+
+// ---------------------------------------------------------------------------------------
 // Never worse than RTN
 // ---------------------------------------------------------------------------------------
 

@@ -119,6 +119,96 @@ struct ColumnTap<'a> {
     keep: (usize, usize),
 }
 
+impl ColumnTap<'_> {
+    /// Samples `value`'s columns: the rows of the kept samples (batch-major values), as
+    /// if the model had run on the evaluation record alone.
+    fn observe(&self, name: &str, shape: &[usize], v: &[f32]) -> Result<()> {
+        let (keep, batch) = self.keep;
+        let mut shape = shape.to_vec();
+        let mut part = v;
+        if keep < batch && shape.first().is_some_and(|&r| r % batch == 0) {
+            let rows = shape[0] / batch * keep;
+            part = &v[..v.len() / shape[0] * rows];
+            shape[0] = rows;
+        }
+        self.store.observe(name, &shape, part, self.salt)
+    }
+}
+
+/// PAR: the driver (the quantized model) run as a QDQ graph in tract at the calls whose
+/// layer inputs are sampled, its inputs of the same layers (the dequantized activations
+/// each quantized layer reads, found by the layer's node name) sampled at the same
+/// positions into a store of their own.
+struct DriverColumns {
+    runner: Runner,
+    values: Vec<String>,
+    store: LayerColumns,
+}
+
+impl DriverColumns {
+    /// `None` when the driver has none of the layers.
+    fn new(driver: &Model, layers: &[LayerInput], records: usize) -> Result<Option<Self>> {
+        let g = &driver.graph;
+        let by_name: HashMap<&str, String> = g
+            .node_indices()
+            .filter_map(|ix| {
+                let n = g.node(ix);
+                n.inputs.first().map(|i| (n.name.as_str(), i.clone()))
+            })
+            .collect();
+        let mut values: Vec<String> = vec![];
+        let quant_layers: Vec<LayerInput> = layers
+            .iter()
+            .map(|l| {
+                let mut q = l.clone();
+                match by_name.get(l.node.as_str()) {
+                    Some(v) => {
+                        if !values.contains(v) {
+                            values.push(v.clone());
+                        }
+                        q.value = v.clone();
+                    }
+                    // Never observed: that layer keeps the float inputs' reconstruction.
+                    None => q.value = format!("{}\u{0}not in the driver", l.node),
+                }
+                q
+            })
+            .collect();
+        if values.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(DriverColumns {
+            runner: Runner::observing(driver, &values, Optimize::Full)?,
+            store: LayerColumns::new(quant_layers, records)?,
+            values,
+        }))
+    }
+
+    /// Runs the driver's QDQ graph on one call and samples its layer inputs as `tap`
+    /// samples the observed model's.
+    fn observe(
+        &self,
+        inputs: &HashMap<String, Tensor>,
+        salt: u64,
+        keep: (usize, usize),
+    ) -> Result<()> {
+        let tap = ColumnTap {
+            store: &self.store,
+            salt,
+            keep,
+        };
+        self.runner.run_observed(inputs, &mut |k, tensor| {
+            let name = &self.values[k];
+            tap.observe(
+                name,
+                tensor.shape(),
+                crate::ir::exec::f32_values(tensor, name)?,
+            )
+        })?;
+        Ok(())
+    }
+}
+
 /// Runs `inputs` and takes the min/max of each of `values` while tract computes it (and
 /// samples layer inputs into `tap`).
 fn observe_ranges(
@@ -133,17 +223,7 @@ fn observe_ranges(
         let name = &values[k];
         let v = crate::ir::exec::f32_values(tensor, name)?;
         if let Some(tap) = &tap {
-            // The rows of the kept samples (batch-major values), as if the model had run
-            // on the evaluation record alone.
-            let (keep, batch) = tap.keep;
-            let mut shape = tensor.shape().to_vec();
-            let mut part = v;
-            if keep < batch && shape.first().is_some_and(|&r| r % batch == 0) {
-                let rows = shape[0] / batch * keep;
-                part = &v[..v.len() / shape[0] * rows];
-                shape[0] = rows;
-            }
-            tap.store.observe(name, &shape, part, tap.salt)?;
+            tap.observe(name, tensor.shape(), v)?;
         }
         let batch = Range {
             min: v.iter().copied().fold(f32::INFINITY, f32::min),
@@ -386,6 +466,12 @@ fn calibrate_generated(
         true => None,
         false => Some(LayerColumns::new(layers, picks.iter().flatten().count())?),
     };
+    let driver_columns = match (driver, &store) {
+        (Some(d), Some(store)) => {
+            DriverColumns::new(d, store.layers(), picks.iter().flatten().count())?
+        }
+        _ => None,
+    };
     let driver = driver
         .map(|d| Runner::int8(d, Some(&[d.graph.outputs[0].name.clone()]), Optimize::Full))
         .transpose()?;
@@ -411,6 +497,9 @@ fn calibrate_generated(
                 }),
                 _ => None,
             };
+            if let (Some(dc), Some(tap)) = (&driver_columns, &tap) {
+                dc.observe(&call.inputs, tap.salt, tap.keep)?;
+            }
             let mut outs = observer.observe(&mut cal, call.t, &call.inputs, tap)?;
             calls += 1;
             if call.batch == 0 {
@@ -441,6 +530,7 @@ fn calibrate_generated(
         });
     }
     cal.layer_columns = store.map(std::sync::Arc::new);
+    cal.quant_layer_columns = driver_columns.map(|d| std::sync::Arc::new(d.store));
     Ok(cal)
 }
 

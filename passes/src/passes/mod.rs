@@ -13,6 +13,7 @@ pub mod detect_tib;
 pub mod fold_tib;
 pub mod quantize;
 pub mod reparameterize;
+pub mod split_concat;
 pub mod tcaq;
 
 use std::path::PathBuf;
@@ -273,6 +274,7 @@ pub fn registry() -> Vec<Box<dyn Pass>> {
         Box::new(canonicalize::Canonicalize),
         Box::new(detect_tib::DetectTib),
         Box::new(fold_tib::FoldTib),
+        Box::new(split_concat::SplitConcat),
         Box::new(calibrate::Calibrate),
         Box::new(reparameterize::Reparameterize),
         Box::new(quantize::Quantize),

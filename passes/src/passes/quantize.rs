@@ -33,7 +33,7 @@ use crate::ir::{attr, DType, Graph, Model, Tensor};
 use crate::numerics::quant::{
     act_clip, act_params, act_params_u8, quantize_weight, sqnr_db, RangeSearch,
 };
-use crate::numerics::reconstruct::{Hessian, HessianLayout, DEFAULT_BLOCK};
+use crate::numerics::reconstruct::{aligned_target, Hessian, HessianLayout, DEFAULT_BLOCK};
 use crate::options::Reconstruct;
 use crate::options::{timestep_set, Options, OutputQdq, StepGroups};
 use crate::passes::{Analysis, Pass, PassContext};
@@ -381,6 +381,8 @@ struct LayerRewrite<'a> {
     /// The group index of each grouping, built once when first needed.
     group_index: HashMap<usize, String>,
     step_scalar: Option<String>,
+    /// Layers reconstructed against the quantized model's inputs (PAR).
+    aligned: usize,
 }
 
 impl LayerRewrite<'_> {
@@ -408,8 +410,40 @@ impl LayerRewrite<'_> {
         ) {
             let start = std::time::Instant::now();
             let layer_input = &columns.layers()[li];
-            let h = columns.gram(li, &hessian_layout(layer_input, hessian_block()))?;
-            let r = reconstruct_weight(&values, &shape, w.axis, &q.scales, options, &h);
+            let layout = hessian_layout(layer_input, hessian_block());
+            // PAR: rounded against the quantized model's inputs X̃ of this layer (exact H
+            // only: a block-diagonal one keeps the float inputs' H).
+            let aligned = match &self.cal.quant_layer_columns {
+                Some(quant) if layout.bounds(layer_input.k).len() == 2 => {
+                    columns.aligned(li, quant)?.and_then(|(h, c)| {
+                        let target = match par_cross_damp() {
+                            Some(damp) => {
+                                let (rows, n, k) = to_rows(&values, &shape, w.axis);
+                                Some(aligned_target(&rows, n, k, h.dense()?, &c, damp)?)
+                            }
+                            None => None,
+                        };
+                        Some((h, target))
+                    })
+                }
+                _ => None,
+            };
+            let (h, target) = match aligned {
+                Some((h, target)) => {
+                    self.aligned += 1;
+                    (h, target)
+                }
+                None => (columns.gram(li, &layout)?, None),
+            };
+            let r = reconstruct_weight(
+                &values,
+                &shape,
+                w.axis,
+                &q.scales,
+                options,
+                &h,
+                target.as_deref(),
+            );
             layer.output_error_rtn = Some(r.rtn_error);
             layer.output_error_reconstructed = Some(r.error);
             layer.reconstruct_seconds = Some(start.elapsed().as_secs_f64());
@@ -562,6 +596,7 @@ pub fn quantize(
         dequantized_acts: BTreeMap::new(),
         group_index: HashMap::new(),
         step_scalar: None,
+        aligned: 0,
     };
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
@@ -608,6 +643,7 @@ pub fn quantize(
         }
         plan.layers.push(layer);
     }
+    plan.par_aligned_layers = rw.aligned;
     g.remove_dead();
     // onnxruntime's int8 fusion, where the input's scale is constant (int32_biases skips
     // the layers whose input has per-step scales: their bias stays float).
@@ -763,9 +799,23 @@ fn check_memory(
     )
 }
 
+/// PAR's objective for a layer whose quantized inputs X̃ were sampled: by default GPTQ
+/// rounds W against `H̃ = X̃X̃ᵀ` (‖(W − Ŵ) X̃‖², the layer's error on the inputs the
+/// quantized model feeds it). `TFMQC_PAR_CROSS_DAMP=<damp>` (an internal knob for
+/// measuring, not an option) rounds the cross-term target [`aligned_target`] instead,
+/// ‖W X − Ŵ X̃‖² with that ridge: it lost 0.8–5 dB of output SQNR on ddpm_digits W4A4
+/// for ridges 10 … 0.01 (BENCHMARKS.md, TCAQ-DM ablation).
+fn par_cross_damp() -> Option<f64> {
+    std::env::var("TFMQC_PAR_CROSS_DAMP")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|d| *d > 0.0 && d.is_finite())
+}
+
 /// The rounding of one weight against its layer's inputs `h` (never worse than RTN in
 /// [`crate::numerics::reconstruct::output_error`] with `h`: the block-diagonal error when `h` is
-/// blocked).
+/// blocked). `target`: the rows to round instead of `w`'s (PAR's aligned target, `h`
+/// then the quantized model's inputs).
 fn reconstruct_weight(
     w: &[f32],
     shape: &[usize],
@@ -773,11 +823,15 @@ fn reconstruct_weight(
     scales: &[f32],
     options: &Options,
     h: &Hessian,
+    target: Option<&[f32]>,
 ) -> crate::numerics::reconstruct::Reconstructed {
     use crate::numerics::reconstruct::{
         adaround_hessian, gptq, never_worse_than_rtn, AdaRoundOpts,
     };
-    let (rows, n, k) = to_rows(w, shape, axis);
+    let (mut rows, n, k) = to_rows(w, shape, axis);
+    if let Some(t) = target {
+        rows = t.to_vec();
+    }
     let qmax = crate::numerics::quant::weight_qmax(options.weight_bits) as i32;
     let candidate = match options.reconstruct {
         Reconstruct::None => None,

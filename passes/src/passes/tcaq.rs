@@ -15,10 +15,18 @@
 //! - **PAR** (`--par ROUNDS`): each round re-runs calibration along the trajectories the
 //!   *quantized* model walks itself (same sampler, same seeds; the quantized model
 //!   drives the sampler on the int8 runtime, the float model is observed at the inputs
-//!   it visits and its outputs are the references), then TCR and quantization with
-//!   weight reconstruction against those float outputs. Every round is measured by the
-//!   per-step output SQNR on held-out float trajectories; the best round is kept (round
-//!   0 is the model without PAR), since a round can lose.
+//!   it visits and its outputs are the references), then quantization with weight
+//!   reconstruction against the float layers' outputs *reading the quantized model's
+//!   layer inputs*: at the sampled positions calibration also runs the previous round's
+//!   quantized model (its QDQ graph) and keeps each layer's dequantized input X̃ next to
+//!   the float one X, and GPTQ rounds the aligned target `W' = W X X̃ᵀ (X̃X̃ᵀ)⁻¹` (ridge
+//!   toward W) against `X̃X̃ᵀ`, which minimises ‖W X − Ŵ X̃‖² (the paper reconstructs
+//!   from the quantized model's own inputs). The rounds start from the float model
+//!   quantize read (TCR's balanced one when TCR ran) and do not run TCR again: X and X̃
+//!   must be in the same coordinates, and TCR is the initialization stage in the paper,
+//!   PAR the reconstruction stage. Every round is measured by the per-step output SQNR
+//!   on held-out float trajectories; the best round is kept (round 0 is the model
+//!   without PAR), since a round can lose.
 
 use std::collections::BTreeMap;
 
@@ -76,6 +84,8 @@ pub struct ParRound {
     pub sqnr_min_db: f64,
     /// Gain of the mean over round 0 (dB).
     pub gain_db: f64,
+    /// Layers reconstructed reading the previous round's quantized inputs.
+    pub aligned_layers: usize,
     pub per_step: Vec<StepSqnr>,
 }
 
@@ -121,8 +131,14 @@ impl TcaqReport {
                 .iter()
                 .map(|r| {
                     format!(
-                        "round {}: {:.2} dB ({:+.2})",
-                        r.round, r.sqnr_mean_db, r.gain_db
+                        "round {}: {:.2} dB ({:+.2}{})",
+                        r.round,
+                        r.sqnr_mean_db,
+                        r.gain_db,
+                        match r.aligned_layers {
+                            0 => String::new(),
+                            n => format!(", {n} layers on quantized inputs"),
+                        }
                     )
                 })
                 .collect();
@@ -279,19 +295,22 @@ pub fn finish(
             sqnr_mean_db: mean,
             sqnr_min_db: min,
             gain_db: 0.0,
+            aligned_layers: 0,
             per_step,
         });
         let mut best = (mean, 0, snapshot(cx), report.clone());
         for round in 1..=cx.options.par_rounds {
             (cx.progress)(&format!("PAR: round {round}/{}", cx.options.par_rounds));
-            // The previous round's model walks the trajectories (progressive).
-            cx.par_driver = Some(std::mem::replace(&mut cx.model, float.clone()));
+            // The previous round's model walks the trajectories (progressive); the
+            // float model quantize read is observed (TCR, when it ran, stays round 0's).
+            cx.par_driver = Some(std::mem::replace(&mut cx.model, pre_quant.clone()));
             cx.calibration = None;
-            cx.tcr = None;
-            cx.balanced_float = None;
             cx.quant = None;
             let mut pre = None;
             for pass in redo {
+                if pass.name() == "reparameterize" {
+                    continue;
+                }
                 if pass.name() == "quantize" {
                     pre = Some(cx.model.clone());
                 }
@@ -318,6 +337,7 @@ pub fn finish(
                 sqnr_mean_db: m,
                 sqnr_min_db: lo,
                 gain_db: m - report.par[0].sqnr_mean_db,
+                aligned_layers: cx.quant.as_ref().map_or(0, |q| q.par_aligned_layers),
                 per_step,
             });
             if m > best.0 {

@@ -838,3 +838,106 @@ fn bench_adaround_step() {
         );
     }
 }
+
+/// `X X̃ᵀ` of two inputs at the same positions, against the plain triple loop (several
+/// chunks of columns).
+#[test]
+fn cross_gram_is_x_times_quantized_x_transposed() {
+    let (k, s) = (7, 600);
+    let (_, x) = layer(1, k, s, 3, 11);
+    let (_, xq) = layer(1, k, s, 3, 12);
+    let mut c = vec![0f64; k * k];
+    add_cross_gram(&x, &xq, k, s, &mut c);
+    for i in 0..k {
+        for j in 0..k {
+            let want: f64 = (0..s)
+                .map(|t| x[i * s + t] as f64 * xq[j * s + t] as f64)
+                .sum();
+            assert!(
+                (c[i * k + j] - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "C[{i},{j}] = {}, want {want}",
+                c[i * k + j]
+            );
+        }
+    }
+}
+
+/// The aligned target minimises ‖W X − W' X̃‖² (+ a small ridge toward W): with X̃ = X it
+/// is W; with X̃ = A X (a drift of the inputs, no noise) it is W A⁻¹, which gives the float
+/// output back from the drifted inputs exactly, and GPTQ rounding it against X̃ X̃ᵀ beats
+/// rounding W itself against X̃ X̃ᵀ on the float-output error.
+#[test]
+fn aligned_target_undoes_a_drift_of_the_inputs() {
+    let (n, k, s) = (6, 5, 400);
+    let (w, x) = layer(n, k, s, 5, 21);
+    let h = gram(&x, k, s);
+    let mut c = vec![0f64; k * k];
+    add_cross_gram(&x, &x, k, s, &mut c);
+    let same = aligned_target(&w, n, k, &h, &c, 1e-9).unwrap();
+    for (a, b) in w.iter().zip(&same) {
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+    }
+    // X̃ = A X, A = I + a small off-diagonal mix and per-channel gains.
+    let mut a = vec![0f64; k * k];
+    let mut rng = SplitMix64::new(5);
+    for i in 0..k {
+        for j in 0..k {
+            a[i * k + j] = if i == j {
+                1.0 + 0.2 * rng.normal()
+            } else {
+                0.1 * rng.normal()
+            };
+        }
+    }
+    let mut xq = vec![0f32; k * s];
+    for i in 0..k {
+        for t in 0..s {
+            xq[i * s + t] = (0..k)
+                .map(|j| a[i * k + j] * x[j * s + t] as f64)
+                .sum::<f64>() as f32;
+        }
+    }
+    let hq = gram(&xq, k, s);
+    let mut c = vec![0f64; k * k];
+    add_cross_gram(&x, &xq, k, s, &mut c);
+    let wt = aligned_target(&w, n, k, &hq, &c, 1e-9).unwrap();
+    // ‖W X − W' X̃‖ relative to ‖W X‖.
+    let out = |wm: &[f32], xm: &[f32]| -> Vec<f64> {
+        let mut y = vec![0f64; n * s];
+        for r in 0..n {
+            for t in 0..s {
+                y[r * s + t] = (0..k)
+                    .map(|i| wm[r * k + i] as f64 * xm[i * s + t] as f64)
+                    .sum();
+            }
+        }
+        y
+    };
+    let (want, got, drifted) = (out(&w, &x), out(&wt, &xq), out(&w, &xq));
+    let err = |y: &[f64]| -> f64 { y.iter().zip(&want).map(|(a, b)| (a - b).powi(2)).sum() };
+    let norm: f64 = want.iter().map(|v| v * v).sum();
+    assert!(err(&got) < 1e-8 * norm, "{} of {norm}", err(&got));
+    assert!(err(&drifted) > 1e-3 * norm);
+    // Rounded: the aligned target's GPTQ against H̃ beats W's on the float-output error.
+    let qmax = 7;
+    let scales = minmax_scales(&wt, n, k, qmax);
+    let hq = Hessian::from_gram(hq, k, s);
+    let q_aligned = dequantize(
+        &gptq(&wt, n, k, &hq, &scales, qmax, 0.01, 128),
+        n,
+        k,
+        &scales,
+    );
+    let q_plain = dequantize(
+        &gptq(&w, n, k, &hq, &scales, qmax, 0.01, 128),
+        n,
+        k,
+        &scales,
+    );
+    assert!(
+        err(&out(&q_aligned, &xq)) < err(&out(&q_plain, &xq)),
+        "{} vs {}",
+        err(&out(&q_aligned, &xq)),
+        err(&out(&q_plain, &xq))
+    );
+}
