@@ -113,7 +113,14 @@ fn quantized_tib_runs_in_tract_and_onnxruntime_near_float() {
             "{name}: {ops:?}"
         );
         assert_eq!(table_bytes(&q), 0, "{name}: --tib quant writes no tables");
-        let x = example_inputs(name);
+        // At a t in S (ddim:50): a t outside it is an error now that the computed TIB
+        // reads t through S.
+        let mut x = example_inputs(name);
+        let tinput = m
+            .metadata_value("tfmqc.timestep_input")
+            .unwrap()
+            .to_string();
+        x.insert(tinput.clone(), fill_like(&x[&tinput], 380));
         let float = tract_run(&model_path(name), &x);
         let ours = tract_run(&q, &x);
         let db = sqnr_db(&float, &ours);
@@ -133,6 +140,81 @@ fn quantized_tib_runs_in_tract_and_onnxruntime_near_float() {
                 "{name}: tract and onnxruntime {agree:.1} dB apart"
             );
         }
+    }
+}
+
+/// `t` with every element set to `s`, same dtype and shape.
+fn fill_like(t: &tfmqc_passes::Tensor, s: i64) -> tfmqc_passes::Tensor {
+    use tfmqc_passes::ir::DType;
+    let n = t.numel();
+    match t.dtype {
+        DType::I64 => tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![s; n]),
+        DType::I32 => tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![s as i32; n]),
+        DType::F32 => tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![s as f32; n]),
+        other => panic!("time step of type {other}"),
+    }
+}
+
+/// Every temporal feature computed (`--tib quant`) and one set of scales: no table and
+/// no step-group table reads the index of t, yet a t outside S (5 ∉ ddim:50) is still an
+/// error in tract and onnxruntime (the computed TIB reads t as S[index(t)]) and in the
+/// runtime's `Denoiser` (S from the metadata, named in the message), while a t in S runs.
+#[test]
+fn a_step_outside_the_set_fails_with_every_temporal_feature_computed() {
+    let dir = tmpdir();
+    let py = python();
+    for name in ["ddpm_digits", "unet2d_cond", "guided_unet", "ddim_unet"] {
+        let (q, _) = compile_tib(
+            name,
+            dir.path(),
+            "computed",
+            &["--tib", "quant", "--tiar-iters", "20", "--step-groups", "1"],
+        );
+        assert_eq!(table_bytes(&q), 0, "{name}: every feature computed");
+        let m = tfmqc_passes::onnx::load(&q).unwrap();
+        let tinput = m
+            .metadata_value("tfmqc.timestep_input")
+            .unwrap()
+            .to_string();
+        let example = example_inputs(name);
+        let with_t = |s: i64| {
+            let mut x = example.clone();
+            x.insert(tinput.clone(), fill_like(&example[&tinput], s));
+            x
+        };
+        let (good, bad) = (with_t(380), with_t(5));
+        let engine = tfmqc_runtime::Engine::load(&q, None, tfmqc_runtime::Optimize::Full).unwrap();
+        let ordered = |x: &Tensors| {
+            engine
+                .input_names()
+                .iter()
+                .map(|n| tfmqc_passes::exec::to_tract(&x[n]).unwrap())
+                .collect()
+        };
+        assert!(
+            engine.run(ordered(&good)).is_ok(),
+            "{name}: tract, t = 380 ∈ S"
+        );
+        assert!(
+            engine.run(ordered(&bad)).is_err(),
+            "{name}: tract ran with t = 5 ∉ S"
+        );
+        if let Some(py) = &py {
+            ort_run(py, &q, &good, dir.path());
+            let inp = dir.path().join(format!("{name}.bad.safetensors"));
+            write_inputs(&inp, &bad);
+            ort(
+                py,
+                &["expect-error", q.to_str().unwrap(), inp.to_str().unwrap()],
+            );
+        }
+        let d = tfmqc_runtime::Denoiser::load(&q).unwrap();
+        let x = tfmqc_passes::exec::to_tract(&example[&d.sample_input().name]).unwrap();
+        let err = d.denoise(&x, 5, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("time step 5 is not in the model's time-step set S (50 steps, 0..980"),
+            "{name}: {err}"
+        );
     }
 }
 
