@@ -284,17 +284,67 @@ fn tib_auto_keeps_to_its_budget() {
     }
 }
 
+/// The default (`--tib auto`) at the default S: the tables fit the budget, so TIAR does
+/// not run and the graph is `--tib lut`'s, the same bytes but for the recorded options.
+#[test]
+fn default_tib_within_budget_writes_the_tables_without_tiar() {
+    let dir = tmpdir();
+    let model = model_path("ddpm_digits");
+    let write = |tag: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{tag}.onnx"));
+        let mut args = vec![
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--passes",
+            TIB_ONLY,
+        ];
+        args.extend_from_slice(extra);
+        let o = tfmqc_ok(&args);
+        let mut m = tfmqc_passes::onnx::load(&out).unwrap();
+        m.metadata.retain(|(k, _)| k != "tfmqc.options");
+        let bare = dir.path().join(format!("{tag}.bare.onnx"));
+        tfmqc_passes::onnx::save(&m, &bare).unwrap();
+        (
+            std::fs::read(&bare).unwrap(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (auto, stderr) = write("auto", &[]);
+    let (lut, _) = write("lut", &["--tib", "lut"]);
+    assert!(stderr.contains("no TIAR"), "{stderr}");
+    assert!(!stderr.contains("TIAR over"), "{stderr}");
+    assert!(
+        auto == lut,
+        "--tib auto within budget differs from --tib lut"
+    );
+}
+
 #[test]
 fn default_auto_budget_is_a_tenth_of_the_quantized_model() {
+    // S = 1000: the int8 tables (68 kB) pass the budget, so TIAR runs and reports.
     let options = Options {
         tib: TibMode::Auto,
         weight_bits: 4,
-        timesteps: Some("ddim:50".into()),
+        timesteps: Some("1000".into()),
         tiar_iters: 20,
         ..Default::default()
     };
     let r = tiar_report("ddpm_digits", &options);
     assert_eq!(r.lut_budget_bytes, r.quantized_model_bytes / 10);
+    // Packed 4-bit weights count half a byte: the budget is ~ half W8's.
+    let w8 = tfmqc_passes::tiar::quantized_model_bytes(
+        &tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap(),
+        &Options {
+            weight_bits: 8,
+            ..Default::default()
+        },
+    );
+    assert!(
+        r.quantized_model_bytes < w8 * 7 / 10,
+        "{} vs {w8}",
+        r.quantized_model_bytes
+    );
     assert!(r.table_bytes <= r.lut_budget_bytes);
     let chosen: u64 = r
         .frontier

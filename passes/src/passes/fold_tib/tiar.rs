@@ -32,7 +32,7 @@ use crate::ir::{attr, DType, Model, Tensor};
 use crate::numerics::quant::{act_params_u8, quantize_weight, weight_qmax, RangeSearch};
 use crate::numerics::reconstruct::{AdaRoundOpts, SoftRounding};
 use crate::numerics::tib_net::{cosine, Layer, Mat, Op, TibNet};
-use crate::options::{Options, TibMode};
+use crate::options::{Int4Storage, Options, TibMode};
 use crate::passes::PassContext;
 use tfmqc_runtime::rng::SplitMix64;
 
@@ -600,7 +600,22 @@ fn errors(net: &TibNet, targets: &[Mat], w: &[Vec<f32>]) -> (Vec<(Vec<f64>, f64)
     (per, loss)
 }
 
-/// Estimated bytes of the quantized model without the TIB tables (see [`TiarReport`]).
+/// The smallest default `--lut-budget`: tables this small cost nothing a deployment
+/// counts, and TIAR is not worth its time for them (a toy model's 10 % can be a few
+/// hundred bytes; the models in models/ all have budgets over 70 kB).
+pub const MIN_LUT_BUDGET: u64 = 16 * 1024;
+
+/// The `--lut-budget` in effect: the option, else 10 % of the quantized model's bytes
+/// ([`quantized_model_bytes`]), at least [`MIN_LUT_BUDGET`].
+pub fn lut_budget(model_bytes: u64, options: &Options) -> u64 {
+    options
+        .lut_budget
+        .unwrap_or((model_bytes / 10).max(MIN_LUT_BUDGET))
+}
+
+/// Estimated bytes of the quantized model without the TIB tables (see [`TiarReport`]):
+/// quantized weights as stored (a byte a value; half a byte when `--weight-bits 4`
+/// packs them as INT4), every other initializer as it is.
 pub fn quantized_model_bytes(model: &Model, options: &Options) -> u64 {
     let g = &model.graph;
     let targets = crate::analysis::targets::find_targets(g, &options.keep_float);
@@ -609,11 +624,15 @@ pub fn quantized_model_bytes(model: &Model, options: &Options) -> u64 {
         .iter()
         .filter_map(|t| t.weight.as_ref().map(|w| w.name.as_str()))
         .collect();
+    let packed = options.weight_bits <= 4 && options.int4_storage == Int4Storage::Packed;
     g.initializers
         .iter()
         .map(|(name, t)| {
             if quantized.contains(name.as_str()) {
-                t.numel() as u64
+                match packed {
+                    true => (t.numel() as u64).div_ceil(2),
+                    false => t.numel() as u64,
+                }
             } else {
                 t.byte_len() as u64
             }
@@ -870,10 +889,42 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             "quant"
         },
         start: Instant::now(),
-        budget: options.lut_budget.unwrap_or(model_bytes / 10),
+        budget: lut_budget(model_bytes, options),
         model_bytes,
     };
     let keep_index = options.step_groups.per_step();
+    if mode == TibMode::Auto {
+        // The tables first (one tract run over S): when they fit the budget, every
+        // frontier value is a table and TIAR is not run — the graph is `--tib lut`'s.
+        let tables = evaluate_tables(&cx.model, tib, set)?;
+        let bytes = tables
+            .iter()
+            .map(|t| table_choice(t, options.table_precision).map(|c| c.bytes))
+            .sum::<Result<u64>>()?;
+        if bytes <= setup.budget {
+            let all = vec![true; tib.frontier.len()];
+            let report = fold_tables(
+                &mut cx.model,
+                tib,
+                set,
+                tables,
+                &all,
+                false,
+                options.table_precision,
+            )?;
+            cx.step_index = report.index_value.clone();
+            cx.note(format!(
+                "--tib auto: the tables ({} bytes) fit the {} byte budget: every temporal feature is a table, no TIAR; |S| = {} time steps; {} nodes replaced by {} tables ({})",
+                report.table_bytes,
+                setup.budget,
+                set.len(),
+                report.removed_nodes,
+                report.tables,
+                report.forms_summary()
+            ));
+            return Ok(());
+        }
+    }
     let Built {
         net,
         tables,
