@@ -277,9 +277,10 @@ struct QuantArgs {
     /// with a scale per t, else f16, else f32), or `f32` (exact), `f16`, `int8`.
     #[arg(long, value_enum, default_value_t = TablePrecision::Auto)]
     table_precision: TablePrecision,
-    /// TIAR's Adam steps (`--tib quant|auto`).
-    #[arg(long, default_value_t = 2000, value_name = "N")]
-    tiar_iters: usize,
+    /// TIAR's Adam steps (`--tib quant|auto`; default: 200 at 8-bit weights, where
+    /// round-to-nearest is nearly as good, else 2000).
+    #[arg(long, value_name = "N")]
+    tiar_iters: Option<usize>,
     /// Beta schedule, over --scheduler or the metadata (default: theirs, else linear).
     #[arg(long, value_name = "linear|scaled-linear|cosine")]
     schedule: Option<String>,

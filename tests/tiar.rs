@@ -244,7 +244,22 @@ fn tib_auto_keeps_to_its_budget() {
         2 * 6400 + 6 * 12800,
         "within budget: every table"
     );
-    for budget in [0usize, 6400, 30000] {
+    // The budget pays for the quantized TIB's layers first (W8 here), tables take the
+    // rest: budgets of those layers' bytes plus 0 and 6400 for tables (under the 89600
+    // of all tables, else every feature is a table and TIAR does not run).
+    let layers = tiar_report(
+        "ddpm_digits",
+        &Options {
+            tib: TibMode::Quant,
+            timesteps: Some("ddim:50".into()),
+            tiar_iters: Some(1),
+            ..Default::default()
+        },
+    )
+    .tib_weight_bytes as usize;
+    assert!(layers > 0);
+    for for_tables in [0usize, 6400] {
+        let budget = layers + for_tables;
         let b = budget.to_string();
         let (q, stderr) = compile_tib(
             "ddpm_digits",
@@ -262,14 +277,21 @@ fn tib_auto_keeps_to_its_budget() {
             ],
         );
         let used = table_bytes(&q);
-        assert!(used <= budget, "budget {budget}: {used} bytes of tables");
+        assert!(
+            used <= for_tables,
+            "budget {budget} ({layers} for the TIB's layers): {used} bytes of tables"
+        );
         // The budget is spent while something fits.
         assert!(
-            budget < 6400 || used > 0,
+            for_tables < 6400 || used > 0,
             "budget {budget}: no table chosen"
         );
         assert!(stderr.contains("per frontier value"), "{stderr}");
-        assert!(stderr.contains(": table") || budget < 6400, "{stderr}");
+        assert!(
+            stderr.contains(&format!("{layers} of it for the quantized TIB's layers")),
+            "{stderr}"
+        );
+        assert!(stderr.contains(": table") || for_tables < 6400, "{stderr}");
         assert!(stderr.contains(": quantized"), "{stderr}");
         // Computed and tabled features together still run (t in S: a table refuses others).
         let mut x = example_inputs("ddpm_digits");
@@ -327,7 +349,7 @@ fn default_auto_budget_is_a_tenth_of_the_quantized_model() {
         tib: TibMode::Auto,
         weight_bits: 4,
         timesteps: Some("1000".into()),
-        tiar_iters: 20,
+        tiar_iters: Some(20),
         ..Default::default()
     };
     let r = tiar_report("ddpm_digits", &options);
@@ -345,7 +367,9 @@ fn default_auto_budget_is_a_tenth_of_the_quantized_model() {
         "{} vs {w8}",
         r.quantized_model_bytes
     );
-    assert!(r.table_bytes <= r.lut_budget_bytes);
+    assert!(r.tib_weight_bytes > 0);
+    // Tables take what the TIB's layers leave (here nothing: they pass it alone).
+    assert!(r.table_bytes <= r.lut_budget_bytes.saturating_sub(r.tib_weight_bytes));
     let chosen: u64 = r
         .frontier
         .iter()

@@ -59,6 +59,10 @@ pub struct TiarReport {
     /// stored (one byte a value, half a byte packed INT4), every other initializer as it is.
     pub quantized_model_bytes: u64,
     pub table_bytes: u64,
+    /// Bytes of the quantized TIB's layers as stored (integer weights, scales, zero
+    /// points; all of them, an upper bound when some projection's feature is a table):
+    /// charged to the budget before any table, since a computed feature needs them.
+    pub tib_weight_bytes: u64,
     pub layers: Vec<TiarLayer>,
     pub frontier: Vec<FrontierChoice>,
     /// Set when the TIB could not be quantized and was tabled instead.

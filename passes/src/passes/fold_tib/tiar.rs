@@ -640,6 +640,22 @@ pub fn quantized_model_bytes(model: &Model, options: &Options) -> u64 {
         .sum()
 }
 
+/// Bytes of the quantized TIB's layers in the file: integer weights (half a byte each
+/// when packed INT4), an f32 scale and an integer zero point per output channel.
+pub fn tib_layer_bytes(net: &TibNet, options: &Options) -> u64 {
+    let packed = options.weight_bits <= 4 && options.int4_storage == Int4Storage::Packed;
+    net.layers
+        .iter()
+        .map(|l| {
+            let (w, zp) = ((l.n * l.k) as u64, l.n as u64);
+            match packed {
+                true => w.div_ceil(2) + zp.div_ceil(2) + 4 * zp,
+                false => w + zp + 4 * zp,
+            }
+        })
+        .sum()
+}
+
 /// Which frontier values become tables: all (`lut`), none (`quant`), or (`auto`) all
 /// when they fit the budget, else the largest relative error per byte first while they
 /// fit.
@@ -710,6 +726,7 @@ fn fold_instead(
         lut_budget_bytes: setup.budget,
         quantized_model_bytes: setup.model_bytes,
         table_bytes: report.table_bytes as u64,
+        tib_weight_bytes: 0,
         layers: vec![],
         frontier: vec![],
         fallback: Some(why),
@@ -741,7 +758,7 @@ fn round_layers(
     let qmax = weight_qmax(options.weight_bits) as i32;
     let q_rtn = rtn_ints(net, qmax);
     let ada = AdaRoundOpts {
-        iters: options.tiar_iters,
+        iters: options.tiar_steps(),
         // The reference's lr 1e-3 is meant for 20k steps; in 2000 (ddpm_digits, W4A8,
         // ddim:50) it left the worst temporal-feature cosine at 0.9971 (loss 0.38),
         // lr 1e-2 reached 0.9994 (loss 0.07), 3e-2 no better (0.9994, 0.05).
@@ -942,7 +959,13 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
         .map(|t| table_choice(t, options.table_precision).map(|c| c.bytes))
         .collect::<Result<_>>()?;
     let rel: Vec<f64> = rounding.err_final.iter().map(|e| e.1).collect();
-    let tabled = choose_tables(mode, &bytes, &rel, setup.budget);
+    // The budget is the time-step block's: the computed TIB's weights come first (a
+    // computed feature needs them), tables take what is left. At S = 1000 a table costs
+    // ~|S| bytes per feature against the TIB's ~K per feature (K its width), so the
+    // budget rarely buys one there.
+    let tib_weight_bytes = tib_layer_bytes(&net, options);
+    let table_budget = setup.budget.saturating_sub(tib_weight_bytes);
+    let tabled = choose_tables(mode, &bytes, &rel, table_budget);
     let fold = fold_tables(
         &mut cx.model,
         tib,
@@ -987,6 +1010,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
         lut_budget_bytes: setup.budget,
         quantized_model_bytes: setup.model_bytes,
         table_bytes,
+        tib_weight_bytes,
         layers,
         frontier,
         fallback: None,
@@ -1024,8 +1048,8 @@ impl TiarReport {
             min_of(|f| f.cosine_min_rtn),
         ));
         out.push(format!(
-            "tables {} bytes of a {} byte budget (quantized model ≈ {} bytes); per frontier value:",
-            self.table_bytes, self.lut_budget_bytes, self.quantized_model_bytes
+            "tables {} bytes of a {} byte budget, {} of it for the quantized TIB's layers (quantized model ≈ {} bytes); per frontier value:",
+            self.table_bytes, self.lut_budget_bytes, self.tib_weight_bytes, self.quantized_model_bytes
         ));
         for f in &self.frontier {
             out.push(format!(
