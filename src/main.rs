@@ -268,8 +268,9 @@ struct QuantArgs {
     /// with the largest error per byte while they fit).
     #[arg(long, value_enum, default_value_t = TibMode::Auto)]
     tib: TibMode,
-    /// Bytes the TIB tables may take with `--tib auto` (default: 10 % of the quantized
-    /// model's bytes, 4-bit weights at half a byte, at least 16 KiB).
+    /// Bytes the time-step block may take with `--tib auto`: its tables, and the
+    /// quantized TIB's layers when some features are computed (default: 10 % of the
+    /// quantized model's bytes, 4-bit weights at half a byte, at least 16 KiB).
     #[arg(long, value_name = "BYTES")]
     lut_budget: Option<u64>,
     /// How the temporal-feature tables are stored: `auto` (per table, the fewest bytes

@@ -255,9 +255,10 @@ pub enum TibMode {
     /// reconstructed by TIAR.
     Quant,
     /// Every frontier value a table when the tables fit `--lut-budget` (TIAR not run:
-    /// the graph is [`TibMode::Lut`]'s); else per frontier value the table or the
-    /// quantized TIB after TIAR, by error per byte within the budget. The default: at
-    /// S = 1000 the tables would be 0.11–0.16× of the float file.
+    /// the graph is [`TibMode::Lut`]'s); else the quantized TIB after TIAR, its layers
+    /// charged to the budget, and tables for the features with the largest error per
+    /// byte in what is left. The default: at S = 1000 the tables would be 0.11–0.16× of
+    /// the float file.
     Auto,
 }
 
@@ -319,8 +320,9 @@ pub struct Options {
     pub adaround_iters: usize,
     /// `--tib`: tables, quantized TIB (TIAR), or a choice per frontier value.
     pub tib: TibMode,
-    /// `--lut-budget`: bytes the TIB tables may take with `--tib auto`; `None`: 10 % of
-    /// the quantized model's bytes, at least 16 KiB (`fold_tib::tiar::lut_budget`).
+    /// `--lut-budget`: bytes the time-step block may take with `--tib auto` (tables, and
+    /// the quantized TIB's layers when TIAR runs); `None`: 10 % of the quantized model's
+    /// bytes, at least 16 KiB (`fold_tib::tiar::lut_budget`).
     pub lut_budget: Option<u64>,
     /// `--table-precision`: how temporal-feature tables are stored (f32, f16, int8 rows,
     /// or per table by measured error: [`crate::numerics::table_quant`]).

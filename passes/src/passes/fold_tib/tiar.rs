@@ -602,7 +602,7 @@ fn errors(net: &TibNet, targets: &[Mat], w: &[Vec<f32>]) -> (Vec<(Vec<f64>, f64)
 
 /// The smallest default `--lut-budget`: tables this small cost nothing a deployment
 /// counts, and TIAR is not worth its time for them (a toy model's 10 % can be a few
-/// hundred bytes; the models in models/ all have budgets over 70 kB).
+/// hundred bytes; the models in models/ all have budgets over 35 kB).
 pub const MIN_LUT_BUDGET: u64 = 16 * 1024;
 
 /// The `--lut-budget` in effect: the option, else 10 % of the quantized model's bytes
