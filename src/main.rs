@@ -272,13 +272,16 @@ struct QuantArgs {
     /// AdaRound steps per layer.
     #[arg(long, default_value_t = 2000, value_name = "N")]
     adaround_iters: usize,
-    /// The time-step block: `lut` (exact tables over S), `quant` (quantized, rounding
-    /// reconstructed by TIAR against the temporal features over all of S), or `auto`
-    /// (per temporal feature: the table, unless the tables pass --lut-budget).
-    #[arg(long, value_enum, default_value_t = TibMode::Lut)]
+    /// The time-step block: `lut` (tables over S for every temporal feature), `quant`
+    /// (computed, its linear layers quantized, rounding reconstructed by TIAR against the
+    /// temporal features over all of S), or `auto` (every feature a table when the tables
+    /// fit --lut-budget, without running TIAR; else TIAR, and tables for the features
+    /// with the largest error per byte while they fit).
+    #[arg(long, value_enum, default_value_t = TibMode::Auto)]
     tib: TibMode,
-    /// Bytes the TIB tables may take with `--tib auto` (default: 10 % of the quantized
-    /// model's bytes).
+    /// Bytes the time-step block may take with `--tib auto`: its tables, and the
+    /// quantized TIB's layers when some features are computed (default: 10 % of the
+    /// quantized model's bytes, 4-bit weights at half a byte, at least 16 KiB).
     #[arg(long, value_name = "BYTES")]
     lut_budget: Option<u64>,
     /// How the temporal-feature tables are stored: `auto` (per table, the fewest bytes
@@ -286,9 +289,10 @@ struct QuantArgs {
     /// with a scale per t, else f16, else f32), or `f32` (exact), `f16`, `int8`.
     #[arg(long, value_enum, default_value_t = TablePrecision::Auto)]
     table_precision: TablePrecision,
-    /// TIAR's Adam steps (`--tib quant|auto`).
-    #[arg(long, default_value_t = 2000, value_name = "N")]
-    tiar_iters: usize,
+    /// TIAR's Adam steps (`--tib quant|auto`; default: 200 at 8-bit weights, where
+    /// round-to-nearest is nearly as good, else 2000).
+    #[arg(long, value_name = "N")]
+    tiar_iters: Option<usize>,
     /// Beta schedule, over --scheduler or the metadata (default: theirs, else linear).
     #[arg(long, value_name = "linear|scaled-linear|cosine")]
     schedule: Option<String>,

@@ -30,6 +30,11 @@ fn quantized() -> &'static Path {
             "none",
             "--timesteps",
             "1000",
+            // Tables, whose int8 rows the tests below expect (at S = 1000 the default
+            // `--tib auto` computes the features, 16 more int8 linears: tests/int8.rs
+            // checks that form's lowering).
+            "--tib",
+            "lut",
         ]);
         (dir, q)
     });

@@ -542,7 +542,7 @@ fn tiar_on_a_synthetic_denoiser() {
         timesteps: Some("ddim:10".into()),
         tib: tfmqc_passes::options::TibMode::Quant,
         weight_bits: 4,
-        tiar_iters: 20,
+        tiar_iters: Some(20),
         ..Default::default()
     };
     snapshot(

@@ -113,7 +113,14 @@ fn quantized_tib_runs_in_tract_and_onnxruntime_near_float() {
             "{name}: {ops:?}"
         );
         assert_eq!(table_bytes(&q), 0, "{name}: --tib quant writes no tables");
-        let x = example_inputs(name);
+        // At a t in S (ddim:50): a t outside it is an error now that the computed TIB
+        // reads t through S.
+        let mut x = example_inputs(name);
+        let tinput = m
+            .metadata_value("tfmqc.timestep_input")
+            .unwrap()
+            .to_string();
+        x.insert(tinput.clone(), fill_like(&x[&tinput], 380));
         let float = tract_run(&model_path(name), &x);
         let ours = tract_run(&q, &x);
         let db = sqnr_db(&float, &ours);
@@ -133,6 +140,81 @@ fn quantized_tib_runs_in_tract_and_onnxruntime_near_float() {
                 "{name}: tract and onnxruntime {agree:.1} dB apart"
             );
         }
+    }
+}
+
+/// `t` with every element set to `s`, same dtype and shape.
+fn fill_like(t: &tfmqc_passes::Tensor, s: i64) -> tfmqc_passes::Tensor {
+    use tfmqc_passes::ir::DType;
+    let n = t.numel();
+    match t.dtype {
+        DType::I64 => tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![s; n]),
+        DType::I32 => tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![s as i32; n]),
+        DType::F32 => tfmqc_passes::Tensor::from_vec(t.shape.clone(), &vec![s as f32; n]),
+        other => panic!("time step of type {other}"),
+    }
+}
+
+/// Every temporal feature computed (`--tib quant`) and one set of scales: no table and
+/// no step-group table reads the index of t, yet a t outside S (5 ∉ ddim:50) is still an
+/// error in tract and onnxruntime (the computed TIB reads t as S[index(t)]) and in the
+/// runtime's `Denoiser` (S from the metadata, named in the message), while a t in S runs.
+#[test]
+fn a_step_outside_the_set_fails_with_every_temporal_feature_computed() {
+    let dir = tmpdir();
+    let py = python();
+    for name in ["ddpm_digits", "unet2d_cond", "guided_unet", "ddim_unet"] {
+        let (q, _) = compile_tib(
+            name,
+            dir.path(),
+            "computed",
+            &["--tib", "quant", "--tiar-iters", "20", "--step-groups", "1"],
+        );
+        assert_eq!(table_bytes(&q), 0, "{name}: every feature computed");
+        let m = tfmqc_passes::onnx::load(&q).unwrap();
+        let tinput = m
+            .metadata_value("tfmqc.timestep_input")
+            .unwrap()
+            .to_string();
+        let example = example_inputs(name);
+        let with_t = |s: i64| {
+            let mut x = example.clone();
+            x.insert(tinput.clone(), fill_like(&example[&tinput], s));
+            x
+        };
+        let (good, bad) = (with_t(380), with_t(5));
+        let engine = tfmqc_runtime::Engine::load(&q, None, tfmqc_runtime::Optimize::Full).unwrap();
+        let ordered = |x: &Tensors| {
+            engine
+                .input_names()
+                .iter()
+                .map(|n| tfmqc_passes::exec::to_tract(&x[n]).unwrap())
+                .collect()
+        };
+        assert!(
+            engine.run(ordered(&good)).is_ok(),
+            "{name}: tract, t = 380 ∈ S"
+        );
+        assert!(
+            engine.run(ordered(&bad)).is_err(),
+            "{name}: tract ran with t = 5 ∉ S"
+        );
+        if let Some(py) = &py {
+            ort_run(py, &q, &good, dir.path());
+            let inp = dir.path().join(format!("{name}.bad.safetensors"));
+            write_inputs(&inp, &bad);
+            ort(
+                py,
+                &["expect-error", q.to_str().unwrap(), inp.to_str().unwrap()],
+            );
+        }
+        let d = tfmqc_runtime::Denoiser::load(&q).unwrap();
+        let x = tfmqc_passes::exec::to_tract(&example[&d.sample_input().name]).unwrap();
+        let err = d.denoise(&x, 5, &[]).unwrap_err().to_string();
+        assert!(
+            err.contains("time step 5 is not in the model's time-step set S (50 steps, 0..980"),
+            "{name}: {err}"
+        );
     }
 }
 
@@ -162,7 +244,22 @@ fn tib_auto_keeps_to_its_budget() {
         2 * 6400 + 6 * 12800,
         "within budget: every table"
     );
-    for budget in [0usize, 6400, 30000] {
+    // The budget pays for the quantized TIB's layers first (W8 here), tables take the
+    // rest: budgets of those layers' bytes plus 0 and 6400 for tables (under the 89600
+    // of all tables, else every feature is a table and TIAR does not run).
+    let layers = tiar_report(
+        "ddpm_digits",
+        &Options {
+            tib: TibMode::Quant,
+            timesteps: Some("ddim:50".into()),
+            tiar_iters: Some(1),
+            ..Default::default()
+        },
+    )
+    .tib_weight_bytes as usize;
+    assert!(layers > 0);
+    for for_tables in [0usize, 6400] {
+        let budget = layers + for_tables;
         let b = budget.to_string();
         let (q, stderr) = compile_tib(
             "ddpm_digits",
@@ -180,14 +277,21 @@ fn tib_auto_keeps_to_its_budget() {
             ],
         );
         let used = table_bytes(&q);
-        assert!(used <= budget, "budget {budget}: {used} bytes of tables");
+        assert!(
+            used <= for_tables,
+            "budget {budget} ({layers} for the TIB's layers): {used} bytes of tables"
+        );
         // The budget is spent while something fits.
         assert!(
-            budget < 6400 || used > 0,
+            for_tables < 6400 || used > 0,
             "budget {budget}: no table chosen"
         );
         assert!(stderr.contains("per frontier value"), "{stderr}");
-        assert!(stderr.contains(": table") || budget < 6400, "{stderr}");
+        assert!(
+            stderr.contains(&format!("{layers} of it for the quantized TIB's layers")),
+            "{stderr}"
+        );
+        assert!(stderr.contains(": table") || for_tables < 6400, "{stderr}");
         assert!(stderr.contains(": quantized"), "{stderr}");
         // Computed and tabled features together still run (t in S: a table refuses others).
         let mut x = example_inputs("ddpm_digits");
@@ -202,18 +306,70 @@ fn tib_auto_keeps_to_its_budget() {
     }
 }
 
+/// The default (`--tib auto`) at the default S: the tables fit the budget, so TIAR does
+/// not run and the graph is `--tib lut`'s, the same bytes but for the recorded options.
+#[test]
+fn default_tib_within_budget_writes_the_tables_without_tiar() {
+    let dir = tmpdir();
+    let model = model_path("ddpm_digits");
+    let write = |tag: &str, extra: &[&str]| {
+        let out = dir.path().join(format!("{tag}.onnx"));
+        let mut args = vec![
+            model.to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--passes",
+            TIB_ONLY,
+        ];
+        args.extend_from_slice(extra);
+        let o = tfmqc_ok(&args);
+        let mut m = tfmqc_passes::onnx::load(&out).unwrap();
+        m.metadata.retain(|(k, _)| k != "tfmqc.options");
+        let bare = dir.path().join(format!("{tag}.bare.onnx"));
+        tfmqc_passes::onnx::save(&m, &bare).unwrap();
+        (
+            std::fs::read(&bare).unwrap(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let (auto, stderr) = write("auto", &[]);
+    let (lut, _) = write("lut", &["--tib", "lut"]);
+    assert!(stderr.contains("no TIAR"), "{stderr}");
+    assert!(!stderr.contains("TIAR over"), "{stderr}");
+    assert!(
+        auto == lut,
+        "--tib auto within budget differs from --tib lut"
+    );
+}
+
 #[test]
 fn default_auto_budget_is_a_tenth_of_the_quantized_model() {
+    // S = 1000: the int8 tables (68 kB) pass the budget, so TIAR runs and reports.
     let options = Options {
         tib: TibMode::Auto,
         weight_bits: 4,
-        timesteps: Some("ddim:50".into()),
-        tiar_iters: 20,
+        timesteps: Some("1000".into()),
+        tiar_iters: Some(20),
         ..Default::default()
     };
     let r = tiar_report("ddpm_digits", &options);
     assert_eq!(r.lut_budget_bytes, r.quantized_model_bytes / 10);
-    assert!(r.table_bytes <= r.lut_budget_bytes);
+    // Packed 4-bit weights count half a byte: the budget is ~ half W8's.
+    let w8 = tfmqc_passes::tiar::quantized_model_bytes(
+        &tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap(),
+        &Options {
+            weight_bits: 8,
+            ..Default::default()
+        },
+    );
+    assert!(
+        r.quantized_model_bytes < w8 * 7 / 10,
+        "{} vs {w8}",
+        r.quantized_model_bytes
+    );
+    assert!(r.tib_weight_bytes > 0);
+    // Tables take what the TIB's layers leave (here nothing: they pass it alone).
+    assert!(r.table_bytes <= r.lut_budget_bytes.saturating_sub(r.tib_weight_bytes));
     let chosen: u64 = r
         .frontier
         .iter()

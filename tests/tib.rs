@@ -34,6 +34,10 @@ fn fold(name: &str, spec: &str, dir: &Path) -> (PathBuf, String) {
         "detect-tib,fold-tib",
         "--timesteps",
         spec,
+        // Every frontier value a table (`--tib auto`, the default, computes them by the
+        // quantized TIB where the tables pass its budget: tests/tiar.rs).
+        "--tib",
+        "lut",
         // The fold itself is exact; low-precision tables are checked against their
         // stated error in `low_precision_tables_stay_within_their_stated_error`.
         "--table-precision",

@@ -52,12 +52,17 @@ pub struct TiarReport {
     /// True when TIAR did not beat round-to-nearest and RTN was kept.
     pub kept_rtn: bool,
     pub seconds: f64,
-    /// The table budget (`--lut-budget`, else 10 % of `quantized_model_bytes`).
+    /// The table budget (`--lut-budget`, else 10 % of `quantized_model_bytes`, at least
+    /// 16 KiB).
     pub lut_budget_bytes: u64,
-    /// Estimated bytes of the quantized model without TIB tables: quantized weights at
-    /// one byte a value (as stored), every other initializer as it is.
+    /// Estimated bytes of the quantized model without TIB tables: quantized weights as
+    /// stored (one byte a value, half a byte packed INT4), every other initializer as it is.
     pub quantized_model_bytes: u64,
     pub table_bytes: u64,
+    /// Bytes of the quantized TIB's layers as stored (integer weights, scales, zero
+    /// points; all of them, an upper bound when some projection's feature is a table):
+    /// charged to the budget before any table, since a computed feature needs them.
+    pub tib_weight_bytes: u64,
     pub layers: Vec<TiarLayer>,
     pub frontier: Vec<FrontierChoice>,
     /// Set when the TIB could not be quantized and was tabled instead.

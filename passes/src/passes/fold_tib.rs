@@ -9,6 +9,7 @@
 //! miss  = Not(Equal(Gather(S, pos), t))                            t ∉ S
 //! index = pos + Cast<i64>(miss) · |S|                              out of range if t ∉ S
 //! emb_i = Gather(table_i, index, axis=0)
+//! t'    = Gather(S, index, axis=0)          read by the TIB nodes that stay computed
 //! ```
 //!
 //! The pass (this file) picks the path; the table rewrite is in `tables.rs`, TIAR

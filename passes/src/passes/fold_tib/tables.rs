@@ -9,6 +9,7 @@
 //! miss  = Not(Equal(Gather(S, pos), t))                            t ∉ S
 //! index = pos + Cast<i64>(miss) · |S|                              out of range if t ∉ S
 //! emb_i = Gather(table_i, index, axis=0)
+//! t'    = Gather(S, index, axis=0)          read by the TIB nodes that stay computed
 //! ```
 
 use std::collections::HashMap;
@@ -305,7 +306,9 @@ pub fn fold_tables(
         }
     }
     let any_table = tabled.iter().any(|&t| t);
-    if !any_table && !keep_index {
+    // A computed frontier value (`keep` non-empty) needs the index too: it reads t
+    // through S (below), so that a t outside S fails as a table read does.
+    if !any_table && !keep_index && keep.is_empty() {
         g.remove_dead();
         g.validate()?;
         set_metadata(model, tib, set);
@@ -320,6 +323,13 @@ pub fn fold_tables(
     }
 
     let t = tib.index_value.clone();
+    // The TIB nodes that stay (computed frontier values) and read t itself, before the
+    // index computation below adds its own readers.
+    let computed_roots: Vec<_> = g
+        .consumers(&t)
+        .into_iter()
+        .filter(|&(ix, _)| keep.contains(&g.node(ix).name))
+        .collect();
     let steps = g.add_initializer("tib/timesteps", steps_tensor(dtype, vec![set.len()], set)?);
     let unsq = if opset >= 13 {
         let axes = g.add_initializer("tib/axes_last", Tensor::from_vec(vec![1], &[-1i64]));
@@ -347,7 +357,7 @@ pub fn fold_tables(
     )?;
     let found = g.add_op(
         "Gather",
-        vec![steps, pos.clone()],
+        vec![steps.clone(), pos.clone()],
         "tib/found_step",
         vec![attr::int("axis", 0)],
     )?;
@@ -362,6 +372,21 @@ pub fn fold_tables(
     let len = g.add_initializer("tib/set_size", Tensor::scalar(set.len() as i64));
     let offset = g.add_op("Mul", vec![missi, len], "tib/out_of_range_offset", vec![])?;
     let index = g.add_op("Add", vec![pos, offset], "tib/index", vec![])?;
+    // The computed TIB reads t as S[index]: t itself for t ∈ S, and for t ∉ S a Gather
+    // out of range, which onnxruntime and tract refuse — without it a `--tib quant|auto`
+    // graph whose values are all computed (and no step-group table reading the index)
+    // would run at any t, outside the set its rounding and ranges were fitted on.
+    if !computed_roots.is_empty() {
+        let checked = g.add_op(
+            "Gather",
+            vec![steps, index.clone()],
+            "tib/step_in_set",
+            vec![attr::int("axis", 0)],
+        )?;
+        for (ix, slot) in computed_roots {
+            g.set_input(ix, slot, &checked);
+        }
+    }
 
     let mut table_bytes = 0;
     let mut n_tables = 0;

@@ -32,7 +32,7 @@ use crate::ir::{attr, DType, Model, Tensor};
 use crate::numerics::quant::{act_params_u8, quantize_weight, weight_qmax, RangeSearch};
 use crate::numerics::reconstruct::{AdaRoundOpts, SoftRounding};
 use crate::numerics::tib_net::{cosine, Layer, Mat, Op, TibNet};
-use crate::options::{Options, TibMode};
+use crate::options::{Int4Storage, Options, TibMode};
 use crate::passes::PassContext;
 use tfmqc_runtime::rng::SplitMix64;
 
@@ -600,7 +600,22 @@ fn errors(net: &TibNet, targets: &[Mat], w: &[Vec<f32>]) -> (Vec<(Vec<f64>, f64)
     (per, loss)
 }
 
-/// Estimated bytes of the quantized model without the TIB tables (see [`TiarReport`]).
+/// The smallest default `--lut-budget`: tables this small cost nothing a deployment
+/// counts, and TIAR is not worth its time for them (a toy model's 10 % can be a few
+/// hundred bytes; the models in models/ all have budgets over 35 kB).
+pub const MIN_LUT_BUDGET: u64 = 16 * 1024;
+
+/// The `--lut-budget` in effect: the option, else 10 % of the quantized model's bytes
+/// ([`quantized_model_bytes`]), at least [`MIN_LUT_BUDGET`].
+pub fn lut_budget(model_bytes: u64, options: &Options) -> u64 {
+    options
+        .lut_budget
+        .unwrap_or((model_bytes / 10).max(MIN_LUT_BUDGET))
+}
+
+/// Estimated bytes of the quantized model without the TIB tables (see [`TiarReport`]):
+/// quantized weights as stored (a byte a value; half a byte when `--weight-bits 4`
+/// packs them as INT4), every other initializer as it is.
 pub fn quantized_model_bytes(model: &Model, options: &Options) -> u64 {
     let g = &model.graph;
     let targets = crate::analysis::targets::find_targets(g, &options.keep_float);
@@ -609,13 +624,33 @@ pub fn quantized_model_bytes(model: &Model, options: &Options) -> u64 {
         .iter()
         .filter_map(|t| t.weight.as_ref().map(|w| w.name.as_str()))
         .collect();
+    let packed = options.weight_bits <= 4 && options.int4_storage == Int4Storage::Packed;
     g.initializers
         .iter()
         .map(|(name, t)| {
             if quantized.contains(name.as_str()) {
-                t.numel() as u64
+                match packed {
+                    true => (t.numel() as u64).div_ceil(2),
+                    false => t.numel() as u64,
+                }
             } else {
                 t.byte_len() as u64
+            }
+        })
+        .sum()
+}
+
+/// Bytes of the quantized TIB's layers in the file: integer weights (half a byte each
+/// when packed INT4), an f32 scale and an integer zero point per output channel.
+pub fn tib_layer_bytes(net: &TibNet, options: &Options) -> u64 {
+    let packed = options.weight_bits <= 4 && options.int4_storage == Int4Storage::Packed;
+    net.layers
+        .iter()
+        .map(|l| {
+            let (w, zp) = ((l.n * l.k) as u64, l.n as u64);
+            match packed {
+                true => w.div_ceil(2) + zp.div_ceil(2) + 4 * zp,
+                false => w + zp + 4 * zp,
             }
         })
         .sum()
@@ -691,6 +726,7 @@ fn fold_instead(
         lut_budget_bytes: setup.budget,
         quantized_model_bytes: setup.model_bytes,
         table_bytes: report.table_bytes as u64,
+        tib_weight_bytes: 0,
         layers: vec![],
         frontier: vec![],
         fallback: Some(why),
@@ -722,7 +758,7 @@ fn round_layers(
     let qmax = weight_qmax(options.weight_bits) as i32;
     let q_rtn = rtn_ints(net, qmax);
     let ada = AdaRoundOpts {
-        iters: options.tiar_iters,
+        iters: options.tiar_steps(),
         // The reference's lr 1e-3 is meant for 20k steps; in 2000 (ddpm_digits, W4A8,
         // ddim:50) it left the worst temporal-feature cosine at 0.9971 (loss 0.38),
         // lr 1e-2 reached 0.9994 (loss 0.07), 3e-2 no better (0.9994, 0.05).
@@ -870,10 +906,42 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
             "quant"
         },
         start: Instant::now(),
-        budget: options.lut_budget.unwrap_or(model_bytes / 10),
+        budget: lut_budget(model_bytes, options),
         model_bytes,
     };
     let keep_index = options.step_groups.per_step();
+    if mode == TibMode::Auto {
+        // The tables first (one tract run over S): when they fit the budget, every
+        // frontier value is a table and TIAR is not run — the graph is `--tib lut`'s.
+        let tables = evaluate_tables(&cx.model, tib, set)?;
+        let bytes = tables
+            .iter()
+            .map(|t| table_choice(t, options.table_precision).map(|c| c.bytes))
+            .sum::<Result<u64>>()?;
+        if bytes <= setup.budget {
+            let all = vec![true; tib.frontier.len()];
+            let report = fold_tables(
+                &mut cx.model,
+                tib,
+                set,
+                tables,
+                &all,
+                false,
+                options.table_precision,
+            )?;
+            cx.step_index = report.index_value.clone();
+            cx.note(format!(
+                "--tib auto: the tables ({} bytes) fit the {} byte budget: every temporal feature is a table, no TIAR; |S| = {} time steps; {} nodes replaced by {} tables ({})",
+                report.table_bytes,
+                setup.budget,
+                set.len(),
+                report.removed_nodes,
+                report.tables,
+                report.forms_summary()
+            ));
+            return Ok(());
+        }
+    }
     let Built {
         net,
         tables,
@@ -891,7 +959,13 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
         .map(|t| table_choice(t, options.table_precision).map(|c| c.bytes))
         .collect::<Result<_>>()?;
     let rel: Vec<f64> = rounding.err_final.iter().map(|e| e.1).collect();
-    let tabled = choose_tables(mode, &bytes, &rel, setup.budget);
+    // The budget is the time-step block's: the computed TIB's weights come first (a
+    // computed feature needs them), tables take what is left. At S = 1000 a table costs
+    // ~|S| bytes per feature against the TIB's ~K per feature (K its width), so the
+    // budget rarely buys one there.
+    let tib_weight_bytes = tib_layer_bytes(&net, options);
+    let table_budget = setup.budget.saturating_sub(tib_weight_bytes);
+    let tabled = choose_tables(mode, &bytes, &rel, table_budget);
     let fold = fold_tables(
         &mut cx.model,
         tib,
@@ -936,6 +1010,7 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
         lut_budget_bytes: setup.budget,
         quantized_model_bytes: setup.model_bytes,
         table_bytes,
+        tib_weight_bytes,
         layers,
         frontier,
         fallback: None,
@@ -973,8 +1048,8 @@ impl TiarReport {
             min_of(|f| f.cosine_min_rtn),
         ));
         out.push(format!(
-            "tables {} bytes of a {} byte budget (quantized model ≈ {} bytes); per frontier value:",
-            self.table_bytes, self.lut_budget_bytes, self.quantized_model_bytes
+            "tables {} bytes of a {} byte budget, {} of it for the quantized TIB's layers (quantized model ≈ {} bytes); per frontier value:",
+            self.table_bytes, self.lut_budget_bytes, self.tib_weight_bytes, self.quantized_model_bytes
         ));
         for f in &self.frontier {
             out.push(format!(
