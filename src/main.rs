@@ -281,7 +281,8 @@ struct QuantArgs {
     tib: TibMode,
     /// Bytes the time-step block may take with `--tib auto`: its tables, and the
     /// quantized TIB's layers when some features are computed (default: 10 % of the
-    /// quantized model's bytes, 4-bit weights at half a byte, at least 16 KiB).
+    /// quantized model's bytes with its weights at a byte each whatever --weight-bits,
+    /// so that W4 keeps the tables W8 has; at least 16 KiB).
     #[arg(long, value_name = "BYTES")]
     lut_budget: Option<u64>,
     /// How the temporal-feature tables are stored: `auto` (per table, the fewest bytes

@@ -52,8 +52,8 @@ pub struct TiarReport {
     /// True when TIAR did not beat round-to-nearest and RTN was kept.
     pub kept_rtn: bool,
     pub seconds: f64,
-    /// The table budget (`--lut-budget`, else 10 % of `quantized_model_bytes`, at least
-    /// 16 KiB).
+    /// The table budget (`--lut-budget`, else 10 % of `quantized_model_bytes` with the
+    /// weights at a byte each whatever `--weight-bits`, at least 16 KiB).
     pub lut_budget_bytes: u64,
     /// Estimated bytes of the quantized model without TIB tables: quantized weights as
     /// stored (one byte a value, half a byte packed INT4), every other initializer as it is.
