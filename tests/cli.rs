@@ -59,7 +59,9 @@ fn dump_dir_holds_the_ir_after_each_pass() {
             "04-calibrate.txt",
             "05-reparameterize.txt",
             "06-quantize.quant-plan.txt",
-            "06-quantize.txt"
+            "06-quantize.txt",
+            "07-named.txt",
+            "07-names.txt"
         ]
     );
     // The manager writes each analysis as the pass that computed it left it.
@@ -76,6 +78,19 @@ fn dump_dir_holds_the_ir_after_each_pass() {
     assert!(!std::fs::read_to_string(dumps.join("01-canonicalize.txt"))
         .unwrap()
         .contains("tib/table"));
+    // The file's short names, each beside the name the passes used.
+    let names = std::fs::read_to_string(dumps.join("07-names.txt")).unwrap();
+    assert!(
+        names
+            .lines()
+            .any(|l| l.starts_with('t') && l.contains("← tib/table/")),
+        "{names}"
+    );
+    let named = std::fs::read_to_string(dumps.join("07-named.txt")).unwrap();
+    assert!(
+        !named.contains("tib/table") && !named.contains("_quantized"),
+        "{named}"
+    );
 }
 
 #[test]
