@@ -118,15 +118,27 @@ pub fn classify(
         }
         seen
     };
-    // Lookups at the time-step index: Gather(constant, t-derived index), except those
-    // that compute an index themselves (the time-step set, gathered at t's position to
-    // check that t is in it).
+    // Lookups at the time-step index: Gather(constant, t-derived index) of a constant
+    // only gathered, except those that compute an index themselves (the time-step set,
+    // compared with t and gathered at t's position to check that t is in it).
+    let is_lookup = |i: usize, slot: usize| {
+        let n = &nodes[i];
+        slot == 0
+            && n.op == "Gather"
+            && n.inputs
+                .get(1)
+                .is_some_and(|x| t_derived.contains(x.as_str()))
+    };
     let lookups: Vec<(usize, &str, &str)> = nodes
         .iter()
         .enumerate()
-        .filter_map(|(i, n)| match (n.op, n.inputs, n.outputs.first()) {
-            ("Gather", [data, index, ..], Some(out))
-                if is_const(data) && t_derived.contains(index.as_str()) =>
+        .filter_map(|(i, n)| match (n.inputs, n.outputs.first()) {
+            ([data, ..], Some(out))
+                if is_const(data)
+                    && is_lookup(i, 0)
+                    && consumers[data.as_str()]
+                        .iter()
+                        .all(|&(j, slot)| is_lookup(j, slot)) =>
             {
                 Some((i, data.as_str(), out.as_str()))
             }
@@ -381,6 +393,9 @@ mod tests {
         for (name, kind) in want {
             assert_eq!(k[name], kind, "{name}");
         }
+        // The time-step set alone (no table reads the index) is no table either.
+        let k = classify(&nodes[..5], &consts, Some("t"));
+        assert_eq!(k["S"], Float);
         // Without t known nothing is a table.
         let k = classify(&nodes, &consts, None);
         assert_eq!(k["A"], Other);
