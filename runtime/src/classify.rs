@@ -401,4 +401,26 @@ mod tests {
         assert_eq!(k["A"], Other);
         assert_eq!(k["E"], Float);
     }
+
+    /// A QDQ file another tool wrote (models/conv3x3_64.q.onnx, onnx.helper in
+    /// onnxruntime's layout: `w_q`, `w_scale`, `x_zp`): its weight is an integer weight,
+    /// its bias float, the rest scales and zero points; no tables without a t.
+    #[test]
+    fn a_qdq_file_from_another_tool_classifies() {
+        let path =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/conv3x3_64.q.onnx");
+        let proto = crate::engine::read_proto(&path).unwrap();
+        let k = classify_graph(proto.graph.as_ref().unwrap(), timestep_input(&proto));
+        use ConstKind::*;
+        for (name, kind) in [
+            ("w_q", WeightInt),
+            ("b", Float),
+            ("w_scale", Other),
+            ("w_zp", Other),
+            ("x_scale", Other),
+            ("x_zp", Other),
+        ] {
+            assert_eq!(k[name], kind, "{name}");
+        }
+    }
 }
