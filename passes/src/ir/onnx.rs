@@ -499,12 +499,7 @@ fn value_info_to_proto(v: &ValueInfo) -> pb::ValueInfoProto {
     }
 }
 
-/// `typed`: whether the known types of intermediate values go out as `value_info`. The
-/// files [`save`] writes carry none: onnxruntime, tract and the runtime infer them from
-/// the inputs and constants (the float models come without any), and on a small model
-/// they were 4 % of the file (unet2d_cond: 40 kB of 1.14 MB). Models handed to an engine
-/// in this process keep them.
-fn graph_to_proto(g: &Graph, sink: &mut TensorSink, typed: bool) -> Result<pb::GraphProto> {
+fn graph_to_proto(g: &Graph, sink: &mut TensorSink) -> Result<pb::GraphProto> {
     let order = g.topo_order()?;
     let outputs: HashSet<&str> = g.outputs.iter().map(|o| o.name.as_str()).collect();
     let mut value_info = vec![];
@@ -512,7 +507,7 @@ fn graph_to_proto(g: &Graph, sink: &mut TensorSink, typed: bool) -> Result<pb::G
     for ix in order {
         let n = g.node(ix);
         for o in &n.outputs {
-            if let Some(v) = g.value_info.get(o).filter(|_| typed) {
+            if let Some(v) = g.value_info.get(o) {
                 if !outputs.contains(o.as_str()) {
                     value_info.push(value_info_to_proto(v));
                 }
@@ -545,7 +540,7 @@ fn graph_to_proto(g: &Graph, sink: &mut TensorSink, typed: bool) -> Result<pb::G
     })
 }
 
-fn model_to_proto(m: &Model, sink: &mut TensorSink, typed: bool) -> Result<pb::ModelProto> {
+fn model_to_proto(m: &Model, sink: &mut TensorSink) -> Result<pb::ModelProto> {
     Ok(pb::ModelProto {
         ir_version: m.ir_version,
         opset_import: m
@@ -561,7 +556,7 @@ fn model_to_proto(m: &Model, sink: &mut TensorSink, typed: bool) -> Result<pb::M
         domain: m.domain.clone(),
         model_version: m.model_version,
         doc_string: m.doc_string.clone(),
-        graph: Some(graph_to_proto(&m.graph, sink, typed)?),
+        graph: Some(graph_to_proto(&m.graph, sink)?),
         metadata_props: m
             .metadata
             .iter()
@@ -577,12 +572,12 @@ fn model_to_proto(m: &Model, sink: &mut TensorSink, typed: bool) -> Result<pb::M
 
 /// The model as ONNX bytes with every tensor inline (for in-memory execution).
 pub fn encode(m: &Model) -> Result<Vec<u8>> {
-    Ok(model_to_proto(m, &mut TensorSink::Inline, true)?.encode_to_vec())
+    Ok(model_to_proto(m, &mut TensorSink::Inline)?.encode_to_vec())
 }
 
 /// The model as a protobuf message with every tensor inline.
 pub fn to_proto(m: &Model) -> Result<pb::ModelProto> {
-    model_to_proto(m, &mut TensorSink::Inline, true)
+    model_to_proto(m, &mut TensorSink::Inline)
 }
 
 /// The model as a protobuf message for an engine in this process: tensors that are views
@@ -591,7 +586,7 @@ pub fn to_proto(m: &Model) -> Result<pb::ModelProto> {
 /// (`None`: everything is inline), which the engine must be given.
 pub fn to_engine_proto(m: &Model) -> Result<(pb::ModelProto, Option<PathBuf>)> {
     let mut sink = TensorSink::Reference { dir: None };
-    let proto = model_to_proto(m, &mut sink, true)?;
+    let proto = model_to_proto(m, &mut sink)?;
     let TensorSink::Reference { dir } = sink else {
         unreachable!("the sink stays a Reference")
     };
@@ -626,8 +621,7 @@ pub fn to_analysis_proto(m: &Model, max_const_bytes: usize) -> Result<pb::ModelP
 /// Writes the model to `path` atomically. Tensors go to `<file name>.data` beside it when
 /// the source used external data or when they are too large to inline; that file is
 /// streamed (never held in memory whole) and renamed into place before the model file.
-/// Returns the bytes written (both files). No `value_info` goes out (see
-/// [`graph_to_proto`]).
+/// Returns the bytes written (both files).
 pub fn save(m: &Model, path: &Path) -> Result<u64> {
     let (_, bytes) = m.graph.parameter_stats();
     let external = m.external_data || bytes > INLINE_LIMIT;
@@ -637,7 +631,7 @@ pub fn save(m: &Model, path: &Path) -> Result<u64> {
         .to_string_lossy()
         .to_string();
     if !external {
-        let buf = model_to_proto(m, &mut TensorSink::Inline, false)?.encode_to_vec();
+        let buf = encode(m)?;
         write_atomic(path, &buf)?;
         return Ok(buf.len() as u64);
     }
@@ -653,7 +647,7 @@ pub fn save(m: &Model, path: &Path) -> Result<u64> {
             written: 0,
             error: None,
         };
-        let p = model_to_proto(m, &mut sink, false).map_err(std::io::Error::other)?;
+        let p = model_to_proto(m, &mut sink).map_err(std::io::Error::other)?;
         match sink {
             TensorSink::External { error: Some(e), .. } => return Err(e),
             TensorSink::External { written, .. } => data_bytes = written,

@@ -77,6 +77,9 @@ pub struct PassContext<'a> {
     pub done: Vec<&'static str>,
     /// Every name the input model held: what [`run_pipeline`]'s renaming keeps.
     pub input_names: std::collections::HashSet<String>,
+    /// The values the input model gave types to (`value_info`): the only types the
+    /// written file keeps.
+    pub input_typed: std::collections::HashSet<String>,
     /// One line per notable finding, shown to the user after the pass.
     pub notes: Vec<String>,
     /// Progress of long work ("calibrate: batch 3/4"); the CLI shows it on a terminal.
@@ -100,6 +103,7 @@ impl<'a> PassContext<'a> {
     pub fn new(model: Model, options: &'a Options) -> PassContext<'a> {
         PassContext {
             input_names: names::all_names(&model),
+            input_typed: model.graph.value_info.keys().cloned().collect(),
             model,
             options,
             tib: None,
@@ -426,9 +430,15 @@ pub fn run_pipeline(
 }
 
 /// What the passes created gets its short name in the file ([`names::shorten`]); the
-/// analyses that name such a value follow. The dumps get the map (`NN-names.txt`) and
-/// the IR as written (`NN-named.txt`).
+/// analyses that name such a value follow. The types canonicalize inferred go
+/// (`value_info`: onnxruntime, tract and the runtime infer them again; on a small model
+/// they were 4 % of the file); those the input model carried stay (onnxruntime may
+/// optimize a model differently without them: guided_unet's round trip is then not bit
+/// for bit). The dumps get the map (`NN-names.txt`) and the IR as written
+/// (`NN-named.txt`).
 fn rename(cx: &mut PassContext, step: usize) -> Result<()> {
+    let typed = &cx.input_typed;
+    cx.model.graph.value_info.retain(|k, _| typed.contains(k));
     let map = names::shorten(&mut cx.model, &cx.input_names)?;
     if let Some(v) = cx.step_index.as_mut() {
         if let Some(short) = map.get(v.as_str()) {
