@@ -222,7 +222,7 @@ fn weight_bytes(model: &tfmqc_passes::Model) -> WeightBytes {
         float,
         int8,
         other,
-        by_kind: crate::report::BytesByKind::of(&model.graph),
+        by_kind: crate::report::BytesByKind::of(model),
     }
 }
 

@@ -308,7 +308,7 @@ impl Report {
             output_qdq: plan.output_qdq.clone(),
             int32_biases: plan.int32_biases,
             bytes_in,
-            bytes_by_kind: BytesByKind::of(&cx.model.graph),
+            bytes_by_kind: BytesByKind::of(&cx.model),
             bytes_out,
             seconds_per_phase: phases.to_vec(),
             peak_rss_per_phase: peaks.to_vec(),
@@ -405,39 +405,37 @@ impl Report {
 /// Initializer bytes of a model by kind of tensor (what the file spends its bytes on).
 #[derive(Serialize, serde::Deserialize, Default, Debug, Clone, Copy, PartialEq)]
 pub struct BytesByKind {
-    /// Integer weights behind DequantizeLinear (int8, or 4-bit values stored as int8).
+    /// Integer weights behind DequantizeLinear (int8, INT4, or 4-bit values stored as
+    /// int8).
     pub weights_int: u64,
     /// Weights, biases and other tensors left in float.
     pub float: u64,
-    /// Temporal-feature tables (`tib/table/…`: f32, f16, or int8 with row scales).
+    /// Temporal-feature tables, gathered at the time-step index (f32, f16, or int8 with
+    /// row scales).
     pub tables: u64,
-    /// Per-step activation scale tables (FSC, `…_scales`) and the step-group index.
+    /// Per-step activation scale tables (FSC: gathered at the time-step index, dividing
+    /// an activation) and the step-group index.
     pub scale_tables: u64,
     /// Scales, zero points, int32 biases and the rest.
     pub other: u64,
 }
 
 impl BytesByKind {
-    pub fn of(g: &tfmqc_passes::ir::Graph) -> BytesByKind {
-        use tfmqc_passes::ir::DType;
+    /// Told apart by the graph's structure ([`tfmqc_runtime::classify`], the classifier
+    /// the runtime's `resident_by_kind` uses), not by names.
+    pub fn of(m: &tfmqc_passes::ir::Model) -> BytesByKind {
+        use tfmqc_runtime::classify::ConstKind;
+        let kinds = tfmqc_passes::ir::names::const_kinds(m);
         let mut k = BytesByKind::default();
-        for (name, t) in &g.initializers {
-            let b = t.byte_len() as u64;
-            let slot = if name.starts_with("tib/table/") {
-                &mut k.tables
-            } else if name.starts_with("fsc/") || name.ends_with("_scales") {
-                &mut k.scale_tables
-            } else if matches!(t.dtype, DType::I8 | DType::U8 | DType::I4 | DType::U4)
-                && t.numel() > 1
-                && name.ends_with("_quantized")
-            {
-                &mut k.weights_int
-            } else if t.dtype == DType::F32 && t.numel() > 1 && !name.ends_with("_scale") {
-                &mut k.float
-            } else {
-                &mut k.other
+        for (name, t) in &m.graph.initializers {
+            let slot = match kinds.get(name) {
+                Some(ConstKind::Table) => &mut k.tables,
+                Some(ConstKind::ScaleTable) => &mut k.scale_tables,
+                Some(ConstKind::WeightInt) => &mut k.weights_int,
+                Some(ConstKind::Float) => &mut k.float,
+                Some(ConstKind::Other) | None => &mut k.other,
             };
-            *slot += b;
+            *slot += t.byte_len() as u64;
         }
         k
     }

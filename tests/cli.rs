@@ -61,7 +61,9 @@ fn dump_dir_holds_the_ir_after_each_pass() {
             "05-calibrate.txt",
             "06-reparameterize.txt",
             "07-quantize.quant-plan.txt",
-            "07-quantize.txt"
+            "07-quantize.txt",
+            "08-named.txt",
+            "08-names.txt"
         ]
     );
     // The manager writes each analysis as the pass that computed it left it.
@@ -78,6 +80,19 @@ fn dump_dir_holds_the_ir_after_each_pass() {
     assert!(!std::fs::read_to_string(dumps.join("01-canonicalize.txt"))
         .unwrap()
         .contains("tib/table"));
+    // The file's short names, each beside the name the passes used.
+    let names = std::fs::read_to_string(dumps.join("07-names.txt")).unwrap();
+    assert!(
+        names
+            .lines()
+            .any(|l| l.starts_with('t') && l.contains("← tib/table/")),
+        "{names}"
+    );
+    let named = std::fs::read_to_string(dumps.join("07-named.txt")).unwrap();
+    assert!(
+        !named.contains("tib/table") && !named.contains("_quantized"),
+        "{named}"
+    );
 }
 
 #[test]

@@ -152,16 +152,19 @@ fn quantize_trained_ddpm() {
     let model = tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap();
     let mut cx = PassContext::new(model, &options);
     let passes = parse_pipeline(&default_pipeline().join(",")).unwrap();
-    let mut before = None;
+    // Both as the passes name them: the file's short names (the pipeline's last step)
+    // would renumber what quantize left alone too.
+    let (mut before, mut after) = (None, None);
     run_pipeline(&mut cx, &passes, &mut |name, cx, _| {
-        if name != "quantize" {
-            before = Some(cx.model.clone());
+        match name {
+            "quantize" => after = Some(cx.model.clone()),
+            _ => before = Some(cx.model.clone()),
         }
         Ok(())
     })
     .unwrap();
     let mut before = before.expect("passes before quantize");
-    let mut after = cx.model.clone();
+    let mut after = after.expect("quantize ran");
     tfmqc_passes::canonicalize::infer_types(&mut before).unwrap();
     tfmqc_passes::canonicalize::infer_types(&mut after).unwrap();
     snapshot(
@@ -587,6 +590,7 @@ fn every_pass_on_the_synthetic_denoiser_keeps_its_function() {
     let float = run(&synthetic_denoiser());
     let mut cx = PassContext::new(synthetic_denoiser(), &options);
     let mut folded = None;
+    let mut quantized = None;
     let mut seen = vec![];
     run_pipeline(
         &mut cx,
@@ -608,7 +612,10 @@ fn every_pass_on_the_synthetic_denoiser_keeps_its_function() {
                     let err = relative_error(folded.as_ref().expect("fold-tib ran"), &y);
                     assert!(err <= 1e-5, "{name}: {err}")
                 }
-                "quantize" => assert!(db >= 30.0, "{name}: {db} dB"),
+                "quantize" => {
+                    assert!(db >= 30.0, "{name}: {db} dB");
+                    quantized = Some((cx.model.clone(), y.clone()));
+                }
                 other => panic!("a pass this test does not know: {other}"),
             }
             seen.push(format!("{name}: {err:.2e} ({db:.1} dB)"));
@@ -618,6 +625,81 @@ fn every_pass_on_the_synthetic_denoiser_keeps_its_function() {
     .unwrap();
     eprintln!("{}", seen.join("\n"));
     assert_eq!(seen.len(), 7);
+    // The pipeline's last step renames what the passes created: the same function to
+    // the bit, the same bytes of each kind by structure as by the passes' names.
+    let (before, y) = quantized.expect("quantize ran");
+    assert_eq!(run(&cx.model), y);
+    let by_names = bytes_by_kind_from_pass_names(&before);
+    assert_eq!(bytes_by_kind(&before), by_names);
+    assert_eq!(bytes_by_kind(&cx.model), by_names);
+    assert!(
+        by_names.iter().all(|&b| b > 0),
+        "every kind present: {by_names:?}"
+    );
+    // The file: short generated names, no value_info.
+    let dir = tmpdir();
+    let path = dir.path().join("q.onnx");
+    tfmqc_passes::onnx::save(&cx.model, &path).unwrap();
+    let proto = tfmqc_runtime::engine::read_proto(&path).unwrap();
+    let g = proto.graph.as_ref().unwrap();
+    assert!(g.value_info.is_empty());
+    assert!(
+        !before.graph.value_info.is_empty(),
+        "the IR had types to drop"
+    );
+    let own = tfmqc_passes::ir::names::all_names(&synthetic_denoiser());
+    let names = g
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().chain(&n.output).chain([&n.name]))
+        .chain(g.initializer.iter().map(|t| &t.name));
+    for name in names.filter(|n| !own.contains(*n)) {
+        assert!(name.len() <= 6, "a long generated name: {name}");
+    }
+}
+
+/// Initializer bytes by kind (tables, scale tables, integer weights, float, other), the
+/// kinds from the graph's structure.
+fn bytes_by_kind(m: &Model) -> [usize; 5] {
+    use tfmqc_runtime::classify::ConstKind;
+    let kinds = tfmqc_passes::ir::names::const_kinds(m);
+    let mut out = [0; 5];
+    for (name, t) in &m.graph.initializers {
+        let slot = match kinds.get(name) {
+            Some(ConstKind::Table) => 0,
+            Some(ConstKind::ScaleTable) => 1,
+            Some(ConstKind::WeightInt) => 2,
+            Some(ConstKind::Float) => 3,
+            _ => 4,
+        };
+        out[slot] += t.byte_len();
+    }
+    out
+}
+
+/// [`bytes_by_kind`] as the report told kinds apart before the file got short names: by
+/// the names the passes give (`tib/table/…`, `fsc/…`, `…_scales`, `…_quantized`,
+/// `…_scale`).
+fn bytes_by_kind_from_pass_names(m: &Model) -> [usize; 5] {
+    let mut out = [0; 5];
+    for (name, t) in &m.graph.initializers {
+        let slot = if name.starts_with("tib/table/") {
+            0
+        } else if name.starts_with("fsc/") || name.ends_with("_scales") {
+            1
+        } else if matches!(t.dtype, DType::I8 | DType::U8 | DType::I4 | DType::U4)
+            && t.numel() > 1
+            && name.ends_with("_quantized")
+        {
+            2
+        } else if t.dtype == DType::F32 && t.numel() > 1 && !name.ends_with("_scale") {
+            3
+        } else {
+            4
+        };
+        out[slot] += t.byte_len();
+    }
+    out
 }
 
 /// What raising the opset to 21 (packed INT4 weights) rewrites: a reduction's `axes`

@@ -99,10 +99,29 @@ fn daq_log_sqrt2_is_exact_in_the_runtime_against_the_qdq_graph() {
 }
 
 fn check_log_quantizer(k: u32) {
-    let dir = tmpdir();
-    let q = dir.path().join("q.onnx");
-    quantize_small("ddpm_digits", &q, "10", &["--step-groups", "1"]);
-    let mut model = tfmqc_passes::onnx::load(&q).unwrap();
+    // The quantized model as the passes name it (the written file's short names would
+    // hide quantize's Q/DQ of P from `replace_quantizer`, which finds it by name).
+    use tfmqc_passes::pipeline::{default_pipeline, parse_pipeline, run_pipeline, PassContext};
+    let options = tfmqc_passes::Options {
+        timesteps: Some("ddim:10".into()),
+        calib_samples: 2,
+        calib_steps: Some(10),
+        tcr: tfmqc_passes::options::Tcr::Off,
+        step_groups: tfmqc_passes::options::StepGroups::Fixed(1),
+        ..Default::default()
+    };
+    let float = tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap();
+    let mut cx = PassContext::new(float, &options);
+    let passes = parse_pipeline(&default_pipeline().join(",")).unwrap();
+    let mut quantized = None;
+    run_pipeline(&mut cx, &passes, &mut |name, cx, _| {
+        if name == "quantize" {
+            quantized = Some(cx.model.clone());
+        }
+        Ok(())
+    })
+    .unwrap();
+    let mut model = quantized.expect("quantize ran");
     let p = "/mid_attn/Softmax_output_0";
     let (scale, bits) = (0.75f32, 4);
     let dq = replace_quantizer(&mut model.graph, p, scale, bits, k).unwrap();

@@ -286,12 +286,24 @@ fn tcr_auto_decides_by_the_measured_gain() {
     let line = format!("TCR: {}", if applied { "on" } else { "off" });
     assert!(stderr.contains(&line), "{stderr}");
     // Undone, the quantized graph has no balancing Mul; kept, it has.
+    // (A balancing factor: a float constant the compiler added, read by a Mul; the
+    // file names it shortly, so it is found by what it is.)
     let m = tfmqc_passes::onnx::load(&out).unwrap();
-    let muls = m
-        .graph
-        .initializers
-        .keys()
-        .filter(|k| k.ends_with("_tcr_inv"))
+    let own = tfmqc_passes::ir::names::all_names(
+        &tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap(),
+    );
+    let kinds = tfmqc_passes::ir::names::const_kinds(&m);
+    let g = &m.graph;
+    let muls = g
+        .node_indices()
+        .filter(|&ix| {
+            let n = g.node(ix);
+            n.op_type == "Mul"
+                && n.inputs.iter().any(|i| {
+                    !own.contains(i)
+                        && kinds.get(i) == Some(&tfmqc_runtime::classify::ConstKind::Float)
+                })
+        })
         .count();
     assert_eq!(muls > 0, applied, "{muls} balancing factors in the output");
 

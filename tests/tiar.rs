@@ -10,6 +10,7 @@ use tfmqc_passes::options::TibMode;
 use tfmqc_passes::pipeline::{parse_pipeline, run_pipeline, PassContext};
 use tfmqc_passes::tiar::TiarReport;
 use tfmqc_passes::Options;
+use tfmqc_runtime::classify::ConstKind;
 
 const TIB_ONLY: &str = "canonicalize,detect-tib,fold-tib";
 
@@ -43,10 +44,11 @@ fn compile_tib(name: &str, dir: &Path, tag: &str, extra: &[&str]) -> (PathBuf, S
 /// Bytes of the TIB tables in a compiled model.
 fn table_bytes(path: &Path) -> usize {
     let m = tfmqc_passes::onnx::load(path).unwrap();
+    let kinds = tfmqc_passes::ir::names::const_kinds(&m);
     m.graph
         .initializers
         .iter()
-        .filter(|(k, _)| k.starts_with("tib/table/"))
+        .filter(|(k, _)| kinds.get(*k) == Some(&ConstKind::Table))
         .map(|(_, t)| t.byte_len())
         .sum()
 }
@@ -412,11 +414,14 @@ fn quantized_tib_with_step_groups_keeps_the_step_index() {
         ],
     );
     let m = tfmqc_passes::onnx::load(&out).unwrap();
-    // The step-group index (fsc/…) reads the step index; the scale tables read it.
+    // The step-group index (step index · groups / |S|, its constants scale-table kind)
+    // reads the step index; the scale tables read it.
     let g = &m.graph;
-    assert!(g
-        .node_indices()
-        .any(|ix| g.node(ix).outputs[0].starts_with("fsc/group_of_")));
+    let kinds = tfmqc_passes::ir::names::const_kinds(&m);
+    assert!(g.node_indices().any(|ix| {
+        let n = g.node(ix);
+        n.op_type == "Div" && kinds.get(&n.inputs[1]) == Some(&ConstKind::ScaleTable)
+    }));
     assert_eq!(table_bytes(&out), 0);
     // t in S (ddim:10): the step-group index refuses others.
     let mut x = example_inputs("ddpm_digits");

@@ -10,6 +10,7 @@ use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::infer::{Factoid, InferenceModelExt};
 
+use crate::classify::ConstKind;
 use crate::error::{Error, Result};
 
 /// How much of tract's optimizer to run before executing.
@@ -291,6 +292,7 @@ impl Engine {
         }
         let mut int8_weights = (0, 0);
         let mut resident = ResidentBytes::default();
+        let kinds = ConstKinds::of(proto);
         for node in typed.nodes() {
             let bytes = if let Some(op) = node.op_as::<crate::ops::conv::QConv>() {
                 op.weight_bytes()
@@ -299,7 +301,10 @@ impl Engine {
             } else {
                 if let Some(k) = node.op_as::<tract_onnx::tract_core::ops::konst::Const>() {
                     let v = k.val();
-                    resident.add_const(&node.name, v.len() * v.datum_type().size_of());
+                    resident.add_const(
+                        kinds.of_const(&node.name),
+                        v.len() * v.datum_type().size_of(),
+                    );
                 }
                 continue;
             };
@@ -475,8 +480,8 @@ impl Engine {
 
 /// Bytes a planned model holds, by kind of tensor: the int8 nodes' packed weights (with
 /// their scales, biases and per-step scale tables) and the constants the plan keeps as
-/// constants, named as the compiler writes them (`tib/table/…` time-step tables; `fsc/…`
-/// or `…_scales` per-step scale tables). Weights tract packs into its own float kernels
+/// constants, told apart by the graph's structure ([`crate::classify`]: tables and scale
+/// tables are gathered at the time-step index). Weights tract packs into its own float kernels
 /// (the float model's convolutions and matrix products) are no constants any more and
 /// are not counted: the process's resident memory after loading covers them. What
 /// `tfmqc bench --json` reports beside the file's bytes by kind.
@@ -494,31 +499,53 @@ pub struct ResidentBytes {
 }
 
 impl ResidentBytes {
-    fn add_const(&mut self, name: &str, bytes: usize) {
-        let slot = match const_kind(name) {
+    fn add_const(&mut self, kind: ConstKind, bytes: usize) {
+        let slot = match kind {
             ConstKind::Table => &mut self.tables,
             ConstKind::ScaleTable => &mut self.scale_tables,
-            ConstKind::Other => &mut self.other,
+            _ => &mut self.other,
         };
         *slot += bytes;
     }
 }
 
-enum ConstKind {
-    Table,
-    ScaleTable,
-    Other,
-}
+/// The kinds of a model's initializers by structure ([`crate::classify`]), looked up by
+/// the names tract gives its constants: an initializer's own name, or for a constant
+/// tract derived from one (a slice, a cast), that name with `.suffix`es; a constant
+/// folded from a node, the node's name, which takes the kind of the node's constant
+/// inputs that are tables or scale tables.
+struct ConstKinds(HashMap<String, ConstKind>);
 
-/// A constant's kind by its name; tract names a constant after the initializer it comes
-/// from, and a folded one after the node it replaced (`…_scales.…`).
-fn const_kind(name: &str) -> ConstKind {
-    if name.starts_with("tib/table/") {
-        ConstKind::Table
-    } else if name.starts_with("fsc/") || name.contains("_scales") {
-        ConstKind::ScaleTable
-    } else {
-        ConstKind::Other
+impl ConstKinds {
+    fn of(proto: &pb::ModelProto) -> ConstKinds {
+        let Some(g) = proto.graph.as_ref() else {
+            return ConstKinds(HashMap::new());
+        };
+        let mut kinds = crate::classify::classify_graph(g, crate::classify::timestep_input(proto));
+        for n in &g.node {
+            let kind = n
+                .input
+                .iter()
+                .filter_map(|i| kinds.get(i).copied())
+                .find(|k| matches!(k, ConstKind::Table | ConstKind::ScaleTable));
+            if let (Some(k), false) = (kind, n.name.is_empty()) {
+                kinds.entry(n.name.clone()).or_insert(k);
+            }
+        }
+        ConstKinds(kinds)
+    }
+
+    fn of_const(&self, name: &str) -> ConstKind {
+        let mut key = name;
+        loop {
+            if let Some(&k) = self.0.get(key) {
+                return k;
+            }
+            match key.rsplit_once('.') {
+                Some((head, _)) => key = head,
+                None => return ConstKind::Other,
+            }
+        }
     }
 }
 

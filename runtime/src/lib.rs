@@ -4,6 +4,7 @@
 
 pub mod attr;
 pub mod capi;
+pub mod classify;
 pub mod denoiser;
 pub mod engine;
 pub mod error;

@@ -5,6 +5,7 @@ pub mod bytes;
 pub mod exec;
 pub mod graph;
 pub mod model;
+pub mod names;
 pub mod npz;
 pub mod onnx;
 pub mod opset;

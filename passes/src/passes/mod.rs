@@ -24,7 +24,7 @@ use crate::analysis::quant_plan::QuantPlan;
 use crate::analysis::reports::{TcrReport, TiarReport};
 use crate::analysis::tib::TibAnalysis;
 use crate::error::{Error, Result};
-use crate::ir::{onnx, print, Model};
+use crate::ir::{names, onnx, print, Model};
 use crate::options::{Options, StepGroups};
 
 /// The results one pass hands on to later ones, each made by one pass.
@@ -76,6 +76,11 @@ pub struct PassContext<'a> {
     pub tcaq: Option<tcaq::TcaqReport>,
     /// Names of the passes that have run, in order.
     pub done: Vec<&'static str>,
+    /// Every name the input model held: what [`run_pipeline`]'s renaming keeps.
+    pub input_names: std::collections::HashSet<String>,
+    /// The values the input model gave types to (`value_info`): the only types the
+    /// written file keeps.
+    pub input_typed: std::collections::HashSet<String>,
     /// One line per notable finding, shown to the user after the pass.
     pub notes: Vec<String>,
     /// Progress of long work ("calibrate: batch 3/4"); the CLI shows it on a terminal.
@@ -98,6 +103,8 @@ pub struct Dumps {
 impl<'a> PassContext<'a> {
     pub fn new(model: Model, options: &'a Options) -> PassContext<'a> {
         PassContext {
+            input_names: names::all_names(&model),
+            input_typed: model.graph.value_info.keys().cloned().collect(),
             model,
             options,
             tib: None,
@@ -420,6 +427,37 @@ pub fn run_pipeline(
         cx.done.push(name);
         after(name, cx, start.elapsed())?;
         dump(cx, i + 1, name, &before)?;
+    }
+    rename(cx, passes.len() + 1)
+}
+
+/// What the passes created gets its short name in the file ([`names::shorten`]); the
+/// analyses that name such a value follow. The types canonicalize inferred go
+/// (`value_info`: onnxruntime, tract and the runtime infer them again; on a small model
+/// they were 4 % of the file); those the input model carried stay (onnxruntime may
+/// optimize a model differently without them: guided_unet's round trip is then not bit
+/// for bit). The dumps get the map (`NN-names.txt`) and the IR as written
+/// (`NN-named.txt`).
+fn rename(cx: &mut PassContext, step: usize) -> Result<()> {
+    let typed = &cx.input_typed;
+    cx.model.graph.value_info.retain(|k, _| typed.contains(k));
+    let map = names::shorten(&mut cx.model, &cx.input_names)?;
+    if let Some(v) = cx.step_index.as_mut() {
+        if let Some(short) = map.get(v.as_str()) {
+            *v = short.clone();
+        }
+    }
+    if map.is_empty() || (!cx.dumps.print_after_all && cx.dumps.dir.is_none()) {
+        return Ok(());
+    }
+    let text = names::map_text(&map);
+    let ir = print::model_text(&cx.model);
+    if cx.dumps.print_after_all {
+        eprintln!("--- names ---\n{text}\n--- IR as written ---\n{ir}");
+    }
+    if let Some(dir) = &cx.dumps.dir {
+        onnx::write_atomic(&dir.join(format!("{step:02}-names.txt")), text.as_bytes())?;
+        onnx::write_atomic(&dir.join(format!("{step:02}-named.txt")), ir.as_bytes())?;
     }
     Ok(())
 }
