@@ -81,14 +81,14 @@ fn dump_dir_holds_the_ir_after_each_pass() {
         .unwrap()
         .contains("tib/table"));
     // The file's short names, each beside the name the passes used.
-    let names = std::fs::read_to_string(dumps.join("07-names.txt")).unwrap();
+    let names = std::fs::read_to_string(dumps.join("08-names.txt")).unwrap();
     assert!(
         names
             .lines()
             .any(|l| l.starts_with('t') && l.contains("← tib/table/")),
         "{names}"
     );
-    let named = std::fs::read_to_string(dumps.join("07-named.txt")).unwrap();
+    let named = std::fs::read_to_string(dumps.join("08-named.txt")).unwrap();
     assert!(
         !named.contains("tib/table") && !named.contains("_quantized"),
         "{named}"
