@@ -104,6 +104,28 @@ fn canonicalize_trained_ddpm() {
     );
 }
 
+/// What split-concat (below 8-bit activations) changes in the trained model after
+/// canonicalize: each up block's skip Conv reading `Concat(upsampled, skip)` becomes one
+/// Conv per part, its slice of the weight's input channels (the bias on the first), summed
+/// by an Add into the old output name.
+#[test]
+fn split_concat_trained_ddpm() {
+    let mut before = typed(&model_path("ddpm_digits"));
+    tfmqc_passes::canonicalize::canonicalize(&mut before).unwrap();
+    let mut m = before.clone();
+    let split = tfmqc_passes::split_concat::split_concat_convs(&mut m.graph, &[]).unwrap();
+    assert!(!split.is_empty(), "ddpm_digits has Convs reading a Concat");
+    tfmqc_passes::canonicalize::infer_types(&mut m).unwrap();
+    snapshot(
+        "split_concat_ddpm_digits",
+        &format!(
+            "split: {}\n{}",
+            split.join(", "),
+            print::rewrite_text(&before, &m)
+        ),
+    );
+}
+
 /// What detect-tib + fold-tib (S = ddim:50) change, one model per family.
 #[test]
 fn fold_tib_each_family() {
