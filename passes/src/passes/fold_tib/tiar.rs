@@ -976,7 +976,18 @@ pub fn run(cx: &mut PassContext, tib: &TibAnalysis, set: &[i64]) -> Result<()> {
     // ~|S| bytes per feature against the TIB's ~K per feature (K its width), so the
     // budget rarely buys one there.
     let tib_weight_bytes = tib_layer_bytes(&net, options);
-    let table_budget = setup.budget.saturating_sub(tib_weight_bytes);
+    // Charged as packed INT4 whatever `--int4-storage`: the int8-storage fallback must
+    // compute what the packed file computes, so it gets the same tables (charged as
+    // stored, it took one table fewer on ddpm_digits at S = 1000 and the two files
+    // differed).
+    let charged = tib_layer_bytes(
+        &net,
+        &Options {
+            int4_storage: Int4Storage::Packed,
+            ..options.clone()
+        },
+    );
+    let table_budget = setup.budget.saturating_sub(charged);
     let tabled = choose_tables(mode, &bytes, &rel, table_budget);
     let fold = fold_tables(
         &mut cx.model,
