@@ -300,19 +300,12 @@ fn split_concat_keeps_the_float_function() {
         names.into_iter().zip(out).collect()
     };
     for name in denoisers() {
-        // Canonicalized, as the pipeline runs it: the Concat inputs' shapes are known.
-        let options = tfmqc_passes::Options::default();
-        let mut cx = tfmqc_passes::pipeline::PassContext::new(
-            tfmqc_passes::onnx::load(&model_path(&name)).unwrap(),
-            &options,
-        );
-        tfmqc_passes::pipeline::run_pipeline(
-            &mut cx,
-            &tfmqc_passes::pipeline::parse_pipeline("canonicalize").unwrap(),
-            &mut |_, _, _| Ok(()),
-        )
-        .unwrap();
-        let model = cx.model;
+        // Typed and canonicalized, as the pipeline has it when split-concat runs: the
+        // Concat inputs' shapes are known. (Not through `run_pipeline`, whose last step
+        // drops the types the compiler inferred from what it writes.)
+        let mut model = tfmqc_passes::onnx::load(&model_path(&name)).unwrap();
+        tfmqc_passes::canonicalize::infer_types(&mut model).unwrap();
+        tfmqc_passes::canonicalize::canonicalize(&mut model).unwrap();
         let x = example_inputs(&name);
         let mut split = model.clone();
         let done = split_concat_convs(&mut split.graph, &[]).unwrap();
