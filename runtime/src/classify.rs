@@ -41,6 +41,24 @@ pub struct NodeRef<'a> {
     pub outputs: &'a [String],
 }
 
+impl<'a> NodeRef<'a> {
+    /// A node as either graph form has it; `op` is kept only for the default (`ai.onnx`)
+    /// domain, so that the rule lives here rather than in each reader.
+    pub fn new(
+        op_type: &'a str,
+        domain: &str,
+        inputs: &'a [String],
+        outputs: &'a [String],
+    ) -> Self {
+        let default_domain = domain.is_empty() || domain == "ai.onnx";
+        NodeRef {
+            op: if default_domain { op_type } else { "" },
+            inputs,
+            outputs,
+        }
+    }
+}
+
 /// What the classifier needs of one initializer.
 #[derive(Clone, Copy, Debug)]
 pub struct ConstRef {
@@ -260,15 +278,7 @@ pub fn classify_graph(
     let nodes: Vec<NodeRef> = g
         .node
         .iter()
-        .map(|n| NodeRef {
-            op: if n.domain.is_empty() || n.domain == "ai.onnx" {
-                n.op_type.as_str()
-            } else {
-                ""
-            },
-            inputs: &n.input,
-            outputs: &n.output,
-        })
+        .map(|n| NodeRef::new(&n.op_type, &n.domain, &n.input, &n.output))
         .collect();
     use pb::tensor_proto::DataType as D;
     let consts: HashMap<&str, ConstRef> = g

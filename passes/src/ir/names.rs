@@ -47,15 +47,7 @@ pub fn const_kinds(m: &Model) -> HashMap<String, ConstKind> {
     let order: Vec<&Node> = g.node_indices().map(|ix| g.node(ix)).collect();
     let nodes: Vec<NodeRef> = order
         .iter()
-        .map(|n| NodeRef {
-            op: if n.domain.is_empty() || n.domain == "ai.onnx" {
-                n.op_type.as_str()
-            } else {
-                ""
-            },
-            inputs: &n.inputs,
-            outputs: &n.outputs,
-        })
+        .map(|n| NodeRef::new(&n.op_type, &n.domain, &n.inputs, &n.outputs))
         .collect();
     let consts: HashMap<&str, ConstRef> = g
         .initializers
