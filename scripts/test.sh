@@ -34,4 +34,10 @@ export TFMQC_PYTHON="$PWD/$venv/bin/python" TFMQC_WHEELHOUSE="$PWD/$wheels"
 export TFMQC_REQUIRE_INTEROP=1
 
 # Release mode: the numerical tests run whole UNets for every time step.
+# With no arguments (the README's command, CI) the test binaries run two at a time
+# (scripts/run_tests.py: most tests keep one core busy, and cargo runs binaries one after
+# the other); any argument means plain `cargo test` with those arguments (filters, -p ...).
+if [ $# -eq 0 ] || { [ $# -eq 1 ] && [ "$1" = --no-fail-fast ]; }; then
+  exec python3 scripts/run_tests.py
+fi
 cargo test --release --workspace "$@"
