@@ -448,6 +448,7 @@ struct ShortRows<'a> {
     /// Centered codes of `Vᵀ[Dv, N]`, rows of `stride` (zeros past `N`).
     vc: &'a [i32],
     /// `vc` in i16 (AVX-512 VNNI only; empty otherwise).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     vc16: &'a [i16],
     stride: usize,
 }
