@@ -675,7 +675,7 @@ impl ShortRows<'_> {
         assert!(
             u.d == D
                 && n >= 1
-                && stride % LANES == 0
+                && stride.is_multiple_of(LANES)
                 && n <= stride
                 && s.len() >= SHORT_GROUP * stride
                 && self.kc.len() >= D * stride
@@ -880,7 +880,10 @@ unsafe fn pv_avx512_dv<const DV: usize>(
 ) {
     use std::arch::x86_64::*;
     assert!(
-        orow.len() == DV && e.len() >= stride && vc16.len() >= DV * stride && stride % LANES == 0,
+        orow.len() == DV
+            && e.len() >= stride
+            && vc16.len() >= DV * stride
+            && stride.is_multiple_of(LANES),
         "pv_avx512: operand sizes"
     );
     let to = _mm512_set1_ps(to_code);
