@@ -136,7 +136,9 @@ pub(crate) fn with_short_heads<R>(on: bool, narrow: bool, f: impl FnOnce() -> R)
 #[derive(Clone)]
 enum HeadOperands {
     Gemm(PackedWeights, PackedWeights),
-    Short(Vec<f32>, Vec<i32>),
+    /// `Kᵀ` in f32, `Vᵀ` in i32 and, for the AVX-512 VNNI loops, `Vᵀ` again in i16 (empty
+    /// on other instruction sets).
+    Short(Vec<f32>, Vec<i32>, Vec<i16>),
 }
 
 /// `out = DQ(Q(softmax(score(DQ(Q(q)) · DQ(Q(kᵀ)))))) · DQ(Q(v))` per head (see the module
@@ -197,6 +199,7 @@ pub fn attention_quantize(
         && n <= SHORT_HEAD_MAX_N;
     // Per head: Kᵀ and V quantized and packed (the vector sides of the two products), or
     // their centered codes for the short-head loops, and Q row-major.
+    let isa = backend.isa();
     let mut packed: Vec<Option<(HeadOperands, Vec<f32>)>> = vec![None; heads];
     {
         let slots = Shared::new(&mut packed);
@@ -224,7 +227,14 @@ pub fn attention_quantize(
                         *x = quantize(vv[j * vks + c * vns], v.scale, vz, 0, 255) - vz;
                     }
                 }
-                HeadOperands::Short(kc, vc)
+                // The codes fit i16 (|ṽ| ≤ 255): the AVX-512 loops multiply pairs of keys
+                // with `vpdpwssd`.
+                let vc16 = if isa == Isa::Avx512Vnni {
+                    vc.iter().map(|&x| x as i16).collect()
+                } else {
+                    Vec::new()
+                };
+                HeadOperands::Short(kc, vc, vc16)
             } else {
                 let kp = PackedWeights::quantize_f32(
                     &k.values[ko..ko + n * d],
@@ -265,7 +275,6 @@ pub fn attention_quantize(
     let mb = block_rows(n);
     let blocks = m.div_ceil(mb);
     let dest = Shared::new(out);
-    let isa = backend.isa();
     par::for_each(heads * blocks, split, |u| {
         let (h, rb) = (u / blocks, u % blocks);
         let (ops, qt) = packed[h].as_ref().expect("packed above");
@@ -293,8 +302,13 @@ pub fn attention_quantize(
         };
         SCRATCH.with(|s| {
             let (scores, codes, centered) = &mut *s.borrow_mut();
-            // The short-head loops go a row at a time (of padded length).
-            let held = if short { short_stride(n) } else { rows * n };
+            // The short-head loops go a row (AVX-512: `SHORT_GROUP` rows) at a time, of
+            // padded length.
+            let held = if short {
+                SHORT_GROUP * short_stride(n)
+            } else {
+                rows * n
+            };
             scores.resize(held, 0.0);
             codes.resize(if short { 0 } else { held }, 0);
             centered.resize(if short { held } else { 0 }, 0);
@@ -340,11 +354,12 @@ impl Unit<'_> {
     fn run(&self, scores: &mut [f32], codes: &mut [u8], centered: &mut [i32], out: &mut [f32]) {
         let (kp, vp) = match self.ops {
             HeadOperands::Gemm(kp, vp) => (kp, vp),
-            HeadOperands::Short(kc, vc) => {
+            HeadOperands::Short(kc, vc, vc16) => {
                 let rows = ShortRows {
                     unit: self,
                     kc,
                     vc,
+                    vc16,
                     stride: short_stride(self.n),
                 };
                 match self.isa {
@@ -354,7 +369,7 @@ impl Unit<'_> {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: AVX2 only when detected.
                     Isa::Avx2 => unsafe { rows.run_avx2(scores, centered, out) },
-                    _ => rows.run(scores, centered, out),
+                    _ => rows.run(scores, centered, out, false),
                 }
                 return;
             }
@@ -421,6 +436,10 @@ fn short_stride(n: usize) -> usize {
     n.max(1).next_multiple_of(LANES)
 }
 
+/// Rows the AVX-512 short-head loops take through each phase together
+/// ([`ShortRows::rows_avx512`]).
+const SHORT_GROUP: usize = 4;
+
 /// One unit of a short-head call: the products as loops over the keys.
 struct ShortRows<'a> {
     unit: &'a Unit<'a>,
@@ -428,6 +447,9 @@ struct ShortRows<'a> {
     kc: &'a [f32],
     /// Centered codes of `Vᵀ[Dv, N]`, rows of `stride` (zeros past `N`).
     vc: &'a [i32],
+    /// `vc` in i16 (AVX-512 VNNI only; empty otherwise).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    vc16: &'a [i16],
     stride: usize,
 }
 
@@ -437,9 +459,9 @@ impl ShortRows<'_> {
     /// # Safety
     /// The CPU must support AVX-512 F (and AVX2, FMA).
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,avx512f")]
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
     unsafe fn run_avx512(&self, s: &mut [f32], p: &mut [i32], out: &mut [f32]) {
-        self.run(s, p, out)
+        self.run(s, p, out, true)
     }
 
     /// [`ShortRows::run`] compiled for AVX2.
@@ -449,7 +471,7 @@ impl ShortRows<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn run_avx2(&self, s: &mut [f32], p: &mut [i32], out: &mut [f32]) {
-        self.run(s, p, out)
+        self.run(s, p, out, false)
     }
 
     /// Row by row, in three passes over the (padded) keys: the scores `Σ_c q̃[c]·k̃[c, j]`
@@ -460,8 +482,11 @@ impl ShortRows<'_> {
     /// centered code multiplied straight into `Dv` i32 sums `Σ_j p̃[j]·ṽ[c, j]`
     /// (exact: the order of integer sums does not matter), dequantized as
     /// `acc · (sp · sv)`. Bit-identical to the GEMM path.
+    ///
+    /// `vnni` (only from [`ShortRows::run_avx512`], where `vc16` is filled): P's codes and
+    /// `P·V` in one pass by [`pv_avx512`], the same integers.
     #[inline(always)]
-    fn run(&self, s: &mut [f32], p: &mut [i32], out: &mut [f32]) {
+    fn run(&self, s: &mut [f32], p: &mut [i32], out: &mut [f32], vnni: bool) {
         let u = self.unit;
         let (n, d) = (u.n, u.d);
         let dv = out.len() / u.rows.max(1);
@@ -472,6 +497,15 @@ impl ShortRows<'_> {
             self.run_narrow(out, dv, score_scale, out_scale);
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if vnni {
+            // SAFETY: `vnni` only from `run_avx512` (AVX-512 F and VNNI detected), which
+            // fills `vc16`.
+            unsafe { self.rows_avx512(s, out, dv, score_scale, out_scale) };
+            return;
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = vnni;
         // The score scale applied as `softmax_rows` applies it (chosen once, not per key).
         match u.score {
             ScoreScale::None => self.rows(s, p, out, d, dv, score_scale, out_scale, |x| x),
@@ -568,6 +602,325 @@ fn dot_i32(a: &[i32], b: &[i32]) -> i32 {
     a.iter()
         .zip(b)
         .fold(0i32, |s, (&x, &y)| s.wrapping_add(x.wrapping_mul(y)))
+}
+
+/// The AVX-512 form of [`ShortRows::rows`] (`Isa::Avx512Vnni`): the same three passes
+/// over a row, written with intrinsics because the compiler's vectorization of the
+/// portable loops left scalar lanes in the score pass (short heads), a NaN-preserving
+/// select around every `max`, and P's codes going through memory.
+#[cfg(target_arch = "x86_64")]
+impl ShortRows<'_> {
+    /// Every row of the unit, bit for bit what [`ShortRows::rows`] computes:
+    ///
+    /// 1. scores `Σ_c q̃[c]·k̃[c, j]` by FMAs (integers below 2²⁴ throughout, so exact as
+    ///    the portable products and sums are), `· score_scale`, then the graph's scale;
+    ///    the maximum over the keys (`vmaxps` returns its second operand on a NaN, so
+    ///    with the running maximum second a NaN score is skipped, as `f32::max` does);
+    /// 2. [`exp_nonpositive`]'s steps on 16 lanes (the clamp as Rust's `clamp` on a
+    ///    NaN, the same fused multiply-adds and constants), key `j` summed into
+    ///    partial sum `j % LANES`, the partial sums added as [`lane_sum`] adds them;
+    /// 3. [`pv_avx512`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and VNNI; `self.vc16` is filled.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
+    unsafe fn rows_avx512(
+        &self,
+        s: &mut [f32],
+        out: &mut [f32],
+        dv: usize,
+        score_scale: f32,
+        out_scale: f32,
+    ) {
+        macro_rules! by_d {
+            ($mode:literal) => {
+                match self.unit.d {
+                    1 => self.rows_avx512_d::<1, $mode>(s, out, dv, score_scale, out_scale),
+                    2 => self.rows_avx512_d::<2, $mode>(s, out, dv, score_scale, out_scale),
+                    3 => self.rows_avx512_d::<3, $mode>(s, out, dv, score_scale, out_scale),
+                    4 => self.rows_avx512_d::<4, $mode>(s, out, dv, score_scale, out_scale),
+                    5 => self.rows_avx512_d::<5, $mode>(s, out, dv, score_scale, out_scale),
+                    6 => self.rows_avx512_d::<6, $mode>(s, out, dv, score_scale, out_scale),
+                    7 => self.rows_avx512_d::<7, $mode>(s, out, dv, score_scale, out_scale),
+                    _ => self.rows_avx512_d::<8, $mode>(s, out, dv, score_scale, out_scale),
+                }
+            };
+        }
+        match self.unit.score {
+            ScoreScale::None => by_d!(0),
+            ScoreScale::Mul(_) => by_d!(1),
+            ScoreScale::Div(_) => by_d!(2),
+        }
+    }
+
+    /// [`ShortRows::rows_avx512`] for `D` channels a head and the score scale `MODE`
+    /// (0: none, 1: `· c`, 2: `/ c`).
+    ///
+    /// # Safety
+    /// As [`ShortRows::rows_avx512`], with `self.unit.d == D`.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
+    #[inline]
+    unsafe fn rows_avx512_d<const D: usize, const MODE: u8>(
+        &self,
+        s: &mut [f32],
+        out: &mut [f32],
+        dv: usize,
+        score_scale: f32,
+        out_scale: f32,
+    ) {
+        use crate::kernels::expf::{LN2_HI, LN2_LO, LOG2E, POLY, ROUND, ROUND_BITS};
+        use std::arch::x86_64::*;
+        let u = self.unit;
+        let (n, stride) = (u.n, self.stride);
+        assert!(
+            u.d == D
+                && n >= 1
+                && stride.is_multiple_of(LANES)
+                && n <= stride
+                && s.len() >= SHORT_GROUP * stride
+                && self.kc.len() >= D * stride
+                && self.vc16.len() >= dv * stride,
+            "rows_avx512: operand sizes"
+        );
+        let (qs, zq) = (u.q_quant.0, u.q_quant.1 as i32);
+        let zp = u.p.zero_point as i32;
+        let chunks = stride / LANES;
+        // Chunks whose keys are all valid, and the valid lanes of the last one.
+        let full = n / LANES;
+        let rem = n - full * LANES;
+        let m_lo = ((1u32 << rem.min(16)) - 1) as __mmask16;
+        let m_hi = ((1u32 << rem.saturating_sub(16)) - 1) as __mmask16;
+        let c = match u.score {
+            ScoreScale::None => 1.0,
+            ScoreScale::Mul(c) | ScoreScale::Div(c) => c,
+        };
+        let (sc, cv) = (_mm512_set1_ps(score_scale), _mm512_set1_ps(c));
+        let scale = |x: __m512| match MODE {
+            0 => x,
+            1 => _mm512_mul_ps(x, cv),
+            _ => _mm512_div_ps(x, cv),
+        };
+        let (lo, zero) = (_mm512_set1_ps(-87.0), _mm512_setzero_ps());
+        let (log2e, round) = (_mm512_set1_ps(LOG2E), _mm512_set1_ps(ROUND));
+        let round_bits = _mm512_set1_epi32(ROUND_BITS);
+        let (ln2_hi, ln2_lo) = (_mm512_set1_ps(-LN2_HI), _mm512_set1_ps(-LN2_LO));
+        let bias = _mm512_set1_epi32(127);
+        let poly: [__m512; 8] = std::array::from_fn(|i| _mm512_set1_ps(POLY[i]));
+        // `exp_nonpositive` on 16 lanes.
+        let exp = |x: __m512| {
+            let x = _mm512_min_ps(zero, _mm512_max_ps(lo, x));
+            let t = _mm512_fmadd_ps(x, log2e, round);
+            let nf = _mm512_sub_ps(t, round);
+            let ni = _mm512_sub_epi32(_mm512_castps_si512(t), round_bits);
+            let r = _mm512_fmadd_ps(nf, ln2_lo, _mm512_fmadd_ps(nf, ln2_hi, x));
+            let mut p = poly[0];
+            for c in &poly[1..] {
+                p = _mm512_fmadd_ps(p, r, *c);
+            }
+            let pow2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ni, bias)));
+            _mm512_mul_ps(p, pow2)
+        };
+        let kp = self.kc.as_ptr();
+        // 1. One row's scores at `row` and their maximum.
+        let scores = |row: *mut f32, qrow: &[f32]| {
+            let qc: [__m512; D] = std::array::from_fn(|c| {
+                _mm512_set1_ps((quantize(qrow[c], qs, zq, 0, 255) - zq) as f32)
+            });
+            let (mut mx0, mut mx1) = (
+                _mm512_set1_ps(f32::NEG_INFINITY),
+                _mm512_set1_ps(f32::NEG_INFINITY),
+            );
+            for jc in 0..chunks {
+                let j = jc * LANES;
+                let (mut a0, mut a1) = (zero, zero);
+                for (c, q) in qc.iter().enumerate() {
+                    // SAFETY: row `c < D` of `kc`, keys `j .. j + LANES` within `stride`.
+                    let (k0, k1) = unsafe {
+                        let k = kp.add(c * stride + j);
+                        (_mm512_loadu_ps(k), _mm512_loadu_ps(k.add(16)))
+                    };
+                    a0 = _mm512_fmadd_ps(*q, k0, a0);
+                    a1 = _mm512_fmadd_ps(*q, k1, a1);
+                }
+                let x0 = scale(_mm512_mul_ps(a0, sc));
+                let x1 = scale(_mm512_mul_ps(a1, sc));
+                // SAFETY: `row` has `stride` values (below).
+                unsafe {
+                    _mm512_storeu_ps(row.add(j), x0);
+                    _mm512_storeu_ps(row.add(j + 16), x1);
+                }
+                if jc < full {
+                    mx0 = _mm512_max_ps(x0, mx0);
+                    mx1 = _mm512_max_ps(x1, mx1);
+                } else {
+                    mx0 = _mm512_mask_max_ps(mx0, m_lo, x0, mx0);
+                    mx1 = _mm512_mask_max_ps(mx1, m_hi, x1, mx1);
+                }
+            }
+            _mm512_reduce_max_ps(_mm512_max_ps(mx0, mx1))
+        };
+        // 2. The exps of one row, in place, and `to_code` from their sum.
+        let exps = |row: *mut f32, max: f32| {
+            let max = _mm512_set1_ps(max);
+            let (mut s0, mut s1) = (zero, zero);
+            for jc in 0..chunks {
+                let j = jc * LANES;
+                // SAFETY: as above.
+                let (e0, e1) = unsafe {
+                    let e0 = exp(_mm512_sub_ps(_mm512_loadu_ps(row.add(j)), max));
+                    let e1 = exp(_mm512_sub_ps(_mm512_loadu_ps(row.add(j + 16)), max));
+                    _mm512_storeu_ps(row.add(j), e0);
+                    _mm512_storeu_ps(row.add(j + 16), e1);
+                    (e0, e1)
+                };
+                if jc < full {
+                    s0 = _mm512_add_ps(s0, e0);
+                    s1 = _mm512_add_ps(s1, e1);
+                } else {
+                    s0 = _mm512_mask_add_ps(s0, m_lo, s0, e0);
+                    s1 = _mm512_mask_add_ps(s1, m_hi, s1, e1);
+                }
+            }
+            // `lane_sum`: lane l + 16, + 8, + 4, + 2, + 1 into lane l.
+            let h = _mm512_add_ps(s0, s1);
+            // (The upper half through a double-lane extract: AVX-512 F, where `extractf32x8`
+            // needs DQ.)
+            let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(h)));
+            let h = _mm256_add_ps(_mm512_castps512_ps256(h), hi);
+            let h = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps::<1>(h));
+            let h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            let sum = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+            1.0 / sum / u.p.scale
+        };
+        // Each phase over a group of rows before the next: a row's phases depend on each
+        // other through the reductions between them (max, sum, 1 / sum), the rows of a
+        // phase do not, so the core overlaps them (`examples/int8_threads`, 1 thread:
+        // 16 × [256 × 77 × 2] 0.34 → 0.24 ms, 16 × [256 × 256 × 2] 0.58 → 0.51 ms; groups
+        // of 8 rows measured the same as 4).
+        for (qb, ob) in
+            u.q.chunks(SHORT_GROUP * D)
+                .zip(out.chunks_mut(SHORT_GROUP * dv))
+        {
+            let g = qb.len() / D;
+            let mut maxes = [0f32; SHORT_GROUP];
+            for (r, qrow) in qb.chunks_exact(D).enumerate() {
+                maxes[r] = scores(s[r * stride..].as_mut_ptr(), qrow);
+            }
+            let mut to_code = [0f32; SHORT_GROUP];
+            for r in 0..g {
+                to_code[r] = exps(s[r * stride..].as_mut_ptr(), maxes[r]);
+            }
+            // 3. P's codes and P·V.
+            for (r, orow) in ob.chunks_exact_mut(dv).enumerate() {
+                // SAFETY: AVX-512 F and VNNI (this function's contract); `vc16` holds `dv`
+                // rows of `stride`.
+                unsafe {
+                    pv_avx512(
+                        &s[r * stride..(r + 1) * stride],
+                        self.vc16,
+                        stride,
+                        to_code[r],
+                        zp,
+                        out_scale,
+                        orow,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// P's centered codes from one row of exps `e` (padded to `stride`, whole [`LANES`]) and
+/// `orow[c] = (Σ_j p̃[j]·ṽ[c, j]) · out_scale` for each `c` of `orow`, in one pass: the codes
+/// by [`quantize`]'s recipe (`e · to_code`, clamped to ±1024, rounded half to even through
+/// the mantissa, `+ zp` clamped to `[0, 255]`, `− zp`), narrowed to i16 (|p̃| ≤ 255) and
+/// multiplied into the i16 codes of V a pair of keys a lane (`vpdpwssd`: exact i32 sums, so
+/// the same integers as [`dot_i32`] on the i32 codes). The codes never go to memory.
+///
+/// # Safety
+/// The CPU must support AVX-512 F and VNNI; `vc16` holds `orow.len()` rows of `stride`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
+unsafe fn pv_avx512(
+    e: &[f32],
+    vc16: &[i16],
+    stride: usize,
+    to_code: f32,
+    zp: i32,
+    out_scale: f32,
+    orow: &mut [f32],
+) {
+    match orow.len() {
+        1 => pv_avx512_dv::<1>(e, vc16, stride, to_code, zp, out_scale, orow),
+        2 => pv_avx512_dv::<2>(e, vc16, stride, to_code, zp, out_scale, orow),
+        3 => pv_avx512_dv::<3>(e, vc16, stride, to_code, zp, out_scale, orow),
+        4 => pv_avx512_dv::<4>(e, vc16, stride, to_code, zp, out_scale, orow),
+        5 => pv_avx512_dv::<5>(e, vc16, stride, to_code, zp, out_scale, orow),
+        6 => pv_avx512_dv::<6>(e, vc16, stride, to_code, zp, out_scale, orow),
+        7 => pv_avx512_dv::<7>(e, vc16, stride, to_code, zp, out_scale, orow),
+        _ => pv_avx512_dv::<8>(e, vc16, stride, to_code, zp, out_scale, orow),
+    }
+}
+
+/// [`pv_avx512`] for `DV` output channels (the accumulators stay in registers).
+///
+/// # Safety
+/// As [`pv_avx512`], with `orow.len() == DV`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,avx512f,avx512vnni")]
+#[inline]
+unsafe fn pv_avx512_dv<const DV: usize>(
+    e: &[f32],
+    vc16: &[i16],
+    stride: usize,
+    to_code: f32,
+    zp: i32,
+    out_scale: f32,
+    orow: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    assert!(
+        orow.len() == DV
+            && e.len() >= stride
+            && vc16.len() >= DV * stride
+            && stride.is_multiple_of(LANES),
+        "pv_avx512: operand sizes"
+    );
+    let to = _mm512_set1_ps(to_code);
+    let (lo, hi) = (_mm512_set1_ps(-1024.0), _mm512_set1_ps(1024.0));
+    let magic = _mm512_set1_ps(12_582_912.0);
+    let magic_bits = _mm512_set1_epi32(0x4B40_0000);
+    let zpv = _mm512_set1_epi32(zp);
+    let (c0, c255) = (_mm512_setzero_si512(), _mm512_set1_epi32(255));
+    let code = |x: __m512| {
+        // `max` first, as `quantize`: a NaN (either operand of `vmaxps` returns the second)
+        // becomes −1024.
+        let x = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x, to), lo), hi);
+        let r = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(x, magic)), magic_bits);
+        let c = _mm512_min_epi32(_mm512_max_epi32(_mm512_add_epi32(r, zpv), c0), c255);
+        _mm512_cvtepi32_epi16(_mm512_sub_epi32(c, zpv))
+    };
+    let mut acc = [_mm512_setzero_si512(); DV];
+    let ep = e.as_ptr();
+    let vp = vc16.as_ptr();
+    for j in (0..stride).step_by(LANES) {
+        // SAFETY: `j + LANES <= stride <= e.len()`.
+        let (a, b) = unsafe {
+            (
+                code(_mm512_loadu_ps(ep.add(j))),
+                code(_mm512_loadu_ps(ep.add(j + 16))),
+            )
+        };
+        let p = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(a), b);
+        for (c, acc) in acc.iter_mut().enumerate() {
+            // SAFETY: row `c < DV` of `vc16`, keys `j .. j + LANES` within `stride`.
+            let v = unsafe { _mm512_loadu_si512(vp.add(c * stride + j).cast()) };
+            *acc = _mm512_dpwssd_epi32(*acc, p, v);
+        }
+    }
+    for (o, a) in orow.iter_mut().zip(acc) {
+        *o = _mm512_reduce_add_epi32(a) as f32 * out_scale;
+    }
 }
 
 /// Query rows per group of [`ShortRows::run_narrow`] (one row a lane).

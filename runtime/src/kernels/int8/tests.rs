@@ -1145,6 +1145,61 @@ fn fused_attention_equals_the_unfused_products() {
     }
 }
 
+/// The short-head rows (every `D` and `Dv` up to [`attention::SHORT_HEAD`], key counts
+/// around the softmax's 32 lanes and 16-lane halves, each score scale, scores spread wide
+/// enough that `exp` clamps) give the unfused products' bits on every backend: the
+/// AVX-512 rows' intrinsics, the AVX2 and portable loops.
+#[test]
+fn short_head_rows_equal_the_unfused_products() {
+    let mut rng = Rng(SplitMix64::new(43));
+    let leak = |v: Vec<f32>| -> &'static [f32] { Box::leak(v.into_boxed_slice()) };
+    for (case, n) in [32usize, 33, 47, 48, 49, 63, 64, 77, 96, 130, 256]
+        .into_iter()
+        .enumerate()
+    {
+        for d in 1..=attention::SHORT_HEAD {
+            let dv = (d + case) % attention::SHORT_HEAD + 1;
+            let m = rng.range(1, 20);
+            let sc = match (case + d) % 3 {
+                0 => ScoreScale::None,
+                1 => ScoreScale::Mul(0.37),
+                _ => ScoreScale::Div(2.5),
+            };
+            let p = ProbQuant {
+                scale: rng.pick(&[1.0 / 255.0, 0.0021]),
+                zero_point: rng.pick(&[0, 3]),
+            };
+            // Scales up to 0.5: scores far apart (below −87 after the max: `exp` clamps).
+            let wide = rng.pick(&[0.05f32, 0.5]);
+            let op = |values: &'static [f32], scale: f32, zero_point: u8| AttentionOperand {
+                values,
+                transposed: false,
+                scale,
+                zero_point,
+            };
+            let q = op(leak(floats(&mut rng, m * d, wide)), wide, rng.byte());
+            let k = op(leak(floats(&mut rng, n * d, wide)), wide, rng.byte());
+            let v = op(leak(floats(&mut rng, n * dv, 0.03)), 0.03, rng.byte());
+            let want = attention_ref(&q, &k, &v, sc, p, (m, n, d, dv), [0, 0, 0]);
+            let shape = AttentionShape {
+                heads: 1,
+                m,
+                n,
+                d,
+                dv,
+            };
+            for be in backends() {
+                let mut got = vec![0f32; m * dv];
+                attention::with_short_heads(true, true, || {
+                    attention_quantize(be, q, k, v, sc, p, shape, &[], &mut got, false)
+                });
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{be:?} {shape:?} {sc:?} {p:?}");
+            }
+        }
+    }
+}
+
 /// The softmax's `exp` is within 2 ulp of the true value on `[-87, 0]`.
 #[test]
 fn softmax_exp_is_accurate() {
