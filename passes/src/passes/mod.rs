@@ -76,7 +76,7 @@ pub struct PassContext<'a> {
     pub tcaq: Option<tcaq::TcaqReport>,
     /// Names of the passes that have run, in order.
     pub done: Vec<&'static str>,
-    /// Every name the input model held: what [`run_pipeline`]'s renaming keeps.
+    /// The input model's names that [`run_pipeline`]'s renaming keeps ([`kept_names`]).
     pub input_names: std::collections::HashSet<String>,
     /// The values the input model gave types to (`value_info`): the only types the
     /// written file keeps.
@@ -103,7 +103,7 @@ pub struct Dumps {
 impl<'a> PassContext<'a> {
     pub fn new(model: Model, options: &'a Options) -> PassContext<'a> {
         PassContext {
-            input_names: names::all_names(&model),
+            input_names: kept_names(&model, options),
             input_typed: model.graph.value_info.keys().cloned().collect(),
             model,
             options,
@@ -431,6 +431,32 @@ pub fn run_pipeline(
     rename(cx, passes.len() + 1)
 }
 
+/// The names of the input model that the written file keeps. Under `--keep-names` all of
+/// them; by default what a user or tool addresses the file by: the graph inputs and
+/// outputs, and the values on the frontier of the time-step block as detected on the
+/// input model, which `tfmqc eval` detects on the float model in the same way and reads
+/// from the quantized file by name. Everything else of the model's own (the exporter's
+/// `/down_blocks.0/resnets.0/norm1/GroupNorm_output_0`, its node and initializer names:
+/// 0.03–0.04× of a small diffusers export) gets a short name; the dumps' names map gives
+/// the old ones back.
+pub fn kept_names(model: &Model, options: &Options) -> std::collections::HashSet<String> {
+    if options.keep_names {
+        return names::all_names(model);
+    }
+    let g = &model.graph;
+    let mut keep: std::collections::HashSet<String> = g
+        .inputs
+        .iter()
+        .chain(&g.outputs)
+        .map(|v| v.name.clone())
+        .collect();
+    // A model without a time-step block has no frontier (detect-tib says why, later).
+    if let Ok(tib) = detect_tib::detect(model, options.timestep_input.as_deref()) {
+        keep.extend(tib.frontier.iter().map(|f| f.name.clone()));
+    }
+    keep
+}
+
 /// What the passes created gets its short name in the file ([`names::shorten`]); the
 /// analyses that name such a value follow. The types canonicalize inferred go
 /// (`value_info`: onnxruntime, tract and the runtime infer them again; on a small model
@@ -443,7 +469,7 @@ fn rename(cx: &mut PassContext, step: usize) -> Result<()> {
     cx.model.graph.value_info.retain(|k, _| typed.contains(k));
     let map = names::shorten(&mut cx.model, &cx.input_names)?;
     if let Some(v) = cx.step_index.as_mut() {
-        if let Some(short) = map.get(v.as_str()) {
+        if let Some(short) = map.values.get(v.as_str()) {
             *v = short.clone();
         }
     }
