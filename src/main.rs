@@ -118,10 +118,11 @@ struct QuantArgs {
     #[arg(long, value_enum, default_value = "packed", value_name = "packed|int8")]
     int4_storage: Int4Storage,
     /// Keep every name of the input model in the written file (its nodes, values and
-    /// initializers). By default only the graph inputs and outputs and the time-step
-    /// block's frontier values (which `tfmqc eval` reads) keep theirs; the rest get short
-    /// names (0.03–0.04× of the float file on the diffusers exports), listed with their
-    /// old names in --dump-dir's NN-names.txt.
+    /// initializers). By default a quantized file keeps only the graph inputs and outputs
+    /// and the time-step block's frontier values (which `tfmqc eval` reads); the rest get
+    /// short names (0.02–0.04× of the float file on the models in models/), listed with
+    /// their old names in --dump-dir's NN-names.txt. Without `quantize` in --passes every
+    /// name is kept.
     #[arg(long)]
     keep_names: bool,
     /// Activation bits: 8, 6 or 4 (levels 0..2^b − 1 in uint8 Q/DQ, behind a Clip to

@@ -363,8 +363,9 @@ pub struct Options {
     #[serde(skip_serializing_if = "is_true")]
     pub split_concat: bool,
     /// `--keep-names`: the written file keeps every name of the input model (its nodes,
-    /// values and initializers); by default only its graph inputs and outputs and the
-    /// TIB frontier values keep theirs ([`crate::ir::names`]). Recorded only when on.
+    /// values and initializers); by default a quantized file keeps only its graph inputs
+    /// and outputs and the TIB frontier values ([`crate::pipeline::addressed_names`]).
+    /// Recorded only when on.
     #[serde(skip_serializing_if = "is_false")]
     pub keep_names: bool,
     /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
