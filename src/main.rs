@@ -120,7 +120,7 @@ struct QuantArgs {
     /// Keep every name of the input model in the written file (its nodes, values and
     /// initializers). By default a quantized file keeps only the graph inputs and outputs
     /// and the time-step block's frontier values (which `tfmqc eval` reads); the rest get
-    /// short names (0.02–0.04× of the float file on the models in models/), listed with
+    /// short names (up to 0.04× of the float file on the models in models/), listed with
     /// their old names in --dump-dir's NN-names.txt. Without `quantize` in --passes every
     /// name is kept.
     #[arg(long)]

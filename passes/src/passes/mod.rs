@@ -441,7 +441,7 @@ pub fn run_pipeline(
 /// it on the float model the same way and reads those values from the quantized file by
 /// name). Everything else of the model's own (the exporter's
 /// `/down_blocks.0/resnets.0/norm1/GroupNorm_output_0`, its node and initializer names:
-/// 0.02–0.04× of the float file on the models in models/) gets a short name; the dumps'
+/// up to 0.04× of the float file on the models in models/) gets a short name; the dumps'
 /// names map gives the old ones back. `--keep-names` keeps them all, and so does a run
 /// without `quantize` (`--passes none` is a round trip; `detect-tib,fold-tib` shows
 /// what those passes did to the model as it was named).
