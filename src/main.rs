@@ -117,6 +117,14 @@ struct QuantArgs {
     /// readers without INT4 (tract alone refuses it).
     #[arg(long, value_enum, default_value = "packed", value_name = "packed|int8")]
     int4_storage: Int4Storage,
+    /// Keep every name of the input model in the written file (its nodes, values and
+    /// initializers). By default a quantized file keeps only the graph inputs and outputs
+    /// and the time-step block's frontier values (which `tfmqc eval` reads); the rest get
+    /// short names (up to 0.04× of the float file on the models in models/), listed with
+    /// their old names in --dump-dir's NN-names.txt. Without `quantize` in --passes every
+    /// name is kept.
+    #[arg(long)]
+    keep_names: bool,
     /// Activation bits: 8, 6 or 4 (levels 0..2^b − 1 in uint8 Q/DQ, behind a Clip to
     /// that grid below 8 bits), or 32 for weight-only quantization.
     #[arg(long, default_value_t = 8, value_name = "4|6|8|32")]
@@ -362,6 +370,7 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
     if let Some(q) = q {
         o.weight_bits = q.weight_bits;
         o.int4_storage = q.int4_storage;
+        o.keep_names = q.keep_names;
         o.act_bits = q.act_bits;
         o.tcr = q.tcr.or(q.tcaq).unwrap_or(Tcr::Auto);
         o.daq = q.daq.unwrap_or(match q.tcaq {

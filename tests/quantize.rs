@@ -554,3 +554,110 @@ fn adaround_is_available_and_never_worse_than_rounding() {
         }
     }
 }
+
+/// The default file gives the model's own nodes, values and initializers short names
+/// (`--keep-names` keeps them): the same function bit for bit in tract, the runtime's
+/// int8 engine and onnxruntime; the graph inputs, outputs and TIB frontier (what `tfmqc
+/// eval` reads by name) unchanged; every name unique; --dump-dir's map gives the old
+/// names back.
+#[test]
+fn short_model_names_compute_the_same_bits_as_kept_ones() {
+    use std::collections::HashSet;
+    let dir = tmpdir();
+    let (short, kept) = (dir.path().join("short.onnx"), dir.path().join("kept.onnx"));
+    let dump = dir.path().join("dump");
+    quantize_small(
+        "ddpm_digits",
+        &short,
+        "5",
+        &["--dump-dir", dump.to_str().unwrap()],
+    );
+    quantize_small("ddpm_digits", &kept, "5", &["--keep-names"]);
+    let float = tfmqc_passes::onnx::load(&model_path("ddpm_digits")).unwrap();
+    let own = tfmqc_passes::ir::names::all_names(&float);
+    let frontier: Vec<String> = tfmqc_passes::detect_tib::detect(&float, None)
+        .unwrap()
+        .frontier
+        .iter()
+        .map(|f| f.name.clone())
+        .collect();
+    assert!(!frontier.is_empty());
+    let read = |p: &Path| tfmqc_runtime::engine::read_proto(p).unwrap().graph.unwrap();
+    let (gs, gk) = (read(&short), read(&kept));
+    let io = |g: &tfmqc_runtime::pb::GraphProto| {
+        let names = |v: &[tfmqc_runtime::pb::ValueInfoProto]| {
+            v.iter().map(|v| v.name.clone()).collect::<Vec<_>>()
+        };
+        (names(&g.input), names(&g.output))
+    };
+    assert_eq!(io(&gs), io(&gk), "inputs and outputs keep their names");
+    assert_eq!(gs.node.len(), gk.node.len());
+    for g in [&gs, &gk] {
+        let values: Vec<&String> = g
+            .node
+            .iter()
+            .flat_map(|n| &n.output)
+            .chain(g.initializer.iter().map(|t| &t.name))
+            .filter(|n| !n.is_empty())
+            .collect();
+        let unique: HashSet<&String> = values.iter().copied().collect();
+        assert_eq!(unique.len(), values.len(), "a value defined twice");
+        let nodes: HashSet<&String> = g.node.iter().map(|n| &n.name).collect();
+        assert_eq!(nodes.len(), g.node.len(), "two nodes of one name");
+        let produced: HashSet<&String> = g.node.iter().flat_map(|n| &n.output).collect();
+        for f in &frontier {
+            assert!(produced.contains(f), "frontier value {f} missing");
+        }
+    }
+    // Kept: every node name of the float model's that survived; short: none of them but
+    // the kept values, and nothing long.
+    let kept_names: HashSet<&String> = gk.node.iter().map(|n| &n.name).collect();
+    assert!(float
+        .graph
+        .node_indices()
+        .filter(|&ix| float.graph.node(ix).op_type == "Conv")
+        .all(|ix| kept_names.contains(&float.graph.node(ix).name)));
+    let stays: HashSet<&String> = frontier
+        .iter()
+        .chain(gs.input.iter().map(|v| &v.name))
+        .chain(gs.output.iter().map(|v| &v.name))
+        .collect();
+    let names = gs
+        .node
+        .iter()
+        .flat_map(|n| n.input.iter().chain(&n.output).chain([&n.name]))
+        .chain(gs.initializer.iter().map(|t| &t.name));
+    for name in names.filter(|n| !stays.contains(n)) {
+        assert!(
+            name.len() <= 6 && !own.contains(name),
+            "a long or model name: {name}"
+        );
+    }
+    assert!(
+        std::fs::read(&short).unwrap().len() < std::fs::read(&kept).unwrap().len(),
+        "short names save bytes"
+    );
+    let map = std::fs::read_dir(&dump)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.to_string_lossy().ends_with("-names.txt"))
+        .expect("a names map in the dumps");
+    let map = std::fs::read_to_string(map).unwrap();
+    assert!(map.contains(" ← /down1/"), "the model's names in the map");
+
+    let mut x = example_inputs("ddpm_digits");
+    x.insert("timestep".into(), Tensor::from_vec(vec![2], &[100i64, 500]));
+    assert_bit_exact("tract", &tract_run(&kept, &x), &tract_run(&short, &x));
+    let int8 = |p: &Path| {
+        let (e, _) = tfmqc_runtime::Engine::load_int8(p, tfmqc_runtime::Optimize::Full).unwrap();
+        tract_run_engine(&e, &x)
+    };
+    assert_bit_exact("runtime int8", &int8(&kept), &int8(&short));
+    if let Some(py) = python() {
+        assert_bit_exact(
+            "onnxruntime",
+            &ort_run(&py, &kept, &x, dir.path()),
+            &ort_run(&py, &short, &x, dir.path()),
+        );
+    }
+}

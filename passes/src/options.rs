@@ -362,6 +362,12 @@ pub struct Options {
     /// reports of compiles that do not split stay as they were.
     #[serde(skip_serializing_if = "is_true")]
     pub split_concat: bool,
+    /// `--keep-names`: the written file keeps every name of the input model (its nodes,
+    /// values and initializers); by default a quantized file keeps only its graph inputs
+    /// and outputs and the TIB frontier values ([`crate::pipeline::addressed_names`]).
+    /// Recorded only when on.
+    #[serde(skip_serializing_if = "is_false")]
+    pub keep_names: bool,
     /// `--threads`: threads of the weight numerics (range search, GPTQ); 0 = every core.
     /// (Model calls take theirs from the caller's `tfmqc_runtime::with_threads`.)
     #[serde(skip)]
@@ -463,6 +469,7 @@ impl Default for Options {
             daq: Daq::Off,
             par_rounds: 0,
             split_concat: true,
+            keep_names: false,
             threads: 0,
         }
     }
@@ -779,6 +786,11 @@ pub fn timestep_set(model: &Model, options: &Options) -> Result<Vec<i64>> {
 /// serde's `skip_serializing_if` for fields recorded only when off.
 fn is_true(b: &bool) -> bool {
     *b
+}
+
+/// serde's `skip_serializing_if` for fields recorded only when on.
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 #[cfg(test)]

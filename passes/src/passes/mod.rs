@@ -76,8 +76,11 @@ pub struct PassContext<'a> {
     pub tcaq: Option<tcaq::TcaqReport>,
     /// Names of the passes that have run, in order.
     pub done: Vec<&'static str>,
-    /// Every name the input model held: what [`run_pipeline`]'s renaming keeps.
+    /// Every name the input model held: what [`run_pipeline`]'s renaming keeps under
+    /// `--keep-names` or when `quantize` did not run.
     pub input_names: std::collections::HashSet<String>,
+    /// What it keeps of them otherwise ([`addressed_names`]).
+    pub addressed_names: std::collections::HashSet<String>,
     /// The values the input model gave types to (`value_info`): the only types the
     /// written file keeps.
     pub input_typed: std::collections::HashSet<String>,
@@ -104,6 +107,7 @@ impl<'a> PassContext<'a> {
     pub fn new(model: Model, options: &'a Options) -> PassContext<'a> {
         PassContext {
             input_names: names::all_names(&model),
+            addressed_names: addressed_names(&model, options),
             input_typed: model.graph.value_info.keys().cloned().collect(),
             model,
             options,
@@ -431,6 +435,31 @@ pub fn run_pipeline(
     rename(cx, passes.len() + 1)
 }
 
+/// The names of the input model that a quantized file keeps by default: what a user or
+/// tool addresses the file by, the graph inputs and outputs and the values on the
+/// frontier of the time-step block as detected on the input model (`tfmqc eval` detects
+/// it on the float model the same way and reads those values from the quantized file by
+/// name). Everything else of the model's own (the exporter's
+/// `/down_blocks.0/resnets.0/norm1/GroupNorm_output_0`, its node and initializer names:
+/// up to 0.04× of the float file on the models in models/) gets a short name; the dumps'
+/// names map gives the old ones back. `--keep-names` keeps them all, and so does a run
+/// without `quantize` (`--passes none` is a round trip; `detect-tib,fold-tib` shows
+/// what those passes did to the model as it was named).
+pub fn addressed_names(model: &Model, options: &Options) -> std::collections::HashSet<String> {
+    let g = &model.graph;
+    let mut keep: std::collections::HashSet<String> = g
+        .inputs
+        .iter()
+        .chain(&g.outputs)
+        .map(|v| v.name.clone())
+        .collect();
+    // A model without a time-step block has no frontier (detect-tib says why, later).
+    if let Ok(tib) = detect_tib::detect(model, options.timestep_input.as_deref()) {
+        keep.extend(tib.frontier.iter().map(|f| f.name.clone()));
+    }
+    keep
+}
+
 /// What the passes created gets its short name in the file ([`names::shorten`]); the
 /// analyses that name such a value follow. The types canonicalize inferred go
 /// (`value_info`: onnxruntime, tract and the runtime infer them again; on a small model
@@ -441,9 +470,14 @@ pub fn run_pipeline(
 fn rename(cx: &mut PassContext, step: usize) -> Result<()> {
     let typed = &cx.input_typed;
     cx.model.graph.value_info.retain(|k, _| typed.contains(k));
-    let map = names::shorten(&mut cx.model, &cx.input_names)?;
+    let keep = if cx.options.keep_names || !cx.done.contains(&"quantize") {
+        &cx.input_names
+    } else {
+        &cx.addressed_names
+    };
+    let map = names::shorten(&mut cx.model, keep)?;
     if let Some(v) = cx.step_index.as_mut() {
-        if let Some(short) = map.get(v.as_str()) {
+        if let Some(short) = map.values.get(v.as_str()) {
             *v = short.clone();
         }
     }
