@@ -399,9 +399,13 @@ pub fn lowered_node_cuts(q: &Path, inputs: &Tensors) -> (Vec<NodeCut>, Option<St
             {
                 continue;
             }
-            // (A Conv / Gemm with a fused output pair writes the pair's output: the
-            // cut reaches it through the pair.)
-            let pair = tfmqc_runtime::ops::requant::output_pair(&lowered_node(out)).is_some();
+            // (A Conv / Gemm with a fused output pair writes the pair's output, one with
+            // a fused residual the Add's: the cut reaches it through them.)
+            let l = lowered_node(out);
+            let pair = tfmqc_runtime::ops::requant::output_pair(&l).is_some()
+                || l.attribute
+                    .iter()
+                    .any(|a| a.name == tfmqc_runtime::ops::residual::RESIDUAL);
             assert!(
                 !["Relu", "Conv", "Gemm"].contains(&node.op_type.as_str()) || v == *out || pair,
                 "{out}: the cut reaches {} {}",

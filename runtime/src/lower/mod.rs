@@ -21,6 +21,7 @@ mod matmul;
 mod prescale;
 mod qdq;
 mod requant;
+mod residual;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -268,6 +269,9 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
             rewrites.push(r);
         }
     }
+    // A conv's residual Add into its epilogue (`crate::ops::residual`), once every
+    // rewrite is known (the Add comes after the conv in the graph).
+    residual::fuse_residual_adds(&ix, &mut replaced, &mut rewrites, keep);
     if let Some(e) = ix.error.into_inner() {
         return Err(Error::InvalidModel(e));
     }
