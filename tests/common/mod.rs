@@ -323,8 +323,13 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, 
             None => lower(),
         }
         .unwrap();
-        // (Fused group norms are float: not counted among int8 nodes.)
-        let int8_nodes = (op != tfmqc_runtime::ops::group_norm::GROUP_NORM) as usize;
+        // (Fused group norms and small float convolutions are float: not counted among
+        // int8 nodes.)
+        let float = [
+            tfmqc_runtime::ops::group_norm::GROUP_NORM,
+            tfmqc_runtime::ops::conv_f32::CONV_F32,
+        ];
+        let int8_nodes = !float.contains(&op.as_str()) as usize;
         assert_eq!(n, int8_nodes, "{out}: the cut-out node is lowered");
         let db = sqnr_db(
             &tract_run_engine(&qdq, &feed),

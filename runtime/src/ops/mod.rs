@@ -6,6 +6,7 @@
 //! its weight bytes and its per-step activation scales.
 pub mod attention;
 pub mod conv;
+pub mod conv_f32;
 pub mod gemm;
 pub mod group_norm;
 pub mod matmul;
@@ -44,7 +45,7 @@ pub(crate) fn step_scales(node: &pb::NodeProto) -> TractResult<Option<Arc<Vec<f3
     let residual = attr(node, residual::RESIDUAL).is_ok_and(|a| a.i == 1) as usize;
     ensure!(
         node.input.len() == 2 + residual,
-        "{} '{}': per-step scales need the group index as the second input
+        "{} '{}': per-step scales need the group index as the second input",
         node.op_type,
         node.name
     );
