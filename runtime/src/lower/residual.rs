@@ -7,13 +7,15 @@ use std::collections::HashMap;
 use super::{Index, Rewrite};
 use crate::attr;
 use crate::ops::conv::QCONV;
+use crate::ops::gemm::QGEMM;
 use crate::ops::residual::{enabled, RESIDUAL};
 
-/// For each rewrite in `replaced` (graph index → rewrite) that is a `TfmqcQConv` whose
-/// output is read only by a two-input `Add` of the default domain that no other rewrite
-/// replaces (and that is not in `keep`): the rewrite takes the `Add`'s other operand as
-/// its last input, writes the `Add`'s output and replaces the `Add` instead (the node it
-/// replaced before is left unread, and the lowering's liveness drops it).
+/// For each rewrite in `replaced` (graph index → rewrite) that is a `TfmqcQConv` or a
+/// `TfmqcQGemm` whose output is read only by a two-input `Add` of the default domain
+/// that no other rewrite replaces (and that is not in `keep`): the rewrite takes the
+/// `Add`'s other operand as its last input, writes the `Add`'s output and replaces the
+/// `Add` instead (the node it replaced before is left unread, and the lowering's
+/// liveness drops it).
 ///
 /// The `Add` comes after both operands' producers in the graph, so the fused node, put
 /// in its place, does too; and the convolution does not read the other operand's
@@ -45,7 +47,7 @@ pub(crate) fn fuse_residual_adds(
     let mut fused: Vec<(usize, usize, usize)> = vec![];
     for (&at, &r) in replaced.iter() {
         let node = &rewrites[r].node;
-        if node.op_type != QCONV || node.output.len() != 1 {
+        if ![QCONV, QGEMM].contains(&node.op_type.as_str()) || node.output.len() != 1 {
             continue;
         }
         let out = node.output[0].as_str();

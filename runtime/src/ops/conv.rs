@@ -193,7 +193,6 @@ impl EvalOp for QConv {
                 output,
             );
         }
-        drop(plain_out);
         let out = match late {
             Some(r) => super::residual::add_broadcast(out, r)?,
             None => out,

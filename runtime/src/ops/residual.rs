@@ -1,5 +1,5 @@
-//! A residual `Add` fused into the epilogue of the int8 convolution that produces one of
-//! its operands.
+//! A residual `Add` fused into the epilogue of the int8 convolution (or linear layer)
+//! that produces one of its operands.
 //!
 //! A ResNet block ends in `skip(x) + h` (and adds the time embedding after its first
 //! conv: `h + temb[:, :, None, None]`), where `h` is a lowered convolution's f32 output.
@@ -8,7 +8,9 @@
 //! other operand as its last input instead (attribute [`RESIDUAL`]), and the kernel's
 //! store adds it to each value as it writes it ([`Output::Sum`]): one f32 addition per
 //! value, the same one tract's `Add` makes, so the result is bit-identical to the unfused
-//! graph (`tests/residual.rs`).
+//! graph (`tests/residual.rs`). A linear layer (`TfmqcQGemm`: a transformer block's
+//! `x + proj(..)`) adds an operand of its output's shape the same way; any other
+//! broadcast is added after the kernel.
 
 use tract_onnx::tract_hir::internal::*;
 
