@@ -5,7 +5,7 @@ use tract_onnx::pb;
 
 use super::{Index, Rewrite};
 use crate::attr;
-use crate::ops::conv_f32::{enabled, CONV_F32};
+use crate::ops::conv_f32::{enabled, CONV_F32, WEIGHT_F32};
 
 /// At most this many input or output channels: the direct loop's work per output is the
 /// same as the matrix product's, and its fixed cost far lower, only while one side is
@@ -43,7 +43,7 @@ pub(crate) fn match_conv_f32(ix: &Index, n: &pb::NodeProto) -> Option<Rewrite> {
         None => None,
     };
     let mut a = vec![
-        attr::floats("weight", weight),
+        attr::floats(WEIGHT_F32, weight),
         attr::ints("dims", dims),
         attr::ints("pads", pads),
     ];

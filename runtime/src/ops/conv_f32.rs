@@ -13,6 +13,9 @@ use crate::kernels::conv_f32::{conv2d_f32, ConvF32};
 
 /// The op name (domain `ai.tfmqc`).
 pub const CONV_F32: &str = "TfmqcConvF32";
+/// The attribute holding the f32 weights (not `weight`: that names the int8 nodes' moved
+/// weight tensors).
+pub const WEIGHT_F32: &str = "weight_f32";
 
 /// Whether the lowering writes these nodes: `TFMQC_CONV_F32=0` leaves the convolutions
 /// to tract (read once per process; the "before" rows of BENCHMARKS.md).
@@ -99,7 +102,7 @@ fn conv_f32_rules<'p>(
     Ok(())
 }
 
-/// tract op builder for `TfmqcConvF32` nodes: attributes `weight` (f32s), `dims` (`[O,
+/// tract op builder for `TfmqcConvF32` nodes: attributes `weight_f32`, `dims` (`[O,
 /// C, kh, kw]`), `pads` (top, left, bottom, right) and optionally `bias`.
 pub fn build_conv_f32(
     _ctx: &tract_onnx::model::ParsingContext,
@@ -115,7 +118,7 @@ pub fn build_conv_f32(
             .collect()
     };
     let (dims, pads) = (usizes("dims")?, usizes("pads")?);
-    let weight = attr(node, "weight")?.floats.clone();
+    let weight = attr(node, WEIGHT_F32)?.floats.clone();
     let bias = attr(node, "bias").ok().map(|a| a.floats.clone());
     ensure!(
         dims.len() == 4
