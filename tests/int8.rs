@@ -153,7 +153,11 @@ fn assert_lowered_nodes_match(model: &str, q: &std::path::Path, x: &Tensors) -> 
     let attention = tfmqc_runtime::ops::attention::QATTENTION;
     let group_norm = tfmqc_runtime::ops::group_norm::GROUP_NORM;
     type Node = (String, String, f64);
-    let (norms, int8): (Vec<&Node>, Vec<&Node>) = nodes.iter().partition(|n| n.1 == group_norm);
+    // Fused group norms and the small float convolutions (the stem and head) are float.
+    let conv_f32 = tfmqc_runtime::ops::conv_f32::CONV_F32;
+    let (norms, int8): (Vec<&Node>, Vec<&Node>) = nodes
+        .iter()
+        .partition(|n| n.1 == group_norm || n.1 == conv_f32);
     let (fused, products): (Vec<&Node>, Vec<&Node>) = int8.iter().partition(|n| n.1 == attention);
     // Only float rounding differs (> 100 dB), except where an activation lands exactly on
     // a rounding tie (x / scale = k + 0.5): the kernels round half to even as ONNX says,
@@ -174,17 +178,18 @@ fn assert_lowered_nodes_match(model: &str, q: &std::path::Path, x: &Tensors) -> 
             "{model} {name}: fused attention vs QDQ {db:.1} dB"
         );
     }
-    // Fused group norms are float: only rounding differs.
+    // Fused group norms and float convolutions are float: only rounding differs.
     for (name, _, db) in &norms {
         assert!(
             *db > 100.0,
-            "{model} {name}: fused group norm vs graph {db:.1} dB"
+            "{model} {name}: fused group norm / float conv vs graph {db:.1} dB"
         );
     }
     let worst = |v: &[&Node]| v.iter().map(|n| n.2).fold(f64::INFINITY, f64::min);
     eprintln!(
         "{model}: {} int8 nodes, each vs its QDQ form on the same inputs: worst {:.1} dB; \
-         {} of them fused attention, worst {:.1} dB; {} fused group norms, worst {:.1} dB",
+         {} of them fused attention, worst {:.1} dB; {} fused group norms and float convs, \
+         worst {:.1} dB",
         int8.len(),
         worst(&products),
         fused.len(),

@@ -6,6 +6,7 @@
 mod common;
 use common::*;
 
+use tfmqc_runtime::ops::residual::{self, RESIDUAL};
 use tfmqc_runtime::ops::{prescale::A_PRESCALE, requant};
 
 /// ONNX QuantizeLinear (round half to even, saturate to u8) then DequantizeLinear.
@@ -56,7 +57,6 @@ fn assert_fused_nodes_exact(model: &str, q: &std::path::Path) -> (usize, usize, 
         let (fused, _) =
             tfmqc_runtime::Engine::from_proto_int8(&cut.model, dir.as_deref(), None, full).unwrap();
         let fused = tract_run_engine(&fused, &cut.feed);
-        let got = fused[&cut.out].to_f32_vec().unwrap();
         let g = cut.model.graph.as_ref().unwrap();
         match pair {
             None => {
@@ -71,13 +71,36 @@ fn assert_fused_nodes_exact(model: &str, q: &std::path::Path) -> (usize, usize, 
             Some((scale, zp)) => {
                 pairs += 1;
                 prescaled += pre as usize;
+                // With a fused residual the node writes the Add's output: the pair's
+                // output is the Add's other operand, read here from the node with the
+                // residual left to tract (tests/residual.rs checks that Add exact).
+                let pair_out = match cut.lowered.attribute.iter().any(|a| a.name == RESIDUAL) {
+                    false => cut.out.clone(),
+                    true => {
+                        let residual = cut.lowered.input.last().unwrap();
+                        let add = g.node.iter().find(|n| n.output[0] == cut.out).unwrap();
+                        add.input.iter().find(|i| *i != residual).unwrap().clone()
+                    }
+                };
+                let (fused, _) = residual::unfused(|| {
+                    tfmqc_runtime::Engine::from_proto_int8(
+                        &cut.model,
+                        dir.as_deref(),
+                        Some(std::slice::from_ref(&pair_out)),
+                        full,
+                    )
+                })
+                .unwrap();
+                let got = tract_run_engine(&fused, &cut.feed)[&pair_out]
+                    .to_f32_vec()
+                    .unwrap();
                 // The unfused node's f32 output: what the pair's QuantizeLinear reads.
                 let conv = g
                     .node
                     .iter()
                     .find(|n| n.op_type == "Conv" || n.op_type == "Gemm")
                     .unwrap();
-                let names = vec![conv.output[0].clone(), cut.out.clone()];
+                let names = vec![conv.output[0].clone(), pair_out.clone()];
                 let (plain, _) = requant::unfused(|| {
                     tfmqc_runtime::Engine::from_proto_int8(
                         &cut.model,
@@ -95,12 +118,11 @@ fn assert_fused_nodes_exact(model: &str, q: &std::path::Path) -> (usize, usize, 
                     let want = qdq(v, scale, zp);
                     assert!(
                         want.to_bits() == y.to_bits(),
-                        "{model} {}[{i}]: fused {y} vs QuantizeLinear/DequantizeLinear of {v}: {want}",
-                        cut.out
+                        "{model} {pair_out}[{i}]: fused {y} vs QuantizeLinear/DequantizeLinear of {v}: {want}"
                     );
                     if tract_qdq[i].to_bits() != y.to_bits() {
                         let t = v / scale;
-                        assert_eq!(t - t.floor(), 0.5, "{model} {}[{i}]: not a tie", cut.out);
+                        assert_eq!(t - t.floor(), 0.5, "{model} {pair_out}[{i}]: not a tie");
                         ties += 1;
                     }
                 }

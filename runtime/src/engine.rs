@@ -214,6 +214,10 @@ impl Engine {
                 crate::ops::group_norm::GROUP_NORM,
                 crate::ops::group_norm::build_group_norm,
             );
+            framework.op_register.insert(
+                crate::ops::conv_f32::CONV_F32,
+                crate::ops::conv_f32::build_conv_f32,
+            );
         }
         let parsed = framework
             .parse(proto, model_dir)

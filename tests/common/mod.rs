@@ -323,8 +323,13 @@ pub fn lowered_nodes_vs_qdq(q: &Path, inputs: &Tensors) -> Vec<(String, String, 
             None => lower(),
         }
         .unwrap();
-        // (Fused group norms are float: not counted among int8 nodes.)
-        let int8_nodes = (op != tfmqc_runtime::ops::group_norm::GROUP_NORM) as usize;
+        // (Fused group norms and small float convolutions are float: not counted among
+        // int8 nodes.)
+        let float = [
+            tfmqc_runtime::ops::group_norm::GROUP_NORM,
+            tfmqc_runtime::ops::conv_f32::CONV_F32,
+        ];
+        let int8_nodes = !float.contains(&op.as_str()) as usize;
         assert_eq!(n, int8_nodes, "{out}: the cut-out node is lowered");
         let db = sqnr_db(
             &tract_run_engine(&qdq, &feed),
@@ -399,9 +404,13 @@ pub fn lowered_node_cuts(q: &Path, inputs: &Tensors) -> (Vec<NodeCut>, Option<St
             {
                 continue;
             }
-            // (A Conv / Gemm with a fused output pair writes the pair's output: the
-            // cut reaches it through the pair.)
-            let pair = tfmqc_runtime::ops::requant::output_pair(&lowered_node(out)).is_some();
+            // (A Conv / Gemm with a fused output pair writes the pair's output, one with
+            // a fused residual the Add's: the cut reaches it through them.)
+            let l = lowered_node(out);
+            let pair = tfmqc_runtime::ops::requant::output_pair(&l).is_some()
+                || l.attribute
+                    .iter()
+                    .any(|a| a.name == tfmqc_runtime::ops::residual::RESIDUAL);
             assert!(
                 !["Relu", "Conv", "Gemm"].contains(&node.op_type.as_str()) || v == *out || pair,
                 "{out}: the cut reaches {} {}",

@@ -355,6 +355,27 @@ pub enum Output<'a> {
         scale: f32,
         zero_point: u8,
     },
+    /// f32 values (dequantized as [`Output::F32`], or, with `requant`'s scale and zero
+    /// point, as [`Output::Requant`]) plus `addend`, added as each run is stored: what an
+    /// ONNX `Add` of the output and another tensor computes (the same f32 addition), in
+    /// the store's pass over the output instead of a pass of its own.
+    Sum {
+        out: &'a mut [f32],
+        dequant: Dequant<'a>,
+        requant: Option<(f32, u8)>,
+        addend: Addend<'a>,
+    },
+}
+
+/// What [`Output::Sum`] adds to the output value at index `i`.
+#[derive(Clone, Copy, Debug)]
+pub enum Addend<'a> {
+    /// `values[i]`: a tensor of the output's shape (a residual connection).
+    Same(&'a [f32]),
+    /// `values[(i / plane) % values.len()]`: one value per plane of `plane` outputs,
+    /// repeating over images (`[N or 1, C, 1, 1]` added to a convolution's `[N, C, H, W]`:
+    /// a time embedding). Convolutions only: their stored runs never cross a plane.
+    Planes { values: &'a [f32], plane: usize },
 }
 
 impl Output<'_> {
@@ -365,6 +386,7 @@ impl Output<'_> {
             Output::U8 { out, .. } => out.len(),
             Output::I8 { out, .. } => out.len(),
             Output::Requant { out, .. } => out.len(),
+            Output::Sum { out, .. } => out.len(),
         }
     }
 }

@@ -15,12 +15,14 @@
 
 mod attention;
 mod conv;
+mod conv_f32;
 mod gemm;
 mod group_norm;
 mod matmul;
 mod prescale;
 mod qdq;
 mod requant;
+mod residual;
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
@@ -230,13 +232,17 @@ struct Plan {
 
 impl Plan {
     /// Rewritten nodes on the int8 kernels that stay in the graph (a product fused into
-    /// an attention node is rewritten, then left dead; fused group norms are float).
+    /// an attention node is rewritten, then left dead; fused group norms and small float
+    /// convolutions are float).
     fn lowered(&self) -> usize {
+        let float = [
+            crate::ops::group_norm::GROUP_NORM,
+            crate::ops::conv_f32::CONV_F32,
+        ];
         self.replaced
             .iter()
             .filter(|&(&i, &r)| {
-                self.live_nodes[i]
-                    && self.rewrites[r].node.op_type != crate::ops::group_norm::GROUP_NORM
+                self.live_nodes[i] && !float.contains(&self.rewrites[r].node.op_type.as_str())
             })
             .count()
     }
@@ -259,7 +265,10 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
             .or_else(|| gemm::match_gemm(&ix, n))
             .or_else(|| attention::match_attention(&ix, n))
             .or_else(|| matmul::match_matmul(&ix, n))
-            .or_else(|| group_norm::match_group_norm(&ix, n));
+            .or_else(|| group_norm::match_group_norm(&ix, n))
+            // The float convolutions the compiler leaves (stem and head), after the
+            // int8 matchers: a Conv behind weight quantizers never has an f32 weight.
+            .or_else(|| conv_f32::match_conv_f32(&ix, n));
         if let Some(mut r) = rewrite {
             // A Conv / Gemm with an output Q/DQ pair replaces the pair's DequantizeLinear
             // (`crate::ops::requant`); the Conv is then left dead.
@@ -268,6 +277,9 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
             rewrites.push(r);
         }
     }
+    // A conv's residual Add into its epilogue (`crate::ops::residual`), once every
+    // rewrite is known (the Add comes after the conv in the graph).
+    residual::fuse_residual_adds(&ix, &mut replaced, &mut rewrites, keep);
     if let Some(e) = ix.error.into_inner() {
         return Err(Error::InvalidModel(e));
     }

@@ -42,6 +42,8 @@ pub struct QConv {
     /// Per-input-channel factors the input is multiplied by before it is quantized
     /// ([`super::prescale`]).
     pub prescale: Option<Arc<Vec<f32>>>,
+    /// The last input is added to the output as the kernel stores it ([`super::residual`]).
+    pub residual: bool,
 }
 
 impl PartialEq for QConv {
@@ -125,7 +127,15 @@ impl Op for QConv {
 impl EvalOp for QConv {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let residual = match self.residual {
+            true => Some(
+                inputs
+                    .pop()
+                    .ok_or_else(|| format_err!("{QCONV}: no residual input"))?,
+            ),
+            false => None,
+        };
         // The step's scale: one table lookup per call.
         let (input, a_scale) = match &self.a_scales {
             None => (args_1!(inputs), self.a_scale),
@@ -147,7 +157,19 @@ impl EvalOp for QConv {
             w_scale: &self.w_scale,
             bias: self.bias.as_deref().map(|b| b.as_slice()),
         };
-        let output = super::requant::output(self.out_q, out_f32, dequant);
+        let r_plain = residual
+            .as_ref()
+            .map(|r| r.try_as_plain_ram())
+            .transpose()?;
+        let addend = match (&residual, &r_plain) {
+            (Some(r), Some(plain)) => {
+                super::residual::addend(&out_shape, r.shape(), plain.as_slice::<f32>()?)
+            }
+            _ => None,
+        };
+        // A residual the store cannot add (another broadcast) is added after the kernel.
+        let late = residual.as_ref().filter(|_| addend.is_none());
+        let output = super::residual::output(self.out_q, out_f32, dequant, addend);
         if let Some(r) = &self.prescale {
             super::prescale::conv2d_prescaled(
                 x,
@@ -171,6 +193,10 @@ impl EvalOp for QConv {
                 output,
             );
         }
+        let out = match late {
+            Some(r) => super::residual::add_broadcast(out, r)?,
+            None => out,
+        };
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -179,7 +205,15 @@ impl TypedOp for QConv {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(self.output_shape(&inputs[0].shape)?)))
+        let shape = self.output_shape(&inputs[0].shape)?;
+        let shape = match self.residual {
+            true => {
+                let r = inputs.last().expect("checked by the rules");
+                super::residual::sum_shape(&shape, &r.shape.to_tvec())?
+            }
+            false => shape,
+        };
+        Ok(tvec!(f32::fact(shape)))
     }
 }
 
@@ -190,7 +224,13 @@ fn qconv_rules<'p>(
     outputs: &'p [TensorProxy],
 ) -> InferenceResult {
     let op = op.downcast_ref::<QConv>().expect("QConv");
-    check_input_arity(inputs, 1 + op.a_scales.is_some() as usize)?;
+    check_input_arity(
+        inputs,
+        1 + op.a_scales.is_some() as usize + op.residual as usize,
+    )?;
+    if op.residual {
+        s.equals(&inputs[inputs.len() - 1].datum_type, f32::datum_type())?;
+    }
     check_output_arity(outputs, 1)?;
     s.equals(&inputs[0].datum_type, f32::datum_type())?;
     s.equals(&outputs[0].datum_type, f32::datum_type())?;
@@ -278,6 +318,7 @@ pub fn build_qconv(
         prescale: attr(node, super::prescale::A_PRESCALE)
             .ok()
             .map(|a| Arc::new(a.floats.clone())),
+        residual: attr(node, super::residual::RESIDUAL).is_ok_and(|a| a.i == 1),
     };
     Ok((
         tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qconv_rules),

@@ -16,7 +16,7 @@ use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
 
 use super::{attr, is_int8_or_int4, step_scale, step_scales, weight_i8};
-use crate::kernels::int8::{gemm_quantize, Backend, Dequant, PackedWeights, WeightLayout};
+use crate::kernels::int8::{gemm_quantize, Addend, Backend, Dequant, PackedWeights, WeightLayout};
 
 /// The op name of rewritten `Gemm` / `MatMul` nodes (domain `ai.tfmqc`).
 pub const QGEMM: &str = "TfmqcQGemm";
@@ -36,6 +36,8 @@ pub struct QGemm {
     /// Factors on the input's last axis it is multiplied by before it is quantized
     /// ([`super::prescale`]).
     pub prescale: Option<Arc<Vec<f32>>>,
+    /// The last input is added to the output as the kernel stores it ([`super::residual`]).
+    pub residual: bool,
 }
 
 impl PartialEq for QGemm {
@@ -86,7 +88,15 @@ impl Op for QGemm {
 impl EvalOp for QGemm {
     op_out_of_plan!();
 
-    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+    fn eval(&self, _ctx: &EvalContext, mut inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let residual = match self.residual {
+            true => Some(
+                inputs
+                    .pop()
+                    .ok_or_else(|| format_err!("{QGEMM}: no residual input"))?,
+            ),
+            false => None,
+        };
         // The step's scale: one table lookup per call.
         let (input, a_scale) = match &self.a_scales {
             None => (args_1!(inputs), self.a_scale),
@@ -107,7 +117,20 @@ impl EvalOp for QGemm {
             w_scale: &self.w_scale,
             bias: self.bias.as_deref().map(|b| b.as_slice()),
         };
-        let output = super::requant::output(self.out_q, out_f32, dequant);
+        // An operand of the output's shape is added by the store (a GEMM's stored runs
+        // are along a row: no per-plane form); any other after the kernel.
+        let r_plain = residual
+            .as_ref()
+            .map(|r| r.try_as_plain_ram())
+            .transpose()?;
+        let addend = match (&residual, &r_plain) {
+            (Some(r), Some(plain)) if r.shape() == &out_shape[..] => {
+                Some(Addend::Same(plain.as_slice::<f32>()?))
+            }
+            _ => None,
+        };
+        let late = residual.as_ref().filter(|_| addend.is_none());
+        let output = super::residual::output(self.out_q, out_f32, dequant, addend);
         let m = x.len() / k.max(1);
         if let Some(r) = &self.prescale {
             super::prescale::gemm_prescaled(
@@ -132,6 +155,10 @@ impl EvalOp for QGemm {
                 output,
             );
         }
+        let out = match late {
+            Some(r) => super::residual::add_broadcast(out, r)?,
+            None => out,
+        };
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -140,7 +167,15 @@ impl TypedOp for QGemm {
     as_op!();
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(self.output_shape(&inputs[0].shape)?)))
+        let shape = self.output_shape(&inputs[0].shape)?;
+        let shape = match self.residual {
+            true => {
+                let r = inputs.last().expect("checked by the rules");
+                super::residual::sum_shape(&shape, &r.shape.to_tvec())?
+            }
+            false => shape,
+        };
+        Ok(tvec!(f32::fact(shape)))
     }
 }
 
@@ -151,11 +186,18 @@ fn qgemm_rules<'p>(
     outputs: &'p [TensorProxy],
 ) -> InferenceResult {
     let op = op.downcast_ref::<QGemm>().expect("QGemm");
-    check_input_arity(inputs, 1 + op.a_scales.is_some() as usize)?;
+    check_input_arity(
+        inputs,
+        1 + op.a_scales.is_some() as usize + op.residual as usize,
+    )?;
     check_output_arity(outputs, 1)?;
     s.equals(&inputs[0].datum_type, f32::datum_type())?;
     s.equals(&outputs[0].datum_type, f32::datum_type())?;
-    s.equals(&inputs[0].rank, &outputs[0].rank)?;
+    if op.residual {
+        s.equals(&inputs[inputs.len() - 1].datum_type, f32::datum_type())?;
+    } else {
+        s.equals(&inputs[0].rank, &outputs[0].rank)?;
+    }
     // The shape follows from the typed op's output_facts when tract types the model.
     Ok(())
 }
@@ -219,6 +261,7 @@ pub fn build_qgemm(
         prescale: find(super::prescale::A_PRESCALE)
             .ok()
             .map(|a| Arc::new(a.floats.clone())),
+        residual: find(super::residual::RESIDUAL).is_ok_and(|a| a.i == 1),
     };
     Ok((
         tract_onnx::tract_hir::ops::expandable::inference_wrap(op, 1, qgemm_rules),

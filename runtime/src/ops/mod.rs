@@ -6,11 +6,13 @@
 //! its weight bytes and its per-step activation scales.
 pub mod attention;
 pub mod conv;
+pub mod conv_f32;
 pub mod gemm;
 pub mod group_norm;
 pub mod matmul;
 pub mod prescale;
 pub mod requant;
+pub mod residual;
 
 use std::sync::Arc;
 
@@ -39,8 +41,10 @@ pub(crate) fn step_scales(node: &pb::NodeProto) -> TractResult<Option<Arc<Vec<f3
         node.op_type,
         node.name
     );
+    // (A fused residual is read after the group index: `residual`.)
+    let residual = attr(node, residual::RESIDUAL).is_ok_and(|a| a.i == 1) as usize;
     ensure!(
-        node.input.len() == 2,
+        node.input.len() == 2 + residual,
         "{} '{}': per-step scales need the group index as the second input",
         node.op_type,
         node.name

@@ -1,7 +1,7 @@
 //! Storing accumulator tiles: raw i32, dequantized f32, requantized u8 / i8.
 
 use super::par::Shared;
-use super::{Dequant, Output};
+use super::{Addend, Dequant, Output};
 
 /// Which output channel each value of a stored run belongs to.
 #[derive(Clone, Copy)]
@@ -34,6 +34,14 @@ pub(crate) enum Sink<'a> {
         bias: Option<&'a [f32]>,
         out_scale: f32,
         zp: i32,
+    },
+    /// [`Output::Sum`]: f32 (or requantized) values plus the addend.
+    Sum {
+        out: Shared<'a, f32>,
+        scale: Vec<f32>,
+        bias: Option<&'a [f32]>,
+        requant: Option<(f32, i32)>,
+        addend: Addend<'a>,
     },
 }
 
@@ -114,6 +122,34 @@ impl<'a> Sink<'a> {
                 out_scale: scale,
                 zp: zero_point as i32,
             },
+            Output::Sum {
+                out,
+                dequant,
+                requant,
+                addend,
+            } => {
+                let n = out.len();
+                match addend {
+                    Addend::Same(v) => {
+                        assert_eq!(v.len(), n, "int8: addend length is not the output's")
+                    }
+                    Addend::Planes { values, plane } => assert!(
+                        plane > 0
+                            && n.is_multiple_of(plane)
+                            && !values.is_empty()
+                            && (n / plane).is_multiple_of(values.len()),
+                        "int8: {} plane addends do not tile {n} outputs in planes of {plane}",
+                        values.len()
+                    ),
+                }
+                Sink::Sum {
+                    out: Shared::new(out),
+                    scale: combined_scales(&dequant, channels),
+                    bias: dequant.bias,
+                    requant: requant.map(|(s, z)| (s, z as i32)),
+                    addend,
+                }
+            }
         }
     }
 
@@ -150,6 +186,38 @@ impl<'a> Sink<'a> {
                         dequant_run(out.range(dst, n), acc, scale, *bias, ch, |v| {
                             (quantize(v, os, zp, 0, 255) - zp) as f32 * os
                         })
+                    }
+                }
+            }
+            Sink::Sum {
+                out,
+                scale,
+                bias,
+                requant,
+                addend,
+            } => {
+                let o = out.range(dst, n);
+                match *requant {
+                    None => dequant_run(o, acc, scale, *bias, ch, |v| v),
+                    Some((os, zp)) => dequant_run(o, acc, scale, *bias, ch, |v| {
+                        (quantize(v, os, zp, 0, 255) - zp) as f32 * os
+                    }),
+                }
+                // The run was just written (it is in L1): one f32 addition per value,
+                // `stored + addend`, as ONNX Add (IEEE addition is commutative, so the
+                // operands' order in the Add does not matter).
+                match *addend {
+                    Addend::Same(v) => {
+                        for (o, &a) in o.iter_mut().zip(&v[dst..dst + n]) {
+                            *o += a;
+                        }
+                    }
+                    Addend::Planes { values, plane } => {
+                        debug_assert!(n == 0 || dst / plane == (dst + n - 1) / plane);
+                        let a = values[(dst / plane) % values.len()];
+                        for o in o.iter_mut() {
+                            *o += a;
+                        }
                     }
                 }
             }

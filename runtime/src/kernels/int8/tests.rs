@@ -1321,6 +1321,127 @@ fn requant_store_is_f32_store_then_quantize_dequantize() {
     }
 }
 
+/// `Output::Sum` is the plain (or requantized) f32 store followed by one f32 addition
+/// per value, bit for bit: an addend of the output's shape and one per (image, channel)
+/// plane (`[N or 1, C, 1, 1]`), with and without an output pair, for every backend and
+/// packing, with one and two threads' splits (`TFMQC_MIN_PARALLEL_WORK` is not set here:
+/// the sizes straddle the conv's threshold instead).
+#[test]
+fn sum_store_is_f32_store_then_add() {
+    let mut rng = Rng(SplitMix64::new(47));
+    for case in 0..32 {
+        let geom = ConvGeometry {
+            kernel: [rng.range(1, 3), rng.range(1, 3)],
+            strides: [1, rng.range(1, 2)],
+            pads: [1, 1, 1, 0],
+            dilations: [1, 1],
+            groups: 1,
+        };
+        let (nb, c, oc) = (rng.range(1, 2), rng.range(1, 9), rng.range(1, 20));
+        let (h, wd) = (rng.range(3, 12), rng.range(3, 12));
+        let (ho, wo) = geom.output_hw(h, wd).unwrap();
+        let shape = [nb, c, h, wd];
+        let x = rng.bytes_u8(nb * c * h * wd);
+        let w = rng.bytes_i8(oc * c * geom.kernel[0] * geom.kernel[1]);
+        let zp = rng.byte();
+        let w_scale: Vec<f32> = (0..oc).map(|o| 0.37f32.powi(o as i32 % 5 + 2)).collect();
+        let bias: Vec<f32> = (0..oc).map(|o| o as f32 * 0.3 - 1.7).collect();
+        let n = nb * oc * ho * wo;
+        // Residual values of every magnitude (sums that round), and a NaN and infinities.
+        let mut same: Vec<f32> = (0..n)
+            .map(|i| (rng.byte() as f32 - 128.0) * 0.5f32.powi((i % 23) as i32 - 4) + 0.1)
+            .collect();
+        if n > 3 {
+            same[0] = f32::INFINITY;
+            same[1] = f32::NEG_INFINITY;
+            same[2] = f32::NAN;
+        }
+        // `[N, C, 1, 1]` or `[1, C, 1, 1]` (every other case).
+        let per = if case % 2 == 0 { nb * oc } else { oc };
+        let planes: Vec<f32> = (0..per).map(|i| i as f32 * 0.173 - 2.0).collect();
+        let requant = [None, Some((0.5f32.powi(3), rng.byte()))][case % 3 % 2];
+        for (be, pk) in setups() {
+            let pw = PackedConvWeights::pack_with(pk, &w, oc, c, geom, &[] as &[i8]);
+            let dequant = Dequant {
+                a_scale: 0.5f32.powi(3),
+                w_scale: &w_scale,
+                bias: Some(&bias),
+            };
+            let mut plain = vec![0f32; n];
+            let out = match requant {
+                None => Output::F32 {
+                    out: &mut plain,
+                    dequant,
+                },
+                Some((scale, zero_point)) => Output::Requant {
+                    out: &mut plain,
+                    dequant,
+                    scale,
+                    zero_point,
+                },
+            };
+            conv2d(be, &x, shape, zp, &pw, out);
+            for addend in [
+                Addend::Same(&same),
+                Addend::Planes {
+                    values: &planes,
+                    plane: ho * wo,
+                },
+            ] {
+                let mut got = vec![f32::NAN; n];
+                let out = Output::Sum {
+                    out: &mut got,
+                    dequant,
+                    requant,
+                    addend,
+                };
+                conv2d(be, &x, shape, zp, &pw, out);
+                for (i, (&v, &y)) in plain.iter().zip(&got).enumerate() {
+                    let a = match addend {
+                        Addend::Same(s) => s[i],
+                        Addend::Planes { values, plane } => values[(i / plane) % values.len()],
+                    };
+                    let want = v + a;
+                    assert!(
+                        want.to_bits() == y.to_bits() || (want.is_nan() && y.is_nan()),
+                        "{be:?} {pk:?} case {case} [{i}]: {v} + {a} = {want}, stored {y}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `Output::Sum` refuses an addend that does not tile the output.
+#[test]
+#[should_panic(expected = "plane addends do not tile")]
+fn sum_store_refuses_a_ragged_addend() {
+    let geom = ConvGeometry {
+        kernel: [1, 1],
+        strides: [1, 1],
+        pads: [0; 4],
+        dilations: [1, 1],
+        groups: 1,
+    };
+    let w = PackedConvWeights::pack(&[1i8; 4], 2, 2, geom);
+    let mut out = vec![0f32; 2 * 9];
+    let dequant = Dequant {
+        a_scale: 1.0,
+        w_scale: &[1.0],
+        bias: None,
+    };
+    let out = Output::Sum {
+        out: &mut out,
+        dequant,
+        requant: None,
+        addend: Addend::Planes {
+            values: &[1.0, 2.0, 3.0],
+            plane: 9,
+        },
+    };
+    conv2d(Backend::Portable, &[0u8; 18], [1, 2, 3, 3], 0, &w, out);
+}
+
 /// `quantize_channels_u8` is ONNX `Mul` by a per-channel constant then `QuantizeLinear`:
 /// the product rounded to f32, then divided and rounded half to even.
 #[test]
