@@ -138,9 +138,21 @@ pub struct LayerColumns {
 struct Spill {
     out: std::io::BufWriter<std::fs::File>,
     written: u64,
-    /// Per layer: (offset, columns, time step) of each record's chunk, a `[K, S]`
-    /// row-major block.
-    chunks: Vec<Vec<(u64, usize, i64)>>,
+    /// Per layer: where each record's chunk (a `[K, S]` row-major block) was spilled.
+    chunks: Vec<Vec<ChunkAt>>,
+}
+
+/// (offset, columns S, time step) of one spilled chunk.
+type ChunkAt = (u64, usize, i64);
+
+/// One record's columns of a layer in two stores ([`LayerColumns::paired_chunks`]):
+/// the float model's X and the quantized model's X̃, each `[K, columns]` row-major.
+pub struct PairedChunk {
+    pub x: Vec<f32>,
+    pub xq: Vec<f32>,
+    pub columns: usize,
+    /// The record's time step.
+    pub t: i64,
 }
 
 impl std::fmt::Debug for LayerColumns {
@@ -271,29 +283,28 @@ impl LayerColumns {
         };
         let mut h = Hessian::new(k, &HessianLayout::exact());
         let mut c = vec![0f64; k * k];
-        for (x, mut xq, s, t) in pairs {
-            fq(t, &mut xq);
-            h.accumulate(&xq, s);
-            crate::numerics::reconstruct::add_cross_gram(&x, &xq, k, s, &mut c);
+        for mut p in pairs {
+            fq(p.t, &mut p.xq);
+            h.accumulate(&p.xq, p.columns);
+            crate::numerics::reconstruct::add_cross_gram(&p.x, &p.xq, k, p.columns, &mut c);
         }
         Ok(Some((h, c)))
     }
 
     /// Layer `li`'s chunks from this store and `quant` (the quantized model's inputs of
-    /// the same layers at the same positions): `(X, X̃, columns, time step)` per record,
-    /// each a `[K, S]` row-major block; `None` when `quant` did not sample that layer at
-    /// every chunk this store did.
+    /// the same layers at the same positions), one per record; `None` when `quant` did
+    /// not sample that layer at every chunk this store did.
     pub fn paired_chunks(
         &self,
         li: usize,
         quant: &LayerColumns,
-    ) -> Result<Option<Vec<(Vec<f32>, Vec<f32>, usize, i64)>>> {
+    ) -> Result<Option<Vec<PairedChunk>>> {
         let k = self.layers[li].k;
         let (mut a, mut b) = (
             self.spill.lock().expect("no panics while holding it"),
             quant.spill.lock().expect("no panics while holding it"),
         );
-        let pairs: Vec<((u64, usize, i64), (u64, usize, i64))> = match b.chunks.get(li) {
+        let pairs: Vec<(ChunkAt, ChunkAt)> = match b.chunks.get(li) {
             Some(xb)
                 if quant.layers.get(li).is_some_and(|l| l.k == k)
                     && !a.chunks[li].is_empty()
@@ -316,7 +327,12 @@ impl LayerColumns {
         pairs
             .into_iter()
             .map(|((oa, s, t), (ob, _, _))| {
-                Ok((read_chunk(&a, oa, k * s)?, read_chunk(&b, ob, k * s)?, s, t))
+                Ok(PairedChunk {
+                    x: read_chunk(&a, oa, k * s)?,
+                    xq: read_chunk(&b, ob, k * s)?,
+                    columns: s,
+                    t,
+                })
             })
             .collect::<Result<Vec<_>>>()
             .map(Some)

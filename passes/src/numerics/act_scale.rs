@@ -277,7 +277,7 @@ mod tests {
             let total = |idx: &[usize]| -> f64 {
                 idx.iter().enumerate().map(|(g, &i)| a.errors[g][i]).sum()
             };
-            assert!(total(&picked) <= total(&vec![start; 2]));
+            assert!(total(&picked) <= total(&[start; 2]));
         }
         let picked = choose(&a, true, start);
         assert!(

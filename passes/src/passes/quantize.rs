@@ -953,12 +953,12 @@ fn reconstruct_act_scales(
             let (w_hat, _, _) = to_rows(&q.dequantize(&shape), &shape, w.axis);
             let chunks = chunks
                 .into_iter()
-                .filter_map(|(x, xq, columns, t)| {
-                    let pos = set.iter().position(|&s| s == t)?;
+                .filter_map(|p| {
+                    let pos = set.iter().position(|&s| s == p.t)?;
                     Some(Chunk {
-                        x,
-                        xq,
-                        columns,
+                        x: p.x,
+                        xq: p.xq,
+                        columns: p.columns,
                         group: group_of(pos, scales.len(), set.len()),
                     })
                 })
