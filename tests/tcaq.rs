@@ -15,9 +15,9 @@ fn report(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }
 
-/// Two compiles with `--par 2` and the same seed write the same bytes; the report holds
-/// round 0 (before PAR) and both rounds, each measured per step, and the round kept is
-/// the best of them.
+/// Two compiles with `--par 2` and the same seed write the same bytes (activation-scale
+/// reconstruction included); the report holds round 0 (before PAR) and both rounds, each
+/// measured per step, and the round kept is the best of them.
 #[test]
 fn par_rounds_are_reproducible_with_the_same_seed() {
     let dir = tmpdir();
@@ -65,9 +65,15 @@ fn par_rounds_are_reproducible_with_the_same_seed() {
     assert!(means[1] != means[0], "{means:?}");
     // Each round rounded the weights against the previous round's quantized layer inputs
     // (sampled next to the float ones at the same positions).
+    // Each round also reconstructed the activation scales against their readers' output
+    // error on those inputs: never worse than the calibrated scales on the data it fits.
     for r in &rounds[1..] {
         assert!(r["aligned_layers"].as_u64().unwrap() > 0, "{r}");
+        let sq = r["act_output_sqnr_db"].as_array().expect("searched");
+        let (before, after) = (sq[0].as_f64().unwrap(), sq[1].as_f64().unwrap());
+        assert!(before.is_finite() && after >= before, "{r}");
     }
+    assert!(rounds[0]["act_output_sqnr_db"].is_null());
     assert_eq!(rounds[0]["aligned_layers"], 0);
     let kept = t["par_kept"].as_u64().unwrap() as usize;
     let best = means.iter().copied().fold(f64::NEG_INFINITY, f64::max);

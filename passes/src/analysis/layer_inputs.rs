@@ -138,8 +138,21 @@ pub struct LayerColumns {
 struct Spill {
     out: std::io::BufWriter<std::fs::File>,
     written: u64,
-    /// Per layer: (offset, columns) of each record's chunk, a `[K, S]` row-major block.
-    chunks: Vec<Vec<(u64, usize)>>,
+    /// Per layer: where each record's chunk (a `[K, S]` row-major block) was spilled.
+    chunks: Vec<Vec<ChunkAt>>,
+}
+
+/// (offset, columns S, time step) of one spilled chunk.
+type ChunkAt = (u64, usize, i64);
+
+/// One record's columns of a layer in two stores ([`LayerColumns::paired_chunks`]):
+/// the float model's X and the quantized model's X̃, each `[K, columns]` row-major.
+pub struct PairedChunk {
+    pub x: Vec<f32>,
+    pub xq: Vec<f32>,
+    pub columns: usize,
+    /// The record's time step.
+    pub t: i64,
 }
 
 impl std::fmt::Debug for LayerColumns {
@@ -203,8 +216,16 @@ impl LayerColumns {
 
     /// Samples columns of `value` (shape `shape`, f32 `data`) for every layer reading it
     /// and spills them. `salt`: the record's index among the picks (varies the sampled
-    /// positions from record to record).
-    pub fn observe(&self, value: &str, shape: &[usize], data: &[f32], salt: u64) -> Result<()> {
+    /// positions from record to record); `t`: the record's time step (which step group's
+    /// activation scale quantizes these columns, for PAR's scale reconstruction).
+    pub fn observe(
+        &self,
+        value: &str,
+        shape: &[usize],
+        data: &[f32],
+        salt: u64,
+        t: i64,
+    ) -> Result<()> {
         let Some(layers) = self.by_value.get(value) else {
             return Ok(());
         };
@@ -224,7 +245,7 @@ impl LayerColumns {
                 )
             })?;
             spill.written += bytes.len() as u64;
-            spill.chunks[li].push((offset, s));
+            spill.chunks[li].push((offset, s, t));
         }
         Ok(())
     }
@@ -237,7 +258,7 @@ impl LayerColumns {
         let mut spill = self.spill.lock().expect("no panics while holding it");
         spill.out.flush().map_err(spill_io)?;
         let mut acc = Hessian::new(k, layout);
-        for &(offset, s) in &spill.chunks[li] {
+        for &(offset, s, _) in &spill.chunks[li] {
             let x = read_chunk(&spill, offset, k * s)?;
             acc.accumulate(&x, s);
         }
@@ -246,20 +267,52 @@ impl LayerColumns {
 
     /// PAR's aligned reconstruction of layer `li`: `quant` holds the quantized model's
     /// inputs of the same layers (same order) sampled at the same positions of the same
-    /// runs; returns their exact `H̃ = X̃ X̃ᵀ` and `C = X X̃ᵀ` (K×K) with this store's X.
+    /// runs, before their activation quantizer; `fq` quantizes one chunk of them in place
+    /// (given its time step) as this round's quantizer will. Returns the exact
+    /// `H̃ = X̃ X̃ᵀ` and `C = X X̃ᵀ` (K×K) with this store's X and the quantized X̃.
     /// `None` when `quant` did not sample that layer at every chunk this store did.
-    pub fn aligned(&self, li: usize, quant: &LayerColumns) -> Result<Option<(Hessian, Vec<f64>)>> {
+    pub fn aligned(
+        &self,
+        li: usize,
+        quant: &LayerColumns,
+        fq: &dyn Fn(i64, &mut [f32]),
+    ) -> Result<Option<(Hessian, Vec<f64>)>> {
+        let k = self.layers[li].k;
+        let Some(pairs) = self.paired_chunks(li, quant)? else {
+            return Ok(None);
+        };
+        let mut h = Hessian::new(k, &HessianLayout::exact());
+        let mut c = vec![0f64; k * k];
+        for mut p in pairs {
+            fq(p.t, &mut p.xq);
+            h.accumulate(&p.xq, p.columns);
+            crate::numerics::reconstruct::add_cross_gram(&p.x, &p.xq, k, p.columns, &mut c);
+        }
+        Ok(Some((h, c)))
+    }
+
+    /// Layer `li`'s chunks from this store and `quant` (the quantized model's inputs of
+    /// the same layers at the same positions), one per record; `None` when `quant` did
+    /// not sample that layer at every chunk this store did.
+    pub fn paired_chunks(
+        &self,
+        li: usize,
+        quant: &LayerColumns,
+    ) -> Result<Option<Vec<PairedChunk>>> {
         let k = self.layers[li].k;
         let (mut a, mut b) = (
             self.spill.lock().expect("no panics while holding it"),
             quant.spill.lock().expect("no panics while holding it"),
         );
-        let pairs: Vec<((u64, usize), (u64, usize))> = match b.chunks.get(li) {
+        let pairs: Vec<(ChunkAt, ChunkAt)> = match b.chunks.get(li) {
             Some(xb)
                 if quant.layers.get(li).is_some_and(|l| l.k == k)
                     && !a.chunks[li].is_empty()
                     && a.chunks[li].len() == xb.len()
-                    && a.chunks[li].iter().zip(xb).all(|(p, q)| p.1 == q.1) =>
+                    && a.chunks[li]
+                        .iter()
+                        .zip(xb)
+                        .all(|(p, q)| p.1 == q.1 && p.2 == q.2) =>
             {
                 a.chunks[li]
                     .iter()
@@ -271,15 +324,18 @@ impl LayerColumns {
         };
         a.out.flush().map_err(spill_io)?;
         b.out.flush().map_err(spill_io)?;
-        let mut h = Hessian::new(k, &HessianLayout::exact());
-        let mut c = vec![0f64; k * k];
-        for ((oa, s), (ob, _)) in pairs {
-            let x = read_chunk(&a, oa, k * s)?;
-            let xq = read_chunk(&b, ob, k * s)?;
-            h.accumulate(&xq, s);
-            crate::numerics::reconstruct::add_cross_gram(&x, &xq, k, s, &mut c);
-        }
-        Ok(Some((h, c)))
+        pairs
+            .into_iter()
+            .map(|((oa, s, t), (ob, _, _))| {
+                Ok(PairedChunk {
+                    x: read_chunk(&a, oa, k * s)?,
+                    xq: read_chunk(&b, ob, k * s)?,
+                    columns: s,
+                    t,
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
     }
 }
 
@@ -405,9 +461,11 @@ mod tests {
         let store = LayerColumns::new(vec![rows_layer(3)], 2).unwrap();
         let a: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 2.0).collect();
         let b: Vec<f32> = (0..6).map(|i| (i as f32).sin()).collect();
-        store.observe("x", &[4, 3], &a, 0).unwrap();
-        store.observe("x", &[2, 3], &b, 1).unwrap();
-        store.observe("not-a-layer-input", &[2, 3], &b, 1).unwrap();
+        store.observe("x", &[4, 3], &a, 0, 0).unwrap();
+        store.observe("x", &[2, 3], &b, 1, 0).unwrap();
+        store
+            .observe("not-a-layer-input", &[2, 3], &b, 1, 0)
+            .unwrap();
         let h = store.gram(0, &HessianLayout::exact()).unwrap();
         assert_eq!(h.columns(), 6);
         let (xa, sa) = columns(&[4, 3], &a, &rows_layer(3), 0, MAX_COLUMNS);

@@ -56,6 +56,11 @@ pub struct QuantPlan {
     /// (the round's report says it).
     #[serde(skip)]
     pub par_aligned_layers: usize,
+    /// PAR: activation scales reconstructed against their readers' output error, and
+    /// that output SQNR (dB, summed over the readers' sampled columns) with the
+    /// calibrated scales and with the chosen ones.
+    #[serde(skip)]
+    pub par_act_scales: Option<(usize, f64, f64)>,
 }
 
 /// One Conv considered by `--output-qdq`.

@@ -2,6 +2,7 @@
 //! weight-rounding reconstruction (RTN, GPTQ, AdaRound), low-precision tables, the TIB as
 //! a small network for TIAR, and the thread budget they share.
 
+pub mod act_scale;
 pub mod lp_search;
 pub mod quant;
 pub mod reconstruct;

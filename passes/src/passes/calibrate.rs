@@ -116,6 +116,8 @@ struct ObservedRun {
 struct ColumnTap<'a> {
     store: &'a LayerColumns,
     salt: u64,
+    /// The call's time step.
+    t: i64,
     keep: (usize, usize),
 }
 
@@ -131,14 +133,18 @@ impl ColumnTap<'_> {
             part = &v[..v.len() / shape[0] * rows];
             shape[0] = rows;
         }
-        self.store.observe(name, &shape, part, self.salt)
+        self.store.observe(name, &shape, part, self.salt, self.t)
     }
 }
 
 /// PAR: the driver (the quantized model) run as a QDQ graph in tract at the calls whose
-/// layer inputs are sampled, its inputs of the same layers (the dequantized activations
-/// each quantized layer reads, found by the layer's node name) sampled at the same
-/// positions into a store of their own.
+/// layer inputs are sampled, its inputs of the same layers sampled at the same positions
+/// into a store of their own. What is sampled is each layer's activation *before* its
+/// quantizer (the float model's value of the same name, which the QDQ graph keeps as the
+/// input of its Clip / QuantizeLinear): PAR chooses this round's activation scales on
+/// them and quantizes them itself ([`LayerColumns::aligned`]). A layer whose activation
+/// the driver lacks under that name is not sampled (it keeps the float inputs'
+/// reconstruction).
 struct DriverColumns {
     runner: Runner,
     values: Vec<String>,
@@ -149,27 +155,24 @@ impl DriverColumns {
     /// `None` when the driver has none of the layers.
     fn new(driver: &Model, layers: &[LayerInput], records: usize) -> Result<Option<Self>> {
         let g = &driver.graph;
-        let by_name: HashMap<&str, String> = g
+        let produced: std::collections::HashSet<&str> = g
             .node_indices()
-            .filter_map(|ix| {
-                let n = g.node(ix);
-                n.inputs.first().map(|i| (n.name.as_str(), i.clone()))
-            })
+            .flat_map(|ix| g.node(ix).outputs.iter().map(String::as_str))
+            .chain(g.inputs.iter().map(|i| i.name.as_str()))
             .collect();
         let mut values: Vec<String> = vec![];
         let quant_layers: Vec<LayerInput> = layers
             .iter()
             .map(|l| {
                 let mut q = l.clone();
-                match by_name.get(l.node.as_str()) {
-                    Some(v) => {
-                        if !values.contains(v) {
-                            values.push(v.clone());
+                match produced.contains(l.value.as_str()) {
+                    true => {
+                        if !values.contains(&l.value) {
+                            values.push(l.value.clone());
                         }
-                        q.value = v.clone();
                     }
                     // Never observed: that layer keeps the float inputs' reconstruction.
-                    None => q.value = format!("{}\u{0}not in the driver", l.node),
+                    false => q.value = format!("{}\u{0}not in the driver", l.node),
                 }
                 q
             })
@@ -190,11 +193,13 @@ impl DriverColumns {
         &self,
         inputs: &HashMap<String, Tensor>,
         salt: u64,
+        t: i64,
         keep: (usize, usize),
     ) -> Result<()> {
         let tap = ColumnTap {
             store: &self.store,
             salt,
+            t,
             keep,
         };
         self.runner.run_observed(inputs, &mut |k, tensor| {
@@ -350,6 +355,7 @@ fn calibrate_recorded(
         let tap = store.as_ref().zip(pick).map(|(store, salt)| ColumnTap {
             store,
             salt,
+            t: call.t,
             keep: call.kept_prefix(),
         });
         let outs = observer.observe(&mut cal, call.t, &call.inputs, tap)?;
@@ -493,12 +499,13 @@ fn calibrate_generated(
                 (0, Some(store), Some(salt)) => Some(ColumnTap {
                     store,
                     salt,
+                    t: call.t,
                     keep: call.kept_prefix(),
                 }),
                 _ => None,
             };
             if let (Some(dc), Some(tap)) = (&driver_columns, &tap) {
-                dc.observe(&call.inputs, tap.salt, tap.keep)?;
+                dc.observe(&call.inputs, tap.salt, tap.t, tap.keep)?;
             }
             let mut outs = observer.observe(&mut cal, call.t, &call.inputs, tap)?;
             calls += 1;

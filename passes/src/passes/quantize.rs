@@ -383,6 +383,8 @@ struct LayerRewrite<'a> {
     step_scalar: Option<String>,
     /// Layers reconstructed against the quantized model's inputs (PAR).
     aligned: usize,
+    /// PAR: activation scales chosen by their readers' output error (per step group).
+    act_scales: HashMap<String, Vec<f32>>,
 }
 
 impl LayerRewrite<'_> {
@@ -415,7 +417,8 @@ impl LayerRewrite<'_> {
             // only: a block-diagonal one keeps the float inputs' H).
             let aligned = match &self.cal.quant_layer_columns {
                 Some(quant) if layout.bounds(layer_input.k).len() == 2 => {
-                    columns.aligned(li, quant)?.and_then(|(h, c)| {
+                    let fq = self.input_quantizer(&layer_input.value);
+                    columns.aligned(li, quant, &fq)?.and_then(|(h, c)| {
                         let target = match par_cross_damp() {
                             Some(damp) => {
                                 let (rows, n, k) = to_rows(&values, &shape, w.axis);
@@ -452,6 +455,7 @@ impl LayerRewrite<'_> {
         layer.weight_sqnr_db = Some(sqnr_db(&values, &q.dequantize(&shape)));
         // Read once: a view of the model's data file need not stay resident.
         t.data.release_pages();
+
         let channels = q.scales.len();
         let qi = g.add_initializer(
             &format!("{}_quantized", w.name),
@@ -484,7 +488,7 @@ impl LayerRewrite<'_> {
         let options = self.options;
         // Below 8 bits on the narrower grid, behind a clip that keeps values on it (per
         // step group when the scales are).
-        let (scales, zp) = shared_zero_point_params_bits(&self.ranges[a], options.act_bits);
+        let (scales, zp) = self.act_quantizer(a);
         let group = match scales.len() {
             1 => None,
             n => Some(self.group_index(g, n)?),
@@ -506,6 +510,34 @@ impl LayerRewrite<'_> {
         }
         self.dequantized_acts.insert(a.to_string(), dq.clone());
         Ok(dq)
+    }
+
+    /// Activation `a`'s scales (per step group) and zero point: the calibrated ones, or
+    /// PAR's reconstructed scales with the calibrated zero point.
+    fn act_quantizer(&self, a: &str) -> (Vec<f32>, u8) {
+        let (scales, zp) = shared_zero_point_params_bits(&self.ranges[a], self.options.act_bits);
+        (self.act_scales.get(a).cloned().unwrap_or(scales), zp)
+    }
+
+    /// PAR: what quantizes a chunk of the quantized model's layer input `a` (sampled
+    /// before its quantizer) at time step `t`, as this round's graph will; the identity
+    /// for activations left in float.
+    fn input_quantizer(&self, a: &str) -> impl Fn(i64, &mut [f32]) + '_ {
+        let quantizer = (self.options.act_bits <= 8 && self.ranges.contains_key(a))
+            .then(|| self.act_quantizer(a));
+        let bits = self.options.act_bits;
+        move |t, xs| {
+            let Some((scales, zp)) = &quantizer else {
+                return;
+            };
+            let Some(pos) = self.set.iter().position(|&s| s == t) else {
+                return;
+            };
+            let s = scales[group_of(pos, scales.len(), self.set.len())];
+            for v in xs.iter_mut() {
+                *v = crate::numerics::act_scale::fake_quant_bits(*v, s, *zp, bits);
+            }
+        }
     }
 
     /// The value holding the group (of `n`) of the batch's step, built the first time a
@@ -571,6 +603,19 @@ pub fn quantize(
     let reconstructed = reconstructed_layers(cal, options);
     check_memory(model, options, &quantized, cal, &reconstructed)?;
     crate::numerics::threads::set_cap(options.threads);
+    let search = if options.baseline_minmax {
+        RangeSearch::MinMax
+    } else {
+        RangeSearch::Lp
+    };
+    let act_scales = match par_act_scale_mode() {
+        Some(per_group) if options.act_bits <= 8 && !reconstructed.is_empty() => {
+            reconstruct_act_scales(
+                model, options, cal, &quantized, &ranges, &set, search, per_group, progress,
+            )?
+        }
+        _ => None,
+    };
     let mut plan = QuantPlan {
         weight_bits: options.weight_bits,
         act_bits: options.act_bits,
@@ -584,11 +629,7 @@ pub fn quantize(
         cal,
         set: &set,
         step_index,
-        search: if options.baseline_minmax {
-            RangeSearch::MinMax
-        } else {
-            RangeSearch::Lp
-        },
+        search,
         ranges,
         all_steps: group_range_all(cal, &acts, &set, options.baseline_minmax)?,
         reconstructed,
@@ -597,7 +638,12 @@ pub fn quantize(
         group_index: HashMap::new(),
         step_scalar: None,
         aligned: 0,
+        act_scales: act_scales
+            .as_ref()
+            .map(|a| a.scales.clone())
+            .unwrap_or_default(),
     };
+    plan.par_act_scales = act_scales.map(|a| (a.scales.len(), a.before_db, a.after_db));
     let g = &mut model.graph;
     let by_name: HashMap<String, _> = g
         .node_indices()
@@ -805,6 +851,153 @@ fn check_memory(
 /// measuring, not an option) rounds the cross-term target [`aligned_target`] instead,
 /// ‖W X − Ŵ X̃‖² with that ridge: it lost 0.8–5 dB of output SQNR on ddpm_digits W4A4
 /// for ridges 10 … 0.01 (BENCHMARKS.md, TCAQ-DM ablation).
+/// PAR's activation-scale reconstruction (`TFMQC_PAR_ACT_SCALE`, an internal knob for
+/// the measurements in BENCHMARKS.md): `group` (the default) chooses each step group's
+/// ratio, `shared` one ratio for all groups of an activation, `off` keeps the calibrated
+/// scales. `Some(per_group)` when on.
+fn par_act_scale_mode() -> Option<bool> {
+    match std::env::var("TFMQC_PAR_ACT_SCALE").as_deref() {
+        Ok("off") => None,
+        Ok("shared") => Some(false),
+        _ => Some(true),
+    }
+}
+
+/// What [`reconstruct_act_scales`] chose.
+struct ActScales {
+    /// The scales per step group of each activation whose ratio moved.
+    scales: HashMap<String, Vec<f32>>,
+    /// The readers' output SQNR (dB) over all searched activations with the calibrated
+    /// and with the chosen scales.
+    before_db: f64,
+    after_db: f64,
+}
+
+/// PAR: each quantized activation's scales (per step group) reconstructed against its
+/// readers' output error `Σ ‖W X − Ŵ q(X̃)‖²` on the calibration's sampled layer inputs
+/// (X the float model's, X̃ the previous round's quantized model's at the same
+/// positions, Ŵ the round-to-nearest weights), a 1-D search over clip ratios of the
+/// calibrated scales ([`crate::numerics::act_scale`]). Only activations every reader of
+/// which is a reconstructed layer with aligned inputs are searched (an attention
+/// product's error is not a layer output here). `None` outside PAR rounds.
+#[allow(clippy::too_many_arguments)]
+fn reconstruct_act_scales(
+    model: &Model,
+    options: &Options,
+    cal: &Calibration,
+    quantized: &[Target],
+    ranges: &HashMap<String, Vec<Range>>,
+    set: &[i64],
+    search: RangeSearch,
+    per_group: bool,
+    progress: &dyn Fn(&str),
+) -> Result<Option<ActScales>> {
+    use crate::numerics::act_scale::{choose, output_errors, start_index, Chunk, Reader, RATIOS};
+    let (Some(columns), Some(quant)) = (&cal.layer_columns, &cal.quant_layer_columns) else {
+        return Ok(None);
+    };
+    let g = &model.graph;
+    let li_of: HashMap<&str, usize> = columns
+        .layers()
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.node.as_str(), i))
+        .collect();
+    let mut acts: Vec<&String> = vec![];
+    for a in quantized.iter().flat_map(|t| t.activations.iter()) {
+        if !acts.contains(&a) {
+            acts.push(a);
+        }
+    }
+    let start = start_index();
+    let mut out = ActScales {
+        scales: HashMap::new(),
+        before_db: 0.0,
+        after_db: 0.0,
+    };
+    let (mut signal, mut before, mut after) = (0f64, 0f64, 0f64);
+    for (i, a) in acts.iter().enumerate() {
+        progress(&format!(
+            "quantize: PAR activation scale {}/{} ({a})",
+            i + 1,
+            acts.len()
+        ));
+        let Some(act_ranges) = ranges.get(*a) else {
+            continue;
+        };
+        let (scales, zp) = shared_zero_point_params_bits(act_ranges, options.act_bits);
+        let mut readers = vec![];
+        let mut complete = true;
+        for t in quantized.iter().filter(|t| t.activations.contains(a)) {
+            let (Some(w), Some(&li)) = (&t.weight, li_of.get(t.node.as_str())) else {
+                complete = false;
+                break;
+            };
+            let tensor = &g.initializers[&w.name];
+            let layer = &columns.layers()[li];
+            let chunks = match (tensor.dtype == DType::F32 && &layer.value == *a)
+                .then(|| columns.paired_chunks(li, quant))
+                .transpose()?
+                .flatten()
+            {
+                Some(c) => c,
+                None => {
+                    complete = false;
+                    break;
+                }
+            };
+            let values = tensor.to_vec::<f32>()?;
+            let shape = tensor.shape.clone();
+            let q = quantize_weight(&values, &shape, w.axis, options.weight_bits, search);
+            let (w_rows, n, k) = to_rows(&values, &shape, w.axis);
+            let (w_hat, _, _) = to_rows(&q.dequantize(&shape), &shape, w.axis);
+            let chunks = chunks
+                .into_iter()
+                .filter_map(|p| {
+                    let pos = set.iter().position(|&s| s == p.t)?;
+                    Some(Chunk {
+                        x: p.x,
+                        xq: p.xq,
+                        columns: p.columns,
+                        group: group_of(pos, scales.len(), set.len()),
+                    })
+                })
+                .collect();
+            readers.push(Reader {
+                w: w_rows,
+                w_hat,
+                n,
+                k,
+                chunks,
+            });
+        }
+        if !complete || readers.is_empty() {
+            continue;
+        }
+        let table = output_errors(&readers, &scales, zp, options.act_bits, &RATIOS);
+        let picked = choose(&table, per_group, start);
+        signal += table.signal.iter().sum::<f64>();
+        before += table.errors.iter().map(|e| e[start]).sum::<f64>();
+        after += table
+            .errors
+            .iter()
+            .zip(&picked)
+            .map(|(e, &p)| e[p])
+            .sum::<f64>();
+        if picked.iter().any(|&p| p != start) {
+            let chosen = scales
+                .iter()
+                .zip(&picked)
+                .map(|(&s, &p)| s * RATIOS[p])
+                .collect();
+            out.scales.insert((*a).clone(), chosen);
+        }
+    }
+    out.before_db = crate::numerics::quant::sqnr_from_sums(signal, before);
+    out.after_db = crate::numerics::quant::sqnr_from_sums(signal, after);
+    Ok(Some(out))
+}
+
 fn par_cross_damp() -> Option<f64> {
     std::env::var("TFMQC_PAR_CROSS_DAMP")
         .ok()

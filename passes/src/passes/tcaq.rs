@@ -18,13 +18,17 @@
 //!   it visits and its outputs are the references), then quantization with weight
 //!   reconstruction against the float layers' outputs *reading the quantized model's
 //!   layer inputs*: at the sampled positions calibration also runs the previous round's
-//!   quantized model (its QDQ graph) and keeps each layer's dequantized input X̃ next to
-//!   the float one X, and GPTQ rounds the aligned target `W' = W X X̃ᵀ (X̃X̃ᵀ)⁻¹` (ridge
-//!   toward W) against `X̃X̃ᵀ`, which minimises ‖W X − Ŵ X̃‖² (the paper reconstructs
-//!   from the quantized model's own inputs). The rounds start from the float model
-//!   quantize read (TCR's balanced one when TCR ran) and do not run TCR again: X and X̃
-//!   must be in the same coordinates, and TCR is the initialization stage in the paper,
-//!   PAR the reconstruction stage. Every round is measured by the per-step output SQNR
+//!   quantized model (its QDQ graph) and keeps each layer's input X̃ *before its
+//!   activation quantizer* next to the float one X. Each activation's step sizes (per
+//!   step group) are then reconstructed against its readers' output error
+//!   `Σ ‖W X − Ŵ q_s(X̃)‖²` (a clip-ratio search around the calibrated scales,
+//!   [`crate::numerics::act_scale`]; TFMQ-DM learns them, `leaf_param`), and GPTQ rounds
+//!   each weight against `q_s(X̃) q_s(X̃)ᵀ` with the chosen scales (optionally the aligned
+//!   target `W' = W X X̃ᵀ (X̃X̃ᵀ)⁻¹`, ridge toward W, behind `TFMQC_PAR_CROSS_DAMP`). The
+//!   paper reconstructs from the quantized model's own inputs. The rounds start from the
+//!   float model quantize read (TCR's balanced one when TCR ran) and do not run TCR
+//!   again: X and X̃ must be in the same coordinates, and TCR is the initialization stage
+//!   in the paper, PAR the reconstruction stage. Every round is measured by the per-step output SQNR
 //!   on held-out float trajectories; the best round is kept (round 0 is the model
 //!   without PAR), since a round can lose.
 
@@ -86,6 +90,11 @@ pub struct ParRound {
     pub gain_db: f64,
     /// Layers reconstructed reading the previous round's quantized inputs.
     pub aligned_layers: usize,
+    /// Activation scales reconstructed against their readers' output error, and that
+    /// output SQNR (dB, on the sampled layer inputs) with the calibrated and the chosen
+    /// scales.
+    pub act_scales: usize,
+    pub act_output_sqnr_db: Option<(f64, f64)>,
     pub per_step: Vec<StepSqnr>,
 }
 
@@ -131,13 +140,20 @@ impl TcaqReport {
                 .iter()
                 .map(|r| {
                     format!(
-                        "round {}: {:.2} dB ({:+.2}{})",
+                        "round {}: {:.2} dB ({:+.2}{}{})",
                         r.round,
                         r.sqnr_mean_db,
                         r.gain_db,
                         match r.aligned_layers {
                             0 => String::new(),
                             n => format!(", {n} layers on quantized inputs"),
+                        },
+                        match r.act_output_sqnr_db {
+                            Some((before, after)) => format!(
+                                ", {} activation scales reconstructed: readers' output SQNR {before:.2} → {after:.2} dB",
+                                r.act_scales
+                            ),
+                            None => String::new(),
                         }
                     )
                 })
@@ -296,6 +312,8 @@ pub fn finish(
             sqnr_min_db: min,
             gain_db: 0.0,
             aligned_layers: 0,
+            act_scales: 0,
+            act_output_sqnr_db: None,
             per_step,
         });
         let mut best = (mean, 0, snapshot(cx), report.clone());
@@ -338,6 +356,16 @@ pub fn finish(
                 sqnr_min_db: lo,
                 gain_db: m - report.par[0].sqnr_mean_db,
                 aligned_layers: cx.quant.as_ref().map_or(0, |q| q.par_aligned_layers),
+                act_scales: cx
+                    .quant
+                    .as_ref()
+                    .and_then(|q| q.par_act_scales)
+                    .map_or(0, |a| a.0),
+                act_output_sqnr_db: cx
+                    .quant
+                    .as_ref()
+                    .and_then(|q| q.par_act_scales)
+                    .map(|a| (a.1, a.2)),
                 per_step,
             });
             if m > best.0 {
