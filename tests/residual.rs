@@ -77,9 +77,13 @@ fn assert_residuals_exact(model: &str, q: &std::path::Path) -> (usize, usize, us
 /// ddpm_digits with the default output pairs (`auto`), guided_unet with a pair on every
 /// quantized Conv (`all`, TCR on: the pair, the channel factors and the residual in one
 /// node), and digits_cond, whose transformer blocks add residuals after int8 linear
-/// layers (`TfmqcQGemm`).
+/// layers (`TfmqcQGemm`, fused only with `TFMQC_FUSE_RESIDUAL=all`).
 #[test]
 fn fused_residual_adds_match_the_unfused_lowering_exactly() {
+    // The linear layers' fusion is opt-in (slower at SD scale, `gemm_enabled`); this
+    // binary's only test checks it too. Set before anything lowers (read once).
+    std::env::set_var("TFMQC_FUSE_RESIDUAL", "all");
+    assert!(residual::gemm_enabled());
     let dir = tmpdir();
     for (model, pairs_on, at_least) in [
         ("ddpm_digits", "auto", 14),

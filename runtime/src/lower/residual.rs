@@ -47,7 +47,9 @@ pub(crate) fn fuse_residual_adds(
     let mut fused: Vec<(usize, usize, usize)> = vec![];
     for (&at, &r) in replaced.iter() {
         let node = &rewrites[r].node;
-        if ![QCONV, QGEMM].contains(&node.op_type.as_str()) || node.output.len() != 1 {
+        let fusable = node.op_type == QCONV
+            || (node.op_type == QGEMM && crate::ops::residual::gemm_enabled());
+        if !fusable || node.output.len() != 1 {
             continue;
         }
         let out = node.output[0].as_str();

@@ -29,6 +29,17 @@ pub fn enabled() -> bool {
         && *ON.get_or_init(|| std::env::var("TFMQC_FUSE_RESIDUAL").as_deref() != Ok("0"))
 }
 
+/// Whether residual `Add`s after int8 linear layers (`TfmqcQGemm`) are fused too:
+/// only with `TFMQC_FUSE_RESIDUAL=all`. Measured on the SD-1.5-size UNet at latent 32
+/// (`tfmqc bench … --profile`, 1 thread), fusing them made the 160 linear layers 463 →
+/// 589 ms a step (the whole step 1.56 → 1.78 s), while on digits_cond the gain was within
+/// noise (3.06 → 3.04 ms); the convolutions' fusion is kept (ddpm_digits 1.65 → 1.40 ms,
+/// SD's convs unchanged).
+pub fn gemm_enabled() -> bool {
+    static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    enabled() && *ALL.get_or_init(|| std::env::var("TFMQC_FUSE_RESIDUAL").as_deref() == Ok("all"))
+}
+
 thread_local! {
     static OFF: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
