@@ -252,6 +252,11 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
     let ix = Index::new(g, model_dir);
     let mut replaced = HashMap::new();
     let mut rewrites = vec![];
+    // A float model (no DequantizeLinear) keeps tract's own ops everywhere: it is the
+    // reference calibration and evaluation run through tract, and the runtime's sampler
+    // must feed it the same bits (tests/sampler.rs); the direct float conv differs from
+    // tract's by rounding, so it serves quantized models only.
+    let quantized = g.node.iter().any(|n| n.op_type == "DequantizeLinear");
     for (i, n) in g.node.iter().enumerate() {
         if !(n.domain.is_empty() || n.domain == "ai.onnx") {
             continue;
@@ -268,7 +273,11 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
             .or_else(|| group_norm::match_group_norm(&ix, n))
             // The float convolutions the compiler leaves (stem and head), after the
             // int8 matchers: a Conv behind weight quantizers never has an f32 weight.
-            .or_else(|| conv_f32::match_conv_f32(&ix, n));
+            .or_else(|| {
+                quantized
+                    .then(|| conv_f32::match_conv_f32(&ix, n))
+                    .flatten()
+            });
         if let Some(mut r) = rewrite {
             // A Conv / Gemm with an output Q/DQ pair replaces the pair's DequantizeLinear
             // (`crate::ops::requant`); the Conv is then left dead.
