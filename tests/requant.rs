@@ -29,22 +29,8 @@ fn qdq(v: f32, scale: f32, zp: u8) -> f32 {
 /// layers (`TfmqcQGemm`), ties).
 fn assert_fused_nodes_exact(model: &str, q: &std::path::Path) -> (usize, usize, usize, usize) {
     let full = tfmqc_runtime::Optimize::Full;
-    let mut x = example_inputs(model);
     // Time steps of the compiled set S (ddim:10: t = 100·k).
-    use tfmqc_passes::ir::{DType, Tensor};
-    // In the example's own dtype and shape (a batch of two, or a scalar: unet2d_cond).
-    for name in ["timesteps", "timestep"] {
-        if let Some(t) = x.get_mut(name) {
-            let ts = [100.0, 500.0][..t.shape.iter().product::<usize>().min(2)].to_vec();
-            let shape = t.shape.clone();
-            *t = match t.dtype {
-                DType::I64 => {
-                    Tensor::from_vec(shape, &ts.iter().map(|&v| v as i64).collect::<Vec<_>>())
-                }
-                _ => Tensor::from_vec(shape, &ts.iter().map(|&v| v as f32).collect::<Vec<_>>()),
-            };
-        }
-    }
+    let x = example_inputs_at_ddim10(model);
     let (cuts, dir) = lowered_node_cuts(q, &x);
     let (mut pairs, mut prescaled, mut linear, mut ties) = (0, 0, 0, 0);
     for cut in cuts {

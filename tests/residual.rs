@@ -8,32 +8,13 @@ use common::*;
 
 use tfmqc_runtime::ops::residual::{self, RESIDUAL};
 
-/// The example inputs of `model` at time steps of the compiled set S (ddim:10).
-fn inputs(model: &str) -> Tensors {
-    use tfmqc_passes::ir::{DType, Tensor};
-    let mut x = example_inputs(model);
-    for name in ["timesteps", "timestep"] {
-        if let Some(t) = x.get_mut(name) {
-            let ts = [100.0, 500.0][..t.shape.iter().product::<usize>().min(2)].to_vec();
-            let shape = t.shape.clone();
-            *t = match t.dtype {
-                DType::I64 => {
-                    Tensor::from_vec(shape, &ts.iter().map(|&v| v as i64).collect::<Vec<_>>())
-                }
-                _ => Tensor::from_vec(shape, &ts.iter().map(|&v| v as f32).collect::<Vec<_>>()),
-            };
-        }
-    }
-    x
-}
-
 /// Every lowered node of `q` with a fused residual, run on what it reads in the model,
 /// against the same cut lowered without the fusion; then the whole model both ways.
 /// Returns (fused nodes, of which with an output pair too, of which adding one value
 /// per channel plane, of which linear layers).
 fn assert_residuals_exact(model: &str, q: &std::path::Path) -> (usize, usize, usize, usize) {
     let full = tfmqc_runtime::Optimize::Full;
-    let x = inputs(model);
+    let x = example_inputs_at_ddim10(model);
     let (cuts, dir) = lowered_node_cuts(q, &x);
     let (mut fused, mut paired, mut planes, mut linear) = (0, 0, 0, 0);
     for cut in cuts {

@@ -59,6 +59,27 @@ pub fn example_inputs(name: &str) -> Tensors {
     .expect("inputs")
 }
 
+/// The example inputs of `name` with their time steps moved into the set S of a
+/// `ddim:10` compile (t = 100 and 500), in the example's own dtype and shape (a batch of
+/// two, or a scalar: unet2d_cond): what the fused-node tests run compiled models on.
+pub fn example_inputs_at_ddim10(name: &str) -> Tensors {
+    use tfmqc_passes::ir::{DType, Tensor};
+    let mut x = example_inputs(name);
+    for key in ["timesteps", "timestep"] {
+        if let Some(t) = x.get_mut(key) {
+            let ts = [100.0, 500.0][..t.shape.iter().product::<usize>().min(2)].to_vec();
+            let shape = t.shape.clone();
+            *t = match t.dtype {
+                DType::I64 => {
+                    Tensor::from_vec(shape, &ts.iter().map(|&v| v as i64).collect::<Vec<_>>())
+                }
+                _ => Tensor::from_vec(shape, &ts.iter().map(|&v| v as f32).collect::<Vec<_>>()),
+            };
+        }
+    }
+    x
+}
+
 pub fn tfmqc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tfmqc"))
         .args(args)

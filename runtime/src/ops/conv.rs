@@ -206,13 +206,7 @@ impl TypedOp for QConv {
 
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let shape = self.output_shape(&inputs[0].shape)?;
-        let shape = match self.residual {
-            true => {
-                let r = inputs.last().expect("checked by the rules");
-                super::residual::sum_shape(&shape, &r.shape.to_tvec())?
-            }
-            false => shape,
-        };
+        let shape = super::residual::output_fact_shape(shape, self.residual, inputs)?;
         Ok(tvec!(f32::fact(shape)))
     }
 }

@@ -86,6 +86,22 @@ pub(crate) fn add_broadcast(out: Tensor, r: &Tensor) -> TractResult<Tensor> {
     Ok(sum.into_tensor())
 }
 
+/// The output fact's shape of a lowered node whose kernel writes `kernel_out`: with a
+/// residual (its last input), the broadcast of the two; the one rule for every fused op.
+pub(crate) fn output_fact_shape(
+    kernel_out: TVec<TDim>,
+    residual: bool,
+    inputs: &[&TypedFact],
+) -> TractResult<TVec<TDim>> {
+    match residual {
+        true => {
+            let r = inputs.last().expect("checked by the rules");
+            sum_shape(&kernel_out, &r.shape.to_tvec())
+        }
+        false => Ok(kernel_out),
+    }
+}
+
 /// The output shape of a lowered node writing `out` plus an addend of shape `r`.
 pub(crate) fn sum_shape<D: DimLike>(out: &[D], r: &[D]) -> TractResult<TVec<D>> {
     tract_onnx::tract_core::broadcast::multi_broadcast(&[out, r])
