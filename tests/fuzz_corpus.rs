@@ -364,8 +364,11 @@ fn len_field(key: u8, payload: &[u8]) -> Vec<u8> {
 
 /// The crates a workspace resolves, as "name vX.Y.Z features" lines (`cargo tree`).
 fn resolved(manifest: &Path, workspace: bool) -> std::collections::BTreeSet<String> {
+    // Not `--offline`: on a fresh machine the fuzz workspace's own crates (libFuzzer's)
+    // are not in cargo's cache until scripts/fuzz.sh first builds, which CI runs after
+    // the tests; `--locked` still pins every version to the lock files.
     let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
-    cmd.args(["tree", "--locked", "--offline", "--manifest-path"])
+    cmd.args(["tree", "--locked", "--manifest-path"])
         .arg(manifest)
         .args([
             "-e",

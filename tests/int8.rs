@@ -134,9 +134,19 @@ fn output_qdq_convs_fuse_in_onnxruntime_and_lower_exactly() {
         "onnxruntime on {convs} QLinearConvs: vs float {dk:.1} dB, its QDQ simulation {ds:.1} dB; kernels vs simulation {:.1} dB",
         sqnr_db(&sim, &kernel)
     );
+    // Without VNNI, onnxruntime's x86 u8·s8 kernels sum pairs of products in saturating
+    // 16-bit lanes (`vpmaddubsw`): on an AVX2-only AMD EPYC this file's convs lost 1.5 dB
+    // against the exact simulation (29.0 vs 30.5 dB, kernels vs simulation 38.9 dB), which
+    // is onnxruntime's rounding on that CPU, not the file's (its own `quantize_static`
+    // offers `reduce_range`, 7-bit weights, for it). With VNNI the products are exact.
+    let loss = if ort_int8_is_exact_on_this_cpu() {
+        1.0
+    } else {
+        2.5
+    };
     assert!(
-        dk > ds - 1.0,
-        "onnxruntime int8 {dk:.1} dB vs its QDQ simulation {ds:.1} dB"
+        dk > ds - loss,
+        "onnxruntime int8 {dk:.1} dB vs its QDQ simulation {ds:.1} dB (allowed loss {loss} dB)"
     );
 }
 
@@ -937,5 +947,19 @@ fn a_step_outside_the_set_is_refused_with_per_step_scales() {
             &py,
             &["expect-error", q.to_str().unwrap(), inp.to_str().unwrap()],
         );
+    }
+}
+
+/// Whether onnxruntime's x86 int8 GEMMs multiply u8·s8 without 16-bit saturation here:
+/// with AVX-512 VNNI or AVX-VNNI (`vpdpbusd`); other architectures' kernels widen first.
+fn ort_int8_is_exact_on_this_cpu() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512vnni")
+            || std::arch::is_x86_feature_detected!("avxvnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        true
     }
 }
