@@ -246,9 +246,10 @@ struct QuantArgs {
     /// Held-out images per sampling step count that the report's per-step output SQNR is
     /// measured on (the report also gives each half of them, whose disagreement is the
     /// held-out set's own noise) [default: 2; with a fixed batch, one call's batch]. Each
-    /// image costs a float and an int8 call per step of every step count (with a fixed
-    /// batch of 1 and the default step counts, 125 of each): 8 makes the evaluation about
-    /// 4 times as long as the default. The output file does not depend on it.
+    /// image costs a float and an int8 run per step of every step count (125 with the
+    /// default step counts): the evaluation's work grows as N (8 on the small models in
+    /// models/: 24-134 s of a 1.5-13 min compile on a loaded 2-vCPU VM). The output file
+    /// does not depend on it.
     #[arg(long, value_name = "N")]
     eval_samples: Option<usize>,
     /// Leave nodes whose name contains PATTERN in float (repeatable). The input and
