@@ -71,7 +71,7 @@ def main() -> None:
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print("| model | weights | step SQNR dB, one set, f32 tables (mean / min) | step SQNR dB, default (mean / min) "
-          "| gain (mean / min) | gain on each half of the held-out images (mean / min) "
+          "| gain (mean / min) | gain on each half of the held-out images (mean / min; noise) "
           "| activations with per-step scales | size / float, default S | size / float, S = 1000 (tables) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in a.models:
@@ -84,10 +84,16 @@ def main() -> None:
             m1, n1 = one["output_sqnr_mean_db"], one["output_sqnr_min_db"]
             mf, nf = fsc["output_sqnr_mean_db"], fsc["output_sqnr_min_db"]
             acts = len(fsc["activations"])
-            halves = " · ".join(
-                f"{h['output_sqnr_mean_db'] - g['output_sqnr_mean_db']:+.2f} / "
-                f"{h['output_sqnr_min_db'] - g['output_sqnr_min_db']:+.2f}"
-                for g, h in zip(one.get("output_sqnr_halves", []), fsc.get("output_sqnr_halves", [])))
+            # The gain on each half of the held-out images; half their gap is the spread
+            # to expect of the whole set's gain (the held-out set's own noise).
+            gains = [(h["output_sqnr_mean_db"] - g["output_sqnr_mean_db"],
+                      h["output_sqnr_min_db"] - g["output_sqnr_min_db"])
+                     for g, h in zip(one.get("output_sqnr_halves", []),
+                                     fsc.get("output_sqnr_halves", []))]
+            halves = " · ".join(f"{m:+.2f} / {n:+.2f}" for m, n in gains)
+            if len(gains) == 2:
+                halves += (f" (noise ±{abs(gains[0][0] - gains[1][0]) / 2:.2f} / "
+                           f"±{abs(gains[0][1] - gains[1][1]) / 2:.2f})")
             s1000 = "–" if big is None else (f"{big['bytes_out'] / model_bytes(name):.2f}× "
                                              f"({big['bytes_by_kind']['tables'] / 1e3:.0f} kB)")
             print(f"| {name} | W{bits}A8 | {m1:.2f} / {n1:.2f} | {mf:.2f} / {nf:.2f} | "
