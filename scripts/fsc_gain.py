@@ -1,14 +1,18 @@
 """Finite Set Calibration: what per-step scales (the default, `--step-groups auto`) gain
 over one set of scales (`--step-groups 1`) on every denoiser in models/.
 
-    python3 scripts/fsc_gain.py [--tfmqc PATH] [--bits 8,4] [--workdir DIR] [MODEL...]
+    python3 scripts/fsc_gain.py [--tfmqc PATH] [--bits 8,4] [--workdir DIR]
+                                [--eval-samples N] [--no-s1000] [MODEL...]
 
 Compiles each model per weight width with `--seed 0` and the model's deployment (as
 compare_quant.MODEL_ARGS): with one set of scales and exact f32 tables (the default before
 issue #15), with the defaults, and with the defaults at S = 1000; prints a markdown table
 of the compile reports' per-step output SQNR against float (held-out trajectories of the
 deployment sampler, mean / min over the steps), the activations with per-step scales, and
-the output files' size against the float file.
+the output files' size against the float file. `--eval-samples N` measures on N held-out
+images per step count (the compiler's `--eval-samples`; default: the compiler's, 2) and adds
+the gain on each half of them (their disagreement is the held-out set's own noise);
+`--no-s1000` skips the S = 1000 compile (its column shows "–").
 """
 
 import argparse
@@ -58,27 +62,45 @@ def main() -> None:
     ap.add_argument("--tfmqc", default=str(ROOT / "target" / "release" / "tfmqc"))
     ap.add_argument("--bits", default="8")
     ap.add_argument("--workdir", default="/tmp/fsc_gain")
+    ap.add_argument("--eval-samples", type=int, default=None)
+    ap.add_argument("--no-s1000", action="store_true")
     ap.add_argument("models", nargs="*", default=DENOISERS)
     a = ap.parse_args()
+    ev = ["--eval-samples", str(a.eval_samples)] if a.eval_samples else []
+    tag = f".e{a.eval_samples}" if a.eval_samples else ""
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     print("| model | weights | step SQNR dB, one set, f32 tables (mean / min) | step SQNR dB, default (mean / min) "
-          "| gain (mean / min) | activations with per-step scales | size / float, default S | size / float, S = 1000 (tables) |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "| gain (mean / min) | gain on each half of the held-out images (mean / min; noise) "
+          "| activations with per-step scales | size / float, default S | size / float, S = 1000 (tables) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in a.models:
         for bits in [int(b) for b in a.bits.split(",")]:
             # Today's default before issue #15: one set of scales, exact f32 tables.
-            one = compile_one(a.tfmqc, name, bits, "1", work, ["--table-precision", "f32"])
-            fsc = compile_one(a.tfmqc, name, bits, "auto", work)
-            big = compile_one(a.tfmqc, name, bits, "auto", work, ["--timesteps", "1000"], ".s1000")
+            one = compile_one(a.tfmqc, name, bits, "1", work, ["--table-precision", "f32", *ev], tag)
+            fsc = compile_one(a.tfmqc, name, bits, "auto", work, ev, tag)
+            big = None if a.no_s1000 else compile_one(a.tfmqc, name, bits, "auto", work,
+                                                       ["--timesteps", "1000"], ".s1000")
             m1, n1 = one["output_sqnr_mean_db"], one["output_sqnr_min_db"]
             mf, nf = fsc["output_sqnr_mean_db"], fsc["output_sqnr_min_db"]
             acts = len(fsc["activations"])
-            print(f"| {name} | W{bits}A8 | {m1:.1f} / {n1:.1f} | {mf:.1f} / {nf:.1f} | "
-                  f"{mf - m1:+.1f} / {nf - n1:+.1f} | {fsc['per_step_activations']} of {acts} "
+            # The gain on each half of the held-out images; half their gap is the spread
+            # to expect of the whole set's gain (the held-out set's own noise).
+            gains = [(h["output_sqnr_mean_db"] - g["output_sqnr_mean_db"],
+                      h["output_sqnr_min_db"] - g["output_sqnr_min_db"])
+                     for g, h in zip(one.get("output_sqnr_halves", []),
+                                     fsc.get("output_sqnr_halves", []))]
+            halves = " · ".join(f"{m:+.2f} / {n:+.2f}" for m, n in gains)
+            if len(gains) == 2:
+                halves += (f" (noise ±{abs(gains[0][0] - gains[1][0]) / 2:.2f} / "
+                           f"±{abs(gains[0][1] - gains[1][1]) / 2:.2f})")
+            s1000 = "–" if big is None else (f"{big['bytes_out'] / model_bytes(name):.2f}× "
+                                             f"({big['bytes_by_kind']['tables'] / 1e3:.0f} kB)")
+            print(f"| {name} | W{bits}A8 | {m1:.2f} / {n1:.2f} | {mf:.2f} / {nf:.2f} | "
+                  f"{mf - m1:+.2f} / {nf - n1:+.2f} | {halves or '–'} | "
+                  f"{fsc['per_step_activations']} of {acts} "
                   f"(≤ {fsc['step_groups']} groups) | {fsc['bytes_out'] / model_bytes(name):.2f}× "
-                  f"(S = {fsc['timesteps']}) | {big['bytes_out'] / model_bytes(name):.2f}× "
-                  f"({big['bytes_by_kind']['tables'] / 1e3:.0f} kB) |",
+                  f"(S = {fsc['timesteps']}) | {s1000} |",
                   flush=True)
 
 

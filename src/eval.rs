@@ -554,9 +554,16 @@ fn step_sqnr(
             stand_ins.join(", ")
         ));
     }
-    let ev = tfmqc_passes::trajectory::evaluation_records(float, opts, t_name, usize::MAX, &|_| {})
-        .map_err(fail)?
-        .expect("no call limit");
+    let ev = tfmqc_passes::trajectory::evaluation_records(
+        float,
+        opts,
+        t_name,
+        None,
+        usize::MAX,
+        &|_| {},
+    )
+    .map_err(fail)?
+    .expect("no call limit");
     let mut out = vec![];
     for q in quants {
         let s = output_sqnr_against(&q.model, &ev.records, &ev.steps, &ev.outputs).map_err(fail)?;

@@ -243,6 +243,15 @@ struct QuantArgs {
     /// Seed of the calibration noise (same seed, same output bytes).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Held-out images per sampling step count that the report's per-step output SQNR is
+    /// measured on (the report also gives each half of them, whose disagreement is the
+    /// held-out set's own noise) [default: 2; with a fixed batch, one call's batch]. Each
+    /// image costs a float and an int8 run per step of every step count (125 with the
+    /// default step counts): the evaluation's work grows as N (8 on the small models in
+    /// models/: 24-134 s of a 1.5-13 min compile on a loaded 2-vCPU VM). The output file
+    /// does not depend on it.
+    #[arg(long, value_name = "N")]
+    eval_samples: Option<usize>,
     /// Leave nodes whose name contains PATTERN in float (repeatable). The input and
     /// output convs stay float by default.
     #[arg(long, value_name = "PATTERN")]
@@ -413,6 +422,7 @@ fn options(tib: &TibArgs, q: Option<&QuantArgs>) -> Result<Options, Failure> {
         o.calib_batch = q.calib_batch;
         o.threads = q.threads.unwrap_or(0);
         o.seed = q.seed;
+        o.eval_samples = q.eval_samples;
         o.keep_float = q.keep_float.clone();
         o.baseline_minmax = q.baseline == Some(Baseline::MinMax);
         o.act_range_mse = match q.act_range {

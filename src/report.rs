@@ -8,7 +8,7 @@ use serde::Serialize;
 use tfmqc_passes::budget::{check_memory, return_free_memory, MemoryNeed, Part};
 use tfmqc_passes::calibrate::Calibration;
 use tfmqc_passes::evaluate::{
-    activation_sqnr, output_sqnr_against, output_sqnr_per_step, StepSqnr,
+    activation_sqnr, output_sqnr_against, output_sqnr_by_part, output_sqnr_per_step, StepSqnr,
 };
 use tfmqc_passes::ir::{Model, Tensor};
 use tfmqc_passes::pipeline::PassContext;
@@ -48,6 +48,11 @@ pub struct Quality {
     pub evaluated_on: String,
     /// The model calls it was measured on (`--dump-eval`).
     pub eval_records: Vec<BTreeMap<String, Tensor>>,
+    /// Held-out images per step count (0: measured on calibration records).
+    pub eval_images: usize,
+    /// The per-step output SQNR on each half of the held-out images (empty on
+    /// calibration records or with one image).
+    pub halves: Vec<Vec<StepSqnr>>,
 }
 
 /// The records the report evaluates: all of them, unless their calls would take more than
@@ -133,7 +138,12 @@ pub fn measure(
     let mut why_not =
         "one held-out trajectory would take more than a quarter of --calib-budget".to_string();
     let held_out = match tfmqc_passes::trajectory::evaluation_records(
-        float, options, t_name, affordable, progress,
+        float,
+        options,
+        t_name,
+        options.eval_samples,
+        affordable,
+        progress,
     ) {
         Ok(h) => h,
         Err(e) if cal.trajectories.is_empty() && e.is_user_error() => {
@@ -154,12 +164,18 @@ pub fn measure(
     let activations = activation_sqnr(act_float, plan, &records, &steps)?;
     tfmqc_passes::budget::trace_memory("evaluate: activation SQNR on the float model");
     return_free_memory();
-    let (steps_sqnr, evaluated_on, eval_records) = match held_out {
-        Some(ev) => (
-            output_sqnr_against(quant, &ev.records, &ev.steps, &ev.outputs)?,
-            ev.what,
-            ev.records,
-        ),
+    let (steps_sqnr, evaluated_on, eval_records, eval_images, halves) = match held_out {
+        Some(ev) => {
+            // Images below half the held-out set against the rest.
+            let half = ev.images / 2;
+            let part = |r: usize, row: usize| {
+                usize::from(ev.first_image[r] + row % ev.per_record.max(1) >= half)
+            };
+            let parts = if half > 0 { 2 } else { 0 };
+            let (steps, halves) =
+                output_sqnr_by_part(quant, &ev.records, &ev.steps, &ev.outputs, &part, parts)?;
+            (steps, ev.what, ev.records, ev.images, halves)
+        }
         None => {
             let sqnr = if cal.record_outputs.len() == cal.records.len() {
                 let reference: Vec<_> = picks
@@ -171,7 +187,7 @@ pub fn measure(
                 output_sqnr_per_step(float, quant, &records, &steps)?
             };
             let what = format!("{} calibration records ({why_not})", records.len());
-            (sqnr, what, records.clone())
+            (sqnr, what, records.clone(), 0, vec![])
         }
     };
     tfmqc_passes::budget::trace_memory("evaluate: output SQNR on the int8 runtime");
@@ -181,6 +197,8 @@ pub fn measure(
         records: (records.len(), cal.records.len()),
         evaluated_on,
         eval_records,
+        eval_images,
+        halves,
     })
 }
 
@@ -193,6 +211,22 @@ pub struct ActivationReport {
     /// over the visited steps, dB; 0 with one group).
     pub fsc_gain_db: f64,
     pub sqnr_db: f64,
+}
+
+/// The output SQNR on a part of the held-out images.
+#[derive(Serialize)]
+pub struct HalfSqnr {
+    pub output_sqnr_mean_db: f64,
+    pub output_sqnr_min_db: f64,
+    pub output_sqnr_per_step: Vec<StepSqnr>,
+}
+
+/// Mean and worst over the steps (an exact step, infinite SQNR, counts as 200 dB).
+fn mean_min(steps: &[StepSqnr]) -> (f64, f64) {
+    let finite: Vec<f64> = steps.iter().map(|s| s.sqnr_db.min(200.0)).collect();
+    let mean = finite.iter().sum::<f64>() / finite.len().max(1) as f64;
+    let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
+    (mean, min)
 }
 
 #[derive(Serialize)]
@@ -216,6 +250,13 @@ pub struct Report {
     pub output_sqnr_mean_db: f64,
     pub output_sqnr_min_db: f64,
     pub output_sqnr_per_step: Vec<StepSqnr>,
+    /// Held-out images per sampling step count the output SQNR was measured on
+    /// (`--eval-samples`; 0: on calibration records).
+    pub eval_samples: usize,
+    /// The output SQNR on each half of the held-out images (first half, second half; empty
+    /// on calibration records or one image): how far the figures above move with the
+    /// held-out set itself.
+    pub output_sqnr_halves: Vec<HalfSqnr>,
     /// Calibration records the quality figures were measured on, of those kept (all but
     /// for models whose calls are expensive: see `--calib-budget`).
     pub records_evaluated: usize,
@@ -260,9 +301,7 @@ impl Report {
         peaks: &[(String, u64)],
     ) -> Report {
         let plan = cx.quant.as_ref().expect("quantized");
-        let finite: Vec<f64> = q.steps.iter().map(|s| s.sqnr_db.min(200.0)).collect();
-        let mean = finite.iter().sum::<f64>() / finite.len().max(1) as f64;
-        let min = finite.iter().copied().fold(f64::INFINITY, f64::min);
+        let (mean, min) = mean_min(&q.steps);
         let acts = plan
             .activations
             .iter()
@@ -299,6 +338,19 @@ impl Report {
             output_sqnr_mean_db: mean,
             output_sqnr_min_db: min,
             output_sqnr_per_step: q.steps.clone(),
+            eval_samples: q.eval_images,
+            output_sqnr_halves: q
+                .halves
+                .iter()
+                .map(|h| {
+                    let (mean, min) = mean_min(h);
+                    HalfSqnr {
+                        output_sqnr_mean_db: mean,
+                        output_sqnr_min_db: min,
+                        output_sqnr_per_step: h.clone(),
+                    }
+                })
+                .collect(),
             records_evaluated: q.records.0,
             records_total: q.records.1,
             layers: plan.layers.clone(),

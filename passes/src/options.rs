@@ -299,6 +299,12 @@ pub struct Options {
     /// `--calib-steps`: one step count for every generated trajectory; `None`: the
     /// trajectories cycle through the sampling step counts.
     pub calib_steps: Option<usize>,
+    /// `--eval-samples`: held-out images per step count the report's output SQNR is
+    /// measured on; `None`: [`crate::trajectory::RECORD_SAMPLES`] (one call's batch when
+    /// the model's batch is fixed). (Not recorded: the report says it, and the output
+    /// file's bytes do not depend on it.)
+    #[serde(skip)]
+    pub eval_samples: Option<usize>,
     pub seed: u64,
     /// `--keep-float`: node-name substrings left in float.
     pub keep_float: Vec<String>,
@@ -445,6 +451,7 @@ impl Default for Options {
             calib_samples: 32,
             calib_batch: 8,
             calib_steps: None,
+            eval_samples: None,
             seed: 0,
             keep_float: vec![],
             baseline_minmax: false,
@@ -529,6 +536,9 @@ impl Options {
             return Err(Error::invalid(
                 "--calib-samples and --calib-steps must be at least 1",
             ));
+        }
+        if self.eval_samples == Some(0) {
+            return Err(Error::invalid("--eval-samples must be at least 1"));
         }
         if let Some(g) = self.guidance_scale {
             if !g.is_finite() {

@@ -58,27 +58,56 @@ pub fn output_sqnr_against(
     steps: &[i64],
     reference: &[Tensor],
 ) -> Result<Vec<StepSqnr>> {
+    Ok(output_sqnr_by_part(quant, records, steps, reference, &|_, _| 0, 0)?.0)
+}
+
+/// [`output_sqnr_against`], and the same per part of the rows: `part(record, row)` says
+/// which of `parts` a row of a record's output (dim 0 of the reference) belongs to (e.g.
+/// two halves of the held-out images, whose disagreement measures the held-out set's own
+/// noise). A step no row of a part visits is absent from that part's list.
+pub fn output_sqnr_by_part(
+    quant: &Model,
+    records: &[BTreeMap<String, Tensor>],
+    steps: &[i64],
+    reference: &[Tensor],
+    part: &dyn Fn(usize, usize) -> usize,
+    parts: usize,
+) -> Result<(Vec<StepSqnr>, Vec<Vec<StepSqnr>>)> {
     let out = vec![quant.graph.outputs[0].name.clone()];
     let b = Runner::int8(quant, Some(&out), Optimize::Full)?;
     crate::analysis::budget::trace_memory("evaluate: quantized model on the int8 runtime");
     let mut sums: BTreeMap<i64, (f64, f64)> = BTreeMap::new();
-    for ((inputs, &t), y) in records.iter().zip(steps).zip(reference) {
+    let mut part_sums: Vec<BTreeMap<i64, (f64, f64)>> = vec![BTreeMap::new(); parts];
+    for (r, ((inputs, &t), reference)) in records.iter().zip(steps).zip(reference).enumerate() {
         let inputs = inputs.clone().into_iter().collect();
-        let y = y.to_f32_vec()?;
+        let y = reference.to_f32_vec()?;
         let q = b.run(&inputs)?[0].to_f32_vec()?;
+        let rows = reference.shape.first().copied().unwrap_or(1).max(1);
+        let per_row = y.len() / rows;
         let e = sums.entry(t).or_default();
-        for (u, v) in y.iter().zip(&q) {
-            e.0 += (*u as f64).powi(2);
-            e.1 += ((u - v) as f64).powi(2);
+        for (i, (u, v)) in y.iter().zip(&q).enumerate() {
+            let (s, n) = ((*u as f64).powi(2), ((u - v) as f64).powi(2));
+            e.0 += s;
+            e.1 += n;
+            if let Some(p) = part_sums.get_mut(part(r, i / per_row.max(1))) {
+                let pe = p.entry(t).or_default();
+                pe.0 += s;
+                pe.1 += n;
+            }
         }
     }
-    Ok(sums
-        .into_iter()
-        .map(|(t, (s, n))| StepSqnr {
-            t,
-            sqnr_db: sqnr_from_sums(s, n),
-        })
-        .collect())
+    let to_steps = |sums: BTreeMap<i64, (f64, f64)>| -> Vec<StepSqnr> {
+        sums.into_iter()
+            .map(|(t, (s, n))| StepSqnr {
+                t,
+                sqnr_db: sqnr_from_sums(s, n),
+            })
+            .collect()
+    };
+    Ok((
+        to_steps(sums),
+        part_sums.into_iter().map(to_steps).collect(),
+    ))
 }
 
 /// SQNR of each quantized activation (its uint8 fake-quantization against itself) on

@@ -585,6 +585,9 @@ pub struct Plan {
     /// Lines for the user (what the unconditional half is, ...).
     pub notes: Vec<String>,
     per_sample: usize,
+    /// Rows an evaluation record keeps when the batch is free and unguided
+    /// ([`RECORD_SAMPLES`] unless the plan is evaluation's own, which keeps every row).
+    record_rows: usize,
 }
 
 impl Plan {
@@ -691,6 +694,7 @@ impl Plan {
             stand_ins,
             notes,
             per_sample,
+            record_rows: RECORD_SAMPLES,
         })
     }
 
@@ -706,8 +710,8 @@ impl Plan {
     /// Rows evaluation records keep: the first images when the batch is free (with
     /// guidance every row: layer inputs are sampled from a prefix of the rows).
     fn keep(&self) -> Option<Vec<usize>> {
-        (!self.fixed && self.images > RECORD_SAMPLES && self.guidance.is_none())
-            .then(|| (0..RECORD_SAMPLES).collect())
+        (!self.fixed && self.images > self.record_rows && self.guidance.is_none())
+            .then(|| (0..self.record_rows).collect())
     }
 
     /// Trajectory batch `b`: its sampler state, noise stream, initial sample and the
@@ -884,27 +888,45 @@ impl Plan {
 }
 
 /// Model calls along fresh trajectories of the deployment sampler, for quality reports:
-/// one trajectory batch per calibration step count, from seeds apart from calibration's
-/// (so the report is not measured on the data that set the scales), at most
-/// [`RECORD_SAMPLES`] images each, with the float model's prediction on each. Only step
-/// counts whose calls add up to `max_calls` (smallest first); `None` when not even one
-/// trajectory fits.
+/// trajectories for every calibration step count, from seeds apart from calibration's
+/// (so the report is not measured on the data that set the scales), with the float
+/// model's prediction on each. `samples` images per step count (`--eval-samples`; a
+/// model with a fixed batch runs as many trajectory batches as they need); `None`: one
+/// trajectory batch per step count of at most [`RECORD_SAMPLES`] images (the model's
+/// batch when it is fixed). Only step counts whose calls add up to `max_calls` (smallest
+/// first); `None` when not even one trajectory fits.
 pub fn evaluation_records(
     model: &Model,
     options: &Options,
     t_name: &str,
+    samples: Option<usize>,
     max_calls: usize,
     progress: &dyn Fn(&str),
 ) -> Result<Option<EvaluationRecords>> {
     const EVAL_SEED: u64 = 0xe7a1_5eed;
     let set = crate::options::timestep_set(model, options)?;
     let given = Given::read(model, options)?;
-    let mut plan = Plan::new(model, options, t_name, &given, &set, RECORD_SAMPLES)?;
+    let mut plan = Plan::new(
+        model,
+        options,
+        t_name,
+        &given,
+        &set,
+        samples.unwrap_or(RECORD_SAMPLES),
+    )?;
+    // Trajectory batches per step count: a fixed batch smaller than `samples` repeats.
+    let repeats = match samples {
+        Some(n) => n.div_ceil(plan.images).max(1),
+        None => 1,
+    };
+    if samples.is_some() {
+        plan.record_rows = usize::MAX;
+    }
     let mut counts = plan.step_counts.clone();
     counts.sort_unstable();
     let mut total = 0;
     counts.retain(|&n| {
-        total += n;
+        total += n * repeats;
         total <= max_calls
     });
     if counts.is_empty() {
@@ -913,10 +935,15 @@ pub fn evaluation_records(
     counts.reverse();
     plan.step_counts = counts;
     let runner = crate::ir::exec::Runner::new(model, None, tfmqc_runtime::engine::Optimize::Full)?;
-    let (mut records, mut steps, mut outputs) = (vec![], vec![], vec![]);
+    let (mut records, mut steps, mut outputs, mut first_image) = (vec![], vec![], vec![], vec![]);
+    let per_record = match (samples, plan.fixed) {
+        (None, false) => plan.images.min(RECORD_SAMPLES),
+        _ => plan.images,
+    };
+    let batches = plan.step_counts.len();
     plan.run(
         model,
-        plan.step_counts.len(),
+        batches * repeats,
         options.seed ^ EVAL_SEED,
         None,
         progress,
@@ -925,9 +952,11 @@ pub fn evaluation_records(
             records.push(call.record()?);
             steps.push(call.t);
             outputs.push(call.cut(&prediction)?);
+            first_image.push(call.batch / batches * per_record);
             Ok(prediction)
         },
     )?;
+    let images = per_record * repeats;
     let what = format!(
         "{} held-out {} trajector{} of {} image(s) at {} steps{}",
         plan.step_counts.len(),
@@ -937,11 +966,7 @@ pub fn evaluation_records(
         } else {
             "ies"
         },
-        plan.images.min(if plan.fixed {
-            plan.images
-        } else {
-            RECORD_SAMPLES
-        }),
+        images,
         plan.step_counts
             .iter()
             .map(|n| n.to_string())
@@ -956,6 +981,9 @@ pub fn evaluation_records(
         steps,
         outputs,
         what,
+        first_image,
+        per_record,
+        images,
     }))
 }
 
@@ -968,4 +996,12 @@ pub struct EvaluationRecords {
     pub outputs: Vec<Tensor>,
     /// What they are, in words.
     pub what: String,
+    /// The index of the first image of each record among its step count's images: row r
+    /// of a record (and of its output) is image `first_image + r % per_record` (under
+    /// guidance the unconditional rows come first, each image's twice).
+    pub first_image: Vec<usize>,
+    /// Images per record.
+    pub per_record: usize,
+    /// Images per step count.
+    pub images: usize,
 }

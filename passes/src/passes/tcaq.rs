@@ -224,6 +224,7 @@ fn held_out(cx: &PassContext, float: &Model) -> Result<Eval> {
             float,
             &options,
             &t_name,
+            None,
             affordable,
             cx.progress,
         ) {
@@ -241,6 +242,7 @@ fn held_out(cx: &PassContext, float: &Model) -> Result<Eval> {
         a.records.extend(b.records);
         a.steps.extend(b.steps);
         a.outputs.extend(b.outputs);
+        a.first_image.extend(b.first_image);
         a
     });
     held_from(
