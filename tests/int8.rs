@@ -16,11 +16,8 @@ fn int8_lowering_matches_the_qdq_graph() {
         "4",
         "--calib-steps",
         "10",
-        // S = every training step: the example inputs hold t = 10 and 500.
-        "--sampling-steps",
-        "all",
     ]);
-    let x = example_inputs("ddpm_digits");
+    let x = example_inputs_in_set("ddpm_digits", &q);
     let float_path = tfmqc_runtime::Engine::load(&q, None, tfmqc_runtime::Optimize::Full).unwrap();
     let (int8, lowered) =
         tfmqc_runtime::Engine::load_int8(&q, tfmqc_runtime::Optimize::Full).unwrap();
@@ -66,8 +63,6 @@ fn output_qdq_convs_fuse_in_onnxruntime_and_lower_exactly() {
         "4",
         "--calib-steps",
         "10",
-        "--sampling-steps",
-        "all",
         "--output-qdq",
         "all",
         // onnxruntime fuses constant scales only: one set of scales.
@@ -102,7 +97,7 @@ fn output_qdq_convs_fuse_in_onnxruntime_and_lower_exactly() {
         "{with_q} of {convs} quantized Convs in the pattern"
     );
 
-    let x = example_inputs("ddpm_digits");
+    let x = example_inputs_in_set("ddpm_digits", &q);
     assert!(assert_lowered_nodes_match("ddpm_digits", &q, &x) >= convs);
     assert_as_close_to_float_as_qdq("ddpm_digits", &q, &x);
 
@@ -748,9 +743,6 @@ fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
         report.to_str().unwrap(),
         "--calib-samples",
         "4",
-        // S = every training step: the example inputs hold t = 10 and 500.
-        "--sampling-steps",
-        "all",
     ]);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
@@ -843,9 +835,17 @@ fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
     let capture =
         tfmqc_runtime::Engine::from_proto(&proto, dirs.as_deref(), Some(&wanted), full).unwrap();
     let base = example_inputs("ddpm_digits");
+    // Two steps of the default set S, far apart (their step groups differ).
+    let set: Vec<i64> = tfmqc_passes::onnx::load(&q)
+        .unwrap()
+        .metadata_value("tfmqc.timesteps")
+        .unwrap()
+        .split(',')
+        .map(|s| s.parse().unwrap())
+        .collect();
     let mut groups_seen = vec![];
     let (mut checked, mut ties) = (0usize, 0usize);
-    for t in [10i64, 500] {
+    for t in [set[1], set[set.len() / 2]] {
         let mut x = base.clone();
         let ts = x.get_mut("timestep").unwrap();
         *ts = tfmqc_passes::Tensor::from_vec(ts.shape.clone(), &vec![t; ts.numel()]);
@@ -888,19 +888,20 @@ fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
     }
     assert!(
         groups_seen[0] != groups_seen[1],
-        "t = 10 and t = 500 fall in the same step groups of every per-step node"
+        "the two steps fall in the same step groups of every per-step node"
     );
     // onnxruntime loads the per-step form and computes what tract's QDQ graph does (its
     // constant-scale pairs fused into its int8 kernels, the per-step ones in float).
     if let Some(py) = python() {
-        let qdq = tract_run_engine(&tfmqc_runtime::Engine::load(&q, None, full).unwrap(), &base);
-        let ort_out = ort_run(&py, &q, &base, dir.path());
+        let x = example_inputs_in_set("ddpm_digits", &q);
+        let qdq = tract_run_engine(&tfmqc_runtime::Engine::load(&q, None, full).unwrap(), &x);
+        let ort_out = ort_run(&py, &q, &x, dir.path());
         let db = sqnr_db(&qdq, &ort_out);
         eprintln!("onnxruntime vs tract on the per-step QDQ graph: {db:.1} dB");
         assert!(db > 30.0, "onnxruntime vs tract: {db:.1} dB");
     }
     eprintln!(
-        "{} lowered nodes with per-step scales; {checked} codes at t = 10 and 500 equal the graph's but {ties} (tract's Div one ulp off x / s, or a tie)",
+        "{} lowered nodes with per-step scales; {checked} codes at the two steps equal the graph's but {ties} (tract's Div one ulp off x / s, or a tie)",
         nodes.len()
     );
 }

@@ -38,11 +38,10 @@ fn every_model_quantizes_loads_everywhere_and_stays_near_float() {
     let py = python();
     for name in denoisers() {
         let mut args = QUICK.to_vec();
-        // S = every training step: the example inputs hold arbitrary time steps.
-        args.extend(["--step-groups", "5", "--sampling-steps", "all"]);
-        // At S = 1000 the TIB is computed (`--tib auto`); its rounding's quality is
-        // tests/tiar.rs' subject, so 20 TIAR steps instead of 200.
-        args.extend(["--tiar-iters", "20"]);
+        // The default set S, the examples' time steps moved into it below: S = every
+        // training step took 9 folds and TIARs at |S| = 1000 (tests/tib.rs and
+        // tests/int4.rs check those) and most of this test's time.
+        args.extend(["--step-groups", "5"]);
         let (q, r) = quantize(&name, dir.path(), &args);
         // Random-weight exports have wild activation ranges; the trained model is held to
         // the product bar below. 15 dB means the quantized model still tracks float.
@@ -51,8 +50,8 @@ fn every_model_quantizes_loads_everywhere_and_stays_near_float() {
             "{name}: mean step SQNR {:.1} dB",
             sqnr(&r)
         );
-        let x = example_inputs(&name);
-        // On the example inputs (N(0,1) samples at arbitrary t, off the calibration
+        let x = example_inputs_in_set(&name, &q);
+        // On the example inputs (N(0,1) samples at steps of S, off the calibration
         // trajectories): random-weight models' trajectories drift far from N(0,1), so only
         // the trained model is held to a real bar there; the others must run and stay finite.
         let bar = if name == "ddpm_digits" {

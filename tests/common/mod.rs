@@ -80,6 +80,45 @@ pub fn example_inputs_at_ddim10(name: &str) -> Tensors {
     x
 }
 
+/// The example inputs of `name` with their time steps moved into the set S that the
+/// compiled file `compiled` records (`tfmqc.timesteps`, read at `tfmqc.timestep_input`):
+/// S's middle step, and its first for a second batch item, in the example's own dtype and
+/// shape. A folded model rejects a step outside S, so off-set examples need this.
+pub fn example_inputs_in_set(name: &str, compiled: &Path) -> Tensors {
+    use tfmqc_passes::ir::{DType, Tensor};
+    let m = tfmqc_passes::onnx::load(compiled).unwrap();
+    let input = m
+        .metadata_value("tfmqc.timestep_input")
+        .expect("the compiled file records its time-step input")
+        .to_string();
+    let set: Vec<i64> = m
+        .metadata_value("tfmqc.timesteps")
+        .expect("the compiled file records its time-step set")
+        .split(',')
+        .map(|s| s.trim().parse().expect("a time step"))
+        .collect();
+    let mut x = example_inputs(name);
+    let t = x
+        .get_mut(&input)
+        .expect("the example has the time-step input");
+    let n = t.shape.iter().product::<usize>();
+    let steps: Vec<i64> = (0..n)
+        .map(|i| {
+            if i % 2 == 0 {
+                set[set.len() / 2]
+            } else {
+                set[0]
+            }
+        })
+        .collect();
+    let shape = t.shape.clone();
+    *t = match t.dtype {
+        DType::I64 => Tensor::from_vec(shape, &steps),
+        _ => Tensor::from_vec(shape, &steps.iter().map(|&v| v as f32).collect::<Vec<_>>()),
+    };
+    x
+}
+
 pub fn tfmqc(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tfmqc"))
         .args(args)
