@@ -77,23 +77,58 @@ pub fn assert_same_bits(what: &str, expected: &[Tensor], got: &[Tensor]) {
 /// Runs `engine` at each batch (the last one as a CFG-doubled batch when even and above
 /// 2) on its plan for that batch and on the generic plan: the same bits; one plan made
 /// per batch, none failed.
-pub fn assert_plans_match_generic(model: &str, engine: &Engine, batches: &[usize]) {
+pub fn assert_plans_match_generic(model: &str, label: &str, engine: &Engine, batches: &[usize]) {
+    assert_plans_close_to_generic(model, label, engine, batches, 0.0)
+}
+
+/// The largest difference of two f32 outputs, relative to the largest magnitude of the
+/// expected one.
+pub fn max_relative_error(expected: &[Tensor], got: &[Tensor]) -> f32 {
+    let mut worst = 0f32;
+    for (a, b) in expected.iter().zip(got) {
+        let a = a.to_plain_array_view::<f32>().unwrap();
+        let b = b.to_plain_array_view::<f32>().unwrap();
+        let scale = a
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()))
+            .max(f32::MIN_POSITIVE);
+        let diff = a
+            .iter()
+            .zip(b.iter())
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        worst = worst.max(diff / scale);
+    }
+    worst
+}
+
+/// [`assert_plans_match_generic`] within `tolerance` (0: the same bits).
+pub fn assert_plans_close_to_generic(
+    model: &str,
+    label: &str,
+    engine: &Engine,
+    batches: &[usize],
+    tolerance: f32,
+) {
     for &batch in batches {
         let cfg = batch > 2 && batch % 2 == 0;
         let x = batch_inputs(model, engine, batch, cfg);
         let got = engine.run(x.clone()).unwrap();
         assert_eq!(got[0].shape()[0], batch);
-        assert_same_bits(
-            &format!("{model} batch {batch}{}", if cfg { " (CFG)" } else { "" }),
-            &engine.run_generic(x).unwrap(),
-            &got,
-        );
+        let what = format!("{label} batch {batch}{}", if cfg { " (CFG)" } else { "" });
+        let generic = engine.run_generic(x).unwrap();
+        if tolerance == 0.0 {
+            assert_same_bits(&what, &generic, &got);
+        } else {
+            let err = max_relative_error(&generic, &got);
+            eprintln!("{what}: largest difference {err:.2e} of the largest output");
+            assert!(err <= tolerance, "{what}: {err:.2e} > {tolerance:.0e}");
+        }
     }
     let plans = engine.shape_plans();
     let mut made: Vec<i64> = plans.iter().map(|p| p.values[0].1).collect();
     made.sort();
     let want: Vec<i64> = batches.iter().map(|&b| b as i64).collect();
-    assert_eq!(made, want, "{model}: {plans:?}");
+    assert_eq!(made, want, "{label}: {plans:?}");
     for p in &plans {
         assert_eq!(p.failure, None, "{model}: {p:?}");
         eprintln!(
