@@ -17,7 +17,7 @@ use tfmqc_runtime::{Engine, Optimize};
 fn int8_plans_per_batch_match_the_generic_plan_bit_for_bit() {
     for model in DYNBATCH_MODELS {
         let q = quantized(model);
-        let (engine, lowered) = Engine::load_int8(&q, Optimize::Full).unwrap();
+        let (engine, lowered) = Engine::load_int8(&q, Optimize::PerShape).unwrap();
         assert!(lowered > 0, "{model}: nothing on the int8 kernels");
         assert_plans_match_generic(model, &format!("{model} int8"), &engine, &[1, 2, 4]);
     }
@@ -29,7 +29,7 @@ fn int8_plans_per_batch_match_the_generic_plan_bit_for_bit() {
 fn int8_plans_are_made_and_used_from_several_threads() {
     let model = "unet2d_attn_dynbatch";
     let q = quantized(model);
-    let (engine, _) = Engine::load_int8(&q, Optimize::Full).unwrap();
+    let (engine, _) = Engine::load_int8(&q, Optimize::PerShape).unwrap();
     std::thread::scope(|s| {
         for batch in [1, 3] {
             let engine = &engine;
@@ -56,7 +56,7 @@ fn int8_plans_are_made_and_used_from_several_threads() {
 fn the_plan_cache_keeps_the_four_most_recently_used_batches() {
     let model = "unet2d_attn_dynbatch";
     let q = quantized(model);
-    let (engine, _) = Engine::load_int8(&q, Optimize::Full).unwrap();
+    let (engine, _) = Engine::load_int8(&q, Optimize::PerShape).unwrap();
     let batches =
         |e: &Engine| -> Vec<i64> { e.shape_plans().iter().map(|p| p.values[0].1).collect() };
     for batch in [1, 2, 3, 4, 5] {
@@ -117,7 +117,7 @@ fn a_guided_sampling_loop_runs_on_the_plan_for_the_doubled_batch() {
 #[test]
 fn float_engines_make_no_plans_per_batch_by_default() {
     let model = "unet2d_attn_dynbatch";
-    let engine = Engine::load(&model_path(model), None, Optimize::Full).unwrap();
+    let engine = Engine::load(&model_path(model), None, Optimize::PerShape).unwrap();
     let x = batch_inputs(model, &engine, 2, false);
     let got = engine.run(x.clone()).unwrap();
     assert_same_bits(model, &engine.run_generic(x).unwrap(), &got);
@@ -130,7 +130,7 @@ fn float_engines_make_no_plans_per_batch_by_default() {
 fn inputs_that_do_not_give_the_batch_fail_as_before_and_make_no_plan() {
     let model = "unet2d_attn_dynbatch";
     let q = quantized(model);
-    let (engine, _) = Engine::load_int8(&q, Optimize::Full).unwrap();
+    let (engine, _) = Engine::load_int8(&q, Optimize::PerShape).unwrap();
     let mut flat = batch_inputs(model, &engine, 2, false);
     let shape = flat[0].shape().to_vec();
     flat[0] = flat[0]

@@ -20,7 +20,7 @@ fn float_plans_per_batch_match_the_generic_plan_to_float_rounding() {
     for model in DYNBATCH_MODELS {
         let q = quantized(model);
         for file in [model_path(model), q] {
-            let engine = Engine::load(&file, None, Optimize::Full).unwrap();
+            let engine = Engine::load(&file, None, Optimize::PerShape).unwrap();
             assert_plans_close_to_generic(
                 model,
                 &file.display().to_string(),

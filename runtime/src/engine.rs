@@ -21,6 +21,13 @@ pub enum Optimize {
     Declutter,
     /// Full codegen: slower to build, fastest to run.
     Full,
+    /// [`Optimize::Full`], and for a model on the int8 kernels whose inputs have symbolic
+    /// dims (a batch `N`), a plan per set of concrete values the calls bring
+    /// ([`Engine::shape_plans`]): what the runtime's `Denoiser` runs. Not the compiler's
+    /// default: a float op left in the model may round differently in a plan made for a
+    /// number (tract picks another kernel at batch 1), and the compiler's decisions and
+    /// snapshots are made on the generic plan.
+    PerShape,
 }
 
 /// A loaded, runnable graph.
@@ -274,7 +281,7 @@ impl Engine {
         } else {
             None
         };
-        if optimize == Optimize::Full {
+        if optimize != Optimize::Declutter {
             typed
                 .optimize()
                 .map_err(|e| engine_err("optimizing the model", e))?;
@@ -549,8 +556,7 @@ impl Engine {
 }
 
 /// Whether an engine makes plans per concrete input shape (when its inputs have symbolic
-/// dims). Not for decluttered-only engines (run a few times, where tract's optimizer is
-/// what the shapes would help) nor observing ones (calibration: their observers are
+/// dims). Only when asked ([`Optimize::PerShape`]); not for observing ones (calibration: their observers are
 /// wired into the load-time plan, which is kept simple; and at SD scale they are float
 /// models, where a second plan would pack all the weights again). By default only for
 /// models on the int8 kernels, whose packed weights every plan shares; a float model's
@@ -564,7 +570,7 @@ fn per_shape_plans(decluttered: &TypedModel, optimize: Optimize, observe: &[Stri
         Ok("1") => Some(true),
         _ => None,
     });
-    if optimize != Optimize::Full || !observe.is_empty() || knob == Some(false) {
+    if optimize != Optimize::PerShape || !observe.is_empty() || knob == Some(false) {
         return false;
     }
     knob == Some(true)
