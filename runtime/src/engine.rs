@@ -556,9 +556,10 @@ impl Engine {
 }
 
 /// Whether an engine makes plans per concrete input shape (when its inputs have symbolic
-/// dims). Only when asked ([`Optimize::PerShape`]); not for observing ones (calibration: their observers are
-/// wired into the load-time plan, which is kept simple; and at SD scale they are float
-/// models, where a second plan would pack all the weights again). By default only for
+/// dims). Only when asked ([`Optimize::PerShape`]); never for observing engines
+/// (calibration: their observers are wired into the load-time plan, which is kept
+/// simple; and at SD scale they are float models, where a second plan would pack all the
+/// weights again). Even when asked, by default only for
 /// models on the int8 kernels, whose packed weights every plan shares; a float model's
 /// weights tract packs again per plan, and the kept decluttered model holds them too
 /// (`crate::shape_plans`). `TFMQC_PLAN_PER_SHAPE=0` turns it off, `=1` on for float
