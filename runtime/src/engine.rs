@@ -12,6 +12,7 @@ use tract_onnx::tract_hir::infer::{Factoid, InferenceModelExt};
 
 use crate::classify::ConstKind;
 use crate::error::{Error, Result};
+use crate::shape_plans::{ShapePlan, ShapePlans};
 
 /// How much of tract's optimizer to run before executing.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,11 +21,26 @@ pub enum Optimize {
     Declutter,
     /// Full codegen: slower to build, fastest to run.
     Full,
+    /// [`Optimize::Full`], and for a model on the int8 kernels whose inputs have symbolic
+    /// dims (a batch `N`), a plan per set of concrete values the calls bring
+    /// ([`Engine::shape_plans`]): what the runtime's `Denoiser` runs. Not the compiler's
+    /// default: a float op left in the model may round differently in a plan made for a
+    /// number (tract picks another kernel at batch 1), and the compiler's decisions and
+    /// snapshots are made on the generic plan.
+    PerShape,
 }
 
 /// A loaded, runnable graph.
+///
+/// A model whose inputs have symbolic dims (a batch `N`) gets, besides the plan for its
+/// symbolic shapes made at load, a plan per set of concrete values the calls bring
+/// (made on the first such call, a few kept): see [`Engine::shape_plans`].
 pub struct Engine {
+    /// The plan for the model's declared shapes, symbols and all.
     plan: Arc<TypedSimplePlan>,
+    /// Plans for concrete values of the inputs' symbols; `None` for models without
+    /// symbolic dims, observing engines and decluttered-only ones (see `per_shape_plans`).
+    shape_plans: Option<ShapePlans>,
     int8_weights: (usize, usize),
     resident: ResidentBytes,
     input_names: Vec<String>,
@@ -257,11 +273,19 @@ impl Engine {
         let typed = model
             .into_typed()
             .map_err(|e| engine_err("typing the model", e))?;
-        let mut typed = match optimize {
-            Optimize::Declutter => typed.into_decluttered(),
-            Optimize::Full => typed.into_optimized(),
+        let mut typed = typed
+            .into_decluttered()
+            .map_err(|e| engine_err("optimizing the model", e))?;
+        let shape_plans = if per_shape_plans(&typed, optimize, observe) {
+            ShapePlans::new(typed.clone()).map_err(|e| engine_err("reading the inputs", e))?
+        } else {
+            None
+        };
+        if optimize != Optimize::Declutter {
+            typed
+                .optimize()
+                .map_err(|e| engine_err("optimizing the model", e))?;
         }
-        .map_err(|e| engine_err("optimizing the model", e))?;
         // Observed values were outputs while tract optimized (so they survive whole);
         // now they stop being outputs, so the plan frees them like any intermediate.
         let mut observed: HashMap<OutletId, Vec<usize>> = HashMap::new();
@@ -321,6 +345,7 @@ impl Engine {
             .map_err(|e| engine_err("planning the model", e))?;
         Ok(Engine {
             plan,
+            shape_plans,
             int8_weights,
             resident,
             input_names,
@@ -359,11 +384,54 @@ impl Engine {
                 self.input_names
             )));
         }
+        let plan = self.plan_for(&inputs);
+        self.run_plan(&plan, inputs)
+    }
+
+    /// Like [`Engine::run`], always on the plan made at load for the model's declared
+    /// (symbolic) shapes, never on one made for the inputs' concrete shapes: what a run was
+    /// before there were plans per shape, to check that both give the same bits.
+    pub fn run_generic(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
+        if inputs.len() != self.input_names.len() {
+            return Err(Error::BadInput(format!(
+                "{} inputs given, the model takes {} ({:?})",
+                inputs.len(),
+                self.input_names.len(),
+                self.input_names
+            )));
+        }
+        self.run_plan(&self.plan, inputs)
+    }
+
+    /// The plan for inputs of these shapes: one made for them when the model has
+    /// symbolic dims (made now if this is the first call with them), else the one
+    /// made at load.
+    fn plan_for(&self, inputs: &[Tensor]) -> Arc<TypedSimplePlan> {
+        self.shape_plans
+            .as_ref()
+            .and_then(|plans| {
+                let shapes: Vec<&[usize]> = inputs.iter().map(|t| t.shape()).collect();
+                plans.plan_for(&shapes)
+            })
+            .unwrap_or_else(|| self.plan.clone())
+    }
+
+    /// The sets of symbol values this engine has made plans for, most recently used
+    /// first, with what each cost and, where making one failed, why (those calls run the
+    /// plan for the symbolic shapes). Empty for models without symbolic dims.
+    pub fn shape_plans(&self) -> Vec<ShapePlan> {
+        self.shape_plans
+            .as_ref()
+            .map(ShapePlans::plans)
+            .unwrap_or_default()
+    }
+
+    fn run_plan(&self, plan: &Arc<TypedSimplePlan>, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
         let inputs: TVec<TValue> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
         // tract panics on some invalid data instead of failing (an out-of-range Gather
         // index, which is how a folded model rejects a time step outside its set): the
         // caller gets an error either way.
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.plan.run(inputs)))
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(inputs)))
             .map_err(|panic| {
                 let what = panic
                     .downcast_ref::<String>()
@@ -390,6 +458,9 @@ impl Engine {
         inputs: Vec<Tensor>,
         observer: &mut dyn FnMut(usize, &Tensor) -> Result<()>,
     ) -> Result<Vec<Tensor>> {
+        // The observed outlets are those of the load-time plan: an observing engine makes
+        // no plans per shape (`per_shape_plans`).
+        debug_assert!(self.observed.is_empty() || self.shape_plans.is_none());
         if inputs.len() != self.input_names.len() {
             return Err(Error::BadInput(format!(
                 "{} inputs given, the model takes {} ({:?})",
@@ -444,11 +515,13 @@ impl Engine {
     /// Runs once with inputs in graph-input order and times every node of the plan:
     /// `(node name, op name, time)` in execution order. Where time goes inside one step,
     /// for `tfmqc bench --profile`.
+    /// The plan is the one [`Engine::run`] would take for these inputs (made first if
+    /// need be, outside the timing).
     pub fn profile(&self, inputs: Vec<Tensor>) -> Result<Vec<NodeTime>> {
+        let plan = self.plan_for(&inputs);
         let inputs: TVec<TValue> = inputs.into_iter().map(|t| t.into_tvalue()).collect();
         let mut times = vec![];
-        let mut state = self
-            .plan
+        let mut state = plan
             .spawn()
             .map_err(|e| Error::Execution(format!("{e:#}")))?;
         state
@@ -480,6 +553,34 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         self.run(ordered)
     }
+}
+
+/// Whether an engine makes plans per concrete input shape (when its inputs have symbolic
+/// dims). Only when asked ([`Optimize::PerShape`]); never for observing engines
+/// (calibration: their observers are wired into the load-time plan, which is kept
+/// simple; and at SD scale they are float models, where a second plan would pack all the
+/// weights again). Even when asked, by default only for
+/// models on the int8 kernels, whose packed weights every plan shares; a float model's
+/// weights tract packs again per plan, and the kept decluttered model holds them too
+/// (`crate::shape_plans`). `TFMQC_PLAN_PER_SHAPE=0` turns it off, `=1` on for float
+/// models too.
+fn per_shape_plans(decluttered: &TypedModel, optimize: Optimize, observe: &[String]) -> bool {
+    static KNOB: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    let knob = *KNOB.get_or_init(|| match std::env::var("TFMQC_PLAN_PER_SHAPE").as_deref() {
+        Ok("0") => Some(false),
+        Ok("1") => Some(true),
+        _ => None,
+    });
+    if optimize != Optimize::PerShape || !observe.is_empty() || knob == Some(false) {
+        return false;
+    }
+    knob == Some(true)
+        || decluttered.nodes().iter().any(|n| {
+            n.op_is::<crate::ops::conv::QConv>()
+                || n.op_is::<crate::ops::gemm::QGemm>()
+                || n.op_is::<crate::ops::matmul::QMatMul>()
+                || n.op_is::<crate::ops::attention::QAttention>()
+        })
 }
 
 /// Bytes a planned model holds, by kind of tensor: the int8 nodes' packed weights (with

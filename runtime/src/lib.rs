@@ -22,6 +22,7 @@ pub mod rng;
 pub mod sampler;
 pub mod schedule;
 pub mod scheduler;
+mod shape_plans;
 mod tensor_data;
 pub mod threads;
 
@@ -31,6 +32,7 @@ pub use error::{Error, Result};
 pub use sampler::{Sampler, SamplerState};
 pub use schedule::{BetaSchedule, NoiseRng, Schedule};
 pub use scheduler::{PredictionType, SchedulerConfig, TimestepSpacing};
+pub use shape_plans::ShapePlan;
 pub use threads::with_threads;
 pub use tract_onnx::pb;
 /// The element type of a [`Tensor`].

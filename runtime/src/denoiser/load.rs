@@ -248,8 +248,8 @@ impl Denoiser {
         }
         // Quantized convolutions run on the int8 kernels (a float model has none to lower).
         let engine = match source {
-            Cow::Owned(p) => Engine::from_owned_proto_int8(p, model_dir, None, Optimize::Full),
-            Cow::Borrowed(p) => Engine::from_proto_int8(p, model_dir, None, Optimize::Full),
+            Cow::Owned(p) => Engine::from_owned_proto_int8(p, model_dir, None, Optimize::PerShape),
+            Cow::Borrowed(p) => Engine::from_proto_int8(p, model_dir, None, Optimize::PerShape),
         };
         let (engine, int8_ops) = engine.map_err(|e| {
             if name.is_empty() {

@@ -6,8 +6,9 @@
 /// The weights and geometry of one convolution: stride 1, dilation 1, one group.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConvF32 {
-    /// `[O, C, kh, kw]`, row-major.
-    pub weight: Vec<f32>,
+    /// `[O, C, kh, kw]`, row-major. Shared, not copied, when tract clones the op (a plan
+    /// per concrete input shape, [`crate::Engine`]).
+    pub weight: std::sync::Arc<[f32]>,
     pub bias: Option<Vec<f32>>,
     pub out_channels: usize,
     pub in_channels: usize,
@@ -150,7 +151,10 @@ mod tests {
             let pads = [case % 2, (case / 2) % 2, (case / 4) % 2, 1];
             let (h, w) = (3 + case % 5, 2 + (case * 3) % 7);
             let p = ConvF32 {
-                weight: (0..oc * c * kernel[0] * kernel[1]).map(|_| f()).collect(),
+                weight: (0..oc * c * kernel[0] * kernel[1])
+                    .map(|_| f())
+                    .collect::<Vec<_>>()
+                    .into(),
                 bias: (case % 3 != 0).then(|| (0..oc).map(|_| f()).collect()),
                 out_channels: oc,
                 in_channels: c,

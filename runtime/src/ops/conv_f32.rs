@@ -135,7 +135,7 @@ pub fn build_conv_f32(
         node.name
     );
     let op = QConvF32(ConvF32 {
-        weight,
+        weight: weight.into(),
         bias,
         out_channels: dims[0],
         in_channels: dims[1],
