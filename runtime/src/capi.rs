@@ -107,11 +107,7 @@ fn status(f: impl FnOnce() -> Result<(), Failure>) -> tfmqc_status {
 /// panic reaching an `extern "C"` function's end aborts the caller's process.
 fn guard<T>(fallback: T, f: impl FnOnce() -> T) -> T {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let what = crate::engine::panic_message(panic.as_ref());
         set_last_error(format!(
             "internal error (a bug in tfmqc; please report it): {what}"
         ));

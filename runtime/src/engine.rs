@@ -374,16 +374,22 @@ impl Engine {
         &self.output_names
     }
 
+    /// The error of a call with as many inputs as the model does not take.
+    fn check_input_count(&self, inputs: &[Tensor]) -> Result<()> {
+        if inputs.len() == self.input_names.len() {
+            return Ok(());
+        }
+        Err(Error::BadInput(format!(
+            "{} inputs given, the model takes {} ({:?})",
+            inputs.len(),
+            self.input_names.len(),
+            self.input_names
+        )))
+    }
+
     /// Runs with inputs in graph-input order.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        if inputs.len() != self.input_names.len() {
-            return Err(Error::BadInput(format!(
-                "{} inputs given, the model takes {} ({:?})",
-                inputs.len(),
-                self.input_names.len(),
-                self.input_names
-            )));
-        }
+        self.check_input_count(&inputs)?;
         let plan = self.plan_for(&inputs);
         self.run_plan(&plan, inputs)
     }
@@ -392,14 +398,7 @@ impl Engine {
     /// (symbolic) shapes, never on one made for the inputs' concrete shapes: what a run was
     /// before there were plans per shape, to check that both give the same bits.
     pub fn run_generic(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>> {
-        if inputs.len() != self.input_names.len() {
-            return Err(Error::BadInput(format!(
-                "{} inputs given, the model takes {} ({:?})",
-                inputs.len(),
-                self.input_names.len(),
-                self.input_names
-            )));
-        }
+        self.check_input_count(&inputs)?;
         self.run_plan(&self.plan, inputs)
     }
 
@@ -433,11 +432,7 @@ impl Engine {
         // caller gets an error either way.
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(inputs)))
             .map_err(|panic| {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
+                let what = panic_message(panic.as_ref());
                 Error::Execution(format!("tract stopped on invalid data: {what}"))
             })?
             .map_err(|e| Error::Execution(format!("{e:#}")))?;
@@ -461,14 +456,7 @@ impl Engine {
         // The observed outlets are those of the load-time plan: an observing engine makes
         // no plans per shape (`per_shape_plans`).
         debug_assert!(self.observed.is_empty() || self.shape_plans.is_none());
-        if inputs.len() != self.input_names.len() {
-            return Err(Error::BadInput(format!(
-                "{} inputs given, the model takes {} ({:?})",
-                inputs.len(),
-                self.input_names.len(),
-                self.input_names
-            )));
-        }
+        self.check_input_count(&inputs)?;
         for (k, value) in &self.observed_consts {
             observer(*k, value)?;
         }
@@ -493,11 +481,7 @@ impl Engine {
             })
         }))
         .map_err(|panic| {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let what = panic_message(panic.as_ref());
             Error::Execution(format!("tract stopped on invalid data: {what}"))
         })?;
         if let Some(e) = failure {
@@ -553,6 +537,15 @@ impl Engine {
             .collect::<Result<Vec<_>>>()?;
         self.run(ordered)
     }
+}
+
+/// What a caught panic said (its `String` or `&str` payload; empty for any other).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// Whether an engine makes plans per concrete input shape (when its inputs have symbolic

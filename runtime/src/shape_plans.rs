@@ -181,11 +181,7 @@ impl ShapePlans {
                 .map_err(|e| step("planning", e))
         }))
         .map_err(|panic| {
-            let what = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let what = crate::engine::panic_message(panic.as_ref());
             format!("tract panicked: {what}")
         })?
     }
