@@ -836,13 +836,7 @@ fn per_step_scales_in_the_int8_kernels_match_the_qdq_graph_at_each_t() {
         tfmqc_runtime::Engine::from_proto(&proto, dirs.as_deref(), Some(&wanted), full).unwrap();
     let base = example_inputs("ddpm_digits");
     // Two steps of the default set S, far apart (their step groups differ).
-    let set: Vec<i64> = tfmqc_passes::onnx::load(&q)
-        .unwrap()
-        .metadata_value("tfmqc.timesteps")
-        .unwrap()
-        .split(',')
-        .map(|s| s.parse().unwrap())
-        .collect();
+    let set = compiled_timesteps(&q);
     let mut groups_seen = vec![];
     let (mut checked, mut ties) = (0usize, 0usize);
     for t in [set[1], set[set.len() / 2]] {

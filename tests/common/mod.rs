@@ -63,21 +63,24 @@ pub fn example_inputs(name: &str) -> Tensors {
 /// `ddim:10` compile (t = 100 and 500), in the example's own dtype and shape (a batch of
 /// two, or a scalar: unet2d_cond): what the fused-node tests run compiled models on.
 pub fn example_inputs_at_ddim10(name: &str) -> Tensors {
-    use tfmqc_passes::ir::{DType, Tensor};
     let mut x = example_inputs(name);
     for key in ["timesteps", "timestep"] {
         if let Some(t) = x.get_mut(key) {
-            let ts = [100.0, 500.0][..t.shape.iter().product::<usize>().min(2)].to_vec();
-            let shape = t.shape.clone();
-            *t = match t.dtype {
-                DType::I64 => {
-                    Tensor::from_vec(shape, &ts.iter().map(|&v| v as i64).collect::<Vec<_>>())
-                }
-                _ => Tensor::from_vec(shape, &ts.iter().map(|&v| v as f32).collect::<Vec<_>>()),
-            };
+            set_time_steps(t, |i| [100, 500][i.min(1)]);
         }
     }
     x
+}
+
+/// The time-step set S a compiled file records (`tfmqc.timesteps`).
+pub fn compiled_timesteps(compiled: &Path) -> Vec<i64> {
+    tfmqc_passes::onnx::load(compiled)
+        .unwrap()
+        .metadata_value("tfmqc.timesteps")
+        .expect("the compiled file records its time-step set")
+        .split(',')
+        .map(|s| s.trim().parse().expect("a time step"))
+        .collect()
 }
 
 /// The example inputs of `name` with their time steps moved into the set S that the
@@ -85,38 +88,36 @@ pub fn example_inputs_at_ddim10(name: &str) -> Tensors {
 /// S's middle step, and its first for a second batch item, in the example's own dtype and
 /// shape. A folded model rejects a step outside S, so off-set examples need this.
 pub fn example_inputs_in_set(name: &str, compiled: &Path) -> Tensors {
-    use tfmqc_passes::ir::{DType, Tensor};
-    let m = tfmqc_passes::onnx::load(compiled).unwrap();
-    let input = m
+    let input = tfmqc_passes::onnx::load(compiled)
+        .unwrap()
         .metadata_value("tfmqc.timestep_input")
         .expect("the compiled file records its time-step input")
         .to_string();
-    let set: Vec<i64> = m
-        .metadata_value("tfmqc.timesteps")
-        .expect("the compiled file records its time-step set")
-        .split(',')
-        .map(|s| s.trim().parse().expect("a time step"))
-        .collect();
+    let set = compiled_timesteps(compiled);
     let mut x = example_inputs(name);
     let t = x
         .get_mut(&input)
         .expect("the example has the time-step input");
-    let n = t.shape.iter().product::<usize>();
-    let steps: Vec<i64> = (0..n)
-        .map(|i| {
-            if i % 2 == 0 {
-                set[set.len() / 2]
-            } else {
-                set[0]
-            }
-        })
-        .collect();
+    set_time_steps(t, |i| {
+        if i % 2 == 0 {
+            set[set.len() / 2]
+        } else {
+            set[0]
+        }
+    });
+    x
+}
+
+/// Rewrites a time-step tensor in place, element `i` to `step(i)`, keeping its dtype (i64
+/// or float) and shape.
+fn set_time_steps(t: &mut Tensor, step: impl Fn(usize) -> i64) {
+    use tfmqc_passes::ir::DType;
+    let steps: Vec<i64> = (0..t.shape.iter().product::<usize>()).map(step).collect();
     let shape = t.shape.clone();
     *t = match t.dtype {
         DType::I64 => Tensor::from_vec(shape, &steps),
         _ => Tensor::from_vec(shape, &steps.iter().map(|&v| v as f32).collect::<Vec<_>>()),
     };
-    x
 }
 
 pub fn tfmqc(args: &[&str]) -> Output {
