@@ -12,7 +12,9 @@ deployment sampler, mean / min over the steps), the activations with per-step sc
 the output files' size against the float file. `--eval-samples N` measures on N held-out
 images per step count (the compiler's `--eval-samples`; default: the compiler's, 2) and adds
 the gain on each half of them (their disagreement is the held-out set's own noise);
-`--no-s1000` skips the S = 1000 compile (its column shows "–").
+`--no-s1000` skips the S = 1000 compile (its column shows "–"); `--reuse` keeps the
+reports already in the work folder (a compile is deterministic for its options and
+binary: only the missing ones run).
 """
 
 import argparse
@@ -41,10 +43,15 @@ def model_bytes(name: str) -> int:
     return p.stat().st_size + (data.stat().st_size if data.exists() else 0)
 
 
+REUSE = False
+
+
 def compile_one(tfmqc: str, name: str, bits: int, groups: str, work: Path,
                 extra: list[str] | None = None, tag: str = "") -> dict:
     out = work / f"{name}.w{bits}.g{groups}{tag}.onnx"
     report = out.with_suffix(".json")
+    if REUSE and report.exists():
+        return json.loads(report.read_text())
     cmd = [tfmqc, f"models/{name}.onnx", "-o", str(out), "--report", str(report), "--seed", "0",
            "--weight-bits", str(bits), "--step-groups", groups, *MODEL_ARGS.get(name, []),
            *(extra or [])]
@@ -64,8 +71,11 @@ def main() -> None:
     ap.add_argument("--workdir", default="/tmp/fsc_gain")
     ap.add_argument("--eval-samples", type=int, default=None)
     ap.add_argument("--no-s1000", action="store_true")
+    ap.add_argument("--reuse", action="store_true")
     ap.add_argument("models", nargs="*", default=DENOISERS)
     a = ap.parse_args()
+    global REUSE
+    REUSE = a.reuse
     ev = ["--eval-samples", str(a.eval_samples)] if a.eval_samples else []
     tag = f".e{a.eval_samples}" if a.eval_samples else ""
     work = Path(a.workdir)

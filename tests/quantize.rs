@@ -238,6 +238,57 @@ fn fsc_step_groups_beat_one_set_of_scales() {
     }
 }
 
+/// `--output-qdq auto` puts an output pair only on Convs whose input is quantized with a
+/// constant scale (a DequantizeLinear: what onnxruntime fuses); a Conv reading per-step
+/// scales (`Mul(DequantizeLinear(…), s[g])`) gets none, even with a budget that admits
+/// every pair; `all` still pairs them.
+#[test]
+fn automatic_output_pairs_skip_convs_reading_per_step_scales() {
+    let dir = tmpdir();
+    let pairs = |q: &Path| -> (usize, usize, usize) {
+        let m = tfmqc_passes::onnx::load(q).unwrap();
+        let g = &m.graph;
+        let from = |v: &str, op: &str| g.producer(v).is_some_and(|(p, _)| g.node(p).op_type == op);
+        let (mut constant, mut per_step, mut per_step_paired) = (0, 0, 0);
+        for ix in g.node_indices() {
+            let n = g.node(ix);
+            if n.op_type != "Conv" || !from(&n.inputs[1], "DequantizeLinear") {
+                continue;
+            }
+            let paired = g
+                .consumers(&n.outputs[0])
+                .iter()
+                .any(|&(c, _)| g.node(c).op_type == "QuantizeLinear");
+            if from(&n.inputs[0], "Mul") {
+                per_step += 1;
+                per_step_paired += paired as usize;
+            } else if paired {
+                constant += 1;
+            }
+        }
+        (constant, per_step, per_step_paired)
+    };
+    let auto = dir.path().join("auto.onnx");
+    quantize_small("ddpm_digits", &auto, "10", &["--output-qdq-budget", "100"]);
+    let (constant, per_step, per_step_paired) = pairs(&auto);
+    assert!(
+        constant > 0 && per_step > 0,
+        "auto: {constant} pairs on constant-scale Convs, {per_step} Convs with per-step inputs"
+    );
+    assert_eq!(
+        per_step_paired, 0,
+        "auto paired a Conv reading per-step scales"
+    );
+    let all = dir.path().join("all.onnx");
+    quantize_small("ddpm_digits", &all, "10", &["--output-qdq", "all"]);
+    let (_, per_step, per_step_paired) = pairs(&all);
+    // (Not those whose output is itself quantized per step by its readers.)
+    assert!(
+        per_step_paired > per_step / 2,
+        "all: {per_step_paired} of {per_step} Convs reading per-step scales paired"
+    );
+}
+
 #[test]
 fn four_bit_weights_stay_in_range_and_trail_eight_bit() {
     let dir = tmpdir();

@@ -68,8 +68,9 @@ pub enum Reconstruct {
 pub enum OutputQdq {
     /// No output pairs (biases still become int32, which Gemm and MatMul fusion needs).
     None,
-    /// Per Conv, by the output-SQNR each pair costs on the calibration records, cheapest
-    /// first, while the total stays within `--output-qdq-budget` dB.
+    /// Per Conv whose input scale is constant (what onnxruntime can fuse), by the
+    /// output-SQNR each pair costs on the calibration records, cheapest first, while the
+    /// total stays within `--output-qdq-budget` dB.
     Auto,
     /// Every quantized Conv whose output is not a graph output.
     All,

@@ -54,8 +54,24 @@ pub(super) fn output_qdq(
     if options.output_qdq == OutputQdq::None {
         return Ok(());
     }
+    let per_step = |value: &String| {
+        plan.activations
+            .iter()
+            .any(|a| &a.value == value && a.groups.len() > 1)
+    };
     let mut candidates = vec![];
     for (node, y) in conv_outputs(&model.graph, quantized) {
+        // `auto`: a Conv whose input takes per-step scales reads a `Mul(·, s[g])`, not a
+        // DequantizeLinear: onnxruntime cannot fuse it (nor does its bias become int32),
+        // so a pair on its output would only add rounding (ddim_unet W4A8: 44 pairs
+        // chosen, 12 of them on such Convs; ddpm_digits W8A8: all 6). `all` keeps them.
+        let input_per_step = quantized
+            .iter()
+            .find(|t| t.node == node)
+            .is_some_and(|t| t.activations.iter().any(per_step));
+        if input_per_step && options.output_qdq == OutputQdq::Auto {
+            continue;
+        }
         // The range: the pair already on y when y is a quantized input, else calibration's.
         let params = match plan.activations.iter().find(|a| a.value == y) {
             // Its readers quantize it per step: a constant pair would quantize it twice.
