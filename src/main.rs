@@ -275,7 +275,8 @@ struct QuantArgs {
     /// QuantizeLinear/DequantizeLinear pairs on the outputs of quantized Convs, which
     /// onnxruntime needs to run a Conv on its int8 kernel (QLinearConv) and which cost
     /// one more 8-bit rounding each: `auto` adds them on the Convs whose input scale is
-    /// constant (onnxruntime cannot fuse one that reads per-step scales), cheapest first
+    /// constant and whose weights are not packed INT4 (onnxruntime cannot fuse one that
+    /// reads per-step scales, nor its QLinearConv take 4-bit weights), cheapest first
     /// by the output SQNR each costs on the calibration records, while the total stays
     /// within --output-qdq-budget (skipped, with a note, when measuring would take too long);
     /// `all` on every quantized Conv; `none` on none. Biases of quantized Conv and Gemm

@@ -27,6 +27,10 @@ const QUICK: &[&str] = &[
     // steps give the same form as the default 2000, which took 23 s of CPU per compile.
     "--tiar-iters",
     "20",
+    // Under `auto` only the int8-storage file gets output pairs (onnxruntime fuses no
+    // Conv with INT4 weights): `all` gives both files the same graph.
+    "--output-qdq",
+    "all",
 ];
 
 fn compile(name: &str, dir: &Path, storage: &str) -> PathBuf {

@@ -238,12 +238,14 @@ fn fsc_step_groups_beat_one_set_of_scales() {
     }
 }
 
-/// `--output-qdq auto` puts an output pair only on Convs whose input is quantized with a
-/// constant scale (a DequantizeLinear: what onnxruntime fuses); a Conv reading per-step
-/// scales (`Mul(DequantizeLinear(…), s[g])`) gets none, even with a budget that admits
-/// every pair; `all` still pairs them.
+/// `--output-qdq auto` puts an output pair only where onnxruntime can fuse the Conv: on
+/// Convs whose input is quantized with a constant scale (a DequantizeLinear) — a Conv
+/// reading per-step scales (`Mul(DequantizeLinear(…), s[g])`) gets none, even with a
+/// budget that admits every pair — and with 8-bit weight containers: packed INT4 weights
+/// (which onnxruntime's QLinearConv does not take) get no pair, 4-bit levels in int8 do;
+/// `all` still pairs them all.
 #[test]
-fn automatic_output_pairs_skip_convs_reading_per_step_scales() {
+fn automatic_output_pairs_only_where_onnxruntime_fuses() {
     let dir = tmpdir();
     let pairs = |q: &Path| -> (usize, usize, usize) {
         let m = tfmqc_passes::onnx::load(q).unwrap();
@@ -286,6 +288,44 @@ fn automatic_output_pairs_skip_convs_reading_per_step_scales() {
     assert!(
         per_step_paired > per_step / 2,
         "all: {per_step_paired} of {per_step} Convs reading per-step scales paired"
+    );
+    let w4 = |storage: &str| {
+        let q = dir.path().join(format!("w4.{storage}.onnx"));
+        let report = dir.path().join(format!("w4.{storage}.json"));
+        quantize_small(
+            "ddpm_digits",
+            &q,
+            "10",
+            &[
+                "--weight-bits",
+                "4",
+                "--int4-storage",
+                storage,
+                "--output-qdq-budget",
+                "100",
+                "--report",
+                report.to_str().unwrap(),
+            ],
+        );
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+        let chosen = r["output_qdq"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["chosen"] == true)
+            .count();
+        (chosen, pairs(&q).0)
+    };
+    assert_eq!(
+        w4("packed"),
+        (0, 0),
+        "output pairs with packed INT4 weights"
+    );
+    let (chosen, constant) = w4("int8");
+    assert!(
+        chosen > 0 && constant > 0,
+        "4-bit levels in int8: {chosen} pairs chosen"
     );
 }
 

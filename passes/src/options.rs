@@ -68,7 +68,8 @@ pub enum Reconstruct {
 pub enum OutputQdq {
     /// No output pairs (biases still become int32, which Gemm and MatMul fusion needs).
     None,
-    /// Per Conv whose input scale is constant (what onnxruntime can fuse), by the
+    /// Per Conv whose input scale is constant and whose weights are not packed INT4 (what
+    /// onnxruntime can fuse), by the
     /// output-SQNR each pair costs on the calibration records, cheapest first, while the
     /// total stays within `--output-qdq-budget` dB.
     Auto,

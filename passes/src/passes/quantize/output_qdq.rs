@@ -54,6 +54,20 @@ pub(super) fn output_qdq(
     if options.output_qdq == OutputQdq::None {
         return Ok(());
     }
+    // Packed INT4 weights: onnxruntime's QLinearConv fusion takes 8-bit weights only
+    // (BENCHMARKS.md, "Packed INT4 weights"), so under `auto` no pair would be fused and
+    // every one would only round (ddim_unet W4A8: 38 pairs; without them 12.80 → 12.85 dB
+    // mean output SQNR on 16 held-out images).
+    if options.output_qdq == OutputQdq::Auto
+        && options.weight_bits <= 4
+        && options.int4_storage == crate::options::Int4Storage::Packed
+    {
+        plan.output_qdq_note = Some(format!(
+            "no output Q/DQ: onnxruntime fuses no Conv with INT4 weights (--int4-storage int8 or --output-qdq all add them); {} int32 biases",
+            plan.int32_biases
+        ));
+        return Ok(());
+    }
     let per_step = |value: &String| {
         plan.activations
             .iter()
