@@ -70,6 +70,7 @@ pub fn check_constant_sizes(proto: &pb::ModelProto, name: &str) -> Result<()> {
             }
         }
         check_gather_indices(g, &konst, &prefix)?;
+        check_pow_of_shape_values(g, &konst, &prefix)?;
         for n in &g.node {
             for a in &n.attribute {
                 pending.extend(a.g.iter());
@@ -152,6 +153,47 @@ fn check_gather_indices<'a>(
             return refuse(format!(
                 "index {i} is outside the {extent} entries of axis {axis} of its input '{data}'"
             ));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a `Pow` whose base is an integer shape value — the output of `Shape`, `Size`,
+/// or a `Cast` to an integer type — and whose exponent is a float constant. The ONNX
+/// spec allows it, but tract 0.23.9 holds such a base as a symbolic dimension, finds no
+/// type common to it and the float exponent, and panics while it loads the model (found
+/// by the denoiser_load fuzz target: an export's `Pow(Cast(…, to=FLOAT), -0.5)` with the
+/// Cast turned to INT64, fuzz/regressions/denoiser_load/pow_of_an_integer_shape_value.onnx).
+fn check_pow_of_shape_values<'a>(
+    g: &'a pb::GraphProto,
+    konst: &HashMap<&'a str, &'a pb::TensorProto>,
+    prefix: &str,
+) -> Result<()> {
+    // FLOAT, FLOAT16, DOUBLE, BFLOAT16.
+    const FLOATS: [i32; 4] = [1, 10, 11, 16];
+    // UINT8 … INT64, UINT32, UINT64.
+    const INTEGERS: [i64; 8] = [2, 3, 4, 5, 6, 7, 12, 13];
+    let producer = |v: &str| g.node.iter().find(|n| n.output.iter().any(|o| o == v));
+    for n in g.node.iter().filter(|n| n.op_type == "Pow") {
+        let (Some(base), Some(exponent)) = (n.input.first(), n.input.get(1)) else {
+            continue;
+        };
+        let float_exponent = konst
+            .get(exponent.as_str())
+            .is_some_and(|t| FLOATS.contains(&t.data_type));
+        let integer_base = producer(base).filter(|p| match p.op_type.as_str() {
+            "Shape" | "Size" => true,
+            "Cast" => p
+                .attribute
+                .iter()
+                .any(|a| a.name == "to" && INTEGERS.contains(&a.i)),
+            _ => false,
+        });
+        if let (true, Some(p)) = (float_exponent, integer_base) {
+            return Err(Error::InvalidModel(format!(
+                "{prefix}node '{}' (Pow): its base '{base}' is an integer (from {} '{}') and its exponent a float; tract cannot load that when the integer is a shape value (cast the base to float first)",
+                n.name, p.op_type, p.name
+            )));
         }
     }
     Ok(())
@@ -652,6 +694,49 @@ mod tests {
             }),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn pow_of_an_integer_shape_value_with_a_float_exponent_is_refused() {
+        // What the denoiser_load fuzz target found: Pow(Cast(x, to=INT64), -0.5) panicked
+        // in tract's loading.
+        let pow = |to: i64, exponent_type: i32| {
+            let mut m = model("Pow", &["c", "e"], vec![]);
+            let g = m.graph.as_mut().unwrap();
+            g.node.insert(
+                0,
+                pb::NodeProto {
+                    name: "cast".into(),
+                    op_type: "Cast".into(),
+                    input: vec!["x".into()],
+                    output: vec!["c".into()],
+                    attribute: vec![pb::AttributeProto {
+                        name: "to".into(),
+                        i: to,
+                        r#type: pb::attribute_proto::AttributeType::Int as i32,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                },
+            );
+            g.initializer.push(pb::TensorProto {
+                name: "e".into(),
+                data_type: exponent_type,
+                raw_data: vec![0, 0, 0, 0xbf],
+                ..Default::default()
+            });
+            m
+        };
+        let e = check_constant_sizes(&pow(7, 1), "m.onnx")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("m.onnx: node 'n' (Pow): its base 'c' is an integer (from Cast 'cast')"),
+            "{e}"
+        );
+        // A float Cast, or an integer exponent, loads.
+        assert!(check_constant_sizes(&pow(1, 1), "").is_ok());
+        assert!(check_constant_sizes(&pow(7, 6), "").is_ok());
     }
 
     #[test]
