@@ -69,9 +69,8 @@ pub enum OutputQdq {
     /// No output pairs (biases still become int32, which Gemm and MatMul fusion needs).
     None,
     /// Per Conv whose input scale is constant and whose weights are not packed INT4 (what
-    /// onnxruntime can fuse), by the
-    /// output-SQNR each pair costs on the calibration records, cheapest first, while the
-    /// total stays within `--output-qdq-budget` dB.
+    /// onnxruntime can fuse), by the output SQNR each pair costs on the calibration
+    /// records, cheapest first, while the total stays within `--output-qdq-budget` dB.
     Auto,
     /// Every quantized Conv whose output is not a graph output.
     All,
