@@ -20,6 +20,12 @@
 //! are bit-identical to the portable kernels (`micro::kernel_for` is the one dispatch
 //! point).
 //!
+//! Where a CPU has AMX-INT8 (x86_64 Sapphire Rapids and later), weights are packed as
+//! [`Packing::Tiles`] and convolutions and GEMMs run in blocks of 32 × 32 i32 accumulators
+//! on the tile unit (`amx`: `tdpbsud` / `tdpbusd`, 16 × 16 × 64 products an instruction),
+//! reading the same phase planes and activation rows as quads; a plain-Rust emulation of
+//! the tiles runs the same blocks anywhere (tests, and tile-packed weights below AMX).
+//!
 //! Zero points are subtracted while widening to i16 (`a − a_zp ∈ [−255, 255]`), so no
 //! zero-point correction with row sums is needed and padded positions are plain zeros.
 //! Results are exact (bit-identical to an i64 reference reduced to i32) as long as the
@@ -44,6 +50,7 @@
 //! Requantized output is `clamp(round_half_even(dequant / out_scale) + out_zp)`, the ONNX
 //! `QuantizeLinear` rule.
 
+mod amx;
 mod attention;
 mod conv;
 mod gemm;
@@ -77,6 +84,12 @@ pub enum Backend {
     /// one, e.g. to measure the AVX2 path on a CPU that has more.
     #[default]
     Auto,
+    /// x86_64 AMX-INT8 (Sapphire Rapids and later): `tdpbsud` / `tdpbusd` multiply a 16 ×
+    /// 64 byte tile by a 16 × 16 quad tile into 16 × 16 i32 accumulators, 16,384 products
+    /// an instruction, for the convolutions and GEMMs whose weights are packed as
+    /// [`Packing::Tiles`]; everything else runs as on [`Backend::Avx512Vnni`], its
+    /// fallback (also when the kernel refuses the process the tile state).
+    Amx,
     /// x86_64 AVX-512 VNNI (`vpdpwssd`: the i16 pair product and the accumulation in one
     /// instruction, 16 lanes). Falls back like [`Backend::Avx2`] when the CPU lacks it.
     Avx512Vnni,
@@ -110,11 +123,12 @@ impl Backend {
         Backend::Auto.isa().backend()
     }
 
-    /// The backend's name as `TFMQC_INT8_BACKEND` takes it: `avx512vnni`, `avx2`,
+    /// The backend's name as `TFMQC_INT8_BACKEND` takes it: `amx`, `avx512vnni`, `avx2`,
     /// `i8mm`, `dotprod`, `neon`, `portable` (and `auto`).
     pub fn name(self) -> &'static str {
         match self {
             Backend::Auto => "auto",
+            Backend::Amx => "amx",
             Backend::Avx512Vnni => "avx512vnni",
             Backend::Avx2 => "avx2",
             Backend::I8mm => "i8mm",
@@ -140,6 +154,7 @@ pub(crate) enum Isa {
     Portable,
     Avx2,
     Avx512Vnni,
+    Amx,
     Neon,
     Dotprod,
     I8mm,
@@ -149,6 +164,7 @@ impl Isa {
     fn of(backend: Backend) -> Option<Isa> {
         Some(match backend {
             Backend::Auto => return None,
+            Backend::Amx => Isa::Amx,
             Backend::Avx512Vnni => Isa::Avx512Vnni,
             Backend::Avx2 => Isa::Avx2,
             Backend::I8mm => Isa::I8mm,
@@ -163,6 +179,7 @@ impl Isa {
             Isa::Portable => Backend::Portable,
             Isa::Avx2 => Backend::Avx2,
             Isa::Avx512Vnni => Backend::Avx512Vnni,
+            Isa::Amx => Backend::Amx,
             Isa::Neon => Backend::Neon,
             Isa::Dotprod => Backend::Dotprod,
             Isa::I8mm => Backend::I8mm,
@@ -172,10 +189,20 @@ impl Isa {
     /// The next slower set of the same architecture.
     fn fallback(self) -> Isa {
         match self {
+            Isa::Amx => Isa::Avx512Vnni,
             Isa::Avx512Vnni => Isa::Avx2,
             Isa::I8mm => Isa::Dotprod,
             Isa::Dotprod => Isa::Neon,
             Isa::Avx2 | Isa::Neon | Isa::Portable => Isa::Portable,
+        }
+    }
+
+    /// The set for everything but the tile kernels: AMX has only those, and runs the
+    /// rest (attention's vector code, widening passes) as AVX-512 VNNI does.
+    pub(crate) fn vector(self) -> Isa {
+        match self {
+            Isa::Amx => Isa::Avx512Vnni,
+            other => other,
         }
     }
 
@@ -193,6 +220,7 @@ impl Isa {
             Isa::Portable => true,
             Isa::Avx2 => avx2_available(),
             Isa::Avx512Vnni => avx512vnni_available(),
+            Isa::Amx => avx512vnni_available() && amx::available(),
             Isa::Neon => aarch64_feature(AArch64Feature::Neon),
             Isa::Dotprod => aarch64_feature(AArch64Feature::Dotprod),
             Isa::I8mm => aarch64_feature(AArch64Feature::I8mm),
@@ -208,12 +236,13 @@ fn auto_isa() -> Isa {
         let best = if cfg!(target_arch = "aarch64") {
             Isa::I8mm
         } else {
-            Isa::Avx512Vnni
+            Isa::Amx
         };
         let cap = std::env::var("TFMQC_INT8_BACKEND")
             .ok()
             .and_then(|name| {
                 [
+                    Backend::Amx,
                     Backend::Avx512Vnni,
                     Backend::Avx2,
                     Backend::I8mm,
@@ -409,7 +438,9 @@ pub fn quantize_u8(backend: Backend, x: &[f32], scale: f32, zero_point: u8, out:
     match backend.isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 or better only when the CPU supports AVX2.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { run_avx2(x, scale, zero_point as i32, out) },
+        Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe {
+            run_avx2(x, scale, zero_point as i32, out)
+        },
         _ => run(x, scale, zero_point as i32, out),
     }
 }

@@ -199,7 +199,7 @@ pub fn attention_quantize(
         && n <= SHORT_HEAD_MAX_N;
     // Per head: Kᵀ and V quantized and packed (the vector sides of the two products), or
     // their centered codes for the short-head loops, and Q row-major.
-    let isa = backend.isa();
+    let isa = backend.isa().vector();
     let mut packed: Vec<Option<(HeadOperands, Vec<f32>)>> = vec![None; heads];
     {
         let slots = Shared::new(&mut packed);

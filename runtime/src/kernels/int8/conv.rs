@@ -1,5 +1,6 @@
 //! Conv2d (NCHW) as an implicit GEMM over phase-split, zero-padded, widened input planes.
 
+use super::amx::{self, Tiles};
 use super::micro::{self, KernelArgs, KernelFn};
 use super::pack::{quad_u8, Packing};
 use super::par::{self, Shared};
@@ -111,7 +112,7 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         run: kernel,
         u8_offset,
     } = micro::kernel_for(isa, w.packing(), false);
-    let plan = Plan::new(w, shape, kernel, zero_u8, u8_offset);
+    let plan = Plan::new(w, shape, kernel, zero_u8, u8_offset, isa);
     let mut buf = vec![plan.pad; plan.phases * plan.csteps * plan.plane * plan.words];
     let mut wide = Vec::new();
     // Multiply-adds of one (image, group).
@@ -135,11 +136,12 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
             // Widen this (image, group) into the phase planes, channel steps in parallel.
             {
                 let planes = Shared::new(&mut buf);
-                par::for_each(plan.csteps, split, |cs| match isa {
+                // Channel steps past the input's (tile padding) keep the zero point.
+                par::for_each(plan.csteps_in, split, |cs| match isa {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: Avx2 (or better) only when detected; each cs writes its own
                     // planes.
-                    Isa::Avx2 | Isa::Avx512Vnni => unsafe {
+                    Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe {
                         widen_avx2(&plan, input, center, b, gi, cs, &planes)
                     },
                     // SAFETY: each cs writes its own planes.
@@ -156,14 +158,22 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
                     planes: &buf,
                     weights: &panels[op * plan.panel_len..][..plan.panel_len],
                 };
-                match isa {
+                let tc = (tc, chunk);
+                match (plan.tiles, isa) {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: Avx2 (or better) only when detected; units store to disjoint outputs.
-                    Isa::Avx2 | Isa::Avx512Vnni => unsafe {
-                        unit_avx2(&plan, &ops, b, gi, (tc, chunk), op, &sink)
+                    (true, Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx) => unsafe {
+                        unit_tiles_avx2(&plan, &ops, b, gi, tc, op, &sink)
                     },
                     // SAFETY: units store to disjoint outputs.
-                    _ => unsafe { unit(&plan, &ops, b, gi, (tc, chunk), op, &sink) },
+                    (true, _) => unsafe { unit_tiles(&plan, &ops, b, gi, tc, op, &sink) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: as above.
+                    (false, Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx) => unsafe {
+                        unit_avx2(&plan, &ops, b, gi, tc, op, &sink)
+                    },
+                    // SAFETY: units store to disjoint outputs.
+                    (false, _) => unsafe { unit(&plan, &ops, b, gi, tc, op, &sink) },
                 }
             });
         }
@@ -210,8 +220,18 @@ struct Plan<'w> {
     ntiles: usize,
     /// Offset of each kernel tap in the phase planes, in words.
     taps: Vec<usize>,
-    /// Words in one weight panel (`kh*kw*csteps*MR*words`).
+    /// Words in one weight panel (`kh*kw*csteps*rows*words`).
     panel_len: usize,
+    /// Output channels a panel holds (`MR`, or 16 / 32 for tiles).
+    rows: usize,
+    /// Positions a tile computes (`NR`, or 32 for tiles).
+    cols: usize,
+    /// Channel steps of the input (`csteps` less the tiles' padding).
+    csteps_in: usize,
+    /// Tile-packed weights ([`Packing::Tiles`]): blocks run on [`Tiles`], on the tile unit
+    /// when `unit`.
+    tiles: bool,
+    unit: bool,
 }
 
 impl<'w> Plan<'w> {
@@ -221,8 +241,11 @@ impl<'w> Plan<'w> {
         kernel: KernelFn,
         zero_u8: i32,
         u8_offset: i32,
+        isa: super::Isa,
     ) -> Self {
         let [_, c, h, wd] = shape;
+        let tiles = w.packing() == Packing::Tiles;
+        let cols = if tiles { 2 * amx::TILE } else { NR };
         let geom = *w.geometry();
         let (ho, wo) = geom.output_hw(h, wd).expect("checked by conv_run");
         let [kh, kw] = geom.kernel;
@@ -233,7 +256,7 @@ impl<'w> Plan<'w> {
         // Phase (py, px) holds padded[y * sh + py][x * sw + px] at [y][x], pitch wq.
         let (hq, wq) = (hp.div_ceil(sh), wp.div_ceil(sw));
         let npos = (ho - 1) * wq + wo;
-        let ntiles = npos.div_ceil(NR);
+        let ntiles = npos.div_ceil(cols);
         let csteps = w.csteps();
         let mut inner = Vec::with_capacity(kh * kw);
         for ki in 0..kh {
@@ -243,13 +266,14 @@ impl<'w> Plan<'w> {
             }
         }
         let max_inner = inner.iter().map(|&(_, o)| o).max().unwrap_or(0);
-        let plane = (hq * wq).max(ntiles * NR + max_inner);
+        let plane = (hq * wq).max(ntiles * cols + max_inner);
         let words = w.packing().words();
         let taps = inner
             .iter()
             .map(|&(ph, o)| (ph * csteps * plane + o) * words)
             .collect();
         let oc = w.out_channels();
+        let rows = w.panel_rows();
         Plan {
             w,
             kernel,
@@ -269,15 +293,21 @@ impl<'w> Plan<'w> {
             words,
             csteps,
             zero_u8,
-            correction: zero_u8 - u8_offset,
+            // The tiles take raw u8, whatever the kernel of the packing would subtract.
+            correction: if tiles { zero_u8 } else { zero_u8 - u8_offset },
             pad: match w.packing() {
                 Packing::Pairs => 0,
-                Packing::Quads | Packing::Octets => quad_u8([zero_u8; 4]),
+                Packing::Quads | Packing::Octets | Packing::Tiles => quad_u8([zero_u8; 4]),
             },
             npos,
             ntiles,
-            panel_len: inner.len() * csteps * MR * words,
+            panel_len: inner.len() * csteps * rows * words,
             taps,
+            rows,
+            cols,
+            csteps_in: w.in_channels_per_group().div_ceil(w.packing().width()),
+            tiles,
+            unit: isa == super::Isa::Amx,
         }
     }
 }
@@ -441,31 +471,122 @@ unsafe fn unit(
             words: p.words,
         };
         (p.kernel)(&args, &mut tile);
-        let cols = (p.npos - p0).min(NR);
-        for r in 0..rows {
-            let o = gi * p.og + op * MR + r;
-            let obase = (b * p.oc + o) * p.ho * p.wo;
-            let acc = &mut tile[r * NR..r * NR + cols];
-            if p.width >= 4 {
-                // Quads summed raw u8 inputs less the kernel's offset o: Σ (x − z)·w =
-                // Σ (x − o)·w − (z − o)·Σ w (exact in wrapping i32, as the result fits).
-                let correction = p.correction.wrapping_mul(p.w.sums()[o]);
-                for v in acc.iter_mut() {
-                    *v = v.wrapping_sub(correction);
-                }
+        store_tile(p, &mut tile, NR, rows, (b, gi * p.og + op * MR), p0, sink);
+    }
+}
+
+/// [`unit_tiles`] compiled for AVX2 (the store epilogue vectorizes with it).
+///
+/// # Safety
+/// The CPU must support AVX2; as [`unit`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn unit_tiles_avx2(
+    p: &Plan,
+    ops: &Operands,
+    b: usize,
+    gi: usize,
+    tc: (usize, usize),
+    op: usize,
+    sink: &Sink,
+) {
+    unit_tiles(p, ops, b, gi, tc, op, sink)
+}
+
+/// [`unit`] for tile-packed weights: blocks of `rows` output channels × 32 positions, one
+/// K step per (tap, block of `kq` channel quads).
+///
+/// # Safety
+/// As [`unit`].
+#[inline(always)]
+unsafe fn unit_tiles(
+    p: &Plan,
+    ops: &Operands,
+    b: usize,
+    gi: usize,
+    (tc, chunk): (usize, usize),
+    op: usize,
+    sink: &Sink,
+) {
+    let kq = p.csteps.min(amx::MAX_KQ);
+    let blocks = p.csteps / kq;
+    let mut tiles = Tiles::begin(p.unit, true, kq);
+    let mut acc = [0i32; 4 * amx::TILE * amx::TILE];
+    let rows = (p.og - op * p.rows).min(p.rows);
+    let blk = amx::Block {
+        a: ops.weights,
+        a_stride: kq,
+        a_tile: amx::TILE * kq,
+        b: ops.planes,
+        b_stride: p.plane,
+        b_tile: amx::TILE,
+        kq,
+        mt: p.rows / amx::TILE,
+        nt: 2,
+    };
+    let t0 = tc * chunk;
+    for t in t0..(t0 + chunk).min(p.ntiles) {
+        let p0 = t * p.cols;
+        tiles.zero();
+        for (ti, &tap) in p.taps.iter().enumerate() {
+            for cb in 0..blocks {
+                let a_off = (ti * blocks + cb) * p.rows * kq;
+                tiles.step(&blk, a_off, tap + cb * kq * p.plane + p0);
             }
-            let acc = &*acc;
-            let mut ci = 0;
-            while ci < cols {
-                let pos = p0 + ci;
-                let (y, x) = (pos / p.wq, pos % p.wq);
-                let run = (cols - ci).min(p.wq - x);
-                if x < p.wo {
-                    let n = run.min(p.wo - x);
-                    sink.store(obase + y * p.wo + x, &acc[ci..ci + n], Channel::Fixed(o));
-                }
-                ci += run;
+        }
+        tiles.store(&mut acc);
+        store_tile(
+            p,
+            &mut acc,
+            amx::ACC_ROW,
+            rows,
+            (b, gi * p.og + op * p.rows),
+            p0,
+            sink,
+        );
+    }
+}
+
+/// Stores the first `rows` rows of a tile of accumulators (`pitch` words a row, output
+/// channels `o0 ..` of image `b`, positions `p0 ..` on the plane pitch): the quads'
+/// zero-point correction, then the runs that fall inside the output.
+///
+/// # Safety
+/// No other thread may store the same (image, channels, positions) at the same time.
+#[inline(always)]
+unsafe fn store_tile(
+    p: &Plan,
+    tile: &mut [i32],
+    pitch: usize,
+    rows: usize,
+    (b, o0): (usize, usize),
+    p0: usize,
+    sink: &Sink,
+) {
+    let cols = (p.npos - p0).min(p.cols);
+    for r in 0..rows {
+        let o = o0 + r;
+        let obase = (b * p.oc + o) * p.ho * p.wo;
+        let acc = &mut tile[r * pitch..r * pitch + cols];
+        if p.width >= 4 {
+            // Quads summed raw u8 inputs less the kernel's offset o: Σ (x − z)·w =
+            // Σ (x − o)·w − (z − o)·Σ w (exact in wrapping i32, as the result fits).
+            let correction = p.correction.wrapping_mul(p.w.sums()[o]);
+            for v in acc.iter_mut() {
+                *v = v.wrapping_sub(correction);
             }
+        }
+        let acc = &*acc;
+        let mut ci = 0;
+        while ci < cols {
+            let pos = p0 + ci;
+            let (y, x) = (pos / p.wq, pos % p.wq);
+            let run = (cols - ci).min(p.wq - x);
+            if x < p.wo {
+                let n = run.min(p.wo - x);
+                sink.store(obase + y * p.wo + x, &acc[ci..ci + n], Channel::Fixed(o));
+            }
+            ci += run;
         }
     }
 }

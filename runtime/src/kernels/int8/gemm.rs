@@ -1,5 +1,6 @@
 //! GEMM driver: `out[M, N] = (A[M, K] − a_zp) · W[N, K]ᵀ`.
 
+use super::amx::{self, Tiles};
 use super::micro::{self, KernelArgs, KernelFn};
 use super::pack::{quad_u8, Packing};
 use super::par;
@@ -151,11 +152,14 @@ pub(crate) fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     };
     let nkb = ksteps.div_ceil(kcs).max(1);
     let words = w.packing().words();
-    let mc_cache = (CHUNK_BYTES / 4 / (kcs * words)).clamp(MR, 64 * MR) / MR * MR;
+    // Rows a tile computes: MR, or two row tiles of 16 for tile-packed weights.
+    let tiles = w.packing() == Packing::Tiles;
+    let mr = if tiles { 2 * amx::TILE } else { MR };
+    let mc_cache = (CHUNK_BYTES / 4 / (kcs * words)).clamp(mr, 64 * MR) / mr * mr;
     // Enough chunks to keep every thread busy.
     let split = parallel && par::worth_splitting(par::Kind::Gemm, m * n * k);
     let threads = if split { par::threads() } else { 1 };
-    let mc = mc_cache.min(m.div_ceil(threads).div_ceil(MR) * MR);
+    let mc = mc_cache.min(m.div_ceil(threads).div_ceil(mr) * mr);
     let bl = Blocking {
         ksteps,
         kcs,
@@ -170,12 +174,22 @@ pub(crate) fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         zero_u8,
         correction: zero_u8 - u8_offset,
     };
-    par::for_each(m.div_ceil(mc), split, |ci| match isa {
+    let unit = isa == Isa::Amx;
+    par::for_each(m.div_ceil(mc), split, |ci| match (tiles, isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 (or better) only when detected; chunks store disjoint rows.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { chunk_avx2(kernel, &bl, &rows, w, ci, &sink) },
+        (true, Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx) => unsafe {
+            chunk_tiles_avx2(&bl, &rows, w, ci, &sink, unit)
+        },
         // SAFETY: chunks store disjoint rows.
-        _ => unsafe { chunk(kernel, &bl, &rows, w, ci, &sink) },
+        (true, _) => unsafe { chunk_tiles(&bl, &rows, w, ci, &sink, unit) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: Avx2 (or better) only when detected; chunks store disjoint rows.
+        (false, Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx) => unsafe {
+            chunk_avx2(kernel, &bl, &rows, w, ci, &sink)
+        },
+        // SAFETY: chunks store disjoint rows.
+        (false, _) => unsafe { chunk(kernel, &bl, &rows, w, ci, &sink) },
     });
 }
 
@@ -310,6 +324,137 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
                     }
                     let row = m0 + mp * MR + r;
                     sink.store(row * n + np * NR, acc, Channel::Run(np * NR));
+                }
+            }
+        }
+    }
+}
+
+/// [`chunk_tiles`] compiled for AVX2 (the epilogue and widening loops vectorize with it).
+///
+/// # Safety
+/// The CPU must support AVX2; as [`chunk`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn chunk_tiles_avx2<A: Copy, C: Fn(A) -> i32 + Copy>(
+    bl: &Blocking,
+    rows: &Rows<A, C>,
+    w: &PackedWeights,
+    ci: usize,
+    sink: &Sink,
+    unit: bool,
+) {
+    chunk_tiles(bl, rows, w, ci, sink, unit)
+}
+
+/// [`chunk`] for tile-packed weights: blocks of 32 rows × 32 output channels (two panels),
+/// one K step per `kq` quads, on [`Tiles`] (the tile unit when `unit`).
+///
+/// # Safety
+/// No other thread may store the same rows at the same time.
+#[inline(always)]
+unsafe fn chunk_tiles<A: Copy, C: Fn(A) -> i32 + Copy>(
+    bl: &Blocking,
+    rows: &Rows<A, C>,
+    w: &PackedWeights,
+    ci: usize,
+    sink: &Sink,
+    unit: bool,
+) {
+    const T: usize = amx::TILE;
+    let n = w.n();
+    let Blocking {
+        ksteps,
+        kcs,
+        nkb,
+        mc,
+    } = *bl;
+    let Rows {
+        a,
+        m,
+        k,
+        center,
+        zero_u8,
+        ..
+    } = *rows;
+    // The tiles take raw u8 (no offset): Σ (a − z)·w = Σ a·w − z·Σ w.
+    let correction = zero_u8;
+    // Every block is a multiple of 16 quads, or all of them when there are fewer (see
+    // `tile_steps`).
+    let kq = ksteps.clamp(1, amx::MAX_KQ);
+    let m0 = ci * mc;
+    let nrows = (m - m0).min(mc);
+    let padded_rows = nrows.next_multiple_of(T);
+    let mut abuf = vec![0i32; padded_rows * kcs];
+    let mut scratch = if nkb > 1 {
+        vec![0i32; mc * n]
+    } else {
+        Vec::new()
+    };
+    let mut tiles = Tiles::begin(unit, false, kq);
+    let mut acc = [0i32; 4 * T * T];
+    let mut wide = Vec::new();
+    let npanels = n.div_ceil(NR);
+    for kb in 0..nkb {
+        let ks0 = kb * kcs;
+        let kl = (ksteps - ks0).min(kcs);
+        let row = kl;
+        let (k0, k1) = (4 * ks0, (4 * (ks0 + kl)).min(k));
+        for (r, dst) in abuf[..padded_rows * row]
+            .chunks_exact_mut(row.max(1))
+            .enumerate()
+        {
+            if r >= nrows {
+                dst.fill(0);
+            } else {
+                widen_row_quads(&a[(m0 + r) * k..][k0..k1], |v| center(v) + zero_u8, dst);
+            }
+        }
+        let last = kb + 1 == nkb;
+        for np in (0..npanels).step_by(2) {
+            let nt = (npanels - np).min(2);
+            // Both panels' blocks in one span: the second starts a panel (`steps` quad
+            // rows) after the first.
+            let b = w.panel_span(np, ks0, kl, nt, &mut wide);
+            let ncols = (n - np * NR).min(nt * NR);
+            for mp in (0..nrows).step_by(2 * T) {
+                let mt = (nrows - mp).div_ceil(T).min(2);
+                let blk = amx::Block {
+                    a: &abuf[..padded_rows * row],
+                    a_stride: row,
+                    a_tile: T * row,
+                    b,
+                    b_stride: NR,
+                    b_tile: ksteps * NR,
+                    kq,
+                    mt,
+                    nt,
+                };
+                tiles.zero();
+                for s in 0..kl / kq {
+                    tiles.step(&blk, mp * row + s * kq, s * kq * NR);
+                }
+                tiles.store(&mut acc);
+                for r in 0..(nrows - mp).min(mt * T) {
+                    let acc = &mut acc[r * amx::ACC_ROW..][..ncols];
+                    let orow = mp + r;
+                    if nkb > 1 {
+                        let part = &mut scratch[orow * n + np * NR..][..ncols];
+                        if kb > 0 {
+                            for (x, &p) in acc.iter_mut().zip(part.iter()) {
+                                *x = x.wrapping_add(p);
+                            }
+                        }
+                        if !last {
+                            part.copy_from_slice(acc);
+                            continue;
+                        }
+                    }
+                    let sums = &w.sums()[np * NR..][..ncols];
+                    for (x, &s) in acc.iter_mut().zip(sums) {
+                        *x = x.wrapping_sub(correction.wrapping_mul(s));
+                    }
+                    sink.store((m0 + orow) * n + np * NR, acc, Channel::Run(np * NR));
                 }
             }
         }

@@ -105,6 +105,14 @@ pub(crate) struct Kernel {
 pub(crate) fn kernel_for(isa: super::Isa, packing: Packing, unsigned_broadcast: bool) -> Kernel {
     use super::Isa;
     let exact = |run: KernelFn| Kernel { run, u8_offset: 0 };
+    // AMX has only its tile kernels (see `super::amx`); a GEMM's tile-packed weights are
+    // quads in the layout the quad kernels read, so the vector set's kernels serve
+    // everything else.
+    let isa = isa.vector();
+    let packing = match packing {
+        Packing::Tiles => Packing::Quads,
+        other => other,
+    };
     match (packing, isa, unsigned_broadcast) {
         #[cfg(target_arch = "x86_64")]
         (Packing::Pairs, Isa::Avx512Vnni, _) => exact(avx512vnni_kernel()),
@@ -145,6 +153,7 @@ pub(crate) fn kernel_for(isa: super::Isa, packing: Packing, unsigned_broadcast: 
         (Packing::Octets, Isa::I8mm, false) => exact(i8mm_octet_kernel::<false>()),
         (Packing::Octets, _, true) => exact(kernel_octets_portable::<true>),
         (Packing::Octets, _, false) => exact(kernel_octets_portable::<false>),
+        (Packing::Tiles, ..) => unreachable!("tiles run on the quad kernels here"),
     }
 }
 

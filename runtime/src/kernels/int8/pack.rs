@@ -1,6 +1,6 @@
 //! Weight packing (done once, at model load).
 
-use super::{pair, Backend, Isa, QuantInt, MR, NR};
+use super::{amx, pair, Backend, Isa, QuantInt, MR, NR};
 
 /// Memory layout of a weight matrix handed to [`PackedWeights::pack_general`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,13 @@ pub enum Packing {
     /// so the same panels serve it whichever side they are on. Activations and the
     /// zero-point correction as for quads; weights that leave i8 fall back to pairs.
     Octets,
+    /// Quads laid out for AMX tiles (see `amx`): reduction steps padded to a multiple of
+    /// 16 quads (64 bytes, a tile row) where there are more than 16. GEMM weights keep
+    /// the quads' panels (a panel block is a column tile as it is); convolution weights
+    /// are grouped in panels of 16 or 32 output channels, `[tap][channel block][rows][kq]`,
+    /// each (tap, block) one or two row tiles. Activations and the zero-point correction
+    /// as for quads; weights that leave i8 fall back to pairs.
+    Tiles,
 }
 
 impl Packing {
@@ -37,6 +44,7 @@ impl Packing {
     /// dot product), pairs elsewhere.
     pub fn for_backend(backend: Backend) -> Packing {
         match backend.isa() {
+            Isa::Amx => Packing::Tiles,
             Isa::I8mm => Packing::Octets,
             Isa::Avx512Vnni | Isa::Dotprod => Packing::Quads,
             Isa::Portable | Isa::Avx2 | Isa::Neon => Packing::Pairs,
@@ -47,7 +55,7 @@ impl Packing {
     pub(crate) fn width(self) -> usize {
         match self {
             Packing::Pairs => 2,
-            Packing::Quads => 4,
+            Packing::Quads | Packing::Tiles => 4,
             Packing::Octets => 8,
         }
     }
@@ -55,7 +63,7 @@ impl Packing {
     /// i32 words a lane of one step occupies (two for octets).
     pub(crate) fn words(self) -> usize {
         match self {
-            Packing::Pairs | Packing::Quads => 1,
+            Packing::Pairs | Packing::Quads | Packing::Tiles => 1,
             Packing::Octets => 2,
         }
     }
@@ -153,7 +161,7 @@ impl Store {
             }
         }
         match packing {
-            Packing::Quads | Packing::Octets => {
+            Packing::Quads | Packing::Octets | Packing::Tiles => {
                 debug_assert!(fits_i8(&values), "quads need centered weights in i8");
                 Store::Quads(
                     values
@@ -268,6 +276,15 @@ impl Store {
     }
 }
 
+/// Reduction steps as packed: tiles pad more than 16 quads to a multiple of 16 (each K
+/// step of a tile block takes `min(steps, 16)` quads; the padding holds zero weights).
+pub(crate) fn tile_steps(packing: Packing, steps: usize) -> usize {
+    match packing {
+        Packing::Tiles if steps > amx::MAX_KQ => steps.next_multiple_of(amx::MAX_KQ),
+        _ => steps,
+    }
+}
+
 fn zp_at<T: QuantInt>(zero_points: &[T], ch: usize, channels: usize) -> i32 {
     match zero_points.len() {
         0 => 0,
@@ -281,7 +298,11 @@ fn zp_at<T: QuantInt>(zero_points: &[T], ch: usize, channels: usize) -> i32 {
 fn usable(packing: Packing, centered: impl Iterator<Item = i32>) -> Packing {
     let mut centered = centered;
     match packing {
-        Packing::Quads | Packing::Octets if centered.all(|v| i8::try_from(v).is_ok()) => packing,
+        Packing::Quads | Packing::Octets | Packing::Tiles
+            if centered.all(|v| i8::try_from(v).is_ok()) =>
+        {
+            packing
+        }
         _ => Packing::Pairs,
     }
 }
@@ -359,7 +380,7 @@ impl PackedWeights {
                 .map(|(j, kk)| at(j, kk)),
         );
         let width = packing.width();
-        let steps = k.div_ceil(width);
+        let steps = tile_steps(packing, k.div_ceil(width));
         let data = Store::new(packing, n.div_ceil(NR), steps, NR, |np, s, c, i| {
             at(np * NR + c, s * width + i)
         });
@@ -484,6 +505,25 @@ impl PackedWeights {
     }
 }
 
+impl PackedWeights {
+    /// Steps `s0 .. s0 + sl` of panel `np` and, when `panels` is 2, of panel `np + 1`
+    /// (`steps()` quad rows of `NR` lanes later in the span): the column tiles of one tile
+    /// block. Widened into `scratch` like [`PackedWeights::panel_block`].
+    pub(crate) fn panel_span<'s>(
+        &'s self,
+        np: usize,
+        s0: usize,
+        sl: usize,
+        panels: usize,
+        scratch: &'s mut Vec<i32>,
+    ) -> &'s [i32] {
+        debug_assert!((1..=2).contains(&panels));
+        let lane = NR * self.packing.words();
+        let len = ((panels - 1) * self.steps + sl) * lane;
+        self.data.block((np * self.steps + s0) * lane, len, scratch)
+    }
+}
+
 /// Static parameters of a 2-D convolution (ONNX `Conv` attributes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ConvGeometry {
@@ -574,6 +614,16 @@ impl ConvGeometry {
     }
 }
 
+/// Output channels of a tile-packed conv panel: two row tiles where a group has more than
+/// 16 (four accumulator tiles a block), else one.
+pub(crate) fn conv_tile_rows(out_per_group: usize) -> usize {
+    if out_per_group > amx::TILE {
+        2 * amx::TILE
+    } else {
+        amx::TILE
+    }
+}
+
 /// Conv weights `W[O, C/groups, kh, kw]`, zero point removed, as groups of input channels
 /// (see [`Packing`], stored as in [`PackedWeights`]), packed per group in panels of `MR`
 /// output channels: `[groups][O/groups/MR][kh*kw][C/groups/width][MR]` (taps outer,
@@ -638,17 +688,42 @@ impl PackedConvWeights {
             .map(|(o, i)| at(o, i / taps, i % taps));
         let packing = usable(packing, all);
         let width = packing.width();
-        let csteps = in_per_group.div_ceil(width);
-        let opanels = og.div_ceil(MR);
-        // Panel unit u = (group, panel of MR output channels); step = (tap, channel step).
-        let data = Store::new(packing, g * opanels, taps * csteps, MR, |u, s, r, j| {
-            let (gi, op) = (u / opanels, u % opanels);
-            let ol = op * MR + r;
-            if ol >= og {
-                return 0;
-            }
-            at(gi * og + ol, (s % csteps) * width + j, s / csteps)
-        });
+        let csteps = tile_steps(packing, in_per_group.div_ceil(width));
+        let rows = match packing {
+            Packing::Tiles => conv_tile_rows(og),
+            _ => MR,
+        };
+        let opanels = og.div_ceil(rows);
+        let data = if packing == Packing::Tiles {
+            // Unit u = (group, panel of `rows` output channels); step = (tap, block of kq
+            // channel quads); lane = (row, quad of the block).
+            let kq = csteps.min(amx::MAX_KQ);
+            let blocks = csteps / kq;
+            Store::new(
+                packing,
+                g * opanels,
+                taps * blocks,
+                rows * kq,
+                |u, s, l, j| {
+                    let (gi, op) = (u / opanels, u % opanels);
+                    let (ol, q) = (op * rows + l / kq, (s % blocks) * kq + l % kq);
+                    if ol >= og {
+                        return 0;
+                    }
+                    at(gi * og + ol, q * width + j, s / blocks)
+                },
+            )
+        } else {
+            // Unit u = (group, panel of MR output channels); step = (tap, channel step).
+            Store::new(packing, g * opanels, taps * csteps, MR, |u, s, r, j| {
+                let (gi, op) = (u / opanels, u % opanels);
+                let ol = op * MR + r;
+                if ol >= og {
+                    return 0;
+                }
+                at(gi * og + ol, (s % csteps) * width + j, s / csteps)
+            })
+        };
         let sums = (0..out_channels)
             .map(|o| {
                 (0..in_per_group)
@@ -721,6 +796,14 @@ impl PackedConvWeights {
         self.opanels
     }
 
+    /// Output channels a panel holds: `MR`, or 16 / 32 for tiles (see [`conv_tile_rows`]).
+    pub(crate) fn panel_rows(&self) -> usize {
+        match self.packing {
+            Packing::Tiles => conv_tile_rows(self.out_channels / self.geom.groups),
+            _ => MR,
+        }
+    }
+
     /// The panels of group `g` as the kernel reads them, panel `op` at
     /// `op * kh*kw*csteps*MR` lanes (of [`Packing::words`] words each), widened into
     /// `scratch` when stored as i8 pairs or 4-bit.
@@ -729,7 +812,7 @@ impl PackedConvWeights {
             * self.geom.kernel[0]
             * self.geom.kernel[1]
             * self.csteps
-            * MR
+            * self.panel_rows()
             * self.packing.words();
         self.data.block(g * len, len, scratch)
     }

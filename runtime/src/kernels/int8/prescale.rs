@@ -68,7 +68,7 @@ pub fn quantize_channels_u8(
     match backend.isa() {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `isa()` returns Avx2 or better only when the CPU supports AVX2.
-        Isa::Avx2 | Isa::Avx512Vnni => unsafe { run_avx2(x, plane, r, scale, zp, out) },
+        Isa::Avx2 | Isa::Avx512Vnni | Isa::Amx => unsafe { run_avx2(x, plane, r, scale, zp, out) },
         _ => run(x, plane, r, scale, zp, out),
     }
 }

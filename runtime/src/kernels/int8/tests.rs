@@ -55,6 +55,15 @@ fn setups() -> Vec<(Backend, Packing)> {
     if available_here(Backend::I8mm) {
         v.push((Backend::I8mm, Packing::Octets));
     }
+    // Tiles: emulated on any CPU, on the tile unit where there is one, and (GEMM) on the
+    // vector quad kernel.
+    v.push((Backend::Portable, Packing::Tiles));
+    if available_here(Backend::Avx512Vnni) {
+        v.push((Backend::Avx512Vnni, Packing::Tiles));
+    }
+    if available_here(Backend::Amx) {
+        v.push((Backend::Amx, Packing::Tiles));
+    }
     v
 }
 
@@ -74,7 +83,7 @@ fn backends() -> Vec<Backend> {
 /// missing (the other architecture's are never there).
 fn available_here(b: Backend) -> bool {
     let this_arch = match b {
-        Backend::Avx2 | Backend::Avx512Vnni => cfg!(target_arch = "x86_64"),
+        Backend::Avx2 | Backend::Avx512Vnni | Backend::Amx => cfg!(target_arch = "x86_64"),
         Backend::Neon | Backend::Dotprod | Backend::I8mm => cfg!(target_arch = "aarch64"),
         Backend::Auto | Backend::Portable => true,
     };
@@ -563,6 +572,10 @@ fn conv_typical_layers_exact() {
         (32, 48, 13, 9, p1(3, 2)),
         (40, 24, 7, 11, p1(1, 1)),
         (7, 13, 5, 37, p1(3, 1)),
+        // Tiles: 18 channel quads (padded to 32: two K blocks), 40 output channels (a
+        // panel of 32 and one of 8), stride 2 with 72 channels.
+        (70, 40, 6, 7, p1(3, 1)),
+        (72, 20, 9, 9, p1(3, 2)),
         (
             8,
             16,
