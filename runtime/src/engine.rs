@@ -51,6 +51,8 @@ pub struct Engine {
     /// Observed values tract found constant: the plan seeds them instead of computing
     /// them, so the observer is shown them at the start of every run.
     observed_consts: Vec<(usize, Arc<Tensor>)>,
+    /// Whether the model was lowered to the int8 ops (see [`Engine::threading`]).
+    int8: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -352,6 +354,26 @@ impl Engine {
             output_names,
             observed,
             observed_consts,
+            int8,
+        })
+    }
+
+    /// Runs `f` (one call of a plan) under the caller's thread setting. An int8 engine's
+    /// int8 ops split over the executor's threads, and tract's own ops (the float stem and
+    /// head convs, element-wise ops) run on the calling thread: on the small models the
+    /// rayon dispatch of those ops cost more than a second core saved (ddpm_digits at two
+    /// threads: the two float convs' `OptMatMul` 0.06 → 0.19 ms a step), and on large ones
+    /// the int8 ops are nearly all of the work.
+    fn threading<R>(&self, f: impl FnOnce() -> R) -> R {
+        if !self.int8 {
+            return f();
+        }
+        let threads = crate::kernels::int8::par::threads();
+        crate::kernels::int8::par::with_int8_threads(threads, || {
+            tract_linalg::multithread::multithread_tract_scope(
+                tract_linalg::multithread::Executor::SingleThread,
+                f,
+            )
         })
     }
 
@@ -430,12 +452,14 @@ impl Engine {
         // tract panics on some invalid data instead of failing (an out-of-range Gather
         // index, which is how a folded model rejects a time step outside its set): the
         // caller gets an error either way.
-        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.run(inputs)))
-            .map_err(|panic| {
-                let what = panic_message(panic.as_ref());
-                Error::Execution(format!("tract stopped on invalid data: {what}"))
-            })?
-            .map_err(|e| Error::Execution(format!("{e:#}")))?;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.threading(|| plan.run(inputs))
+        }))
+        .map_err(|panic| {
+            let what = panic_message(panic.as_ref());
+            Error::Execution(format!("tract stopped on invalid data: {what}"))
+        })?
+        .map_err(|e| Error::Execution(format!("{e:#}")))?;
         Ok(out
             .into_iter()
             .take(self.output_names.len())
@@ -508,8 +532,8 @@ impl Engine {
         let mut state = plan
             .spawn()
             .map_err(|e| Error::Execution(format!("{e:#}")))?;
-        state
-            .run_plan_with_eval(inputs, |ctx, op_state, node, input| {
+        self.threading(|| {
+            state.run_plan_with_eval(inputs, |ctx, op_state, node, input| {
                 let start = std::time::Instant::now();
                 let out = tract_onnx::tract_core::plan::eval(ctx, op_state, node, input);
                 times.push(NodeTime {
@@ -519,7 +543,8 @@ impl Engine {
                 });
                 out
             })
-            .map_err(|e| Error::Execution(format!("{e:#}")))?;
+        })
+        .map_err(|e| Error::Execution(format!("{e:#}")))?;
         Ok(times)
     }
 

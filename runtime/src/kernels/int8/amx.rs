@@ -113,6 +113,7 @@ pub(crate) enum Tiles {
 }
 
 /// `ldtilecfg`'s 64-byte operand (palette 1).
+#[cfg(target_arch = "x86_64")]
 #[repr(C, align(64))]
 struct Config {
     palette: u8,

@@ -117,7 +117,12 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     let mut wide = Vec::new();
     // Multiply-adds of one (image, group).
     let work = plan.og * plan.cg * plan.taps.len() * plan.npos;
-    let split = par::worth_splitting(par::Kind::Conv, work);
+    let kind = if plan.tiles {
+        par::Kind::ConvTiles
+    } else {
+        par::Kind::Conv
+    };
+    let split = par::worth_splitting(kind, work);
     // Tiles per chunk: at most TILE_CHUNK, the chunks of equal size (18 tiles run as 9 + 9,
     // not 16 + 2, which would leave one thread of two idle), and at least two chunks when
     // the call splits (the halves are then whole chunks). A tile's values do not depend on

@@ -157,7 +157,12 @@ pub(crate) fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     let mr = if tiles { 2 * amx::TILE } else { MR };
     let mc_cache = (CHUNK_BYTES / 4 / (kcs * words)).clamp(mr, 64 * MR) / mr * mr;
     // Enough chunks to keep every thread busy.
-    let split = parallel && par::worth_splitting(par::Kind::Gemm, m * n * k);
+    let kind = if tiles {
+        par::Kind::GemmTiles
+    } else {
+        par::Kind::Gemm
+    };
+    let split = parallel && par::worth_splitting(kind, m * n * k);
     let threads = if split { par::threads() } else { 1 };
     let mc = mc_cache.min(m.div_ceil(threads).div_ceil(mr) * mr);
     let bl = Blocking {
@@ -174,7 +179,7 @@ pub(crate) fn gemm_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         zero_u8,
         correction: zero_u8 - u8_offset,
     };
-    let unit = isa == Isa::Amx;
+    let unit = isa == super::Isa::Amx;
     par::for_each(m.div_ceil(mc), split, |ci| match (tiles, isa) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: Avx2 (or better) only when detected; chunks store disjoint rows.
@@ -465,6 +470,23 @@ unsafe fn chunk_tiles<A: Copy, C: Fn(A) -> i32 + Copy>(
 /// past it, e.g. the rest of a last octet, padded with 0: their weights are 0).
 #[inline(always)]
 fn widen_row_quads<A: Copy>(src: &[A], to_u8: impl Fn(A) -> i32, dst: &mut [i32]) {
+    assert!(
+        src.len() <= 4 * dst.len(),
+        "int8 gemm: row longer than its quads"
+    );
+    if cfg!(target_endian = "little") {
+        // A quad word is its four u8 bytes in memory, in order: one byte a value, a
+        // loop LLVM vectorizes (building each word from four lanes did not).
+        // SAFETY: `dst.len()` i32 words are `4 * dst.len()` bytes, same memory.
+        let bytes =
+            unsafe { std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut u8, 4 * dst.len()) };
+        let (row, rest) = bytes.split_at_mut(src.len());
+        for (d, &v) in row.iter_mut().zip(src) {
+            *d = to_u8(v) as u8;
+        }
+        rest.fill(0);
+        return;
+    }
     let mut it = src.chunks_exact(4);
     for (d, q) in dst.iter_mut().zip(&mut it) {
         *d = quad_u8([to_u8(q[0]), to_u8(q[1]), to_u8(q[2]), to_u8(q[3])]);

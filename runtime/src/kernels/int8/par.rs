@@ -29,8 +29,12 @@ use tract_linalg::multithread::{current_tract_executor, Executor};
 pub(crate) enum Kind {
     /// Multiply-adds of one (image, group).
     Conv,
+    /// [`Kind::Conv`] on the AMX tiles (a multiply-add costs about a third as much).
+    ConvTiles,
     /// Multiply-adds.
     Gemm,
+    /// [`Kind::Gemm`] on the AMX tiles.
+    GemmTiles,
     /// Multiply-adds, a softmax counted as `SOFTMAX_MACS` of them.
     Attention,
     /// Elements (group norm, + SiLU).
@@ -41,11 +45,15 @@ impl Kind {
     /// Work below which a call of this kind stays on the calling thread: below it, the
     /// fork-join (about a µs while the workers spin, tens of µs when they have parked)
     /// and the halves' imbalance cost more than the second thread saves. Measured with
-    /// `runtime/examples/int8_threads.rs` on the project's 2-vCPU VM (BENCHMARKS.md).
+    /// `runtime/examples/int8_threads.rs` on the project's 2-vCPU VM (BENCHMARKS.md);
+    /// the tiles' on a Sapphire Rapids VM (3×3 convs of 2.4M multiply-adds ran 0.88–0.93×
+    /// as fast split, of 7.2M 1.12×; GEMMs of 0.26M 0.92×, of 0.52M 1.42×).
     pub(crate) const fn min_work(self) -> usize {
         match self {
             Kind::Conv => 1 << 21,
+            Kind::ConvTiles => 1 << 22,
             Kind::Gemm => 1 << 18,
+            Kind::GemmTiles => 1 << 19,
             Kind::Attention => 1 << 19,
             Kind::Norm => 1 << 13,
         }
@@ -105,8 +113,33 @@ pub(crate) fn for_each(n: usize, split: bool, f: impl Fn(usize) + Sync + Send) {
     }
 }
 
-/// Threads of tract's current executor (1 when single-threaded).
+thread_local! {
+    /// Threads of the int8 ops on this thread when set ([`with_int8_threads`]), whatever
+    /// tract's executor is.
+    static INT8_THREADS: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// Runs `f` with the int8 ops on this thread splitting over `threads` threads (this
+/// thread and the workers), whatever tract's executor: an int8 engine runs tract's own
+/// ops on one thread inside it (see `Engine::run_plan`).
+pub(crate) fn with_int8_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
+    /// Restores the previous setting, also when `f` panics.
+    struct Restore(Option<usize>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            INT8_THREADS.set(self.0);
+        }
+    }
+    let _restore = Restore(INT8_THREADS.replace(Some(threads)));
+    f()
+}
+
+/// Threads of the int8 ops: [`with_int8_threads`]'s count where set, else those of
+/// tract's current executor (1 when single-threaded).
 pub(crate) fn threads() -> usize {
+    if let Some(n) = INT8_THREADS.get() {
+        return n;
+    }
     match current_tract_executor() {
         Executor::SingleThread => 1,
         Executor::MultiThread(pool) => pool.current_num_threads(),
@@ -397,7 +430,14 @@ mod tests {
         assert_eq!(parse_min_parallel_work(Some(" 1024 ".into())), Some(1024));
         assert_eq!(parse_min_parallel_work(Some("many".into())), None);
         multithread_tract_scope(Executor::multithread(2), || {
-            for kind in [Kind::Conv, Kind::Gemm, Kind::Attention, Kind::Norm] {
+            for kind in [
+                Kind::Conv,
+                Kind::ConvTiles,
+                Kind::Gemm,
+                Kind::GemmTiles,
+                Kind::Attention,
+                Kind::Norm,
+            ] {
                 assert!(!worth_splitting(kind, kind.min_work() - 1));
                 assert!(worth_splitting(kind, kind.min_work()));
             }
