@@ -14,6 +14,7 @@
 //! replaced nodes read are removed.
 
 mod attention;
+pub mod bias;
 mod conv;
 mod conv_f32;
 mod gemm;
@@ -279,9 +280,11 @@ fn plan(g: &pb::GraphProto, model_dir: Option<&Path>, keep: &[String]) -> Result
                     .flatten()
             });
         if let Some(mut r) = rewrite {
-            // A Conv / Gemm with an output Q/DQ pair replaces the pair's DequantizeLinear
-            // (`crate::ops::requant`); the Conv is then left dead.
-            let at = requant::fuse_output_pair(&ix, &mut r).unwrap_or(i);
+            // A linear layer's bias Add (`bias`), then an output Q/DQ pair on a Conv /
+            // Gemm (`crate::ops::requant`): the rewrite replaces the last node it took in
+            // (the Add, the pair's DequantizeLinear), and the ones before are left dead.
+            let at = bias::fuse_bias_add(&ix, &mut r, keep).unwrap_or(i);
+            let at = requant::fuse_output_pair(&ix, &mut r).unwrap_or(at);
             replaced.insert(at, rewrites.len());
             rewrites.push(r);
         }

@@ -13,7 +13,7 @@ use crate::ops::requant::{enabled, O_SCALE, O_ZERO_POINT};
 
 /// The one node reading `value` (when exactly one input of one node reads it, and it is
 /// no graph output), with its index in the graph.
-fn only_reader<'g>(ix: &Index<'g>, value: &str) -> Option<(usize, &'g pb::NodeProto)> {
+pub(crate) fn only_reader<'g>(ix: &Index<'g>, value: &str) -> Option<(usize, &'g pb::NodeProto)> {
     if !ix.read_once(value) {
         return None;
     }
