@@ -105,9 +105,9 @@ pub(crate) struct Kernel {
 pub(crate) fn kernel_for(isa: super::Isa, packing: Packing, unsigned_broadcast: bool) -> Kernel {
     use super::Isa;
     let exact = |run: KernelFn| Kernel { run, u8_offset: 0 };
-    // AMX has only its tile kernels (see `super::amx`); a GEMM's tile-packed weights are
-    // quads in the layout the quad kernels read, so the vector set's kernels serve
-    // everything else.
+    // AMX has only its tile kernels (see `super::amx`): pairs and quads run on the vector
+    // set's kernels. Tile-packed weights never reach a micro-kernel (their drivers run
+    // `super::amx::Tiles`, emulated below AMX); the quads' kernel stands for them here.
     let isa = isa.vector();
     let packing = match packing {
         Packing::Tiles => Packing::Quads,

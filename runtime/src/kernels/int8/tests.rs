@@ -55,8 +55,8 @@ fn setups() -> Vec<(Backend, Packing)> {
     if available_here(Backend::I8mm) {
         v.push((Backend::I8mm, Packing::Octets));
     }
-    // Tiles: emulated on any CPU, on the tile unit where there is one, and (GEMM) on the
-    // vector quad kernel.
+    // Tiles: on the tile unit where there is one, else emulated (also when a slower
+    // backend is asked for tile-packed weights).
     v.push((Backend::Portable, Packing::Tiles));
     if available_here(Backend::Avx512Vnni) {
         v.push((Backend::Avx512Vnni, Packing::Tiles));
