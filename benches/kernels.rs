@@ -19,17 +19,11 @@ use tfmqc_runtime::with_threads;
 const RUNS: usize = 7;
 
 fn main() {
-    let backends: Vec<Backend> = [
-        Backend::Amx,
-        Backend::Avx512Vnni,
-        Backend::Avx2,
-        Backend::I8mm,
-        Backend::Dotprod,
-        Backend::Neon,
-    ]
-    .into_iter()
-    .filter(|b| b.is_available())
-    .collect();
+    // Every backend of this CPU but the portable one (far slower, and not what runs).
+    let backends: Vec<Backend> = Backend::ALL
+        .into_iter()
+        .filter(|&b| b != Backend::Portable && b.is_available())
+        .collect();
     println!(
         "int8 kernels at SD-1.5 sizes; backends here: {}",
         backends
@@ -113,7 +107,6 @@ impl Case {
                 .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 24) as u8)
                 .collect()
         };
-        let mut times = Vec::with_capacity(RUNS);
         match self.kind {
             Kind::Conv(shape, o, k, s) => {
                 let [n, c, h, w] = shape;
@@ -132,8 +125,7 @@ impl Case {
                 let (ho, wo) = geom.output_hw(h, w).unwrap();
                 let mut out = vec![0u8; n * o * ho * wo];
                 let scale = vec![0.01f32; o];
-                for run in 0..=RUNS {
-                    let start = Instant::now();
+                median_ms(|| {
                     conv2d(
                         backend,
                         &x,
@@ -151,10 +143,7 @@ impl Case {
                             zero_point: 128,
                         },
                     );
-                    if run > 0 {
-                        times.push(start.elapsed().as_secs_f64() * 1e3);
-                    }
-                }
+                })
             }
             Kind::Gemm(m, k, n) => {
                 let wts: Vec<i8> = bytes(n * k, 5)
@@ -166,8 +155,7 @@ impl Case {
                 let a = bytes(m * k, 1);
                 let mut out = vec![0f32; m * n];
                 let scale = vec![0.01f32; n];
-                for run in 0..=RUNS {
-                    let start = Instant::now();
+                median_ms(|| {
                     gemm(
                         backend,
                         &a,
@@ -184,13 +172,22 @@ impl Case {
                             },
                         },
                     );
-                    if run > 0 {
-                        times.push(start.elapsed().as_secs_f64() * 1e3);
-                    }
-                }
+                })
             }
         }
-        times.sort_by(f64::total_cmp);
-        times[times.len() / 2]
     }
+}
+
+/// Median ms of [`RUNS`] calls of `call`, after one untimed call.
+fn median_ms(mut call: impl FnMut()) -> f64 {
+    call();
+    let mut times: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let start = Instant::now();
+            call();
+            start.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
 }

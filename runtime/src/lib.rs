@@ -22,6 +22,7 @@ pub mod rng;
 pub mod sampler;
 pub mod schedule;
 pub mod scheduler;
+mod scoped;
 mod shape_plans;
 mod tensor_data;
 pub mod threads;

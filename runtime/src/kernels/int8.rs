@@ -110,6 +110,17 @@ pub enum Backend {
 }
 
 impl Backend {
+    /// Every concrete backend (all but `Auto`), fastest first within an architecture.
+    pub const ALL: [Backend; 7] = [
+        Backend::Amx,
+        Backend::Avx512Vnni,
+        Backend::Avx2,
+        Backend::I8mm,
+        Backend::Dotprod,
+        Backend::Neon,
+        Backend::Portable,
+    ];
+
     /// Whether this backend really runs on this CPU (`Auto` and `Portable` always do).
     pub fn is_available(self) -> bool {
         match self {
@@ -240,19 +251,7 @@ fn auto_isa() -> Isa {
         };
         let cap = std::env::var("TFMQC_INT8_BACKEND")
             .ok()
-            .and_then(|name| {
-                [
-                    Backend::Amx,
-                    Backend::Avx512Vnni,
-                    Backend::Avx2,
-                    Backend::I8mm,
-                    Backend::Dotprod,
-                    Backend::Neon,
-                    Backend::Portable,
-                ]
-                .into_iter()
-                .find(|b| b.name() == name)
-            })
+            .and_then(|name| Backend::ALL.into_iter().find(|b| b.name() == name))
             .and_then(Isa::of)
             .unwrap_or(best);
         cap.or_fallback()

@@ -19,14 +19,7 @@ thread_local! {
 /// reference the exactness test compares the fused nodes with (as
 /// [`crate::ops::requant::unfused`], which turns it off too).
 pub fn unfused<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            OFF.set(self.0);
-        }
-    }
-    let _restore = Restore(OFF.replace(true));
-    f()
+    crate::scoped::with_local(&OFF, true, f)
 }
 
 /// If `r` is a `TfmqcQGemm` with no bias and no fused output pair whose output (not in

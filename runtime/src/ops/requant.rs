@@ -38,14 +38,7 @@ thread_local! {
 /// reference the exactness tests compare with (a per-thread switch, so tests running in
 /// parallel do not see it).
 pub fn unfused<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            UNFUSED.set(self.0);
-        }
-    }
-    let _restore = Restore(UNFUSED.replace(true));
-    f()
+    crate::scoped::with_local(&UNFUSED, true, f)
 }
 
 /// Whether [`unfused`] is in effect on this thread.

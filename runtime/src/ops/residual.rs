@@ -47,14 +47,7 @@ thread_local! {
 /// Runs `f` with this fusion alone off on this thread (the other fusions as they are):
 /// the reference the exactness tests compare the fused node with.
 pub fn unfused<R>(f: impl FnOnce() -> R) -> R {
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            OFF.set(self.0);
-        }
-    }
-    let _restore = Restore(OFF.replace(true));
-    f()
+    crate::scoped::with_local(&OFF, true, f)
 }
 
 /// How the addend of shape `r` lines up with a convolution output of shape `out`

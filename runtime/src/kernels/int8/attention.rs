@@ -117,18 +117,10 @@ fn short_heads_enabled() -> bool {
 /// forced on or off for the calls made on this thread (the exactness tests compare them).
 #[cfg(test)]
 pub(crate) fn with_short_heads<R>(on: bool, narrow: bool, f: impl FnOnce() -> R) -> R {
-    struct Restore(Option<bool>, Option<bool>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            SHORT_HEADS.set(self.0);
-            NARROW_ROWS.set(self.1);
-        }
-    }
-    let _restore = Restore(
-        SHORT_HEADS.replace(Some(on)),
-        NARROW_ROWS.replace(Some(narrow)),
-    );
-    f()
+    use crate::scoped::with_local;
+    with_local(&SHORT_HEADS, Some(on), || {
+        with_local(&NARROW_ROWS, Some(narrow), f)
+    })
 }
 
 /// One head's prepared `Kᵀ` and `V`: packed for the int8 GEMM, or (short heads) as

@@ -250,12 +250,7 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
         mc,
     } = *bl;
     let Rows {
-        a,
-        m,
-        k,
-        center,
-        zero_u8,
-        correction,
+        m, k, correction, ..
     } = *rows;
     // Quads and octets hold raw u8 activations, four a word.
     let bytes = w.packing() != Packing::Pairs;
@@ -278,21 +273,21 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
         // Words of one widened row of this block.
         let row = kl * words;
         let used = panels * MR * row;
-        let (k0, k1) = (width * ks0, (width * (ks0 + kl)).min(k));
-        for (r, dst) in abuf[..used].chunks_exact_mut(row.max(1)).enumerate() {
-            if r >= nrows {
-                dst.fill(0);
-            } else if bytes {
-                widen_row_quads(&a[(m0 + r) * k..][k0..k1], |v| center(v) + zero_u8, dst);
-            } else {
-                widen_row(&a[(m0 + r) * k..][k0..k1], center, dst);
-            }
-        }
-        let last = kb + 1 == nkb;
+        let ks = (width * ks0, (width * (ks0 + kl)).min(k));
+        widen_rows(rows, (m0, nrows), ks, bytes, &mut abuf[..used], row);
         for np in 0..n.div_ceil(NR) {
             let cols = (n - np * NR).min(NR);
             // Widened once per (chunk, block, panel), reused by the chunk's row tiles.
             let b = w.panel_block(np, ks0, kl, &mut wide);
+            // Quads: Σ (a − z)·w = Σ (a − o)·w − (z − o)·Σ w, o the kernel's offset.
+            let end = RunEnd {
+                nkb,
+                kb,
+                n,
+                col: np * NR,
+                correction: bytes.then_some(correction),
+                w,
+            };
             for mp in 0..panels {
                 let args = KernelArgs {
                     a: &abuf[mp * MR * row..used],
@@ -307,28 +302,7 @@ unsafe fn chunk<A: Copy, C: Fn(A) -> i32 + Copy>(
                 kernel(&args, &mut tile);
                 for r in 0..(nrows - mp * MR).min(MR) {
                     let acc = &mut tile[r * NR..r * NR + cols];
-                    if nkb > 1 {
-                        let part = &mut scratch[(mp * MR + r) * n + np * NR..][..cols];
-                        if kb > 0 {
-                            for (x, &p) in acc.iter_mut().zip(part.iter()) {
-                                *x = x.wrapping_add(p);
-                            }
-                        }
-                        if !last {
-                            part.copy_from_slice(acc);
-                            continue;
-                        }
-                    }
-                    if bytes {
-                        // Σ (a − z)·w = Σ (a − o)·w − (z − o)·Σ w, per output channel
-                        // (column), o the kernel's offset.
-                        let sums = &w.sums()[np * NR..][..cols];
-                        for (x, &s) in acc.iter_mut().zip(sums) {
-                            *x = x.wrapping_sub(correction.wrapping_mul(s));
-                        }
-                    }
-                    let row = m0 + mp * MR + r;
-                    sink.store(row * n + np * NR, acc, Channel::Run(np * NR));
+                    end.finish(acc, &mut scratch, (m0, mp * MR + r), sink);
                 }
             }
         }
@@ -374,14 +348,7 @@ unsafe fn chunk_tiles<A: Copy, C: Fn(A) -> i32 + Copy>(
         nkb,
         mc,
     } = *bl;
-    let Rows {
-        a,
-        m,
-        k,
-        center,
-        zero_u8,
-        ..
-    } = *rows;
+    let Rows { m, k, zero_u8, .. } = *rows;
     // The tiles take raw u8 (no offset): Σ (a − z)·w = Σ a·w − z·Σ w.
     let correction = zero_u8;
     // Every block is a multiple of 16 quads, or all of them when there are fewer (see
@@ -404,24 +371,29 @@ unsafe fn chunk_tiles<A: Copy, C: Fn(A) -> i32 + Copy>(
         let ks0 = kb * kcs;
         let kl = (ksteps - ks0).min(kcs);
         let row = kl;
-        let (k0, k1) = (4 * ks0, (4 * (ks0 + kl)).min(k));
-        for (r, dst) in abuf[..padded_rows * row]
-            .chunks_exact_mut(row.max(1))
-            .enumerate()
-        {
-            if r >= nrows {
-                dst.fill(0);
-            } else {
-                widen_row_quads(&a[(m0 + r) * k..][k0..k1], |v| center(v) + zero_u8, dst);
-            }
-        }
-        let last = kb + 1 == nkb;
+        let ks = (4 * ks0, (4 * (ks0 + kl)).min(k));
+        widen_rows(
+            rows,
+            (m0, nrows),
+            ks,
+            true,
+            &mut abuf[..padded_rows * row],
+            row,
+        );
         for np in (0..npanels).step_by(2) {
             let nt = (npanels - np).min(2);
             // Both panels' blocks in one span: the second starts a panel (`steps` quad
             // rows) after the first.
             let b = w.panel_span(np, ks0, kl, nt, &mut wide);
             let ncols = (n - np * NR).min(nt * NR);
+            let end = RunEnd {
+                nkb,
+                kb,
+                n,
+                col: np * NR,
+                correction: Some(correction),
+                w,
+            };
             for mp in (0..nrows).step_by(2 * T) {
                 let mt = (nrows - mp).div_ceil(T).min(2);
                 let blk = amx::Block {
@@ -442,27 +414,89 @@ unsafe fn chunk_tiles<A: Copy, C: Fn(A) -> i32 + Copy>(
                 tiles.store(&mut acc);
                 for r in 0..(nrows - mp).min(mt * T) {
                     let acc = &mut acc[r * amx::ACC_ROW..][..ncols];
-                    let orow = mp + r;
-                    if nkb > 1 {
-                        let part = &mut scratch[orow * n + np * NR..][..ncols];
-                        if kb > 0 {
-                            for (x, &p) in acc.iter_mut().zip(part.iter()) {
-                                *x = x.wrapping_add(p);
-                            }
-                        }
-                        if !last {
-                            part.copy_from_slice(acc);
-                            continue;
-                        }
-                    }
-                    let sums = &w.sums()[np * NR..][..ncols];
-                    for (x, &s) in acc.iter_mut().zip(sums) {
-                        *x = x.wrapping_sub(correction.wrapping_mul(s));
-                    }
-                    sink.store((m0 + orow) * n + np * NR, acc, Channel::Run(np * NR));
+                    end.finish(acc, &mut scratch, (m0, mp + r), sink);
                 }
             }
         }
+    }
+}
+
+/// Widens rows `m0 .. m0 + nrows` of the activations (values `k0 .. k1` of each) into
+/// `dst`, `row` words a row, as u8 quads (`bytes`) or i16 pairs; the rows of `dst` past
+/// them are zeros.
+#[inline(always)]
+fn widen_rows<A: Copy, C: Fn(A) -> i32 + Copy>(
+    rows: &Rows<A, C>,
+    (m0, nrows): (usize, usize),
+    (k0, k1): (usize, usize),
+    bytes: bool,
+    dst: &mut [i32],
+    row: usize,
+) {
+    let Rows {
+        a,
+        k,
+        center,
+        zero_u8,
+        ..
+    } = *rows;
+    for (r, d) in dst.chunks_exact_mut(row.max(1)).enumerate() {
+        if r >= nrows {
+            d.fill(0);
+        } else if bytes {
+            widen_row_quads(&a[(m0 + r) * k..][k0..k1], |v| center(v) + zero_u8, d);
+        } else {
+            widen_row(&a[(m0 + r) * k..][k0..k1], center, d);
+        }
+    }
+}
+
+/// How a run of output columns `col ..` ends after reduction block `kb` (of `nkb`):
+/// summed with the blocks before it (partial sums of a chunk's rows in a scratch of `n`
+/// columns a row), and after the last, corrected for the zero point (quads: `correction ·
+/// Σ w` per column) and stored.
+struct RunEnd<'w> {
+    nkb: usize,
+    kb: usize,
+    n: usize,
+    col: usize,
+    correction: Option<i32>,
+    w: &'w PackedWeights,
+}
+
+impl RunEnd<'_> {
+    /// Ends the run `acc` of row `r` of the chunk starting at output row `m0`.
+    ///
+    /// # Safety
+    /// No other thread may store the same row at the same time.
+    #[inline(always)]
+    unsafe fn finish(
+        &self,
+        acc: &mut [i32],
+        scratch: &mut [i32],
+        (m0, r): (usize, usize),
+        sink: &Sink,
+    ) {
+        let cols = acc.len();
+        if self.nkb > 1 {
+            let part = &mut scratch[r * self.n + self.col..][..cols];
+            if self.kb > 0 {
+                for (x, &p) in acc.iter_mut().zip(part.iter()) {
+                    *x = x.wrapping_add(p);
+                }
+            }
+            if self.kb + 1 < self.nkb {
+                part.copy_from_slice(acc);
+                return;
+            }
+        }
+        if let Some(c) = self.correction {
+            let sums = &self.w.sums()[self.col..][..cols];
+            for (x, &s) in acc.iter_mut().zip(sums) {
+                *x = x.wrapping_sub(c.wrapping_mul(s));
+            }
+        }
+        sink.store((m0 + r) * self.n + self.col, acc, Channel::Run(self.col));
     }
 }
 

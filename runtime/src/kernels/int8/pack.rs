@@ -503,9 +503,7 @@ impl PackedWeights {
         self.data
             .block((np * self.steps + s0) * lane, sl * lane, scratch)
     }
-}
 
-impl PackedWeights {
     /// Steps `s0 .. s0 + sl` of panel `np` and, when `panels` is 2, of panel `np + 1`
     /// (`steps()` quad rows of `NR` lanes later in the span): the column tiles of one tile
     /// block. Widened into `scratch` like [`PackedWeights::panel_block`].

@@ -123,15 +123,7 @@ thread_local! {
 /// thread and the workers), whatever tract's executor: an int8 engine runs tract's own
 /// ops on one thread inside it (see `Engine::run_plan`).
 pub(crate) fn with_int8_threads<R>(threads: usize, f: impl FnOnce() -> R) -> R {
-    /// Restores the previous setting, also when `f` panics.
-    struct Restore(Option<usize>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            INT8_THREADS.set(self.0);
-        }
-    }
-    let _restore = Restore(INT8_THREADS.replace(Some(threads)));
-    f()
+    crate::scoped::with_local(&INT8_THREADS, Some(threads), f)
 }
 
 /// Threads of the int8 ops: [`with_int8_threads`]'s count where set, else those of
