@@ -74,6 +74,13 @@ fn main() {
         (1, 64, 64, 16),
         (1, 128, 128, 16),
         (1, 64, 64, 32),
+        // Batch 2 (classifier-free guidance, or two samples), small planes: too small
+        // to split one image, split by image (`Kind::ConvImages`).
+        (2, 16, 16, 8),
+        (2, 64, 64, 4),
+        (2, 32, 32, 8),
+        (2, 64, 64, 8),
+        (2, 32, 32, 16),
         (2, 128, 128, 32),
         (2, 320, 320, 32),
     ] {

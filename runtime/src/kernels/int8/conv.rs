@@ -113,8 +113,7 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         u8_offset,
     } = micro::kernel_for(isa, w.packing(), false);
     let plan = Plan::new(w, shape, kernel, zero_u8, u8_offset, isa);
-    let mut buf = vec![plan.pad; plan.phases * plan.csteps * plan.plane * plan.words];
-    let mut wide = Vec::new();
+    let buf_len = plan.phases * plan.csteps * plan.plane * plan.words;
     // Multiply-adds of one (image, group).
     let work = plan.og * plan.cg * plan.taps.len() * plan.npos;
     let kind = if plan.tiles {
@@ -123,6 +122,17 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         par::Kind::Conv
     };
     let split = par::worth_splitting(kind, work);
+    // Whole images to each thread when the images divide evenly among the threads (a
+    // batch of two, classifier-free guidance's halves, at 2 threads): one fork-join a
+    // call instead of two an image, no thread waiting for the other's half of a plane, each
+    // thread's planes its own. At batch 2, 2 threads (runtime/examples/int8_threads.rs,
+    // AVX-512 VNNI): 1.38–1.88× the 1-thread speed from 4×4 to 16×16 planes where the
+    // split within an image gave 1.0–1.6×, and 1.87–2.03× at 320 channels on 32×32
+    // (SD-1.5's first level) where it gave 1.53–1.60×. Values are the same either way.
+    let by_image = nb > 1
+        && nb % par::threads().max(1) == 0
+        && par::worth_splitting(par::Kind::ConvImages, work * g * nb);
+    let split = split && !by_image;
     // Tiles per chunk: at most TILE_CHUNK, the chunks of equal size (18 tiles run as 9 + 9,
     // not 16 + 2, which would leave one thread of two idle), and at least two chunks when
     // the call splits (the halves are then whole chunks). A tile's values do not depend on
@@ -133,14 +143,14 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
     }
     let chunk = plan.ntiles.div_ceil(chunks.max(1)).max(1);
     let chunks = plan.ntiles.div_ceil(chunk);
-    for b in 0..nb {
+    let image = |b: usize, buf: &mut Vec<i32>, wide: &mut Vec<i32>| {
         for gi in 0..g {
             // Weights resident as i8 pairs are widened once per call and group (each
             // weight is used at every output position); quads are read as they are.
-            let panels = w.group_panels(gi, &mut wide);
+            let panels = w.group_panels(gi, wide);
             // Widen this (image, group) into the phase planes, channel steps in parallel.
             {
-                let planes = Shared::new(&mut buf);
+                let planes = Shared::new(&mut buf[..]);
                 // Channel steps past the input's (tile padding) keep the zero point.
                 par::for_each(plan.csteps_in, split, |cs| match isa {
                     #[cfg(target_arch = "x86_64")]
@@ -160,7 +170,7 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
             par::for_each(units, split, |u| {
                 let (tc, op) = (u / opanels, u % opanels);
                 let ops = Operands {
-                    planes: &buf,
+                    planes: &buf[..],
                     weights: &panels[op * plan.panel_len..][..plan.panel_len],
                 };
                 let tc = (tc, chunk);
@@ -181,6 +191,17 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
                     (false, _) => unsafe { unit(&plan, &ops, b, gi, tc, op, &sink) },
                 }
             });
+        }
+    };
+    if by_image {
+        // Each image its own planes; the calls inside a part run on its thread.
+        par::for_each(nb, true, |b| {
+            image(b, &mut vec![plan.pad; buf_len], &mut Vec::new());
+        });
+    } else {
+        let (mut buf, mut wide) = (vec![plan.pad; buf_len], Vec::new());
+        for b in 0..nb {
+            image(b, &mut buf, &mut wide);
         }
     }
 }

@@ -31,6 +31,8 @@ pub(crate) enum Kind {
     Conv,
     /// [`Kind::Conv`] on the AMX tiles (a multiply-add costs about a third as much).
     ConvTiles,
+    /// Multiply-adds of a whole convolution call split by image (see `conv_run`).
+    ConvImages,
     /// Multiply-adds.
     Gemm,
     /// [`Kind::Gemm`] on the AMX tiles.
@@ -52,6 +54,7 @@ impl Kind {
         match self {
             Kind::Conv => 1 << 21,
             Kind::ConvTiles => 1 << 22,
+            Kind::ConvImages => 1 << 19,
             Kind::Gemm => 1 << 18,
             Kind::GemmTiles => 1 << 19,
             Kind::Attention => 1 << 19,
@@ -89,8 +92,25 @@ pub(crate) fn split_everything<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Tests: only whole images split ([`Kind::ConvImages`], every call), nothing else.
+    static TEST_IMAGES_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with the convolutions on this thread splitting by image only, whatever their
+/// size (tests: the path a small batched convolution takes at 2 threads).
+#[cfg(test)]
+pub(crate) fn split_images_only<R>(f: impl FnOnce() -> R) -> R {
+    crate::scoped::with_local(&TEST_IMAGES_ONLY, true, f)
+}
+
 /// Whether a call of `kind` doing `work` splits over the threads.
 pub(crate) fn worth_splitting(kind: Kind, work: usize) -> bool {
+    #[cfg(test)]
+    if TEST_IMAGES_ONLY.get() {
+        return kind == Kind::ConvImages && threads() > 1;
+    }
     #[cfg(test)]
     if let Some(min) = TEST_MIN_WORK.get() {
         return work >= min && threads() > 1;

@@ -841,7 +841,7 @@ fn gemm_quantize_equals_quantize_then_gemm() {
 }
 
 /// Results are bit-identical whatever the number of threads of tract's executor, every
-/// call split.
+/// call split, or the convolution's two images split between the threads.
 #[test]
 fn thread_count_does_not_change_results() {
     use tract_linalg::multithread::{multithread_tract_scope, Executor};
@@ -890,6 +890,13 @@ fn thread_count_does_not_change_results() {
             par::split_everything(run)
         });
         assert!(multi == single, "{threads} threads differ from 1");
+        let by_image = multithread_tract_scope(Executor::multithread(threads), || {
+            par::split_images_only(run)
+        });
+        assert!(
+            by_image == single,
+            "{threads} threads, images split, differ from 1"
+        );
     }
 }
 
