@@ -1,7 +1,7 @@
 //! Conv2d (NCHW) as an implicit GEMM over phase-split, zero-padded, widened input planes.
 
 use super::amx::{self, Tiles};
-use super::micro::{self, KernelArgs, KernelFn};
+use super::micro::{self, KernelArgs, KernelFn, WideKernelFn, WIDE_NR};
 use super::pack::{quad_u8, Packing};
 use super::par::{self, Shared};
 use super::sink::{quantize, Channel, Sink};
@@ -112,7 +112,8 @@ fn conv_run<A: Copy + Sync, C: Fn(A) -> i32 + Copy + Sync>(
         run: kernel,
         u8_offset,
     } = micro::kernel_for(isa, w.packing(), false);
-    let plan = Plan::new(w, shape, kernel, zero_u8, u8_offset, isa);
+    let wide = micro::wide_conv_kernel_for(isa, w.packing()).filter(|_| u8_offset == 0);
+    let plan = Plan::new(w, shape, (kernel, wide), zero_u8, u8_offset, isa);
     let buf_len = plan.phases * plan.csteps * plan.plane * plan.words;
     // Multiply-adds of one (image, group).
     let work = plan.og * plan.cg * plan.taps.len() * plan.npos;
@@ -217,6 +218,8 @@ struct Operands<'a> {
 struct Plan<'w> {
     w: &'w PackedConvWeights,
     kernel: KernelFn,
+    /// The wide kernel, when the ISA has one: tiles of [`WIDE_NR`] columns.
+    wide: Option<WideKernelFn>,
     c: usize,
     h: usize,
     wd: usize,
@@ -264,14 +267,19 @@ impl<'w> Plan<'w> {
     fn new(
         w: &'w PackedConvWeights,
         shape: [usize; 4],
-        kernel: KernelFn,
+        (kernel, wide): (KernelFn, Option<WideKernelFn>),
         zero_u8: i32,
         u8_offset: i32,
         isa: super::Isa,
     ) -> Self {
         let [_, c, h, wd] = shape;
         let tiles = w.packing() == Packing::Tiles;
-        let cols = if tiles { 2 * amx::TILE } else { NR };
+        let wide = wide.filter(|_| !tiles);
+        let cols = match (tiles, wide) {
+            (true, _) => 2 * amx::TILE,
+            (false, Some(_)) => WIDE_NR,
+            (false, None) => NR,
+        };
         let geom = *w.geometry();
         let (ho, wo) = geom.output_hw(h, wd).expect("checked by conv_run");
         let [kh, kw] = geom.kernel;
@@ -303,6 +311,7 @@ impl<'w> Plan<'w> {
         Plan {
             w,
             kernel,
+            wide,
             c,
             h,
             wd,
@@ -480,24 +489,37 @@ unsafe fn unit(
     op: usize,
     sink: &Sink,
 ) {
-    let mut tile = [0i32; MR * NR];
     let (a, buf) = (ops.weights, ops.planes);
     let rows = (p.og - op * MR).min(MR);
     let t0 = tc * chunk;
-    for t in t0..(t0 + chunk).min(p.ntiles) {
-        let p0 = t * NR;
-        let args = KernelArgs {
-            a,
-            a_row: p.words,
-            a_step: MR * p.words,
-            b: &buf[(p0 * p.words).min(buf.len())..],
-            b_cp: p.plane * p.words,
-            taps: &p.taps,
-            csteps: p.csteps,
-            words: p.words,
-        };
-        (p.kernel)(&args, &mut tile);
-        store_tile(p, &mut tile, NR, rows, (b, gi * p.og + op * MR), p0, sink);
+    let args = |p0: usize| KernelArgs {
+        a,
+        a_row: p.words,
+        a_step: MR * p.words,
+        b: &buf[(p0 * p.words).min(buf.len())..],
+        b_cp: p.plane * p.words,
+        taps: &p.taps,
+        csteps: p.csteps,
+        words: p.words,
+    };
+    let o0 = gi * p.og + op * MR;
+    match p.wide {
+        Some(kernel) => {
+            let mut tile = [0i32; MR * WIDE_NR];
+            for t in t0..(t0 + chunk).min(p.ntiles) {
+                let p0 = t * WIDE_NR;
+                kernel(&args(p0), &mut tile);
+                store_tile(p, &mut tile, WIDE_NR, rows, (b, o0), p0, sink);
+            }
+        }
+        None => {
+            let mut tile = [0i32; MR * NR];
+            for t in t0..(t0 + chunk).min(p.ntiles) {
+                let p0 = t * NR;
+                (p.kernel)(&args(p0), &mut tile);
+                store_tile(p, &mut tile, NR, rows, (b, o0), p0, sink);
+            }
+        }
     }
 }
 

@@ -27,6 +27,12 @@ impl KernelArgs<'_> {
     /// sound; costs a few integer operations per tile).
     #[inline]
     pub fn check(&self) {
+        self.check_cols(NR)
+    }
+
+    /// [`KernelArgs::check`] for a kernel reading `cols` columns of the vector side.
+    #[inline]
+    pub fn check_cols(&self, cols: usize) {
         let steps = self.taps.len() * self.csteps;
         if steps == 0 {
             return;
@@ -37,7 +43,7 @@ impl KernelArgs<'_> {
             "int8 kernel: broadcast operand out of bounds"
         );
         let tap_max = self.taps.iter().copied().max().unwrap_or(0);
-        let b_max = tap_max + (self.csteps - 1) * self.b_cp + NR * self.words - 1;
+        let b_max = tap_max + (self.csteps - 1) * self.b_cp + cols * self.words - 1;
         assert!(
             b_max < self.b.len(),
             "int8 kernel: vector operand out of bounds"
@@ -47,6 +53,34 @@ impl KernelArgs<'_> {
 
 /// A micro-kernel: writes the `MR × NR` tile (row-major) of accumulators.
 pub(crate) type KernelFn = fn(&KernelArgs, &mut [i32; MR * NR]);
+
+/// Columns of a wide micro-kernel's tile ([`WideKernelFn`]).
+pub(crate) const WIDE_NR: usize = 2 * NR;
+
+/// A wide micro-kernel: writes an `MR × WIDE_NR` tile (row-major) of accumulators, the
+/// same sums as two `MR × NR` calls side by side.
+pub(crate) type WideKernelFn = fn(&KernelArgs, &mut [i32; MR * WIDE_NR]);
+
+/// The wide kernel of `isa` for conv operands packed as `packing` (weights broadcast,
+/// u8 input planes the vector side), where one is worth having: AVX-512 VNNI quads, whose
+/// `MR × NR` tile holds six zmm accumulators, too few to cover `vpdpbusd`'s latency; two
+/// zmm a row make twelve chains and halve the broadcasts per multiply-add. Exact like
+/// the narrow kernel (`u8_offset` 0).
+pub(crate) fn wide_conv_kernel_for(isa: super::Isa, packing: Packing) -> Option<WideKernelFn> {
+    match (packing, isa.vector()) {
+        #[cfg(target_arch = "x86_64")]
+        (Packing::Quads, super::Isa::Avx512Vnni) => {
+            fn run(args: &KernelArgs, tile: &mut [i32; MR * WIDE_NR]) {
+                args.check_cols(WIDE_NR);
+                // SAFETY: only handed out for `Isa::Avx512Vnni`, which `isa()` returns
+                // after AVX-512 F and VNNI were detected; indices were bounds-checked.
+                unsafe { avx512vnni::quad_kernel_wide(args, tile) }
+            }
+            Some(run)
+        }
+        _ => None,
+    }
+}
 
 #[inline(always)]
 fn lo(x: i32) -> i32 {
@@ -347,6 +381,42 @@ mod avx512vnni {
             _mm512_dpbusd_epi32(acc, bv, av)
         }
     );
+
+    /// u8 input planes (vector side, two zmm: 32 positions) × s8 weight quads (broadcast):
+    /// [`quad_kernel`]`::<false>` on a tile twice as wide, twelve accumulators.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and VNNI and `args.check_cols(WIDE_NR)` must hold.
+    #[target_feature(enable = "avx512f,avx512vnni")]
+    pub(super) unsafe fn quad_kernel_wide(
+        args: &KernelArgs,
+        tile: &mut [i32; MR * super::WIDE_NR],
+    ) {
+        let mut acc = [[_mm512_setzero_si512(); 2]; MR];
+        let a = args.a.as_ptr();
+        let b = args.b.as_ptr();
+        let a_row = args.a_row;
+        let mut pa = a;
+        for &t in args.taps {
+            let mut pb = b.add(t);
+            for _ in 0..args.csteps {
+                let b0 = _mm512_loadu_si512(pb as *const _);
+                let b1 = _mm512_loadu_si512(pb.add(NR) as *const _);
+                for (r, acc_r) in acc.iter_mut().enumerate() {
+                    let av = _mm512_set1_epi32(*pa.add(r * a_row));
+                    acc_r[0] = _mm512_dpbusd_epi32(acc_r[0], b0, av);
+                    acc_r[1] = _mm512_dpbusd_epi32(acc_r[1], b1, av);
+                }
+                pa = pa.wrapping_add(args.a_step);
+                pb = pb.wrapping_add(args.b_cp);
+            }
+        }
+        let out = tile.as_mut_ptr();
+        for (r, acc_r) in acc.iter().enumerate() {
+            _mm512_storeu_si512(out.add(r * super::WIDE_NR) as *mut _, acc_r[0]);
+            _mm512_storeu_si512(out.add(r * super::WIDE_NR + NR) as *mut _, acc_r[1]);
+        }
+    }
 }
 
 #[cfg(target_arch = "aarch64")]

@@ -660,6 +660,15 @@ fn conv_saturation_and_outputs() {
         .iter()
         .map(|&v| q_ref(v, 0.02, 17, 0, 255) as u8)
         .collect();
+    let want_i: Vec<i8> = want_f
+        .iter()
+        .map(|&v| q_ref(v, 0.02, -5, -128, 127) as i8)
+        .collect();
+    // The u8 code dequantized: (q − zp) · scale.
+    let want_r: Vec<f32> = want_u
+        .iter()
+        .map(|&q| (q as i32 - 17) as f32 * 0.02)
+        .collect();
     for (be, pk) in setups() {
         let pw = PackedConvWeights::pack_with(pk, &w, oc, c, geom, &wzp);
         let mut out = vec![0i32; acc.len()];
@@ -698,6 +707,41 @@ fn conv_saturation_and_outputs() {
             },
         );
         assert_eq!(ou, want_u, "{be:?} u8");
+        let mut oi = vec![0i8; acc.len()];
+        conv2d(
+            be,
+            &x,
+            shape,
+            xzp,
+            &pw,
+            Output::I8 {
+                out: &mut oi,
+                dequant: d,
+                scale: 0.02,
+                zero_point: -5,
+            },
+        );
+        assert_eq!(oi, want_i, "{be:?} i8");
+        let mut or = vec![f32::NAN; acc.len()];
+        conv2d(
+            be,
+            &x,
+            shape,
+            xzp,
+            &pw,
+            Output::Requant {
+                out: &mut or,
+                dequant: d,
+                scale: 0.02,
+                zero_point: 17,
+            },
+        );
+        assert!(
+            or.iter()
+                .zip(&want_r)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{be:?} requantized f32"
+        );
     }
 }
 
