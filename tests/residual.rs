@@ -65,9 +65,8 @@ fn fused_residual_adds_match_the_unfused_lowering_exactly() {
     // binary's only test checks it too. Set before anything lowers (read once).
     std::env::set_var("TFMQC_FUSE_RESIDUAL", "all");
     assert!(residual::gemm_enabled());
-    // The float stem and head as direct loops (opt-in, `conv_f32::enabled`) run in
-    // both lowerings compared here, so the whole models below exercise them too.
-    std::env::set_var("TFMQC_CONV_F32", "1");
+    // The float stem and head as direct loops (on by default, `conv_f32::enabled`) run
+    // in both lowerings compared here, so the whole models below exercise them too.
     assert!(tfmqc_runtime::ops::conv_f32::enabled());
     let dir = tmpdir();
     for (model, pairs_on, at_least) in [

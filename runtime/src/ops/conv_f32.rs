@@ -2,8 +2,7 @@
 //! `Conv`s the compiler leaves around the int8 ones (a UNet's `conv_in` / `conv_out`, kept
 //! float for quality) with few input or output channels. The lowering
 //! ([`crate::lower`]) writes them as `TfmqcConvF32` nodes holding their f32 weights; what
-//! they compute differs from tract's Im2col + matrix product by float rounding only
-//! (another summation order).
+//! they compute is what tract's Im2col + matrix product computes, bit for bit.
 
 use tract_onnx::pb;
 use tract_onnx::tract_hir::internal::*;
@@ -17,15 +16,15 @@ pub const CONV_F32: &str = "TfmqcConvF32";
 /// weight tensors).
 pub const WEIGHT_F32: &str = "weight_f32";
 
-/// Whether the lowering writes these nodes: only with `TFMQC_CONV_F32=1` (read once per
-/// process). Off by default: the direct loop rounds differently from tract's conv, and
-/// in the compiler the int8 runtime's evaluation decides options (`--output-qdq auto`,
-/// DAQ, TCR's trial), so it changed the compiled ddpm_digits and, with it, a post-softmax
-/// code at a tie (tests/tcaq.rs' DAQ check: 2.7e-2 from the QDQ graph, against 1e-2). On
-/// by default once the compiler's decisions and that check no longer hang on it.
+/// Whether the lowering writes these nodes: yes unless `TFMQC_CONV_F32=0` (read once per
+/// process). The direct loop gives tract's bits (one FMA a term in tract's order, the
+/// bias after: [`crate::kernels::conv_f32`]), so the compiler's decisions that the int8
+/// runtime's evaluation makes (`--output-qdq auto`, DAQ, TCR's trial) are the same with
+/// it or without. (Before, it summed with separate multiply and add, rounded otherwise,
+/// and stayed opt-in: it moved a DAQ code at a tie in tests/tcaq.rs.)
 pub fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TFMQC_CONV_F32").as_deref() == Ok("1"))
+    *ON.get_or_init(|| std::env::var("TFMQC_CONV_F32").as_deref() != Ok("0"))
 }
 
 #[derive(Debug, Clone, PartialEq)]
